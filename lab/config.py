@@ -1,0 +1,51 @@
+"""The validated settings of one decode; built once from a widget or a flag, read by the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lab.sampling import SamplingParams
+
+K_MAX = 16
+MAX_NEW_TOKENS_MAX = 4096
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Settings of one speculative decode.
+
+    k: num_speculative_tokens, the most tokens drafted per step (1..16). The
+        target alone (no drafter) ignores it.
+    max_new_tokens: budget of generated tokens (1..4096).
+    temperature, top_k, top_p: see ``SamplingParams``; temperature 0 is greedy.
+    seed: seeds the run's random generator (sampling); None draws a fresh one.
+    stop_strings: the decode ends once the output text contains one of them.
+    record_details: keep per-position draft/target probabilities in each Step
+        (step-through teaching mode; costs a little time).
+
+    Raises ValueError with what was expected and what came.
+    """
+
+    k: int = 4
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = 0
+    stop_strings: tuple[str, ...] = ()
+    record_details: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or not 1 <= self.k <= K_MAX:
+            raise ValueError(f"K (num_speculative_tokens) requires an integer in 1..{K_MAX}; got {self.k!r}")
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_MAX:
+            raise ValueError(
+                f"max_new_tokens requires an integer in 1..{MAX_NEW_TOKENS_MAX}; got {self.max_new_tokens!r}"
+            )
+        if any(not s for s in self.stop_strings):
+            raise ValueError("stop_strings requires non-empty strings; got an empty one")
+        self.sampling  # validates temperature, top_k, top_p
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p)

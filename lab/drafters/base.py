@@ -1,0 +1,71 @@
+"""The drafter protocol: propose up to K new tokens, learn from how many matched.
+
+A drafter proposes only the new tokens, never prompt + draft, and says "no draft"
+with an empty proposal. Model drafters return the per-token distributions they
+drew from; deterministic drafters (prompt lookup) return none, which verification
+treats as one-hot. Inputs travel in one ``DraftContext``: a new drafter's needs
+add a field there, not a keyword everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from lab.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class DraftContext:
+    """What a drafter sees at one step.
+
+    token_ids: [T] int64 on CPU, every committed token (prompt then output).
+    num_prompt_tokens: how many of token_ids are the prompt.
+    k: how many tokens to propose at most this step (>= 1).
+    sampling: the run's sampling parameters (drafts use the same processing).
+    generator: random source on the drafter's device, or None.
+    """
+
+    token_ids: torch.Tensor
+    num_prompt_tokens: int
+    k: int
+    sampling: SamplingParams
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A proposal. tokens: [K'] int64 (K' <= k; K' == 0 means no draft).
+
+    probs: [K', V] float32, the draft distribution each token was drawn from
+    (greedy: the draft's softmax at temperature 1, for display only), or None
+    for a deterministic drafter.
+    """
+
+    tokens: torch.Tensor
+    probs: torch.Tensor | None = None
+
+    @staticmethod
+    def empty() -> "Draft":
+        return Draft(torch.empty(0, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """A source of draft tokens (see module docstring)."""
+
+    name: str
+
+    def reset(self) -> None:
+        """Forget any state from a previous sequence."""
+
+    def propose(self, ctx: DraftContext) -> Draft:
+        """Propose up to ctx.k tokens that continue ctx.token_ids."""
+
+    def observe(self, num_accepted: int) -> None:
+        """Learn that num_accepted leading tokens of the last draft were kept."""

@@ -1,0 +1,57 @@
+"""Prompt lookup decoding: draft by copying what followed the last n-gram before.
+
+Saxena 2023 ("Prompt Lookup Decoding", github.com/apoorvumang/prompt-lookup-decoding),
+as in vLLM's n-gram proposer: take the last n committed tokens (n from max_n
+down to min_n), find their most recent earlier occurrence in the prompt or the
+output so far, and propose the k tokens that followed it. No model, no cost
+beyond the search; pays off where the output echoes its input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lab.drafters.base import Draft, DraftContext
+
+
+def find_ngram_continuation(token_ids: torch.Tensor, min_n: int, max_n: int, k: int) -> torch.Tensor:
+    """Tokens that followed the most recent earlier occurrence of the longest matching suffix.
+
+    token_ids: [T] int64. Tries n = max_n .. min_n; for the first n whose last-n
+    suffix occurs earlier (ending before the last token), returns up to k tokens
+    that followed that occurrence. Returns [K'] int64, K' in 0..k (0: no match).
+    """
+    total = token_ids.shape[0]
+    for n in range(min(max_n, total - 1), min_n - 1, -1):
+        suffix = token_ids[total - n :]  # [n]
+        windows = token_ids[: total - 1].unfold(0, n, 1)  # [T-n, n], starts 0..T-n-1
+        starts = (windows == suffix).all(-1).nonzero().flatten()
+        if starts.numel() > 0:
+            begin = int(starts[-1]) + n
+            return token_ids[begin : begin + k].clone()
+    return torch.empty(0, dtype=torch.long)
+
+
+class PromptLookupDrafter:
+    """Drafts by n-gram matching against the prompt and the output so far.
+
+    min_n, max_n: n-gram sizes tried, longest first (1 <= min_n <= max_n).
+    Raises ValueError on bad sizes.
+    """
+
+    name = "prompt-lookup"
+
+    def __init__(self, min_n: int = 1, max_n: int = 3) -> None:
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"prompt lookup requires 1 <= min_n <= max_n; got min_n={min_n}, max_n={max_n}")
+        self.min_n = min_n
+        self.max_n = max_n
+
+    def reset(self) -> None:
+        pass
+
+    def propose(self, ctx: DraftContext) -> Draft:
+        return Draft(find_ngram_continuation(ctx.token_ids, self.min_n, self.max_n, ctx.k))
+
+    def observe(self, num_accepted: int) -> None:
+        pass

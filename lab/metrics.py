@@ -1,0 +1,97 @@
+"""Speculative decoding statistics, with vLLM's conventions.
+
+Definitions (vLLM v1 ``spec_decode/metrics.py``):
+
+- num_drafts: steps at which the drafter proposed at least one token.
+- num_draft_tokens: drafted tokens, summed over steps.
+- num_accepted_tokens: drafted tokens the target kept.
+- accepted_per_position[i]: drafts whose token at position i was accepted.
+- per-position acceptance rate: accepted_per_position[i] / num_drafts (a draft
+  shorter than i+1 counts as not accepted there, as in vLLM).
+- acceptance rate: num_accepted_tokens / num_draft_tokens (NaN when nothing was drafted).
+- mean acceptance length: 1 + num_accepted_tokens / num_drafts, so it counts the
+  target's own (corrected or bonus) token: tokens per target step on drafted steps
+  (NaN when nothing was drafted).
+- target_forward_passes: verify passes of the target after prefill (one per step).
+- num_output_tokens: tokens committed to the output.
+- wall_s: prefill plus all steps, seconds; tokens_per_s = num_output_tokens / wall_s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from lab.trace import Finished, Prefilled, Step, TraceEvent
+
+
+@dataclass
+class SpecDecodingStats:
+    """Counters of one or more decodes; feed trace events to ``observe``."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    target_forward_passes: int = 0
+    num_output_tokens: int = 0
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    wall_s: float = 0.0
+
+    def observe(self, event: TraceEvent) -> None:
+        """Count one trace event."""
+        if isinstance(event, Prefilled):
+            self.prefill_s += event.prefill_ms / 1e3
+        elif isinstance(event, Step):
+            self.target_forward_passes += 1
+            self.num_output_tokens += len(event.emitted)
+            self.draft_s += event.draft_ms / 1e3
+            self.verify_s += event.verify_ms / 1e3
+            if event.drafted:
+                self.num_drafts += 1
+                self.num_draft_tokens += len(event.drafted)
+                self.num_accepted_tokens += event.num_accepted
+                if len(self.accepted_per_position) < len(event.drafted):
+                    self.accepted_per_position += [0] * (len(event.drafted) - len(self.accepted_per_position))
+                for i in range(event.num_accepted):
+                    self.accepted_per_position[i] += 1
+        elif isinstance(event, Finished):
+            self.wall_s += event.wall_s
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else math.nan
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else math.nan
+
+    @property
+    def per_position_acceptance_rate(self) -> list[float]:
+        return [n / self.num_drafts for n in self.accepted_per_position] if self.num_drafts else []
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_output_tokens / self.wall_s if self.wall_s > 0 else math.nan
+
+    def as_dict(self) -> dict:
+        """Plain numbers for JSON: the counters and the derived rates (NaN becomes None)."""
+        clean = lambda x: None if isinstance(x, float) and math.isnan(x) else x  # noqa: E731
+        return {
+            "num_drafts": self.num_drafts,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_tokens": self.num_accepted_tokens,
+            "accepted_per_position": list(self.accepted_per_position),
+            "per_position_acceptance_rate": self.per_position_acceptance_rate,
+            "acceptance_rate": clean(self.acceptance_rate),
+            "mean_acceptance_length": clean(self.mean_acceptance_length),
+            "target_forward_passes": self.target_forward_passes,
+            "num_output_tokens": self.num_output_tokens,
+            "prefill_s": self.prefill_s,
+            "draft_s": self.draft_s,
+            "verify_s": self.verify_s,
+            "wall_s": self.wall_s,
+            "tokens_per_s": clean(self.tokens_per_s),
+        }

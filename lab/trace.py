@@ -1,0 +1,108 @@
+"""Frozen trace events: the one record of a decode that everything else reads.
+
+The engine yields them; the app renders them, metrics count them, the CLI prints
+them and tests assert on them. Token classes, as coloured in the app:
+
+- accepted: a drafted token the target kept;
+- rejected: the first drafted token the target refused (later drafted tokens
+  are discarded unseen);
+- corrected: the target's own token in place of a rejected one;
+- bonus: the target's extra token after a fully accepted draft;
+- target: the target's token at a step with no draft (target alone, or a
+  drafter that proposed nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinalKind = Literal["corrected", "bonus", "target"]
+StopReason = Literal["eos", "stop_string", "max_new_tokens", "context_window"]
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    """The target (and cache) have read the prompt."""
+
+    num_prompt_tokens: int
+    prefill_ms: float
+
+
+@dataclass(frozen=True)
+class PositionDetail:
+    """Teaching detail for one checked draft position (step-through mode).
+
+    draft_token / draft_prob: the drafted token and the draft's probability of it
+        (None for a deterministic drafter).
+    target_prob: the target's (processed) probability of the drafted token.
+    target_top: the target's top few (token_id, probability) pairs.
+    acceptance_prob: min(1, target_prob / draft_prob) for sampling; 1.0/0.0 for greedy.
+    uniform: the uniform draw compared against acceptance_prob (sampling), else None.
+    accepted: the decision.
+    """
+
+    draft_token: int
+    draft_prob: float | None
+    target_prob: float
+    target_top: tuple[tuple[int, float], ...]
+    acceptance_prob: float
+    uniform: float | None
+    accepted: bool
+
+
+@dataclass(frozen=True)
+class Step:
+    """One draft-verify cycle.
+
+    drafted: the K' tokens the drafter proposed (empty: no draft).
+    num_accepted: how many leading drafted tokens the target kept (0..K').
+    emitted: the tokens committed this step: the accepted ones then the target's
+        own (corrected, bonus or target) token, cut at EOS, a stop string or the
+        token budget (so it can be shorter than num_accepted + 1).
+    final_kind: the class of the target's own token.
+    draft_ms, verify_ms: wall time of drafting and of the verify forward pass
+        plus acceptance, in milliseconds.
+    target_cache_len, draft_cache_len: cache lengths after rollback (draft: None
+        when the drafter keeps no cache).
+    details: per checked position, when the run records details.
+    """
+
+    index: int
+    drafted: tuple[int, ...]
+    num_accepted: int
+    emitted: tuple[int, ...]
+    final_kind: FinalKind
+    draft_ms: float
+    verify_ms: float
+    target_cache_len: int
+    draft_cache_len: int | None = None
+    details: tuple[PositionDetail, ...] = field(default=())
+
+    @property
+    def rejected(self) -> tuple[int, ...]:
+        """The drafted token the target refused (at most one is shown; the rest were never checked)."""
+        return self.drafted[self.num_accepted : self.num_accepted + 1]
+
+    @property
+    def final_token(self) -> int | None:
+        """The target's own token, if it survived truncation."""
+        return self.emitted[-1] if len(self.emitted) == self.num_accepted + 1 else None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The decode ended.
+
+    token_ids: the generated tokens (EOS included if it ended the run).
+    text: their decoded text, special tokens skipped, cut before a stop string.
+    wall_s: seconds from start of prefill to the end.
+    """
+
+    reason: StopReason
+    token_ids: tuple[int, ...]
+    text: str
+    wall_s: float
+
+
+TraceEvent = Prefilled | Step | Finished

@@ -1,0 +1,72 @@
+"""Tiny random models and tokenizers built in the test: every code path in milliseconds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+TINY_VOCAB = 48
+
+
+def tiny_tokenizer(vocab_size: int = TINY_VOCAB, prefix: str = "t") -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the words t0..t{V-1}; t1 is EOS."""
+    vocab = {f"{prefix}{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=f"{prefix}0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=f"{prefix}0", eos_token=f"{prefix}1")
+
+
+def tiny_llama(seed: int, vocab_size: int = TINY_VOCAB, layers: int = 2, hidden: int = 32) -> LlamaForCausalLM:
+    """A random Llama with peaked logits (large init) so greedy argmax has no near-ties."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+@dataclass
+class TinyLM:
+    """Stands in for ``lab.models.LoadedModel`` in unit tests."""
+
+    model: LlamaForCausalLM
+    tokenizer: PreTrainedTokenizerFast
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_target() -> TinyLM:
+    return TinyLM(tiny_llama(seed=0, layers=3), tiny_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def tiny_draft() -> TinyLM:
+    return TinyLM(tiny_llama(seed=1, layers=1), tiny_tokenizer())
+
+
+def reference_greedy(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int, eos=()) -> list[int]:
+    """The target alone, greedy, re-reading the whole sequence every token (no cache at all)."""
+    ids = list(prompt_ids)
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(token)
+            out.append(token)
+            if token in eos:
+                break
+    return out
