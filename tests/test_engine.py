@@ -237,10 +237,10 @@ def test_sampled_first_token_follows_target_distribution():
     with torch.inference_mode():
         expected = torch.softmax(target.model(torch.tensor([prompt])).logits[0, -1].float(), -1)
     counts = torch.zeros(vocab)
-    samples = 3000
+    samples = 1200
     drafter = DraftModelDrafter(draft)
     for seed in range(samples):
         result = run(target, prompt, drafter, DecodeConfig(k=1, max_new_tokens=2, temperature=1.0, seed=seed))
         counts[result.token_ids[0]] += 1
     tv = 0.5 * float((counts / samples - expected).abs().sum())
-    assert tv < 0.04, f"total variation {tv:.3f}"
+    assert tv < 0.07, f"total variation {tv:.3f}"
