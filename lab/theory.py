@@ -1,0 +1,72 @@
+"""Leviathan et al. 2023 ("Fast Inference from Transformers via Speculative Decoding").
+
+With each drafted token accepted independently with probability a (their alpha),
+K drafted tokens per step and a draft that costs c target steps per token:
+
+- expected tokens per target step (Eq. 1): (1 - a^(K+1)) / (1 - a)
+- expected walltime speedup (Theorem 3.8): (1 - a^(K+1)) / ((1 - a) (K c + 1))
+
+Speculation loses (speedup < 1) whenever a is too small for c; for K = 1 that
+is exactly a < c. The lab places measured runs on these curves: a is fitted from
+the measured mean acceptance length (so the model's tokens per step equals the
+measured one), c is the measured draft time per drafted token over the target's
+time per plain decode step, and efficiency = measured speedup / predicted
+speedup shows the engine's own overhead (1.0 is a perfect engine).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def expected_tokens_per_step(acceptance: float, k: int) -> float:
+    """(1 - a^(K+1)) / (1 - a): mean tokens per target step, the bonus token included.
+
+    acceptance: a in [0, 1]; k: drafted tokens per step, >= 0. Raises ValueError otherwise.
+    """
+    _check(acceptance, k)
+    if acceptance == 1.0:
+        return float(k + 1)
+    return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
+
+
+def expected_speedup(acceptance: float, k: int, cost_ratio: float) -> float:
+    """(1 - a^(K+1)) / ((1 - a)(K c + 1)): predicted walltime speedup over the target alone.
+
+    cost_ratio: c >= 0, the draft's time per drafted token in target steps.
+    """
+    if cost_ratio < 0:
+        raise ValueError(f"cost ratio c requires c >= 0; got {cost_ratio}")
+    return expected_tokens_per_step(acceptance, k) / (k * cost_ratio + 1.0)
+
+
+def acceptance_from_mean_length(mean_acceptance_length: float, k: int) -> float:
+    """The a for which expected_tokens_per_step(a, K) equals a measured mean acceptance length.
+
+    mean_acceptance_length: in [1, K+1] (vLLM's convention: counts the bonus token).
+    Returns NaN for NaN input. Solved by bisection (the function is increasing in a).
+    """
+    if math.isnan(mean_acceptance_length):
+        return math.nan
+    if not 1.0 <= mean_acceptance_length <= k + 1 + 1e-9:
+        raise ValueError(f"mean acceptance length requires a value in [1, {k + 1}] for K={k}; got {mean_acceptance_length}")
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        if expected_tokens_per_step(mid, k) < mean_acceptance_length:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
+
+
+def best_k(acceptance: float, cost_ratio: float, k_max: int = 16) -> tuple[int, float]:
+    """The K in 1..k_max with the highest expected speedup, and that speedup."""
+    return max(((k, expected_speedup(acceptance, k, cost_ratio)) for k in range(1, k_max + 1)), key=lambda kv: kv[1])
+
+
+def _check(acceptance: float, k: int) -> None:
+    if not 0.0 <= acceptance <= 1.0:
+        raise ValueError(f"acceptance rate a requires 0 <= a <= 1; got {acceptance}")
+    if k < 0:
+        raise ValueError(f"K requires K >= 0; got {k}")
