@@ -1,0 +1,320 @@
+"""Compare drafters and K values on the same prompts, against the target alone.
+
+Every (drafter, K) combination runs on every prompt; the target alone runs once
+per prompt through the same engine as the baseline. Runs of one prompt follow
+each other, so machine noise hits the baseline and the speculative runs alike.
+Results export to JSON (complete, reloadable) and CSV (one row per run).
+
+Speedup conventions:
+- speedup: tokens/s of the run over tokens/s of the target alone on the same
+  prompt, end to end (prefill included): what a user waiting for the answer feels.
+- decode_speedup: the same over the decode phase only (prefill excluded, it is
+  identical in both); this is what Leviathan's formula predicts, so
+  efficiency = decode_speedup / predicted_speedup.
+- cost_ratio c: draft time per drafted token over the target alone's time per
+  decode step, both measured in this comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import pandas as pd
+
+from lab.config import DecodeConfig
+from lab.drafters import DRAFTER_NAMES, make_drafter
+from lab.engine import decode
+from lab.metrics import SpecDecodingStats
+from lab.models import encode_prompt
+from lab.theory import acceptance_from_mean_length, expected_speedup
+from lab.trace import Finished, Step
+
+BASELINE = "target alone"
+
+
+@dataclass(frozen=True)
+class DrafterSpec:
+    """One drafter to compare.
+
+    name: a drafter name from ``lab.drafters.DRAFTER_NAMES`` (not "none": the
+        target alone always runs as the baseline).
+    draft: the draft model (preset name or folder), required for "draft-model".
+    exit_layer: layer-skip's exit layer (None: a quarter of the target's layers).
+    min_n, max_n: prompt lookup's n-gram sizes.
+
+    Raises ValueError on an unknown name or a missing draft model.
+    """
+
+    name: str
+    draft: str | None = None
+    exit_layer: int | None = None
+    min_n: int = 1
+    max_n: int = 3
+
+    def __post_init__(self) -> None:
+        if self.name not in DRAFTER_NAMES or self.name == "none":
+            allowed = ", ".join(n for n in DRAFTER_NAMES if n != "none")
+            raise ValueError(f"a compared drafter requires one of {allowed}; got {self.name!r}")
+        if self.name == "draft-model" and not self.draft:
+            raise ValueError("draft-model requires a draft model name; got none")
+
+    @property
+    def label(self) -> str:
+        if self.name == "draft-model":
+            return f"draft-model ({self.draft})"
+        if self.name == "layer-skip":
+            return f"layer-skip (exit {self.exit_layer})" if self.exit_layer else "layer-skip"
+        if self.name == "prompt-lookup":
+            return f"prompt-lookup (n {self.min_n}-{self.max_n})"
+        return self.name
+
+
+@dataclass
+class RunRecord:
+    """One decode of one prompt: the target alone (drafter == BASELINE, k == 0) or a drafter at K."""
+
+    prompt_index: int
+    drafter: str
+    k: int
+    token_ids: list[int]
+    text: str
+    metrics: dict[str, Any]
+    draft_ms: list[float] = field(default_factory=list)  # per step
+    verify_ms: list[float] = field(default_factory=list)  # per step
+    speedup: float = math.nan
+    decode_speedup: float = math.nan
+    cost_ratio: float = math.nan
+    identical_to_target: bool | None = None
+    cancelled: bool = False
+
+
+@dataclass
+class Comparison:
+    """All runs of a comparison, with the settings that produced them."""
+
+    settings: dict[str, Any]
+    prompts: list[str]
+    runs: list[RunRecord] = field(default_factory=list)
+
+    def runs_frame(self) -> pd.DataFrame:
+        """One row per run (baselines included): the per-prompt breakdown."""
+        rows = []
+        for r in self.runs:
+            m = r.metrics
+            rows.append(
+                {
+                    "prompt": r.prompt_index,
+                    "drafter": r.drafter,
+                    "k": r.k,
+                    "output_tokens": m["num_output_tokens"],
+                    "acceptance_rate": m["acceptance_rate"],
+                    "mean_acceptance_length": m["mean_acceptance_length"],
+                    "tokens_per_s": m["tokens_per_s"],
+                    "speedup": r.speedup,
+                    "decode_speedup": r.decode_speedup,
+                    "cost_ratio": r.cost_ratio,
+                    "identical_to_target": r.identical_to_target,
+                    "wall_s": m["wall_s"],
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def summary(self) -> pd.DataFrame:
+        """One row per (drafter, K), pooled over prompts; see the module docstring."""
+        baselines = {r.prompt_index: r for r in self.runs if r.drafter == BASELINE and not r.cancelled}
+        rows = []
+        groups: dict[tuple[str, int], list[RunRecord]] = {}
+        for r in self.runs:
+            if r.drafter != BASELINE and not r.cancelled and r.prompt_index in baselines:
+                groups.setdefault((r.drafter, r.k), []).append(r)
+        for (drafter, k), runs in groups.items():
+            base = [baselines[r.prompt_index] for r in runs]
+            pooled = _pool([r.metrics for r in runs])
+            base_pooled = _pool([b.metrics for b in base])
+            speedup = _ratio(pooled["tokens_per_s"], base_pooled["tokens_per_s"])
+            decode_speedup = _ratio(pooled["decode_tokens_per_s"], base_pooled["decode_tokens_per_s"])
+            cost_ratio = _ratio(pooled["draft_s_per_draft_token"], base_pooled["verify_s_per_step"])
+            alpha = acceptance_from_mean_length(pooled["mean_acceptance_length"], k) if not math.isnan(pooled["mean_acceptance_length"]) else math.nan
+            predicted = expected_speedup(alpha, k, cost_ratio) if not (math.isnan(alpha) or math.isnan(cost_ratio)) else math.nan
+            identical = [r.identical_to_target for r in runs if r.identical_to_target is not None]
+            rows.append(
+                {
+                    "drafter": drafter,
+                    "k": k,
+                    "prompts": len(runs),
+                    "acceptance_rate": pooled["acceptance_rate"],
+                    "mean_acceptance_length": pooled["mean_acceptance_length"],
+                    "per_position_acceptance": pooled["per_position_acceptance_rate"],
+                    "tokens_per_s": pooled["tokens_per_s"],
+                    "target_tokens_per_s": base_pooled["tokens_per_s"],
+                    "speedup": speedup,
+                    "decode_speedup": decode_speedup,
+                    "cost_ratio": cost_ratio,
+                    "fitted_acceptance": alpha,
+                    "predicted_speedup": predicted,
+                    "efficiency": _ratio(decode_speedup, predicted),
+                    "identical_to_target": (sum(identical) / len(identical)) if identical else math.nan,
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def to_json(self) -> str:
+        """Everything, reloadable with ``Comparison.from_json``."""
+        return json.dumps({"settings": self.settings, "prompts": self.prompts, "runs": [asdict(r) for r in self.runs]})
+
+    @staticmethod
+    def from_json(text: str) -> "Comparison":
+        """Load a comparison saved by ``to_json``. Raises ValueError on a file that is not one."""
+        try:
+            data = json.loads(text)
+            runs = [RunRecord(**r) for r in data["runs"]]
+            return Comparison(data["settings"], list(data["prompts"]), runs)
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"This is not a comparison results file saved by the lab ({error}).") from error
+
+    def to_csv(self) -> str:
+        """The per-run table as CSV text."""
+        return self.runs_frame().to_csv(index=False)
+
+
+def run_comparison(
+    target,
+    prompts: list[str],
+    drafters: list[DrafterSpec],
+    ks: list[int],
+    config: DecodeConfig,
+    load_draft: Callable[[str], Any] | None = None,
+    chat_template: bool = True,
+    progress: Callable[[float, str], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> Comparison:
+    """Run every drafter at every K on every prompt, plus the target alone per prompt.
+
+    target: ``lab.models.LoadedModel``. prompts: raw texts (chat template applied
+    unless chat_template is False). config: shared settings; its k is replaced
+    by each K. load_draft: turns a draft name into a LoadedModel (needed for
+    "draft-model"). progress(fraction, message) after each run; should_cancel()
+    is polled between steps, and a cancelled comparison keeps the runs finished
+    so far.
+
+    Raises ValueError on empty prompts, no K or bad K, and
+    ``lab.models.ModelError`` on a draft whose tokenizer differs from the target's.
+    """
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise ValueError("No prompts to compare: paste at least one prompt or pick a prompt set.")
+    if not ks:
+        raise ValueError("No K values: pick at least one K.")
+    configs = {k: replace(config, k=k) for k in ks}  # validates every K
+    drafts = {}
+    for spec in drafters:
+        if spec.name == "draft-model" and spec.draft not in drafts:
+            if load_draft is None:
+                raise ValueError("draft-model requires a load_draft function to load the draft model")
+            drafts[spec.draft] = load_draft(spec.draft)
+    encoded = [encode_prompt(target, p, chat_template) for p in prompts]
+    comparison = Comparison(
+        settings={
+            "target": target.name,
+            "dtype": str(getattr(target, "dtype", "")),
+            "device": str(getattr(target, "device", "")),
+            "max_new_tokens": config.max_new_tokens,
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "seed": config.seed,
+            "chat_template": chat_template,
+            "drafters": [asdict(s) | {"label": s.label} for s in drafters],
+            "ks": list(ks),
+        },
+        prompts=prompts,
+    )
+    total = len(prompts) * (1 + len(drafters) * len(ks))
+    done = 0
+    cancel = should_cancel or (lambda: False)
+    for index, prompt_ids in enumerate(encoded):
+        baseline = _one_run(target, prompt_ids, None, config, index, BASELINE, 0, cancel)
+        comparison.runs.append(baseline)
+        done += 1
+        _report(progress, done, total, f"prompt {index + 1}/{len(prompts)}: target alone")
+        if baseline.cancelled:
+            return comparison
+        for spec in drafters:
+            for k in ks:
+                drafter = make_drafter(
+                    spec.name, target, drafts.get(spec.draft), min_n=spec.min_n, max_n=spec.max_n, exit_layer=spec.exit_layer
+                )
+                record = _one_run(target, prompt_ids, drafter, configs[k], index, spec.label, k, cancel)
+                _compare_with_baseline(record, baseline, greedy=config.temperature == 0)
+                comparison.runs.append(record)
+                done += 1
+                _report(progress, done, total, f"prompt {index + 1}/{len(prompts)}: {spec.label}, K={k}")
+                if record.cancelled:
+                    return comparison
+    return comparison
+
+
+def _one_run(target, prompt_ids, drafter, config, index, label, k, cancel) -> RunRecord:
+    stats = SpecDecodingStats()
+    draft_ms, verify_ms = [], []
+    events = decode(target, prompt_ids, drafter, config)
+    for event in events:
+        stats.observe(event)
+        if isinstance(event, Step):
+            draft_ms.append(event.draft_ms)
+            verify_ms.append(event.verify_ms)
+            if cancel():
+                events.close()
+                return RunRecord(index, label, k, [], "", stats.as_dict(), draft_ms, verify_ms, cancelled=True)
+        elif isinstance(event, Finished):
+            return RunRecord(index, label, k, list(event.token_ids), event.text, stats.as_dict(), draft_ms, verify_ms)
+    raise RuntimeError("decode ended without a Finished event")
+
+
+def _compare_with_baseline(record: RunRecord, baseline: RunRecord, greedy: bool) -> None:
+    m, b = record.metrics, baseline.metrics
+    record.speedup = _ratio(m["tokens_per_s"], b["tokens_per_s"])
+    record.decode_speedup = _ratio(_decode_rate(m), _decode_rate(b))
+    record.cost_ratio = _ratio(_per(m["draft_s"], m["num_draft_tokens"]), _per(b["verify_s"], b["target_forward_passes"]))
+    record.identical_to_target = record.token_ids == baseline.token_ids if greedy else None
+
+
+def _pool(metrics: list[dict]) -> dict[str, Any]:
+    """Pool counters over runs (sums first, then ratios)."""
+    total = {key: sum(m[key] for m in metrics) for key in (
+        "num_drafts", "num_draft_tokens", "num_accepted_tokens", "target_forward_passes",
+        "num_output_tokens", "prefill_s", "draft_s", "verify_s", "wall_s",
+    )}
+    width = max((len(m["accepted_per_position"]) for m in metrics), default=0)
+    per_position = [sum(m["accepted_per_position"][i] for m in metrics if i < len(m["accepted_per_position"])) for i in range(width)]
+    return {
+        "acceptance_rate": _per(total["num_accepted_tokens"], total["num_draft_tokens"]),
+        "mean_acceptance_length": 1 + _per(total["num_accepted_tokens"], total["num_drafts"]),
+        "per_position_acceptance_rate": [_per(n, total["num_drafts"]) for n in per_position],
+        "tokens_per_s": _per(total["num_output_tokens"], total["wall_s"]),
+        "decode_tokens_per_s": _per(total["num_output_tokens"], total["wall_s"] - total["prefill_s"]),
+        "draft_s_per_draft_token": _per(total["draft_s"], total["num_draft_tokens"]),
+        "verify_s_per_step": _per(total["verify_s"], total["target_forward_passes"]),
+    }
+
+
+def _decode_rate(m: dict) -> float:
+    return _per(m["num_output_tokens"], m["wall_s"] - m["prefill_s"])
+
+
+def _per(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else math.nan
+
+
+def _ratio(a: float | None, b: float | None) -> float:
+    if a is None or b is None or math.isnan(a) or math.isnan(b) or b == 0:
+        return math.nan
+    return a / b
+
+
+def _report(progress, done: int, total: int, message: str) -> None:
+    if progress is not None:
+        progress(done / total, message)
