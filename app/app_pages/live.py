@@ -1,0 +1,282 @@
+"""Live page: one prompt, one drafter, tokens coloured as the target commits them.
+
+Reads the widgets, builds a ``DecodeConfig``, calls ``lab``, renders the trace
+events with ``app.render``. The last run lives in ``st.session_state`` and is
+drawn again on every rerun.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import streamlit as st
+import torch
+from streamlit.delta_generator import DeltaGenerator
+
+from app import render, resources, state
+from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
+from lab.drafters import DRAFTER_NAMES, make_drafter
+from lab.engine import decode
+from lab.models import PRESETS, ModelError, check_same_tokenizer, encode_prompt
+
+LOCAL_FOLDER = "local folder…"
+RESULT_KEY = "live:result"
+MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
+
+EXAMPLE_PROMPT = """Fix the spelling mistakes in this text and return the corrected text only:
+
+Speculative decodng speeds up text generaton without changing its output. A small draft model proposes several tokens, and the large target model checks all of them in a single forward pas."""
+
+DRAFTER_LABELS = {
+    "none": "none (target alone)",
+    "draft-model": "draft model",
+    "prompt-lookup": "prompt lookup (n-grams)",
+    "layer-skip": "layer skip (early exit)",
+}
+
+DEFAULTS = {
+    "live.target": "smollm2-135m",
+    "live.target_folder": "",
+    "live.drafter": "prompt-lookup",
+    "live.draft": "qwen2.5-coder-0.5b",
+    "live.draft_folder": "",
+    "live.min_n": 1,
+    "live.max_n": 3,
+    "live.exit_layer": None,
+    "live.k": 4,
+    "live.max_new_tokens": 64,
+    "live.temperature": 0.0,
+    "live.top_p": 1.0,
+    "live.seed": 0,
+    "live.raw": False,
+    "live.compare": True,
+    "live.prompt": EXAMPLE_PROMPT,
+}
+
+key = state.widget_key
+
+
+def model_picker(label: str, name: str, options: list[str]) -> str:
+    """A preset select plus, for "local folder…", a path box; returns the preset name or the path."""
+    choice = st.selectbox(label, options + [LOCAL_FOLDER], key=key(f"live.{name}"),
+                          format_func=lambda o: PRESETS[o].title if o in PRESETS else o)
+    if choice != LOCAL_FOLDER:
+        return choice
+    return st.text_input(f"{label} folder", key=key(f"live.{name}_folder"),
+                         placeholder="/path/to/a/hugging-face/model (holding config.json)").strip()
+
+
+@dataclass
+class LiveView:
+    """Placeholders of the results area, filled while streaming and again from session state on reruns."""
+
+    status: DeltaGenerator
+    metrics: DeltaGenerator
+    check: DeltaGenerator
+    speculative: DeltaGenerator
+    baseline: DeltaGenerator
+    details: DeltaGenerator
+
+    @classmethod
+    def create(cls, side_by_side: bool) -> "LiveView":
+        status, metrics, check = st.empty(), st.empty(), st.empty()
+        left, right = st.columns(2) if side_by_side else (st.container(), st.container())
+        with left:
+            speculative = st.empty()
+        with right:
+            baseline = st.empty()
+        return cls(status, metrics, check, speculative, baseline, st.empty())
+
+
+def show_tokens(slot, record: state.RunRecord, streaming: bool = False) -> None:
+    with slot.container():
+        stats = record.stats
+        st.markdown(f"**{record.label}** · {stats.num_output_tokens} tokens in {stats.target_forward_passes} target passes"
+                    + (f" · {render.format_number(stats.tokens_per_s, 1)} tokens/s" if not streaming else " · streaming…"))
+        st.html(render.tokens_html(record.pieces, streaming=streaming))
+
+
+def show_metrics(slot, result: state.LiveResult) -> None:
+    stats = result.speculative.stats
+    with slot.container():
+        cards = st.columns(5)
+        cards[0].metric("Acceptance rate", render.format_rate(stats.acceptance_rate),
+                        help="Accepted draft tokens / drafted tokens (— when nothing was drafted).")
+        cards[1].metric("Mean acceptance length", render.format_number(stats.mean_acceptance_length),
+                        help="Tokens committed per target pass on steps with a draft, the target's own token included.")
+        cards[2].metric("Tokens/s", render.format_number(stats.tokens_per_s, 1),
+                        help="Output tokens / wall time, prefill included.")
+        cards[3].metric("Target forward passes", f"{stats.target_forward_passes}",
+                        help=f"Verify passes after the prefill, for {stats.num_output_tokens} output tokens.")
+        if result.baseline is not None:
+            cards[4].metric("Speedup vs target alone", render.format_number(result.speedup, 2, "×"),
+                            help=f"Against the target alone on the same prompt: "
+                                 f"{render.format_number(result.baseline.stats.tokens_per_s, 1)} tokens/s. "
+                                 "Measured once on a possibly busy machine: noisy.")
+        elif result.settings["drafter"] == DRAFTER_LABELS["none"]:
+            cards[4].metric("Speedup vs target alone", "—", help="No drafter: this run is the target alone.")
+        else:
+            cards[4].metric("Speedup vs target alone", "—", help="Switch on 'Compare with the target alone'.")
+
+
+def show_check(slot, result: state.LiveResult) -> None:
+    if result.baseline is None:
+        slot.empty()
+        return
+    spec, base = result.speculative.token_ids, result.baseline.token_ids
+    if not result.greedy:
+        slot.info("Sampling: speculative decoding keeps the target's distribution, so the two outputs are equal "
+                  "in distribution, not token for token (their random draws differ).")
+        return
+    at = render.first_difference(spec, base)
+    if at is None:
+        slot.success(f"Identical to the target alone: all {len(spec)} tokens match, token for token.")
+    else:
+        slot.warning(
+            f"Differs from the target alone from token {at + 1} on. The algorithm is exact, but in "
+            f"{result.settings.get('dtype')} a pass over K+1 tokens rounds differently from a pass over one, "
+            "so a near-tie between two tokens can flip. Choose fp32 in the sidebar for token-for-token equality."
+        )
+
+
+def show_result(view: LiveView, result: state.LiveResult) -> None:
+    view.status.caption("Last run: " + " · ".join(f"{k} {v}" for k, v in result.settings.items()))
+    show_metrics(view.metrics, result)
+    show_check(view.check, result)
+    show_tokens(view.speculative, result.speculative)
+    if result.baseline is not None:
+        show_tokens(view.baseline, result.baseline)
+    else:
+        view.baseline.empty()
+    spec = result.speculative
+    with view.details.container():
+        if spec.stats.num_drafts:
+            st.plotly_chart(render.acceptance_figure(spec.stats.per_position_acceptance_rate), width="stretch")
+        with st.expander(f"Steps ({len(spec.steps)})"):
+            st.dataframe(result.step_rows, hide_index=True, width="stretch")
+        with st.expander("Output text"):
+            st.text(spec.text)
+
+
+def require_model(name: str, what: str) -> str:
+    if not name:
+        raise ValueError(f"Type the {what} model's folder path, or pick a preset.")
+    return name
+
+
+def load(name: str, what: str, runtime: state.Runtime, slot):
+    """A shared model; preparation and loading progress shown in ``slot`` the first time."""
+    require_model(name, what)
+    if resources.is_loaded(name, runtime.device, runtime.dtype):
+        return resources.load_model(name, runtime.device, runtime.dtype)
+    bar = slot.progress(0.0, text=f"Loading the {what} {name}…")
+    try:
+        return resources.load_model(name, runtime.device, runtime.dtype,
+                                    progress=lambda fraction, message: bar.progress(fraction, text=f"{what}: {message}"))
+    finally:
+        slot.empty()
+
+
+def run_live(view: LiveView, runtime: state.Runtime, target_name: str, draft_name: str) -> state.LiveResult:
+    """Read the widgets, load models, decode (and the target alone), streaming tokens into ``view``."""
+    s = st.session_state
+    drafter_name = s[key("live.drafter")]
+    config = DecodeConfig(k=int(s[key("live.k")]), max_new_tokens=int(s[key("live.max_new_tokens")]),
+                          temperature=float(s[key("live.temperature")]), top_p=float(s[key("live.top_p")]),
+                          seed=int(s[key("live.seed")]))
+    prompt = s[key("live.prompt")]
+    if not prompt.strip():
+        raise ValueError("The prompt is empty: type a question or some text for the model to continue.")
+    target = load(target_name, "target", runtime, view.status)
+    prompt_ids = encode_prompt(target, prompt, chat_template=not s[key("live.raw")])
+
+    draft = None
+    if drafter_name == "draft-model":
+        # compare tokenizers before spending seconds on the draft's weights
+        check_same_tokenizer(target.tokenizer, resources.load_tokenizer(require_model(draft_name, "draft")))
+        draft = load(draft_name, "draft", runtime, view.status)
+    exit_layer = s[key("live.exit_layer")]
+    drafter = make_drafter(drafter_name, target, draft, min_n=int(s[key("live.min_n")]), max_n=int(s[key("live.max_n")]),
+                           exit_layer=None if exit_layer is None else int(exit_layer))
+
+    label = DRAFTER_LABELS[drafter_name] + (f", K={config.k}" if drafter is not None else "")
+    settings = {"target": target_name, "drafter": label, "temperature": config.temperature,
+                "max new tokens": config.max_new_tokens, "device": runtime.device, "dtype": runtime.dtype}
+    view.status.caption("Decoding…")
+    speculative = state.collect_run(label, decode(target, prompt_ids, drafter, config), target.tokenizer, prompt_ids,
+                                    on_step=lambda record: show_tokens(view.speculative, record, streaming=True))
+    baseline = None
+    if s[key("live.compare")] and drafter is not None:
+        view.status.caption("Running the target alone on the same prompt, for comparison…")
+        baseline = state.collect_run("target alone", decode(target, prompt_ids, None, config), target.tokenizer,
+                                     prompt_ids, on_step=lambda record: show_tokens(view.baseline, record, streaming=True))
+    return state.LiveResult(speculative, baseline, greedy=config.sampling.is_greedy, settings=settings,
+                            step_rows=render.steps_rows(speculative.steps, target.tokenizer, prompt_ids))
+
+
+# ---------------------------------------------------------------- page
+
+state.set_defaults(st.session_state, DEFAULTS)
+st.title("Speculative Decoding Lab")
+st.markdown(
+    "A **drafter** proposes up to K tokens; the **target** checks them all in one forward pass, keeps the longest "
+    "prefix it agrees with and adds one token of its own. With temperature 0 (greedy) the output is the target "
+    "alone's output, token for token; with sampling it follows the same distribution. Colours:"
+)
+st.html(render.legend_html())
+
+with st.container(border=True):
+    models_col, drafter_col = st.columns(2)
+    with models_col:
+        target_choice = model_picker("Target", "target", list(PRESETS))
+        st.toggle("Raw completion", key=key("live.raw"),
+                  help="Off (default): the prompt goes through the model's chat template as a user message. "
+                       "On: the model continues the text as is.")
+        st.toggle("Compare with the target alone", key=key("live.compare"),
+                  help="Also run the target without a drafter on the same prompt: speedup and exactness check.")
+    with drafter_col:
+        drafter_name = st.selectbox("Drafter", DRAFTER_NAMES, key=key("live.drafter"), format_func=DRAFTER_LABELS.get)
+        draft_choice = ""
+        if drafter_name == "draft-model":
+            draft_choice = model_picker("Draft model", "draft", list(PRESETS))
+            st.caption("A draft model must share the target's tokenizer (the two Qwen presets do).")
+        elif drafter_name == "prompt-lookup":
+            low, high = st.columns(2)
+            low.number_input("Min n-gram", min_value=1, max_value=8, step=1, key=key("live.min_n"))
+            high.number_input("Max n-gram", min_value=1, max_value=8, step=1, key=key("live.max_n"))
+        elif drafter_name == "layer-skip":
+            st.number_input("Exit layer", min_value=1, max_value=64, step=1, key=key("live.exit_layer"),
+                            placeholder="auto: a quarter of the target's layers",
+                            help="Draft with the target's first N layers, then its final norm and LM head.")
+    k_col, tokens_col, temp_col, top_p_col, seed_col = st.columns(5)
+    k_col.slider("K (draft tokens per step)", 1, K_MAX, key=key("live.k"), disabled=drafter_name == "none")
+    tokens_col.number_input("Max new tokens", min_value=1, max_value=MAX_NEW_TOKENS_MAX, step=16,
+                            key=key("live.max_new_tokens"))
+    temp_col.slider("Temperature", 0.0, 2.0, step=0.05, key=key("live.temperature"), help="0 = greedy.")
+    greedy = st.session_state[key("live.temperature")] == 0
+    top_p_col.slider("Top-p", 0.05, 1.0, step=0.05, key=key("live.top_p"), disabled=greedy)
+    seed_col.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key=key("live.seed"), disabled=greedy)
+    st.text_area("Prompt", key=key("live.prompt"), height=140)
+    run_clicked = st.button("Run", type="primary", icon=":material/play_arrow:")
+
+error_slot = st.empty()
+last = st.session_state.get(RESULT_KEY)
+side_by_side = (run_clicked and st.session_state[key("live.compare")] and drafter_name != "none") or (
+    not run_clicked and last is not None and last.baseline is not None
+)
+view = LiveView.create(side_by_side)
+
+if run_clicked:
+    try:
+        runtime = state.runtime(st.session_state)
+        st.session_state[RESULT_KEY] = run_live(view, runtime, target_choice, draft_choice)
+    except (ValueError, ModelError) as error:
+        error_slot.error(str(error), icon=":material/error:")
+    except MEMORY_ERRORS as error:
+        error_slot.error(
+            f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick a smaller target or "
+            "draft, or ask for fewer new tokens; then run again.", icon=":material/memory:"
+        )
+
+if (result := st.session_state.get(RESULT_KEY)) is not None:
+    show_result(view, result)

@@ -1,0 +1,85 @@
+"""Speculative Decoding Lab: ``streamlit run app/main.py``.
+
+A thin entry point: page config, the shared sidebar (device, dtype, models),
+and ``st.navigation`` over the pages in ``app/app_pages/``. Add a page with
+one line in ``PAGES``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `streamlit run app/main.py` puts only app/ on the path
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+import torch  # noqa: E402
+
+from app import resources, state  # noqa: E402
+from lab.models import PRESETS, is_prepared  # noqa: E402
+
+PAGES = [
+    st.Page("app_pages/live.py", title="Live", icon=":material/bolt:", default=True),
+]
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda") if torch.cuda.is_available() else ("auto", "cpu")
+DTYPE_CHOICES = ("auto", "bf16", "fp32", "fp16")
+
+
+def sidebar_runtime() -> None:
+    """Device and dtype for every page."""
+    with st.sidebar:
+        st.subheader("Runtime")
+        state.set_defaults(st.session_state, {"device": "auto", "dtype": "auto"})
+        st.selectbox("Device", DEVICE_CHOICES, key=state.widget_key("device"))
+        st.selectbox(
+            "Weights dtype",
+            DTYPE_CHOICES,
+            key=state.widget_key("dtype"),
+            help="auto = bf16: about twice as fast on CPU. Its rounding differs between a pass over K+1 tokens "
+            "and a pass over one, so a near-tie can flip a greedy token; fp32 keeps greedy output identical "
+            "to the target alone.",
+        )
+        try:
+            runtime = state.runtime(st.session_state)
+        except ValueError as error:
+            st.error(str(error))
+        else:
+            st.caption(f"Running on **{runtime.device}** in **{runtime.dtype}**")
+
+
+def sidebar_models(slot, with_button: bool) -> None:
+    """What is prepared on disk and loaded in memory.
+
+    Drawn before the page and again after it (with the button, which a run may
+    draw only once), so the list includes what the page just loaded.
+    """
+    with slot.container():
+        st.subheader("Models")
+        lines = []
+        for name in PRESETS:
+            disk = "prepared" if is_prepared(name) else "not prepared yet (prepared on first use)"
+            lines.append(f"- `{name}`: {disk}")
+        st.markdown("\n".join(lines))
+        loaded = resources.model_store().loaded()
+        if loaded:
+            st.caption("Loaded in memory: " + "; ".join(
+                f"{info.name} ({info.dtype}, {info.device}, {info.weight_bytes / 2**30:.2f} GiB)" for info in loaded
+            ))
+            if with_button and st.button("Free loaded models", help="Drop every model this server holds; they reload on the next run."):
+                resources.free_models()
+                st.rerun()
+        else:
+            st.caption("No model loaded yet: the first run loads its models (a few seconds each).")
+
+
+st.set_page_config(page_title="Speculative Decoding Lab", page_icon=":material/bolt:", layout="wide")
+st.html(ROOT / "assets" / "app.css")
+state.keep_widget_values(st.session_state)
+sidebar_runtime()
+models_slot = st.sidebar.empty()
+sidebar_models(models_slot, with_button=False)
+st.navigation(PAGES).run()
+sidebar_models(models_slot, with_button=True)

@@ -1,0 +1,223 @@
+"""Trace events -> coloured token HTML, plotly figures and table rows. Pure functions, no streamlit.
+
+Token classes (``lab.trace``): accepted, rejected, corrected, bonus, target. Each
+token becomes ``<span class="tok tok-<class>">``; the colours live in
+``assets/app.css``. A rejected draft token is shown struck through where it was
+proposed, just before the target's corrected token that replaced it.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import plotly.graph_objects as go
+
+from lab.trace import Step
+
+TOKEN_KINDS: tuple[str, ...] = ("accepted", "rejected", "corrected", "bonus", "target")
+
+KIND_LABELS: dict[str, str] = {
+    "accepted": "accepted draft token",
+    "rejected": "rejected draft token",
+    "corrected": "corrected (the target's token after a rejection)",
+    "bonus": "bonus (the target's extra token after a fully accepted draft)",
+    "target": "target (no draft at that step)",
+}
+
+LEGEND_NOTES: dict[str, str] = {
+    "accepted": "a drafted token the target kept",
+    "rejected": "the drafted token the target refused",
+    "corrected": "the target's own token in its place",
+    "bonus": "the target's extra token after a fully accepted draft",
+    "target": "the target's token at a step without a draft",
+}
+
+KIND_COLOURS: dict[str, str] = {  # keep in step with assets/app.css
+    "accepted": "#2e9d5b",
+    "rejected": "#d0473f",
+    "corrected": "#e0912f",
+    "bonus": "#3a78c9",
+    "target": "#8a8f98",
+}
+
+CONTEXT_TOKENS = 4
+"""Committed tokens decoded before a token to get its text: enough for a split UTF-8 character
+(up to 4 bytes) and for tokenizers that drop a leading space at the start of a decode."""
+
+NEWLINE_MARK = "↵"
+TAB_MARK = "⇥"
+
+
+@dataclass(frozen=True)
+class TokenPiece:
+    """One token as shown: its text, its class, the step that produced it and its id."""
+
+    text: str
+    kind: str
+    step: int
+    token_id: int
+    special: bool = False
+
+
+def token_text(tokenizer, context_ids: Sequence[int], token_id: int) -> str:
+    """The text ``token_id`` adds after ``context_ids`` (only the last ``CONTEXT_TOKENS`` are read).
+
+    Decoding in context keeps leading spaces and joins multi-byte characters
+    split across tokens: the token that completes a character gets it, a token
+    holding only part of one shows as U+FFFD. Special tokens keep their text
+    (e.g. ``<|im_end|>``).
+    """
+    context = [int(i) for i in context_ids[-CONTEXT_TOKENS:]]
+    before = tokenizer.decode(context, skip_special_tokens=False) if context else ""
+    after = tokenizer.decode(context + [int(token_id)], skip_special_tokens=False)
+    if after.startswith(before):
+        return after[len(before) :]
+    stripped = before.rstrip("\ufffd")  # the context ended inside a character this token completes
+    if after.startswith(stripped):
+        return after[len(stripped) :]
+    return tokenizer.decode([int(token_id)], skip_special_tokens=False)
+
+
+def step_pieces(step: Step, context_ids: Sequence[int], tokenizer) -> list[TokenPiece]:
+    """The pieces one ``Step`` adds, in reading order.
+
+    context_ids: the committed tokens before this step (prompt then output; the
+    last few suffice). Accepted draft tokens come first; a rejected draft token
+    follows, struck through, only when the target's corrected token survived
+    (not cut by EOS or the budget); then the target's own token.
+    """
+    special_ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    context = [int(i) for i in context_ids[-CONTEXT_TOKENS:]]
+    pieces: list[TokenPiece] = []
+
+    def add(token_id: int, kind: str, commit: bool) -> None:
+        pieces.append(TokenPiece(token_text(tokenizer, context, token_id), kind, step.index, int(token_id), token_id in special_ids))
+        if commit:
+            context.append(int(token_id))
+
+    num_accepted_emitted = min(step.num_accepted, len(step.emitted))
+    for token_id in step.emitted[:num_accepted_emitted]:
+        add(token_id, "accepted", commit=True)
+    final = step.final_token
+    if final is not None:
+        if step.final_kind == "corrected" and step.rejected:
+            add(step.rejected[0], "rejected", commit=False)
+        add(final, step.final_kind, commit=True)
+    return pieces
+
+
+def pieces_from_steps(steps: Iterable[Step], tokenizer, prompt_ids: Sequence[int] = ()) -> list[TokenPiece]:
+    """All pieces of a run, step after step (see ``step_pieces``)."""
+    committed = [int(i) for i in prompt_ids[-CONTEXT_TOKENS:]]
+    pieces: list[TokenPiece] = []
+    for step in steps:
+        pieces += step_pieces(step, committed, tokenizer)
+        committed = (committed + [int(i) for i in step.emitted])[-CONTEXT_TOKENS:]
+    return pieces
+
+
+def _visible(text: str) -> str:
+    """Escaped token text with newlines and tabs marked (the newline itself is kept: the CSS wraps with pre-wrap)."""
+    if text == "":
+        return '<span class="ws">∅</span>'
+    escaped = html.escape(text)
+    escaped = escaped.replace("\n", f'<span class="ws">{NEWLINE_MARK}</span>\n')
+    return escaped.replace("\t", f'<span class="ws">{TAB_MARK}</span>\t')
+
+
+def piece_html(piece: TokenPiece) -> str:
+    """One ``<span class="tok tok-<kind>">`` with a tooltip naming the class, step and token id."""
+    classes = f"tok tok-{piece.kind}" + (" tok-special" if piece.special else "")
+    title = html.escape(f"{KIND_LABELS[piece.kind]} · step {piece.step + 1} · token id {piece.token_id}", quote=True)
+    return f'<span class="{classes}" title="{title}">{_visible(piece.text)}</span>'
+
+
+def tokens_html(pieces: Iterable[TokenPiece], *, streaming: bool = False) -> str:
+    """The coloured token stream as one ``<div class="tok-stream">``; a blinking caret while streaming."""
+    body = "".join(piece_html(piece) for piece in pieces)
+    caret = '<span class="tok-caret">▌</span>' if streaming else ""
+    if not body and not streaming:
+        body = '<span class="tok-empty">no tokens</span>'
+    return f'<div class="tok-stream">{body}{caret}</div>'
+
+
+def legend_html(kinds: Sequence[str] = TOKEN_KINDS) -> str:
+    """A legend: one sample span per token class, followed by what it means."""
+    items = "".join(
+        f'<span class="legend-item"><span class="tok tok-{kind}">{kind}</span> {html.escape(LEGEND_NOTES[kind])}</span>'
+        for kind in kinds
+    )
+    return f'<div class="tok-legend">{items}</div>'
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first position where two token sequences differ (a length difference counts); None if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def format_rate(value: float | None) -> str:
+    """A fraction as a percentage; "—" for NaN/None (nothing drafted)."""
+    return "—" if value is None or math.isnan(value) else f"{100 * value:.0f} %"
+
+
+def format_number(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    """A number with fixed digits; "—" for NaN/None."""
+    return "—" if value is None or math.isnan(value) else f"{value:,.{digits}f}{suffix}"
+
+
+def acceptance_figure(per_position_rate: Sequence[float], title: str = "Per-position acceptance") -> go.Figure:
+    """Bar chart of the per-position acceptance rate (vLLM convention: accepted at i / drafts).
+
+    x: draft position 1..K; y: rate in [0, 1]. With nothing drafted the chart
+    says so instead of showing empty axes.
+    """
+    positions = list(range(1, len(per_position_rate) + 1))
+    figure = go.Figure(
+        go.Bar(
+            x=positions,
+            y=list(per_position_rate),
+            marker_color=KIND_COLOURS["accepted"],
+            text=[format_rate(rate) for rate in per_position_rate],
+            textposition="outside",
+            hovertemplate="position %{x}: %{y:.0%} of drafts accepted here<extra></extra>",
+        )
+    )
+    figure.update_layout(
+        title=title,
+        xaxis=dict(title="draft position", tickmode="linear", dtick=1),
+        yaxis=dict(title="acceptance rate", range=[0, 1.1], tickformat=".0%"),
+        height=300,
+        margin=dict(l=10, r=10, t=40, b=10),
+        showlegend=False,
+    )
+    if not positions:
+        figure.add_annotation(text="nothing was drafted", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    return figure
+
+
+def steps_rows(steps: Iterable[Step], tokenizer, prompt_ids: Sequence[int] = ()) -> list[dict]:
+    """One row per step for a table: drafted text, accepted count, emitted text, the final token's class, timings."""
+    rows = []
+    committed = [int(i) for i in prompt_ids[-CONTEXT_TOKENS:]]
+    for step in steps:
+        drafted = "".join(token_text(tokenizer, committed + list(step.drafted[:i]), t) for i, t in enumerate(step.drafted))
+        emitted = "".join(piece.text for piece in step_pieces(step, committed, tokenizer) if piece.kind != "rejected")
+        rows.append(
+            {
+                "step": step.index + 1,
+                "drafted": drafted,
+                "accepted": f"{step.num_accepted}/{len(step.drafted)}" if step.drafted else "—",
+                "emitted": emitted,
+                "final token": step.final_kind if step.final_token is not None else "cut",
+                "draft ms": round(step.draft_ms, 1),
+                "verify ms": round(step.verify_ms, 1),
+            }
+        )
+        committed = (committed + [int(i) for i in step.emitted])[-CONTEXT_TOKENS:]
+    return rows

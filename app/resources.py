@@ -1,0 +1,109 @@
+"""Models and tokenizers loaded once per process (``st.cache_resource``), shared by every session.
+
+Shared models are never mutated: decoding keeps its KV caches outside the
+model, and drafters that hold caches are built per run by the page.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import streamlit as st
+import torch
+
+from lab import models
+from lab.models import LoadedModel, Progress
+
+WARM_UP_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class LoadedInfo:
+    """What the sidebar shows about a loaded model."""
+
+    name: str
+    device: str
+    dtype: str
+    num_parameters: int
+    weight_bytes: int
+    load_s: float
+
+
+class ModelStore:
+    """The models this process holds, one per (model, device, dtype), loaded once and shared by every session.
+
+    Loading happens outside ``st.cache_resource``'s own function cache on
+    purpose: a cached function that draws progress bars would have Streamlit
+    replay those elements on every later hit. A lock per key makes two
+    sessions asking for the same model wait for one load.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key_locks: dict[tuple[str, str, str], threading.Lock] = {}
+        self._models: dict[tuple[str, str, str], LoadedModel] = {}
+
+    def get(self, name_or_path: str, device: str, dtype: str, progress: Progress | None = None) -> LoadedModel:
+        """The loaded model, loading it (with ``progress``) and running one warm-up pass the first time.
+
+        The warm-up makes the first timed decode honest: the first forward pass
+        after loading pays one-off setup costs (about a second on CPU). Errors
+        are not remembered: the next call tries again.
+        """
+        key = (name_or_path, device, dtype)
+        with self._lock:
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            if key not in self._models:
+                loaded = models.load_model(name_or_path, device=device, dtype=dtype, progress=progress)
+                with torch.inference_mode():
+                    loaded.model(torch.zeros(1, WARM_UP_TOKENS, dtype=torch.long, device=loaded.device))
+                with self._lock:
+                    self._models[key] = loaded
+            return self._models[key]
+
+    def contains(self, name_or_path: str, device: str, dtype: str) -> bool:
+        with self._lock:
+            return (name_or_path, device, dtype) in self._models
+
+    def loaded(self) -> list[LoadedInfo]:
+        with self._lock:
+            held = list(self._models.values())
+        return [
+            LoadedInfo(m.name, str(m.device), str(m.dtype).removeprefix("torch."), m.num_parameters, m.weight_bytes, m.load_s)
+            for m in held
+        ]
+
+    def clear(self) -> None:
+        """Forget every model (sessions decoding right now keep theirs until they finish)."""
+        with self._lock:
+            self._models.clear()
+
+
+@st.cache_resource(show_spinner=False)
+def model_store() -> ModelStore:
+    """The process-wide model store."""
+    return ModelStore()
+
+
+def load_model(name_or_path: str, device: str, dtype: str, progress: Progress | None = None) -> LoadedModel:
+    """A model from the process-wide store (see ``ModelStore.get``)."""
+    return model_store().get(name_or_path, device, dtype, progress)
+
+
+def is_loaded(name_or_path: str, device: str, dtype: str) -> bool:
+    """True when ``load_model`` would return at once."""
+    return model_store().contains(name_or_path, device, dtype)
+
+
+@st.cache_resource(show_spinner=False)
+def load_tokenizer(name_or_path: str):
+    """``lab.models.load_tokenizer`` once per model: checks tokenizers match before loading a draft's weights."""
+    return models.load_tokenizer(name_or_path)
+
+
+def free_models() -> None:
+    """Drop every loaded model and tokenizer (sessions still decoding keep theirs until they finish)."""
+    model_store().clear()
+    load_tokenizer.clear()

@@ -1,0 +1,139 @@
+"""Per-session state of the app: widget values that survive page switches, and finished runs.
+
+Widget keys start with ``WIDGET_PREFIX``. Streamlit forgets a widget's value
+when a run does not draw it (another page is open); ``keep_widget_values``,
+called by ``main.py`` on every run, re-assigns those keys so the user's inputs
+survive page switches. Defaults go in through ``set_defaults`` (never through a
+widget's ``value=``), so a widget never has two sources of truth.
+
+A finished decode is a ``RunRecord``, built by ``collect_run`` from the same
+trace events that metrics count. Records hold no model and no cache, only
+tokens, text, steps and stats, so they are cheap to keep in ``st.session_state``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.render import TokenPiece, step_pieces
+from lab.metrics import SpecDecodingStats
+from lab.trace import Finished, Prefilled, Step, TraceEvent
+
+WIDGET_PREFIX = "w:"
+
+DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float32": "fp32", "torch.float16": "fp16"}
+
+
+def widget_key(name: str) -> str:
+    """The session-state key of a widget whose value should outlive page switches."""
+    return WIDGET_PREFIX + name
+
+
+def keep_widget_values(session: MutableMapping[str, Any]) -> None:
+    """Re-assign every widget value under ``WIDGET_PREFIX`` so Streamlit keeps it while its page is not shown."""
+    for key in list(session.keys()):
+        if isinstance(key, str) and key.startswith(WIDGET_PREFIX):
+            session[key] = session[key]
+
+
+def set_defaults(session: MutableMapping[str, Any], defaults: dict[str, Any]) -> None:
+    """Give each widget key its default value unless the session already has one."""
+    for name, value in defaults.items():
+        if widget_key(name) not in session:
+            session[widget_key(name)] = value
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where models run, as the sidebar chose it, resolved: device "cpu"/"cuda", dtype "bf16"/"fp32"/"fp16"."""
+
+    device: str
+    dtype: str
+
+
+def runtime(session: MutableMapping[str, Any]) -> Runtime:
+    """The sidebar's device and dtype ("auto" resolved). Raises ValueError (e.g. CUDA asked for, none present)."""
+    from lab.models import resolve_device, resolve_dtype
+
+    device = resolve_device(session.get(widget_key("device"), "auto"))
+    dtype = resolve_dtype(session.get(widget_key("dtype"), "auto"), device)
+    return Runtime(str(device), DTYPE_NAMES[str(dtype)])
+
+
+@dataclass
+class RunRecord:
+    """One finished decode, as the page shows it.
+
+    label: what ran, e.g. "prompt-lookup, K=4" or "target alone".
+    pieces: the coloured tokens (``app.render.TokenPiece``), rejected ones included.
+    steps: the trace's ``Step`` events; stats: counters fed with every event.
+    token_ids, text, reason, wall_s: from the ``Finished`` event.
+    """
+
+    label: str
+    prompt_ids: list[int]
+    pieces: list[TokenPiece] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    stats: SpecDecodingStats = field(default_factory=SpecDecodingStats)
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    reason: str = ""
+    wall_s: float = 0.0
+    prefill_ms: float = 0.0
+
+
+def collect_run(
+    label: str,
+    events: Iterable[TraceEvent],
+    tokenizer,
+    prompt_ids: Sequence[int],
+    on_step: Callable[[RunRecord], None] | None = None,
+) -> RunRecord:
+    """Consume a decode's events into a ``RunRecord``, calling ``on_step(record)`` after each ``Step``.
+
+    ``on_step`` sees the record so far (pieces and stats up to that step): the
+    page redraws its token stream there, which is what makes it live.
+
+    Raises RuntimeError if the events end without ``Finished``.
+    """
+    record = RunRecord(label=label, prompt_ids=[int(i) for i in prompt_ids])
+    committed = list(record.prompt_ids)
+    for event in events:
+        record.stats.observe(event)
+        if isinstance(event, Prefilled):
+            record.prefill_ms = event.prefill_ms
+        elif isinstance(event, Step):
+            record.pieces += step_pieces(event, committed, tokenizer)
+            record.steps.append(event)
+            committed += event.emitted
+            if on_step is not None:
+                on_step(record)
+        elif isinstance(event, Finished):
+            record.token_ids = list(event.token_ids)
+            record.text = event.text
+            record.reason = event.reason
+            record.wall_s = event.wall_s
+            return record
+    raise RuntimeError("the decode ended without a Finished event")
+
+
+@dataclass
+class LiveResult:
+    """What the Live page shows after a run: the speculative run, optionally the target alone, the settings
+    it ran with, and the rows of its steps table (``app.render.steps_rows``)."""
+
+    speculative: RunRecord
+    baseline: RunRecord | None
+    greedy: bool
+    settings: dict[str, Any]
+    step_rows: list[dict] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float | None:
+        """Speculative tokens/s over the target alone's (None without a baseline)."""
+        if self.baseline is None:
+            return None
+        base = self.baseline.stats.tokens_per_s
+        return self.speculative.stats.tokens_per_s / base if base and base == base else None
