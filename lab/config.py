@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from lab.sampling import SamplingParams
 
+GrammarMode = Literal["exact", "naive"]
 K_MAX = 16
 MAX_NEW_TOKENS_MAX = 4096
 
@@ -22,6 +24,10 @@ class DecodeConfig:
     stop_strings: the decode ends once the output text contains one of them.
     record_details: keep per-position draft/target probabilities in each Step
         (step-through teaching mode; costs a little time).
+    grammar_mode: with a constraint, "exact" (the default) drafts and verifies
+        under the grammar with rollback; "naive" is the broken way some engines
+        shipped (drafts and verification without masks, the matcher advanced over
+        every drafted token and never rolled back), for teaching only.
 
     Raises ValueError with what was expected and what came.
     """
@@ -34,6 +40,7 @@ class DecodeConfig:
     seed: int | None = 0
     stop_strings: tuple[str, ...] = ()
     record_details: bool = False
+    grammar_mode: GrammarMode = "exact"
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or not 1 <= self.k <= K_MAX:
@@ -44,6 +51,8 @@ class DecodeConfig:
             )
         if any(not s for s in self.stop_strings):
             raise ValueError("stop_strings requires non-empty strings; got an empty one")
+        if self.grammar_mode not in get_args(GrammarMode):
+            raise ValueError(f"grammar_mode requires one of {', '.join(get_args(GrammarMode))}; got {self.grammar_mode!r}")
         self.sampling  # validates temperature, top_k, top_p
 
     @property

@@ -29,6 +29,7 @@ from transformers import DynamicCache
 from lab.cache import crop_cache, new_cache
 from lab.config import DecodeConfig
 from lab.drafters.base import Draft, DraftContext, Drafter
+from lab.grammar import Constraint
 from lab.metrics import SpecDecodingStats
 from lab.sampling import logits_to_probs
 from lab.trace import Finished, PositionDetail, Prefilled, Step, StopReason, TraceEvent
@@ -44,6 +45,7 @@ def decode(
     drafter: Drafter | None,
     config: DecodeConfig,
     target_cache: DynamicCache | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[TraceEvent]:
     """Decode speculatively, yielding a ``Prefilled``, one ``Step`` per cycle, then ``Finished``.
 
@@ -53,6 +55,10 @@ def decode(
     drafter: the draft source, or None for the target alone.
     target_cache: an empty cache to fill (lets a caller inspect it afterwards);
         by default a new one.
+    constraint: constrained output (``lab.grammar``): drafting and every verified
+        position, correction and bonus included, are masked by the grammar, and
+        the matcher is rolled back over rejected drafts (``config.grammar_mode``
+        "naive" shows the broken way instead).
 
     Greedy output (temperature 0) is token for token the target's own greedy
     output; sampled output follows the target's distribution.
@@ -78,6 +84,8 @@ def decode(
     budget = min(config.max_new_tokens, max_positions - prompt.numel())
     if drafter is not None:
         drafter.reset()
+    grammar = constraint.new_state() if constraint is not None else None
+    naive = grammar is not None and config.grammar_mode == "naive"
 
     start = time.perf_counter()
     # Prefill: the cache takes every prompt token but the last.
@@ -98,7 +106,10 @@ def decode(
         draft = Draft.empty()
         if drafter is not None and remaining > 1:
             draft = drafter.propose(
-                DraftContext(committed, prompt.numel(), min(config.k, remaining - 1), sampling, generator)
+                DraftContext(
+                    committed, prompt.numel(), min(config.k, remaining - 1), sampling, generator,
+                    None if naive else grammar,
+                )
             )
         _sync(device)
         t1 = time.perf_counter()
@@ -106,6 +117,10 @@ def decode(
         # 2. verify forward: [last committed] + draft -> K'+1 distributions.
         inputs = torch.cat([committed[-1:], draft.tokens]).to(device)[None]  # [1, K'+1]
         logits = model(inputs, cache=cache, use_cache=True).logits[0]  # [K'+1, V]
+        if naive:
+            logits = _naive_grammar_masks(grammar, logits, draft.tokens)
+        elif grammar is not None:
+            logits = grammar.mask_draft_positions(logits, draft.tokens)
 
         # 3. accept.
         if sampling.is_greedy:
@@ -119,6 +134,11 @@ def decode(
         crop_cache(cache, committed.numel() + verdict.num_accepted)
         new_tokens = draft.tokens[: verdict.num_accepted].tolist() + [verdict.next_token]
         emitted, reason = _cut(new_tokens, generated, remaining, eos, target.tokenizer, config.stop_strings)
+        if grammar is not None:
+            # Exact: the matcher is at the committed prefix; advance it over what was committed.
+            # Naive: it already took every drafted token; only the target's own token is added.
+            for token in emitted[-1:] if naive else emitted:
+                grammar.accept(token)
         generated += emitted
         committed = torch.cat([committed, torch.tensor(emitted, dtype=torch.long)])
         _sync(device)
@@ -143,6 +163,7 @@ def decode(
             target_cache_len=cache.get_seq_length(),
             draft_cache_len=_draft_cache_len(drafter),
             details=details,
+            cut_by_grammar=draft.cut_by_grammar,
         )
         step_index += 1
 
@@ -161,17 +182,34 @@ class DecodeResult:
     stats: SpecDecodingStats = field(default_factory=SpecDecodingStats)
 
 
-def run(target, prompt_ids: Sequence[int], drafter: Drafter | None, config: DecodeConfig) -> DecodeResult:
+def run(
+    target,
+    prompt_ids: Sequence[int],
+    drafter: Drafter | None,
+    config: DecodeConfig,
+    constraint: Constraint | None = None,
+) -> DecodeResult:
     """Run ``decode`` to the end and gather its events into a ``DecodeResult``."""
     stats = SpecDecodingStats()
     steps: list[Step] = []
-    for event in decode(target, prompt_ids, drafter, config):
+    for event in decode(target, prompt_ids, drafter, config, constraint=constraint):
         stats.observe(event)
         if isinstance(event, Step):
             steps.append(event)
         elif isinstance(event, Finished):
             return DecodeResult(list(event.token_ids), event.text, event.reason, steps, stats)
     raise RuntimeError("decode ended without a Finished event")
+
+
+def _naive_grammar_masks(grammar, logits: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
+    """The broken way, for teaching: drafted positions unmasked, the matcher advanced
+    over every drafted token (refusals ignored, nothing rolled back), and only the
+    target's own last position masked, from that corrupted state."""
+    for token in draft_tokens.tolist():
+        grammar.accept(token)
+    masked = logits.float().clone()
+    masked[-1] = grammar.mask_next(logits[-1])
+    return masked
 
 
 def _cut(

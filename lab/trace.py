@@ -9,7 +9,9 @@ them and tests assert on them. Token classes, as coloured in the app:
 - corrected: the target's own token in place of a rejected one;
 - bonus: the target's extra token after a fully accepted draft;
 - target: the target's token at a step with no draft (target alone, or a
-  drafter that proposed nothing).
+  drafter that proposed nothing);
+- cut: a proposed token the grammar forbids, dropped before verification
+  (constrained mode).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Step:
     target_cache_len, draft_cache_len: cache lengths after rollback (draft: None
         when the drafter keeps no cache).
     details: per checked position, when the run records details.
+    cut_by_grammar: proposed tokens the grammar dropped before verification.
     """
 
     index: int
@@ -78,6 +81,7 @@ class Step:
     target_cache_len: int
     draft_cache_len: int | None = None
     details: tuple[PositionDetail, ...] = field(default=())
+    cut_by_grammar: tuple[int, ...] = ()
 
     @property
     def rejected(self) -> tuple[int, ...]:

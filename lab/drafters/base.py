@@ -10,11 +10,14 @@ add a field there, not a keyword everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
 from lab.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from lab.grammar import GrammarState
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,9 @@ class DraftContext:
     k: how many tokens to propose at most this step (>= 1).
     sampling: the run's sampling parameters (drafts use the same processing).
     generator: random source on the drafter's device, or None.
+    grammar: the constrained-output matcher at the committed prefix, or None.
+        A drafter may advance it while drafting but must roll it back to where
+        it found it before returning.
     """
 
     token_ids: torch.Tensor
@@ -33,6 +39,7 @@ class DraftContext:
     k: int
     sampling: SamplingParams
     generator: torch.Generator | None = None
+    grammar: "GrammarState | None" = None
 
 
 @dataclass(frozen=True)
@@ -42,10 +49,13 @@ class Draft:
     probs: [K', V] float32, the draft distribution each token was drawn from
     (greedy: the draft's softmax at temperature 1, for display only), or None
     for a deterministic drafter.
+    cut_by_grammar: the proposed tokens dropped because the grammar forbids the
+    first of them (prompt lookup under a constraint); not part of ``tokens``.
     """
 
     tokens: torch.Tensor
     probs: torch.Tensor | None = None
+    cut_by_grammar: tuple[int, ...] = ()
 
     @staticmethod
     def empty() -> "Draft":

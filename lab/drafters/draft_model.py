@@ -44,6 +44,8 @@ class DraftModelDrafter:
         tokens, probs = [], []
         for i in range(ctx.k):
             logits = self.model(inputs, cache=self.cache, use_cache=True, logits_to_keep=1).logits[0, -1]  # [V]
+            if ctx.grammar is not None:
+                logits = ctx.grammar.mask_next(logits)  # draft under the grammar
             if ctx.sampling.is_greedy:
                 token = logits.argmax(-1)
                 dist = torch.softmax(logits.float(), -1)
@@ -52,7 +54,13 @@ class DraftModelDrafter:
                 token = sample(dist, ctx.generator)
             tokens.append(token)
             probs.append(dist)
+            if ctx.grammar is not None:
+                ctx.grammar.accept(int(token))
+                if ctx.grammar.is_terminated:  # the grammar is complete: nothing can follow
+                    break
             inputs = token.view(1, 1)
+        if ctx.grammar is not None:
+            ctx.grammar.rollback(len(tokens))
         drafted = torch.stack(tokens).cpu()  # [k]
         # The last drafted token was never fed: the cache holds committed + drafted[:-1].
         self.cached_ids = torch.cat([token_ids, drafted[:-1]])

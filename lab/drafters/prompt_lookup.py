@@ -51,7 +51,17 @@ class PromptLookupDrafter:
         pass
 
     def propose(self, ctx: DraftContext) -> Draft:
-        return Draft(find_ngram_continuation(ctx.token_ids, self.min_n, self.max_n, ctx.k))
+        proposal = find_ngram_continuation(ctx.token_ids, self.min_n, self.max_n, ctx.k)
+        if ctx.grammar is None:
+            return Draft(proposal)
+        # Under a constraint: keep the proposal up to its first token the grammar forbids.
+        allowed = 0
+        for token in proposal.tolist():
+            if not ctx.grammar.accept(token):
+                break
+            allowed += 1
+        ctx.grammar.rollback(allowed)
+        return Draft(proposal[:allowed], cut_by_grammar=tuple(proposal[allowed:].tolist()))
 
     def observe(self, num_accepted: int) -> None:
         pass

@@ -1,0 +1,206 @@
+"""Constrained output (JSON schema, regex, any JSON) that stays exact under speculation.
+
+xgrammar (Dong et al. 2024, "XGrammar: Flexible and Efficient Structured
+Generation Engine for Large Language Models") owns the grammar: compilation, the
+allowed-token bitmask, advancing and rolling back the matcher. The lab owns how
+speculation uses it, the three places public engines got wrong:
+
+1. drafting under the grammar: a draft model takes its argmax or sample under
+   the mask; a deterministic proposal (prompt lookup) is cut at its first token
+   the grammar forbids;
+2. verifying under the grammar: the target's logits are masked at every
+   verified position, the correction and bonus positions included, each mask
+   taken from the matcher advanced over the drafted tokens before it;
+3. rolling back: the matcher returns to the committed prefix before the accepted
+   tokens and the target's own token are accepted for good.
+
+So the output is token for token what the target alone produces under the
+constraint (greedy), and in distribution (sampling).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+
+ConstraintKind = Literal["json_schema", "regex", "any_json"]
+CONSTRAINT_KINDS: tuple[str, ...] = get_args(ConstraintKind)
+
+
+class GrammarError(ValueError):
+    """A schema or regex that does not compile, in plain words."""
+
+
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """What the output must match.
+
+    kind: "json_schema" (source is the schema's JSON text), "regex" (source is
+    the pattern, matched against the whole output), or "any_json" (source unused).
+    Raises ValueError for an unknown kind or an empty source.
+    """
+
+    kind: str
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONSTRAINT_KINDS:
+            raise ValueError(f"constraint requires one of {', '.join(CONSTRAINT_KINDS)}; got {self.kind!r}")
+        if self.kind != "any_json" and not self.source.strip():
+            what = "a JSON schema" if self.kind == "json_schema" else "a regular expression"
+            raise ValueError(f"The constraint is empty: paste {what} first.")
+
+
+class Constraint:
+    """A compiled constraint for one tokenizer; makes a fresh ``GrammarState`` per decode.
+
+    tokenizer: a transformers tokenizer; vocab_size: the model's logit width
+    (``config.vocab_size``); stop_token_ids: the ids that end a generation (the
+    grammar allows them once the output is complete).
+
+    Raises GrammarError when the schema or regex does not compile.
+    """
+
+    def __init__(self, spec: ConstraintSpec, tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...]) -> None:
+        import xgrammar as xgr
+
+        self.spec = spec
+        self.vocab_size = vocab_size
+        compiler = _compiler(tokenizer, vocab_size, tuple(stop_token_ids))
+        try:
+            if spec.kind == "json_schema":
+                json.loads(spec.source)  # Python's message for bad JSON is the clearer one
+                self.compiled = compiler.compile_json_schema(spec.source, any_whitespace=False)
+            elif spec.kind == "regex":
+                self.compiled = compiler.compile_regex(spec.source)
+            else:
+                self.compiled = compiler.compile_builtin_json_grammar()
+        except json.JSONDecodeError as error:
+            raise GrammarError(f"The JSON schema is not valid JSON: {error}. Fix the schema and run again.") from error
+        except RuntimeError as error:
+            what = "JSON schema" if spec.kind == "json_schema" else "regular expression"
+            raise GrammarError(f"The {what} does not compile: {_plain(str(error))}. Fix it and run again.") from error
+
+    def new_state(self) -> "GrammarState":
+        return GrammarState(self)
+
+    def is_valid(self, text: str) -> bool:
+        """Does a finished output satisfy the constraint? (checked independently of xgrammar)"""
+        if self.spec.kind == "regex":
+            return re.fullmatch(self.spec.source, text, flags=re.DOTALL) is not None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return False
+        if self.spec.kind == "any_json":
+            return True
+        import jsonschema
+
+        try:
+            jsonschema.validate(value, json.loads(self.spec.source))
+        except jsonschema.ValidationError:
+            return False
+        return True
+
+
+class GrammarState:
+    """One decode's matcher: masks, advance, roll back (wraps ``xgrammar.GrammarMatcher``)."""
+
+    def __init__(self, constraint: Constraint) -> None:
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        self.vocab_size = constraint.vocab_size
+        self.matcher = xgr.GrammarMatcher(constraint.compiled)
+
+    def accept(self, token: int) -> bool:
+        """Advance over one token; False (state unchanged) if the grammar forbids it."""
+        return bool(self.matcher.accept_token(int(token)))
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens > 0:
+            self.matcher.rollback(num_tokens)
+
+    @property
+    def is_terminated(self) -> bool:
+        return bool(self.matcher.is_terminated())
+
+    def allowed(self) -> torch.Tensor:
+        """[V] bool: the tokens the grammar allows next."""
+        bitmask = self._xgr.allocate_token_bitmask(1, self.vocab_size)
+        self.matcher.fill_next_token_bitmask(bitmask, 0)
+        logits = torch.zeros(1, self.vocab_size)
+        self._xgr.apply_token_bitmask_inplace(logits, bitmask)
+        return logits[0] > float("-inf")
+
+    def mask_next(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: [V] any float; returns float32 logits with forbidden tokens at -inf."""
+        bitmask = self._xgr.allocate_token_bitmask(1, self.vocab_size)
+        self.matcher.fill_next_token_bitmask(bitmask, 0)
+        masked = _fit(logits.float()[None], self.vocab_size)
+        self._xgr.apply_token_bitmask_inplace(masked, bitmask.to(masked.device))
+        return masked[0, : logits.shape[-1]]
+
+    def mask_draft_positions(self, logits: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
+        """Mask the target's K'+1 verify positions; the matcher ends where it began.
+
+        logits: [K'+1, V]; draft_tokens: [K']. Position i is masked with the state
+        after draft_tokens[:i]. If a drafted token is forbidden (only possible for
+        a drafter that ignored the grammar), later positions keep that mask; the
+        forbidden token gets probability 0 and is rejected there.
+        Returns float32 [K'+1, V].
+        """
+        num_positions = logits.shape[0]
+        bitmask = self._xgr.allocate_token_bitmask(num_positions, self.vocab_size)
+        advanced = 0
+        for i in range(num_positions):
+            self.matcher.fill_next_token_bitmask(bitmask, i)
+            if i < draft_tokens.shape[0]:
+                if not self.accept(int(draft_tokens[i])):
+                    bitmask[i + 1 :] = bitmask[i]
+                    break
+                advanced += 1
+                if self.is_terminated:
+                    # A drafted stop token completed the output: nothing after it is ever emitted.
+                    bitmask[i + 1 :] = bitmask[i]
+                    break
+        self.rollback(advanced)
+        masked = _fit(logits.float(), self.vocab_size)
+        self._xgr.apply_token_bitmask_inplace(masked, bitmask.to(masked.device))
+        return masked[:, : logits.shape[-1]]
+
+
+def first_invalid_token(constraint: Constraint, token_ids: list[int]) -> int | None:
+    """Index of the first token a fresh matcher refuses, or None if all are allowed."""
+    state = constraint.new_state()
+    for i, token in enumerate(token_ids):
+        if not state.accept(token):
+            return i
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _compiler(tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...]):
+    import xgrammar as xgr
+
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids))
+    return xgr.GrammarCompiler(info)
+
+
+def _fit(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Pad [N, W] logits to the grammar's vocab width (never narrower), as a new tensor."""
+    if logits.shape[-1] >= vocab_size:
+        return logits.clone()
+    return torch.nn.functional.pad(logits, (0, vocab_size - logits.shape[-1]), value=float("-inf"))
+
+
+def _plain(message: str) -> str:
+    """Strip xgrammar's C++ location prefix from an error message."""
+    message = message.strip().splitlines()[0] if message.strip() else message
+    message = re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", message)
+    return message.replace("Check failed: (error.empty()) is false: ", "")
