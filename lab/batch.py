@@ -1,0 +1,713 @@
+"""Batched speculative decoding: B prompts of different lengths decode together, each row at its own pace.
+
+The ragged-batch trap: rows of one batch accept different numbers of drafted
+tokens per step, so after one step they no longer line up. An engine that keeps
+one shared length (one cache crop, one position counter) misaligns every row
+but the one it follows: positions drift, rows attend to rejected drafts, the
+acceptance rate collapses and outputs loop. Here nothing is shared but the
+tensors. Each row keeps
+
+- its own committed tokens, token budget, random generator and drafter state;
+- its own positions: the position id of a token is the number of that row's
+  tokens before it, whatever slot it sits in;
+- its own view of the shared KV cache (``RaggedCache``): one DynamicCache of
+  [B, heads, slots, head_dim] plus a [B, slots] mask of which slots hold one of
+  the row's tokens. Left padding, rejected drafted tokens and pad tokens of a
+  shorter draft are holes (mask 0); a masked slot adds nothing to attention,
+  so each row computes what it would compute alone (up to the rounding of
+  batched matrix products). DynamicCache cannot crop one row, so rollback
+  punches holes instead; slots that are holes in every row are cut off and the
+  cache is compacted when holes waste too much of it.
+
+Each step, in order (as in ``lab.engine``):
+  1. draft: the batch drafter proposes up to K tokens per row (ragged: a prompt
+     lookup miss proposes none);
+  2. verify forward: the target reads, per row, [last committed token] + draft,
+     left-padded to the longest row, in one pass;
+  3. accept: ``lab.verify`` decides per row on that row's slice of logits;
+  4. commit and roll back: per row, cut at EOS / stop string / budget; the
+     rejected and padded slots become holes; the draft model rolls back likewise;
+  5. observe: the drafter hears each row's acceptance; a ``BatchStep`` is
+     yielded; finished rows leave the batch (their cache rows are dropped), so
+     they cost no more work and never emit again.
+
+With no drafter the target alone runs through the same loop (the baseline).
+
+Exactness. In fp32 each row's greedy output equals that prompt decoded alone
+(tests check it token for token). In bf16 and fp16 it usually does, but not
+always: a batched matrix product may sum in another order or tile (by batch
+size, padded width and cache length), so logits differ in the last bits, and
+where the target's top two tokens are nearly tied the argmax can flip; from
+there the two decodes go their own (equally valid) ways. That is rounding, not
+misalignment: the sweep (``lab.sweep``) measures how often it happens per batch
+size, and fp32 stays the exactness reference.
+
+Sampling: row i draws from its own generator seeded with ``config.seed + i``,
+in the single-row engine's order, so a row samples what the single-row engine
+samples with that seed (up to the same rounding).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from lab.cache import new_cache
+from lab.config import DecodeConfig
+from lab.drafters import DraftModelDrafter, make_drafter
+from lab.drafters.base import Draft, DraftContext, Drafter
+from lab.engine import DecodeResult, _cut, _details, _sync, _text
+from lab.metrics import SpecDecodingStats
+from lab.sampling import logits_to_probs, sample
+from lab.trace import Finished, Prefilled, Step, StopReason
+from lab.verify import verify_greedy, verify_sampling
+
+PAD_TOKEN_ID = 0  # fed in padded slots; any id works, the slot is masked
+COMPACT_MIN_WASTED_SLOTS = 8
+
+
+# ---------------------------------------------------------------- the ragged cache
+
+
+class RaggedCache:
+    """A KV cache shared by B rows, each of which sees only its own valid slots.
+
+    cache: a DynamicCache, per layer keys/values of [B, heads, S, head_dim].
+    valid: [B, S] bool on the model's device; True where the slot holds the
+        K/V of one of that row's tokens. A row's valid slots, in slot order, are
+        its tokens in order, so its next token's position id is ``lengths[b]``.
+
+    Raises ValueError for a model with sliding-window layers (their window
+    counts slots, holes included, so it would not be the row's window).
+    """
+
+    def __init__(self, model: torch.nn.Module, batch_size: int) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cache = new_cache(model)
+        if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
+            raise ValueError("batched decoding requires full-attention layers; got a sliding-window model")
+        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=self.device)  # [B, S]
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.valid.shape[1]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[B] int64 on the device: tokens each row holds (holes excluded)."""
+        return self.valid.sum(-1)
+
+    def forward(self, rows: Sequence[torch.Tensor], logits_to_keep: int = 0) -> torch.Tensor:
+        """Feed each row its own new tokens in one batched pass, appending their K/V.
+
+        rows: B int64 tensors [n_b] (n_b >= 0, any device); left-padded to W = max n_b.
+        logits_to_keep: 0 keeps all W columns, else the last ones.
+        Returns logits [B, W or logits_to_keep, V]; row b's own are the last n_b columns.
+        """
+        if len(rows) != self.batch_size:
+            raise ValueError(f"RaggedCache.forward requires {self.batch_size} rows; got {len(rows)}")
+        width = max(1, max(int(r.shape[0]) for r in rows))
+        input_ids = torch.full((self.batch_size, width), PAD_TOKEN_ID, dtype=torch.long)  # [B, W]
+        new_valid = torch.zeros(self.batch_size, width, dtype=torch.bool)  # [B, W]
+        for b, tokens in enumerate(rows):
+            n = int(tokens.shape[0])
+            if n:
+                input_ids[b, width - n :] = tokens.cpu()
+                new_valid[b, width - n :] = True
+        new_valid = new_valid.to(self.device)
+        # Position of a row's j-th new token: its tokens so far + j (pads reuse the first position).
+        offsets = torch.arange(width, device=self.device) - (width - new_valid.sum(-1, keepdim=True))  # [B, W]
+        position_ids = self.lengths[:, None] + offsets.clamp_min(0)  # [B, W]
+        attention_mask = torch.cat([self.valid, new_valid], dim=1)  # [B, S+W]
+        out = self.model(
+            input_ids.to(self.device),
+            attention_mask=attention_mask.long(),
+            position_ids=position_ids,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+        self.valid = attention_mask
+        return out.logits
+
+    def keep(self, lengths: Sequence[int] | torch.Tensor) -> None:
+        """Roll back: row b keeps its first lengths[b] tokens; its later slots become holes."""
+        lengths = torch.as_tensor(lengths, device=self.device).reshape(-1, 1)  # [B, 1]
+        self.valid = self.valid & (self.valid.long().cumsum(-1) <= lengths)
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only these batch rows (in this order); the others stop costing work."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
+        if self.num_slots:
+            self.cache.batch_select_indices(index)
+        self.valid = self.valid[index]
+
+    def trim(self, max_waste: float = 0.25, min_wasted_slots: int = COMPACT_MIN_WASTED_SLOTS) -> None:
+        """Cut slots that are holes in every row; compact when holes still waste > max_waste of the slots.
+
+        Compaction copies the cache (about one attention pass over it), so it
+        waits until at least min_wasted_slots slots would go.
+        It moves each row's valid slots to the right end (order kept), so the
+        cache shrinks to the longest row's token count.
+        """
+        if self.num_slots == 0:
+            return
+        used = self.valid.any(0).nonzero().flatten()  # slots some row needs
+        if used.numel() == 0:
+            self._slice(0, 0)
+            return
+        first, last = int(used[0]), int(used[-1]) + 1
+        if first > 0 or last < self.num_slots:
+            self._slice(first, last)
+        longest = int(self.lengths.max())
+        wasted = self.num_slots - longest
+        if wasted >= max(1, min_wasted_slots) and wasted > max_waste * self.num_slots:
+            self._compact(longest)
+
+    def _slice(self, first: int, last: int) -> None:
+        for layer in self.cache.layers:
+            if getattr(layer, "is_initialized", False):
+                layer.keys = layer.keys[:, :, first:last]
+                layer.values = layer.values[:, :, first:last]
+        self.valid = self.valid[:, first:last]
+
+    def _compact(self, length: int) -> None:
+        # A stable sort puts holes first and valid slots after, in their order.
+        order = torch.sort(self.valid.to(torch.int8), dim=-1, stable=True).indices[:, -length:]  # [B, L]
+        for layer in self.cache.layers:
+            if getattr(layer, "is_initialized", False):
+                index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+                layer.keys = layer.keys.gather(2, index)
+                layer.values = layer.values.gather(2, index)
+        self.valid = self.valid.gather(1, order)
+
+
+# ---------------------------------------------------------------- batch drafters
+
+
+@runtime_checkable
+class BatchDrafter(Protocol):
+    """A draft source for a batch of rows (the batched ``lab.drafters.base.Drafter``).
+
+    Rows are numbered in batch order; at ``reset`` row i is request i. A context
+    with k == 0 asks for nothing from that row (return an empty draft).
+    """
+
+    name: str
+
+    def reset(self, batch_size: int) -> None:
+        """Forget previous sequences; prepare for batch_size rows."""
+
+    def propose(self, contexts: Sequence[DraftContext]) -> list[Draft]:
+        """One draft per row, each of up to contexts[b].k tokens (ragged lengths allowed)."""
+
+    def observe(self, num_accepted: Sequence[int]) -> None:
+        """Learn how many leading tokens of each row's last draft were kept."""
+
+    def drop(self, keep: Sequence[int]) -> None:
+        """Only the rows ``keep`` (indices in the current batch, in order) go on."""
+
+
+class PerRowDrafter:
+    """A single-row drafter per row (prompt lookup, test oracles): cheap drafters that need no batching.
+
+    make: builds the drafter of request i (called at ``reset``).
+    """
+
+    def __init__(self, make: Callable[[int], Drafter], name: str | None = None) -> None:
+        self.make = make
+        self.name = name or getattr(make(0), "name", "per-row")
+        self.drafters: list[Drafter] = []
+
+    def reset(self, batch_size: int) -> None:
+        self.drafters = [self.make(i) for i in range(batch_size)]
+        for drafter in self.drafters:
+            drafter.reset()
+
+    def propose(self, contexts: Sequence[DraftContext]) -> list[Draft]:
+        return [d.propose(ctx) if ctx.k > 0 else Draft.empty() for d, ctx in zip(self.drafters, contexts)]
+
+    def observe(self, num_accepted: Sequence[int]) -> None:
+        for drafter, n in zip(self.drafters, num_accepted):
+            drafter.observe(n)
+
+    def drop(self, keep: Sequence[int]) -> None:
+        self.drafters = [self.drafters[i] for i in keep]
+
+
+class BatchDraftModelDrafter:
+    """A draft model (or the target's early exit) drafting for every row in one pass per token.
+
+    Same bookkeeping as ``lab.drafters.DraftModelDrafter``, per row: before
+    drafting, a row rolls its cache back to the common prefix of what it holds
+    and its committed tokens and feeds the rest (usually the correction or bonus
+    token); then k rounds of one batched forward each. Rows that drafted enough
+    feed nothing (a hole) in later rounds. The draft's cache is a
+    ``RaggedCache``: rollback punches holes.
+
+    model: a causal LM sharing the target's vocabulary; only read.
+    """
+
+    def __init__(self, model: torch.nn.Module, name: str = "draft-model") -> None:
+        self.model = model
+        self.name = name
+        self.reset(0)
+
+    def reset(self, batch_size: int) -> None:
+        self.cache = RaggedCache(self.model, batch_size)
+        self.cached_ids = [torch.empty(0, dtype=torch.long) for _ in range(batch_size)]  # [C_b] per row
+        self._num_committed: list[int | None] = [None] * batch_size
+
+    def propose(self, contexts: Sequence[DraftContext]) -> list[Draft]:
+        rounds = max((ctx.k for ctx in contexts), default=0)
+        if rounds == 0:
+            self._num_committed = [None] * len(contexts)
+            return [Draft.empty() for _ in contexts]
+        keep, feeds = [], []
+        for b, ctx in enumerate(contexts):
+            held = min(_common_prefix_length(self.cached_ids[b], ctx.token_ids), ctx.token_ids.shape[0] - 1)
+            keep.append(held)
+            feeds.append(ctx.token_ids[held:] if ctx.k > 0 else ctx.token_ids[:0])
+            self.cached_ids[b] = self.cached_ids[b][:held]
+        self.cache.keep(keep)
+        tokens: list[list[torch.Tensor]] = [[] for _ in contexts]
+        probs: list[list[torch.Tensor]] = [[] for _ in contexts]
+        for i in range(rounds):
+            logits = self.cache.forward(feeds, logits_to_keep=1)[:, -1]  # [B, V]
+            for b, ctx in enumerate(contexts):
+                self.cached_ids[b] = torch.cat([self.cached_ids[b], feeds[b].cpu()])
+                if i < ctx.k:
+                    if ctx.sampling.is_greedy:
+                        token = logits[b].argmax(-1)
+                        dist = torch.softmax(logits[b].float(), -1)
+                    else:
+                        dist = logits_to_probs(logits[b], ctx.sampling)
+                        token = sample(dist, ctx.generator)
+                    tokens[b].append(token)
+                    probs[b].append(dist)
+            # Feed each row's newest token, unless that row has drafted enough (the last one is never fed).
+            feeds = [tokens[b][-1].view(1) if i + 1 < ctx.k else torch.empty(0, dtype=torch.long) for b, ctx in enumerate(contexts)]
+        self._num_committed = [ctx.token_ids.shape[0] if ctx.k > 0 else None for ctx in contexts]
+        return [
+            Draft(torch.stack(t).cpu(), torch.stack(p)) if t else Draft.empty() for t, p in zip(tokens, probs)
+        ]
+
+    def observe(self, num_accepted: Sequence[int]) -> None:
+        """Roll each row back now to its committed prefix (committed + accepted drafts)."""
+        keep = []
+        for b, n in enumerate(num_accepted):
+            committed = self._num_committed[b]
+            held = self.cached_ids[b].shape[0] if committed is None else min(committed + n, self.cached_ids[b].shape[0])
+            self.cached_ids[b] = self.cached_ids[b][:held]
+            keep.append(held)
+        self.cache.keep(keep)
+        self.cache.trim()
+        self._num_committed = [None] * len(self._num_committed)  # observed: a repeat is a no-op
+
+    def drop(self, keep: Sequence[int]) -> None:
+        self.cache.select(keep)
+        self.cached_ids = [self.cached_ids[i] for i in keep]
+        self._num_committed = [self._num_committed[i] for i in keep]
+
+    def cache_lengths(self) -> list[int]:
+        return self.cache.lengths.tolist()
+
+
+def as_batch_drafter(drafter: Drafter | BatchDrafter | None) -> BatchDrafter | None:
+    """The batched counterpart of a single-row drafter (None stays None: the target alone).
+
+    A draft-model or layer-skip drafter becomes a ``BatchDraftModelDrafter`` over
+    the same model (or early-exit view); any other single-row drafter is copied
+    once per row (``PerRowDrafter``); a batch drafter is returned as is.
+    """
+    if drafter is None or isinstance(drafter, (BatchDraftModelDrafter, PerRowDrafter)):
+        return drafter
+    if isinstance(drafter, DraftModelDrafter):
+        return BatchDraftModelDrafter(drafter.model, drafter.name)
+    if isinstance(drafter, BatchDrafter):
+        return drafter
+    return PerRowDrafter(lambda _: copy.deepcopy(drafter), drafter.name)
+
+
+def make_batch_drafter(name: str, target, draft=None, **options) -> BatchDrafter | None:
+    """``lab.drafters.make_drafter`` for batches: same names and options."""
+    return as_batch_drafter(make_drafter(name, target, draft, **options))
+
+
+def _common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Length of the longest common prefix of two [N] int64 tensors."""
+    n = min(a.shape[0], b.shape[0])
+    mismatch = (a[:n] != b[:n]).nonzero()
+    return int(mismatch[0]) if mismatch.numel() else n
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class BatchPrefilled:
+    """The target has read every prompt in one padded pass.
+
+    prefilled: per request, in request order, the single-row ``Prefilled``
+        (each carries the whole batch's prefill time: every row waited for it).
+    """
+
+    prefilled: tuple[Prefilled, ...]
+    prefill_ms: float
+
+    def row_events(self) -> Iterator[tuple[int, Prefilled]]:
+        """(request, event) pairs for per-request consumers (``SpecDecodingStats``)."""
+        return iter(enumerate(self.prefilled))
+
+
+@dataclass(frozen=True)
+class RowFinished:
+    """One request is done (it leaves the batch).
+
+    finished: its single-row ``Finished``; ``wall_s`` is its latency, from the
+        batch's submission to its last token.
+    first_token_s: from submission to its first emitted token.
+    """
+
+    request: int
+    finished: Finished
+    first_token_s: float
+
+
+@dataclass(frozen=True)
+class BatchStep:
+    """One draft-verify cycle of the whole batch.
+
+    requests: the request index of each row in the batch at this step (batch order).
+    steps: per row, the single-row ``Step`` (same meaning as in ``lab.engine``:
+        ``index`` counts that request's steps, ``target_cache_len`` its own tokens
+        in the cache, holes excluded; draft_ms/verify_ms are the batch's, which
+        each row waited for).
+    finished: the requests that finished at this step.
+    width: tokens per row in the verify pass (1 + the longest draft).
+    target_cache_slots: slots of the target's cache after rollback, holes included.
+    time_s: seconds from submission to the end of this step.
+    """
+
+    index: int
+    requests: tuple[int, ...]
+    steps: tuple[Step, ...]
+    finished: tuple[RowFinished, ...]
+    draft_ms: float
+    verify_ms: float
+    width: int
+    target_cache_slots: int
+    time_s: float
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.requests)
+
+    def row_events(self) -> Iterator[tuple[int, Step | Finished]]:
+        """(request, event) pairs: each row's Step, then the Finished of rows that ended."""
+        yield from zip(self.requests, self.steps)
+        for row in self.finished:
+            yield row.request, row.finished
+
+
+@dataclass(frozen=True)
+class BatchFinished:
+    """Every request is done. rows: per request, in request order. wall_s: submission to the last token of all."""
+
+    rows: tuple[RowFinished, ...]
+    wall_s: float
+
+
+BatchEvent = BatchPrefilled | BatchStep | BatchFinished
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@torch.inference_mode()
+def decode_batch(
+    target,
+    prompts: Sequence[Sequence[int]],
+    drafter: BatchDrafter | Drafter | None,
+    config: DecodeConfig,
+    *,
+    k_policy: Callable[[int], int] | None = None,
+    target_cache: RaggedCache | None = None,
+) -> Iterator[BatchEvent]:
+    """Decode B prompts together, yielding ``BatchPrefilled``, one ``BatchStep`` per cycle, then ``BatchFinished``.
+
+    target: a loaded model (``.model``, ``.tokenizer``, ``.eos_token_ids``).
+    prompts: B token-id lists (chat template applied), each of length >= 1, any lengths.
+    drafter: a ``BatchDrafter``, a single-row drafter (wrapped by
+        ``as_batch_drafter``), or None for the target alone.
+    k_policy: K for the next step given the current batch size (0: no draft
+        this step); overrides ``config.k``. ``lab.sweep.AutoK`` is one.
+    target_cache: an empty ``RaggedCache`` of len(prompts) rows to fill (lets a
+        test inspect it); by default a new one.
+
+    Greedy output per row equals that prompt decoded alone (fp32; see the module
+    docstring for bf16/fp16). Raises ValueError for no prompts, an empty
+    prompt or one that fills the context window.
+    """
+    model = target.model
+    device = next(model.parameters()).device
+    max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    prompt_ids = [torch.as_tensor(list(p), dtype=torch.long) for p in prompts]  # [P_r] on CPU each
+    if not prompt_ids:
+        raise ValueError("batched decoding requires at least one prompt; got none")
+    for r, prompt in enumerate(prompt_ids):
+        if prompt.numel() == 0:
+            raise ValueError(f"Prompt {r} is empty: every prompt of a batch needs at least one token.")
+        if prompt.numel() >= max_positions:
+            raise ValueError(
+                f"Prompt {r} has {prompt.numel()} tokens but the target's context window is {max_positions}: "
+                "shorten the prompt."
+            )
+    num_requests = len(prompt_ids)
+    sampling = config.sampling
+    generators = [_generator(device, None if config.seed is None else config.seed + r) for r in range(num_requests)]
+    eos = set(target.eos_token_ids)
+    budgets = [min(config.max_new_tokens, max_positions - p.numel()) for p in prompt_ids]
+    drafter = as_batch_drafter(drafter)
+    if drafter is not None:
+        drafter.reset(num_requests)
+
+    start = time.perf_counter()
+    # Prefill: every prompt token but the last, left-padded, in one pass.
+    cache = RaggedCache(model, num_requests) if target_cache is None else target_cache
+    if any(p.numel() > 1 for p in prompt_ids):
+        cache.forward([p[:-1] for p in prompt_ids], logits_to_keep=1)
+    _sync(device)
+    prefill_ms = (time.perf_counter() - start) * 1e3
+    yield BatchPrefilled(tuple(Prefilled(p.numel(), prefill_ms) for p in prompt_ids), prefill_ms)
+
+    committed = [p.clone() for p in prompt_ids]  # per request [T_r] CPU, prompt then output
+    generated: list[list[int]] = [[] for _ in prompt_ids]
+    step_counts = [0] * num_requests
+    first_token_s: list[float | None] = [None] * num_requests
+    results: dict[int, RowFinished] = {}
+    rows = list(range(num_requests))  # request index of each batch row
+    batch_index = 0
+    while rows:
+        remaining = [budgets[r] - len(generated[r]) for r in rows]
+        k_step = config.k if k_policy is None else k_policy(len(rows))
+        # 1. draft: never more than a row's budget can take (accepted + 1 <= remaining).
+        t0 = time.perf_counter()
+        drafts = [Draft.empty() for _ in rows]
+        if drafter is not None and k_step > 0 and max(remaining) > 1:
+            contexts = [
+                DraftContext(committed[r], prompt_ids[r].numel(), max(0, min(k_step, left - 1)), sampling, generators[r])
+                for r, left in zip(rows, remaining)
+            ]
+            drafts = drafter.propose(contexts)
+        _sync(device)
+        t1 = time.perf_counter()
+
+        # 2. verify forward: per row [last committed] + draft -> K'_b+1 distributions, left-padded.
+        logits = cache.forward([torch.cat([committed[r][-1:], d.tokens]) for r, d in zip(rows, drafts)])  # [B, W, V]
+        width = logits.shape[1]
+
+        # 3. accept, row by row on the row's own logits.
+        verdicts, row_logits, row_probs = [], [], []
+        for b, (r, draft) in enumerate(zip(rows, drafts)):
+            own = logits[b, width - 1 - len(draft) :]  # [K'_b+1, V]
+            if sampling.is_greedy:
+                verdict, probs = verify_greedy(own, draft.tokens), None
+            else:
+                probs = logits_to_probs(own, sampling)  # [K'_b+1, V]
+                verdict = verify_sampling(probs, draft.tokens, draft.probs, generators[r])
+            verdicts.append(verdict)
+            row_logits.append(own)
+            row_probs.append(probs)
+
+        # 4. commit and roll back: each row keeps K/V of all its committed tokens but the new last one.
+        cache.keep([committed[r].numel() + v.num_accepted for r, v in zip(rows, verdicts)])
+        reasons: list[StopReason | None] = []
+        emitted_rows = []
+        for r, draft, verdict, left in zip(rows, drafts, verdicts, remaining):
+            new_tokens = draft.tokens[: verdict.num_accepted].tolist() + [verdict.next_token]
+            emitted, reason = _cut(new_tokens, generated[r], left, eos, target.tokenizer, config.stop_strings)
+            generated[r] += emitted
+            committed[r] = torch.cat([committed[r], torch.tensor(emitted, dtype=torch.long)])
+            if reason is None and committed[r].numel() >= max_positions:
+                reason = "context_window"
+            reasons.append(reason)
+            emitted_rows.append(emitted)
+        _sync(device)
+        t2 = time.perf_counter()
+        now_s = t2 - start
+
+        # 5. observe.
+        if drafter is not None:
+            drafter.observe([v.num_accepted for v in verdicts])
+        target_lengths = cache.lengths.tolist()
+        draft_lengths = _draft_cache_lengths(drafter, len(rows))
+        steps, finished = [], []
+        for b, r in enumerate(rows):
+            draft, verdict = drafts[b], verdicts[b]
+            details = ()
+            if config.record_details and len(draft):
+                details = _details(row_logits[b], row_probs[b], draft, verdict, sampling.is_greedy)
+            steps.append(
+                Step(
+                    index=step_counts[r],
+                    drafted=tuple(draft.tokens.tolist()),
+                    num_accepted=verdict.num_accepted,
+                    emitted=tuple(emitted_rows[b]),
+                    final_kind="target" if not len(draft) else ("bonus" if verdict.is_bonus(len(draft)) else "corrected"),
+                    draft_ms=(t1 - t0) * 1e3,
+                    verify_ms=(t2 - t1) * 1e3,
+                    target_cache_len=target_lengths[b],
+                    draft_cache_len=draft_lengths[b],
+                    details=details,
+                )
+            )
+            step_counts[r] += 1
+            if first_token_s[r] is None and emitted_rows[b]:
+                first_token_s[r] = now_s
+            if reasons[b] is not None:
+                text = _text(target.tokenizer, generated[r], config.stop_strings)
+                row = RowFinished(r, Finished(reasons[b], tuple(generated[r]), text, now_s), first_token_s[r] or now_s)
+                results[r] = row
+                finished.append(row)
+        yield BatchStep(
+            index=batch_index,
+            requests=tuple(rows),
+            steps=tuple(steps),
+            finished=tuple(finished),
+            draft_ms=(t1 - t0) * 1e3,
+            verify_ms=(t2 - t1) * 1e3,
+            width=width,
+            target_cache_slots=cache.num_slots,
+            time_s=now_s,
+        )
+        batch_index += 1
+
+        # Finished rows leave the batch: no more work, no more tokens.
+        keep = [b for b, reason in enumerate(reasons) if reason is None]
+        if len(keep) < len(rows):
+            rows = [rows[b] for b in keep]
+            if rows:
+                cache.select(keep)
+                if drafter is not None:
+                    drafter.drop(keep)
+        cache.trim()
+
+    yield BatchFinished(tuple(results[r] for r in range(num_requests)), time.perf_counter() - start)
+
+
+@dataclass
+class BatchResult:
+    """A finished batched decode gathered from its events (see ``run_batch``).
+
+    rows: per request, in request order, a ``DecodeResult`` like the single-row
+        engine's (its stats observe that request's own events, so wall_s is the
+        request's latency).
+    steps: every ``BatchStep``.
+    first_token_s, latency_s: per request, from submission to its first / last token.
+    prefill_ms: the batch's prefill. wall_s: submission to the last token of all.
+    """
+
+    rows: list[DecodeResult]
+    steps: list[BatchStep] = field(default_factory=list)
+    first_token_s: list[float] = field(default_factory=list)
+    latency_s: list[float] = field(default_factory=list)
+    prefill_ms: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def token_ids(self) -> list[list[int]]:
+        return [row.token_ids for row in self.rows]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(len(row.token_ids) for row in self.rows)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Throughput: every request's tokens over the batch's wall time."""
+        return self.num_output_tokens / self.wall_s if self.wall_s > 0 else float("nan")
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Rows in the batch at each step (shrinks as requests finish)."""
+        return [step.batch_size for step in self.steps]
+
+    def pooled_stats(self) -> SpecDecodingStats:
+        """Acceptance counters summed over requests (its wall_s sums latencies: use ``tokens_per_s`` for throughput)."""
+        pooled = SpecDecodingStats()
+        for row in self.rows:
+            merge_stats(pooled, row.stats)
+        return pooled
+
+
+def run_batch(
+    target,
+    prompts: Sequence[Sequence[int]],
+    drafter: BatchDrafter | Drafter | None,
+    config: DecodeConfig,
+    *,
+    k_policy: Callable[[int], int] | None = None,
+) -> BatchResult:
+    """Run ``decode_batch`` to the end and gather its events into a ``BatchResult``."""
+    stats = [SpecDecodingStats() for _ in prompts]
+    steps_of: list[list[Step]] = [[] for _ in prompts]
+    result = BatchResult(rows=[])
+    for event in decode_batch(target, prompts, drafter, config, k_policy=k_policy):
+        if isinstance(event, BatchFinished):
+            result.rows = [
+                DecodeResult(list(row.finished.token_ids), row.finished.text, row.finished.reason, steps_of[r], stats[r])
+                for r, row in enumerate(event.rows)
+            ]
+            result.first_token_s = [row.first_token_s for row in event.rows]
+            result.latency_s = [row.finished.wall_s for row in event.rows]
+            result.wall_s = event.wall_s
+            return result
+        if isinstance(event, BatchPrefilled):
+            result.prefill_ms = event.prefill_ms
+        else:
+            result.steps.append(event)
+        for request, row_event in event.row_events():
+            stats[request].observe(row_event)
+            if isinstance(row_event, Step):
+                steps_of[request].append(row_event)
+    raise RuntimeError("decode_batch ended without a BatchFinished event")
+
+
+def merge_stats(into: SpecDecodingStats, other: SpecDecodingStats) -> None:
+    """Add other's counters to into (per-position lists aligned at position 0)."""
+    into.num_drafts += other.num_drafts
+    into.num_draft_tokens += other.num_draft_tokens
+    into.num_accepted_tokens += other.num_accepted_tokens
+    if len(into.accepted_per_position) < len(other.accepted_per_position):
+        into.accepted_per_position += [0] * (len(other.accepted_per_position) - len(into.accepted_per_position))
+    for i, n in enumerate(other.accepted_per_position):
+        into.accepted_per_position[i] += n
+    into.target_forward_passes += other.target_forward_passes
+    into.num_output_tokens += other.num_output_tokens
+    into.prefill_s += other.prefill_s
+    into.draft_s += other.draft_s
+    into.verify_s += other.verify_s
+    into.wall_s += other.wall_s
+
+
+def _generator(device: torch.device, seed: int | None) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    return generator
+
+
+def _draft_cache_lengths(drafter: BatchDrafter | None, batch_size: int) -> list[int | None]:
+    lengths = getattr(drafter, "cache_lengths", None)
+    return lengths() if lengths is not None else [None] * batch_size
