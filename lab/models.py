@@ -7,8 +7,8 @@ is *prepared* once:
 
 1. assemble the GGUF parts from the installed packages (streamed, hashed);
 2. refuse the file unless its sha256 is the pinned one;
-3. load it with transformers, drop the GGUF quantization config, re-create the
-   model from its config and cast it to bf16;
+3. load it with transformers, dequantized to bf16, and re-create it as a plain
+   model from its config (a GGUF-loaded model refuses to be saved);
 4. save a safetensors copy, the tokenizer and the generation config into
    ``cache_dir() / <preset>/``, and write the marker ``lab_prepared.json`` last.
 
@@ -265,10 +265,11 @@ def _skip_random_init() -> contextlib.AbstractContextManager:
 def prepare(name: PresetLike, progress: Progress | None = None) -> Path:
     """Prepare a preset once: verified GGUF -> bf16 safetensors copy in ``cache_dir() / <name>``.
 
-    Idempotent: returns at once when already prepared. An interrupted run
-    (no marker file) is redone from scratch. Peak RAM is about the fp32 model
-    plus its bf16 copy (about 7 GB for qwen2.5-coder-1.5b); the assembled GGUF
-    is a temporary file in the cache, deleted at the end.
+    Idempotent: returns at once when already prepared; an interrupted run
+    (no marker file) is redone from scratch; two processes preparing the same
+    preset take turns (file lock). Peak RAM is a little more than the bf16 model
+    (about 6 GB for qwen2.5-coder-1.5b). The assembled GGUF is a temporary file
+    in the cache, deleted at the end.
 
     Args:
         name: a preset name or a :class:`ModelPreset`.
@@ -302,6 +303,10 @@ def prepare(name: PresetLike, progress: Progress | None = None) -> Path:
 def _prepare_locked(preset: ModelPreset, sources: list[Path], progress: Progress | None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import transformers
+    from transformers import GgufConfig
+
+    report = _stage(progress, 0.0, 1.0)
     started_s = time.perf_counter()
     out = prepared_dir(preset)
     work = cache_dir() / f".{preset.name}.assembling"
@@ -319,7 +324,7 @@ def _prepare_locked(preset: ModelPreset, sources: list[Path], progress: Progress
             gguf_folder, gguf_file = work, preset.gguf_file
             destination = work / gguf_file
         verb = "checking" if single_file else "assembling"
-        _stage(progress, 0.0, 0.0)(0.0, f"{verb} {preset.name} ({preset.size_bytes / 2**20:,.0f} MiB)")
+        report(0.0, f"{verb} {preset.name} ({preset.size_bytes / 2**20:,.0f} MiB)")
         got_sha256 = _copy_and_hash(sources, destination, preset.size_bytes, _stage(progress, 0.0, 0.25))
         if got_sha256 != preset.sha256:
             raise ModelError(
@@ -329,48 +334,40 @@ def _prepare_locked(preset: ModelPreset, sources: list[Path], progress: Progress
                 f"    {preset.pip_command.replace('install ', 'install --force-reinstall ', 1)}"
             )
 
-        # 2. Load the GGUF (dequantized to fp32).
-        _stage(progress, 0.25, 0.25)(0.0, f"loading {preset.name} from GGUF (dequantizing; the slow step)")
+        # 2. Load the GGUF, dequantizing every tensor straight to bf16 (the same values as
+        #    dequantizing to fp32 and casting later, with ~3.5 GB less peak RAM for the 1.5B model).
+        report(0.25, f"loading {preset.name} from GGUF (dequantizing: the slow step)")
         tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=gguf_file)
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=gguf_file, dtype=torch.float32)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            gguf_folder, gguf_file=gguf_file, dtype=PREPARED_DTYPE, quantization_config=GgufConfig(dequantize=True)
+        )
 
-        # 3. Re-create as a plain bf16 model: drop the GGUF quantization config, cast tensor by tensor.
-        _stage(progress, 0.7, 0.7)(0.0, f"converting {preset.name} to bf16")
+        # 3. Re-create a plain model around the same tensors: a GGUF-loaded model refuses save_pretrained.
+        report(0.75, f"converting {preset.name} to a plain bf16 model")
         config = gguf_model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.dtype = PREPARED_DTYPE
         generation_config = gguf_model.generation_config
-        state = gguf_model.state_dict()
+        state = {key: tensor.to(PREPARED_DTYPE) for key, tensor in gguf_model.state_dict().items()}
         del gguf_model
         gc.collect()
-        for key in list(state):  # cast one tensor at a time so the fp32 copy shrinks as the bf16 one grows
-            state[key] = state[key].to(PREPARED_DTYPE)
-        gc.collect()
-        with _skip_random_init():  # every weight is overwritten next; saves ~20 s for the 1.5B model
+        with _skip_random_init():  # every weight is replaced next; saves ~20 s for the 1.5B model
             model = AutoModelForCausalLM.from_config(config, dtype=PREPARED_DTYPE)
-        model.load_state_dict(state, strict=True)
-        model.tie_weights()  # skipped random init also skipped tying (SmolLM2 ties lm_head to the embeddings)
+        model.load_state_dict(state, strict=True, assign=True)  # assign: take the tensors, no second copy
+        model.tie_weights()  # skipping random init also skipped tying (SmolLM2 ties lm_head to the embeddings)
         del state
         gc.collect()
-
-        eos_ids = _as_id_set(generation_config.eos_token_id) | _as_id_set(tokenizer.eos_token_id)
-        for token in preset.extra_eos_tokens:
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-                eos_ids.add(token_id)
-        generation_config.eos_token_id = sorted(eos_ids) if len(eos_ids) > 1 else next(iter(eos_ids), None)
         model.generation_config = generation_config
+        generation_config.eos_token_id = _stop_token_ids(preset, tokenizer, generation_config)
 
-        # 4. Save, then write the marker last.
-        _stage(progress, 0.85, 0.85)(0.0, f"saving {preset.name} to {out}")
+        # 4. Save, then write the marker last: a folder without it is an interrupted run.
+        report(0.9, f"saving {preset.name} to {out}")
         out.mkdir(parents=True)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         del model
         gc.collect()
-        import transformers
-
         marker = {
             "preset": preset.name,
             "title": preset.title,
@@ -387,8 +384,18 @@ def _prepare_locked(preset: ModelPreset, sources: list[Path], progress: Progress
         (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _stage(progress, 1.0, 1.0)(1.0, f"{preset.name} is prepared")
+    report(1.0, f"{preset.name} is prepared")
     return out
+
+
+def _stop_token_ids(preset: ModelPreset, tokenizer: Any, generation_config: Any) -> int | list[int] | None:
+    """The generation config's EOS ids plus the tokenizer's and the preset's extra stop tokens."""
+    ids = _as_id_set(generation_config.eos_token_id) | _as_id_set(tokenizer.eos_token_id)
+    for token in preset.extra_eos_tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return sorted(ids) if len(ids) > 1 else next(iter(ids), None)
 
 
 def prepare_all(names: list[str] | tuple[str, ...] | None = None, progress: Progress | None = None) -> list[Path]:

@@ -8,7 +8,7 @@ seconds. Tests marked ``real_model`` use the packaged SmolLM2 / Qwen models.
 from __future__ import annotations
 
 import hashlib
-import importlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -390,6 +390,30 @@ def test_smollm2_answers_a_chat_prompt_greedily(smollm2):
     assert "Paris" in answer
     assert smollm2.eos_token_ids == (smollm2.tokenizer.convert_tokens_to_ids("<|im_end|>"),)
     assert is_prepared("smollm2-135m")
+
+
+@pytest.mark.real_model
+def test_preparation_end_to_end_is_verified_complete_and_idempotent(tmp_path, monkeypatch):
+    # The whole path on the smallest real model, in a fresh cache: hash, GGUF load, conversion, save, marker.
+    _require_package("smollm2-135m")
+    monkeypatch.setenv("LAB_CACHE_DIR", str(tmp_path / "fresh"))
+    reports = []
+    folder = prepare("smollm2-135m", lambda fraction, message: reports.append((fraction, message)))
+
+    fractions = [fraction for fraction, _ in reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", MARKER_FILE} <= {
+        path.name for path in folder.iterdir()
+    }
+    marker = json.loads((folder / MARKER_FILE).read_text())
+    assert marker["gguf_sha256"] == PRESETS["smollm2-135m"].sha256 and marker["dtype"] == "bfloat16"
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert [path.name for path in (tmp_path / "fresh").iterdir() if path.is_dir()] == ["smollm2-135m"]  # no leftovers
+
+    # A second call returns at once; a copy without its marker (an interrupted run) is not prepared.
+    assert prepare("smollm2-135m") == folder
+    (folder / MARKER_FILE).unlink()
+    assert not is_prepared("smollm2-135m")
 
 
 def _require_prepared(name: str) -> None:
