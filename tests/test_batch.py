@@ -297,3 +297,22 @@ def test_empty_batches_and_prompts_are_refused(tiny_target):
         run_batch(tiny_target, [[3], []], None, DecodeConfig())
     with pytest.raises(ValueError, match="context window is 512"):
         run_batch(tiny_target, [[3], [3] * 600], None, DecodeConfig())
+
+
+# ---------------------------------------------------------------- a real model
+
+
+@pytest.mark.real_model
+def test_smollm2_fp32_batch_equals_each_prompt_alone():
+    """The real left-padded, rotary, GQA path: three chat prompts of different lengths, fp32, batched = alone."""
+    from lab.models import encode_prompt, is_prepared, load_model
+
+    if not is_prepared("smollm2-135m"):
+        pytest.skip("smollm2-135m is not prepared (scripts/setup.sh app prepares it)")
+    smollm2 = load_model("smollm2-135m", device="cpu", dtype="fp32")
+    texts = ["What is the capital of France?", "Repeat after me: one two three, one two three.", "Hi"]
+    prompts = [encode_prompt(smollm2, text) for text in texts]
+    config = DecodeConfig(k=4, max_new_tokens=10)
+    batched = run_batch(smollm2, prompts, PromptLookupDrafter(), config)
+    alone = [run(smollm2, p, None, config).token_ids for p in prompts]
+    assert batched.token_ids == alone

@@ -1,0 +1,619 @@
+"""The batch-size sweep: where speculation stops paying, and an auto-K policy that knows it.
+
+At batch 1 a decode step is memory-bound: verifying K+1 tokens costs about what
+one token costs, so every accepted draft token is nearly free. As the batch
+grows, a verify pass of B rows x (K+1) tokens turns compute-bound and costs more
+and more of (K+1) plain steps, while the expected tokens per step stay what
+acceptance makes them. Past some batch size speculation costs more than it
+saves: the crossover.
+
+``run_sweep`` measures it. For each batch size B, every request of the prompt
+list (cycled to fill at least one batch) is decoded in batches of B submitted
+at once, through ``lab.batch.run_batch``, in three modes:
+
+- off: the target alone through the same batched loop (the baseline);
+- on: the drafter at the configured K;
+- auto: the K (0 = off) that ``AutoK`` picks for B before B is run, from the
+  cost model and the acceptance measured so far. When that K is 0 or the
+  configured K, the matching run is the auto run (the same decode twice would
+  only add noise); otherwise it is run as well.
+
+Modes alternate batch by batch in rotated order, so noise from a shared machine
+hits them alike. Per mode and batch size it reports:
+
+- latency_p50_s / latency_p95_s: per request, from the batch's submission to
+  the request's last token;
+- ttft_p50_s / ttft_p95_s: per request, submission to its first token;
+- tokens_per_s: throughput, every request's tokens over the batches' wall time;
+- acceptance: per-position acceptance, acceptance rate and mean acceptance
+  length, pooled over requests (vLLM's conventions, ``lab.metrics``). Greedy
+  outputs do not depend on the batch, so neither should acceptance: a drift
+  with B would betray the ragged-batch trap;
+- outputs that differ (greedy): speculative vs the target alone at this B, and
+  each mode vs the target alone at batch 1 on the same prompt. Zero in fp32; in
+  bf16/fp16 batched matrix products round differently and near-ties can flip
+  (see ``lab.batch``), which these counts measure.
+
+Per batch size: latency_speedup = off latency p50 / on latency p50 (> 1: a user
+waits less), throughput_speedup = on tokens/s / off tokens/s; the two differ
+because finished rows leave the batch at different times. The crossover batch
+size is the smallest B whose latency speedup is below 1 (None: speculation paid
+at every measured B).
+
+Cost model (``CostModel``): median milliseconds of one target verify pass by
+(rows B, tokens per row w), and of drafting per drafted token by B, from a
+short calibration (``calibrate``: timed passes over a synthetic context) and
+from every step the sweep runs; between measured points it interpolates
+linearly. Policy (``AutoK``): Leviathan et al.'s expected tokens per step
+(1 - a^(K+1)) / (1 - a), with a fitted from the measured mean acceptance length
+and scaled by how often the drafter proposes at all, over the predicted step
+time target(B, K+1) + K draft(B); it picks the K in 0..k_max with the most
+tokens per millisecond (K = 0: one token per target(B, 1)).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lab.batch import BatchDrafter, BatchResult, BatchStep, RaggedCache, as_batch_drafter, merge_stats, run_batch
+from lab.config import DecodeConfig
+from lab.drafters.base import DraftContext, Drafter
+from lab.metrics import SpecDecodingStats
+from lab.theory import acceptance_from_mean_length, expected_tokens_per_step
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
+OFF, ON, AUTO = "off", "on", "auto"
+CALIBRATION_REPEATS = 3
+WARMUP_NEW_TOKENS = 8
+
+Progress = Callable[[float, str], None]
+
+
+# ---------------------------------------------------------------- cost model
+
+
+@dataclass
+class CostModel:
+    """Measured step costs on this machine, in milliseconds.
+
+    target_ms: (batch size B, tokens per row w) -> samples of one target verify
+        pass (prefill excluded), acceptance and bookkeeping included.
+    draft_ms_per_token: B -> samples of drafting time per drafted token of a step.
+    """
+
+    target_ms: dict[tuple[int, int], list[float]] = field(default_factory=lambda: defaultdict(list))
+    draft_ms_per_token: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def add_steps(self, steps: Iterable[BatchStep]) -> None:
+        """Learn from a decode's steps (their batch size, width, verify and draft times)."""
+        for step in steps:
+            self.target_ms[(step.batch_size, step.width)].append(step.verify_ms)
+            if step.width > 1:
+                self.draft_ms_per_token[step.batch_size].append(step.draft_ms / (step.width - 1))
+
+    def target(self, batch_size: int, width: int) -> float:
+        """Predicted ms of a verify pass of batch_size rows x width tokens (NaN with no data)."""
+        by_batch: dict[int, list[tuple[int, float]]] = defaultdict(list)
+        for (b, w), samples in self.target_ms.items():
+            by_batch[b].append((w, statistics.median(samples)))
+        at = {b: _interpolate(_monotone(sorted(points)), width) for b, points in by_batch.items()}
+        return _interpolate(sorted(at.items()), batch_size)
+
+    def draft(self, batch_size: int, k: int) -> float:
+        """Predicted ms of drafting k tokens for batch_size rows (0 when k == 0; NaN with no data)."""
+        if k == 0:
+            return 0.0
+        points = sorted((b, statistics.median(s)) for b, s in self.draft_ms_per_token.items() if s)
+        return k * _interpolate(points, batch_size)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "target_ms": {f"{b}x{w}": statistics.median(s) for (b, w), s in sorted(self.target_ms.items()) if s},
+            "draft_ms_per_token": {str(b): statistics.median(s) for b, s in sorted(self.draft_ms_per_token.items()) if s},
+        }
+
+
+def _interpolate(points: Sequence[tuple[int, float]], x: int) -> float:
+    """Piecewise-linear through (x, y) points sorted by x, extrapolated linearly beyond the ends (never below 0).
+
+    With one point, y is taken as proportional to x: the pessimistic guess (no
+    data about how cost grows must not make more work look free).
+    """
+    if not points:
+        return math.nan
+    if len(points) == 1:
+        return points[0][1] * x / points[0][0]
+    i = next((i for i in range(len(points) - 1) if x <= points[i + 1][0]), len(points) - 2)
+    (x0, y0), (x1, y1) = points[i], points[i + 1]
+    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+def _monotone(points: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Running maximum of y over sorted x: more tokens per row never cost less (noise aside)."""
+    out, top = [], 0.0
+    for x, y in points:
+        top = max(top, y)
+        out.append((x, top))
+    return out
+
+
+@torch.inference_mode()
+def calibrate(
+    target,
+    drafter: BatchDrafter | Drafter | None,
+    prompts: Sequence[Sequence[int]],
+    batch_sizes: Sequence[int],
+    k_max: int,
+    repeats: int = CALIBRATION_REPEATS,
+    cost: CostModel | None = None,
+) -> CostModel:
+    """Time target verify passes of B rows x w tokens (w = 1..k_max+1), and drafting, over the real prompts.
+
+    For each batch size the prompts (cycled to B rows) are prefilled; a pass of w
+    tokens per row is timed and rolled back (its slots become holes and are
+    cut), ``repeats`` times per (B, w). The drafter then proposes k_max tokens
+    per row from the same prompts, timed after one untimed proposal that fills
+    its cache. Adds to ``cost`` (default a new CostModel) and returns it.
+    """
+    cost = CostModel() if cost is None else cost
+    model = target.model
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    drafter = as_batch_drafter(drafter)
+    generator = torch.Generator().manual_seed(0)
+    sampling = DecodeConfig().sampling
+    for batch_size in batch_sizes:
+        rows = [torch.as_tensor(list(prompts[i % len(prompts)]), dtype=torch.long) for i in range(batch_size)]
+        cache = RaggedCache(model, batch_size)
+        cache.forward(rows)
+        lengths = cache.lengths.tolist()
+        for width in range(1, k_max + 2):
+            new_tokens = list(torch.randint(0, vocab, (batch_size, width), generator=generator))  # B x [w]
+            for _ in range(repeats):
+                start = time.perf_counter()
+                cache.forward(new_tokens)
+                _sync(device)
+                cost.target_ms[(batch_size, width)].append((time.perf_counter() - start) * 1e3)
+                cache.keep(lengths)
+                cache.trim()
+        if drafter is not None and k_max > 0:
+            drafter.reset(batch_size)
+            contexts = [DraftContext(row, row.shape[0], k_max, sampling) for row in rows]
+            drafter.propose(contexts)  # untimed: fills the draft's cache
+            for _ in range(repeats):
+                drafter.observe([0] * batch_size)
+                start = time.perf_counter()
+                drafter.propose(contexts)
+                _sync(device)
+                cost.draft_ms_per_token[batch_size].append((time.perf_counter() - start) * 1e3 / k_max)
+    return cost
+
+
+# ---------------------------------------------------------------- policy
+
+
+@dataclass
+class AutoK:
+    """Picks K per batch size (0 = speculation off) from a cost model and measured acceptance.
+
+    acceptance: Leviathan's a (per drafted token), fitted from a measured mean
+        acceptance length; NaN when nothing was drafted yet (then K = 0).
+    draft_rate: fraction of steps at which the drafter proposes anything (prompt
+        lookup misses; model drafters 1.0).
+    k_max: the largest K considered.
+    min_gain: speculation is switched on only when predicted to pay by more than
+        this fraction (timing noise on a shared machine must not switch it on).
+
+    Callable: ``policy(batch_size) -> K``, usable as ``decode_batch(k_policy=...)``.
+    """
+
+    cost: CostModel
+    acceptance: float
+    draft_rate: float = 1.0
+    k_max: int = 4
+    min_gain: float = 0.05
+
+    @classmethod
+    def from_stats(cls, cost: CostModel, stats: SpecDecodingStats, k: int, k_max: int | None = None) -> "AutoK":
+        """Fit a from stats measured at K = k (mean acceptance length), and the draft rate."""
+        mean_length = stats.mean_acceptance_length
+        acceptance = math.nan if math.isnan(mean_length) else acceptance_from_mean_length(min(mean_length, k + 1), k)
+        draft_rate = stats.num_drafts / stats.target_forward_passes if stats.target_forward_passes else 1.0
+        return cls(cost, acceptance, draft_rate, k if k_max is None else k_max)
+
+    def expected_tokens_per_step(self, k: int) -> float:
+        if k == 0 or math.isnan(self.acceptance):
+            return 1.0
+        return self.draft_rate * expected_tokens_per_step(self.acceptance, k) + (1.0 - self.draft_rate)
+
+    def step_ms(self, batch_size: int, k: int) -> float:
+        return self.cost.target(batch_size, k + 1) + self.cost.draft(batch_size, k)
+
+    def predicted_speedup(self, batch_size: int, k: int) -> float:
+        """Predicted tokens per ms at K over tokens per ms with speculation off (NaN without costs)."""
+        off = 1.0 / self.step_ms(batch_size, 0)
+        return (self.expected_tokens_per_step(k) / self.step_ms(batch_size, k)) / off
+
+    def choose(self, batch_size: int) -> int:
+        """The K in 0..k_max with the highest predicted speedup; 0 unless that beats 1 + min_gain (or without data)."""
+        best_k, best = 0, 1.0 + self.min_gain
+        for k in range(1, self.k_max + 1):
+            speedup = self.predicted_speedup(batch_size, k)
+            if not math.isnan(speedup) and speedup > best:
+                best_k, best = k, speedup
+        return best_k
+
+    __call__ = choose
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class ModeRun:
+    """One mode at one batch size, pooled over its batches.
+
+    k: the K used (0 = the target alone). latency/ttft per request in seconds.
+    outputs: per request, the generated tokens (not in ``as_dict``).
+    """
+
+    mode: str
+    k: int
+    latency_s: list[float] = field(default_factory=list)
+    first_token_s: list[float] = field(default_factory=list)
+    num_output_tokens: int = 0
+    wall_s: float = 0.0
+    stats: SpecDecodingStats = field(default_factory=SpecDecodingStats)
+    outputs: list[list[int]] = field(default_factory=list)
+    outputs_differ_from_batch_1: int | None = None
+
+    def add(self, result: BatchResult) -> None:
+        self.latency_s += result.latency_s
+        self.first_token_s += result.first_token_s
+        self.num_output_tokens += result.num_output_tokens
+        self.wall_s += result.wall_s
+        merge_stats(self.stats, result.pooled_stats())
+        self.outputs += result.token_ids
+
+    @property
+    def latency_p50_s(self) -> float:
+        return percentile(self.latency_s, 50)
+
+    @property
+    def latency_p95_s(self) -> float:
+        return percentile(self.latency_s, 95)
+
+    @property
+    def ttft_p50_s(self) -> float:
+        return percentile(self.first_token_s, 50)
+
+    @property
+    def ttft_p95_s(self) -> float:
+        return percentile(self.first_token_s, 95)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_output_tokens / self.wall_s if self.wall_s > 0 else math.nan
+
+    def as_dict(self) -> dict[str, Any]:
+        return _clean(
+            {
+                "mode": self.mode,
+                "k": self.k,
+                "num_requests": len(self.latency_s),
+                "latency_p50_s": self.latency_p50_s,
+                "latency_p95_s": self.latency_p95_s,
+                "ttft_p50_s": self.ttft_p50_s,
+                "ttft_p95_s": self.ttft_p95_s,
+                "tokens_per_s": self.tokens_per_s,
+                "num_output_tokens": self.num_output_tokens,
+                "wall_s": self.wall_s,
+                "acceptance_rate": self.stats.acceptance_rate,
+                "mean_acceptance_length": self.stats.mean_acceptance_length,
+                "per_position_acceptance_rate": self.stats.per_position_acceptance_rate,
+                "outputs_differ_from_batch_1": self.outputs_differ_from_batch_1,
+                "stats": self.stats.as_dict(),
+            }
+        )
+
+
+@dataclass
+class BatchSizeResult:
+    """Every figure of one batch size (see the module docstring).
+
+    auto_k: the policy's choice for this batch size, made before running it.
+    auto_predicted_speedup: what the cost model expected of it (latency and
+        throughput alike; NaN without costs).
+    outputs_differ_on_vs_off: greedy requests whose speculative output is not
+        the target alone's at this batch size (None when sampling).
+    """
+
+    batch_size: int
+    off: ModeRun
+    on: ModeRun
+    auto: ModeRun
+    auto_k: int
+    auto_predicted_speedup: float
+    outputs_differ_on_vs_off: int | None
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.off.latency_s)
+
+    @property
+    def latency_speedup(self) -> float:
+        """Off latency p50 over on latency p50 (> 1: speculation shortens the wait)."""
+        return _ratio(self.off.latency_p50_s, self.on.latency_p50_s)
+
+    @property
+    def throughput_speedup(self) -> float:
+        """On tokens/s over off tokens/s."""
+        return _ratio(self.on.tokens_per_s, self.off.tokens_per_s)
+
+    @property
+    def ttft_speedup(self) -> float:
+        return _ratio(self.off.ttft_p50_s, self.on.ttft_p50_s)
+
+    @property
+    def auto_latency_vs_best(self) -> float:
+        """Auto's latency p50 over the better of on and off (1.0: the best; above: that much slower)."""
+        return _ratio(self.auto.latency_p50_s, min(self.on.latency_p50_s, self.off.latency_p50_s))
+
+    @property
+    def auto_throughput_vs_best(self) -> float:
+        """Auto's tokens/s over the better of on and off (1.0: the best; below: that fraction of it)."""
+        return _ratio(self.auto.tokens_per_s, max(self.on.tokens_per_s, self.off.tokens_per_s))
+
+    def as_dict(self) -> dict[str, Any]:
+        return _clean(
+            {
+                "batch_size": self.batch_size,
+                "num_requests": self.num_requests,
+                "latency_speedup": self.latency_speedup,
+                "throughput_speedup": self.throughput_speedup,
+                "ttft_speedup": self.ttft_speedup,
+                "per_position_acceptance_rate": self.on.stats.per_position_acceptance_rate,
+                "mean_acceptance_length": self.on.stats.mean_acceptance_length,
+                "outputs_differ_on_vs_off": self.outputs_differ_on_vs_off,
+                "auto_k": self.auto_k,
+                "auto_predicted_speedup": self.auto_predicted_speedup,
+                "auto_latency_vs_best": self.auto_latency_vs_best,
+                "auto_throughput_vs_best": self.auto_throughput_vs_best,
+                "off": self.off.as_dict(),
+                "on": self.on.as_dict(),
+                "auto": self.auto.as_dict(),
+            }
+        )
+
+
+@dataclass
+class SweepResult:
+    """A batch-size sweep: one ``BatchSizeResult`` per batch size, ascending."""
+
+    drafter: str
+    k: int
+    settings: dict[str, Any]
+    results: list[BatchSizeResult]
+    cost: CostModel
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [r.batch_size for r in self.results]
+
+    @property
+    def crossover_batch_size(self) -> int | None:
+        """The smallest batch size at which speculation lengthens the p50 latency (speedup < 1); None if none."""
+        return next((r.batch_size for r in self.results if r.latency_speedup < 1.0), None)
+
+    @property
+    def throughput_crossover_batch_size(self) -> int | None:
+        """The same for throughput."""
+        return next((r.batch_size for r in self.results if r.throughput_speedup < 1.0), None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return _clean(
+            {
+                "drafter": self.drafter,
+                "k": self.k,
+                "settings": self.settings,
+                "batch_sizes": self.batch_sizes,
+                "crossover_batch_size": self.crossover_batch_size,
+                "throughput_crossover_batch_size": self.throughput_crossover_batch_size,
+                "results": [r.as_dict() for r in self.results],
+                "cost_model": self.cost.as_dict(),
+            }
+        )
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The JSON text of ``as_dict``; also written to path when given."""
+        text = json.dumps(self.as_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
+def format_sweep(sweep: SweepResult) -> str:
+    """A plain-text table of the sweep, one line per batch size (latencies in seconds)."""
+    lines = [
+        f"{sweep.drafter}, K={sweep.k}: batch-size sweep ({sweep.settings.get('dtype')}, {sweep.settings.get('device')})",
+        f"{'B':>3} {'latency p50 off/on':>19} {'p95 off/on':>15} {'TTFT p50 off/on':>17} {'tokens/s off/on':>17} "
+        f"{'latency x':>9} {'tput x':>6}  {'acceptance per position':<24} {'auto K':>6} {'auto/best':>9}",
+    ]
+    for r in sweep.results:
+        per_position = " ".join(f"{a:.2f}" for a in r.on.stats.per_position_acceptance_rate[:6]) or "-"
+        lines.append(
+            f"{r.batch_size:>3} {r.off.latency_p50_s:>9.3f}/{r.on.latency_p50_s:<9.3f} "
+            f"{r.off.latency_p95_s:>7.3f}/{r.on.latency_p95_s:<7.3f} {r.off.ttft_p50_s:>8.3f}/{r.on.ttft_p50_s:<8.3f} "
+            f"{r.off.tokens_per_s:>8.1f}/{r.on.tokens_per_s:<8.1f} {r.latency_speedup:>9.2f} {r.throughput_speedup:>6.2f}  "
+            f"{per_position:<24} {r.auto_k:>6} {r.auto_latency_vs_best:>9.2f}"
+        )
+    crossover = sweep.crossover_batch_size
+    lines.append(
+        "speculation shortens the p50 latency at every measured batch size"
+        if crossover is None
+        else f"crossover: from batch size {crossover} on, speculation lengthens the p50 latency"
+    )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def run_sweep(
+    target,
+    prompts: Sequence[Sequence[int]],
+    drafter: BatchDrafter | Drafter,
+    config: DecodeConfig,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    *,
+    k_max: int | None = None,
+    calibration: bool = True,
+    warmup: bool = True,
+    progress: Progress | None = None,
+) -> SweepResult:
+    """Decode the prompts at each batch size with speculation off, on (config.k) and auto; see the module docstring.
+
+    target: a loaded model; prompts: token-id lists (chat template applied);
+    drafter: the speculative side (a batch drafter or a single-row one, wrapped).
+    batch_sizes: ascending; each batch size decodes max(len(prompts), B)
+        requests rounded up to whole batches, prompts cycled.
+    k_max: largest K the policy may pick (default config.k).
+    calibration: time verify passes first (``calibrate``); without it the
+        policy starts from the sweep's own steps only (and picks 0 at the first
+        batch size, having no costs for K > 0 yet).
+    warmup: run one small untimed batch first (kernels, allocator), whose
+        acceptance seeds the policy.
+    progress: ``progress(fraction, message)``.
+
+    Raises ValueError for no prompts or a non-positive batch size.
+    """
+    if not prompts:
+        raise ValueError("a batch-size sweep requires at least one prompt; got none")
+    batch_sizes = sorted(set(batch_sizes))
+    if batch_sizes[0] < 1:
+        raise ValueError(f"batch sizes require integers >= 1; got {batch_sizes}")
+    k_max = config.k if k_max is None else k_max
+    drafter = as_batch_drafter(drafter)
+    report = progress or (lambda fraction, message: None)
+    model = target.model
+    param = next(model.parameters())
+    settings = {
+        "dtype": str(param.dtype).removeprefix("torch."),
+        "device": str(param.device),
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "num_prompts": len(prompts),
+        "k_max": k_max,
+        "target": getattr(target, "name", None),
+    }
+    on_config = config
+    cost = CostModel()
+    seen = SpecDecodingStats()  # acceptance measured so far (on runs), seeds the policy
+
+    if warmup:
+        report(0.0, "warm-up")
+        warm = replace(config, max_new_tokens=min(WARMUP_NEW_TOKENS, config.max_new_tokens))
+        run_batch(target, prompts[:2], None, warm)
+        merge_stats(seen, run_batch(target, prompts[:2], drafter, warm).pooled_stats())
+    if calibration:
+        report(0.02, "calibrating step costs")
+        calibrate(target, drafter, prompts, batch_sizes, k_max, cost=cost)
+
+    greedy = config.sampling.is_greedy
+    results: list[BatchSizeResult] = []
+    batch_1_outputs: dict[int, list[int]] = {}
+    total_requests = sum(_num_requests(len(prompts), b) for b in batch_sizes)
+    done_requests = 0
+    for batch_size in batch_sizes:
+        policy = AutoK.from_stats(cost, seen, config.k, k_max)
+        auto_k = policy.choose(batch_size)
+        predicted = policy.predicted_speedup(batch_size, auto_k)
+        modes = {OFF: ModeRun(OFF, 0), ON: ModeRun(ON, config.k)}
+        if auto_k not in (0, config.k):
+            modes[AUTO] = ModeRun(AUTO, auto_k)
+        order = list(modes)
+        request_prompts = _requests(len(prompts), batch_size)
+        groups = [request_prompts[i : i + batch_size] for i in range(0, len(request_prompts), batch_size)]
+        for g, group in enumerate(groups):
+            report(0.05 + 0.95 * done_requests / total_requests, f"batch size {batch_size}: batch {g + 1}/{len(groups)}")
+            for mode in order[g % len(order) :] + order[: g % len(order)]:
+                run = modes[mode]
+                k = run.k
+                result = run_batch(
+                    target,
+                    [prompts[i] for i in group],
+                    drafter if k > 0 else None,
+                    replace(on_config, k=k) if k > 0 else config,
+                )
+                run.add(result)
+                cost.add_steps(result.steps)
+            done_requests += len(group)
+        merge_stats(seen, modes[ON].stats)
+
+        if greedy:
+            for run in modes.values():
+                if batch_size == batch_sizes[0] == 1 and run.mode == OFF:
+                    batch_1_outputs = dict(zip(request_prompts, run.outputs))
+                if batch_1_outputs:
+                    run.outputs_differ_from_batch_1 = sum(
+                        out != batch_1_outputs[p] for p, out in zip(request_prompts, run.outputs)
+                    )
+        auto = modes.get(AUTO) or (modes[OFF] if auto_k == 0 else modes[ON])
+        auto = replace(auto, mode=AUTO)
+        differ = sum(a != b for a, b in zip(modes[ON].outputs, modes[OFF].outputs)) if greedy else None
+        results.append(BatchSizeResult(batch_size, modes[OFF], modes[ON], auto, auto_k, predicted, differ))
+    report(1.0, "done")
+    return SweepResult(getattr(drafter, "name", "drafter"), config.k, settings, results, cost)
+
+
+def _num_requests(num_prompts: int, batch_size: int) -> int:
+    return math.ceil(max(num_prompts, batch_size) / batch_size) * batch_size
+
+
+def _requests(num_prompts: int, batch_size: int) -> list[int]:
+    """Prompt index of each request: the prompts cycled to fill whole batches."""
+    return [i % num_prompts for i in range(_num_requests(num_prompts, batch_size))]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between order statistics; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not (math.isnan(a) or math.isnan(b)) else math.nan
+
+
+def _clean(value: Any) -> Any:
+    """NaN and infinities become None, recursively (JSON has no NaN)."""
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
