@@ -58,7 +58,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from lab.cache import new_cache
-from lab.config import DecodeConfig
+from lab.config import K_MAX, DecodeConfig
 from lab.drafters import DraftModelDrafter, make_drafter
 from lab.drafters.base import Draft, DraftContext, Drafter
 from lab.engine import DecodeResult, _cut, _details, _sync, _text
@@ -273,6 +273,7 @@ class BatchDraftModelDrafter:
         if rounds == 0:
             self._num_committed = [None] * len(contexts)
             return [Draft.empty() for _ in contexts]
+        greedy = contexts[0].sampling.is_greedy
         keep, feeds = [], []
         for b, ctx in enumerate(contexts):
             held = min(_common_prefix_length(self.cached_ids[b], ctx.token_ids), ctx.token_ids.shape[0] - 1)
@@ -284,12 +285,13 @@ class BatchDraftModelDrafter:
         probs: list[list[torch.Tensor]] = [[] for _ in contexts]
         for i in range(rounds):
             logits = self.cache.forward(feeds, logits_to_keep=1)[:, -1]  # [B, V]
+            if greedy:
+                argmax, softmax = logits.argmax(-1), torch.softmax(logits.float(), -1)  # [B], [B, V]
             for b, ctx in enumerate(contexts):
                 self.cached_ids[b] = torch.cat([self.cached_ids[b], feeds[b].cpu()])
                 if i < ctx.k:
-                    if ctx.sampling.is_greedy:
-                        token = logits[b].argmax(-1)
-                        dist = torch.softmax(logits[b].float(), -1)
+                    if greedy:
+                        token, dist = argmax[b], softmax[b]
                     else:
                         dist = logits_to_probs(logits[b], ctx.sampling)
                         token = sample(dist, ctx.generator)
@@ -481,6 +483,8 @@ def decode_batch(
     drafter = as_batch_drafter(drafter)
     if drafter is not None:
         drafter.reset(num_requests)
+    if target_cache is not None and (target_cache.batch_size != num_requests or target_cache.num_slots):
+        raise ValueError(f"target_cache requires an empty RaggedCache of {num_requests} rows; got {target_cache.batch_size} rows")
 
     start = time.perf_counter()
     # Prefill: every prompt token but the last, left-padded, in one pass.
@@ -501,6 +505,8 @@ def decode_batch(
     while rows:
         remaining = [budgets[r] - len(generated[r]) for r in rows]
         k_step = config.k if k_policy is None else k_policy(len(rows))
+        if not isinstance(k_step, int) or not 0 <= k_step <= K_MAX:
+            raise ValueError(f"k_policy requires an integer K in 0..{K_MAX}; got {k_step!r}")
         # 1. draft: never more than a row's budget can take (accepted + 1 <= remaining).
         t0 = time.perf_counter()
         drafts = [Draft.empty() for _ in rows]

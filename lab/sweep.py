@@ -420,7 +420,15 @@ class SweepResult:
         """The same for throughput."""
         return next((r.batch_size for r in self.results if r.throughput_speedup < 1.0), None)
 
+    def policy(self, k_max: int | None = None) -> AutoK:
+        """The auto-K policy fitted on everything the sweep measured: ``run_batch(..., k_policy=sweep.policy())``."""
+        seen = SpecDecodingStats()
+        for r in self.results:
+            merge_stats(seen, r.on.stats)
+        return AutoK.from_stats(self.cost, seen, self.k, self.settings.get("k_max") if k_max is None else k_max)
+
     def as_dict(self) -> dict[str, Any]:
+        policy = self.policy()
         return _clean(
             {
                 "drafter": self.drafter,
@@ -431,6 +439,11 @@ class SweepResult:
                 "throughput_crossover_batch_size": self.throughput_crossover_batch_size,
                 "results": [r.as_dict() for r in self.results],
                 "cost_model": self.cost.as_dict(),
+                "policy_after_sweep": {
+                    "acceptance": policy.acceptance,
+                    "draft_rate": policy.draft_rate,
+                    "k_by_batch_size": {str(b): policy(b) for b in self.batch_sizes},
+                },
             }
         )
 

@@ -290,6 +290,13 @@ def test_as_batch_drafter_picks_the_batched_form(tiny_target, tiny_draft):
     assert make_batch_drafter("none", tiny_target) is None
 
 
+def test_bad_policies_and_caches_are_refused(tiny_target):
+    with pytest.raises(ValueError, match="k_policy requires an integer K in 0..16; got 17"):
+        run_batch(tiny_target, PROMPTS[:2], PromptLookupDrafter(), DecodeConfig(), k_policy=lambda b: 17)
+    with pytest.raises(ValueError, match="empty RaggedCache of 2 rows; got 3"):
+        list(decode_batch(tiny_target, PROMPTS[:2], None, DecodeConfig(), target_cache=RaggedCache(tiny_target.model, 3)))
+
+
 def test_empty_batches_and_prompts_are_refused(tiny_target):
     with pytest.raises(ValueError, match="at least one prompt"):
         run_batch(tiny_target, [], None, DecodeConfig())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY_VOCAB, reference_greedy
-from lab.batch import PerRowDrafter
+from lab.batch import PerRowDrafter, run_batch
 from lab.config import DecodeConfig
 from lab.drafters import Draft, DraftContext, PromptLookupDrafter
 from lab.metrics import SpecDecodingStats
@@ -107,6 +107,12 @@ def test_policy_turns_speculation_off_for_a_useless_draft_and_on_for_a_perfect_o
         assert (r.auto_k > 0) == speculates, f"batch size {r.batch_size}: auto K = {r.auto_k}"
         assert r.on.stats.acceptance_rate == (1.0 if agree else 0.0)
         assert r.outputs_differ_on_vs_off == 0
+    # The fitted policy drives a batch step by step (K per current batch size); outputs stay exact.
+    policy = sweep.policy()
+    result = run_batch(tiny_target, PROMPTS, oracle(tiny_target, agree), config, k_policy=policy)
+    assert result.token_ids == [reference_greedy(tiny_target.model, p, NEW_TOKENS) for p in PROMPTS]
+    drafted = sum(len(s.drafted) for row in result.rows for s in row.steps)
+    assert (drafted > 0) == speculates
 
 
 # ---------------------------------------------------------------- the pure parts
