@@ -22,6 +22,9 @@ from lab.models import PRESETS, is_prepared  # noqa: E402
 
 PAGES = [
     st.Page("app_pages/live.py", title="Live", icon=":material/bolt:", default=True),
+    st.Page("app_pages/compare.py", title="Compare", icon=":material/leaderboard:"),
+    st.Page("app_pages/theory.py", title="Theory", icon=":material/functions:"),
+    st.Page("app_pages/step.py", title="Step-through", icon=":material/footprint:"),
 ]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda") if torch.cuda.is_available() else ("auto", "cpu")

@@ -1,0 +1,478 @@
+"""Compare page: every chosen drafter at every chosen K on the same prompts, against the target alone.
+
+Reads the widgets, calls ``lab.compare.run_comparison`` with a progress bar and
+a Cancel button, keeps the ``Comparison`` in ``st.session_state`` (the Theory
+page reads it too) and renders it with ``app.render_compare``. Results export
+to CSV and JSON; a JSON file loads back.
+
+Cancelling: Streamlit handles a click only by rerunning the script, and a rerun
+requested while the script runs interrupts it at its next ``st`` call (a
+``RerunException`` or ``StopException``). The comparison's progress callbacks are
+such calls: ``RunWatch`` catches the interruption there, tells
+``run_comparison`` to stop (so it returns the runs finished so far), stores the
+partial result and only then lets the interruption go on. The Cancel button's
+callback runs at the start of the next script run and marks the result as
+cancelled.
+"""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+import torch
+from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
+
+from app import render, render_compare, resources, state
+from lab import compare
+from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
+from lab.models import PRESETS, ModelError, check_same_tokenizer
+from lab.prompts import load_prompt_sets, load_prompts, preset_names, spec_bench_categories
+
+RESULT_KEY = "compare:comparison"
+CANCEL_KEY = "compare:cancel_requested"
+LOAD_ERROR_KEY = "compare:load_error"
+UPLOAD_KEY = "compare:upload"
+MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
+COMPARED_DRAFTERS = ("prompt-lookup", "layer-skip", "draft-model")
+DRAFTER_LABELS = {"prompt-lookup": "prompt lookup (n-grams)", "layer-skip": "layer skip (early exit)",
+                  "draft-model": "draft model"}
+SOURCES = ("Preset prompt sets", "Spec-Bench category", "Paste prompts")
+DRAW_EVERY_S = 0.25
+
+DEFAULTS = {
+    "compare.target": "smollm2-135m",
+    "compare.source": SOURCES[0],
+    "compare.presets": ["code_editing", "creative_writing"],
+    "compare.per_set": 1,
+    "compare.spec_category": None,
+    "compare.spec_count": 2,
+    "compare.pasted": "",
+    "compare.drafters": ["prompt-lookup", "layer-skip"],
+    "compare.draft": "qwen2.5-coder-0.5b",
+    "compare.exit_layer": None,
+    "compare.min_n": 1,
+    "compare.max_n": 3,
+    "compare.ks": [2, 4],
+    "compare.max_new_tokens": 32,
+    "compare.temperature": 0.0,
+    "compare.seed": 0,
+    "compare.raw": False,
+    "compare.curve_k": None,
+    "compare.inspect": 0,
+}
+
+key = state.widget_key
+PERCENT = st.column_config.NumberColumn(format="percent")
+SUMMARY_COLUMNS = {
+    "acceptance rate": PERCENT,
+    "mean acceptance length": st.column_config.NumberColumn(format="%.2f"),
+    "tokens/s": st.column_config.NumberColumn(format="%.1f"),
+    "target alone tokens/s": st.column_config.NumberColumn(format="%.1f"),
+    "speedup": st.column_config.NumberColumn(format="%.2f×", help="Tokens/s over the target alone's on the same prompts, prefill included."),
+    "decode speedup": st.column_config.NumberColumn(format="%.2f×", help="The same over the decode phase only: what Leviathan's formula predicts."),
+    "c (draft cost)": st.column_config.NumberColumn(format="%.3f", help="Draft time per drafted token over the target alone's time per step."),
+}
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def chosen_prompts() -> list[str]:
+    """The prompts the widgets select. Raises ValueError / FileNotFoundError with a message for the page."""
+    s = st.session_state
+    source = s[key("compare.source")]
+    if source == SOURCES[0]:
+        names = s[key("compare.presets")]
+        return [p.text for p in load_prompt_sets([f"{name}:{int(s[key('compare.per_set')])}" for name in names])]
+    if source == SOURCES[1]:
+        category = s[key("compare.spec_category")]
+        if not category:
+            return []
+        return [p.text for p in load_prompts(f"spec_bench:{category}:{int(s[key('compare.spec_count')])}")]
+    return render_compare.split_prompts(s[key("compare.pasted")])
+
+
+def chosen_specs() -> list[compare.DrafterSpec]:
+    s = st.session_state
+    specs = []
+    for name in s[key("compare.drafters")]:
+        if name == "prompt-lookup":
+            specs.append(compare.DrafterSpec(name, min_n=int(s[key("compare.min_n")]), max_n=int(s[key("compare.max_n")])))
+        elif name == "layer-skip":
+            exit_layer = s[key("compare.exit_layer")]
+            specs.append(compare.DrafterSpec(name, exit_layer=None if exit_layer is None else int(exit_layer)))
+        else:
+            specs.append(compare.DrafterSpec(name, draft=s[key("compare.draft")]))
+    return specs
+
+
+def prompt_inputs() -> None:
+    source = st.radio("Prompts", SOURCES, key=key("compare.source"), horizontal=True)
+    if source == SOURCES[0]:
+        left, right = st.columns([3, 1])
+        left.multiselect("Prompt sets", preset_names(), key=key("compare.presets"),
+                         help="Shipped in assets/prompts/: chosen to show high acceptance (code editing, JSON "
+                              "extraction, summarization copy from the prompt) and low (creative writing, open QA).")
+        right.number_input("Prompts per set", min_value=1, max_value=10, step=1, key=key("compare.per_set"))
+    elif source == SOURCES[1]:
+        try:
+            categories = spec_bench_categories()
+        except FileNotFoundError as error:
+            st.info(str(error))
+            return
+        if st.session_state[key("compare.spec_category")] not in categories:
+            st.session_state[key("compare.spec_category")] = categories[0]
+        left, right = st.columns([3, 1])
+        left.selectbox("Spec-Bench category", categories, key=key("compare.spec_category"))
+        right.number_input("Prompts", min_value=1, max_value=80, step=1, key=key("compare.spec_count"))
+    else:
+        st.text_area("Prompts, separated by a line holding only ---", key=key("compare.pasted"), height=160,
+                     placeholder="Summarize this text: …\n---\nTranslate into French: …")
+
+
+def drafter_inputs() -> None:
+    s = st.session_state
+    st.multiselect("Drafters", COMPARED_DRAFTERS, key=key("compare.drafters"), format_func=DRAFTER_LABELS.get,
+                   help="Each runs at every K on every prompt; the target alone always runs as the baseline.")
+    chosen = s[key("compare.drafters")]
+    if "draft-model" in chosen:
+        st.selectbox("Draft model", list(PRESETS), key=key("compare.draft"), format_func=lambda o: PRESETS[o].title,
+                     help="It must share the target's tokenizer: the two Qwen presets do, SmolLM2 has its own.")
+    options = st.columns(3)
+    if "prompt-lookup" in chosen:
+        options[0].number_input("Min n-gram", min_value=1, max_value=8, step=1, key=key("compare.min_n"))
+        options[1].number_input("Max n-gram", min_value=1, max_value=8, step=1, key=key("compare.max_n"))
+    if "layer-skip" in chosen:
+        options[2].number_input("Exit layer", min_value=1, max_value=64, step=1, key=key("compare.exit_layer"),
+                                placeholder="auto: a quarter",
+                                help="Layer skip drafts with the target's first N layers (default a quarter of them).")
+    st.multiselect("K values (draft tokens per step)", list(range(1, K_MAX + 1)), key=key("compare.ks"))
+
+
+# ---------------------------------------------------------------- running
+
+
+class RunWatch:
+    """Progress bar, a live line, and cancellation for one comparison (see the module docstring)."""
+
+    def __init__(self, bar, line, total_runs: int) -> None:
+        self.bar, self.line, self.total_runs = bar, line, total_runs
+        self.interruption: ScriptControlException | None = None
+        self.runs_done = 0
+        self.steps = 0
+        self.last_draw_s = 0.0
+
+    def progress(self, fraction: float, message: str) -> None:
+        self.runs_done = round(fraction * self.total_runs)
+        self.steps = 0
+        self._draw(lambda: self.bar.progress(fraction, text=f"{self.runs_done}/{self.total_runs} runs · done: {message}"))
+
+    def should_cancel(self) -> bool:
+        self.steps += 1
+        if time.monotonic() - self.last_draw_s > DRAW_EVERY_S:
+            self._draw(lambda: self.line.caption(
+                f"Run {self.runs_done + 1} of {self.total_runs}: step {self.steps}…"))
+        return self.interruption is not None or bool(st.session_state.get(CANCEL_KEY))
+
+    def _draw(self, draw) -> None:
+        """An ``st`` call is where Streamlit delivers a pending rerun or stop: catch it, finish cleanly, re-raise later."""
+        if self.interruption is not None:
+            return
+        self.last_draw_s = time.monotonic()
+        try:
+            draw()
+        except ScriptControlException as interruption:
+            self.interruption = interruption
+
+
+def request_cancel() -> None:
+    st.session_state[CANCEL_KEY] = True
+
+
+def load(name: str, what: str, runtime: state.Runtime, slot):
+    """A shared model; preparation and loading progress shown in ``slot`` the first time."""
+    if resources.is_loaded(name, runtime.device, runtime.dtype):
+        return resources.load_model(name, runtime.device, runtime.dtype)
+    bar = slot.progress(0.0, text=f"Loading the {what} {name}…")
+    try:
+        return resources.load_model(name, runtime.device, runtime.dtype,
+                                    progress=lambda fraction, message: bar.progress(fraction, text=f"{what}: {message}"))
+    finally:
+        slot.empty()
+
+
+def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks: list[int], config: DecodeConfig,
+                        runtime: state.Runtime, cancel_slot, progress_slot, line_slot) -> None:
+    """Load models, run the comparison with progress and cancel, store it (partial if stopped) in session state."""
+    s = st.session_state
+    if not prompts:
+        raise ValueError("No prompts to compare: pick a prompt set, a Spec-Bench category, or paste prompts.")
+    if not specs:
+        raise ValueError("No drafter chosen: pick at least one drafter (the target alone always runs as the baseline).")
+    if not ks:
+        raise ValueError("No K values: pick at least one K.")
+    target_name = s[key("compare.target")]
+    draft_names = {spec.draft for spec in specs if spec.draft}
+    for draft_name in draft_names:  # compare tokenizers before spending seconds on weights
+        check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(draft_name))
+    target = load(target_name, "target", runtime, progress_slot)
+    drafts = {name: load(name, "draft", runtime, progress_slot) for name in draft_names}
+
+    total = len(prompts) * (1 + len(specs) * len(ks))
+    s[CANCEL_KEY] = False
+    cancel_slot.button("Cancel", icon=":material/stop:", on_click=request_cancel, key="compare_cancel",
+                       help="Stop after the current step; the runs finished so far are kept.")
+    watch = RunWatch(progress_slot.progress(0.0, text=f"0/{total} runs"), line_slot, total)
+    started_s = time.monotonic()
+    comparison = compare.run_comparison(
+        target, prompts, specs, ks, config, load_draft=drafts.__getitem__, chat_template=not s[key("compare.raw")],
+        progress=watch.progress, should_cancel=watch.should_cancel,
+    )
+    finished = sum(1 for r in comparison.runs if not r.cancelled)
+    comparison.settings |= {
+        "status": "complete" if finished == total else ("cancelled" if s.get(CANCEL_KEY) else "stopped"),
+        "runs_planned": total,
+        "elapsed_s": time.monotonic() - started_s,
+        "target_parameters": target.num_parameters,
+        "target_weight_bytes": target.weight_bytes,
+        "drafter_costs": {spec.label: render_compare.drafter_cost(spec.name, target, drafts.get(spec.draft), spec.exit_layer)
+                          for spec in specs},
+    }
+    s[RESULT_KEY] = comparison  # before anything else: a pending rerun must not lose the partial result
+    if watch.interruption is not None:
+        raise watch.interruption
+    clear_run_slots(cancel_slot, progress_slot, line_slot)
+
+
+def clear_run_slots(*slots) -> None:
+    for slot in slots:
+        slot.empty()
+
+
+def load_uploaded() -> None:
+    """File uploader callback: a results JSON replaces the shown comparison."""
+    s = st.session_state
+    uploaded = s.get(UPLOAD_KEY)
+    s[LOAD_ERROR_KEY] = None
+    if uploaded is None:
+        return
+    try:
+        loaded = compare.Comparison.from_json(uploaded.getvalue().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        s[LOAD_ERROR_KEY] = f"Could not load {uploaded.name}: {error}"
+        return
+    loaded.settings.setdefault("status", "complete")
+    loaded.settings["loaded_from"] = uploaded.name
+    s[RESULT_KEY] = loaded
+
+
+# ---------------------------------------------------------------- results
+
+
+def show_status(comparison: compare.Comparison) -> None:
+    settings = comparison.settings
+    finished = sum(1 for r in comparison.runs if not r.cancelled)
+    planned = settings.get("runs_planned", len(comparison.runs))
+    if settings.get("status") == "stopped" and st.session_state.get(CANCEL_KEY):
+        settings["status"] = "cancelled"  # the Cancel button's callback ran at the start of this script run
+    status = settings.get("status", "complete")
+    what = (f"target `{settings.get('target')}` · {settings.get('dtype', '').removeprefix('torch.')} on "
+            f"{settings.get('device')} · up to {settings.get('max_new_tokens')} new tokens · "
+            + ("greedy" if settings.get("temperature") == 0 else f"temperature {settings.get('temperature')}"))
+    if settings.get("loaded_from"):
+        st.info(f"Loaded from **{settings['loaded_from']}**: {finished} runs on {len(comparison.prompts)} prompts · {what}",
+                icon=":material/upload_file:")
+    elif status == "complete":
+        st.success(f"Complete: {finished} runs on {len(comparison.prompts)} prompts in "
+                   f"{settings.get('elapsed_s', 0):.0f} s · {what}", icon=":material/check_circle:")
+    elif status == "cancelled":
+        st.warning(f"Cancelled after {finished} of {planned} runs. The tables and charts below show the runs that "
+                   f"finished (a prompt counts once its target-alone baseline ran) · {what}", icon=":material/cancel:")
+    else:
+        st.warning(f"Stopped after {finished} of {planned} runs because the page reran while comparing (an input "
+                   f"changed). The runs that finished are shown · {what}", icon=":material/pause_circle:")
+
+
+def show_summary(comparison: compare.Comparison, summary) -> None:
+    st.subheader("Per drafter and K")
+    if summary.empty:
+        st.info("No drafter run finished yet: only target-alone baselines (if any) are in this result.")
+        return
+    st.dataframe(render_compare.summary_table(summary), hide_index=True, width="stretch", column_config=SUMMARY_COLUMNS)
+    st.caption(
+        "Acceptance rate: accepted / drafted tokens. Mean acceptance length: tokens per target pass on drafted steps, "
+        "the target's own token included. Speedup: tokens/s over the target alone on the same prompts, prefill "
+        "included (decode speedup: without the prefill). c: draft time per drafted token over the target alone's "
+        "time per step. ★: each drafter's best K by speedup. One run each on a shared machine: timings are noisy."
+    )
+    identical = summary["identical_to_target"].astype(float)
+    if comparison.settings.get("temperature") == 0 and (identical < 1).any():
+        st.warning(
+            "Some greedy outputs differ from the target alone. The algorithm is exact, but in bf16 a pass over K+1 "
+            "tokens rounds differently from a pass over one, so a near-tie between two tokens can flip. Choose fp32 "
+            "in the sidebar for token-for-token equality."
+        )
+    st.subheader("What each drafter costs")
+    costs = comparison.settings.get("drafter_costs", {})
+    st.dataframe(render_compare.cost_rows(costs, summary), hide_index=True, width="stretch")
+    target_params = comparison.settings.get("target_parameters")
+    if target_params:
+        st.caption(f"For scale, the target `{comparison.settings.get('target')}` has "
+                   f"{render_compare.format_count(target_params)} parameters "
+                   f"({render_compare.format_bytes(comparison.settings.get('target_weight_bytes'))}). "
+                   "Speculation pays when the acceptance rate is well above c (see the Theory page).")
+
+
+def show_charts(summary) -> None:
+    if summary.empty:
+        return
+    ks = sorted(int(k) for k in summary["k"].unique())
+    curves, bars, against_k = st.columns(3)
+    with curves:
+        curve_k = None
+        if len(ks) > 1:
+            if st.session_state[key("compare.curve_k")] not in ks:
+                st.session_state[key("compare.curve_k")] = ks[-1]
+            curve_k = st.selectbox("K of the acceptance curves", ks, key=key("compare.curve_k"))
+        st.plotly_chart(render_compare.per_position_figure(summary, curve_k), width="stretch")
+    bars.plotly_chart(render_compare.speedup_figure(summary), width="stretch")
+    against_k.plotly_chart(render_compare.acceptance_vs_k_figure(summary), width="stretch")
+
+
+def show_runs(comparison: compare.Comparison) -> None:
+    with st.expander(f"Per prompt ({len(comparison.prompts)} prompts, {len(comparison.runs)} runs)"):
+        st.dataframe(render_compare.runs_table(comparison), hide_index=True, width="stretch",
+                     column_config={"acceptance_rate": PERCENT})
+        for i, prompt in enumerate(comparison.prompts):
+            st.markdown(f"**Prompt {i + 1}.** {render_compare.preview(prompt, 300)}")
+
+
+def show_timeline(comparison: compare.Comparison) -> None:
+    st.subheader("Timeline of a run")
+    if not comparison.runs:
+        st.caption("No run finished.")
+        return
+    s = st.session_state
+    if not 0 <= int(s[key("compare.inspect")] or 0) < len(comparison.runs):
+        s[key("compare.inspect")] = 0
+    index = st.selectbox("Run", range(len(comparison.runs)), key=key("compare.inspect"),
+                         format_func=lambda i: render_compare.run_label(comparison, i))
+    record = comparison.runs[index]
+    baseline = next((r for r in comparison.runs if r.prompt_index == record.prompt_index and r.drafter == compare.BASELINE
+                     and not r.cancelled), None)
+    base_split = render_compare.time_split(baseline.draft_ms, baseline.verify_ms) if baseline is not None else None
+    split = render_compare.time_split(record.draft_ms, record.verify_ms)
+    st.plotly_chart(render_compare.timeline_figure(
+        record.draft_ms, record.verify_ms, title=f"Time per step: {render_compare.run_label(comparison, index)}",
+        baseline_ms_per_step=None if base_split is None or record is baseline else base_split.verify_ms_per_step,
+    ), width="stretch")
+    line = (f"{split.steps} steps: drafting {split.draft_ms:.0f} ms ({render.format_rate(split.draft_share)} of the "
+            f"decode time), verifying {split.verify_ms:.0f} ms ({render.format_number(split.verify_ms_per_step, 1)} ms "
+            f"per step); prefill {1e3 * (record.metrics.get('prefill_s') or 0):.0f} ms.")
+    if base_split is not None and record is not baseline:
+        line += (f" The target alone took {render.format_number(base_split.verify_ms_per_step, 1)} ms per step: a "
+                 "verify pass over K+1 tokens costs about as much as one over a single token when decoding is "
+                 "memory-bound.")
+    st.caption(line)
+    with st.expander("Output text of this run"):
+        if record.identical_to_target is not None:
+            st.caption("Identical to the target alone." if record.identical_to_target else
+                       "Differs from the target alone (see the note on bf16 above).")
+        st.text(record.text or "(no output: the run was cancelled)")
+
+
+def show_export(comparison: compare.Comparison) -> None:
+    left, right, _ = st.columns([1, 1, 3])
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    left.download_button("Download CSV", comparison.to_csv(), file_name=f"comparison-{stamp}.csv", mime="text/csv",
+                         icon=":material/download:", help="One row per run (per prompt, drafter and K).")
+    right.download_button("Download JSON", comparison.to_json(), file_name=f"comparison-{stamp}.json",
+                          mime="application/json", icon=":material/download:",
+                          help="Everything: settings, prompts, every run with its per-step timings. Loads back here.")
+
+
+def show_result(comparison: compare.Comparison) -> None:
+    summary = comparison.summary()
+    show_status(comparison)
+    show_summary(comparison, summary)
+    show_charts(summary)
+    show_runs(comparison)
+    show_timeline(comparison)
+    show_export(comparison)
+
+
+# ---------------------------------------------------------------- page
+
+state.set_defaults(st.session_state, DEFAULTS)
+st.title("Compare drafters")
+st.markdown(
+    "Run every chosen drafter at every chosen K on the same prompts, with the **target alone** on each prompt as the "
+    "baseline. Prompts that copy from their input (code editing, extraction, summaries) accept many drafted tokens; "
+    "free writing accepts few. The Theory page places these runs on Leviathan's curves."
+)
+
+with st.expander("Load a results file"):
+    st.file_uploader("A JSON file saved with Download JSON", type=["json"], key=UPLOAD_KEY, on_change=load_uploaded)
+    if st.session_state.get(LOAD_ERROR_KEY):
+        st.error(st.session_state[LOAD_ERROR_KEY], icon=":material/error:")
+
+with st.container(border=True):
+    left, right = st.columns(2)
+    with left:
+        st.selectbox("Target", list(PRESETS), key=key("compare.target"), format_func=lambda o: PRESETS[o].title,
+                     help="SmolLM2 is quick on CPU; the Qwen pair shows a real draft model.")
+        prompt_inputs()
+    with right:
+        drafter_inputs()
+    tokens_col, temp_col, seed_col, raw_col = st.columns(4)
+    tokens_col.number_input("Max new tokens", min_value=1, max_value=MAX_NEW_TOKENS_MAX, step=16,
+                            key=key("compare.max_new_tokens"))
+    temp_col.slider("Temperature", 0.0, 2.0, step=0.05, key=key("compare.temperature"),
+                    help="0 = greedy: every run must equal the target alone token for token.")
+    seed_col.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key=key("compare.seed"),
+                          disabled=st.session_state[key("compare.temperature")] == 0)
+    raw_col.toggle("Raw completion", key=key("compare.raw"), help="Off: prompts go through the chat template.")
+
+    try:
+        prompts = chosen_prompts()
+        prompt_error = None
+    except (ValueError, FileNotFoundError) as error:
+        prompts, prompt_error = [], str(error)
+    n_drafters, n_ks = len(st.session_state[key("compare.drafters")]), len(st.session_state[key("compare.ks")])
+    if prompt_error:
+        st.error(prompt_error, icon=":material/error:")
+    else:
+        st.caption(f"{len(prompts)} prompt(s) × (target alone + {n_drafters} drafter(s) × {n_ks} K) = "
+                   f"**{len(prompts) * (1 + n_drafters * n_ks)} decodes** of up to "
+                   f"{st.session_state[key('compare.max_new_tokens')]} tokens.")
+        if prompts:
+            with st.expander("The prompts"):
+                for i, prompt in enumerate(prompts):
+                    st.markdown(f"**{i + 1}.** {render_compare.preview(prompt, 240)}")
+    run_col, cancel_col, _ = st.columns([1, 1, 6])
+    run_clicked = run_col.button("Run comparison", type="primary", icon=":material/play_arrow:")
+    cancel_slot = cancel_col.empty()
+
+progress_slot, line_slot, error_slot = st.empty(), st.empty(), st.empty()
+
+if run_clicked:
+    s = st.session_state
+    try:
+        runtime = state.runtime(s)
+        config = DecodeConfig(max_new_tokens=int(s[key("compare.max_new_tokens")]),
+                              temperature=float(s[key("compare.temperature")]), seed=int(s[key("compare.seed")]))
+        run_page_comparison(prompts, chosen_specs(), sorted(int(k) for k in s[key("compare.ks")]), config, runtime,
+                            cancel_slot, progress_slot, line_slot)
+    except (ValueError, ModelError) as error:
+        clear_run_slots(cancel_slot, progress_slot, line_slot)
+        error_slot.error(str(error), icon=":material/error:")
+    except MEMORY_ERRORS as error:
+        clear_run_slots(cancel_slot, progress_slot, line_slot)
+        error_slot.error(f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick a smaller "
+                         "target or draft, or ask for fewer new tokens; then run again.", icon=":material/memory:")
+
+if (result := st.session_state.get(RESULT_KEY)) is not None:
+    show_result(result)
+elif not run_clicked:
+    st.caption("No comparison yet: choose prompts, drafters and K values, then Run comparison.")

@@ -1,0 +1,247 @@
+"""Step-through page: one draft-verify cycle at a time, for teaching.
+
+Start builds a drafter and a ``lab.engine.decode`` generator with
+``DecodeConfig(record_details=True)`` and keeps it in ``st.session_state``: the
+generator holds its own KV caches, so each "Next cycle" click resumes it for
+exactly one ``Step`` event. Each cycle shows the drafted tokens with the draft's
+probabilities, the target's top tokens at each position, the decision and its
+reason, the corrected or bonus token, and the caches' lengths after rollback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import streamlit as st
+import torch
+
+from app import render, render_compare, resources, state
+from lab.config import K_MAX, DecodeConfig
+from lab.drafters import make_drafter
+from lab.engine import decode
+from lab.models import PRESETS, ModelError, check_same_tokenizer, encode_prompt
+from lab.trace import Finished, Prefilled, Step
+
+SESSION_KEY = "step:session"
+MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
+DRAFTERS = ("prompt-lookup", "layer-skip", "draft-model")
+DRAFTER_LABELS = {"prompt-lookup": "prompt lookup (n-grams, deterministic)",
+                  "layer-skip": "layer skip (the target's first layers)", "draft-model": "draft model"}
+RUN_AHEAD_CYCLES = 5
+
+EXAMPLE_PROMPT = (
+    "Fix the spelling mistakes in this sentence and return it corrected:\n\n"
+    "Speculative decodng lets a smal draft model propose tokens that the large target model checks in one pas."
+)
+
+DEFAULTS = {
+    "step.target": "smollm2-135m",
+    "step.drafter": "prompt-lookup",
+    "step.draft": "qwen2.5-coder-0.5b",
+    "step.k": 4,
+    "step.max_new_tokens": 48,
+    "step.temperature": 0.0,
+    "step.top_p": 1.0,
+    "step.seed": 0,
+    "step.raw": False,
+    "step.prompt": EXAMPLE_PROMPT,
+    "step.view": 1,
+}
+
+key = state.widget_key
+
+
+@dataclass
+class StepSession:
+    """A decode being stepped through: its generator (which holds the caches) and what it yielded so far."""
+
+    events: Iterator
+    tokenizer: Any
+    prompt_ids: list[int]
+    greedy: bool
+    settings: dict[str, Any]
+    prefill_ms: float = 0.0
+    steps: list[Step] = field(default_factory=list)
+    pieces: list[render.TokenPiece] = field(default_factory=list)
+    committed: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # committed length before each step
+    finished: Finished | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def advance(self) -> None:
+        """Resume the decode for one event: a Step, or Finished at the end."""
+        if self.finished is not None:
+            return
+        event = next(self.events)
+        if isinstance(event, Prefilled):
+            self.prefill_ms = event.prefill_ms
+        elif isinstance(event, Step):
+            self.starts.append(len(self.committed))
+            self.pieces += render.step_pieces(event, self.committed, self.tokenizer)
+            self.steps.append(event)
+            self.committed += event.emitted
+        elif isinstance(event, Finished):
+            self.finished = event
+
+    def next_cycle(self) -> None:
+        """One more Step (and the Finished event right behind it when that step ended the decode)."""
+        count = len(self.steps)
+        while self.finished is None and len(self.steps) == count:
+            self.advance()
+        if self.finished is None and self._ended():
+            self.advance()
+
+    def _ended(self) -> bool:
+        """The last step hit EOS or the token budget (the generator's next event is Finished)."""
+        if len(self.committed) - len(self.prompt_ids) >= self.settings["max new tokens"]:
+            return True
+        last = self.steps[-1].emitted if self.steps else ()
+        return bool(last) and last[-1] in self.eos_token_ids
+
+
+def load(name: str, what: str, runtime: state.Runtime, slot):
+    """A shared model; preparation and loading progress shown in ``slot`` the first time."""
+    if resources.is_loaded(name, runtime.device, runtime.dtype):
+        return resources.load_model(name, runtime.device, runtime.dtype)
+    bar = slot.progress(0.0, text=f"Loading the {what} {name}…")
+    try:
+        return resources.load_model(name, runtime.device, runtime.dtype,
+                                    progress=lambda fraction, message: bar.progress(fraction, text=f"{what}: {message}"))
+    finally:
+        slot.empty()
+
+
+def start(runtime: state.Runtime, slot) -> StepSession:
+    """Read the widgets, load models, build the drafter, prefill: a session ready for its first cycle."""
+    s = st.session_state
+    prompt = s[key("step.prompt")]
+    if not prompt.strip():
+        raise ValueError("The prompt is empty: type a question or some text for the model to continue.")
+    config = DecodeConfig(k=int(s[key("step.k")]), max_new_tokens=int(s[key("step.max_new_tokens")]),
+                          temperature=float(s[key("step.temperature")]), top_p=float(s[key("step.top_p")]),
+                          seed=int(s[key("step.seed")]), record_details=True)
+    target_name, drafter_name = s[key("step.target")], s[key("step.drafter")]
+    draft = None
+    if drafter_name == "draft-model":
+        check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(s[key("step.draft")]))
+    target = load(target_name, "target", runtime, slot)
+    if drafter_name == "draft-model":
+        draft = load(s[key("step.draft")], "draft", runtime, slot)
+    prompt_ids = encode_prompt(target, prompt, chat_template=not s[key("step.raw")])
+    drafter = make_drafter(drafter_name, target, draft)
+    settings = {"target": target_name, "drafter": DRAFTER_LABELS[drafter_name] + (f" ({draft.name})" if draft else ""),
+                "K": config.k, "max new tokens": config.max_new_tokens,
+                "sampling": "greedy" if config.sampling.is_greedy else f"temperature {config.temperature}, top-p {config.top_p}, seed {config.seed}",
+                "dtype": runtime.dtype}
+    session = StepSession(decode(target, prompt_ids, drafter, config), target.tokenizer, prompt_ids,
+                          config.sampling.is_greedy, settings, committed=list(prompt_ids),
+                          eos_token_ids=tuple(target.eos_token_ids))
+    session.advance()  # the prefill
+    return session
+
+
+def show_session(session: StepSession) -> None:
+    s = st.session_state
+    st.caption(" · ".join(f"{name} {value}" for name, value in session.settings.items())
+               + f" · {len(session.prompt_ids)} prompt tokens, prefill {session.prefill_ms:.0f} ms")
+    st.markdown("**Output so far**")
+    st.html(render.legend_html())
+    st.html(render.tokens_html(session.pieces, streaming=session.finished is None))
+    if session.finished is not None:
+        st.success(f"Finished ({session.finished.reason.replace('_', ' ')}): {len(session.finished.token_ids)} tokens "
+                   f"in {len(session.steps)} target passes.", icon=":material/flag:")
+    if not session.steps:
+        st.info("Prefilled: the target has read the prompt. Press **Next cycle** for the first draft-verify cycle.")
+        return
+    count = len(session.steps)
+    if count > 1:
+        if not 1 <= int(s[key("step.view")]) <= count:
+            s[key("step.view")] = count
+        index = st.slider("Cycle shown", 1, count, key=key("step.view")) - 1
+    else:
+        index = 0
+    step = session.steps[index]
+    start_len = session.starts[index]
+    st.subheader(render_compare.step_headline(step))
+    st.html(render_compare.step_cards_html(step, session.tokenizer, session.committed[max(0, start_len - 8):start_len],
+                                           session.greedy))
+    st.caption(render_compare.cache_note(step, start_len + len(step.emitted))
+               + f" Drafting took {step.draft_ms:.1f} ms, verifying {step.verify_ms:.1f} ms.")
+    with st.expander(f"All cycles ({count}) and where the time went"):
+        st.plotly_chart(render_compare.timeline_figure(
+            [x.draft_ms for x in session.steps], [x.verify_ms for x in session.steps], title="Time per cycle",
+            accepted=[len(x.emitted) for x in session.steps]), width="stretch")
+        st.dataframe(render.steps_rows(session.steps, session.tokenizer, session.prompt_ids), hide_index=True,
+                     width="stretch")
+
+
+# ---------------------------------------------------------------- page
+
+state.set_defaults(st.session_state, DEFAULTS)
+st.html(f"<style>{render_compare.STEP_CSS}</style>")
+st.title("Step through speculative decoding")
+st.markdown(
+    "Advance one **draft-verify cycle** at a time. The drafter proposes up to K tokens; the target reads them all "
+    "in one pass and judges each position in order: with greedy decoding it keeps a drafted token if it is the "
+    "target's own most likely token; with sampling it keeps it with probability min(1, target prob / draft prob). "
+    "At the first refusal the target puts its own token there (corrected); if it keeps all K it adds one more (bonus)."
+)
+
+with st.container(border=True):
+    left, right = st.columns(2)
+    with left:
+        st.selectbox("Target", list(PRESETS), key=key("step.target"), format_func=lambda o: PRESETS[o].title)
+        drafter_name = st.selectbox("Drafter", DRAFTERS, key=key("step.drafter"), format_func=DRAFTER_LABELS.get,
+                                    help="Prompt lookup has no probabilities (draft prob 1); layer skip and a draft "
+                                         "model show the draft's probability of each token.")
+        if drafter_name == "draft-model":
+            st.selectbox("Draft model", list(PRESETS), key=key("step.draft"), format_func=lambda o: PRESETS[o].title,
+                          help="It must share the target's tokenizer (the two Qwen presets do).")
+    with right:
+        k_col, tokens_col = st.columns(2)
+        k_col.slider("K (draft tokens per step)", 1, K_MAX, key=key("step.k"))
+        tokens_col.number_input("Max new tokens", min_value=1, max_value=512, step=8, key=key("step.max_new_tokens"))
+        temp_col, top_p_col, seed_col = st.columns(3)
+        temp_col.slider("Temperature", 0.0, 2.0, step=0.05, key=key("step.temperature"), help="0 = greedy.")
+        greedy = st.session_state[key("step.temperature")] == 0
+        top_p_col.slider("Top-p", 0.05, 1.0, step=0.05, key=key("step.top_p"), disabled=greedy)
+        seed_col.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key=key("step.seed"), disabled=greedy)
+    st.text_area("Prompt", key=key("step.prompt"), height=100)
+    st.toggle("Raw completion", key=key("step.raw"), help="Off: the prompt goes through the chat template.")
+    session: StepSession | None = st.session_state.get(SESSION_KEY)
+    active = session is not None and session.finished is None
+    buttons = st.columns([1.2, 1.2, 1.2, 1.2, 4])
+    start_clicked = buttons[0].button("Start", type="primary" if not active else "secondary", icon=":material/restart_alt:",
+                                      help="Load the models, read the prompt (prefill) and wait for the first cycle.")
+    next_clicked = buttons[1].button("Next cycle", type="primary" if active else "secondary", disabled=not active,
+                                     icon=":material/skip_next:")
+    ahead_clicked = buttons[2].button(f"Next {RUN_AHEAD_CYCLES} cycles", disabled=not active,
+                                      icon=":material/fast_forward:")
+    reset_clicked = buttons[3].button("Reset", disabled=session is None, icon=":material/close:")
+
+status_slot, error_slot = st.empty(), st.empty()
+try:
+    if start_clicked:
+        st.session_state[SESSION_KEY] = start(state.runtime(st.session_state), status_slot)
+        st.session_state[key("step.view")] = 1
+        st.rerun()  # redraw the buttons for the new session
+    elif reset_clicked:
+        st.session_state.pop(SESSION_KEY, None)
+        st.rerun()
+    elif (next_clicked or ahead_clicked) and session is not None:
+        for _ in range(RUN_AHEAD_CYCLES if ahead_clicked else 1):
+            session.next_cycle()
+        st.session_state[key("step.view")] = max(1, len(session.steps))
+        st.rerun()
+except (ValueError, ModelError) as error:
+    error_slot.error(str(error), icon=":material/error:")
+except MEMORY_ERRORS as error:
+    error_slot.error(f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar or pick a smaller "
+                     "target; then start again.", icon=":material/memory:")
+
+if session is not None:
+    show_session(session)
+else:
+    st.caption("Press **Start** to begin.")

@@ -1,0 +1,146 @@
+"""Theory page: Leviathan et al. 2023's expected tokens per step and walltime speedup, with measured runs on them.
+
+Curves come from ``lab.theory`` for the K and c on the sliders. Measured points
+come from the last comparison in ``st.session_state`` (run on the Compare page,
+or a results file loaded there or here); without one the page shows the curves only.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app import render_compare, state
+from lab import compare
+from lab.config import K_MAX
+from lab.theory import best_k, expected_speedup, expected_tokens_per_step
+
+RESULT_KEY = "compare:comparison"  # written by the Compare page
+UPLOAD_KEY = "theory:upload"
+LOAD_ERROR_KEY = "theory:load_error"
+NO_RUN = "—"
+
+DEFAULTS = {"theory.k": 4, "theory.c": 0.1, "theory.a": 0.7, "theory.run": NO_RUN, "theory.own_curves": True}
+
+key = state.widget_key
+PERCENT = st.column_config.NumberColumn(format="percent")
+POINT_COLUMNS = {
+    "a (fitted)": st.column_config.NumberColumn(format="%.2f"),
+    "acceptance rate (vLLM)": PERCENT,
+    "mean acceptance length": st.column_config.NumberColumn(format="%.2f"),
+    "c (measured)": st.column_config.NumberColumn(format="%.3f"),
+    "predicted speedup": st.column_config.NumberColumn(format="%.2f×"),
+    "measured decode speedup": st.column_config.NumberColumn(format="%.2f×"),
+    "efficiency": PERCENT,
+}
+
+
+def load_uploaded() -> None:
+    """File uploader callback: a results JSON becomes the comparison shown here and on the Compare page."""
+    s = st.session_state
+    uploaded = s.get(UPLOAD_KEY)
+    s[LOAD_ERROR_KEY] = None
+    if uploaded is None:
+        return
+    try:
+        loaded = compare.Comparison.from_json(uploaded.getvalue().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        s[LOAD_ERROR_KEY] = f"Could not load {uploaded.name}: {error}"
+        return
+    loaded.settings.setdefault("status", "complete")
+    loaded.settings["loaded_from"] = uploaded.name
+    s[RESULT_KEY] = loaded
+
+
+def use_run(points: dict[str, render_compare.MeasuredPoint]) -> None:
+    """Select-box callback: put a measured run's K, c and fitted a on the sliders."""
+    s = st.session_state
+    point = points.get(s[key("theory.run")])
+    if point is not None:
+        s[key("theory.k")] = point.k
+        s[key("theory.c")] = round(min(point.cost_ratio, 1.5), 3)
+        s[key("theory.a")] = round(point.acceptance, 3)
+
+
+# ---------------------------------------------------------------- page
+
+state.set_defaults(st.session_state, DEFAULTS)
+st.title("Theory: what speculation can gain")
+st.markdown(
+    "Leviathan et al. (2023) model each drafted token as accepted independently with probability **a**. With **K** "
+    "drafted tokens per step and a draft costing **c** target steps per drafted token:"
+)
+formula_left, formula_right = st.columns(2)
+formula_left.latex(r"\text{tokens per target step} = \frac{1 - a^{K+1}}{1 - a}")
+formula_right.latex(r"\text{walltime speedup} = \frac{1 - a^{K+1}}{(1 - a)(Kc + 1)}")
+
+comparison = st.session_state.get(RESULT_KEY)
+summary = comparison.summary() if comparison is not None else None
+points = render_compare.measured_points(summary) if summary is not None else []
+by_label = {point.label: point for point in points}
+
+with st.container(border=True):
+    k_col, c_col, a_col = st.columns(3)
+    k = k_col.slider("K (draft tokens per step)", 1, K_MAX, key=key("theory.k"))
+    c = c_col.slider("c (draft cost per token, in target steps)", 0.0, 1.5, step=0.01, key=key("theory.c"),
+                     help="0: a free drafter (prompt lookup is close). A draft model a tenth of the target's size "
+                          "costs roughly 0.1-0.4 on a memory-bound machine.")
+    a = a_col.slider("a (acceptance rate), for the readouts", 0.0, 1.0, step=0.01, key=key("theory.a"))
+    if points:
+        if st.session_state[key("theory.run")] not in [NO_RUN, *by_label]:
+            st.session_state[key("theory.run")] = NO_RUN
+        st.selectbox("Set K, c and a from a measured run", [NO_RUN, *by_label], key=key("theory.run"),
+                     on_change=use_run, args=(by_label,))
+
+even = render_compare.break_even_acceptance(k, c)
+best, best_speedup = best_k(a, c, K_MAX)
+cards = st.columns(4)
+cards[0].metric("Tokens per target step", f"{expected_tokens_per_step(a, k):.2f}", help="At the a, K of the sliders.")
+cards[1].metric("Expected speedup", f"{expected_speedup(a, k, c):.2f}×", help="At the a, K, c of the sliders.")
+cards[2].metric("Break-even a", "never" if even is None else f"{even:.2f}",
+                help="Below this acceptance rate speculation is slower than the target alone (for K = 1 it is a = c).")
+cards[3].metric(f"Best K for a={a:.2f}, c={c:.2f}", f"{best} ({best_speedup:.2f}×)",
+                help=f"The K in 1..{K_MAX} with the highest expected speedup.")
+
+left, right = st.columns(2)
+left.plotly_chart(render_compare.tokens_per_step_figure(k, a), width="stretch")
+own_curves = bool(st.session_state[key("theory.own_curves")]) and bool(points)
+right.plotly_chart(render_compare.speedup_theory_figure(k, c, points, a, own_curves=own_curves), width="stretch")
+st.caption(
+    "The shaded band is where speculation is slower than the target alone: a draft that costs c per token must be "
+    "accepted often enough to repay K·c. For K = 1 the line is exactly a = c; for larger K the break-even a is higher, "
+    "because every drafted token costs c but later ones are accepted less often."
+)
+
+st.subheader("Measured runs on the curve")
+if comparison is None:
+    st.info("No comparison yet: run one on the Compare page (or load a results file below) to place measured runs "
+            "on these curves.", icon=":material/info:")
+elif not points:
+    st.info("The last comparison has no drafter run with drafted tokens and a measured cost: nothing to place.")
+else:
+    source = comparison.settings.get("loaded_from") or "the last comparison"
+    st.markdown(
+        f"From {source} (target `{comparison.settings.get('target')}`): a **filled** marker is the measured decode "
+        "speedup, the **hollow** one above or below it is what the formula predicts for that run's own K and c. "
+        "The gap is our engine's overhead (Python, cache bookkeeping, timing noise): efficiency = measured / predicted."
+    )
+    st.toggle("Draw each run's own predicted curve (dotted)", key=key("theory.own_curves"))
+    st.caption(
+        "Each run's a is fitted from its measured mean acceptance length (the a for which (1 − a^(K+1))/(1 − a) "
+        "equals it), because vLLM's acceptance rate (accepted / drafted) is a different quantity from Leviathan's "
+        "per-token α: it also counts drafted tokens after the first rejection, which were never checked. c is the "
+        "measured draft time per drafted token over the target alone's time per step."
+    )
+    st.dataframe(render_compare.points_table(points), hide_index=True, width="stretch", column_config=POINT_COLUMNS)
+    slower = [p.label for p in points if p.acceptance < p.cost_ratio]
+    if slower:
+        st.warning("a < c for " + ", ".join(slower) + ": even a perfect engine would be slower than the target alone.")
+    if comparison.settings.get("status") not in (None, "complete"):
+        st.caption(f"This comparison is partial ({comparison.settings.get('status')}).")
+
+with st.expander("Load a results file"):
+    st.file_uploader("A JSON file saved on the Compare page", type=["json"], key=UPLOAD_KEY, on_change=load_uploaded)
+    if st.session_state.get(LOAD_ERROR_KEY):
+        st.error(st.session_state[LOAD_ERROR_KEY], icon=":material/error:")
+st.caption("Leviathan, Kalman, Matias, \"Fast Inference from Transformers via Speculative Decoding\", ICML 2023 "
+           "(Eq. 1 and Theorem 3.8).")

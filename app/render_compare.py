@@ -1,0 +1,718 @@
+"""Figures, tables and HTML for the Compare, Theory and Step-through pages. Pure functions, no streamlit.
+
+Inputs are ``lab`` objects: a ``lab.compare.Comparison`` (its ``summary()`` has
+one row per drafter x K), ``lab.trace.Step`` events with their
+``PositionDetail`` rows, and the Leviathan formulas of ``lab.theory``. Words
+follow the lab's vocabulary: draft / target, accepted, rejected, corrected,
+bonus, acceptance rate, mean acceptance length, per-position acceptance.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from app.render import KIND_COLOURS, format_number, token_text
+from lab.compare import BASELINE, Comparison
+from lab.drafters import num_layers
+from lab.theory import expected_speedup, expected_tokens_per_step
+from lab.trace import PositionDetail, Step
+
+PROMPT_SEPARATOR = "---"
+"""A line holding only this separates pasted prompts (a blank line may sit inside one prompt)."""
+
+DRAFTER_PALETTE = ("#3a78c9", "#e0912f", "#2e9d5b", "#9b59b6", "#d0473f", "#17a2b8", "#8c564b", "#e377c2")
+DRAFT_COLOUR = "#9b59b6"  # time spent drafting
+VERIFY_COLOUR = "#8a8f98"  # time spent in the target's verify pass (the target's class colour)
+SLOWER_FILL = "rgba(208, 71, 63, 0.10)"
+PREVIEW_CHARS = 70
+CURVE_POINTS = 201
+
+FIGURE_MARGIN = dict(l=10, r=10, t=50, b=10)
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def split_prompts(text: str) -> list[str]:
+    """Pasted text -> prompts: blocks separated by a line holding only ``---``; empty blocks dropped."""
+    blocks, current = [], []
+    for line in text.splitlines():
+        if line.strip() == PROMPT_SEPARATOR:
+            blocks.append("\n".join(current))
+            current = []
+        else:
+            current.append(line)
+    blocks.append("\n".join(current))
+    return [block.strip() for block in blocks if block.strip()]
+
+
+def preview(text: str, chars: int = PREVIEW_CHARS) -> str:
+    """The start of a prompt on one line, for tables and labels."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= chars else flat[: chars - 1] + "…"
+
+
+# ---------------------------------------------------------------- comparison tables
+
+
+def drafter_colours(drafters: Sequence[str]) -> dict[str, str]:
+    """One colour per drafter label, stable in the order given."""
+    return {name: DRAFTER_PALETTE[i % len(DRAFTER_PALETTE)] for i, name in enumerate(dict.fromkeys(drafters))}
+
+
+def identical_text(fraction: float | None, prompts: int) -> str:
+    """The greedy exactness check of one drafter x K: "yes (3/3)", "no: 2/3 identical", "— (sampling)"."""
+    if fraction is None or (isinstance(fraction, float) and math.isnan(fraction)):
+        return "— (sampling)"
+    same = round(fraction * prompts)
+    return f"yes ({same}/{prompts})" if same == prompts else f"no: {same}/{prompts} identical"
+
+
+def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary as shown: one row per drafter x K, people's column names, numbers kept numeric.
+
+    Rates stay fractions (the page formats them as percentages); "identical to
+    target" becomes text (``identical_text``); the best K per drafter (highest
+    speedup) is starred.
+    """
+    if summary.empty:
+        return pd.DataFrame()
+    best = best_k_by_drafter(summary)
+    return pd.DataFrame(
+        {
+            "drafter": summary["drafter"],
+            "K": summary["k"].astype(int),
+            "best K": [("★" if best.get(d) == k else "") for d, k in zip(summary["drafter"], summary["k"])],
+            "prompts": summary["prompts"].astype(int),
+            "acceptance rate": summary["acceptance_rate"].astype(float),
+            "mean acceptance length": summary["mean_acceptance_length"].astype(float),
+            "tokens/s": summary["tokens_per_s"].astype(float),
+            "target alone tokens/s": summary["target_tokens_per_s"].astype(float),
+            "speedup": summary["speedup"].astype(float),
+            "decode speedup": summary["decode_speedup"].astype(float),
+            "c (draft cost)": summary["cost_ratio"].astype(float),
+            "identical to target": [identical_text(f, n) for f, n in zip(summary["identical_to_target"], summary["prompts"])],
+        }
+    )
+
+
+def best_k_by_drafter(summary: pd.DataFrame, column: str = "speedup") -> dict[str, int]:
+    """For each drafter, the K with the highest ``column`` (NaN rows ignored)."""
+    best: dict[str, int] = {}
+    for drafter, rows in summary.groupby("drafter", sort=False):
+        values = rows[column].astype(float)
+        if values.notna().any():
+            best[str(drafter)] = int(rows.loc[values.idxmax(), "k"])
+    return best
+
+
+def runs_table(comparison: Comparison) -> pd.DataFrame:
+    """The per-prompt breakdown: ``Comparison.runs_frame()`` with each prompt's start and a cancelled column."""
+    frame = comparison.runs_frame()
+    if frame.empty:
+        return frame
+    frame.insert(1, "prompt text", [preview(comparison.prompts[i]) for i in frame["prompt"]])
+    frame["prompt"] = frame["prompt"] + 1
+    frame["cancelled"] = [r.cancelled for r in comparison.runs]
+    return frame
+
+
+def run_label(comparison: Comparison, index: int) -> str:
+    """A run's name in a picker: "prompt 2 · prompt-lookup (n 1-3), K=4"."""
+    record = comparison.runs[index]
+    what = BASELINE if record.drafter == BASELINE else f"{record.drafter}, K={record.k}"
+    return f"prompt {record.prompt_index + 1} · {what}" + (" (cancelled)" if record.cancelled else "")
+
+
+def format_count(value: int | None) -> str:
+    """A parameter count as people say it: 135M, 1.78B."""
+    if value is None:
+        return "—"
+    if value >= 1e9:
+        return f"{value / 1e9:.2f}B"
+    if value >= 1e6:
+        return f"{value / 1e6:.0f}M"
+    return f"{value:,}"
+
+
+def format_bytes(value: int | None) -> str:
+    """Bytes in MiB or GiB."""
+    if value is None:
+        return "—"
+    if value >= 2**30:
+        return f"{value / 2**30:.2f} GiB"
+    return f"{value / 2**20:.0f} MiB"
+
+
+def drafter_cost(name: str, target, draft=None, exit_layer: int | None = None) -> dict:
+    """What a drafter adds to the target: ``{"parameters", "weight_bytes", "note"}`` (0 when it adds no weights).
+
+    target, draft: ``lab.models.LoadedModel`` (draft only for "draft-model").
+    """
+    if name == "draft-model":
+        return {"parameters": int(draft.num_parameters), "weight_bytes": int(draft.weight_bytes),
+                "note": f"its own weights ({draft.name}) and KV cache"}
+    if name == "layer-skip":
+        layers = num_layers(target.model)
+        exit_at = exit_layer if exit_layer is not None else max(1, layers // 4)
+        return {"parameters": 0, "weight_bytes": 0,
+                "note": f"shares the target's weights (its first {exit_at} of {layers} layers); adds a KV cache for them"}
+    if name == "prompt-lookup":
+        return {"parameters": 0, "weight_bytes": 0, "note": "no weights: matches the last n-gram in the prompt and output"}
+    raise ValueError(f"drafter cost requires draft-model, layer-skip or prompt-lookup; got {name!r}")
+
+
+def cost_rows(drafter_costs: dict[str, dict], summary: pd.DataFrame) -> list[dict]:
+    """What each drafter costs: parameters and weight memory it adds, and its measured c per K.
+
+    drafter_costs: ``{label: {"parameters": int | None, "weight_bytes": int | None,
+    "note": str}}`` as the Compare page records it in ``Comparison.settings``.
+    c = draft time per drafted token / the target alone's time per decode step
+    (``lab.compare``); a drafter's c can differ with K.
+    """
+    rows = []
+    labels = list(dict.fromkeys(list(drafter_costs) + (list(summary["drafter"]) if not summary.empty else [])))
+    for label in labels:
+        cost = drafter_costs.get(label, {})
+        measured = summary[summary["drafter"] == label] if not summary.empty else summary
+        c_text = ", ".join(
+            f"{format_number(float(c), 3)} (K={int(k)})" for k, c in zip(measured.get("k", []), measured.get("cost_ratio", []))
+        )
+        rows.append(
+            {
+                "drafter": label,
+                "parameters added": format_count(cost.get("parameters")) if cost.get("parameters") else "none",
+                "memory added": format_bytes(cost.get("weight_bytes")) if cost.get("weight_bytes") else "none",
+                "what it uses": cost.get("note", ""),
+                "c, measured": c_text or "—",
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------- comparison figures
+
+
+def per_position_figure(summary: pd.DataFrame, k: int | None = None) -> go.Figure:
+    """Per-position acceptance curves, one per drafter (vLLM convention: accepted at position i / drafts).
+
+    k: the K whose curve each drafter shows; None: each drafter's largest K
+    (it covers the most positions).
+    """
+    colours = drafter_colours(list(summary["drafter"]) if not summary.empty else [])
+    figure = go.Figure()
+    for drafter, rows in (summary.groupby("drafter", sort=False) if not summary.empty else []):
+        chosen = rows[rows["k"] == k] if k is not None else rows[rows["k"] == rows["k"].max()]
+        if chosen.empty:
+            continue
+        row = chosen.iloc[0]
+        rates = list(row["per_position_acceptance"] or [])
+        figure.add_trace(
+            go.Scatter(
+                x=list(range(1, len(rates) + 1)),
+                y=rates,
+                mode="lines+markers",
+                name=f"{drafter} (K={int(row['k'])})",
+                line=dict(color=colours[drafter], width=2.5),
+                hovertemplate=f"{html.escape(str(drafter))}<br>position %{{x}}: %{{y:.0%}} of drafts accepted<extra></extra>",
+            )
+        )
+    figure.update_layout(
+        title="Per-position acceptance",
+        xaxis=dict(title="draft position", tickmode="linear", dtick=1, rangemode="tozero"),
+        yaxis=dict(title="drafts accepted up to here", range=[0, 1.05], tickformat=".0%"),
+        height=380,
+        margin=FIGURE_MARGIN,
+        legend=dict(orientation="h", yanchor="top", y=-0.2),
+    )
+    if not figure.data:
+        _note(figure, "nothing was drafted")
+    return figure
+
+
+def speedup_figure(summary: pd.DataFrame) -> go.Figure:
+    """Speedup over the target alone, grouped by K, one bar colour per drafter; a line at 1x."""
+    colours = drafter_colours(list(summary["drafter"]) if not summary.empty else [])
+    figure = go.Figure()
+    for drafter, rows in (summary.groupby("drafter", sort=False) if not summary.empty else []):
+        rows = rows.sort_values("k")
+        figure.add_trace(
+            go.Bar(
+                x=[f"K={int(k)}" for k in rows["k"]],
+                y=rows["speedup"].astype(float),
+                name=str(drafter),
+                marker_color=colours[drafter],
+                text=[format_number(float(v), 2, "×") for v in rows["speedup"]],
+                textposition="outside",
+                customdata=list(zip(rows["decode_speedup"].astype(float), rows["tokens_per_s"].astype(float))),
+                hovertemplate=(
+                    f"{html.escape(str(drafter))}, %{{x}}<br>speedup %{{y:.2f}}× (decode only %{{customdata[0]:.2f}}×)"
+                    "<br>%{customdata[1]:.1f} tokens/s<extra></extra>"
+                ),
+            )
+        )
+    figure.add_hline(y=1.0, line_dash="dash", line_color="#555", annotation_text="target alone",
+                     annotation_position="top left")
+    top = max([1.2] + [float(v) * 1.2 for v in (summary["speedup"] if not summary.empty else []) if not math.isnan(float(v))])
+    figure.update_layout(
+        title="Speedup over the target alone",
+        barmode="group",
+        xaxis=dict(title="K (draft tokens per step)"),
+        yaxis=dict(title="speedup (end to end)", range=[0, top]),
+        height=380,
+        margin=FIGURE_MARGIN,
+        legend=dict(orientation="h", yanchor="top", y=-0.2),
+    )
+    if not figure.data:
+        _note(figure, "no finished run")
+    return figure
+
+
+def acceptance_vs_k_figure(summary: pd.DataFrame) -> go.Figure:
+    """Acceptance rate (top) and speedup (bottom) against K per drafter; each drafter's best K starred."""
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                           subplot_titles=("acceptance rate", "speedup"))
+    colours = drafter_colours(list(summary["drafter"]) if not summary.empty else [])
+    best = best_k_by_drafter(summary) if not summary.empty else {}
+    for drafter, rows in (summary.groupby("drafter", sort=False) if not summary.empty else []):
+        rows = rows.sort_values("k")
+        colour = colours[drafter]
+        ks = rows["k"].astype(int).tolist()
+        for row_number, column in ((1, "acceptance_rate"), (2, "speedup")):
+            figure.add_trace(
+                go.Scatter(x=ks, y=rows[column].astype(float), mode="lines+markers", name=str(drafter),
+                           legendgroup=str(drafter), showlegend=row_number == 1, line=dict(color=colour, width=2.5),
+                           hovertemplate=f"{html.escape(str(drafter))}, K=%{{x}}: %{{y:.2f}}<extra></extra>"),
+                row=row_number, col=1,
+            )
+        if drafter in best:
+            chosen = rows[rows["k"] == best[drafter]].iloc[0]
+            for row_number, column in ((1, "acceptance_rate"), (2, "speedup")):
+                figure.add_trace(
+                    go.Scatter(
+                        x=[best[drafter]], y=[float(chosen[column])], mode="markers+text",
+                        marker=dict(symbol="star", size=16, color=colour, line=dict(color="#222", width=1)),
+                        text=[f"best K={best[drafter]}" if row_number == 2 else ""], textposition="top center",
+                        name=f"best K for {drafter}", legendgroup=str(drafter), showlegend=False,
+                        hovertemplate=(f"best K for {html.escape(str(drafter))}: {best[drafter]} "
+                                       f"({float(chosen['speedup']):.2f}×)<extra></extra>"),
+                    ),
+                    row=row_number, col=1,
+                )
+    figure.add_hline(y=1.0, line_dash="dash", line_color="#555", row=2, col=1)
+    figure.update_yaxes(range=[0, 1.05], tickformat=".0%", row=1, col=1)
+    figure.update_yaxes(rangemode="tozero", row=2, col=1)
+    figure.update_xaxes(title="K (draft tokens per step)", tickmode="linear", dtick=1, row=2, col=1)
+    figure.update_layout(title="Acceptance against K (★ best K by speedup)", height=380, margin=FIGURE_MARGIN,
+                         legend=dict(orientation="h", yanchor="top", y=-0.2))
+    if summary.empty:
+        _note(figure, "no finished run")
+    return figure
+
+
+# ---------------------------------------------------------------- timeline
+
+
+@dataclass(frozen=True)
+class TimeSplit:
+    """Where a run's decode time went: totals in ms and the share spent drafting."""
+
+    steps: int
+    draft_ms: float
+    verify_ms: float
+
+    @property
+    def draft_share(self) -> float:
+        total = self.draft_ms + self.verify_ms
+        return self.draft_ms / total if total else math.nan
+
+    @property
+    def verify_ms_per_step(self) -> float:
+        return self.verify_ms / self.steps if self.steps else math.nan
+
+
+def time_split(draft_ms: Sequence[float], verify_ms: Sequence[float]) -> TimeSplit:
+    return TimeSplit(len(verify_ms), float(sum(draft_ms)), float(sum(verify_ms)))
+
+
+def timeline_figure(
+    draft_ms: Sequence[float],
+    verify_ms: Sequence[float],
+    title: str = "Time per step",
+    baseline_ms_per_step: float | None = None,
+    accepted: Sequence[int] | None = None,
+) -> go.Figure:
+    """Time per draft-verify step, stacked: drafting then verifying (ms).
+
+    baseline_ms_per_step: the target alone's mean time per step, drawn as a
+    dashed line (what one token costs without speculation).
+    accepted: tokens committed per step, shown in the hover.
+    """
+    steps = list(range(1, len(verify_ms) + 1))
+    hover_extra = [f"<br>{n} token(s) committed" for n in accepted] if accepted is not None else [""] * len(steps)
+    figure = go.Figure(
+        [
+            go.Bar(x=steps, y=list(draft_ms), name="drafting", marker_color=DRAFT_COLOUR,
+                   customdata=hover_extra, hovertemplate="step %{x}: drafting %{y:.1f} ms%{customdata}<extra></extra>"),
+            go.Bar(x=steps, y=list(verify_ms), name="verifying (target pass + acceptance)", marker_color=VERIFY_COLOUR,
+                   customdata=hover_extra, hovertemplate="step %{x}: verifying %{y:.1f} ms%{customdata}<extra></extra>"),
+        ]
+    )
+    if baseline_ms_per_step is not None and not math.isnan(baseline_ms_per_step):
+        figure.add_hline(y=baseline_ms_per_step, line_dash="dash", line_color="#333",
+                         annotation_text=f"target alone: {baseline_ms_per_step:.0f} ms per token",
+                         annotation_position="top right")
+    figure.update_layout(
+        title=title,
+        barmode="stack",
+        bargap=0.15,
+        xaxis=dict(title="step"),
+        yaxis=dict(title="ms", rangemode="tozero"),
+        height=340,
+        margin=FIGURE_MARGIN,
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, x=1, xanchor="right"),
+    )
+    if not steps:
+        _note(figure, "no step yet")
+    return figure
+
+
+# ---------------------------------------------------------------- theory
+
+
+@dataclass(frozen=True)
+class MeasuredPoint:
+    """One drafter x K of a comparison, placed on Leviathan's curves.
+
+    acceptance: a fitted from the measured mean acceptance length;
+    acceptance_rate: vLLM's accepted/drafted, for reference;
+    cost_ratio: c as measured; measured: the decode speedup;
+    predicted: expected_speedup(a, K, c); efficiency = measured / predicted.
+    """
+
+    drafter: str
+    k: int
+    acceptance: float
+    acceptance_rate: float
+    mean_acceptance_length: float
+    cost_ratio: float
+    measured: float
+    predicted: float
+
+    @property
+    def efficiency(self) -> float:
+        return self.measured / self.predicted if self.predicted else math.nan
+
+    @property
+    def label(self) -> str:
+        return f"{self.drafter}, K={self.k}"
+
+
+def measured_points(summary: pd.DataFrame) -> list[MeasuredPoint]:
+    """The summary rows with a finite a, c and decode speedup (rows where nothing was drafted are left out)."""
+    points = []
+    for _, row in summary.iterrows() if not summary.empty else []:
+        a, c, measured = (float(row[name]) for name in ("fitted_acceptance", "cost_ratio", "decode_speedup"))
+        if any(math.isnan(v) for v in (a, c, measured)):
+            continue
+        k = int(row["k"])
+        points.append(MeasuredPoint(str(row["drafter"]), k, a, float(row["acceptance_rate"]),
+                                    float(row["mean_acceptance_length"]), c, measured, expected_speedup(a, k, c)))
+    return points
+
+
+def break_even_acceptance(k: int, cost_ratio: float) -> float | None:
+    """The a at which the expected speedup is exactly 1 for K and c; None when no a in [0, 1] reaches it (c >= 1).
+
+    For K = 1 this is a = c. Below it, speculation is slower than the target alone.
+    """
+    if expected_speedup(1.0, k, cost_ratio) < 1.0:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        if expected_speedup(mid, k, cost_ratio) < 1.0:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
+
+
+def _grid() -> list[float]:
+    return [i / (CURVE_POINTS - 1) for i in range(CURVE_POINTS)]
+
+
+def tokens_per_step_figure(k: int, acceptance: float | None = None, reference_ks: Sequence[int] = (1, 2, 8)) -> go.Figure:
+    """Expected tokens per target step (1 - a^(K+1)) / (1 - a) over a: K bold, a few other K thin, K = inf dashed."""
+    grid = _grid()
+    figure = go.Figure()
+    for other in sorted(set(reference_ks) - {k}):
+        figure.add_trace(go.Scatter(x=grid, y=[expected_tokens_per_step(a, other) for a in grid], mode="lines",
+                                    name=f"K={other}", line=dict(width=1, color="#b0b4bb"),
+                                    hovertemplate=f"K={other}, a=%{{x:.2f}}: %{{y:.2f}} tokens<extra></extra>"))
+    limit = [1 / (1 - a) if a < 0.95 else None for a in grid]
+    figure.add_trace(go.Scatter(x=grid, y=limit, mode="lines", name="K=∞: 1/(1−a)", line=dict(width=1, dash="dot", color="#888"),
+                                hovertemplate="K=∞, a=%{x:.2f}: %{y:.2f} tokens<extra></extra>"))
+    figure.add_trace(go.Scatter(x=grid, y=[expected_tokens_per_step(a, k) for a in grid], mode="lines", name=f"K={k}",
+                                line=dict(width=3, color=KIND_COLOURS["bonus"]),
+                                hovertemplate=f"K={k}, a=%{{x:.2f}}: %{{y:.2f}} tokens<extra></extra>"))
+    if acceptance is not None:
+        value = expected_tokens_per_step(acceptance, k)
+        figure.add_trace(go.Scatter(x=[acceptance], y=[value], mode="markers+text", text=[f"{value:.2f}"],
+                                    textposition="top left", marker=dict(size=11, color=KIND_COLOURS["bonus"]),
+                                    name=f"a={acceptance:.2f}", showlegend=False, hoverinfo="skip"))
+    figure.update_layout(
+        title=f"Expected tokens per target step, K={k}",
+        xaxis=dict(title="acceptance rate a (per drafted token)", range=[0, 1]),
+        yaxis=dict(title="tokens per target step", range=[0, max(k + 1.5, 4)]),
+        height=420,
+        margin=FIGURE_MARGIN,
+        legend=dict(orientation="h", yanchor="top", y=-0.18),
+    )
+    return figure
+
+
+def speedup_theory_figure(
+    k: int,
+    cost_ratio: float,
+    points: Sequence[MeasuredPoint] = (),
+    acceptance: float | None = None,
+    own_curves: bool = False,
+) -> go.Figure:
+    """Predicted walltime speedup over a for K and c, the region where speculation is slower shaded,
+    and measured runs: a filled marker at the measured decode speedup, a hollow one at the prediction for
+    the run's own K and c, joined by a dotted line (the gap is the engine's overhead).
+
+    own_curves: also draw each run's own predicted curve (thin, dotted).
+    """
+    grid = _grid()
+    curve = [expected_speedup(a, k, cost_ratio) for a in grid]
+    figure = go.Figure()
+    even = break_even_acceptance(k, cost_ratio)
+    slower_to = 1.0 if even is None else even
+    if slower_to > 0:
+        figure.add_vrect(x0=0, x1=slower_to, fillcolor=SLOWER_FILL, line_width=0, layer="below",
+                         annotation_text="slower than the target alone", annotation_position="top left")
+    colours = drafter_colours([p.drafter for p in points])
+    if own_curves:
+        for point in points:
+            figure.add_trace(go.Scatter(x=grid, y=[expected_speedup(a, point.k, point.cost_ratio) for a in grid],
+                                        mode="lines", line=dict(width=1, dash="dot", color=colours[point.drafter]),
+                                        name=f"prediction for {point.label}, c={point.cost_ratio:.2f}",
+                                        showlegend=False, hoverinfo="skip"))
+    figure.add_trace(go.Scatter(x=grid, y=curve, mode="lines", name=f"predicted, K={k}, c={cost_ratio:.2f}",
+                                line=dict(width=3, color=KIND_COLOURS["bonus"]),
+                                hovertemplate=f"K={k}, c={cost_ratio:.2f}, a=%{{x:.2f}}: %{{y:.2f}}×<extra></extra>"))
+    figure.add_hline(y=1.0, line_dash="dash", line_color="#555")
+    if cost_ratio <= 1:
+        figure.add_vline(x=cost_ratio, line_dash="dot", line_color=KIND_COLOURS["rejected"],
+                         annotation_text="a = c", annotation_position="bottom right")
+    for point in points:
+        colour = colours[point.drafter]
+        figure.add_trace(go.Scatter(x=[point.acceptance, point.acceptance], y=[point.predicted, point.measured],
+                                    mode="lines", line=dict(color=colour, dash="dot", width=1.5),
+                                    showlegend=False, hoverinfo="skip"))
+        figure.add_trace(go.Scatter(x=[point.acceptance], y=[point.predicted], mode="markers",
+                                    marker=dict(symbol="circle-open", size=11, color=colour, line=dict(width=2)),
+                                    name=f"{point.label}: predicted", legendgroup=point.label, showlegend=False,
+                                    hovertemplate=(f"{html.escape(point.label)}<br>predicted {point.predicted:.2f}× "
+                                                   f"for a={point.acceptance:.2f}, c={point.cost_ratio:.3f}<extra></extra>")))
+        figure.add_trace(go.Scatter(x=[point.acceptance], y=[point.measured], mode="markers",
+                                    marker=dict(symbol="circle", size=11, color=colour, line=dict(color="#222", width=1)),
+                                    name=point.label, legendgroup=point.label,
+                                    hovertemplate=(f"{html.escape(point.label)}<br>measured {point.measured:.2f}× "
+                                                   f"(predicted {point.predicted:.2f}×, efficiency {point.efficiency:.0%})"
+                                                   f"<br>a={point.acceptance:.2f} (fitted), c={point.cost_ratio:.3f}<extra></extra>")))
+    if acceptance is not None:
+        value = expected_speedup(acceptance, k, cost_ratio)
+        figure.add_trace(go.Scatter(x=[acceptance], y=[value], mode="markers+text", text=[f"{value:.2f}×"],
+                                    textposition="top left", marker=dict(size=11, color=KIND_COLOURS["bonus"]),
+                                    showlegend=False, hoverinfo="skip"))
+    values = curve + [p.measured for p in points] + [p.predicted for p in points]
+    figure.update_layout(
+        title=f"Expected walltime speedup, K={k}, c={cost_ratio:.2f}",
+        xaxis=dict(title="acceptance rate a (per drafted token)", range=[0, 1]),
+        yaxis=dict(title="speedup over the target alone", range=[0, max(2.0, max(values) * 1.1)]),
+        height=420,
+        margin=FIGURE_MARGIN,
+        legend=dict(orientation="h", yanchor="top", y=-0.18),
+    )
+    return figure
+
+
+def points_table(points: Sequence[MeasuredPoint]) -> pd.DataFrame:
+    """The measured runs next to their prediction."""
+    return pd.DataFrame(
+        [
+            {
+                "drafter": p.drafter,
+                "K": p.k,
+                "a (fitted)": p.acceptance,
+                "acceptance rate (vLLM)": p.acceptance_rate,
+                "mean acceptance length": p.mean_acceptance_length,
+                "c (measured)": p.cost_ratio,
+                "predicted speedup": p.predicted,
+                "measured decode speedup": p.measured,
+                "efficiency": p.efficiency,
+                "a < c": "yes: slower expected" if p.acceptance < p.cost_ratio else "",
+            }
+            for p in points
+        ]
+    )
+
+
+# ---------------------------------------------------------------- step-through
+
+STEP_CSS = """
+.sd-cycle { display: flex; flex-wrap: wrap; gap: 0.7rem; margin: 0.3rem 0 0.8rem 0; }
+.sd-card { width: 15.5rem; border: 1px solid rgba(128,128,128,0.35); border-top: 5px solid #8a8f98;
+  border-radius: 0.5rem; padding: 0.5rem 0.65rem; font-size: 0.86rem; line-height: 1.35; }
+.sd-card.sd-accepted { border-top-color: #2e9d5b; }
+.sd-card.sd-rejected { border-top-color: #d0473f; }
+.sd-card.sd-unchecked { border-top-color: #c9ccd1; opacity: 0.55; }
+.sd-card.sd-corrected { border-top-color: #e0912f; }
+.sd-card.sd-bonus { border-top-color: #3a78c9; }
+.sd-card.sd-target { border-top-color: #8a8f98; }
+.sd-head { display: flex; justify-content: space-between; opacity: 0.75; font-size: 0.78rem; }
+.sd-token { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 1.05rem;
+  margin: 0.25rem 0; white-space: pre; overflow: hidden; text-overflow: ellipsis; }
+.sd-token code, .sd-top code { background: rgba(128,128,128,0.13); border-radius: 3px; padding: 0 3px; }
+.sd-probs { margin-bottom: 0.3rem; }
+.sd-top { width: 100%; border-collapse: collapse; margin: 0.2rem 0 0.35rem 0; font-size: 0.8rem; }
+.sd-top td { padding: 1px 2px; border: none; white-space: pre; }
+.sd-top td.sd-p { text-align: right; width: 3.2rem; }
+.sd-top td.sd-bar { width: 4.5rem; }
+.sd-top td.sd-bar span { display: inline-block; height: 0.55rem; background: #3a78c9; opacity: 0.55; border-radius: 2px; }
+.sd-top tr.sd-drafted td { font-weight: 700; }
+.sd-decision { font-weight: 700; margin-top: 0.15rem; }
+.sd-accepted .sd-decision { color: #2e9d5b; }
+.sd-rejected .sd-decision { color: #d0473f; }
+.sd-reason { font-size: 0.8rem; opacity: 0.85; }
+"""
+
+SPACE_MARK = "␣"
+
+
+def shown_token(text: str) -> str:
+    """Token text for a card, escaped, with spaces, newlines and tabs made visible."""
+    if text == "":
+        return "∅"
+    return html.escape(text).replace(" ", SPACE_MARK).replace("\n", "↵").replace("\t", "⇥")
+
+
+def decision_reason(detail: PositionDetail, greedy: bool, draft_text: str, argmax_text: str) -> str:
+    """Why the target kept or refused one drafted token, in words and numbers.
+
+    greedy: accepted iff the drafted token is the target's most likely one.
+    sampling: accepted iff the uniform draw u < min(1, target prob / draft prob)
+    (a deterministic drafter has draft prob 1).
+    """
+    if greedy:
+        if detail.accepted:
+            return f"The target's most likely token is “{argmax_text}”, the drafted one: accepted."
+        return (f"The target's most likely token is “{argmax_text}”, not the drafted “{draft_text}”: rejected; "
+                f"the target's “{argmax_text}” replaces it.")
+    draft_prob = 1.0 if detail.draft_prob is None else detail.draft_prob
+    source = " (a deterministic drafter: draft prob 1)" if detail.draft_prob is None else ""
+    ratio = detail.target_prob / draft_prob if draft_prob > 0 else math.inf
+    uniform = detail.uniform if detail.uniform is not None else math.nan
+    relation = "<" if detail.accepted else "≥"
+    verdict = "accepted" if detail.accepted else "rejected"
+    return (f"Target/draft = {detail.target_prob:.3f} / {draft_prob:.3f}{source} = {ratio:.2f}, so accept with "
+            f"probability {detail.acceptance_prob:.2f}; uniform draw u = {uniform:.3f} {relation} "
+            f"{detail.acceptance_prob:.2f}: {verdict}.")
+
+
+def final_token_note(step: Step, greedy: bool) -> str:
+    """How the target's own token of a step came about."""
+    if step.final_token is None:
+        return "The step was cut before the target's own token (end of text or token budget)."
+    if step.final_kind == "target":
+        return "No draft this step (the drafter had nothing to propose): the target produced this token alone."
+    if step.final_kind == "bonus":
+        how = "its most likely token" if greedy else "a sample from its distribution"
+        return (f"All {len(step.drafted)} drafted tokens were accepted. The same target pass also gave the distribution "
+                f"after the last one, so this token is free: {how} there.")
+    if greedy:
+        return "The target's most likely token at the first rejected position replaces the drafted one."
+    return ("Sampled from the residual norm(max(0, target − draft)) at the first rejected position: what the target "
+            "wants there beyond what the draft already proposed. This keeps the output distributed as the target's.")
+
+
+def _top_table(detail: PositionDetail, tokenizer, context: Sequence[int]) -> str:
+    rows = []
+    for token, prob in detail.target_top:
+        marker = ' class="sd-drafted"' if token == detail.draft_token else ""
+        width = max(1, round(4.5 * 16 * prob))  # px at 16 px per rem
+        rows.append(f"<tr{marker}><td><code>{shown_token(token_text(tokenizer, context, token))}</code></td>"
+                    f'<td class="sd-p">{prob:.3f}</td><td class="sd-bar"><span style="width:{width}px"></span></td></tr>')
+    return f'<table class="sd-top">{"".join(rows)}</table>'
+
+
+def step_cards_html(step: Step, tokenizer, context_ids: Sequence[int], greedy: bool) -> str:
+    """One card per drafted position (checked ones with probabilities and the decision), then the target's own token.
+
+    context_ids: the committed tokens before this step (the last few suffice).
+    Needs ``step.details`` (a run with ``DecodeConfig(record_details=True)``).
+    """
+    context = [int(i) for i in context_ids]
+    cards = []
+    for i, token in enumerate(step.drafted):
+        here = context + list(step.drafted[:i])
+        text = token_text(tokenizer, here, token)
+        if i < len(step.details):
+            detail = step.details[i]
+            kind = "accepted" if detail.accepted else "rejected"
+            argmax = detail.target_top[0][0] if detail.target_top else token
+            draft_prob = "— (deterministic)" if detail.draft_prob is None else f"{detail.draft_prob:.3f}"
+            body = (f'<div class="sd-probs">draft prob {draft_prob} · target prob {detail.target_prob:.3f}</div>'
+                    f"<div>target's top {len(detail.target_top)}:</div>{_top_table(detail, tokenizer, here)}"
+                    f'<div class="sd-decision">{"✓ accepted" if detail.accepted else "✗ rejected"}</div>'
+                    f'<div class="sd-reason">{html.escape(decision_reason(detail, greedy, text, token_text(tokenizer, here, argmax)))}</div>')
+        else:
+            kind = "unchecked"
+            body = ('<div class="sd-decision">not checked</div>'
+                    '<div class="sd-reason">Discarded: it follows a rejected token, so the target never judged it.</div>')
+        cards.append(f'<div class="sd-card sd-{kind}"><div class="sd-head"><span>draft position {i + 1}</span>'
+                     f'<span>{kind}</span></div><div class="sd-token"><code>{shown_token(text)}</code></div>{body}</div>')
+    final = step.final_token
+    kind = step.final_kind if final is not None else "unchecked"
+    position = step.num_accepted + 1
+    final_context = context + list(step.emitted[:-1]) if final is not None else context
+    final_text = shown_token(token_text(tokenizer, final_context, final)) if final is not None else "—"
+    cards.append(f'<div class="sd-card sd-{kind}"><div class="sd-head"><span>position {position}: the target\'s own token</span>'
+                 f'<span>{kind}</span></div><div class="sd-token"><code>{final_text}</code></div>'
+                 f'<div class="sd-reason">{html.escape(final_token_note(step, greedy))}</div></div>')
+    return f'<div class="sd-cycle">{"".join(cards)}</div>'
+
+
+def step_headline(step: Step) -> str:
+    """One line about a step: drafted, accepted, and the target's own token."""
+    if not step.drafted:
+        return f"Step {step.index + 1}: no draft; the target produced {len(step.emitted)} token(s) itself."
+    final = {"bonus": "plus a bonus token", "corrected": "then the target's corrected token",
+             "target": "then the target's token"}[step.final_kind]
+    if step.final_token is None:
+        final = "(cut at the end of the text or the budget)"
+    return (f"Step {step.index + 1}: drafted {len(step.drafted)}, accepted {step.num_accepted} {final}: "
+            f"{len(step.emitted)} token(s) committed in one target pass.")
+
+
+def cache_note(step: Step, committed_len: int) -> str:
+    """The caches' lengths after rollback, and why they are what they are."""
+    draft = ("" if step.draft_cache_len is None else
+             f" The draft's cache holds {step.draft_cache_len} tokens; it is cropped to the committed prefix at its next proposal.")
+    return (f"After rollback the target's KV cache holds {step.target_cache_len} tokens: all {committed_len} committed "
+            f"tokens (prompt and output) but the last, which is the first input of the next verify pass. "
+            f"The K/V of rejected draft tokens were cropped away.{draft}")
+
+
+def _note(figure: go.Figure, text: str) -> None:
+    figure.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
