@@ -65,7 +65,7 @@ from lab.engine import DecodeResult, _cut, _details, _sync, _text
 from lab.metrics import SpecDecodingStats
 from lab.sampling import logits_to_probs, sample
 from lab.trace import Finished, Prefilled, Step, StopReason
-from lab.verify import verify_greedy, verify_sampling
+from lab.verify import Verdict, verify_greedy, verify_sampling
 
 PAD_TOKEN_ID = 0  # fed in padded slots; any id works, the slot is masked
 COMPACT_MIN_WASTED_SLOTS = 8
@@ -286,7 +286,8 @@ class BatchDraftModelDrafter:
         for i in range(rounds):
             logits = self.cache.forward(feeds, logits_to_keep=1)[:, -1]  # [B, V]
             if greedy:
-                argmax, softmax = logits.argmax(-1), torch.softmax(logits.float(), -1)  # [B], [B, V]
+                argmax = logits.argmax(-1).cpu()  # [B], one transfer a round
+                softmax = torch.softmax(logits.float(), -1)  # [B, V], for display only
             for b, ctx in enumerate(contexts):
                 self.cached_ids[b] = torch.cat([self.cached_ids[b], feeds[b].cpu()])
                 if i < ctx.k:
@@ -298,7 +299,10 @@ class BatchDraftModelDrafter:
                     tokens[b].append(token)
                     probs[b].append(dist)
             # Feed each row's newest token, unless that row has drafted enough (the last one is never fed).
-            feeds = [tokens[b][-1].view(1) if i + 1 < ctx.k else torch.empty(0, dtype=torch.long) for b, ctx in enumerate(contexts)]
+            feeds = [
+                tokens[b][-1].view(1) if i + 1 < ctx.k else torch.empty(0, dtype=torch.long)
+                for b, ctx in enumerate(contexts)
+            ]
         self._num_committed = [ctx.token_ids.shape[0] if ctx.k > 0 else None for ctx in contexts]
         return [
             Draft(torch.stack(t).cpu(), torch.stack(p)) if t else Draft.empty() for t, p in zip(tokens, probs)
@@ -309,7 +313,9 @@ class BatchDraftModelDrafter:
         keep = []
         for b, n in enumerate(num_accepted):
             committed = self._num_committed[b]
-            held = self.cached_ids[b].shape[0] if committed is None else min(committed + n, self.cached_ids[b].shape[0])
+            held = self.cached_ids[b].shape[0]
+            if committed is not None:
+                held = min(committed + n, held)
             self.cached_ids[b] = self.cached_ids[b][:held]
             keep.append(held)
         self.cache.keep(keep)
@@ -464,113 +470,80 @@ def decode_batch(
     model = target.model
     device = next(model.parameters()).device
     max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    prompt_ids = [torch.as_tensor(list(p), dtype=torch.long) for p in prompts]  # [P_r] on CPU each
-    if not prompt_ids:
+    if not prompts:
         raise ValueError("batched decoding requires at least one prompt; got none")
-    for r, prompt in enumerate(prompt_ids):
-        if prompt.numel() == 0:
-            raise ValueError(f"Prompt {r} is empty: every prompt of a batch needs at least one token.")
-        if prompt.numel() >= max_positions:
-            raise ValueError(
-                f"Prompt {r} has {prompt.numel()} tokens but the target's context window is {max_positions}: "
-                "shorten the prompt."
-            )
-    num_requests = len(prompt_ids)
+    requests = [_Request.start(r, p, config, max_positions, device) for r, p in enumerate(prompts)]
+    if target_cache is not None and (target_cache.batch_size != len(requests) or target_cache.num_slots):
+        raise ValueError(
+            f"target_cache requires an empty RaggedCache of {len(requests)} rows; got {target_cache.batch_size} rows"
+        )
     sampling = config.sampling
-    generators = [_generator(device, None if config.seed is None else config.seed + r) for r in range(num_requests)]
     eos = set(target.eos_token_ids)
-    budgets = [min(config.max_new_tokens, max_positions - p.numel()) for p in prompt_ids]
     drafter = as_batch_drafter(drafter)
     if drafter is not None:
-        drafter.reset(num_requests)
-    if target_cache is not None and (target_cache.batch_size != num_requests or target_cache.num_slots):
-        raise ValueError(f"target_cache requires an empty RaggedCache of {num_requests} rows; got {target_cache.batch_size} rows")
+        drafter.reset(len(requests))
 
     start = time.perf_counter()
     # Prefill: every prompt token but the last, left-padded, in one pass.
-    cache = RaggedCache(model, num_requests) if target_cache is None else target_cache
-    if any(p.numel() > 1 for p in prompt_ids):
-        cache.forward([p[:-1] for p in prompt_ids], logits_to_keep=1)
+    cache = RaggedCache(model, len(requests)) if target_cache is None else target_cache
+    if any(q.prompt.numel() > 1 for q in requests):
+        cache.forward([q.prompt[:-1] for q in requests], logits_to_keep=1)
     _sync(device)
     prefill_ms = (time.perf_counter() - start) * 1e3
-    yield BatchPrefilled(tuple(Prefilled(p.numel(), prefill_ms) for p in prompt_ids), prefill_ms)
+    yield BatchPrefilled(tuple(Prefilled(q.prompt.numel(), prefill_ms) for q in requests), prefill_ms)
 
-    committed = [p.clone() for p in prompt_ids]  # per request [T_r] CPU, prompt then output
-    generated: list[list[int]] = [[] for _ in prompt_ids]
-    step_counts = [0] * num_requests
-    first_token_s: list[float | None] = [None] * num_requests
-    results: dict[int, RowFinished] = {}
-    rows = list(range(num_requests))  # request index of each batch row
-    batch_index = 0
+    rows = list(requests)  # the live requests, in batch order
+    step_index = 0
     while rows:
-        remaining = [budgets[r] - len(generated[r]) for r in rows]
         k_step = config.k if k_policy is None else k_policy(len(rows))
         if not isinstance(k_step, int) or not 0 <= k_step <= K_MAX:
             raise ValueError(f"k_policy requires an integer K in 0..{K_MAX}; got {k_step!r}")
         # 1. draft: never more than a row's budget can take (accepted + 1 <= remaining).
         t0 = time.perf_counter()
         drafts = [Draft.empty() for _ in rows]
-        if drafter is not None and k_step > 0 and max(remaining) > 1:
-            contexts = [
-                DraftContext(committed[r], prompt_ids[r].numel(), max(0, min(k_step, left - 1)), sampling, generators[r])
-                for r, left in zip(rows, remaining)
-            ]
-            drafts = drafter.propose(contexts)
+        if drafter is not None and k_step > 0 and any(q.remaining > 1 for q in rows):
+            drafts = drafter.propose([q.draft_context(k_step, sampling) for q in rows])
         _sync(device)
         t1 = time.perf_counter()
 
         # 2. verify forward: per row [last committed] + draft -> K'_b+1 distributions, left-padded.
-        logits = cache.forward([torch.cat([committed[r][-1:], d.tokens]) for r, d in zip(rows, drafts)])  # [B, W, V]
+        logits = cache.forward([torch.cat([q.committed[-1:], d.tokens]) for q, d in zip(rows, drafts)])  # [B, W, V]
         width = logits.shape[1]
 
         # 3. accept, row by row on the row's own logits.
-        verdicts, row_logits, row_probs = [], [], []
-        for b, (r, draft) in enumerate(zip(rows, drafts)):
-            own = logits[b, width - 1 - len(draft) :]  # [K'_b+1, V]
-            if sampling.is_greedy:
-                verdict, probs = verify_greedy(own, draft.tokens), None
-            else:
-                probs = logits_to_probs(own, sampling)  # [K'_b+1, V]
-                verdict = verify_sampling(probs, draft.tokens, draft.probs, generators[r])
-            verdicts.append(verdict)
-            row_logits.append(own)
-            row_probs.append(probs)
+        row_logits = [logits[b, width - 1 - len(d) :] for b, d in enumerate(drafts)]  # [K'_b+1, V] each
+        row_probs = [None if sampling.is_greedy else logits_to_probs(own, sampling) for own in row_logits]
+        verdicts = [
+            verify_greedy(own, d.tokens) if probs is None else verify_sampling(probs, d.tokens, d.probs, q.generator)
+            for q, d, own, probs in zip(rows, drafts, row_logits, row_probs)
+        ]
 
         # 4. commit and roll back: each row keeps K/V of all its committed tokens but the new last one.
-        cache.keep([committed[r].numel() + v.num_accepted for r, v in zip(rows, verdicts)])
-        reasons: list[StopReason | None] = []
-        emitted_rows = []
-        for r, draft, verdict, left in zip(rows, drafts, verdicts, remaining):
-            new_tokens = draft.tokens[: verdict.num_accepted].tolist() + [verdict.next_token]
-            emitted, reason = _cut(new_tokens, generated[r], left, eos, target.tokenizer, config.stop_strings)
-            generated[r] += emitted
-            committed[r] = torch.cat([committed[r], torch.tensor(emitted, dtype=torch.long)])
-            if reason is None and committed[r].numel() >= max_positions:
-                reason = "context_window"
-            reasons.append(reason)
-            emitted_rows.append(emitted)
+        cache.keep([q.committed.numel() + v.num_accepted for q, v in zip(rows, verdicts)])
+        commits = [
+            q.commit(d, v, eos, target.tokenizer, config.stop_strings, max_positions)
+            for q, d, v in zip(rows, drafts, verdicts)
+        ]
         _sync(device)
         t2 = time.perf_counter()
-        now_s = t2 - start
 
-        # 5. observe.
+        # 5. observe, report, and let finished rows leave the batch (no more work, no more tokens).
         if drafter is not None:
             drafter.observe([v.num_accepted for v in verdicts])
         target_lengths = cache.lengths.tolist()
         draft_lengths = _draft_cache_lengths(drafter, len(rows))
         steps, finished = [], []
-        for b, r in enumerate(rows):
-            draft, verdict = drafts[b], verdicts[b]
+        for b, (q, draft, verdict, (emitted, reason)) in enumerate(zip(rows, drafts, verdicts, commits)):
             details = ()
             if config.record_details and len(draft):
                 details = _details(row_logits[b], row_probs[b], draft, verdict, sampling.is_greedy)
             steps.append(
                 Step(
-                    index=step_counts[r],
+                    index=q.num_steps,
                     drafted=tuple(draft.tokens.tolist()),
                     num_accepted=verdict.num_accepted,
-                    emitted=tuple(emitted_rows[b]),
-                    final_kind="target" if not len(draft) else ("bonus" if verdict.is_bonus(len(draft)) else "corrected"),
+                    emitted=tuple(emitted),
+                    final_kind=_final_kind(draft, verdict),
                     draft_ms=(t1 - t0) * 1e3,
                     verify_ms=(t2 - t1) * 1e3,
                     target_cache_len=target_lengths[b],
@@ -578,29 +551,22 @@ def decode_batch(
                     details=details,
                 )
             )
-            step_counts[r] += 1
-            if first_token_s[r] is None and emitted_rows[b]:
-                first_token_s[r] = now_s
-            if reasons[b] is not None:
-                text = _text(target.tokenizer, generated[r], config.stop_strings)
-                row = RowFinished(r, Finished(reasons[b], tuple(generated[r]), text, now_s), first_token_s[r] or now_s)
-                results[r] = row
-                finished.append(row)
+            q.observe_step(t2 - start, emitted)
+            if reason is not None:
+                finished.append(q.finish(reason, target.tokenizer, config.stop_strings, t2 - start))
         yield BatchStep(
-            index=batch_index,
-            requests=tuple(rows),
+            index=step_index,
+            requests=tuple(q.index for q in rows),
             steps=tuple(steps),
             finished=tuple(finished),
             draft_ms=(t1 - t0) * 1e3,
             verify_ms=(t2 - t1) * 1e3,
             width=width,
             target_cache_slots=cache.num_slots,
-            time_s=now_s,
+            time_s=t2 - start,
         )
-        batch_index += 1
-
-        # Finished rows leave the batch: no more work, no more tokens.
-        keep = [b for b, reason in enumerate(reasons) if reason is None]
+        step_index += 1
+        keep = [b for b, q in enumerate(rows) if q.result is None]
         if len(keep) < len(rows):
             rows = [rows[b] for b in keep]
             if rows:
@@ -609,7 +575,73 @@ def decode_batch(
                     drafter.drop(keep)
         cache.trim()
 
-    yield BatchFinished(tuple(results[r] for r in range(num_requests)), time.perf_counter() - start)
+    yield BatchFinished(tuple(q.result for q in requests), time.perf_counter() - start)
+
+
+@dataclass
+class _Request:
+    """One request's own state in a batched decode: what the single-row engine keeps in locals."""
+
+    index: int
+    prompt: torch.Tensor  # [P] int64 CPU
+    budget: int
+    generator: torch.Generator
+    committed: torch.Tensor  # [T] int64 CPU: prompt then output
+    generated: list[int] = field(default_factory=list)
+    num_steps: int = 0
+    first_token_s: float | None = None
+    result: RowFinished | None = None
+
+    @classmethod
+    def start(
+        cls, index: int, prompt_ids: Sequence[int], config: DecodeConfig, max_positions: int, device: torch.device
+    ) -> "_Request":
+        """Check the prompt; the generator is seeded config.seed + index (unseeded when seed is None)."""
+        prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long)
+        if prompt.numel() == 0:
+            raise ValueError(f"Prompt {index} is empty: every prompt of a batch needs at least one token.")
+        if prompt.numel() >= max_positions:
+            raise ValueError(
+                f"Prompt {index} has {prompt.numel()} tokens but the target's context window is {max_positions}: "
+                "shorten the prompt."
+            )
+        generator = torch.Generator(device=device)
+        if config.seed is not None:
+            generator.manual_seed(config.seed + index)
+        budget = min(config.max_new_tokens, max_positions - prompt.numel())
+        return cls(index, prompt, budget, generator, prompt.clone())
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - len(self.generated)
+
+    def draft_context(self, k: int, sampling) -> DraftContext:
+        """This row's drafter input; k shrinks to what the budget can take (0: draft nothing)."""
+        k = max(0, min(k, self.remaining - 1))
+        return DraftContext(self.committed, self.prompt.numel(), k, sampling, self.generator)
+
+    def commit(
+        self, draft: Draft, verdict: Verdict, eos: set[int], tokenizer, stop_strings: tuple[str, ...], max_positions: int
+    ) -> tuple[list[int], StopReason | None]:
+        """Append the accepted tokens and the target's own, cut at EOS / stop string / budget / context window."""
+        new_tokens = draft.tokens[: verdict.num_accepted].tolist() + [verdict.next_token]
+        emitted, reason = _cut(new_tokens, self.generated, self.remaining, eos, tokenizer, stop_strings)
+        self.generated += emitted
+        self.committed = torch.cat([self.committed, torch.tensor(emitted, dtype=torch.long)])
+        if reason is None and self.committed.numel() >= max_positions:
+            reason = "context_window"
+        return emitted, reason
+
+    def observe_step(self, now_s: float, emitted: list[int]) -> None:
+        self.num_steps += 1
+        if self.first_token_s is None and emitted:
+            self.first_token_s = now_s
+
+    def finish(self, reason: StopReason, tokenizer, stop_strings, now_s: float) -> RowFinished:
+        text = _text(tokenizer, self.generated, stop_strings)
+        first = self.first_token_s if self.first_token_s is not None else now_s
+        self.result = RowFinished(self.index, Finished(reason, tuple(self.generated), text, now_s), first)
+        return self.result
 
 
 @dataclass
@@ -672,7 +704,9 @@ def run_batch(
     for event in decode_batch(target, prompts, drafter, config, k_policy=k_policy):
         if isinstance(event, BatchFinished):
             result.rows = [
-                DecodeResult(list(row.finished.token_ids), row.finished.text, row.finished.reason, steps_of[r], stats[r])
+                DecodeResult(
+                    list(row.finished.token_ids), row.finished.text, row.finished.reason, steps_of[r], stats[r]
+                )
                 for r, row in enumerate(event.rows)
             ]
             result.first_token_s = [row.first_token_s for row in event.rows]
@@ -707,11 +741,11 @@ def merge_stats(into: SpecDecodingStats, other: SpecDecodingStats) -> None:
     into.wall_s += other.wall_s
 
 
-def _generator(device: torch.device, seed: int | None) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    return generator
+def _final_kind(draft: Draft, verdict: Verdict) -> str:
+    """The class of the target's own token: target (no draft), bonus (all accepted) or corrected."""
+    if not len(draft):
+        return "target"
+    return "bonus" if verdict.is_bonus(len(draft)) else "corrected"
 
 
 def _draft_cache_lengths(drafter: BatchDrafter | None, batch_size: int) -> list[int | None]:

@@ -119,7 +119,9 @@ class CostModel:
     def as_dict(self) -> dict[str, Any]:
         return {
             "target_ms": {f"{b}x{w}": statistics.median(s) for (b, w), s in sorted(self.target_ms.items()) if s},
-            "draft_ms_per_token": {str(b): statistics.median(s) for b, s in sorted(self.draft_ms_per_token.items()) if s},
+            "draft_ms_per_token": {
+                str(b): statistics.median(s) for b, s in sorted(self.draft_ms_per_token.items()) if s
+            },
         }
 
 
@@ -458,7 +460,8 @@ class SweepResult:
 def format_sweep(sweep: SweepResult) -> str:
     """A plain-text table of the sweep, one line per batch size (latencies in seconds)."""
     lines = [
-        f"{sweep.drafter}, K={sweep.k}: batch-size sweep ({sweep.settings.get('dtype')}, {sweep.settings.get('device')})",
+        f"{sweep.drafter}, K={sweep.k}: batch-size sweep "
+        f"({sweep.settings.get('dtype')}, {sweep.settings.get('device')})",
         f"{'B':>3} {'latency p50 off/on':>19} {'p95 off/on':>15} {'TTFT p50 off/on':>17} {'tokens/s off/on':>17} "
         f"{'latency x':>9} {'tput x':>6}  {'acceptance per position':<24} {'auto K':>6} {'auto/best':>9}",
     ]
@@ -467,7 +470,8 @@ def format_sweep(sweep: SweepResult) -> str:
         lines.append(
             f"{r.batch_size:>3} {r.off.latency_p50_s:>9.3f}/{r.on.latency_p50_s:<9.3f} "
             f"{r.off.latency_p95_s:>7.3f}/{r.on.latency_p95_s:<7.3f} {r.off.ttft_p50_s:>8.3f}/{r.on.ttft_p50_s:<8.3f} "
-            f"{r.off.tokens_per_s:>8.1f}/{r.on.tokens_per_s:<8.1f} {r.latency_speedup:>9.2f} {r.throughput_speedup:>6.2f}  "
+            f"{r.off.tokens_per_s:>8.1f}/{r.on.tokens_per_s:<8.1f} "
+            f"{r.latency_speedup:>9.2f} {r.throughput_speedup:>6.2f}  "
             f"{per_position:<24} {r.auto_k:>6} {r.auto_latency_vs_best:>9.2f}"
         )
     crossover = sweep.crossover_batch_size
@@ -558,7 +562,8 @@ def run_sweep(
         request_prompts = _requests(len(prompts), batch_size)
         groups = [request_prompts[i : i + batch_size] for i in range(0, len(request_prompts), batch_size)]
         for g, group in enumerate(groups):
-            report(0.05 + 0.95 * done_requests / total_requests, f"batch size {batch_size}: batch {g + 1}/{len(groups)}")
+            fraction = 0.05 + 0.95 * done_requests / total_requests
+            report(fraction, f"batch size {batch_size}: batch {g + 1}/{len(groups)}")
             for mode in order[g % len(order) :] + order[: g % len(order)]:
                 run = modes[mode]
                 k = run.k

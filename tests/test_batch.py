@@ -183,12 +183,19 @@ def test_each_row_steps_as_the_single_row_engine(tiny_target, tiny_draft, k):
         batched = run_batch(tiny_target, prompts, single, config)
         for prompt, row in zip(prompts, batched.rows):
             alone = run(tiny_target, prompt, single, config)
-            view = lambda steps: [(s.index, s.drafted, s.num_accepted, s.emitted, s.final_kind, s.target_cache_len) for s in steps]  # noqa: E731
-            assert view(row.steps) == view(alone.steps)
-            counters = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_position", "target_forward_passes", "num_output_tokens")
-            assert {c: getattr(row.stats, c) for c in counters} == {c: getattr(alone.stats, c) for c in counters}
+            assert _step_view(row.steps) == _step_view(alone.steps)
+            assert _counters(row.stats) == _counters(alone.stats)
             if single.name == "draft-model":
                 assert [s.draft_cache_len for s in row.steps] == [s.draft_cache_len for s in alone.steps]
+
+
+def _step_view(steps) -> list[tuple]:
+    return [(s.index, s.drafted, s.num_accepted, s.emitted, s.final_kind, s.target_cache_len) for s in steps]
+
+
+def _counters(stats) -> dict:
+    names = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_position", "target_forward_passes")
+    return {name: getattr(stats, name) for name in names + ("num_output_tokens",)}
 
 
 def test_eos_inside_an_accepted_draft_stops_only_that_row(tiny_target):
@@ -214,7 +221,8 @@ def test_finished_rows_leave_the_batch_and_emit_nothing_more(tiny_target):
     done: set[int] = set()
     emitted = {r: [] for r in range(len(prompts))}
     sizes = []
-    for event in decode_batch(target, prompts, PromptLookupDrafter(), DecodeConfig(k=3, max_new_tokens=NEW_TOKENS), target_cache=cache):
+    config = DecodeConfig(k=3, max_new_tokens=NEW_TOKENS)
+    for event in decode_batch(target, prompts, PromptLookupDrafter(), config, target_cache=cache):
         if isinstance(event, BatchStep):
             assert not done & set(event.requests), "a finished request came back"
             assert cache.batch_size == event.batch_size, "the cache holds exactly the live rows"
@@ -236,7 +244,8 @@ def test_rejected_drafts_do_not_bloat_the_cache(tiny_target):
     prompts = PROMPTS[:4]
     cache = RaggedCache(tiny_target.model, len(prompts))
     config = DecodeConfig(k=7, max_new_tokens=NEW_TOKENS)
-    steps = [e for e in decode_batch(tiny_target, prompts, oracles(tiny_target, prompts, False), config, target_cache=cache) if isinstance(e, BatchStep)]
+    events = decode_batch(tiny_target, prompts, oracles(tiny_target, prompts, False), config, target_cache=cache)
+    steps = [e for e in events if isinstance(e, BatchStep)]
     longest = max(len(p) for p in prompts)
     for step in steps:
         assert max(s.target_cache_len for s in step.steps) <= longest + step.index
@@ -249,7 +258,8 @@ def test_k_policy_sets_k_per_batch_size(tiny_target):
     prompts = PROMPTS[:4]
     _, eos, _ = eos_in_one_row(tiny_target, prompts)
     target = with_eos(tiny_target, eos)
-    result = run_batch(target, prompts, oracles(target, prompts, True), DecodeConfig(k=4, max_new_tokens=NEW_TOKENS), k_policy=lambda b: 0 if b > 3 else 2)
+    config = DecodeConfig(k=4, max_new_tokens=NEW_TOKENS)
+    result = run_batch(target, prompts, oracles(target, prompts, True), config, k_policy=lambda b: 0 if b > 3 else 2)
     assert [row.token_ids for row in result.rows] == [reference(target, p, NEW_TOKENS) for p in prompts]
     for step in result.steps:
         longest = max(len(s.drafted) for s in step.steps)
@@ -261,20 +271,21 @@ def test_k_policy_sets_k_per_batch_size(tiny_target):
 
 def test_seeded_sampling_is_reproducible_and_each_row_samples_as_alone(tiny_target, tiny_draft):
     prompts = PROMPTS[:4]
-    config = DecodeConfig(k=3, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
-    first = run_batch(tiny_target, prompts, DraftModelDrafter(tiny_draft.model), config)
-    second = run_batch(tiny_target, prompts, DraftModelDrafter(tiny_draft.model), config)
-    other = run_batch(tiny_target, prompts, DraftModelDrafter(tiny_draft.model), DecodeConfig(k=3, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=8))
+    sampled = functools.partial(DecodeConfig, k=3, max_new_tokens=12, temperature=1.0, top_p=0.9)
+    first = run_batch(tiny_target, prompts, DraftModelDrafter(tiny_draft.model), sampled(seed=7))
+    second = run_batch(tiny_target, prompts, DraftModelDrafter(tiny_draft.model), sampled(seed=7))
+    other = run_batch(tiny_target, prompts, DraftModelDrafter(tiny_draft.model), sampled(seed=8))
     assert first.token_ids == second.token_ids
     assert first.token_ids != other.token_ids
     # Row i draws from its own generator seeded seed + i, in the single-row engine's order.
     for i, prompt in enumerate(prompts):
-        alone = run(tiny_target, prompt, DraftModelDrafter(tiny_draft.model), DecodeConfig(k=3, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7 + i))
+        alone = run(tiny_target, prompt, DraftModelDrafter(tiny_draft.model), sampled(seed=7 + i))
         assert first.rows[i].token_ids == alone.token_ids
 
 
 def test_record_details_per_row(tiny_target, tiny_draft):
-    result = run_batch(tiny_target, PROMPTS[:3], DraftModelDrafter(tiny_draft.model), DecodeConfig(k=3, max_new_tokens=8, record_details=True))
+    config = DecodeConfig(k=3, max_new_tokens=8, record_details=True)
+    result = run_batch(tiny_target, PROMPTS[:3], DraftModelDrafter(tiny_draft.model), config)
     for row in result.rows:
         for step in row.steps:
             assert len(step.details) == min(step.num_accepted + 1, len(step.drafted))
