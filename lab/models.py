@@ -29,7 +29,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -209,12 +209,12 @@ def package_file(preset: ModelPreset, part: str) -> Path:
 # ---------------------------------------------------------------- preparation
 
 
-def _stage(progress: Progress | None, start: float, end: float) -> Progress:
+def _stage(progress: Progress | None, start: float, end: float, prefix: str = "") -> Progress:
     """A progress callback mapping a stage's own fraction [0, 1] onto [start, end] of the job."""
 
     def report(fraction: float, message: str) -> None:
         if progress is not None:
-            progress(start + (end - start) * min(max(fraction, 0.0), 1.0), message)
+            progress(start + (end - start) * min(max(fraction, 0.0), 1.0), prefix + message)
 
     return report
 
@@ -233,7 +233,8 @@ def _copy_and_hash(sources: list[Path], destination: Path | None, total_bytes: i
                     if sink is not None:
                         sink.write(chunk)
                     done_bytes += len(chunk)
-                    progress(done_bytes / total_bytes, f"{verb} {done_bytes / 2**20:,.0f} / {total_bytes / 2**20:,.0f} MiB")
+                    done_mib, total_mib = done_bytes / 2**20, total_bytes / 2**20
+                    progress(done_bytes / total_bytes, f"{verb} {done_mib:,.0f} / {total_mib:,.0f} MiB")
     return digest.hexdigest()
 
 
@@ -398,7 +399,7 @@ def _stop_token_ids(preset: ModelPreset, tokenizer: Any, generation_config: Any)
     return sorted(ids) if len(ids) > 1 else next(iter(ids), None)
 
 
-def prepare_all(names: list[str] | tuple[str, ...] | None = None, progress: Progress | None = None) -> list[Path]:
+def prepare_all(names: Sequence[PresetLike] | None = None, progress: Progress | None = None) -> list[Path]:
     """Prepare several presets in turn (all presets when ``names`` is None).
 
     ``progress`` receives the fraction of the whole batch; messages are prefixed
@@ -409,8 +410,8 @@ def prepare_all(names: list[str] | tuple[str, ...] | None = None, progress: Prog
         get_preset(name)  # refuse an unknown name before spending minutes on the others
     folders = []
     for index, name in enumerate(selected):
-        stage = _stage(progress, index / len(selected), (index + 1) / len(selected))
-        folders.append(prepare(name, lambda fraction, message, s=stage, i=index: s(fraction, f"[{i + 1}/{len(selected)}] {message}")))
+        prefix = f"[{index + 1}/{len(selected)}] "
+        folders.append(prepare(name, _stage(progress, index / len(selected), (index + 1) / len(selected), prefix)))
     return folders
 
 
@@ -527,16 +528,23 @@ def _weights_error(folder: Path, preset: ModelPreset | None, error: Exception) -
     return ModelError(f"Could not load the model in {folder}: {type(error).__name__}: {error}\n{fix}")
 
 
-def _resolve_folder(name_or_path: PresetLike | os.PathLike, progress: Progress | None) -> tuple[Path, ModelPreset | None]:
+def _preset_or_none(name_or_path: PresetLike | os.PathLike) -> ModelPreset | None:
+    if isinstance(name_or_path, ModelPreset):
+        return name_or_path
+    return PRESETS.get(str(name_or_path))
+
+
+def _resolve_folder(
+    name_or_path: PresetLike | os.PathLike, progress: Progress | None
+) -> tuple[Path, ModelPreset | None]:
     """The folder to load from, preparing a preset first if needed; raises ModelError for an unknown name."""
-    if isinstance(name_or_path, ModelPreset) or str(name_or_path) in PRESETS:
-        preset = get_preset(name_or_path if isinstance(name_or_path, ModelPreset) else str(name_or_path))
+    preset = _preset_or_none(name_or_path)
+    if preset is not None:
         return prepare(preset, progress), preset
     folder = Path(name_or_path).expanduser()
-    if (folder / "config.json").is_file():
-        return folder, None
-    get_preset(str(name_or_path))  # raises the error listing the presets
-    raise AssertionError("unreachable")
+    if not (folder / "config.json").is_file():
+        get_preset(str(name_or_path))  # not a preset either: raises the error that lists the presets
+    return folder, None
 
 
 def _loading_errors() -> tuple[type[BaseException], ...]:
@@ -591,8 +599,8 @@ def load_model(
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    needs_prepare = isinstance(name_or_path, ModelPreset) or (str(name_or_path) in PRESETS and not is_prepared(str(name_or_path)))
-    load_start = 0.9 if needs_prepare else 0.0
+    preset = _preset_or_none(name_or_path)
+    load_start = 0.9 if preset is not None and not is_prepared(preset) else 0.0  # preparing takes the first 90 %
     folder, preset = _resolve_folder(name_or_path, _stage(progress, 0.0, load_start))
     name = preset.name if preset is not None else str(name_or_path)
 

