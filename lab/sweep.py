@@ -65,7 +65,16 @@ from typing import Any
 
 import torch
 
-from lab.batch import BatchDrafter, BatchResult, BatchStep, RaggedCache, as_batch_drafter, merge_stats, run_batch
+from lab.batch import (
+    BatchDrafter,
+    BatchResult,
+    BatchStep,
+    RaggedCache,
+    as_batch_drafter,
+    make_batch_drafter,
+    merge_stats,
+    run_batch,
+)
 from lab.config import DecodeConfig
 from lab.drafters.base import DraftContext, Drafter
 from lab.metrics import SpecDecodingStats
@@ -635,3 +644,46 @@ def _clean(value: Any) -> Any:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def run_sweep_by_name(
+    target: str,
+    drafter: str,
+    prompts: Sequence[str] = ("spec_bench:mix:16",),
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    *,
+    draft: str | None = None,
+    k: int = 4,
+    max_new_tokens: int = 64,
+    dtype: str | None = None,
+    device: str | None = None,
+    chat_template: bool = True,
+    exit_layer: int | None = None,
+    out: str | Path | None = None,
+    progress: Progress | None = None,
+) -> SweepResult:
+    """Load models and prompt sets by name, then ``run_sweep`` (what ``python -m lab bench`` runs).
+
+    target, draft: presets or folders (``lab.models.load_model``); drafter: a
+    name of ``lab.drafters.DRAFTER_NAMES`` other than "none"; prompts: sources of
+    ``lab.prompts.load_prompt_sets``. Greedy decoding. Writes the JSON to out
+    when given.
+    """
+    from lab.models import encode_prompt, load_model
+    from lab.prompts import load_prompt_sets
+
+    config = DecodeConfig(k=k, max_new_tokens=max_new_tokens)
+    texts = [p.text for p in load_prompt_sets(list(prompts))]
+    if not texts:
+        raise ValueError(f"the prompt sets {list(prompts)} hold no prompts: choose others")
+    loaded = load_model(target, device=device, dtype=dtype)
+    draft_model = load_model(draft, device=device, dtype=dtype) if draft else None
+    batch_drafter = make_batch_drafter(drafter, loaded, draft_model, exit_layer=exit_layer)
+    if batch_drafter is None:
+        raise ValueError("a sweep requires a drafter (the target alone always runs as the baseline); got 'none'")
+    prompt_ids = [encode_prompt(loaded, text, chat_template=chat_template) for text in texts]
+    sweep = run_sweep(loaded, prompt_ids, batch_drafter, config, batch_sizes, progress=progress)
+    sweep.settings.update({"draft": draft, "prompts": list(prompts)})
+    if out is not None:
+        sweep.to_json(out)
+    return sweep

@@ -167,3 +167,20 @@ def test_policy_fits_acceptance_from_measured_stats():
 @pytest.mark.parametrize("values, q, expected", [([3.0, 1.0, 2.0], 50, 2.0), ([1.0, 2.0], 95, 1.95), ([5.0], 95, 5.0)])
 def test_percentile(values, q, expected):
     assert percentile(values, q) == pytest.approx(expected)
+
+
+@pytest.mark.real_model
+def test_smollm2_sweep_by_name_writes_json(tmp_path):
+    from lab.models import is_prepared
+    from lab.sweep import run_sweep_by_name
+
+    if not is_prepared("smollm2-135m"):
+        pytest.skip("smollm2-135m is not prepared (scripts/setup.sh app prepares it)")
+    out = tmp_path / "sweep.json"
+    sweep = run_sweep_by_name(
+        "smollm2-135m", "prompt-lookup", ["open_qa:2"], (1, 2), k=2, max_new_tokens=4, dtype="fp32", device="cpu", out=out
+    )
+    data = json.loads(out.read_text())
+    assert data["batch_sizes"] == [1, 2] and data["settings"]["dtype"] == "float32"
+    # fp32: batching and speculation change no output.
+    assert all(r.outputs_differ_on_vs_off == 0 and r.off.outputs_differ_from_batch_1 == 0 for r in sweep.results)
