@@ -90,15 +90,15 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
             "drafter": summary["drafter"],
             "K": summary["k"].astype(int),
             "best K": [("★" if best.get(d) == k else "") for d, k in zip(summary["drafter"], summary["k"])],
-            "prompts": summary["prompts"].astype(int),
+            "identical to target": [identical_text(f, n) for f, n in zip(summary["identical_to_target"], summary["prompts"])],
+            "speedup": summary["speedup"].astype(float),
             "acceptance rate": summary["acceptance_rate"].astype(float),
             "mean acceptance length": summary["mean_acceptance_length"].astype(float),
             "tokens/s": summary["tokens_per_s"].astype(float),
-            "target alone tokens/s": summary["target_tokens_per_s"].astype(float),
-            "speedup": summary["speedup"].astype(float),
+            "target tokens/s": summary["target_tokens_per_s"].astype(float),
             "decode speedup": summary["decode_speedup"].astype(float),
-            "c (draft cost)": summary["cost_ratio"].astype(float),
-            "identical to target": [identical_text(f, n) for f, n in zip(summary["identical_to_target"], summary["prompts"])],
+            "c": summary["cost_ratio"].astype(float),
+            "prompts": summary["prompts"].astype(int),
         }
     )
 
@@ -228,7 +228,7 @@ def per_position_figure(summary: pd.DataFrame, k: int | None = None) -> go.Figur
         title="Per-position acceptance",
         xaxis=dict(title="draft position", tickmode="linear", dtick=1, rangemode="tozero"),
         yaxis=dict(title="drafts accepted up to here", range=[0, 1.05], tickformat=".0%"),
-        height=380,
+        height=420,
         margin=FIGURE_MARGIN,
         legend=dict(orientation="h", yanchor="top", y=-0.2),
     )
@@ -259,14 +259,14 @@ def speedup_figure(summary: pd.DataFrame) -> go.Figure:
             )
         )
     figure.add_hline(y=1.0, line_dash="dash", line_color="#555", annotation_text="target alone",
-                     annotation_position="top left")
+                     annotation_position="bottom left")
     top = max([1.2] + [float(v) * 1.2 for v in (summary["speedup"] if not summary.empty else []) if not math.isnan(float(v))])
     figure.update_layout(
         title="Speedup over the target alone",
         barmode="group",
         xaxis=dict(title="K (draft tokens per step)"),
         yaxis=dict(title="speedup (end to end)", range=[0, top]),
-        height=380,
+        height=420,
         margin=FIGURE_MARGIN,
         legend=dict(orientation="h", yanchor="top", y=-0.2),
     )
@@ -277,15 +277,15 @@ def speedup_figure(summary: pd.DataFrame) -> go.Figure:
 
 def acceptance_vs_k_figure(summary: pd.DataFrame) -> go.Figure:
     """Acceptance rate (top) and speedup (bottom) against K per drafter; each drafter's best K starred."""
-    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                           subplot_titles=("acceptance rate", "speedup"))
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.06)
     colours = drafter_colours(list(summary["drafter"]) if not summary.empty else [])
     best = best_k_by_drafter(summary) if not summary.empty else {}
+    panels = ((1, "acceptance_rate"), (2, "speedup"))
     for drafter, rows in (summary.groupby("drafter", sort=False) if not summary.empty else []):
         rows = rows.sort_values("k")
         colour = colours[drafter]
         ks = rows["k"].astype(int).tolist()
-        for row_number, column in ((1, "acceptance_rate"), (2, "speedup")):
+        for row_number, column in panels:
             figure.add_trace(
                 go.Scatter(x=ks, y=rows[column].astype(float), mode="lines+markers", name=str(drafter),
                            legendgroup=str(drafter), showlegend=row_number == 1, line=dict(color=colour, width=2.5),
@@ -294,12 +294,11 @@ def acceptance_vs_k_figure(summary: pd.DataFrame) -> go.Figure:
             )
         if drafter in best:
             chosen = rows[rows["k"] == best[drafter]].iloc[0]
-            for row_number, column in ((1, "acceptance_rate"), (2, "speedup")):
+            for row_number, column in panels:
                 figure.add_trace(
                     go.Scatter(
-                        x=[best[drafter]], y=[float(chosen[column])], mode="markers+text",
-                        marker=dict(symbol="star", size=16, color=colour, line=dict(color="#222", width=1)),
-                        text=[f"best K={best[drafter]}" if row_number == 2 else ""], textposition="top center",
+                        x=[best[drafter]], y=[float(chosen[column])], mode="markers",
+                        marker=dict(symbol="star", size=17, color=colour, line=dict(color="#222", width=1)),
                         name=f"best K for {drafter}", legendgroup=str(drafter), showlegend=False,
                         hovertemplate=(f"best K for {html.escape(str(drafter))}: {best[drafter]} "
                                        f"({float(chosen['speedup']):.2f}×)<extra></extra>"),
@@ -307,10 +306,10 @@ def acceptance_vs_k_figure(summary: pd.DataFrame) -> go.Figure:
                     row=row_number, col=1,
                 )
     figure.add_hline(y=1.0, line_dash="dash", line_color="#555", row=2, col=1)
-    figure.update_yaxes(range=[0, 1.05], tickformat=".0%", row=1, col=1)
-    figure.update_yaxes(rangemode="tozero", row=2, col=1)
+    figure.update_yaxes(title="acceptance rate", range=[0, 1.05], tickformat=".0%", row=1, col=1)
+    figure.update_yaxes(title="speedup", rangemode="tozero", row=2, col=1)
     figure.update_xaxes(title="K (draft tokens per step)", tickmode="linear", dtick=1, row=2, col=1)
-    figure.update_layout(title="Acceptance against K (★ best K by speedup)", height=380, margin=FIGURE_MARGIN,
+    figure.update_layout(title="Acceptance against K (★ best K by speedup)", height=420, margin=FIGURE_MARGIN,
                          legend=dict(orientation="h", yanchor="top", y=-0.2))
     if summary.empty:
         _note(figure, "no finished run")
@@ -501,6 +500,7 @@ def speedup_theory_figure(
         figure.add_vrect(x0=0, x1=slower_to, fillcolor=SLOWER_FILL, line_width=0, layer="below",
                          annotation_text="slower than the target alone", annotation_position="top left")
     colours = drafter_colours([p.drafter for p in points])
+    symbols = _k_symbols([p.k for p in points])
     if own_curves:
         for point in points:
             figure.add_trace(go.Scatter(x=grid, y=[expected_speedup(a, point.k, point.cost_ratio) for a in grid],
@@ -520,12 +520,12 @@ def speedup_theory_figure(
                                     mode="lines", line=dict(color=colour, dash="dot", width=1.5),
                                     showlegend=False, hoverinfo="skip"))
         figure.add_trace(go.Scatter(x=[point.acceptance], y=[point.predicted], mode="markers",
-                                    marker=dict(symbol="circle-open", size=11, color=colour, line=dict(width=2)),
+                                    marker=dict(symbol=f"{symbols[point.k]}-open", size=12, color=colour, line=dict(width=2)),
                                     name=f"{point.label}: predicted", legendgroup=point.label, showlegend=False,
                                     hovertemplate=(f"{html.escape(point.label)}<br>predicted {point.predicted:.2f}× "
                                                    f"for a={point.acceptance:.2f}, c={point.cost_ratio:.3f}<extra></extra>")))
         figure.add_trace(go.Scatter(x=[point.acceptance], y=[point.measured], mode="markers",
-                                    marker=dict(symbol="circle", size=11, color=colour, line=dict(color="#222", width=1)),
+                                    marker=dict(symbol=symbols[point.k], size=12, color=colour, line=dict(color="#222", width=1)),
                                     name=point.label, legendgroup=point.label,
                                     hovertemplate=(f"{html.escape(point.label)}<br>measured {point.measured:.2f}× "
                                                    f"(predicted {point.predicted:.2f}×, efficiency {point.efficiency:.0%})"
@@ -547,6 +547,14 @@ def speedup_theory_figure(
     return figure
 
 
+K_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "pentagon", "hexagon", "star", "cross")
+
+
+def _k_symbols(ks: Sequence[int]) -> dict[int, str]:
+    """One marker shape per K (colour stays the drafter's)."""
+    return {k: K_SYMBOLS[i % len(K_SYMBOLS)] for i, k in enumerate(sorted(set(ks)))}
+
+
 def points_table(points: Sequence[MeasuredPoint]) -> pd.DataFrame:
     """The measured runs next to their prediction."""
     return pd.DataFrame(
@@ -558,10 +566,10 @@ def points_table(points: Sequence[MeasuredPoint]) -> pd.DataFrame:
                 "acceptance rate (vLLM)": p.acceptance_rate,
                 "mean acceptance length": p.mean_acceptance_length,
                 "c (measured)": p.cost_ratio,
-                "predicted speedup": p.predicted,
-                "measured decode speedup": p.measured,
+                "predicted": p.predicted,
+                "measured": p.measured,
                 "efficiency": p.efficiency,
-                "a < c": "yes: slower expected" if p.acceptance < p.cost_ratio else "",
+                "a < c": "yes" if p.acceptance < p.cost_ratio else "",
             }
             for p in points
         ]
@@ -572,7 +580,7 @@ def points_table(points: Sequence[MeasuredPoint]) -> pd.DataFrame:
 
 STEP_CSS = """
 .sd-cycle { display: flex; flex-wrap: wrap; gap: 0.7rem; margin: 0.3rem 0 0.8rem 0; }
-.sd-card { width: 15.5rem; border: 1px solid rgba(128,128,128,0.35); border-top: 5px solid #8a8f98;
+.sd-card { width: 12.2rem; border: 1px solid rgba(128,128,128,0.35); border-top: 5px solid #8a8f98;
   border-radius: 0.5rem; padding: 0.5rem 0.65rem; font-size: 0.86rem; line-height: 1.35; }
 .sd-card.sd-accepted { border-top-color: #2e9d5b; }
 .sd-card.sd-rejected { border-top-color: #d0473f; }
@@ -697,12 +705,12 @@ def step_headline(step: Step) -> str:
     """One line about a step: drafted, accepted, and the target's own token."""
     if not step.drafted:
         return f"Step {step.index + 1}: no draft; the target produced {len(step.emitted)} token(s) itself."
-    final = {"bonus": "plus a bonus token", "corrected": "then the target's corrected token",
+    final = {"bonus": "plus a bonus token", "corrected": "then a corrected token",
              "target": "then the target's token"}[step.final_kind]
     if step.final_token is None:
         final = "(cut at the end of the text or the budget)"
-    return (f"Step {step.index + 1}: drafted {len(step.drafted)}, accepted {step.num_accepted} {final}: "
-            f"{len(step.emitted)} token(s) committed in one target pass.")
+    return (f"Step {step.index + 1}: drafted {len(step.drafted)}, accepted {step.num_accepted}, {final}: "
+            f"{len(step.emitted)} token(s) in one target pass")
 
 
 def cache_note(step: Step, committed_len: int) -> str:

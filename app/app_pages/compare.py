@@ -68,10 +68,10 @@ SUMMARY_COLUMNS = {
     "acceptance rate": PERCENT,
     "mean acceptance length": st.column_config.NumberColumn(format="%.2f"),
     "tokens/s": st.column_config.NumberColumn(format="%.1f"),
-    "target alone tokens/s": st.column_config.NumberColumn(format="%.1f"),
+    "target tokens/s": st.column_config.NumberColumn(format="%.1f", help="The target alone on the same prompts."),
     "speedup": st.column_config.NumberColumn(format="%.2f×", help="Tokens/s over the target alone's on the same prompts, prefill included."),
     "decode speedup": st.column_config.NumberColumn(format="%.2f×", help="The same over the decode phase only: what Leviathan's formula predicts."),
-    "c (draft cost)": st.column_config.NumberColumn(format="%.3f", help="Draft time per drafted token over the target alone's time per step."),
+    "c": st.column_config.NumberColumn(format="%.3f", help="Draft cost: draft time per drafted token over the target alone's time per step."),
 }
 
 
@@ -270,6 +270,10 @@ def load_uploaded() -> None:
 # ---------------------------------------------------------------- results
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def show_status(comparison: compare.Comparison) -> None:
     settings = comparison.settings
     finished = sum(1 for r in comparison.runs if not r.cancelled)
@@ -281,10 +285,11 @@ def show_status(comparison: compare.Comparison) -> None:
             f"{settings.get('device')} · up to {settings.get('max_new_tokens')} new tokens · "
             + ("greedy" if settings.get("temperature") == 0 else f"temperature {settings.get('temperature')}"))
     if settings.get("loaded_from"):
-        st.info(f"Loaded from **{settings['loaded_from']}**: {finished} runs on {len(comparison.prompts)} prompts · {what}",
+        st.info(f"Loaded from **{settings['loaded_from']}**: {plural(finished, 'run')} on "
+                f"{plural(len(comparison.prompts), 'prompt')} · {what}",
                 icon=":material/upload_file:")
     elif status == "complete":
-        st.success(f"Complete: {finished} runs on {len(comparison.prompts)} prompts in "
+        st.success(f"Complete: {plural(finished, 'run')} on {plural(len(comparison.prompts), 'prompt')} in "
                    f"{settings.get('elapsed_s', 0):.0f} s · {what}", icon=":material/check_circle:")
     elif status == "cancelled":
         st.warning(f"Cancelled after {finished} of {planned} runs. The tables and charts below show the runs that "
@@ -330,12 +335,13 @@ def show_charts(summary) -> None:
     ks = sorted(int(k) for k in summary["k"].unique())
     curves, bars, against_k = st.columns(3)
     with curves:
+        chart = st.empty()
         curve_k = None
         if len(ks) > 1:
             if st.session_state[key("compare.curve_k")] not in ks:
                 st.session_state[key("compare.curve_k")] = ks[-1]
-            curve_k = st.selectbox("K of the acceptance curves", ks, key=key("compare.curve_k"))
-        st.plotly_chart(render_compare.per_position_figure(summary, curve_k), width="stretch")
+            curve_k = st.select_slider("K of the acceptance curves", ks, key=key("compare.curve_k"))
+        chart.plotly_chart(render_compare.per_position_figure(summary, curve_k), width="stretch")
     bars.plotly_chart(render_compare.speedup_figure(summary), width="stretch")
     against_k.plotly_chart(render_compare.acceptance_vs_k_figure(summary), width="stretch")
 
@@ -450,7 +456,7 @@ with st.container(border=True):
             with st.expander("The prompts"):
                 for i, prompt in enumerate(prompts):
                     st.markdown(f"**{i + 1}.** {render_compare.preview(prompt, 240)}")
-    run_col, cancel_col, _ = st.columns([1, 1, 6])
+    run_col, cancel_col, _ = st.columns([2, 1.3, 5])
     run_clicked = run_col.button("Run comparison", type="primary", icon=":material/play_arrow:")
     cancel_slot = cancel_col.empty()
 

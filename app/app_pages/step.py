@@ -212,7 +212,7 @@ with st.container(border=True):
     st.toggle("Raw completion", key=key("step.raw"), help="Off: the prompt goes through the chat template.")
     session: StepSession | None = st.session_state.get(SESSION_KEY)
     active = session is not None and session.finished is None
-    buttons = st.columns([1.2, 1.2, 1.2, 1.2, 4])
+    buttons = st.columns([1, 1.3, 1.5, 1, 3])
     start_clicked = buttons[0].button("Start", type="primary" if not active else "secondary", icon=":material/restart_alt:",
                                       help="Load the models, read the prompt (prefill) and wait for the first cycle.")
     next_clicked = buttons[1].button("Next cycle", type="primary" if active else "secondary", disabled=not active,

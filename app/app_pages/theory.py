@@ -28,8 +28,8 @@ POINT_COLUMNS = {
     "acceptance rate (vLLM)": PERCENT,
     "mean acceptance length": st.column_config.NumberColumn(format="%.2f"),
     "c (measured)": st.column_config.NumberColumn(format="%.3f"),
-    "predicted speedup": st.column_config.NumberColumn(format="%.2f×"),
-    "measured decode speedup": st.column_config.NumberColumn(format="%.2f×"),
+    "predicted": st.column_config.NumberColumn(format="%.2f×", help="Predicted speedup for the run's a, K and c."),
+    "measured": st.column_config.NumberColumn(format="%.2f×", help="Measured decode speedup (prefill excluded)."),
     "efficiency": PERCENT,
 }
 

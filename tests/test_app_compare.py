@@ -1,0 +1,485 @@
+"""The Compare, Theory and Step-through pages: pure figures and HTML, then AppTest runs of each page.
+
+Pure helpers (``app.render_compare``) get hand-made inputs or a comparison of
+tiny random models. The AppTest runs patch ``lab.models``'s loaders (the app's
+only way to models) to return tiny random models, as ``test_app.py`` does, so a
+page run takes about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import streamlit as st
+import torch
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the app is not an installed package; its modules import as app.*
+    sys.path.insert(0, str(ROOT))
+
+import lab.compare  # noqa: E402
+import lab.models  # noqa: E402
+from app import render_compare, state  # noqa: E402
+from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
+from lab.compare import BASELINE, Comparison, DrafterSpec, run_comparison  # noqa: E402
+from lab.config import DecodeConfig  # noqa: E402
+from lab.theory import expected_speedup  # noqa: E402
+from lab.trace import PositionDetail, Step  # noqa: E402
+
+MAIN = str(ROOT / "app" / "main.py")
+TIMEOUT_S = 120
+key = state.widget_key
+TINY_PROMPTS = "t3 t4 t5 t6 t3 t4 t5 t6 t3 t4\n---\nt7 t8 t9 t7 t8 t9 t7 t8"
+
+
+# ---------------------------------------------------------------- prompts and small formatters
+
+
+@pytest.mark.parametrize(
+    "text, prompts",
+    [
+        ("one prompt", ["one prompt"]),
+        ("first\n---\nsecond", ["first", "second"]),
+        ("a paragraph\n\nand another of the same prompt\n---\nnext", ["a paragraph\n\nand another of the same prompt", "next"]),
+        ("  ---  \nonly\n---\n\n---\n", ["only"]),  # separators with spaces; empty blocks dropped
+        ("a --- inside a line stays", ["a --- inside a line stays"]),
+        ("", []),
+    ],
+)
+def test_split_prompts(text, prompts):
+    assert render_compare.split_prompts(text) == prompts
+
+
+@pytest.mark.parametrize(
+    "fraction, prompts, text",
+    [(1.0, 3, "yes (3/3)"), (2 / 3, 3, "no: 2/3 identical"), (math.nan, 2, "— (sampling)"), (None, 2, "— (sampling)")],
+)
+def test_identical_text(fraction, prompts, text):
+    assert render_compare.identical_text(fraction, prompts) == text
+
+
+@pytest.mark.parametrize("value, text", [(135_000_000, "135M"), (1_780_000_000, "1.78B"), (4_200, "4,200"), (None, "—")])
+def test_format_count(value, text):
+    assert render_compare.format_count(value) == text
+
+
+# ---------------------------------------------------------------- theory helpers
+
+
+@pytest.mark.parametrize("cost_ratio", [0.0, 0.1, 0.35, 0.9])
+def test_break_even_is_a_equals_c_for_k_1(cost_ratio):
+    # Leviathan: with K = 1 the speedup (1 + a) / (1 + c) is 1 exactly at a = c
+    assert render_compare.break_even_acceptance(1, cost_ratio) == pytest.approx(cost_ratio, abs=1e-9)
+
+
+@pytest.mark.parametrize("k, cost_ratio", [(2, 0.2), (4, 0.1), (8, 0.3)])
+def test_break_even_gives_speedup_one(k, cost_ratio):
+    a = render_compare.break_even_acceptance(k, cost_ratio)
+    assert expected_speedup(a, k, cost_ratio) == pytest.approx(1.0, abs=1e-9)
+    assert a > cost_ratio  # for K > 1 every drafted token costs c but later ones are accepted less often
+
+
+def test_break_even_none_when_the_draft_costs_more_than_the_target():
+    assert render_compare.break_even_acceptance(3, 1.2) is None
+
+
+def summary_frame(rows: list[dict]) -> pd.DataFrame:
+    """A hand-made ``Comparison.summary()``: every column, defaults filled in."""
+    defaults = dict(prompts=2, acceptance_rate=0.5, mean_acceptance_length=2.0, per_position_acceptance=[0.6, 0.4],
+                    tokens_per_s=20.0, target_tokens_per_s=10.0, speedup=2.0, decode_speedup=2.1, cost_ratio=0.1,
+                    fitted_acceptance=0.6, predicted_speedup=2.2, efficiency=0.95, identical_to_target=1.0)
+    return pd.DataFrame([defaults | row for row in rows])
+
+
+def test_best_k_is_starred_once_per_drafter():
+    summary = summary_frame([
+        dict(drafter="a", k=2, speedup=1.5), dict(drafter="a", k=4, speedup=1.8), dict(drafter="a", k=8, speedup=1.2),
+        dict(drafter="b", k=2, speedup=0.9), dict(drafter="b", k=4, speedup=math.nan),
+    ])
+    assert render_compare.best_k_by_drafter(summary) == {"a": 4, "b": 2}
+    table = render_compare.summary_table(summary)
+    assert list(table["best K"]) == ["", "★", "", "★", ""]
+    assert list(table.columns[:4]) == ["drafter", "K", "best K", "identical to target"]
+    figure = render_compare.acceptance_vs_k_figure(summary)
+    stars = [t for t in figure.data if t.marker.symbol == "star"]
+    assert sorted((t.x[0], round(t.y[0], 6)) for t in stars if t.yaxis == "y2") == [(2, 0.9), (4, 1.8)]
+
+
+def test_measured_points_carry_the_prediction_for_their_own_k_and_c():
+    summary = summary_frame([
+        dict(drafter="a", k=4, fitted_acceptance=0.7, cost_ratio=0.2, decode_speedup=1.4),
+        dict(drafter="b", k=2, fitted_acceptance=math.nan),  # nothing drafted: left out
+    ])
+    (point,) = render_compare.measured_points(summary)
+    assert point.predicted == pytest.approx(expected_speedup(0.7, 4, 0.2))
+    assert point.efficiency == pytest.approx(1.4 / point.predicted)
+    figure = render_compare.speedup_theory_figure(4, 0.1, [point], acceptance=0.5, own_curves=True)
+    measured = [t for t in figure.data if t.name == "a, K=4"]
+    assert len(measured) == 1 and measured[0].y[0] == pytest.approx(1.4)
+    (band,) = figure.layout.shapes[:1]
+    assert band.x1 == pytest.approx(render_compare.break_even_acceptance(4, 0.1))  # the "slower" region
+    assert render_compare.points_table([point])["a < c"].tolist() == [""]
+
+
+def test_tokens_per_step_figure_draws_the_chosen_k_last_and_bold():
+    figure = render_compare.tokens_per_step_figure(4, acceptance=0.5)
+    curve = [t for t in figure.data if t.name == "K=4"][0]
+    assert curve.y[0] == pytest.approx(1.0) and curve.y[-1] == pytest.approx(5.0)  # a = 0 and a = 1
+    assert curve.line.width == 3
+
+
+# ---------------------------------------------------------------- figures and tables of a tiny comparison
+
+
+@pytest.fixture(scope="module")
+def tiny_comparison(tiny_target) -> Comparison:
+    specs = [DrafterSpec("prompt-lookup"), DrafterSpec("layer-skip", exit_layer=1)]
+    config = DecodeConfig(max_new_tokens=10)
+    return run_comparison(tiny_target, render_compare.split_prompts(TINY_PROMPTS), specs, [1, 3], config,
+                          chat_template=False)
+
+
+def test_comparison_figures_and_tables(tiny_comparison):
+    summary = tiny_comparison.summary()
+    drafters = list(dict.fromkeys(summary["drafter"]))
+    curves = render_compare.per_position_figure(summary)
+    assert [t.name for t in curves.data] == [f"{d} (K=3)" for d in drafters]  # one per drafter, its largest K
+    assert all(list(t.x) == list(range(1, len(t.y) + 1)) for t in curves.data)
+    bars = render_compare.speedup_figure(summary)
+    assert [t.name for t in bars.data] == drafters and all(list(t.x) == ["K=1", "K=3"] for t in bars.data)
+    table = render_compare.summary_table(summary)
+    assert len(table) == 4 and set(table["identical to target"]) == {"yes (2/2)"}  # fp32 greedy: exact
+    runs = render_compare.runs_table(tiny_comparison)
+    assert len(runs) == 10 and sorted(set(runs["prompt"])) == [1, 2] and not runs["cancelled"].any()
+    assert render_compare.run_label(tiny_comparison, 0) == f"prompt 1 · {BASELINE}"
+
+
+def test_timeline_figure_stacks_drafting_and_verifying(tiny_comparison):
+    record = next(r for r in tiny_comparison.runs if r.drafter != BASELINE)
+    figure = render_compare.timeline_figure(record.draft_ms, record.verify_ms, baseline_ms_per_step=5.0)
+    drafting, verifying = figure.data
+    assert list(drafting.y) == record.draft_ms and list(verifying.y) == record.verify_ms
+    assert figure.layout.barmode == "stack"
+    split = render_compare.time_split(record.draft_ms, record.verify_ms)
+    assert split.steps == len(record.verify_ms) and 0 <= split.draft_share <= 1
+    assert any("no step yet" in a.text for a in render_compare.timeline_figure([], []).layout.annotations)
+
+
+def test_cost_rows_say_what_each_drafter_adds(tiny_target, tiny_comparison):
+    draft = SimpleNamespace(name="qwen2.5-coder-0.5b", num_parameters=630_000_000, weight_bytes=1_260_000_000)
+    costs = {
+        "prompt-lookup (n 1-3)": render_compare.drafter_cost("prompt-lookup", tiny_target),
+        "layer-skip (exit 1)": render_compare.drafter_cost("layer-skip", tiny_target, exit_layer=1),
+        "draft-model (qwen2.5-coder-0.5b)": render_compare.drafter_cost("draft-model", tiny_target, draft),
+    }
+    rows = {r["drafter"]: r for r in render_compare.cost_rows(costs, tiny_comparison.summary())}
+    assert rows["prompt-lookup (n 1-3)"]["parameters added"] == "none"
+    assert "shares the target's weights" in rows["layer-skip (exit 1)"]["what it uses"]
+    assert "(K=1)" in rows["layer-skip (exit 1)"]["c, measured"] and "(K=3)" in rows["layer-skip (exit 1)"]["c, measured"]
+    assert rows["draft-model (qwen2.5-coder-0.5b)"]["parameters added"] == "630M"
+    assert rows["draft-model (qwen2.5-coder-0.5b)"]["memory added"] == "1.17 GiB"
+    assert rows["draft-model (qwen2.5-coder-0.5b)"]["c, measured"] == "—"  # not in this comparison
+
+
+# ---------------------------------------------------------------- step-through cards
+
+
+def detail(token, accepted, draft_prob=None, target_prob=0.5, top=((5, 0.5), (9, 0.3)), acceptance=1.0, uniform=None):
+    return PositionDetail(token, draft_prob, target_prob, tuple(top), acceptance, uniform, accepted)
+
+
+@pytest.mark.parametrize(
+    "position, greedy, words",
+    [
+        (detail(5, True), True, ["“ t5”", "accepted"]),
+        (detail(6, False, target_prob=0.1, acceptance=0.0), True, ["not the drafted “ t6”", "rejected"]),
+        # prompt lookup under sampling: draft prob 1, accept with the target's probability
+        (detail(5, True, target_prob=0.42, acceptance=0.42, uniform=0.3), False,
+         ["0.420 / 1.000", "deterministic", "u = 0.300 < 0.42", "accepted"]),
+        # a model draft more confident than the target: ratio below 1, a high draw rejects
+        (detail(6, False, draft_prob=0.6, target_prob=0.3, acceptance=0.5, uniform=0.8), False,
+         ["0.300 / 0.600", "= 0.50", "u = 0.800 ≥ 0.50", "rejected"]),
+    ],
+)
+def test_decision_reason(position, greedy, words):
+    reason = render_compare.decision_reason(position, greedy, f" t{position.draft_token}", " t5")
+    for word in words:
+        assert word in reason
+
+
+def test_step_cards_show_each_position_and_the_final_token():
+    # 3 drafted: the first accepted, the second rejected (so the third was never checked), then the correction
+    step = Step(0, (5, 6, 7), 1, (5, 9), "corrected", 1.0, 10.0, 12, 11,
+                details=(detail(5, True), detail(6, False, target_prob=0.1, acceptance=0.0)))
+    cards = render_compare.step_cards_html(step, tiny_tokenizer(), [3, 4], greedy=True)
+    assert [c.split('"')[0] for c in cards.split('class="sd-card sd-')[1:]] == ["accepted", "rejected", "unchecked", "corrected"]
+    assert "not checked" in cards and "replaces the drafted one" in cards
+    assert "␣t5" in cards and "␣t9" in cards  # token text with its leading space marked
+    assert "<script" not in render_compare.step_cards_html(
+        Step(0, (), 0, (1,), "target", 0.0, 1.0, 3), SimpleNamespace(decode=lambda ids, **_: "<script>"), [], True
+    )
+
+
+@pytest.mark.parametrize(
+    "step, words",
+    [
+        (Step(0, (5, 6), 2, (5, 6, 7), "bonus", 1.0, 1.0, 12), ["All 2 drafted tokens were accepted", "free"]),
+        (Step(0, (), 0, (7,), "target", 0.0, 1.0, 12), ["No draft"]),
+        (Step(0, (5, 6), 1, (5,), "corrected", 1.0, 1.0, 12), ["cut"]),
+    ],
+)
+def test_final_token_note(step, words):
+    for word in words:
+        assert word in render_compare.final_token_note(step, greedy=True)
+
+
+def test_cache_note_and_headline():
+    step = Step(2, (5, 6, 7), 1, (5, 9), "corrected", 1.0, 10.0, 41, 40)
+    assert "holds 41 tokens: all 42 committed" in render_compare.cache_note(step, 42)
+    assert "draft's cache holds 40" in render_compare.cache_note(step, 42)
+    assert render_compare.step_headline(step).startswith("Step 3: drafted 3, accepted 1, then a corrected token")
+
+
+# ---------------------------------------------------------------- AppTest with tiny models
+
+
+def tiny_loaded(name: str) -> lab.models.LoadedModel:
+    """The Qwen presets share one tokenizer and SmolLM2 has its own: tiny tokenizers mimic that by word prefix."""
+    model = tiny_llama(seed=0, layers=3)
+    return lab.models.LoadedModel(
+        name=name, model=model, tokenizer=tiny_tokenizer(prefix="q" if name.startswith("qwen") else "t"),
+        device=torch.device("cpu"), dtype=torch.float32, num_parameters=sum(p.numel() for p in model.parameters()),
+        weight_bytes=4 * sum(p.numel() for p in model.parameters()), load_s=0.0,
+    )
+
+
+@pytest.fixture
+def tiny_models(monkeypatch):
+    """Presets load as tiny random models; loads are recorded."""
+    loads = []
+
+    def fake_load_model(name_or_path, device=None, dtype=None, progress=None):
+        if progress is not None:
+            progress(0.5, f"loading {name_or_path}")
+        loads.append(str(name_or_path))
+        return tiny_loaded(str(name_or_path))
+
+    def fake_load_tokenizer(name_or_path, progress=None):
+        return tiny_loaded(str(name_or_path)).tokenizer
+
+    monkeypatch.setattr(lab.models, "load_model", fake_load_model)
+    monkeypatch.setattr(lab.models, "load_tokenizer", fake_load_tokenizer)
+    st.cache_resource.clear()
+    yield loads
+    st.cache_resource.clear()  # never leave tiny models cached under preset names
+
+
+def app_on(page: str, **widgets) -> AppTest:
+    """The app switched to one of its pages, with widget values set and drawn."""
+    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT_S)
+    at.run()
+    at.switch_page(f"app_pages/{page}.py").run()
+    assert not at.exception, at.exception
+    for name, value in widgets.items():
+        at.session_state[key(f"{page}.{name}")] = value
+    return at.run()
+
+
+def click(at: AppTest, label: str) -> AppTest:
+    (button,) = [b for b in at.button if b.label == label]
+    button.click()
+    return at.run()
+
+
+def compare_app(**widgets) -> AppTest:
+    settings = dict(source="Paste prompts", pasted=TINY_PROMPTS, raw=True, max_new_tokens=8, ks=[1, 3])
+    return app_on("compare", **(settings | widgets))
+
+
+def html_of(at: AppTest) -> str:
+    return "\n".join(h.value for h in at.html)
+
+
+def test_compare_page_defaults_draw_without_loading(tiny_models):
+    at = app_on("compare")
+    assert at.title[0].value == "Compare drafters"
+    assert at.selectbox(key=key("compare.target")).value == "smollm2-135m"
+    assert at.multiselect(key=key("compare.drafters")).value == ["prompt-lookup", "layer-skip"]
+    assert any("10 decodes" in c.value for c in at.caption)  # 2 preset prompts x (1 + 2 drafters x 2 K)
+    assert tiny_models == []
+
+
+def test_compare_run_shows_table_costs_charts_timeline_and_exports(tiny_models):
+    at = click(compare_app(), "Run comparison")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any(s.value.startswith("Complete: 10 runs on 2 prompts") for s in at.success)
+    comparison = at.session_state["compare:comparison"]
+    assert len(comparison.runs) == 10 and comparison.settings["status"] == "complete"
+    summary_table = at.dataframe[0].value
+    assert len(summary_table) == 4 and set(summary_table["identical to target"]) == {"yes (2/2)"}
+    costs = at.dataframe[1].value
+    assert list(costs["parameters added"]) == ["none", "none"]
+    assert {s.value for s in at.subheader} >= {"Per drafter and K", "What each drafter costs", "Timeline of a run"}
+    assert len(at.get("plotly_chart")) == 4
+    assert [b.label for b in at.get("download_button")] == ["Download CSV", "Download JSON"]
+    assert tiny_models == ["smollm2-135m"]
+
+    at.selectbox(key=key("compare.inspect")).select(3).run()  # the timeline of another run
+    assert not at.exception
+    at.run()  # a rerun keeps the result and does not run again
+    assert len(at.dataframe) >= 2 and tiny_models == ["smollm2-135m"]
+
+
+def test_compare_with_the_qwen_draft_model_reports_its_size(tiny_models):
+    at = click(compare_app(target="qwen2.5-coder-1.5b", drafters=["draft-model"], draft="qwen2.5-coder-0.5b",
+                           pasted="q3 q4 q5 q3 q4 q5", ks=[2]), "Run comparison")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    costs = at.dataframe[1].value
+    assert costs["parameters added"].tolist() == [render_compare.format_count(tiny_loaded("x").num_parameters)]
+    assert sorted(tiny_models) == ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+
+
+@pytest.mark.parametrize(
+    "widgets, message",
+    [
+        (dict(pasted="  \n---\n "), "No prompts"),
+        (dict(drafters=[]), "No drafter"),
+        (dict(ks=[]), "No K values"),
+        (dict(drafters=["draft-model"], draft="qwen2.5-coder-0.5b"), "tokenizer"),  # SmolLM2 target, Qwen draft
+        (dict(drafters=["prompt-lookup"], min_n=3, max_n=2), "min_n <= max_n"),
+    ],
+)
+def test_compare_errors_are_shown(tiny_models, widgets, message):
+    at = click(compare_app(**widgets), "Run comparison")
+    assert not at.exception
+    assert any(message in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_cancel_keeps_the_runs_that_finished(tiny_models, monkeypatch):
+    # The Cancel button's callback sets this flag; here the third decode sets it after its first step.
+    real_decode = lab.compare.decode
+    calls = []
+
+    def decode_then_cancel(*args, **kwargs):
+        calls.append(1)
+        for number, event in enumerate(real_decode(*args, **kwargs)):
+            if len(calls) == 3 and number == 2:  # Prefilled, then the first Step: the run is under way
+                st.session_state["compare:cancel_requested"] = True
+            yield event
+
+    monkeypatch.setattr(lab.compare, "decode", decode_then_cancel)
+    at = click(compare_app(), "Run comparison")
+    assert not at.exception and not at.error
+    assert any("Cancelled after 2 of 10 runs" in w.value for w in at.warning), [w.value for w in at.warning]
+    comparison = at.session_state["compare:comparison"]
+    assert [r.cancelled for r in comparison.runs] == [False, False, True]
+    assert len(at.dataframe[0].value) == 1  # the one drafter x K that finished
+    assert not [b for b in at.button if b.label == "Cancel"]  # drawn only while running
+
+
+def test_results_file_loads_back(tiny_models, tiny_comparison):
+    at = app_on("compare")
+    at.file_uploader[0].set_value(("comparison.json", tiny_comparison.to_json().encode(), "application/json")).run()
+    assert not at.exception and not at.error
+    assert any("Loaded from **comparison.json**: 10 runs on 2 prompts" in i.value for i in at.info)
+    assert len(at.dataframe[0].value) == 4
+    assert tiny_models == []
+
+    at.switch_page("app_pages/theory.py").run()  # the Theory page reads the loaded comparison too
+    assert not at.exception
+    assert any("comparison.json" in m.value for m in at.markdown)
+
+
+def test_bad_results_file_is_refused(tiny_models):
+    at = app_on("compare")
+    at.file_uploader[0].set_value(("notes.json", json.dumps({"hello": 1}).encode(), "application/json")).run()
+    assert not at.exception
+    assert any("not a comparison results file" in e.value for e in at.error)
+    assert "compare:comparison" not in at.session_state
+
+
+def test_theory_page_without_a_comparison_shows_the_curves(tiny_models):
+    at = app_on("theory")
+    assert not at.exception and not at.error
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Tokens per target step"] == "2.77"  # (1 - 0.7^5) / 0.3 at the default K = 4, a = 0.7
+    assert metrics["Expected speedup"] == "1.98×"  # ... / (4 * 0.1 + 1)
+    assert len(at.get("plotly_chart")) == 2
+    assert any("No comparison yet" in i.value for i in at.info)
+    at.slider(key=key("theory.k")).set_value(1).run()
+    at.slider(key=key("theory.c")).set_value(0.3).run()
+    assert {m.label: m.value for m in at.metric}["Break-even a"] == "0.30"  # K = 1: a = c
+
+
+def test_theory_page_places_measured_runs(tiny_models):
+    at = click(compare_app(), "Run comparison")
+    at.switch_page("app_pages/theory.py").run()
+    assert not at.exception and not at.error
+    points = render_compare.measured_points(at.session_state["compare:comparison"].summary())
+    assert points and len(at.dataframe[0].value) == len(points)
+    assert any("vLLM's acceptance rate (accepted / drafted) is a different quantity" in c.value for c in at.caption)
+    point = points[-1]
+    at.selectbox(key=key("theory.run")).select(point.label).run()  # sliders jump to that run's K, c and a
+    assert at.slider(key=key("theory.k")).value == point.k
+    assert at.slider(key=key("theory.a")).value == pytest.approx(round(point.acceptance, 3))
+
+
+def step_app(**widgets) -> AppTest:
+    return app_on("step", **({"prompt": "t3 t4 t5 t6 t3 t4 t5 t6 t3 t4", "raw": True, "max_new_tokens": 12} | widgets))
+
+
+def test_step_through_greedy_cycles(tiny_models):
+    at = step_app()
+    assert [b.disabled for b in at.button if b.label in ("Next cycle", "Reset")] == [True, True]
+    at = click(at, "Start")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("Prefilled" in i.value for i in at.info)
+    assert not [b for b in at.button if b.label == "Next cycle"][0].disabled
+    at = click(click(at, "Next cycle"), "Next cycle")
+    assert not at.exception
+    session = at.session_state["step:session"]
+    assert len(session.steps) == 2
+    assert at.subheader[0].value.startswith("Step 2:")
+    html = html_of(at)
+    assert 'class="sd-card' in html and 'class="tok tok-' in html
+    assert at.slider(key=key("step.view")).value == 2
+    at.slider(key=key("step.view")).set_value(1).run()  # look back at the first cycle
+    assert at.subheader[0].value.startswith("Step 1:")
+
+    for _ in range(4):
+        at = click(at, "Next 5 cycles")
+        if session.finished is not None:
+            break
+    assert session.finished is not None
+    assert any(s.value.startswith("Finished") for s in at.success)
+    assert [p.token_id for p in session.pieces if p.kind != "rejected"] == list(session.finished.token_ids)
+    assert [b for b in at.button if b.label == "Next cycle"][0].disabled
+    at = click(at, "Reset")
+    assert "step:session" not in at.session_state
+
+
+def test_step_through_sampling_explains_the_draw(tiny_models):
+    # layer skip is a model drafter: it always drafts, with probabilities
+    at = click(step_app(drafter="layer-skip", temperature=0.9, seed=3, max_new_tokens=40, k=3), "Start")
+    for _ in range(2):
+        at = click(at, "Next cycle")
+    assert not at.exception and not at.error
+    steps = at.session_state["step:session"].steps
+    assert steps[-1].details
+    assert all(d.uniform is not None and d.draft_prob is not None for s in steps for d in s.details)
+    html = html_of(at)
+    assert "uniform draw u =" in html and "Target/draft" in html
+
+
+def test_step_through_errors_are_shown(tiny_models):
+    at = click(step_app(prompt="   "), "Start")
+    assert not at.exception
+    assert any("prompt is empty" in e.value for e in at.error)
+    assert "step:session" not in at.session_state
