@@ -82,12 +82,22 @@ class RaggedCache:
         K/V of one of that row's tokens. A row's valid slots, in slot order, are
         its tokens in order, so its next token's position id is ``lengths[b]``.
 
+    max_waste, min_wasted_slots: when ``trim`` compacts (see there).
+
     Raises ValueError for a model with sliding-window layers (their window
     counts slots, holes included, so it would not be the row's window).
     """
 
-    def __init__(self, model: torch.nn.Module, batch_size: int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batch_size: int,
+        max_waste: float = 0.25,
+        min_wasted_slots: int = COMPACT_MIN_WASTED_SLOTS,
+    ) -> None:
         self.model = model
+        self.max_waste = max_waste
+        self.min_wasted_slots = min_wasted_slots
         self.device = next(model.parameters()).device
         self.cache = new_cache(model)
         if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
@@ -152,7 +162,7 @@ class RaggedCache:
             self.cache.batch_select_indices(index)
         self.valid = self.valid[index]
 
-    def trim(self, max_waste: float = 0.25, min_wasted_slots: int = COMPACT_MIN_WASTED_SLOTS) -> None:
+    def trim(self) -> None:
         """Cut slots that are holes in every row; compact when holes still waste > max_waste of the slots.
 
         Compaction copies the cache (about one attention pass over it), so it
@@ -171,7 +181,7 @@ class RaggedCache:
             self._slice(first, last)
         longest = int(self.lengths.max())
         wasted = self.num_slots - longest
-        if wasted >= max(1, min_wasted_slots) and wasted > max_waste * self.num_slots:
+        if wasted >= max(1, self.min_wasted_slots) and wasted > self.max_waste * self.num_slots:
             self._compact(longest)
 
     def _slice(self, first: int, last: int) -> None:
