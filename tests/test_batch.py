@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from conftest import TINY_VOCAB, TinyLM, reference_greedy
+from conftest import TINY_VOCAB, TinyLM, reference_greedy, tiny_llama
 from lab.batch import (
     BatchDraftModelDrafter,
     BatchFinished,
@@ -114,10 +114,15 @@ def eos_in_one_row(target: TinyLM, prompts, max_new_tokens: int = NEW_TOKENS) ->
 # ---------------------------------------------------------------- the ragged cache
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("compact", [False, True])
-def test_batched_forward_with_holes_equals_unbatched(tiny_target, compact):
-    """Left padding, rejected-draft holes, a dropped row and compaction: each row's logits are its unbatched ones."""
-    model = tiny_target.model
+def test_batched_forward_with_holes_equals_unbatched(compact, attention):
+    """Left padding, rejected-draft holes, a dropped row and compaction: each row's logits are its unbatched ones.
+
+    Both attention implementations build their masks from our 2D mask (sdpa: boolean; eager: additive).
+    """
+    model = tiny_llama(seed=0, layers=3)
+    model.set_attn_implementation(attention)
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
     cache = RaggedCache(model, 3, max_waste=0.0, min_wasted_slots=1 if compact else 10**6)
     with torch.inference_mode():
