@@ -75,7 +75,7 @@ from lab.batch import (
     merge_stats,
     run_batch,
 )
-from lab.config import DecodeConfig
+from lab.config import K_MAX, DecodeConfig
 from lab.drafters.base import DraftContext, Drafter
 from lab.metrics import SpecDecodingStats
 from lab.theory import acceptance_from_mean_length, expected_tokens_per_step
@@ -521,7 +521,7 @@ def run_sweep(
         acceptance seeds the policy.
     progress: ``progress(fraction, message)``.
 
-    Raises ValueError for no prompts or a non-positive batch size.
+    Raises ValueError for no prompts, no drafter, a non-positive batch size or k_max out of 1..16.
     """
     if not prompts:
         raise ValueError("a batch-size sweep requires at least one prompt; got none")
@@ -529,7 +529,11 @@ def run_sweep(
     if batch_sizes[0] < 1:
         raise ValueError(f"batch sizes require integers >= 1; got {batch_sizes}")
     k_max = config.k if k_max is None else k_max
+    if not 1 <= k_max <= K_MAX:
+        raise ValueError(f"k_max requires an integer in 1..{K_MAX}; got {k_max}")
     drafter = as_batch_drafter(drafter)
+    if drafter is None:
+        raise ValueError("a batch-size sweep requires a drafter (the target alone always runs as the baseline); got none")
     report = progress or (lambda fraction, message: None)
     model = target.model
     param = next(model.parameters())
@@ -542,7 +546,6 @@ def run_sweep(
         "k_max": k_max,
         "target": getattr(target, "name", None),
     }
-    on_config = config
     cost = CostModel()
     seen = SpecDecodingStats()  # acceptance measured so far (on runs), seeds the policy
 
@@ -580,7 +583,7 @@ def run_sweep(
                     target,
                     [prompts[i] for i in group],
                     drafter if k > 0 else None,
-                    replace(on_config, k=k) if k > 0 else config,
+                    replace(config, k=k) if k > 0 else config,
                 )
                 run.add(result)
                 cost.add_steps(result.steps)

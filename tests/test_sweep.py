@@ -184,3 +184,19 @@ def test_smollm2_sweep_by_name_writes_json(tmp_path):
     assert data["batch_sizes"] == [1, 2] and data["settings"]["dtype"] == "float32"
     # fp32: batching and speculation change no output.
     assert all(r.outputs_differ_on_vs_off == 0 and r.off.outputs_differ_from_batch_1 == 0 for r in sweep.results)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prompts": []}, "at least one prompt"),
+        ({"drafter": None}, "requires a drafter"),
+        ({"batch_sizes": (0, 2)}, "batch sizes require integers >= 1"),
+        ({"k_max": 17}, "k_max requires an integer in 1..16; got 17"),
+    ],
+)
+def test_sweep_refuses_bad_settings(tiny_target, kwargs, message):
+    arguments = {"prompts": PROMPTS, "drafter": PromptLookupDrafter(), "batch_sizes": BATCH_SIZES} | kwargs
+    k_max = arguments.pop("k_max", None)
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        run_sweep(tiny_target, config=DecodeConfig(k=2, max_new_tokens=2), k_max=k_max, **arguments)
