@@ -61,7 +61,7 @@ from lab.cache import new_cache
 from lab.config import K_MAX, DecodeConfig
 from lab.drafters import DraftModelDrafter, make_drafter
 from lab.drafters.base import Draft, DraftContext, Drafter
-from lab.engine import DecodeResult, _cut, _details, _sync, _text
+from lab.engine import DecodeResult, cut_emitted, output_text, position_details, sync_device
 from lab.metrics import SpecDecodingStats
 from lab.sampling import logits_to_probs, sample
 from lab.trace import Finished, Prefilled, Step, StopReason
@@ -498,7 +498,7 @@ def decode_batch(
     cache = RaggedCache(model, len(requests)) if target_cache is None else target_cache
     if any(q.prompt.numel() > 1 for q in requests):
         cache.forward([q.prompt[:-1] for q in requests], logits_to_keep=1)
-    _sync(device)
+    sync_device(device)
     prefill_ms = (time.perf_counter() - start) * 1e3
     yield BatchPrefilled(tuple(Prefilled(q.prompt.numel(), prefill_ms) for q in requests), prefill_ms)
 
@@ -513,7 +513,7 @@ def decode_batch(
         drafts = [Draft.empty() for _ in rows]
         if drafter is not None and k_step > 0 and any(q.remaining > 1 for q in rows):
             drafts = drafter.propose([q.draft_context(k_step, sampling) for q in rows])
-        _sync(device)
+        sync_device(device)
         t1 = time.perf_counter()
 
         # 2. verify forward: per row [last committed] + draft -> K'_b+1 distributions, left-padded.
@@ -534,7 +534,7 @@ def decode_batch(
             q.commit(d, v, eos, target.tokenizer, config.stop_strings, max_positions)
             for q, d, v in zip(rows, drafts, verdicts)
         ]
-        _sync(device)
+        sync_device(device)
         t2 = time.perf_counter()
 
         # 5. observe, report, and let finished rows leave the batch (no more work, no more tokens).
@@ -546,7 +546,7 @@ def decode_batch(
         for b, (q, draft, verdict, (emitted, reason)) in enumerate(zip(rows, drafts, verdicts, commits)):
             details = ()
             if config.record_details and len(draft):
-                details = _details(row_logits[b], row_probs[b], draft, verdict, sampling.is_greedy)
+                details = position_details(row_logits[b], row_probs[b], draft, verdict, sampling.is_greedy)
             steps.append(
                 Step(
                     index=q.num_steps,
@@ -635,7 +635,7 @@ class _Request:
     ) -> tuple[list[int], StopReason | None]:
         """Append the accepted tokens and the target's own, cut at EOS / stop string / budget / context window."""
         new_tokens = draft.tokens[: verdict.num_accepted].tolist() + [verdict.next_token]
-        emitted, reason = _cut(new_tokens, self.generated, self.remaining, eos, tokenizer, stop_strings)
+        emitted, reason = cut_emitted(new_tokens, self.generated, self.remaining, eos, tokenizer, stop_strings)
         self.generated += emitted
         self.committed = torch.cat([self.committed, torch.tensor(emitted, dtype=torch.long)])
         if reason is None and self.committed.numel() >= max_positions:
@@ -648,7 +648,7 @@ class _Request:
             self.first_token_s = now_s
 
     def finish(self, reason: StopReason, tokenizer, stop_strings, now_s: float) -> RowFinished:
-        text = _text(tokenizer, self.generated, stop_strings)
+        text = output_text(tokenizer, self.generated, stop_strings)
         first = self.first_token_s if self.first_token_s is not None else now_s
         self.result = RowFinished(self.index, Finished(reason, tuple(self.generated), text, now_s), first)
         return self.result
@@ -695,7 +695,7 @@ class BatchResult:
         """Acceptance counters summed over requests (its wall_s sums latencies: use ``tokens_per_s`` for throughput)."""
         pooled = SpecDecodingStats()
         for row in self.rows:
-            merge_stats(pooled, row.stats)
+            pooled.merge(row.stats)
         return pooled
 
 
@@ -732,23 +732,6 @@ def run_batch(
             if isinstance(row_event, Step):
                 steps_of[request].append(row_event)
     raise RuntimeError("decode_batch ended without a BatchFinished event")
-
-
-def merge_stats(into: SpecDecodingStats, other: SpecDecodingStats) -> None:
-    """Add other's counters to into (per-position lists aligned at position 0)."""
-    into.num_drafts += other.num_drafts
-    into.num_draft_tokens += other.num_draft_tokens
-    into.num_accepted_tokens += other.num_accepted_tokens
-    if len(into.accepted_per_position) < len(other.accepted_per_position):
-        into.accepted_per_position += [0] * (len(other.accepted_per_position) - len(into.accepted_per_position))
-    for i, n in enumerate(other.accepted_per_position):
-        into.accepted_per_position[i] += n
-    into.target_forward_passes += other.target_forward_passes
-    into.num_output_tokens += other.num_output_tokens
-    into.prefill_s += other.prefill_s
-    into.draft_s += other.draft_s
-    into.verify_s += other.verify_s
-    into.wall_s += other.wall_s
 
 
 def _final_kind(draft: Draft, verdict: Verdict) -> str:

@@ -92,7 +92,7 @@ def decode(
     cache = new_cache(model) if target_cache is None else target_cache
     if prompt.numel() > 1:
         model(prompt[None, :-1].to(device), cache=cache, use_cache=True, logits_to_keep=1)
-    _sync(device)
+    sync_device(device)
     yield Prefilled(prompt.numel(), (time.perf_counter() - start) * 1e3)
 
     committed = prompt.clone()  # [T] CPU, prompt then output
@@ -111,7 +111,7 @@ def decode(
                     None if naive else grammar,
                 )
             )
-        _sync(device)
+        sync_device(device)
         t1 = time.perf_counter()
 
         # 2. verify forward: [last committed] + draft -> K'+1 distributions.
@@ -133,7 +133,7 @@ def decode(
         # 4. commit and roll back: keep K/V of all committed tokens but the new last one.
         crop_cache(cache, committed.numel() + verdict.num_accepted)
         new_tokens = draft.tokens[: verdict.num_accepted].tolist() + [verdict.next_token]
-        emitted, reason = _cut(new_tokens, generated, remaining, eos, target.tokenizer, config.stop_strings)
+        emitted, reason = cut_emitted(new_tokens, generated, remaining, eos, target.tokenizer, config.stop_strings)
         if grammar is not None:
             # Exact: the matcher is at the committed prefix; advance it over what was committed.
             # Naive: it already took every drafted token; only the target's own token is added.
@@ -141,7 +141,7 @@ def decode(
                 grammar.accept(token)
         generated += emitted
         committed = torch.cat([committed, torch.tensor(emitted, dtype=torch.long)])
-        _sync(device)
+        sync_device(device)
         t2 = time.perf_counter()
 
         # 5. observe.
@@ -151,7 +151,7 @@ def decode(
             reason = "context_window"
         details = ()
         if config.record_details and len(draft):
-            details = _details(logits, target_probs, draft, verdict, sampling.is_greedy)
+            details = position_details(logits, target_probs, draft, verdict, sampling.is_greedy)
         yield Step(
             index=step_index,
             drafted=tuple(draft.tokens.tolist()),
@@ -167,7 +167,7 @@ def decode(
         )
         step_index += 1
 
-    text = _text(target.tokenizer, generated, config.stop_strings)
+    text = output_text(target.tokenizer, generated, config.stop_strings)
     yield Finished(reason, tuple(generated), text, time.perf_counter() - start)
 
 
@@ -212,7 +212,7 @@ def _naive_grammar_masks(grammar, logits: torch.Tensor, draft_tokens: torch.Tens
     return masked
 
 
-def _cut(
+def cut_emitted(
     new_tokens: list[int],
     generated: list[int],
     remaining: int,
@@ -235,13 +235,13 @@ def _has_stop(text: str, stop_strings: tuple[str, ...]) -> bool:
     return any(s in text for s in stop_strings)
 
 
-def _text(tokenizer, generated: list[int], stop_strings: tuple[str, ...]) -> str:
+def output_text(tokenizer, generated: list[int], stop_strings: tuple[str, ...]) -> str:
     text = tokenizer.decode(generated, skip_special_tokens=True) if tokenizer is not None else ""
     cuts = [text.find(s) for s in stop_strings if s in text]
     return text[: min(cuts)] if cuts else text
 
 
-def _details(
+def position_details(
     logits: torch.Tensor,
     target_probs: torch.Tensor | None,
     draft: Draft,
@@ -273,6 +273,6 @@ def _draft_cache_len(drafter: Drafter | None) -> int | None:
     return None if cache is None else cache.get_seq_length()
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -60,6 +60,22 @@ class SpecDecodingStats:
         elif isinstance(event, Finished):
             self.wall_s += event.wall_s
 
+    def merge(self, other: "SpecDecodingStats") -> None:
+        """Add another run's counters to these (per-position counts aligned at position 0)."""
+        self.num_drafts += other.num_drafts
+        self.num_draft_tokens += other.num_draft_tokens
+        self.num_accepted_tokens += other.num_accepted_tokens
+        if len(self.accepted_per_position) < len(other.accepted_per_position):
+            self.accepted_per_position += [0] * (len(other.accepted_per_position) - len(self.accepted_per_position))
+        for i, n in enumerate(other.accepted_per_position):
+            self.accepted_per_position[i] += n
+        self.target_forward_passes += other.target_forward_passes
+        self.num_output_tokens += other.num_output_tokens
+        self.prefill_s += other.prefill_s
+        self.draft_s += other.draft_s
+        self.verify_s += other.verify_s
+        self.wall_s += other.wall_s
+
     @property
     def acceptance_rate(self) -> float:
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else math.nan

@@ -72,11 +72,11 @@ from lab.batch import (
     RaggedCache,
     as_batch_drafter,
     make_batch_drafter,
-    merge_stats,
     run_batch,
 )
 from lab.config import K_MAX, DecodeConfig
 from lab.drafters.base import DraftContext, Drafter
+from lab.engine import sync_device
 from lab.metrics import SpecDecodingStats
 from lab.theory import acceptance_from_mean_length, expected_tokens_per_step
 
@@ -193,7 +193,7 @@ def calibrate(
             for _ in range(repeats):
                 start = time.perf_counter()
                 cache.forward(new_tokens)
-                _sync(device)
+                sync_device(device)
                 cost.target_ms[(batch_size, width)].append((time.perf_counter() - start) * 1e3)
                 cache.keep(lengths)
                 cache.trim()
@@ -205,7 +205,7 @@ def calibrate(
                 drafter.observe([0] * batch_size)
                 start = time.perf_counter()
                 drafter.propose(contexts)
-                _sync(device)
+                sync_device(device)
                 cost.draft_ms_per_token[batch_size].append((time.perf_counter() - start) * 1e3 / k_max)
     return cost
 
@@ -293,7 +293,7 @@ class ModeRun:
         self.first_token_s += result.first_token_s
         self.num_output_tokens += result.num_output_tokens
         self.wall_s += result.wall_s
-        merge_stats(self.stats, result.pooled_stats())
+        self.stats.merge(result.pooled_stats())
         self.outputs += result.token_ids
 
     @property
@@ -435,7 +435,7 @@ class SweepResult:
         """The auto-K policy fitted on everything the sweep measured: ``run_batch(..., k_policy=sweep.policy())``."""
         seen = SpecDecodingStats()
         for r in self.results:
-            merge_stats(seen, r.on.stats)
+            seen.merge(r.on.stats)
         return AutoK.from_stats(self.cost, seen, self.k, self.settings.get("k_max") if k_max is None else k_max)
 
     def as_dict(self) -> dict[str, Any]:
@@ -553,7 +553,7 @@ def run_sweep(
         report(0.0, "warm-up")
         warm = replace(config, max_new_tokens=min(WARMUP_NEW_TOKENS, config.max_new_tokens))
         run_batch(target, prompts[:2], None, warm)
-        merge_stats(seen, run_batch(target, prompts[:2], drafter, warm).pooled_stats())
+        seen.merge(run_batch(target, prompts[:2], drafter, warm).pooled_stats())
     if calibration:
         report(0.02, "calibrating step costs")
         calibrate(target, drafter, prompts, batch_sizes, k_max, cost=cost)
@@ -588,7 +588,7 @@ def run_sweep(
                 run.add(result)
                 cost.add_steps(result.steps)
             done_requests += len(group)
-        merge_stats(seen, modes[ON].stats)
+        seen.merge(modes[ON].stats)
 
         if greedy:
             for run in modes.values():
@@ -644,9 +644,6 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_sweep_by_name(
