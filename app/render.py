@@ -1,9 +1,11 @@
 """Trace events -> coloured token HTML, plotly figures and table rows. Pure functions, no streamlit.
 
-Token classes (``lab.trace``): accepted, rejected, corrected, bonus, target. Each
-token becomes ``<span class="tok tok-<class>">``; the colours live in
-``assets/app.css``. A rejected draft token is shown struck through where it was
-proposed, just before the target's corrected token that replaced it.
+Token classes (``lab.trace``): accepted, rejected, corrected, bonus, target, and
+cut (constrained output). Each token becomes ``<span class="tok tok-<class>">``;
+the colours live in ``assets/app.css``. A rejected draft token is shown struck
+through where it was proposed, just before the target's corrected token that
+replaced it; proposed tokens the grammar cut are shown, dashed, just before the
+target's own token of their step.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import plotly.graph_objects as go
 
 from lab.trace import Step
 
-TOKEN_KINDS: tuple[str, ...] = ("accepted", "rejected", "corrected", "bonus", "target")
+TOKEN_KINDS: tuple[str, ...] = ("accepted", "rejected", "corrected", "bonus", "target", "cut")
+UNCOMMITTED_KINDS: frozenset[str] = frozenset({"rejected", "cut"})
+"""Classes shown for teaching but never part of the output."""
 
 KIND_LABELS: dict[str, str] = {
     "accepted": "accepted draft token",
@@ -25,6 +29,7 @@ KIND_LABELS: dict[str, str] = {
     "corrected": "corrected (the target's token after a rejection)",
     "bonus": "bonus (the target's extra token after a fully accepted draft)",
     "target": "target (no draft at that step)",
+    "cut": "cut (proposed, but the grammar forbids it: dropped before verification)",
 }
 
 LEGEND_NOTES: dict[str, str] = {
@@ -33,6 +38,7 @@ LEGEND_NOTES: dict[str, str] = {
     "corrected": "the target's own token in its place",
     "bonus": "the target's extra token after a fully accepted draft",
     "target": "the target's token at a step without a draft",
+    "cut": "a proposed token the grammar forbids, dropped unverified (constrained output)",
 }
 
 KIND_COLOURS: dict[str, str] = {  # keep in step with assets/app.css
@@ -41,6 +47,7 @@ KIND_COLOURS: dict[str, str] = {  # keep in step with assets/app.css
     "corrected": "#e0912f",
     "bonus": "#3a78c9",
     "target": "#8a8f98",
+    "cut": "#8e5bb5",
 }
 
 CONTEXT_TOKENS = 4
@@ -60,6 +67,11 @@ class TokenPiece:
     step: int
     token_id: int
     special: bool = False
+
+    @property
+    def committed(self) -> bool:
+        """Part of the output (not a rejected or cut proposal)."""
+        return self.kind not in UNCOMMITTED_KINDS
 
 
 def token_text(tokenizer, context_ids: Sequence[int], token_id: int) -> str:
@@ -87,7 +99,9 @@ def step_pieces(step: Step, context_ids: Sequence[int], tokenizer) -> list[Token
     context_ids: the committed tokens before this step (prompt then output; the
     last few suffice). Accepted draft tokens come first; a rejected draft token
     follows, struck through, only when the target's corrected token survived
-    (not cut by EOS or the budget); then the target's own token.
+    (not cut by EOS or the budget); then the proposed tokens the grammar cut
+    (``Step.cut_by_grammar``, read after the whole draft), under the same
+    condition; then the target's own token.
     """
     special_ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
     context = [int(i) for i in context_ids[-CONTEXT_TOKENS:]]
@@ -105,6 +119,11 @@ def step_pieces(step: Step, context_ids: Sequence[int], tokenizer) -> list[Token
     if final is not None:
         if step.final_kind == "corrected" and step.rejected:
             add(step.rejected[0], "rejected", commit=False)
+        if step.cut_by_grammar:
+            proposal = context + [int(t) for t in step.drafted[step.num_accepted :]]  # context of the cut tokens
+            for i, token_id in enumerate(step.cut_by_grammar):
+                pieces.append(TokenPiece(token_text(tokenizer, proposal + list(step.cut_by_grammar[:i]), token_id),
+                                         "cut", step.index, int(token_id), token_id in special_ids))
         add(final, step.final_kind, commit=True)
     return pieces
 
@@ -128,16 +147,32 @@ def _visible(text: str) -> str:
     return escaped.replace("\t", f'<span class="ws">{TAB_MARK}</span>\t')
 
 
-def piece_html(piece: TokenPiece) -> str:
-    """One ``<span class="tok tok-<kind>">`` with a tooltip naming the class, step and token id."""
-    classes = f"tok tok-{piece.kind}" + (" tok-special" if piece.special else "")
-    title = html.escape(f"{KIND_LABELS[piece.kind]} · step {piece.step + 1} · token id {piece.token_id}", quote=True)
+def piece_html(piece: TokenPiece, mark: str = "") -> str:
+    """One ``<span class="tok tok-<kind>">`` with a tooltip naming the class, step and token id.
+
+    mark: a note that flags this token (``tok-mark`` class, the note leads the tooltip).
+    """
+    classes = f"tok tok-{piece.kind}" + (" tok-special" if piece.special else "") + (" tok-mark" if mark else "")
+    title = html.escape((f"{mark} · " if mark else "") + f"{KIND_LABELS[piece.kind]} · step {piece.step + 1} · "
+                        f"token id {piece.token_id}", quote=True)
     return f'<span class="{classes}" title="{title}">{_visible(piece.text)}</span>'
 
 
-def tokens_html(pieces: Iterable[TokenPiece], *, streaming: bool = False) -> str:
-    """The coloured token stream as one ``<div class="tok-stream">``; a blinking caret while streaming."""
-    body = "".join(piece_html(piece) for piece in pieces)
+def tokens_html(
+    pieces: Iterable[TokenPiece], *, streaming: bool = False, mark_at: int | None = None, mark: str = ""
+) -> str:
+    """The coloured token stream as one ``<div class="tok-stream">``; a blinking caret while streaming.
+
+    mark_at: flag the output token at this index (counting committed tokens only,
+    as in ``Finished.token_ids``) with ``mark`` as its note, e.g. where an output
+    stops matching its grammar.
+    """
+    body, position = [], 0
+    for piece in pieces:
+        flagged = piece.committed and position == mark_at
+        body.append(piece_html(piece, (mark or "marked") if flagged else ""))
+        position += piece.committed
+    body = "".join(body)
     caret = '<span class="tok-caret">▌</span>' if streaming else ""
     if not body and not streaming:
         body = '<span class="tok-empty">no tokens</span>'
@@ -202,22 +237,27 @@ def acceptance_figure(per_position_rate: Sequence[float], title: str = "Per-posi
 
 
 def steps_rows(steps: Iterable[Step], tokenizer, prompt_ids: Sequence[int] = ()) -> list[dict]:
-    """One row per step for a table: drafted text, accepted count, emitted text, the final token's class, timings."""
+    """One row per step for a table: drafted text, accepted count, emitted text, the final token's class, timings;
+    plus the tokens the grammar cut, when any step had some (constrained output)."""
+    steps = list(steps)
+    with_cut = any(step.cut_by_grammar for step in steps)  # the column only appears in constrained runs
     rows = []
     committed = [int(i) for i in prompt_ids[-CONTEXT_TOKENS:]]
     for step in steps:
         drafted = "".join(token_text(tokenizer, committed + list(step.drafted[:i]), t) for i, t in enumerate(step.drafted))
-        emitted = "".join(piece.text for piece in step_pieces(step, committed, tokenizer) if piece.kind != "rejected")
-        rows.append(
-            {
-                "step": step.index + 1,
-                "drafted": drafted,
-                "accepted": f"{step.num_accepted}/{len(step.drafted)}" if step.drafted else "—",
-                "emitted": emitted,
-                "final token": step.final_kind if step.final_token is not None else "cut",
-                "draft ms": round(step.draft_ms, 1),
-                "verify ms": round(step.verify_ms, 1),
-            }
-        )
+        pieces = step_pieces(step, committed, tokenizer)
+        emitted = "".join(piece.text for piece in pieces if piece.committed)
+        row = {
+            "step": step.index + 1,
+            "drafted": drafted,
+            "accepted": f"{step.num_accepted}/{len(step.drafted)}" if step.drafted else "—",
+            "emitted": emitted,
+            "final token": step.final_kind if step.final_token is not None else "cut",
+            "draft ms": round(step.draft_ms, 1),
+            "verify ms": round(step.verify_ms, 1),
+        }
+        if with_cut:
+            row["cut by grammar"] = "".join(piece.text for piece in pieces if piece.kind == "cut")
+        rows.append(row)
         committed = (committed + [int(i) for i in step.emitted])[-CONTEXT_TOKENS:]
     return rows
