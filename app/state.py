@@ -120,15 +120,45 @@ def collect_run(
 
 
 @dataclass
+class ConstrainedOutcome:
+    """What a run under a constraint (``lab.grammar``) adds to the Live page.
+
+    kind: the constraint's kind ("json_schema", "regex", "any_json").
+    naive: the speculative run used the naive (broken) grammar handling.
+    valid: its output satisfies the constraint (``Constraint.is_valid``).
+    first_invalid: index of its first token a fresh matcher refuses (None: every token allowed).
+    incomplete: it stopped at the token budget with every token allowed but the grammar unfinished.
+    num_cut_tokens: proposed tokens the grammar dropped before verification.
+    exact, exact_valid, first_difference: naive mode only: the same drafter under the exact
+        handling (the correct run), its validity, and where the naive output first differs from it.
+    free, free_valid: on request: the same drafter without the constraint, and whether its output
+        happens to satisfy the constraint anyway.
+    """
+
+    kind: str
+    naive: bool
+    valid: bool
+    first_invalid: int | None
+    incomplete: bool
+    num_cut_tokens: int = 0
+    exact: RunRecord | None = None
+    exact_valid: bool | None = None
+    first_difference: int | None = None
+    free: RunRecord | None = None
+    free_valid: bool | None = None
+
+
+@dataclass
 class LiveResult:
     """What the Live page shows after a run: the speculative run, optionally the target alone, the settings
-    it ran with, and the rows of its steps table (``app.render.steps_rows``)."""
+    it ran with, the rows of its steps table (``app.render.steps_rows``) and, under a constraint, its outcome."""
 
     speculative: RunRecord
     baseline: RunRecord | None
     greedy: bool
     settings: dict[str, Any]
     step_rows: list[dict] = field(default_factory=list)
+    constrained: ConstrainedOutcome | None = None
 
     @property
     def speedup(self) -> float | None:

@@ -13,7 +13,7 @@ import streamlit as st
 import torch
 from streamlit.delta_generator import DeltaGenerator
 
-from app import render, resources, state
+from app import constrained, render, resources, state
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
 from lab.drafters import DRAFTER_NAMES, make_drafter
 from lab.engine import decode
@@ -131,6 +131,9 @@ def show_check(slot, result: state.LiveResult) -> None:
     at = render.first_difference(spec, base)
     if at is None:
         slot.success(f"Identical to the target alone: all {len(spec)} tokens match, token for token.")
+    elif result.constrained is not None and result.constrained.naive:
+        slot.warning(f"Differs from the target alone from token {at + 1} on: naive speculation under a grammar "
+                     "is not exact (see the comparison below).")
     else:
         slot.warning(
             f"Differs from the target alone from token {at + 1} on. The algorithm is exact, but in "
@@ -150,6 +153,7 @@ def show_result(view: LiveView, result: state.LiveResult) -> None:
         view.baseline.empty()
     spec = result.speculative
     with view.details.container():
+        constrained.show(result.constrained, spec)
         if spec.stats.num_drafts:
             st.plotly_chart(render.acceptance_figure(spec.stats.per_position_acceptance_rate), width="stretch")
         with st.expander(f"Steps ({len(spec.steps)})"):
@@ -189,6 +193,7 @@ def run_live(view: LiveView, runtime: state.Runtime, target_name: str, draft_nam
         raise ValueError("The prompt is empty: type a question or some text for the model to continue.")
     target = load(target_name, "target", runtime, view.status)
     prompt_ids = encode_prompt(target, prompt, chat_template=not s[key("live.raw")])
+    constraint = constrained.build(target)  # before any decode: a schema that does not compile stops here
 
     draft = None
     if drafter_name == "draft-model":
@@ -198,25 +203,32 @@ def run_live(view: LiveView, runtime: state.Runtime, target_name: str, draft_nam
     exit_layer = s[key("live.exit_layer")]
     drafter = make_drafter(drafter_name, target, draft, min_n=int(s[key("live.min_n")]), max_n=int(s[key("live.max_n")]),
                            exit_layer=None if exit_layer is None else int(exit_layer))
+    config = constrained.configured(config, constraint, drafter)
 
     label = DRAFTER_LABELS[drafter_name] + (f", K={config.k}" if drafter is not None else "")
     settings = {"target": target_name, "drafter": label, "temperature": config.temperature,
                 "max new tokens": config.max_new_tokens, "device": runtime.device, "dtype": runtime.dtype}
     view.status.caption("Decoding…")
-    speculative = state.collect_run(label, decode(target, prompt_ids, drafter, config), target.tokenizer, prompt_ids,
-                                    on_step=lambda record: show_tokens(view.speculative, record, streaming=True))
+    settings |= constrained.settings(constraint, drafter)
+    speculative = state.collect_run(label + constrained.describe(constraint, drafter),
+                                    decode(target, prompt_ids, drafter, config, constraint=constraint), target.tokenizer,
+                                    prompt_ids, on_step=lambda record: show_tokens(view.speculative, record, streaming=True))
     baseline = None
     if s[key("live.compare")] and drafter is not None:
         view.status.caption("Running the target alone on the same prompt, for comparison…")
-        baseline = state.collect_run("target alone", decode(target, prompt_ids, None, config), target.tokenizer,
-                                     prompt_ids, on_step=lambda record: show_tokens(view.baseline, record, streaming=True))
+        baseline = state.collect_run("target alone", decode(target, prompt_ids, None, config, constraint=constraint),
+                                     target.tokenizer, prompt_ids,
+                                     on_step=lambda record: show_tokens(view.baseline, record, streaming=True))
+    outcome = constrained.extra_runs(view.details, target, prompt_ids, drafter, config, constraint, speculative, label)
     return state.LiveResult(speculative, baseline, greedy=config.sampling.is_greedy, settings=settings,
-                            step_rows=render.steps_rows(speculative.steps, target.tokenizer, prompt_ids))
+                            step_rows=render.steps_rows(speculative.steps, target.tokenizer, prompt_ids),
+                            constrained=outcome)
 
 
 # ---------------------------------------------------------------- page
 
 state.set_defaults(st.session_state, DEFAULTS)
+state.set_defaults(st.session_state, constrained.DEFAULTS)
 st.title("Speculative Decoding Lab")
 st.markdown(
     "A **drafter** proposes up to K tokens; the **target** checks them all in one forward pass, keeps the longest "
@@ -257,6 +269,7 @@ with st.container(border=True):
     top_p_col.slider("Top-p", 0.05, 1.0, step=0.05, key=key("live.top_p"), disabled=greedy)
     seed_col.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key=key("live.seed"), disabled=greedy)
     st.text_area("Prompt", key=key("live.prompt"), height=140)
+    constrained.section()
     run_clicked = st.button("Run", type="primary", icon=":material/play_arrow:")
 
 error_slot = st.empty()
