@@ -1,0 +1,91 @@
+"""The teaching notebooks run top to bottom, and are committed without outputs.
+
+Each notebook executes in a fresh kernel of this very interpreter (not whatever
+``python3`` kernelspec Jupyter finds first), with ``LAB_NOTEBOOK_SMALL=1``: the
+notebooks read it to cut prompts, tokens and batch sizes and to use SmolLM2 only.
+A cell error fails the test with the cell's traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+CELL_TIMEOUT_S = 600  # a generous bound per cell on a loaded shared machine; a hang still fails
+
+
+def test_there_are_notebooks():
+    assert len(NOTEBOOKS) >= 1, [p.name for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_has_no_outputs(path):
+    """Outputs hold machine-specific numbers and megabytes of plotly: strip them before committing
+    (Jupyter: Edit > Clear Outputs of All Cells, or ``jupyter nbconvert --clear-output --inplace``)."""
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    dirty = [
+        index
+        for index, cell in enumerate(notebook.cells)
+        if cell.cell_type == "code" and (cell.get("outputs") or cell.get("execution_count") is not None)
+    ]
+    assert not dirty, f"{path.name}: cells {dirty} carry outputs or execution counts; clear them before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_opens_and_closes_with_prose(path):
+    """What it teaches first, what to take away last."""
+    cells = nbformat.read(path, as_version=4).cells
+    assert cells[0].cell_type == "markdown" and "teaches" in cells[0].source.lower()
+    assert cells[-1].cell_type == "markdown" and "take away" in cells[-1].source.lower()
+
+
+@pytest.fixture
+def kernel_manager(tmp_path):
+    """A kernel manager that starts ``sys.executable -m ipykernel_launcher`` whatever kernelspecs are installed."""
+    from ipykernel.kernelspec import write_kernel_spec
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import AsyncKernelManager
+
+    kernels = tmp_path / "kernels"
+    write_kernel_spec(kernels / "python3")  # its argv starts with sys.executable
+    specs = KernelSpecManager(kernel_dirs=[str(kernels)])
+    spec = specs.get_kernel_spec("python3")
+    assert spec.argv[0] == sys.executable, spec.argv
+    return AsyncKernelManager(kernel_name="python3", kernel_spec_manager=specs)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_small_mode(path, kernel_manager, monkeypatch):
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    monkeypatch.setenv("LAB_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    notebook = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        notebook,
+        km=kernel_manager,
+        timeout=CELL_TIMEOUT_S,
+        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+    )
+    try:
+        client.execute()
+    except CellExecutionError as error:
+        pytest.fail(f"{path.name} failed:\n{error}", pytrace=False)
+    errors = [
+        output
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+        if output.get("output_type") == "error"
+    ]
+    assert not errors, json.dumps(errors, indent=1)[:4000]
