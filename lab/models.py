@@ -26,6 +26,7 @@ import gc
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import time
@@ -469,6 +470,167 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str | 
     raise ValueError(f"dtype requires one of 'auto', {', '.join(repr(name) for name in _DTYPES)}; got {dtype!r}")
 
 
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4")
+"""Weight precisions :func:`load_model` takes (plus ``"auto"``): three float dtypes and three bitsandbytes formats."""
+QUANTIZED_PRECISIONS = ("int8", "nf4", "fp4")
+"""bitsandbytes formats: LLM.int8 (8-bit, outlier features kept in fp16) and 4-bit NF4 / FP4 (blocks of 64)."""
+BITSANDBYTES_PIN = "bitsandbytes==0.50.2"
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bf16"`` (and fp32, fp16)."""
+    return _DTYPE_NAMES[dtype]
+
+
+def resolve_precision(precision: str | torch.dtype | None, device: torch.device | str | None = None) -> str:
+    """The weight precision to load with: one of ``PRECISIONS``; ``"auto"``/``None`` as :func:`resolve_dtype`.
+
+    Checks what can be checked before loading: the device computes in the float
+    dtype (fp16 or bf16 may be missing), and bitsandbytes is installed for int8/nf4/fp4.
+
+    Raises:
+        ValueError: an unknown name (the message lists the accepted ones), or a
+            float dtype the device cannot compute in.
+        ModelError: a quantised precision without bitsandbytes (the message gives the pip command).
+    """
+    device = torch.device(device) if device is not None else resolve_device()
+    if precision in QUANTIZED_PRECISIONS:
+        _require_bitsandbytes(precision, device)
+        return precision
+    if isinstance(precision, str) and precision not in ("auto", *_DTYPES):
+        raise ValueError(f"precision requires one of 'auto', {', '.join(map(repr, PRECISIONS))}; got {precision!r}")
+    dtype = resolve_dtype(precision, device)
+    if not _computes_in(dtype, device):
+        raise ValueError(
+            f"precision {precision_name(dtype)!r} requires a device that computes in {dtype}; "
+            f"{device} does not (torch {torch.__version__}). Pick 'fp32' or 'bf16', or a quantised precision."
+        )
+    return precision_name(dtype)
+
+
+def _computes_in(dtype: torch.dtype, device: torch.device) -> bool:
+    """True when a small matmul in ``dtype`` runs on ``device`` (bf16 needs compute capability 8.0 on CUDA)."""
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return False
+    try:
+        ones = torch.ones(2, 2, dtype=dtype, device=device)
+        (ones @ ones).sum().item()
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def _require_bitsandbytes(precision: str, device: torch.device) -> None:
+    """Refuse a quantised precision without bitsandbytes, or on a device it has no kernels for."""
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"precision {precision!r} requires a CPU or CUDA device (bitsandbytes); got {device}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(
+            f"precision {precision!r} requires the bitsandbytes package, which is not installed. Install it with:\n"
+            f"    pip install {BITSANDBYTES_PIN}\n"
+            "or load the model in 'bf16' or 'fp32'."
+        )
+    _quiet_bitsandbytes()
+    try:
+        import bitsandbytes  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as error:
+        raise ModelError(
+            f"precision {precision!r} requires bitsandbytes, which is installed but fails to load on {device}: "
+            f"{type(error).__name__}: {error}\nReinstall it with `pip install --force-reinstall {BITSANDBYTES_PIN}`, "
+            "or load the model in 'bf16' or 'fp32'."
+        ) from error
+
+
+class _DropBitsandbytesNoise(logging.Filter):
+    """Drops two bitsandbytes log lines that say nothing a user can act on.
+
+    - "MatMul8bitLt: inputs will be cast from bf16 to float16": logged by every
+      int8 layer on every forward pass (LLM.int8 always computes in fp16).
+    - "Failed to load CPU gemm_4bit_forward from kernels-community": an optional
+      faster kernel fetched from a model hub, which the lab never reaches; the
+      built-in kernel is used instead.
+    """
+
+    NOISE = ("MatMul8bitLt: inputs will be cast", "Failed to load CPU gemm_4bit_forward")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+def _quiet_bitsandbytes() -> None:
+    """Attach :class:`_DropBitsandbytesNoise` to the two loggers, once (before bitsandbytes is imported)."""
+    for name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropBitsandbytesNoise) for f in logger.filters):
+            logger.addFilter(_DropBitsandbytesNoise())
+
+
+def _quantization_config(precision: str, compute_dtype: torch.dtype) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for int8, nf4 or fp4 (4-bit: blocks of 64, no double quantisation)."""
+    from transformers import BitsAndBytesConfig
+
+    if precision == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=precision, bnb_4bit_compute_dtype=compute_dtype)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a model's weights hold: parameters and buffers (tied ones once) plus bitsandbytes' scales.
+
+    A 4-bit weight is a uint8 tensor of packed pairs plus a ``quant_state``
+    (one absmax per block of 64 weights, a 16-entry code); an int8 weight
+    carries one fp32 scale per output row (``SCB``). Those scales are not
+    parameters, so ``numel() * element_size()`` over parameters alone
+    undercounts 4-bit models by about 12 %.
+    """
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    for parameter in model.parameters():
+        scale = getattr(parameter, "SCB", None)  # int8: [out] fp32
+        if isinstance(scale, torch.Tensor):
+            tensors[id(scale)] = scale
+        state = getattr(parameter, "quant_state", None)  # 4-bit: absmax [blocks], code [16], maybe nested
+        while state is not None:
+            for tensor in (state.absmax, state.code, getattr(state, "offset", None)):
+                if isinstance(tensor, torch.Tensor):
+                    tensors[id(tensor)] = tensor
+            state = getattr(state, "state2", None)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def kv_cache_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes one token adds to the KV cache: 2 (K, V) x layers x KV heads x head size x element size.
+
+    Read from the config, so an early-exit view (``lab.drafters.layer_skip``)
+    counts only its own layers. The cache holds the compute dtype (bf16 for a
+    quantised model: only weights are quantised, not activations).
+    """
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    element_size = torch.empty((), dtype=model.dtype).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * element_size
+
+
+def kv_cache_bytes(model: torch.nn.Module, num_tokens: int) -> int:
+    """Bytes of a KV cache holding ``num_tokens`` tokens for ``model`` (see :func:`kv_cache_bytes_per_token`)."""
+    return kv_cache_bytes_per_token(model) * int(num_tokens)
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes the key and value tensors of a transformers cache hold right now (a measured check of :func:`kv_cache_bytes`)."""
+    total = 0
+    for layer in getattr(cache, "layers", ()):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -482,10 +644,16 @@ class LoadedModel:
             and returns logits [B, T, vocab_size].
         tokenizer: the matching transformers tokenizer.
         device: where the weights live.
-        dtype: the weights' dtype.
-        num_parameters: parameter count, tied weights counted once.
-        weight_bytes: bytes held by parameters and buffers on ``device``.
+        dtype: the weights' dtype; for a quantised model the compute dtype, in
+            which its unquantised parts (embeddings, norms, LM head), activations
+            and KV cache are held.
+        num_parameters: parameter count, tied weights counted once (a 4-bit
+            parameter tensor packs two weights per element; counted as weights).
+        weight_bytes: bytes held by the weights on ``device``, quantisation
+            scales included (see :func:`weight_bytes`).
         load_s: wall seconds spent loading (preparation excluded).
+        precision: one of ``PRECISIONS``, e.g. ``"bf16"`` or ``"nf4"`` (default:
+            the name of ``dtype``).
     """
 
     name: str
@@ -496,6 +664,16 @@ class LoadedModel:
     num_parameters: int
     weight_bytes: int
     load_s: float
+    precision: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.precision:
+            self.precision = _DTYPE_NAMES.get(self.dtype, str(self.dtype).removeprefix("torch."))
+
+    @property
+    def is_quantized(self) -> bool:
+        """True for int8, nf4 and fp4 (bitsandbytes) weights."""
+        return self.precision in QUANTIZED_PRECISIONS
 
     @property
     def vocab_size(self) -> int:
@@ -576,6 +754,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     progress: Progress | None = None,
+    precision: str | None = None,
 ) -> LoadedModel:
     """Load a preset (preparing it once if needed) or a local Hugging Face model folder.
 
@@ -585,26 +764,36 @@ def load_model(
         name_or_path: a preset name (see ``PRESETS``), a :class:`ModelPreset`, or
             a folder holding config.json, weights and tokenizer files.
         device: see :func:`resolve_device` (default: CUDA if available, else CPU).
-        dtype: see :func:`resolve_dtype` (default ``"auto"``: bf16).
+        dtype: see :func:`resolve_dtype` (default ``"auto"``: bf16). With a
+            quantised ``precision`` it is the compute dtype (``bnb_4bit_compute_dtype``,
+            and the dtype of the layers left unquantised).
         progress: optional ``progress(fraction, message)``; preparation, when
             needed, takes the first 90 %.
+        precision: the weights' precision, one of ``PRECISIONS`` or ``"auto"``
+            (default: ``dtype``). ``"int8"`` is bitsandbytes' LLM.int8, ``"nf4"``
+            and ``"fp4"`` its 4-bit formats; embeddings, norms and the LM head
+            stay in the compute dtype. Greedy speculative output is exact relative
+            to the model *as loaded*: a quantised target is a different reference.
 
     Raises:
         ModelError: unknown name (the message lists the presets), a missing
-            package (with the pip command), a checksum mismatch, or unreadable
-            weights (the message names the cache folder to delete).
-        ValueError: an invalid device or dtype.
+            package (with the pip command; bitsandbytes for a quantised precision),
+            a checksum mismatch, or unreadable weights (the message names the
+            cache folder to delete).
+        ValueError: an invalid device, dtype or precision, a dtype the device
+            cannot compute in, or a float ``precision`` that contradicts ``dtype``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    precision, dtype = _precision_and_dtype(precision, dtype, device)
     preset = _preset_or_none(name_or_path)
     load_start = 0.9 if preset is not None and not is_prepared(preset) else 0.0  # preparing takes the first 90 %
     folder, preset = _resolve_folder(name_or_path, _stage(progress, 0.0, load_start))
     name = preset.name if preset is not None else str(name_or_path)
 
-    _stage(progress, load_start, 1.0)(0.0, f"loading {name} ({str(dtype).removeprefix('torch.')} on {device})")
+    quantized = precision in QUANTIZED_PRECISIONS
+    _stage(progress, load_start, 1.0)(0.0, f"loading {name} ({precision} on {device})")
     started_s = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -612,28 +801,62 @@ def load_model(
             folder,
             dtype=dtype,
             attn_implementation="sdpa",
-            device_map=str(device) if device.type == "cuda" else None,
+            # bitsandbytes quantises while placing the weights, and a quantised model refuses .to()
+            device_map=str(device) if device.type == "cuda" or quantized else None,
+            quantization_config=_quantization_config(precision, dtype) if quantized else None,
         )
     except _loading_errors() as error:
         raise _weights_error(folder, preset, error) from error
-    model.to(device)
+    except ImportError as error:  # transformers' own check of bitsandbytes / accelerate
+        raise ModelError(f"Could not load {name} in {precision}: {error}") from error
+    if not quantized:
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
     load_s = time.perf_counter() - started_s
 
-    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}  # tied weights counted once
     loaded = LoadedModel(
         name=name,
         model=model,
         tokenizer=tokenizer,
         device=device,
         dtype=dtype,
-        num_parameters=sum(p.numel() for p in model.parameters()),
-        weight_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
+        num_parameters=_count_weights(model),
+        weight_bytes=weight_bytes(model),
         load_s=load_s,
+        precision=precision,
     )
     _stage(progress, load_start, 1.0)(1.0, f"{name} loaded in {load_s:.1f} s")
     return loaded
+
+
+def _precision_and_dtype(
+    precision: str | None, dtype: str | torch.dtype | None, device: torch.device
+) -> tuple[str, torch.dtype]:
+    """(precision name, compute dtype) from ``load_model``'s two arguments; see its docstring."""
+    if precision is None or precision == "auto" and dtype not in (None, "auto"):
+        dtype = resolve_dtype(dtype, device)
+        return resolve_precision(dtype, device), dtype
+    precision = resolve_precision(precision, device)
+    if precision in QUANTIZED_PRECISIONS:
+        compute_dtype = resolve_dtype(dtype, device)
+        resolve_precision(compute_dtype, device)  # the device must compute in it too
+        return precision, compute_dtype
+    if dtype not in (None, "auto") and resolve_dtype(dtype, device) != _DTYPES[precision]:
+        raise ValueError(
+            f"precision {precision!r} and dtype {dtype!r} disagree: for a float precision give one of them, "
+            "or the same value (dtype is the compute dtype only for int8, nf4 and fp4)"
+        )
+    return precision, _DTYPES[precision]
+
+
+def _count_weights(model: torch.nn.Module) -> int:
+    """Parameter count, tied weights once; a 4-bit parameter (two weights per uint8) counts its real weights."""
+    total = 0
+    for parameter in model.parameters():
+        state = getattr(parameter, "quant_state", None)
+        total += state.shape.numel() if state is not None else parameter.numel()
+    return total
 
 
 # ---------------------------------------------------------------- prompts and tokenizers
