@@ -29,7 +29,7 @@ from lab.config import DecodeConfig
 from lab.drafters import DRAFTER_NAMES, make_drafter
 from lab.engine import decode
 from lab.metrics import SpecDecodingStats
-from lab.models import encode_prompt
+from lab.models import encode_prompt, precision_name
 from lab.theory import acceptance_from_mean_length, expected_speedup
 from lab.trace import Finished, Step
 
@@ -221,6 +221,8 @@ def run_comparison(
         settings={
             "target": target.name,
             "dtype": str(getattr(target, "dtype", "")),
+            "target_precision": _precision(target),
+            "draft_precisions": {name: _precision(draft) for name, draft in drafts.items()},
             "device": str(getattr(target, "device", "")),
             "max_new_tokens": config.max_new_tokens,
             "temperature": config.temperature,
@@ -299,6 +301,18 @@ def _pool(metrics: list[dict]) -> dict[str, Any]:
         "draft_s_per_draft_token": _per(total["draft_s"], total["num_draft_tokens"]),
         "verify_s_per_step": _per(total["verify_s"], total["target_forward_passes"]),
     }
+
+
+def _precision(model) -> str:
+    """A loaded model's weight precision ("bf16", "int8", ...; ``LoadedModel.precision``), else its dtype's name."""
+    precision = getattr(model, "precision", None)
+    if precision:
+        return precision
+    dtype = getattr(model, "dtype", None) or next(model.model.parameters()).dtype
+    try:
+        return precision_name(dtype)
+    except KeyError:
+        return str(dtype).removeprefix("torch.")
 
 
 def _decode_rate(m: dict) -> float:
