@@ -192,7 +192,7 @@ class ConstrainedStudy:
     def format_table(self) -> str:
         """A plain-text table: per method, the constrained row above the free one."""
         s = self.settings
-        header = (f"{s['target']}, {s['dtype']}, greedy, K={s['k']}, {len(s['item_ids'])} extraction prompts, "
+        header = (f"{s['target']}, {s['dtype']}, greedy, K={s['k']}, {s['items_done']} extraction prompts, "
                   f"max_new_tokens={s['max_new_tokens']}, torch threads={s['torch_threads']}")
         columns = ("method", "setting", "acc.rate", "mean acc.len", "tok/s", "target tok/s", "speedup", "median",
                    "valid", "complete", "identical", "cut")
@@ -227,6 +227,7 @@ def run_constrained_study(
     chat_template: bool = True,
     warmup: bool = True,
     progress: Progress | None = None,
+    on_item: Callable[[ConstrainedStudy], None] | None = None,
 ) -> ConstrainedStudy:
     """Run the target alone and every drafter, with each item's schema and without, greedy (see module docstring).
 
@@ -234,6 +235,8 @@ def run_constrained_study(
     items: extraction items (``load_extraction_items``). k, max_new_tokens: every run's K and budget.
     warmup: first run every method once on a short prompt, untimed.
     progress: ``progress(fraction, message)`` after each run.
+    on_item: called with the study so far after each item (e.g. to save it: a
+        long study on a busy machine keeps what it has measured).
 
     Raises ValueError on no items, no drafters or a bad K / budget, and
     ``lab.grammar.GrammarError`` on a schema that does not compile.
@@ -284,7 +287,10 @@ def run_constrained_study(
             )
         _compare_with_target_alone(done_runs)
         study.runs += done_runs
-    study.settings["load_average_1min"]["end"] = _load_average()
+        study.settings["items_done"] = index + 1
+        study.settings["load_average_1min"]["end"] = _load_average()
+        if on_item is not None:
+            on_item(study)
     return study
 
 
@@ -314,6 +320,7 @@ def _settings(target, specs, items, k, max_new_tokens, chat_template) -> dict:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "chat_template": chat_template,
         "item_ids": [item.id for item in items],
+        "items_done": 0,
         "load_average_1min": {"start": _load_average(), "end": None},
     }
 

@@ -56,9 +56,11 @@ def models(smol_tokenizer):
 def study(models):
     target, draft = models
     drafters = [DrafterSpec("prompt-lookup"), DrafterSpec("draft-model", draft=draft)]
-    messages = []
+    messages, saved = [], []
     result = run_constrained_study(target, drafters, ITEMS, k=3, max_new_tokens=24,
-                                   progress=lambda fraction, message: messages.append((fraction, message)))
+                                   progress=lambda fraction, message: messages.append((fraction, message)),
+                                   on_item=lambda so_far: saved.append(len(so_far.runs)))
+    assert saved == [6, 12, 18]  # after each item, 2 settings x (target alone + 2 drafters) more runs
     return result, messages
 
 
