@@ -314,6 +314,7 @@ def run_peer_comparison(
     chat_template: bool = True,
     warmup: bool = True,
     progress: Progress | None = None,
+    on_prompt: Callable[[PeerReport], None] | None = None,
 ) -> PeerReport:
     """Run ours and transformers' decoders, greedy, on every prompt, interleaved (see module docstring).
 
@@ -324,6 +325,8 @@ def run_peer_comparison(
     max_new_tokens: the budget of every run.
     warmup: first run every method once on a short prompt, untimed.
     progress: ``progress(fraction, message)`` after each run.
+    on_prompt: called with the report so far after each prompt (e.g. to save
+        partial results of a long run).
 
     Raises ValueError on an empty prompt set or a bad K / budget (``DecodeConfig``).
     """
@@ -352,15 +355,35 @@ def run_peer_comparison(
                 target, prompt_ids, budget, HF_ASSISTED, kk, drafter.hf_assisted(target, kk), counters)))
         return out
 
+    settings = {
+        "target": target.name,
+        "drafter": drafter.describe(target),
+        "drafter_name": drafter.name,
+        "draft": getattr(drafter.draft, "name", None),
+        "ks": list(ks),
+        "max_new_tokens": max_new_tokens,
+        "temperature": 0.0,
+        "dtype": str(getattr(target, "dtype", next(target.model.parameters()).dtype)).removeprefix("torch."),
+        "device": str(getattr(target, "device", next(target.model.parameters()).device)),
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "torch_version": torch.__version__,
+        "transformers_version": _transformers_version(),
+        "chat_template": chat_template,
+        "load_average_1min": {"start": _load_average(), "end": None},
+        "prompt_ids": [prompt.id for prompt in prompts],
+        "hf_assistant_settings": "num_assistant_tokens=K, num_assistant_tokens_schedule='constant', "
+        "assistant_confidence_threshold=0.0" if drafter.name != "prompt-lookup"
+        else f"prompt_lookup_num_tokens=K, max_matching_ngram_size={drafter.max_n}",
+    }
+    report = PeerReport(settings, ks, [])
     report_progress = progress or (lambda fraction, message: None)
-    load_average_start = _load_average()
     with _quiet_transformers():
         if warmup:
             report_progress(0.0, "warming up every method on a short prompt")
             short = encoded[0][:WARMUP_PROMPT_TOKENS]
             for _, _, call in methods_for(short, WARMUP_NEW_TOKENS):
                 call()
-        results = []
         num_methods = 2 + 2 * len(ks)
         for index, (prompt, prompt_ids) in enumerate(zip(prompts, encoded)):
             result = PromptResult(prompt, len(prompt_ids))
@@ -377,29 +400,11 @@ def run_peer_comparison(
                     f"[{index + 1}/{len(prompts)}] {prompt.id} {label}: {timed.num_new_tokens} tokens "
                     f"in {timed.wall_s:.1f} s ({timed.tokens_per_s:.2f} tok/s)",
                 )
-            results.append(result)
-
-    settings = {
-        "target": target.name,
-        "drafter": drafter.describe(target),
-        "drafter_name": drafter.name,
-        "draft": getattr(drafter.draft, "name", None),
-        "ks": list(ks),
-        "max_new_tokens": max_new_tokens,
-        "temperature": 0.0,
-        "dtype": str(getattr(target, "dtype", next(target.model.parameters()).dtype)).removeprefix("torch."),
-        "device": str(getattr(target, "device", next(target.model.parameters()).device)),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "transformers_version": _transformers_version(),
-        "chat_template": chat_template,
-        "load_average_1min": {"start": load_average_start, "end": _load_average()},
-        "prompt_ids": [prompt.id for prompt in prompts],
-        "hf_assistant_settings": "num_assistant_tokens=K, num_assistant_tokens_schedule='constant', "
-        "assistant_confidence_threshold=0.0" if drafter.name != "prompt-lookup"
-        else f"prompt_lookup_num_tokens=K, max_matching_ngram_size={drafter.max_n}",
-    }
-    return PeerReport(settings, ks, results)
+            report.prompts.append(result)
+            settings["load_average_1min"]["end"] = _load_average()
+            if on_prompt is not None:
+                on_prompt(report)
+    return report
 
 
 # ---------------------------------------------------------------- timing one run

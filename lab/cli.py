@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--raw", action="store_true", help="encode prompts without the chat template")
     peer.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs")
     peer.add_argument("--json", action="store_true", help="print the full JSON report instead of the table")
-    peer.add_argument("--out", type=Path, help="also write the JSON report to this file")
+    peer.add_argument("--out", type=Path, help="also write the JSON report to this file (rewritten after each prompt)")
     peer.set_defaults(handler=_cmd_peer)
 
     bench = commands.add_parser("bench", help="batch sweeps (not implemented yet; see `peer`)")
@@ -403,11 +403,11 @@ def _cmd_peer(args: argparse.Namespace) -> int:
     _checked_tokenizer(args, progress)
     target, draft = _load_models(args, progress)
     spec = DrafterSpec(args.drafter, draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer)
-    report = run_peer_comparison(target, spec, prompts, args.k, args.max_new_tokens,
-                                 chat_template=not args.raw, warmup=not args.no_warmup, progress=_log_line)
+    save = None if args.out is None else (lambda partial: args.out.write_text(json.dumps(partial.as_dict(), indent=1) + "\n"))
+    report = run_peer_comparison(target, spec, prompts, args.k, args.max_new_tokens, chat_template=not args.raw,
+                                 warmup=not args.no_warmup, progress=_log_line, on_prompt=save)
     data = report.as_dict()
     if args.out is not None:
-        args.out.write_text(json.dumps(data, indent=1) + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
     print(json.dumps(data) if args.json else report.format_table())
     return EXIT_OK

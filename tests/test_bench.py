@@ -190,11 +190,14 @@ def test_peer_comparison_returns_every_figure_and_identical_outputs(tiny_pair, d
     assert "ours/HF assist" in report.format_table()
 
 
-def test_peer_comparison_restores_the_assistant_settings(tiny_pair):
+def test_peer_comparison_restores_the_assistant_settings_and_reports_partials(tiny_pair):
     target, draft = tiny_pair
     config = draft.model.generation_config
     before = (config.num_assistant_tokens, config.num_assistant_tokens_schedule, config.assistant_confidence_threshold)
-    run_peer_comparison(target, DrafterSpec("draft-model", draft), TINY_PROMPTS[:1], k=2, max_new_tokens=4, warmup=False)
+    partial_sizes = []
+    run_peer_comparison(target, DrafterSpec("draft-model", draft), TINY_PROMPTS, k=2, max_new_tokens=4, warmup=False,
+                        on_prompt=lambda report: partial_sizes.append(len(report.prompts)))
+    assert partial_sizes == [1, 2]  # partial reports after each prompt, for long runs
     assert (config.num_assistant_tokens, config.num_assistant_tokens_schedule, config.assistant_confidence_threshold) == before
 
 
