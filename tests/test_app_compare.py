@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -384,6 +385,23 @@ def test_cancel_keeps_the_runs_that_finished(tiny_models, monkeypatch):
     assert not [b for b in at.button if b.label == "Cancel"]  # drawn only while running
 
 
+def test_a_stopped_run_hands_its_partial_result_to_the_next_run(tiny_models, tiny_comparison):
+    # In the browser a Cancel click starts a new script run at once and stops the running one, which can no
+    # longer touch st.session_state: it leaves its partial result in the object it put there before starting.
+    partial = Comparison(tiny_comparison.settings | {"status": "stopped", "runs_planned": 10}, tiny_comparison.prompts,
+                         tiny_comparison.runs[:3])
+    at = compare_app()
+    done = threading.Event()
+    done.set()
+    at.session_state["compare:in_flight"] = SimpleNamespace(done=done, result=partial)
+    at.session_state["compare:cancel_requested"] = True  # what the Cancel button's callback sets
+    at.run()
+    assert not at.exception and not at.error
+    assert at.session_state["compare:comparison"] is partial
+    assert "compare:in_flight" not in at.session_state
+    assert any("Cancelled after 3 of 10 runs" in w.value for w in at.warning), [w.value for w in at.warning]
+
+
 def test_results_file_loads_back(tiny_models, tiny_comparison):
     at = app_on("compare")
     at.file_uploader[0].set_value(("comparison.json", tiny_comparison.to_json().encode(), "application/json")).run()
@@ -428,7 +446,8 @@ def test_theory_page_places_measured_runs(tiny_models):
     point = points[-1]
     at.selectbox(key=key("theory.run")).select(point.label).run()  # sliders jump to that run's K, c and a
     assert at.slider(key=key("theory.k")).value == point.k
-    assert at.slider(key=key("theory.a")).value == pytest.approx(round(point.acceptance, 3))
+    assert at.slider(key=key("theory.a")).value == pytest.approx(round(point.acceptance, 2))
+    assert at.slider(key=key("theory.c")).value == pytest.approx(round(point.cost_ratio, 2))
 
 
 def step_app(**widgets) -> AppTest:

@@ -5,19 +5,24 @@ a Cancel button, keeps the ``Comparison`` in ``st.session_state`` (the Theory
 page reads it too) and renders it with ``app.render_compare``. Results export
 to CSV and JSON; a JSON file loads back.
 
-Cancelling: Streamlit handles a click only by rerunning the script, and a rerun
-requested while the script runs interrupts it at its next ``st`` call (a
-``RerunException`` or ``StopException``). The comparison's progress callbacks are
-such calls: ``RunWatch`` catches the interruption there, tells
-``run_comparison`` to stop (so it returns the runs finished so far), stores the
-partial result and only then lets the interruption go on. The Cancel button's
-callback runs at the start of the next script run and marks the result as
-cancelled.
+Cancelling: Streamlit handles a click only by running the script again. With
+its default fast reruns it starts the new run at once, in a new thread, and
+tells the running one to stop: that one gets a ``StopException`` at its next
+``st`` call, and at every one after it (``st.session_state`` access included).
+The comparison's progress callbacks make such calls: ``RunWatch`` catches the
+exception there and tells ``run_comparison`` to stop, so it returns the runs
+finished so far. The stopped run hands that partial result over through an
+``InFlight`` object it put in session state before starting, then lets the
+exception go on. The new run has meanwhile called the Cancel button's callback
+(a session flag, which ``should_cancel`` also reads); it waits for the hand-over
+and shows the partial result as cancelled.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from dataclasses import dataclass, field
 
 import streamlit as st
 import torch
@@ -31,6 +36,8 @@ from lab.prompts import load_prompt_sets, load_prompts, preset_names, spec_bench
 
 RESULT_KEY = "compare:comparison"
 CANCEL_KEY = "compare:cancel_requested"
+IN_FLIGHT_KEY = "compare:in_flight"  # an InFlight while a comparison runs
+STOP_WAIT_S = 120
 LOAD_ERROR_KEY = "compare:load_error"
 UPLOAD_KEY = "compare:upload"
 MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
@@ -159,6 +166,7 @@ class RunWatch:
     def __init__(self, bar, line, total_runs: int) -> None:
         self.bar, self.line, self.total_runs = bar, line, total_runs
         self.interruption: ScriptControlException | None = None
+        self.cancel_seen = False
         self.runs_done = 0
         self.steps = 0
         self.last_draw_s = 0.0
@@ -166,28 +174,53 @@ class RunWatch:
     def progress(self, fraction: float, message: str) -> None:
         self.runs_done = round(fraction * self.total_runs)
         self.steps = 0
-        self._draw(lambda: self.bar.progress(fraction, text=f"{self.runs_done}/{self.total_runs} runs · done: {message}"))
+        self._yield_point(lambda: self.bar.progress(fraction, text=f"{self.runs_done}/{self.total_runs} runs · done: {message}"))
 
     def should_cancel(self) -> bool:
         self.steps += 1
         if time.monotonic() - self.last_draw_s > DRAW_EVERY_S:
-            self._draw(lambda: self.line.caption(
-                f"Run {self.runs_done + 1} of {self.total_runs}: step {self.steps}…"))
-        return self.interruption is not None or bool(st.session_state.get(CANCEL_KEY))
+            self.last_draw_s = time.monotonic()
+            self._yield_point(lambda: self.line.caption(f"Run {self.runs_done + 1} of {self.total_runs}: step {self.steps}…"))
+        self.cancel_seen = self.cancel_seen or bool(self._yield_point(lambda: st.session_state.get(CANCEL_KEY)))
+        return self.interruption is not None or self.cancel_seen
 
-    def _draw(self, draw) -> None:
-        """An ``st`` call is where Streamlit delivers a pending rerun or stop: catch it, finish cleanly, re-raise later."""
+    def _yield_point(self, call):
+        """Every ``st`` call, session state included, is where Streamlit delivers a stop or rerun: catch it
+        there (once; a stopped run gets it again at every later call), so the comparison can end cleanly."""
         if self.interruption is not None:
-            return
-        self.last_draw_s = time.monotonic()
+            return None
         try:
-            draw()
+            return call()
         except ScriptControlException as interruption:
             self.interruption = interruption
+            return None
+
+
+@dataclass
+class InFlight:
+    """A comparison's hand-over to the next script run: a stopped run may no longer touch ``st.session_state``."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    result: compare.Comparison | None = None
 
 
 def request_cancel() -> None:
     st.session_state[CANCEL_KEY] = True
+
+
+def collect_stopped_run() -> None:
+    """Take over the result of a comparison that the previous script run was stopped in (waiting for its last step)."""
+    s = st.session_state
+    flight: InFlight | None = s.get(IN_FLIGHT_KEY)
+    if flight is None:
+        return
+    if not flight.done.is_set():
+        with st.spinner("Stopping the comparison that was running; the runs that finished are kept…"):
+            flight.done.wait(STOP_WAIT_S)
+    if flight.done.is_set():
+        if flight.result is not None:
+            s[RESULT_KEY] = flight.result
+        del s[IN_FLIGHT_KEY]
 
 
 def load(name: str, what: str, runtime: state.Runtime, slot):
@@ -203,8 +236,11 @@ def load(name: str, what: str, runtime: state.Runtime, slot):
 
 
 def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks: list[int], config: DecodeConfig,
-                        runtime: state.Runtime, cancel_slot, progress_slot, line_slot) -> None:
-    """Load models, run the comparison with progress and cancel, store it (partial if stopped) in session state."""
+                        runtime: state.Runtime, slots: dict) -> None:
+    """Load models, run the comparison with progress and cancel, and store it in session state.
+
+    A stopped run hands its partial result over through ``InFlight`` and ends with the stop.
+    """
     s = st.session_state
     if not prompts:
         raise ValueError("No prompts to compare: pick a prompt set, a Spec-Bench category, or paste prompts.")
@@ -212,37 +248,44 @@ def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks
         raise ValueError("No drafter chosen: pick at least one drafter (the target alone always runs as the baseline).")
     if not ks:
         raise ValueError("No K values: pick at least one K.")
+    chat_template = not s[key("compare.raw")]
     target_name = s[key("compare.target")]
     draft_names = {spec.draft for spec in specs if spec.draft}
     for draft_name in draft_names:  # compare tokenizers before spending seconds on weights
         check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(draft_name))
-    target = load(target_name, "target", runtime, progress_slot)
-    drafts = {name: load(name, "draft", runtime, progress_slot) for name in draft_names}
+    target = load(target_name, "target", runtime, slots["progress"])
+    drafts = {name: load(name, "draft", runtime, slots["progress"]) for name in draft_names}
 
     total = len(prompts) * (1 + len(specs) * len(ks))
+    flight = InFlight()
+    s[IN_FLIGHT_KEY] = flight
     s[CANCEL_KEY] = False
-    cancel_slot.button("Cancel", icon=":material/stop:", on_click=request_cancel, key="compare_cancel",
-                       help="Stop after the current step; the runs finished so far are kept.")
-    watch = RunWatch(progress_slot.progress(0.0, text=f"0/{total} runs"), line_slot, total)
-    started_s = time.monotonic()
-    comparison = compare.run_comparison(
-        target, prompts, specs, ks, config, load_draft=drafts.__getitem__, chat_template=not s[key("compare.raw")],
-        progress=watch.progress, should_cancel=watch.should_cancel,
-    )
-    finished = sum(1 for r in comparison.runs if not r.cancelled)
-    comparison.settings |= {
-        "status": "complete" if finished == total else ("cancelled" if s.get(CANCEL_KEY) else "stopped"),
-        "runs_planned": total,
-        "elapsed_s": time.monotonic() - started_s,
-        "target_parameters": target.num_parameters,
-        "target_weight_bytes": target.weight_bytes,
-        "drafter_costs": {spec.label: render_compare.drafter_cost(spec.name, target, drafts.get(spec.draft), spec.exit_layer)
-                          for spec in specs},
-    }
-    s[RESULT_KEY] = comparison  # before anything else: a pending rerun must not lose the partial result
+    try:
+        slots["cancel"].button("Cancel", icon=":material/stop:", on_click=request_cancel, key="compare_cancel",
+                               help="Stop after the current step; the runs finished so far are kept.")
+        watch = RunWatch(slots["progress"].progress(0.0, text=f"0/{total} runs"), slots["line"], total)
+        started_s = time.monotonic()
+        comparison = compare.run_comparison(target, prompts, specs, ks, config, load_draft=drafts.__getitem__,
+                                            chat_template=chat_template, progress=watch.progress,
+                                            should_cancel=watch.should_cancel)
+        finished = sum(1 for r in comparison.runs if not r.cancelled)
+        comparison.settings |= {
+            "status": "complete" if finished == total else ("cancelled" if watch.cancel_seen else "stopped"),
+            "runs_planned": total,
+            "elapsed_s": time.monotonic() - started_s,
+            "target_parameters": target.num_parameters,
+            "target_weight_bytes": target.weight_bytes,
+            "drafter_costs": {spec.label: render_compare.drafter_cost(spec.name, target, drafts.get(spec.draft),
+                                                                      spec.exit_layer) for spec in specs},
+        }
+        flight.result = comparison
+    finally:
+        flight.done.set()
     if watch.interruption is not None:
-        raise watch.interruption
-    clear_run_slots(cancel_slot, progress_slot, line_slot)
+        raise watch.interruption  # the next script run collects flight.result
+    s[RESULT_KEY] = comparison
+    del s[IN_FLIGHT_KEY]
+    clear_run_slots(*slots.values())
 
 
 def clear_run_slots(*slots) -> None:
@@ -460,7 +503,9 @@ with st.container(border=True):
     run_clicked = run_col.button("Run comparison", type="primary", icon=":material/play_arrow:")
     cancel_slot = cancel_col.empty()
 
-progress_slot, line_slot, error_slot = st.empty(), st.empty(), st.empty()
+slots = {"cancel": cancel_slot, "progress": st.empty(), "line": st.empty()}
+error_slot = st.empty()
+collect_stopped_run()
 
 if run_clicked:
     s = st.session_state
@@ -468,13 +513,12 @@ if run_clicked:
         runtime = state.runtime(s)
         config = DecodeConfig(max_new_tokens=int(s[key("compare.max_new_tokens")]),
                               temperature=float(s[key("compare.temperature")]), seed=int(s[key("compare.seed")]))
-        run_page_comparison(prompts, chosen_specs(), sorted(int(k) for k in s[key("compare.ks")]), config, runtime,
-                            cancel_slot, progress_slot, line_slot)
+        run_page_comparison(prompts, chosen_specs(), sorted(int(k) for k in s[key("compare.ks")]), config, runtime, slots)
     except (ValueError, ModelError) as error:
-        clear_run_slots(cancel_slot, progress_slot, line_slot)
+        clear_run_slots(*slots.values())
         error_slot.error(str(error), icon=":material/error:")
     except MEMORY_ERRORS as error:
-        clear_run_slots(cancel_slot, progress_slot, line_slot)
+        clear_run_slots(*slots.values())
         error_slot.error(f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick a smaller "
                          "target or draft, or ask for fewer new tokens; then run again.", icon=":material/memory:")
 

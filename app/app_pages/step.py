@@ -10,6 +10,7 @@ reason, the corrected or bonus token, and the caches' lengths after rollback.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,7 @@ class StepSession:
     starts: list[int] = field(default_factory=list)  # committed length before each step
     finished: Finished | None = None
     eos_token_ids: tuple[int, ...] = ()
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def advance(self) -> None:
         """Resume the decode for one event: a Step, or Finished at the end."""
@@ -86,12 +88,17 @@ class StepSession:
             self.finished = event
 
     def next_cycle(self) -> None:
-        """One more Step (and the Finished event right behind it when that step ended the decode)."""
-        count = len(self.steps)
-        while self.finished is None and len(self.steps) == count:
-            self.advance()
-        if self.finished is None and self._ended():
-            self.advance()
+        """One more Step (and the Finished event right behind it when that step ended the decode).
+
+        Holds the session's lock: a click during "Next 5 cycles" starts a new script run at once, in
+        another thread, while the old one may still be resuming the generator.
+        """
+        with self.lock:
+            count = len(self.steps)
+            while self.finished is None and len(self.steps) == count:
+                self.advance()
+            if self.finished is None and self._ended():
+                self.advance()
 
     def _ended(self) -> bool:
         """The last step hit EOS or the token budget (the generator's next event is Finished)."""

@@ -57,8 +57,8 @@ def use_run(points: dict[str, render_compare.MeasuredPoint]) -> None:
     point = points.get(s[key("theory.run")])
     if point is not None:
         s[key("theory.k")] = point.k
-        s[key("theory.c")] = round(min(point.cost_ratio, 1.5), 3)
-        s[key("theory.a")] = round(point.acceptance, 3)
+        s[key("theory.c")] = round(min(point.cost_ratio, 1.5), 2)  # the sliders' steps
+        s[key("theory.a")] = round(point.acceptance, 2)
 
 
 # ---------------------------------------------------------------- page
