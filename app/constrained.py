@@ -114,7 +114,10 @@ def _compiled(kind: str, source: str, model_name: str, vocab_size: int, tokenize
 
 
 def build(target) -> Constraint | None:
-    """The widgets' constraint compiled for ``target``, or None. Raises ``GrammarError`` (a ValueError) in plain words."""
+    """The widgets' constraint compiled for ``target``, or None.
+
+    Raises ``GrammarError`` (a ValueError) with a plain message when it does not compile.
+    """
     spec = spec_from_widgets()
     if spec is None:
         return None
@@ -156,8 +159,9 @@ def extra_runs(slot, target, prompt_ids, drafter, config: DecodeConfig, constrai
     exact_config = replace(config, grammar_mode="exact")
 
     def collect(run_label: str, run_constraint: Constraint | None) -> state.RunRecord:
-        return state.collect_run(run_label, decode(target, prompt_ids, drafter, exact_config, constraint=run_constraint),
-                                 target.tokenizer, prompt_ids, on_step=lambda record: _stream(slot, record))
+        events = decode(target, prompt_ids, drafter, exact_config, constraint=run_constraint)
+        return state.collect_run(run_label, events, target.tokenizer, prompt_ids,
+                                 on_step=lambda record: _stream(slot, record))
 
     exact = collect(f"{label}, {KIND_LABELS[constraint.spec.kind]}, exact", constraint) if naive else None
     free = collect(f"{label}, no constraint", None) if st.session_state[key("live.unconstrained")] else None

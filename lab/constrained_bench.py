@@ -177,7 +177,8 @@ class ConstrainedStudy:
                     "per_position_acceptance_rate": stats.per_position_acceptance_rate,
                     "tokens_per_s": _clean(stats.tokens_per_s),
                     "target_tokens_per_s": _clean(base_stats.tokens_per_s),
-                    "speedup": None if method == TARGET_ALONE else _clean(_ratio(stats.tokens_per_s, base_stats.tokens_per_s)),
+                    "speedup": None if method == TARGET_ALONE
+                    else _clean(_ratio(stats.tokens_per_s, base_stats.tokens_per_s)),
                     "speedup_median": statistics.median(speedups) if speedups else None,
                     "valid": sum(r.valid for r in runs),
                     "complete": sum(r.reason == "eos" for r in runs),
@@ -200,10 +201,13 @@ class ConstrainedStudy:
         for m in self.summary():
             n = m["prompts"]
             rows.append((
-                m["method"], m["setting"], _fmt(m["acceptance_rate"], "{:.1%}"), _fmt(m["mean_acceptance_length"], "{:.2f}"),
-                _fmt(m["tokens_per_s"], "{:.2f}"), _fmt(m["target_tokens_per_s"], "{:.2f}"), _fmt(m["speedup"], "{:.2f}x"),
-                _fmt(m["speedup_median"], "{:.2f}x"), f"{m['valid']}/{n}", f"{m['complete']}/{n}",
-                "—" if m["identical_to_target"] is None else f"{m['identical_to_target']}/{n}", str(m["num_cut_tokens"]),
+                m["method"], m["setting"],
+                _fmt(m["acceptance_rate"], "{:.1%}"), _fmt(m["mean_acceptance_length"], "{:.2f}"),
+                _fmt(m["tokens_per_s"], "{:.2f}"), _fmt(m["target_tokens_per_s"], "{:.2f}"),
+                _fmt(m["speedup"], "{:.2f}x"), _fmt(m["speedup_median"], "{:.2f}x"),
+                f"{m['valid']}/{n}", f"{m['complete']}/{n}",
+                "—" if m["identical_to_target"] is None else f"{m['identical_to_target']}/{n}",
+                str(m["num_cut_tokens"]),
             ))
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
         line = lambda cells: "  ".join(cell.rjust(w) for cell, w in zip(cells, widths))  # noqa: E731
@@ -264,7 +268,8 @@ def run_constrained_study(
                 constraint = constraints[items[0].spec] if setting == "constrained" else None
                 run(target, encoded[0], drafter, short, constraint=constraint)
 
-    study = ConstrainedStudy(_settings(target, specs, items, k, max_new_tokens, chat_template), [m for m, _ in methods[1:]])
+    settings = _settings(target, specs, items, k, max_new_tokens, chat_template)
+    study = ConstrainedStudy(settings, [method for method, _ in methods[1:]])
     plan = [(setting, method, drafter) for setting in SETTINGS for method, drafter in methods]
     total = len(items) * len(plan)
     for index, (item, prompt_ids) in enumerate(zip(items, encoded)):
@@ -272,7 +277,8 @@ def run_constrained_study(
         rotation = index % len(plan)  # no method or setting always runs first or last
         done_runs = []
         for done, (setting, method, drafter) in enumerate(plan[rotation:] + plan[:rotation]):
-            result = run(target, prompt_ids, drafter, config, constraint=constraint if setting == "constrained" else None)
+            result = run(target, prompt_ids, drafter, config,
+                         constraint=constraint if setting == "constrained" else None)
             done_runs.append(StudyRun(
                 item.id, setting, method, tuple(result.token_ids), result.text, result.reason, result.stats,
                 valid=constraint.is_valid(result.text),
