@@ -16,10 +16,42 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from conftest import tiny_tokenizer
+from lab.display import shown_tokens, tokens_html
+from lab.trace import Step
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 600  # a generous bound per cell on a loaded shared machine; a hang still fails
+
+
+def _step(index, drafted, num_accepted, emitted, final_kind):
+    return Step(index, tuple(drafted), num_accepted, tuple(emitted), final_kind, 0.0, 0.0, 0)
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        # two of three drafted tokens kept, the third refused and replaced by the target's own
+        (_step(0, [5, 6, 7], 2, [5, 6, 9], "corrected"),
+         [("t5", "accepted"), ("t6", "accepted"), ("t7", "rejected"), ("t9", "corrected")]),
+        # a fully accepted draft earns the bonus token
+        (_step(0, [5, 6], 2, [5, 6, 8], "bonus"), [("t5", "accepted"), ("t6", "accepted"), ("t8", "bonus")]),
+        # no draft: one plain target token
+        (_step(0, [], 0, [4], "target"), [("t4", "target")]),
+        # cut by the budget after the accepted tokens: no rejected or corrected token is shown
+        (_step(0, [5, 6, 7], 1, [5], "corrected"), [("t5", "accepted")]),
+    ],
+)
+def test_shown_tokens_classes(step, expected):
+    """The coloured-token helper the notebooks use: one class per token, in reading order."""
+    tokenizer = tiny_tokenizer()
+    shown = shown_tokens([step], tokenizer, prompt_ids=[2, 3])
+    assert [(t.text.strip(), t.kind) for t in shown] == expected
+    html = tokens_html(shown)
+    assert html.count("<span") == len(expected)
+    assert ("line-through" in html) == any(kind == "rejected" for _, kind in expected)
 
 
 def test_every_lesson_has_its_notebook():
