@@ -287,6 +287,7 @@ def run_precision_study(
     chat_template: bool = True,
     load: Callable[[str, str], LoadedModel] | None = None,
     progress: Progress | None = None,
+    after_prompt: Callable[[PrecisionStudy], None] | None = None,
 ) -> PrecisionStudy:
     """Run ``target`` at each precision with its drafters on every prompt, against that target alone.
 
@@ -300,6 +301,8 @@ def run_precision_study(
     load: ``load(name, precision) -> LoadedModel`` (default ``lab.models.load_model``
         on ``device``); each model is loaded once.
     progress: ``progress(fraction, message)`` after each prompt and precision.
+    after_prompt: ``after_prompt(study)`` once each prompt has run at every
+        precision (e.g. to save partial results of a long study).
 
     For each prompt, every target precision runs in turn (the target alone,
     then its drafters; see ``lab.compare.run_comparison``).
@@ -361,4 +364,6 @@ def run_precision_study(
             if progress is not None:
                 done = index * len(precisions) + position + 1
                 progress(done / total, f"prompt {index + 1}/{len(prompts)}: target {precision}")
+        if after_prompt is not None:
+            after_prompt(study)
     return study
