@@ -18,7 +18,8 @@ import streamlit as st  # noqa: E402
 import torch  # noqa: E402
 
 from app import resources, state  # noqa: E402
-from lab.models import PRESETS, is_prepared  # noqa: E402
+from lab.models import PRESETS, ModelError, is_prepared  # noqa: E402
+from app.precision import format_bytes  # noqa: E402
 
 PAGES = [
     st.Page("app_pages/live.py", title="Live", icon=":material/bolt:", default=True),
@@ -28,29 +29,35 @@ PAGES = [
 ]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda") if torch.cuda.is_available() else ("auto", "cpu")
-DTYPE_CHOICES = ("auto", "bf16", "fp32", "fp16")
+PRECISION_CHOICES = ("auto", "bf16", "fp32", "fp16", "int8", "nf4", "fp4")
+PRECISION_HELP = (
+    "auto = bf16: about twice as fast as fp32 on CPU. Its rounding differs between a pass over K+1 tokens and a "
+    "pass over one, so a near-tie can flip a greedy token; fp32 keeps greedy output identical to the target alone. "
+    "int8 (bitsandbytes LLM.int8), nf4 and fp4 (4-bit) quantise the weights: less memory, and on the target a "
+    "different model, so a different reference output. Layer skip drafts with the target's own layers, in the "
+    "target's precision."
+)
 
 
 def sidebar_runtime() -> None:
-    """Device and dtype for every page."""
+    """Device, and the precision of the target and of the draft, for every page."""
     with st.sidebar:
         st.subheader("Runtime")
-        state.set_defaults(st.session_state, {"device": "auto", "dtype": "auto"})
+        state.set_defaults(st.session_state, {"device": "auto", "dtype": "auto", "draft_dtype": state.SAME_AS_TARGET})
         st.selectbox("Device", DEVICE_CHOICES, key=state.widget_key("device"))
-        st.selectbox(
-            "Weights dtype",
-            DTYPE_CHOICES,
-            key=state.widget_key("dtype"),
-            help="auto = bf16: about twice as fast on CPU. Its rounding differs between a pass over K+1 tokens "
-            "and a pass over one, so a near-tie can flip a greedy token; fp32 keeps greedy output identical "
-            "to the target alone.",
-        )
+        target_col, draft_col = st.columns(2)
+        target_col.selectbox("Target precision", PRECISION_CHOICES, key=state.widget_key("dtype"), help=PRECISION_HELP)
+        draft_col.selectbox("Draft precision", (state.SAME_AS_TARGET, *PRECISION_CHOICES),
+                            key=state.widget_key("draft_dtype"),
+                            help="The draft model's precision. A quantised draft costs less memory and time "
+                                 "per token and never changes the output; it may be accepted less often.")
         try:
             runtime = state.runtime(st.session_state)
-        except ValueError as error:
+        except (ValueError, ModelError) as error:
             st.error(str(error))
         else:
-            st.caption(f"Running on **{runtime.device}** in **{runtime.dtype}**")
+            draft = "" if runtime.draft_dtype is None else f", draft in **{runtime.draft_precision}**"
+            st.caption(f"Running on **{runtime.device}**, target in **{runtime.target_precision}**{draft}")
 
 
 def sidebar_models(slot, with_button: bool) -> None:
@@ -68,8 +75,10 @@ def sidebar_models(slot, with_button: bool) -> None:
         st.markdown("\n".join(lines))
         loaded = resources.model_store().loaded()
         if loaded:
-            st.caption("Loaded in memory: " + "; ".join(
-                f"{info.name} ({info.dtype}, {info.device}, {info.weight_bytes / 2**30:.2f} GiB)" for info in loaded
+            total_bytes = sum(info.weight_bytes for info in loaded)
+            st.caption(f"Loaded in memory, {format_bytes(total_bytes)} of weights in all: " + "; ".join(
+                f"{info.name} ({info.precision or info.dtype}, {info.device}, {format_bytes(info.weight_bytes)}, "
+                f"loaded in {info.load_s:.1f} s)" for info in loaded
             ))
             if with_button and st.button("Free loaded models", help="Drop every model this server holds; they reload on the next run."):
                 resources.free_models()

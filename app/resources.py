@@ -20,7 +20,7 @@ WARM_UP_TOKENS = 8
 
 @dataclass(frozen=True)
 class LoadedInfo:
-    """What the sidebar shows about a loaded model."""
+    """What the sidebar shows about a loaded model: dtype is the compute dtype, precision the weights' ("nf4", ...)."""
 
     name: str
     device: str
@@ -28,10 +28,16 @@ class LoadedInfo:
     num_parameters: int
     weight_bytes: int
     load_s: float
+    precision: str = ""
 
 
 class ModelStore:
-    """The models this process holds, one per (model, device, dtype), loaded once and shared by every session.
+    """The models this process holds, one per (model, device, precision), loaded once and shared by every session.
+
+    A precision is one of ``lab.models.PRECISIONS``: "bf16", "fp32", "fp16"
+    (a dtype) or "int8", "nf4", "fp4" (bitsandbytes). The same model in two
+    precisions is two entries: a quantised target and its full-precision
+    reference can be held side by side.
 
     Loading happens outside ``st.cache_resource``'s own function cache on
     purpose: a cached function that draws progress bars would have Streamlit
@@ -44,34 +50,35 @@ class ModelStore:
         self._key_locks: dict[tuple[str, str, str], threading.Lock] = {}
         self._models: dict[tuple[str, str, str], LoadedModel] = {}
 
-    def get(self, name_or_path: str, device: str, dtype: str, progress: Progress | None = None) -> LoadedModel:
+    def get(self, name_or_path: str, device: str, precision: str, progress: Progress | None = None) -> LoadedModel:
         """The loaded model, loading it (with ``progress``) and running one warm-up pass the first time.
 
         The warm-up makes the first timed decode honest: the first forward pass
         after loading pays one-off setup costs (about a second on CPU). Errors
         are not remembered: the next call tries again.
         """
-        key = (name_or_path, device, dtype)
+        key = (name_or_path, device, precision)
         with self._lock:
             key_lock = self._key_locks.setdefault(key, threading.Lock())
         with key_lock:
             if key not in self._models:
-                loaded = models.load_model(name_or_path, device=device, dtype=dtype, progress=progress)
+                loaded = _load(name_or_path, device, precision, progress)
                 with torch.inference_mode():
                     loaded.model(torch.zeros(1, WARM_UP_TOKENS, dtype=torch.long, device=loaded.device))
                 with self._lock:
                     self._models[key] = loaded
             return self._models[key]
 
-    def contains(self, name_or_path: str, device: str, dtype: str) -> bool:
+    def contains(self, name_or_path: str, device: str, precision: str) -> bool:
         with self._lock:
-            return (name_or_path, device, dtype) in self._models
+            return (name_or_path, device, precision) in self._models
 
     def loaded(self) -> list[LoadedInfo]:
         with self._lock:
             held = list(self._models.values())
         return [
-            LoadedInfo(m.name, str(m.device), str(m.dtype).removeprefix("torch."), m.num_parameters, m.weight_bytes, m.load_s)
+            LoadedInfo(m.name, str(m.device), str(m.dtype).removeprefix("torch."), m.num_parameters, m.weight_bytes,
+                       m.load_s, m.precision)
             for m in held
         ]
 
@@ -81,20 +88,28 @@ class ModelStore:
             self._models.clear()
 
 
+def _load(name_or_path: str, device: str, precision: str, progress: Progress | None) -> LoadedModel:
+    """``lab.models.load_model`` in ``precision``: a float precision goes in as the dtype it is, so the call
+    stays the original four-argument one for every model that is not quantised."""
+    if precision in models.QUANTIZED_PRECISIONS:
+        return models.load_model(name_or_path, device=device, progress=progress, precision=precision)
+    return models.load_model(name_or_path, device=device, dtype=precision, progress=progress)
+
+
 @st.cache_resource(show_spinner=False)
 def model_store() -> ModelStore:
     """The process-wide model store."""
     return ModelStore()
 
 
-def load_model(name_or_path: str, device: str, dtype: str, progress: Progress | None = None) -> LoadedModel:
-    """A model from the process-wide store (see ``ModelStore.get``)."""
-    return model_store().get(name_or_path, device, dtype, progress)
+def load_model(name_or_path: str, device: str, precision: str, progress: Progress | None = None) -> LoadedModel:
+    """A model from the process-wide store in ``precision`` ("bf16", "nf4", ...; see ``ModelStore.get``)."""
+    return model_store().get(name_or_path, device, precision, progress)
 
 
-def is_loaded(name_or_path: str, device: str, dtype: str) -> bool:
+def is_loaded(name_or_path: str, device: str, precision: str) -> bool:
     """True when ``load_model`` would return at once."""
-    return model_store().contains(name_or_path, device, dtype)
+    return model_store().contains(name_or_path, device, precision)
 
 
 @st.cache_resource(show_spinner=False)

@@ -19,11 +19,10 @@ from typing import Any
 
 from app.render import TokenPiece, step_pieces
 from lab.metrics import SpecDecodingStats
+from lab.quant import MemoryUse, Parting
 from lab.trace import Finished, Prefilled, Step, TraceEvent
 
 WIDGET_PREFIX = "w:"
-
-DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float32": "fp32", "torch.float16": "fp16"}
 
 
 def widget_key(name: str) -> str:
@@ -45,21 +44,48 @@ def set_defaults(session: MutableMapping[str, Any], defaults: dict[str, Any]) ->
             session[widget_key(name)] = value
 
 
+SAME_AS_TARGET = "same as target"
+
+
 @dataclass(frozen=True)
 class Runtime:
-    """Where models run, as the sidebar chose it, resolved: device "cpu"/"cuda", dtype "bf16"/"fp32"/"fp16"."""
+    """Where models run and in what precision, as the sidebar chose them, resolved.
+
+    device: "cpu" or "cuda".
+    dtype: the target's precision, one of ``lab.models.PRECISIONS`` ("bf16",
+        "fp32", "fp16", "int8", "nf4", "fp4"); pages that load every model alike use it.
+    draft_dtype: the draft model's precision; None: the same as the target's.
+    """
 
     device: str
     dtype: str
+    draft_dtype: str | None = None
+
+    @property
+    def target_precision(self) -> str:
+        return self.dtype
+
+    @property
+    def draft_precision(self) -> str:
+        return self.draft_dtype or self.dtype
+
+    def precision(self, role: str) -> str:
+        """The precision of the "target" or the "draft"."""
+        return self.draft_precision if role == "draft" else self.target_precision
 
 
 def runtime(session: MutableMapping[str, Any]) -> Runtime:
-    """The sidebar's device and dtype ("auto" resolved). Raises ValueError (e.g. CUDA asked for, none present)."""
-    from lab.models import resolve_device, resolve_dtype
+    """The sidebar's device and precisions ("auto" resolved).
+
+    Raises ValueError (CUDA asked for and none present, a dtype the device
+    lacks) or ``lab.models.ModelError`` (int8/nf4/fp4 without bitsandbytes).
+    """
+    from lab.models import resolve_device, resolve_precision
 
     device = resolve_device(session.get(widget_key("device"), "auto"))
-    dtype = resolve_dtype(session.get(widget_key("dtype"), "auto"), device)
-    return Runtime(str(device), DTYPE_NAMES[str(dtype)])
+    target = resolve_precision(session.get(widget_key("dtype"), "auto"), device)
+    draft = session.get(widget_key("draft_dtype"), SAME_AS_TARGET)
+    return Runtime(str(device), target, None if draft == SAME_AS_TARGET else resolve_precision(draft, device))
 
 
 @dataclass
@@ -149,9 +175,27 @@ class ConstrainedOutcome:
 
 
 @dataclass
+class ReferenceRun:
+    """The target alone in a reference precision (e.g. bf16), run beside a target loaded in another (e.g. nf4).
+
+    record: the reference run. precision: its precision. target_precision: the
+    precision of the target as loaded. compared_label: which run of that target
+    it is held against ("target alone", or the speculative run's label).
+    parting: where the two outputs part (``lab.quant.Parting``), None when identical.
+    """
+
+    record: RunRecord
+    precision: str
+    target_precision: str
+    compared_label: str
+    parting: Parting | None
+
+
+@dataclass
 class LiveResult:
     """What the Live page shows after a run: the speculative run, optionally the target alone, the settings
-    it ran with, the rows of its steps table (``app.render.steps_rows``) and, under a constraint, its outcome."""
+    it ran with, the rows of its steps table (``app.render.steps_rows``), under a constraint its outcome, the
+    target in a reference precision when asked for, and the memory of the run's models (``lab.quant.MemoryUse``)."""
 
     speculative: RunRecord
     baseline: RunRecord | None
@@ -159,6 +203,8 @@ class LiveResult:
     settings: dict[str, Any]
     step_rows: list[dict] = field(default_factory=list)
     constrained: ConstrainedOutcome | None = None
+    reference: ReferenceRun | None = None
+    memory: list[MemoryUse] = field(default_factory=list)
 
     @property
     def speedup(self) -> float | None:
