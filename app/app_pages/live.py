@@ -13,7 +13,7 @@ import streamlit as st
 import torch
 from streamlit.delta_generator import DeltaGenerator
 
-from app import constrained, render, resources, state
+from app import constrained, precision, render, resources, state
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
 from lab.drafters import DRAFTER_NAMES, make_drafter
 from lab.engine import decode
@@ -135,11 +135,7 @@ def show_check(slot, result: state.LiveResult) -> None:
         slot.warning(f"Differs from the target alone from token {at + 1} on: naive speculation under a grammar "
                      "is not exact (see the comparison below).")
     else:
-        slot.warning(
-            f"Differs from the target alone from token {at + 1} on. The algorithm is exact, but in "
-            f"{result.settings.get('dtype')} a pass over K+1 tokens rounds differently from a pass over one, "
-            "so a near-tie between two tokens can flip. Choose fp32 in the sidebar for token-for-token equality."
-        )
+        slot.warning(f"Differs from the target alone from token {at + 1} on. {precision.rounding_note(result.settings)}")
 
 
 def show_result(view: LiveView, result: state.LiveResult) -> None:
@@ -154,6 +150,7 @@ def show_result(view: LiveView, result: state.LiveResult) -> None:
     spec = result.speculative
     with view.details.container():
         constrained.show(result.constrained, spec)
+        precision.show(result)
         if spec.stats.num_drafts:
             st.plotly_chart(render.acceptance_figure(spec.stats.per_position_acceptance_rate), width="stretch")
         with st.expander(f"Steps ({len(spec.steps)})"):
@@ -171,11 +168,12 @@ def require_model(name: str, what: str) -> str:
 def load(name: str, what: str, runtime: state.Runtime, slot):
     """A shared model; preparation and loading progress shown in ``slot`` the first time."""
     require_model(name, what)
-    if resources.is_loaded(name, runtime.device, runtime.dtype):
-        return resources.load_model(name, runtime.device, runtime.dtype)
+    weights = runtime.precision(what)
+    if resources.is_loaded(name, runtime.device, weights):
+        return resources.load_model(name, runtime.device, weights)
     bar = slot.progress(0.0, text=f"Loading the {what} {name}…")
     try:
-        return resources.load_model(name, runtime.device, runtime.dtype,
+        return resources.load_model(name, runtime.device, weights,
                                     progress=lambda fraction, message: bar.progress(fraction, text=f"{what}: {message}"))
     finally:
         slot.empty()
@@ -207,7 +205,8 @@ def run_live(view: LiveView, runtime: state.Runtime, target_name: str, draft_nam
 
     label = DRAFTER_LABELS[drafter_name] + (f", K={config.k}" if drafter is not None else "")
     settings = {"target": target_name, "drafter": label, "temperature": config.temperature,
-                "max new tokens": config.max_new_tokens, "device": runtime.device, "dtype": runtime.dtype}
+                "max new tokens": config.max_new_tokens, "device": runtime.device}
+    settings |= precision.settings(runtime, drafter_name)
     view.status.caption("Decoding…")
     settings |= constrained.settings(constraint, drafter)
     speculative = state.collect_run(label + constrained.describe(constraint, drafter),
@@ -220,15 +219,19 @@ def run_live(view: LiveView, runtime: state.Runtime, target_name: str, draft_nam
                                      target.tokenizer, prompt_ids,
                                      on_step=lambda record: show_tokens(view.baseline, record, streaming=True))
     outcome = constrained.extra_runs(view.details, target, prompt_ids, drafter, config, constraint, speculative, label)
+    reference = precision.reference_run(view.details, runtime, target_name, target, prompt_ids, config,
+                                        compared=baseline or speculative)
     return state.LiveResult(speculative, baseline, greedy=config.sampling.is_greedy, settings=settings,
                             step_rows=render.steps_rows(speculative.steps, target.tokenizer, prompt_ids),
-                            constrained=outcome)
+                            constrained=outcome, reference=reference,
+                            memory=precision.run_memory(target, drafter, draft, speculative))
 
 
 # ---------------------------------------------------------------- page
 
 state.set_defaults(st.session_state, DEFAULTS)
 state.set_defaults(st.session_state, constrained.DEFAULTS)
+state.set_defaults(st.session_state, precision.DEFAULTS)
 st.title("Speculative Decoding Lab")
 st.markdown(
     "A **drafter** proposes up to K tokens; the **target** checks them all in one forward pass, keeps the longest "
@@ -246,6 +249,7 @@ with st.container(border=True):
                        "On: the model continues the text as is.")
         st.toggle("Compare with the target alone", key=key("live.compare"),
                   help="Also run the target without a drafter on the same prompt: speedup and exactness check.")
+        precision.section()
     with drafter_col:
         drafter_name = st.selectbox("Drafter", DRAFTER_NAMES, key=key("live.drafter"), format_func=DRAFTER_LABELS.get)
         draft_choice = ""
