@@ -1,4 +1,4 @@
-"""The command line: ``python -m lab generate | prepare | models | peer | bench``.
+"""The command line: ``python -m lab generate | prepare | models | peer | compare | bench``.
 
 Every subcommand is one function ``_cmd_<name>(args) -> int`` registered in
 ``build_parser``; ``main(argv) -> int`` parses and dispatches, so tests call it
@@ -16,6 +16,13 @@ Examples::
         --draft qwen2.5-coder-0.5b --k 4 --prompt-file question.txt --json
     python -m lab peer --target qwen2.5-coder-1.5b --drafter draft-model \\
         --draft qwen2.5-coder-0.5b --k 4 6 --prompts spec_bench:summarization:10 spec_bench:mix:10
+    python -m lab generate --target smollm2-135m --drafter prompt-lookup --json-schema schema.json \
+        --prompt "Extract the person as JSON: Maria Lopez, 34, lives in Valencia."
+    python -m lab compare --target smollm2-135m --drafters prompt-lookup layer-skip --ks 2 4 6 8 \
+        --prompts spec_bench:summarization:8 spec_bench:qa:8 --out results/compare.json
+    python -m lab bench --target smollm2-135m --drafter prompt-lookup --k 4 --batch-sizes 1,2,4,8,16 \
+        --prompts spec_bench:summarization:8 spec_bench:qa:8 --max-new-tokens 48 --json
+    python -m lab generate --target smollm2-135m --target-quant nf4 --drafter layer-skip --prompt "Hi"
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
@@ -66,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            raise UsageError("a command is required: generate, prepare, models, peer or bench (see `python -m lab --help`)")
+            raise UsageError("a command is required: generate, prepare, models, peer, compare or bench (see `python -m lab --help`)")
         return args.handler(args)
     except SystemExit as done:  # --help / --version
         return done.code if isinstance(done.code, int) else EXIT_OK
@@ -112,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="print one JSON object instead of coloured text")
     generate.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                           help="colour tokens by class (default: when stdout is a terminal)")
+    _add_constraint_arguments(generate)
     generate.set_defaults(handler=_cmd_generate)
 
     prepare = commands.add_parser("prepare", help="prepare model presets once (assemble, check, convert to bf16)")
@@ -137,16 +146,73 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--out", type=Path, help="also write the JSON report to this file (rewritten after each prompt)")
     peer.set_defaults(handler=_cmd_peer)
 
-    bench = commands.add_parser("bench", help="batch sweeps (not implemented yet; see `peer`)")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench = commands.add_parser("bench", help="batch-size sweep: latency and throughput with speculation off, on and auto")
+    _add_model_arguments(bench)
+    _add_drafter_arguments(bench, [n for n in DRAFTER_NAMES if n != "none"], None)
+    bench.add_argument("--k", type=int, default=4, help="K of the 'on' mode (default 4)")
+    bench.add_argument("--batch-sizes", default="1,2,4,8,16", help="comma-separated batch sizes (default 1,2,4,8,16)")
+    bench.add_argument("--max-new-tokens", type=int, default=64, help="token budget per request (default 64)")
+    bench.add_argument("--prompts", nargs="+", default=["spec_bench:mix:16"],
+                       help="prompt sets: spec_bench[:CATEGORY|:mix][:N], a preset name, or a .jsonl path")
+    bench.add_argument("--n", type=int, default=None, help="use the first N prompts of the sets")
+    bench.add_argument("--raw", action="store_true", help="encode prompts without the chat template")
+    bench.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
+    bench.add_argument("--out", type=Path, help="also write the JSON result to this file")
+    _add_constraint_arguments(bench)
     bench.set_defaults(handler=_cmd_bench)
+
+    compare = commands.add_parser("compare", help="every drafter at every K on the same prompts, against the target alone")
+    _add_model_arguments(compare)
+    compare.add_argument("--drafters", nargs="+", required=True, choices=[n for n in DRAFTER_NAMES if n != "none"])
+    compare.add_argument("--draft", help="draft model for draft-model (a preset or a folder)")
+    compare.add_argument("--exit-layer", type=int, default=None, help="layer-skip exit (default: a quarter of the layers)")
+    compare.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6, 8], help="K values (default 2 4 6 8)")
+    compare.add_argument("--max-new-tokens", type=int, default=48, help="token budget per run (default 48)")
+    compare.add_argument("--prompts", nargs="+", default=["spec_bench:mix:8"], help="prompt sets, as for peer")
+    compare.add_argument("--raw", action="store_true", help="encode prompts without the chat template")
+    compare.add_argument("--json", action="store_true", help="print the JSON results instead of the table")
+    compare.add_argument("--out", type=Path, help="also write the JSON results (loadable in the app's Compare page)")
+    compare.set_defaults(handler=_cmd_compare)
     return parser
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from lab.models import PRECISIONS
+
     parser.add_argument("--target", required=True, help="a preset name (see `python -m lab models`) or a model folder")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"), help="default auto (bf16)")
+    parser.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"),
+                        help="compute dtype of both models (default auto: bf16); fp32 is the exactness reference")
+    parser.add_argument("--target-quant", default=None, choices=PRECISIONS,
+                        help="the target's weight precision (int8/nf4/fp4 through bitsandbytes; default: --dtype)")
+    parser.add_argument("--draft-quant", default=None, choices=PRECISIONS,
+                        help="the draft model's weight precision (default: --dtype)")
+
+
+def _add_constraint_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--json-schema", type=Path, metavar="FILE", help="constrain the output to this JSON schema")
+    group.add_argument("--regex", metavar="PATTERN", help="constrain the output to match this regular expression")
+    group.add_argument("--any-json", action="store_true", help="constrain the output to any JSON value")
+    parser.add_argument("--naive-grammar", action="store_true",
+                        help="TEACHING ONLY: the broken way (drafts and verification unmasked, no rollback)")
+
+
+def _constraint_spec(args: argparse.Namespace):
+    """The ConstraintSpec the flags ask for, or None."""
+    from lab.grammar import ConstraintSpec
+
+    if getattr(args, "json_schema", None) is not None:
+        if not args.json_schema.is_file():
+            raise UsageError(f"schema file {str(args.json_schema)!r} does not exist: give the path of a JSON schema file")
+        return ConstraintSpec("json_schema", args.json_schema.read_text(encoding="utf-8"))
+    if getattr(args, "regex", None) is not None:
+        return ConstraintSpec("regex", args.regex)
+    if getattr(args, "any_json", False):
+        return ConstraintSpec("any_json")
+    if getattr(args, "naive_grammar", False):
+        raise UsageError("--naive-grammar requires a constraint: --json-schema FILE, --regex PATTERN or --any-json")
+    return None
 
 
 def _add_drafter_arguments(parser: argparse.ArgumentParser, choices: Sequence[str], default: str | None) -> None:
@@ -174,7 +240,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     config = DecodeConfig(
         k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        grammar_mode="naive" if args.naive_grammar else "exact",
     )
+    spec = _constraint_spec(args)
     progress = ProgressLine(sys.stderr)
     tokenizer = _checked_tokenizer(args, progress)
     prompt_ids = encode_prompt(tokenizer, text, chat_template=not args.raw)
@@ -182,10 +250,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     # 2. Load, build the drafter, decode.
     target, draft = _load_models(args, progress)
     drafter = make_drafter(args.drafter, target, draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer)
+    constraint = None
+    if spec is not None:
+        from lab.grammar import Constraint
+
+        constraint = Constraint(spec, target.tokenizer, target.vocab_size, target.eos_token_ids)
     stats, steps = SpecDecodingStats(), []
     printer = None if args.json else TokenPrinter(target.tokenizer, sys.stdout, _use_color(args.color, sys.stdout))
     finished = None
-    for event in decode(target, prompt_ids, drafter, config):
+    for event in decode(target, prompt_ids, drafter, config, constraint=constraint):
         stats.observe(event)
         if isinstance(event, Step):
             steps.append(event)
@@ -200,7 +273,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.compare_baseline:
         if not args.json:
             print("running the target alone for comparison...", file=sys.stderr)
-        baseline = run(target, prompt_ids, None, config)
+        baseline = run(target, prompt_ids, None, replace(config, grammar_mode="exact"), constraint=constraint)
 
     settings = {
         "target": target.name,
@@ -219,11 +292,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "dtype": str(target.dtype).removeprefix("torch."),
         "device": str(target.device),
         "num_prompt_tokens": len(prompt_ids),
+        "target_precision": target.precision,
+        "draft_precision": draft.precision if draft is not None else None,
+        "constraint": None if spec is None else {"kind": spec.kind, "source": spec.source, "mode": config.grammar_mode},
     }
     if args.json:
-        print(json.dumps(generate_report(finished, stats, steps, settings, baseline)))
+        report = generate_report(finished, stats, steps, settings, baseline)
+        if constraint is not None:
+            report["constraint_valid"] = constraint.is_valid(finished.text)
+        print(json.dumps(report))
     else:
         print(format_summary(finished, stats, settings, baseline, color=printer.color))
+        if constraint is not None:
+            valid = constraint.is_valid(finished.text)
+            note = "" if valid or finished.reason != "max_new_tokens" else " (a valid prefix, cut by the token budget: raise --max-new-tokens)"
+            print(f"   constraint ({spec.kind}, {config.grammar_mode}): output {'valid' if valid else 'NOT valid'}{note}")
     return EXIT_OK
 
 
@@ -414,10 +497,76 @@ def _cmd_peer(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    raise UsageError(
-        "`python -m lab bench` (batch sweeps) is not implemented yet; "
-        "use `python -m lab peer` to compare with transformers' assisted generation"
-    )
+    from lab.batch import make_batch_drafter
+    from lab.models import encode_prompt
+    from lab.prompts import load_prompt_sets
+    from lab.sweep import format_sweep, run_sweep
+
+    _check_drafter_arguments(args)
+    if _constraint_spec(args) is not None:
+        raise UsageError(
+            "constrained output is not supported by the batched engine yet: use `generate` with "
+            "--json-schema/--regex/--any-json (single request), or bench without a constraint"
+        )
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"--batch-sizes requires comma-separated integers, e.g. 1,2,4,8; got {args.batch_sizes!r}") from None
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise UsageError(f"--batch-sizes requires integers >= 1; got {args.batch_sizes!r}")
+    config = DecodeConfig(k=args.k, max_new_tokens=args.max_new_tokens)
+    prompts = load_prompt_sets(args.prompts)[: args.n]
+    if not prompts:
+        raise UsageError(f"the prompt sets {' '.join(args.prompts)} hold no prompts: choose others")
+    progress = ProgressLine(sys.stderr, always=True)
+    _checked_tokenizer(args, progress)
+    target, draft = _load_models(args, progress)
+    drafter = make_batch_drafter(args.drafter, target, draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer)
+    ids = [encode_prompt(target, p.text, chat_template=not args.raw) for p in prompts]
+    sweep = run_sweep(target, ids, drafter, config, batch_sizes, progress=_log_line)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        sweep.to_json(args.out)
+        print(f"wrote {args.out}", file=sys.stderr)
+    print(sweep.to_json() if args.json else format_sweep(sweep))
+    return EXIT_OK
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from lab.compare import DrafterSpec, run_comparison
+    from lab.models import check_same_tokenizer, load_model, load_tokenizer
+    from lab.prompts import load_prompt_sets
+
+    if "draft-model" in args.drafters and not args.draft:
+        raise UsageError("--drafters draft-model requires --draft NAME (e.g. --draft qwen2.5-coder-0.5b)")
+    specs = [
+        DrafterSpec(name, draft=args.draft if name == "draft-model" else None,
+                    exit_layer=args.exit_layer if name == "layer-skip" else None)
+        for name in args.drafters
+    ]
+    config = DecodeConfig(max_new_tokens=args.max_new_tokens)
+    for k in args.ks:
+        replace(config, k=k)  # refuse a bad K before loading anything
+    prompts = [p.text for p in load_prompt_sets(args.prompts)]
+    progress = ProgressLine(sys.stderr, always=True)
+    if args.draft:
+        check_same_tokenizer(load_tokenizer(args.target, progress), load_tokenizer(args.draft, progress))
+    target = load_model(args.target, device=args.device, dtype=args.dtype, progress=progress, precision=args.target_quant)
+    load_draft = lambda name: load_model(name, device=args.device, dtype=args.dtype, progress=progress,  # noqa: E731
+                                         precision=args.draft_quant)
+    progress.done()
+    comparison = run_comparison(target, prompts, specs, args.ks, config, load_draft=load_draft,
+                                chat_template=not args.raw, progress=_log_line)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(comparison.to_json())
+        print(f"wrote {args.out}", file=sys.stderr)
+    if args.json:
+        print(comparison.to_json())
+    else:
+        summary = comparison.summary().drop(columns=["per_position_acceptance"])
+        print(summary.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------- shared steps
@@ -463,10 +612,12 @@ def _load_models(args: argparse.Namespace, progress):
     from lab.models import load_model
 
     logging.disable_progress_bar()  # our own progress line says what is loading
-    target = load_model(args.target, device=args.device, dtype=args.dtype, progress=progress)
+    target = load_model(args.target, device=args.device, dtype=args.dtype, progress=progress,
+                        precision=getattr(args, "target_quant", None))
     draft = None
     if args.drafter == "draft-model":
-        draft = load_model(args.draft, device=args.device, dtype=args.dtype, progress=progress)
+        draft = load_model(args.draft, device=args.device, dtype=args.dtype, progress=progress,
+                           precision=getattr(args, "draft_quant", None))
     progress.done()
     return target, draft
 

@@ -151,7 +151,7 @@ def test_smollm2_target_with_qwen_draft_is_refused_naming_both_tokenizers(capsys
     "argv, message",
     [
         (["prepare", "gpt-9"], "Unknown model 'gpt-9'"),
-        (["bench"], "not implemented yet"),
+        (["bench"], "--target"),
         ([], "a command is required"),
         (["peer", "--target", "x", "--drafter", "none"], "invalid choice: 'none'"),
         (["peer", "--target", "x", "--drafter", "prompt-lookup", "--prompts", "no_such_set"], "prompt set requires"),
@@ -186,3 +186,72 @@ def test_peer_on_a_tiny_model_prints_the_table_and_writes_json(tiny_dirs, tmp_pa
     assert "ours/HF assist" in capsys.readouterr().out
     data = json.loads(out_file.read_text())
     assert data["summaries"][0]["speculative_identical_to_baseline"] == 2
+
+
+def test_bench_json_holds_every_batch_size(tiny_dirs, capsys):
+    argv = ["bench", "--target", tiny_dirs["target"], "--dtype", "fp32", "--device", "cpu", "--drafter", "prompt-lookup",
+            "--k", "3", "--batch-sizes", "1,2", "--max-new-tokens", "6", "--prompts", "summarization:2", "--raw", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["batch_size"] for r in result["results"]] == [1, 2]
+    for row in result["results"]:
+        for mode in ("off", "on"):
+            assert row[mode]["tokens_per_s"] > 0
+            assert row[mode]["latency_p50_s"] > 0
+
+
+def test_compare_writes_a_reloadable_results_file(tiny_dirs, tmp_path, capsys):
+    from lab.compare import Comparison
+
+    out = tmp_path / "compare.json"
+    argv = ["compare", "--target", tiny_dirs["target"], "--dtype", "fp32", "--device", "cpu",
+            "--drafters", "prompt-lookup", "layer-skip", "--exit-layer", "1", "--ks", "2", "4",
+            "--max-new-tokens", "6", "--prompts", "summarization:2", "--raw", "--out", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "prompt-lookup (n 1-3)" in table and "layer-skip (exit 1)" in table
+    comparison = Comparison.from_json(out.read_text())
+    assert len(comparison.runs) == 2 * (1 + 2 * 2)
+    assert (comparison.summary().identical_to_target == 1.0).all()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--naive-grammar"], "--naive-grammar requires a constraint"),
+        (["--json-schema", "no_such_schema.json"], "schema file 'no_such_schema.json' does not exist"),
+        (["--target-quant", "int3"], "invalid choice: 'int3'"),
+    ],
+)
+def test_generate_refuses_bad_constraint_and_precision_flags(tiny_dirs, capsys, extra, message):
+    assert main(generate(tiny_dirs, "--drafter", "none", *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch-sizes", "0,2"], "--batch-sizes requires integers >= 1"),
+        (["--batch-sizes", "a"], "--batch-sizes requires comma-separated integers"),
+        (["--any-json"], "constrained output is not supported by the batched engine yet"),
+    ],
+)
+def test_bench_refuses_bad_input(tiny_dirs, capsys, extra, message):
+    argv = ["bench", "--target", tiny_dirs["target"], "--drafter", "prompt-lookup", "--prompts", "summarization:2", *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_generate_with_a_json_schema_is_valid_and_identical_to_the_target_alone(tmp_path, capsys):
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                                  "required": ["name", "age"]}))
+    argv = ["generate", "--target", "smollm2-135m", "--dtype", "fp32", "--drafter", "prompt-lookup", "--k", "4",
+            "--max-new-tokens", "40", "--json-schema", str(schema), "--json", "--compare-baseline",
+            "--prompt", "Extract the person as JSON with name and age: Maria Lopez is 34 years old."]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["constraint_valid"] is True
+    assert report["identical_to_baseline"] is True
+    assert json.loads(report["text"])["age"] == 34
