@@ -19,6 +19,7 @@ import pytest
 from test_browser import CHROMIUM, CHROMIUM_ARGS, ROOT, SERVER_START_S, free_port, wait_healthy
 
 RUN_TIMEOUT_MS = 600_000  # a shared 2-core machine under load can take minutes for a few SmolLM2 decodes
+PAGE_TIMEOUT_MS = 180_000  # ... and a minute to draw a page
 SCREENSHOT_COPIES = {"compare_page.png": Path("/tmp/compare_page.png"),
                      "compare_cancelled.png": Path("/tmp/compare_cancelled.png")}
 
@@ -66,8 +67,9 @@ def page(served):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 3000})
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
             page.goto(f"{url}/compare")
-            page.get_by_role("heading", name="Compare drafters").wait_for(timeout=60_000)
+            page.get_by_role("heading", name="Compare drafters").wait_for()
             page.get_by_role("button", name="Run comparison").wait_for()
             yield page
         finally:
@@ -103,7 +105,7 @@ def test_compare_page_after_a_real_run(page, served, tmp_path):
     page.get_by_role("heading", name="Per drafter and K").wait_for()
     page.get_by_role("heading", name="What each drafter costs").wait_for()
     charts = page.locator('[data-testid="stPlotlyChart"]')
-    charts.first.locator(".main-svg").first.wait_for(timeout=60_000)  # plotly draws after the element arrives
+    charts.first.locator(".main-svg").first.wait_for()  # plotly draws after the element arrives
     assert charts.count() >= 4  # acceptance curves, speedup, against K, timeline
     assert page.get_by_role("button", name="Download JSON").count() == 1
     save_screenshot(page, tmp_path, "compare_page.png")

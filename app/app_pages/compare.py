@@ -224,12 +224,14 @@ def collect_stopped_run() -> None:
 
 
 def load(name: str, what: str, runtime: state.Runtime, slot):
-    """A shared model; preparation and loading progress shown in ``slot`` the first time."""
-    if resources.is_loaded(name, runtime.device, runtime.dtype):
-        return resources.load_model(name, runtime.device, runtime.dtype)
+    """A shared model in the sidebar's precision for its role ("target" or "draft"); preparation and loading
+    progress shown in ``slot`` the first time."""
+    weights = runtime.precision(what)
+    if resources.is_loaded(name, runtime.device, weights):
+        return resources.load_model(name, runtime.device, weights)
     bar = slot.progress(0.0, text=f"Loading the {what} {name}…")
     try:
-        return resources.load_model(name, runtime.device, runtime.dtype,
+        return resources.load_model(name, runtime.device, weights,
                                     progress=lambda fraction, message: bar.progress(fraction, text=f"{what}: {message}"))
     finally:
         slot.empty()
@@ -273,6 +275,8 @@ def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks
             "status": "complete" if finished == total else ("cancelled" if watch.cancel_seen else "stopped"),
             "runs_planned": total,
             "elapsed_s": time.monotonic() - started_s,
+            "precision": runtime.precision("target"),
+            "draft_precision": runtime.precision("draft") if drafts else None,
             "target_parameters": target.num_parameters,
             "target_weight_bytes": target.weight_bytes,
             "drafter_costs": {spec.label: render_compare.drafter_cost(spec.name, target, drafts.get(spec.draft),
@@ -324,7 +328,10 @@ def show_status(comparison: compare.Comparison) -> None:
     if settings.get("status") == "stopped" and st.session_state.get(CANCEL_KEY):
         settings["status"] = "cancelled"  # the Cancel button's callback ran at the start of this script run
     status = settings.get("status", "complete")
-    what = (f"target `{settings.get('target')}` · {settings.get('dtype', '').removeprefix('torch.')} on "
+    precision = settings.get("precision") or settings.get("dtype", "").removeprefix("torch.")
+    if settings.get("draft_precision"):
+        precision += f" (draft {settings['draft_precision']})"
+    what = (f"target `{settings.get('target')}` · {precision} on "
             f"{settings.get('device')} · up to {settings.get('max_new_tokens')} new tokens · "
             + ("greedy" if settings.get("temperature") == 0 else f"temperature {settings.get('temperature')}"))
     if settings.get("loaded_from"):
@@ -357,9 +364,9 @@ def show_summary(comparison: compare.Comparison, summary) -> None:
     identical = summary["identical_to_target"].astype(float)
     if comparison.settings.get("temperature") == 0 and (identical < 1).any():
         st.warning(
-            "Some greedy outputs differ from the target alone. The algorithm is exact, but in bf16 a pass over K+1 "
-            "tokens rounds differently from a pass over one, so a near-tie between two tokens can flip. Choose fp32 "
-            "in the sidebar for token-for-token equality."
+            "Some greedy outputs differ from the target alone. The algorithm is exact, but below fp32 a pass over "
+            "K+1 tokens rounds differently from a pass over one, so a near-tie between two tokens can flip. Choose "
+            "fp32 as the target precision in the sidebar for token-for-token equality."
         )
     st.subheader("What each drafter costs")
     costs = comparison.settings.get("drafter_costs", {})

@@ -109,12 +109,14 @@ class StepSession:
 
 
 def load(name: str, what: str, runtime: state.Runtime, slot):
-    """A shared model; preparation and loading progress shown in ``slot`` the first time."""
-    if resources.is_loaded(name, runtime.device, runtime.dtype):
-        return resources.load_model(name, runtime.device, runtime.dtype)
+    """A shared model in the sidebar's precision for its role ("target" or "draft"); preparation and loading
+    progress shown in ``slot`` the first time."""
+    weights = runtime.precision(what)
+    if resources.is_loaded(name, runtime.device, weights):
+        return resources.load_model(name, runtime.device, weights)
     bar = slot.progress(0.0, text=f"Loading the {what} {name}…")
     try:
-        return resources.load_model(name, runtime.device, runtime.dtype,
+        return resources.load_model(name, runtime.device, weights,
                                     progress=lambda fraction, message: bar.progress(fraction, text=f"{what}: {message}"))
     finally:
         slot.empty()
@@ -141,7 +143,7 @@ def start(runtime: state.Runtime, slot) -> StepSession:
     settings = {"target": target_name, "drafter": DRAFTER_LABELS[drafter_name] + (f" ({draft.name})" if draft else ""),
                 "K": config.k, "max new tokens": config.max_new_tokens,
                 "sampling": "greedy" if config.sampling.is_greedy else f"temperature {config.temperature}, top-p {config.top_p}, seed {config.seed}",
-                "dtype": runtime.dtype}
+                "precision": runtime.precision("target") + (f", draft {runtime.precision('draft')}" if draft else "")}
     session = StepSession(decode(target, prompt_ids, drafter, config), target.tokenizer, prompt_ids,
                           config.sampling.is_greedy, settings, committed=list(prompt_ids),
                           eos_token_ids=tuple(target.eos_token_ids))
