@@ -26,6 +26,7 @@ PAGES = [
     st.Page("app_pages/compare.py", title="Compare", icon=":material/leaderboard:"),
     st.Page("app_pages/theory.py", title="Theory", icon=":material/functions:"),
     st.Page("app_pages/step.py", title="Step-through", icon=":material/footprint:"),
+    st.Page("app_pages/batch.py", title="Batch", icon=":material/stacked_line_chart:"),
 ]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda") if torch.cuda.is_available() else ("auto", "cpu")
@@ -45,12 +46,10 @@ def sidebar_runtime() -> None:
         st.subheader("Runtime")
         state.set_defaults(st.session_state, {"device": "auto", "dtype": "auto", "draft_dtype": state.SAME_AS_TARGET})
         st.selectbox("Device", DEVICE_CHOICES, key=state.widget_key("device"))
-        target_col, draft_col = st.columns(2)
-        target_col.selectbox("Target precision", PRECISION_CHOICES, key=state.widget_key("dtype"), help=PRECISION_HELP)
-        draft_col.selectbox("Draft precision", (state.SAME_AS_TARGET, *PRECISION_CHOICES),
-                            key=state.widget_key("draft_dtype"),
-                            help="The draft model's precision. A quantised draft costs less memory and time "
-                                 "per token and never changes the output; it may be accepted less often.")
+        st.selectbox("Target precision", PRECISION_CHOICES, key=state.widget_key("dtype"), help=PRECISION_HELP)
+        st.selectbox("Draft precision", (state.SAME_AS_TARGET, *PRECISION_CHOICES), key=state.widget_key("draft_dtype"),
+                     help="The draft model's precision. A quantised draft costs less memory and time per token and "
+                          "never changes the output; it may be accepted less often.")
         try:
             runtime = state.runtime(st.session_state)
         except (ValueError, ModelError) as error:

@@ -136,10 +136,11 @@ def show(result: state.LiveResult) -> None:
     precision = result.settings.get("target precision", "")
     greedy_word = "greedy " if result.greedy else ""
     if precision in QUANTIZED_PRECISIONS:
+        see = ("" if result.reference is not None else " Switch on 'Show the full-precision target beside it' to see "
+               "where its output parts from the unquantised model's.")
         st.info(f"The target is quantised ({precision}): speculative decoding is exact relative to the {precision} "
                 f"target, so {greedy_word}output equals the {precision} target decoding alone. Quantising the "
-                "target changes that reference itself; switch on 'Show the full-precision target beside it' to "
-                "see where its output parts from the unquantised model's.", icon=":material/compress:")
+                f"target changes that reference itself.{see}", icon=":material/compress:")
     if result.reference is not None:
         show_reference(result.reference, result.greedy)
     if result.memory:
@@ -156,13 +157,20 @@ def show_reference(reference: state.ReferenceRun, greedy: bool) -> None:
                    f"{len(reference.record.token_ids)} tokens match.", icon=":material/compare_arrows:")
     else:
         chance = "" if greedy else " (with sampling, random draws differ too)"
+        where = ("From the first token" if parting.index == 0
+                 else f"After {parting.num_common} shared tokens (“{_tail(parting.common_text)}”)")
         st.warning(
             f"The {mine} target ({reference.compared_label}) parts from the {theirs} target at token "
-            f"{parting.index + 1}{chance}. After the {parting.num_common} shared tokens, {mine} writes "
-            f"“{parting.output_next}”, {theirs} writes “{parting.reference_next}”.", icon=":material/call_split:"
+            f"{parting.index + 1}{chance}. {where}, {mine} writes “{parting.output_next}…”, {theirs} writes "
+            f"“{parting.reference_next}…”.", icon=":material/call_split:"
         )
     stats = reference.record.stats
     st.markdown(f"**{reference.record.label}** · {stats.num_output_tokens} tokens · "
                 f"{render.format_number(stats.tokens_per_s, 1)} tokens/s")
     st.html(render.tokens_html(reference.record.pieces, mark_at=None if parting is None else parting.index,
                                mark=f"parts from the {mine} target here"))
+
+
+def _tail(text: str, max_chars: int = 60) -> str:
+    """The end of ``text``, at most ``max_chars`` characters, with "…" when cut."""
+    return text if len(text) <= max_chars else "…" + text[-max_chars:]
