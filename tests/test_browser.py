@@ -84,7 +84,7 @@ def app_url(tmp_path):
 
 def choose(page, label: str, option: str) -> None:
     """Pick ``option`` in the Streamlit selectbox labelled ``label`` (a combobox with a listbox)."""
-    combobox = page.get_by_role("combobox", name=label)
+    combobox = page.get_by_role("combobox", name=label, exact=True)  # "Target" must not match "Target precision"
     combobox.click()
     page.get_by_role("option", name=option, exact=True).click()
     page.wait_for_timeout(300)  # the rerun that reads the new value
