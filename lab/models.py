@@ -15,6 +15,11 @@ is *prepared* once:
 A folder without the marker is an interrupted preparation and is redone.
 Loading the prepared copy then takes 0.4-7 s.
 
+Each model loads in its own precision (``load_model(..., precision=...)``):
+fp32, bf16 or fp16, or bitsandbytes' int8 (LLM.int8), nf4 and fp4, quantised
+from the bf16 copy while loading (4-bit takes tens of seconds on a CPU).
+:func:`weight_bytes` and :func:`kv_cache_bytes` say what a model costs in memory.
+
 Errors a user can fix (a missing package, a bad download, a corrupt cache)
 raise :class:`ModelError` with the command that fixes them.
 """
