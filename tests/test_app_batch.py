@@ -1,0 +1,308 @@
+"""The Batch page: pure figure builders on hand-made sweeps, then AppTest runs with tiny models.
+
+Figures read a sweep as its JSON dict (``SweepResult.as_dict()``), so hand-made
+dicts pin the crossover logic without timing anything. The AppTest runs patch
+``lab.models``'s loaders (the app's only way to models) to return tiny random
+models, as ``test_app_compare.py`` does; a whole sweep then takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import streamlit as st
+import torch
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the app is not an installed package; its modules import as app.*
+    sys.path.insert(0, str(ROOT))
+
+import lab.models  # noqa: E402
+from app import render_batch, state  # noqa: E402
+from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
+from lab.config import DecodeConfig  # noqa: E402
+from lab.drafters import PromptLookupDrafter  # noqa: E402
+from lab.sweep import run_sweep  # noqa: E402
+
+MAIN = str(ROOT / "app" / "main.py")
+TIMEOUT_S = 180
+RESULT_KEY = "batch:sweep"
+key = state.widget_key
+TINY_PROMPTS = "t3 t4 t5 t6 t3 t4 t5 t6 t3 t4\n---\nt7 t8 t9 t7 t8 t9 t7 t8"
+
+
+# ---------------------------------------------------------------- hand-made sweeps
+
+
+def mode(name: str, k: int, latency_s: float, tokens_per_s: float, differ: int | None = 0) -> dict:
+    return {"mode": name, "k": k, "latency_p50_s": latency_s, "latency_p95_s": 1.2 * latency_s,
+            "ttft_p50_s": 0.1, "ttft_p95_s": 0.2, "tokens_per_s": tokens_per_s, "acceptance_rate": 0.5 if k else None,
+            "per_position_acceptance_rate": [0.6, 0.4] if k else [], "outputs_differ_from_batch_1": differ}
+
+
+def hand_sweep(latency: list[float], throughput: list[float], sizes=(1, 2, 4, 8), auto_k=(2, 2, 1, 0)) -> dict:
+    """A sweep dict whose latency and throughput speedups are the given ones (off: 1 s, 10 tokens/s)."""
+    results = []
+    for b, lat, tput, k in zip(sizes, latency, throughput, auto_k):
+        off, on = mode("off", 0, 1.0, 10.0), mode("on", 2, 1.0 / lat, 10.0 * tput)
+        results.append({
+            "batch_size": b, "num_requests": max(b, 2), "latency_speedup": lat, "throughput_speedup": tput,
+            "ttft_speedup": 1.0, "per_position_acceptance_rate": [0.6, 0.4], "mean_acceptance_length": 2.0,
+            "outputs_differ_on_vs_off": 0, "auto_k": k, "auto_predicted_speedup": 1.1,
+            "auto_latency_vs_best": 1.0, "auto_throughput_vs_best": 1.0,
+            "off": off, "on": on, "auto": {**(on if k else off), "mode": "auto", "k": k},
+        })
+    return {"drafter": "prompt-lookup", "k": 2, "settings": {"dtype": "bfloat16", "device": "cpu"},
+            "batch_sizes": list(sizes), "results": results,
+            "cost_model": {"target_ms": {"1x1": 10.0, "1x3": 11.0, "8x1": 20.0, "8x3": 50.0}},
+            "policy_after_sweep": {"k_by_batch_size": {str(b): k for b, k in zip(sizes, auto_k)}}}
+
+
+def vertical_lines(figure) -> list[float]:
+    return [s.x0 for s in figure.layout.shapes if s.type == "line" and s.x0 == s.x1 and s.xref == "x"]
+
+
+def annotation_texts(figure) -> list[str]:
+    return [a.text for a in figure.layout.annotations]
+
+
+def test_crossover_is_marked_where_latency_speedup_drops_below_one():
+    sweep = hand_sweep(latency=[1.8, 1.3, 0.9, 0.7], throughput=[1.7, 1.4, 1.1, 1.05])
+    assert render_batch.crossover(sweep) == 4 and render_batch.crossover(sweep, "throughput") is None
+    figure = render_batch.speedup_figure(sweep)
+    latency, throughput = figure.data
+    assert list(latency.y) == [1.8, 1.3, 0.9, 0.7] and list(throughput.y) == [1.7, 1.4, 1.1, 1.05]
+    assert list(latency.x) == [0, 1, 2, 3]  # log2 of the batch sizes, ticks labelled with the sizes
+    assert list(figure.layout.xaxis.ticktext) == ["1", "2", "4", "8"]
+    assert vertical_lines(figure) == [2.0]  # log2(4): the crossover, and no throughput line
+    assert any(render_batch.CROSSOVER_TEXT in t for t in annotation_texts(figure))
+    assert any(s.y0 == s.y1 == 1.0 for s in figure.layout.shapes if s.type == "line")  # the line at 1x
+    # throughput still gains at the crossover: the headline names the measurement mistake
+    assert "invisible" in render_batch.headline(sweep) and "From batch size 4 on" in render_batch.headline(sweep)
+
+
+def test_no_crossover_when_speculation_pays_at_every_batch_size():
+    sweep = hand_sweep(latency=[2.0, 1.8, 1.5, 1.2], throughput=[1.9, 1.7, 1.4, 1.1])
+    assert render_batch.crossover(sweep) is None
+    figure = render_batch.speedup_figure(sweep)
+    assert vertical_lines(figure) == []
+    texts = annotation_texts(figure)
+    assert not any(render_batch.CROSSOVER_TEXT in t for t in texts)
+    assert any("pays for latency at every batch size" in t for t in texts)
+    assert "at every batch size measured (up to 8)" in render_batch.headline(sweep)
+
+
+def test_throughput_crossover_elsewhere_gets_its_own_dotted_line():
+    sweep = hand_sweep(latency=[1.5, 0.95, 0.8, 0.7], throughput=[1.4, 1.1, 0.9, 0.8])
+    figure = render_batch.speedup_figure(sweep)
+    assert sorted(vertical_lines(figure)) == [1.0, 2.0]  # latency at batch 2, throughput at batch 4
+    assert "invisible" in render_batch.headline(sweep)  # at batch 2 throughput still gained 1.1x
+
+
+def test_missing_numbers_do_not_break_the_figures():
+    # NaN becomes None in the JSON (nothing drafted, no time measured)
+    sweep = hand_sweep(latency=[1.5, 1.2], throughput=[1.4, 1.1], sizes=(1, 2), auto_k=(1, 0))
+    sweep["results"][1]["latency_speedup"] = None
+    sweep["results"][1]["on"]["per_position_acceptance_rate"] = []
+    sweep["results"][1]["auto_latency_vs_best"] = None
+    assert render_batch.crossover(sweep) is None
+    assert math.isnan(render_batch.speedup_figure(sweep).data[0].y[1])
+    for build in (render_batch.absolute_figure, render_batch.acceptance_figure, render_batch.policy_figure):
+        build(sweep)
+    assert render_batch.acceptance_spread(sweep) is None  # only one curve left
+    assert render_batch.sweep_table(sweep)["per-position acceptance"].tolist() == ["0.60 0.40", "—"]
+
+
+def test_acceptance_spread_and_policy_figure():
+    sweep = hand_sweep(latency=[1.5, 1.2, 1.0, 0.9], throughput=[1.4, 1.1, 1.0, 0.9])
+    sweep["results"][2]["on"]["per_position_acceptance_rate"] = [0.5, 0.45]
+    assert render_batch.acceptance_spread(sweep) == pytest.approx(0.1)
+    assert [t.name for t in render_batch.acceptance_figure(sweep).data] == ["batch 1", "batch 2", "batch 4", "batch 8"]
+    policy = render_batch.policy_figure(sweep)
+    bars = policy.data[0]
+    assert list(bars.y) == [2, 2, 1, 0] and list(bars.text) == ["K=2", "K=2", "K=1", "off"]
+    assert list(policy.data[1].y) == [2, 2, 1, 0]  # K after the whole sweep
+
+
+@pytest.mark.parametrize(
+    "latency_vs_best, throughput_vs_best, shares",
+    [(1.0, 1.0, (1.0, 1.0)), (1.25, 0.8, (0.8, 0.8)), (None, None, (math.nan, math.nan))],
+)
+def test_auto_share_of_best(latency_vs_best, throughput_vs_best, shares):
+    # latency is a time (auto / best >= 1), shown as best / auto so both curves read "100 % = as good"
+    result = {"auto_latency_vs_best": latency_vs_best, "auto_throughput_vs_best": throughput_vs_best}
+    assert render_batch.auto_share_of_best(result) == pytest.approx(shares, nan_ok=True)
+
+
+def test_verify_cost_table_reads_the_cost_model():
+    table = render_batch.verify_cost_table(hand_sweep([1.5] * 4, [1.4] * 4))
+    assert table["batch size"].tolist() == [1, 8]
+    assert table["3 tokens over 1"].tolist() == pytest.approx([1.1, 2.5])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("{not json", "not JSON"), (json.dumps({"hello": 1}), "not a batch-size sweep"),
+     (json.dumps({"results": [{"batch_size": 1}]}), "not a batch-size sweep"), (json.dumps([1, 2]), "not a batch-size sweep")],
+)
+def test_load_sweep_refuses_other_files(text, message):
+    with pytest.raises(ValueError, match=message):
+        render_batch.load_sweep(text)
+
+
+# ---------------------------------------------------------------- a real sweep of tiny models
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tiny_target):
+    prompts = [[3, 4, 5, 6, 3, 4, 5, 6, 3, 4], [7, 8, 9, 7, 8, 9, 7, 8]]
+    return run_sweep(tiny_target, prompts, PromptLookupDrafter(), DecodeConfig(k=3, max_new_tokens=8), (1, 2, 4))
+
+
+def test_a_real_sweep_draws_and_exports(tiny_sweep, tmp_path):
+    path = tmp_path / "bench.json"
+    tiny_sweep.to_json(path)  # what `python -m lab bench --out` writes
+    sweep = render_batch.load_sweep(path.read_text())
+    assert render_batch.sweep_json(sweep) == tiny_sweep.to_json()  # export is the lab's own JSON, byte for byte
+    assert render_batch.crossover(sweep) == tiny_sweep.crossover_batch_size
+    speedup = render_batch.speedup_figure(sweep)
+    assert list(speedup.data[0].y) == pytest.approx([r.latency_speedup for r in tiny_sweep.results])
+    absolute = render_batch.absolute_figure(sweep)
+    assert len(absolute.data) == 9  # 3 modes x (p50, p95, tokens/s)
+    table = render_batch.sweep_table(sweep)
+    assert table["batch size"].tolist() == [1, 2, 4]
+    assert table["outputs differ on vs off"].tolist() == [0, 0, 0]  # fp32 greedy: exact
+    assert table["outputs differ from batch 1 (on)"].tolist() == [0, 0, 0]
+    csv_lines = render_batch.sweep_csv(sweep).splitlines()
+    assert len(csv_lines) == 4 and csv_lines[0].startswith("batch size,requests,latency speedup")
+    assert render_batch.outputs_differ(sweep) == {"on_vs_off": 0, "off_vs_batch_1": 0, "on_vs_batch_1": 0,
+                                                  "auto_vs_batch_1": 0}
+    assert render_batch.verify_cost_table(sweep)["batch size"].tolist() == [1, 2, 4]
+
+
+# ---------------------------------------------------------------- AppTest with tiny models
+
+
+def tiny_loaded(name: str) -> lab.models.LoadedModel:
+    """The Qwen presets share one tokenizer and SmolLM2 has its own: tiny tokenizers mimic that by word prefix."""
+    model = tiny_llama(seed=0, layers=3)
+    return lab.models.LoadedModel(
+        name=name, model=model, tokenizer=tiny_tokenizer(prefix="q" if name.startswith("qwen") else "t"),
+        device=torch.device("cpu"), dtype=torch.float32, num_parameters=sum(p.numel() for p in model.parameters()),
+        weight_bytes=4 * sum(p.numel() for p in model.parameters()), load_s=0.0,
+    )
+
+
+@pytest.fixture
+def tiny_models(monkeypatch):
+    """Presets load as tiny random models; loads are recorded."""
+    loads = []
+
+    def fake_load_model(name_or_path, device=None, dtype=None, progress=None, **_):
+        if progress is not None:
+            progress(0.5, f"loading {name_or_path}")
+        loads.append(str(name_or_path))
+        return tiny_loaded(str(name_or_path))
+
+    def fake_load_tokenizer(name_or_path, progress=None):
+        return tiny_loaded(str(name_or_path)).tokenizer
+
+    monkeypatch.setattr(lab.models, "load_model", fake_load_model)
+    monkeypatch.setattr(lab.models, "load_tokenizer", fake_load_tokenizer)
+    st.cache_resource.clear()
+    yield loads
+    st.cache_resource.clear()  # never leave tiny models cached under preset names
+
+
+def batch_app(**widgets) -> AppTest:
+    """The app on the Batch page with tiny settings (and any widget values given), drawn."""
+    settings = dict(source="Paste prompts", pasted=TINY_PROMPTS, raw=True, max_new_tokens=8, k=3,
+                    batch_sizes=[1, 2, 4]) | widgets
+    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT_S)
+    at.run()
+    at.switch_page("app_pages/batch.py").run()
+    assert not at.exception, at.exception
+    for name, value in settings.items():
+        at.session_state[key(f"batch.{name}")] = value
+    return at.run()
+
+
+def run_clicked(at: AppTest) -> AppTest:
+    (button,) = [b for b in at.button if b.label == "Run sweep"]
+    button.click()
+    return at.run()
+
+
+def test_batch_page_defaults_draw_without_loading(tiny_models):
+    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT_S)
+    at.run()
+    at.switch_page("app_pages/batch.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.title[0].value == "Speculation against batch size"
+    assert any("**Throughput** is what a server counts" in m.value and "**Latency** is what a user feels" in m.value
+               for m in at.markdown)
+    assert at.selectbox(key=key("batch.target")).value == "smollm2-135m"
+    assert at.selectbox(key=key("batch.drafter")).value == "prompt-lookup"
+    assert at.multiselect(key=key("batch.batch_sizes")).value == [1, 2, 4, 8]
+    assert at.number_input(key=key("batch.max_new_tokens")).value == 32
+    assert any("requests per mode" in c.value for c in at.caption)
+    assert tiny_models == []
+
+
+def test_batch_run_draws_the_figures_and_keeps_the_result(tiny_models):
+    at = run_clicked(batch_app())
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any(s.value.startswith("Swept batch sizes 1, 2, 4") for s in at.success)
+    sweep = at.session_state[RESULT_KEY]
+    assert render_batch.batch_sizes(sweep) == [1, 2, 4] and sweep["settings"]["target"] == "smollm2-135m"
+    assert len(at.get("plotly_chart")) == 4
+    assert {m.label for m in at.metric} >= {"Latency speedup at batch 1", "Crossover (latency)"}
+    table = at.dataframe[-1].value
+    assert table["batch size"].tolist() == [1, 2, 4]
+    assert [b.label for b in at.get("download_button")] == ["Download CSV", "Download JSON"]
+    assert any("Greedy outputs that differ" in c.value for c in at.caption)  # fp32: shown, all zero
+    assert tiny_models == ["smollm2-135m"]
+
+    at.run()  # a rerun keeps the result and does not sweep again
+    assert at.session_state[RESULT_KEY] is sweep and len(at.get("plotly_chart")) == 4
+    assert tiny_models == ["smollm2-135m"]
+
+
+def test_exported_json_loads_back(tiny_models, tiny_sweep):
+    exported = render_batch.sweep_json(json.loads(tiny_sweep.to_json()))
+    at = batch_app()
+    at.file_uploader[0].set_value(("sweep.json", exported.encode(), "application/json")).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("Loaded from **sweep.json**: batch sizes 1, 2, 4" in i.value for i in at.info)
+    loaded = at.session_state[RESULT_KEY]
+    assert loaded["results"] == json.loads(exported)["results"]
+    assert len(at.get("plotly_chart")) == 4 and at.dataframe[-1].value["batch size"].tolist() == [1, 2, 4]
+    assert tiny_models == []
+
+
+def test_bad_results_file_is_refused(tiny_models):
+    at = batch_app()
+    at.file_uploader[0].set_value(("notes.json", json.dumps({"hello": 1}).encode(), "application/json")).run()
+    assert not at.exception
+    assert any("not a batch-size sweep results file" in e.value for e in at.error)
+    assert RESULT_KEY not in at.session_state
+
+
+@pytest.mark.parametrize(
+    "widgets, message",
+    [
+        (dict(pasted="  \n---\n "), "No prompts"),
+        (dict(batch_sizes=[]), "No batch sizes"),
+        (dict(drafter="draft-model", draft="qwen2.5-coder-0.5b"), "tokenizer"),  # SmolLM2 target, Qwen draft
+    ],
+)
+def test_batch_errors_are_shown(tiny_models, widgets, message):
+    at = run_clicked(batch_app(**widgets))
+    assert not at.exception
+    assert any(message in e.value for e in at.error), [e.value for e in at.error]
+    assert RESULT_KEY not in at.session_state
