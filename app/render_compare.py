@@ -180,20 +180,20 @@ def cost_rows(drafter_costs: dict[str, dict], summary: pd.DataFrame) -> list[dic
     rows = []
     labels = list(dict.fromkeys(list(drafter_costs) + (list(summary["drafter"]) if not summary.empty else [])))
     for label in labels:
-        cost = drafter_costs.get(label, {})
         measured = summary[summary["drafter"] == label] if not summary.empty else summary
         c_text = ", ".join(
             f"{format_number(float(c), 3)} (K={int(k)})" for k, c in zip(measured.get("k", []), measured.get("cost_ratio", []))
         )
-        rows.append(
-            {
-                "drafter": label,
-                "parameters added": format_count(cost.get("parameters")) if cost.get("parameters") else "none",
-                "memory added": format_bytes(cost.get("weight_bytes")) if cost.get("weight_bytes") else "none",
+        cost = drafter_costs.get(label)
+        if cost is None:  # e.g. a results file written without them
+            added = {"parameters added": "—", "memory added": "—", "what it uses": "not recorded"}
+        else:
+            added = {
+                "parameters added": format_count(cost["parameters"]) if cost.get("parameters") else "none",
+                "memory added": format_bytes(cost["weight_bytes"]) if cost.get("weight_bytes") else "none",
                 "what it uses": cost.get("note", ""),
-                "c, measured": c_text or "—",
             }
-        )
+        rows.append({"drafter": label} | added | {"c, measured": c_text or "—"})
     return rows
 
 
@@ -470,9 +470,9 @@ def tokens_per_step_figure(k: int, acceptance: float | None = None, reference_ks
         title=f"Expected tokens per target step, K={k}",
         xaxis=dict(title="acceptance rate a (per drafted token)", range=[0, 1]),
         yaxis=dict(title="tokens per target step", range=[0, max(k + 1.5, 4)]),
-        height=420,
+        height=460,
         margin=FIGURE_MARGIN,
-        legend=dict(orientation="h", yanchor="top", y=-0.18),
+        legend=dict(orientation="h", yanchor="top", y=-0.22),
     )
     return figure
 
@@ -539,9 +539,9 @@ def speedup_theory_figure(
         title=f"Expected walltime speedup, K={k}, c={cost_ratio:.2f}",
         xaxis=dict(title="acceptance rate a (per drafted token)", range=[0, 1]),
         yaxis=dict(title="speedup over the target alone", range=[0, max(2.0, max(values) * 1.1)]),
-        height=420,
+        height=460,
         margin=FIGURE_MARGIN,
-        legend=dict(orientation="h", yanchor="top", y=-0.18),
+        legend=dict(orientation="h", yanchor="top", y=-0.22),
     )
     return figure
 

@@ -187,6 +187,8 @@ def test_cost_rows_say_what_each_drafter_adds(tiny_target, tiny_comparison):
     assert rows["draft-model (qwen2.5-coder-0.5b)"]["parameters added"] == "630M"
     assert rows["draft-model (qwen2.5-coder-0.5b)"]["memory added"] == "1.17 GiB"
     assert rows["draft-model (qwen2.5-coder-0.5b)"]["c, measured"] == "—"  # not in this comparison
+    (unrecorded,) = render_compare.cost_rows({}, tiny_comparison.summary()[:1])
+    assert unrecorded["parameters added"] == "—" and unrecorded["what it uses"] == "not recorded"
 
 
 # ---------------------------------------------------------------- step-through cards

@@ -22,6 +22,7 @@ from app import render, render_compare, resources, state
 from lab.config import K_MAX, DecodeConfig
 from lab.drafters import make_drafter
 from lab.engine import decode
+from lab.metrics import SpecDecodingStats
 from lab.models import PRESETS, ModelError, check_same_tokenizer, encode_prompt
 from lab.trace import Finished, Prefilled, Step
 
@@ -70,6 +71,7 @@ class StepSession:
     starts: list[int] = field(default_factory=list)  # committed length before each step
     finished: Finished | None = None
     eos_token_ids: tuple[int, ...] = ()
+    stats: SpecDecodingStats = field(default_factory=SpecDecodingStats)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def advance(self) -> None:
@@ -77,6 +79,7 @@ class StepSession:
         if self.finished is not None:
             return
         event = next(self.events)
+        self.stats.observe(event)
         if isinstance(event, Prefilled):
             self.prefill_ms = event.prefill_ms
         elif isinstance(event, Step):
@@ -155,7 +158,10 @@ def show_session(session: StepSession) -> None:
     s = st.session_state
     st.caption(" · ".join(f"{name} {value}" for name, value in session.settings.items())
                + f" · {len(session.prompt_ids)} prompt tokens, prefill {session.prefill_ms:.0f} ms")
-    st.markdown("**Output so far**")
+    stats = session.stats
+    st.markdown(f"**Output so far**: {stats.num_output_tokens} tokens in {stats.target_forward_passes} target passes · "
+                f"acceptance rate {render.format_rate(stats.acceptance_rate)} · mean acceptance length "
+                f"{render.format_number(stats.mean_acceptance_length)}")
     st.html(render.legend_html())
     st.html(render.tokens_html(session.pieces, streaming=session.finished is None))
     if session.finished is not None:
