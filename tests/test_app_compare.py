@@ -504,3 +504,25 @@ def test_step_through_errors_are_shown(tiny_models):
     assert not at.exception
     assert any("prompt is empty" in e.value for e in at.error)
     assert "step:session" not in at.session_state
+
+
+# ---------------------------------------------------------------- AppTest with a real model
+
+
+@pytest.mark.real_model
+def test_step_through_with_smollm2_and_prompt_lookup():
+    if not lab.models.is_prepared("smollm2-135m"):
+        pytest.skip("smollm2-135m is not prepared (run scripts/setup.sh test)")
+    st.cache_resource.clear()
+    try:
+        at = click(app_on("step", max_new_tokens=8), "Start")  # the default prompt through the chat template
+        at = click(click(at, "Next cycle"), "Next cycle")
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        session = at.session_state["step:session"]
+        assert len(session.steps) == 2 and at.subheader[0].value.startswith("Step 2:")
+        html = html_of(at)
+        assert 'class="tok tok-' in html and "the target's own token" in html
+        if session.steps[-1].drafted:
+            assert 'class="sd-card sd-' in html and "target's top 5" in html
+    finally:
+        st.cache_resource.clear()
