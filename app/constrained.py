@@ -227,15 +227,20 @@ def _show_naive_vs_exact(outcome: state.ConstrainedOutcome, naive: state.RunReco
     else:
         st.info("This time the naive output happens to equal the correct run: it is still the wrong method. "
                 "Try a draft model, a larger K or another prompt.")
-    mark_at = outcome.first_invalid if outcome.first_invalid is not None else outcome.first_difference
+    naive_marks: dict[int, str] = {}
+    if outcome.first_difference is not None:
+        naive_marks[outcome.first_difference] = "first difference from the exact run"
+    if outcome.first_invalid is not None:
+        note = "the grammar forbids this token"
+        naive_marks[outcome.first_invalid] = " · ".join(filter(None, (naive_marks.get(outcome.first_invalid), note)))
+    exact_marks = {} if outcome.first_difference is None else {outcome.first_difference: "the naive output differs here"}
     left, right = st.columns(2)
     with left:
         st.markdown(f"**{naive.label}** · {_validity(what, outcome.valid, outcome.incomplete, outcome.first_invalid)}")
-        st.html(render.tokens_html(naive.pieces, mark_at=mark_at, mark="naive output breaks here"))
+        st.html(render.tokens_html(naive.pieces, marks=naive_marks))
     with right:
         st.markdown(f"**{outcome.exact.label}** · {_validity(what, outcome.exact_valid)}")
-        st.html(render.tokens_html(outcome.exact.pieces, mark_at=outcome.first_difference,
-                                   mark="the naive output differs from here"))
+        st.html(render.tokens_html(outcome.exact.pieces, marks=exact_marks))
 
 
 def _show_acceptance(outcome: state.ConstrainedOutcome, speculative: state.RunRecord, what: str) -> None:

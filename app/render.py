@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import plotly.graph_objects as go
@@ -158,19 +158,17 @@ def piece_html(piece: TokenPiece, mark: str = "") -> str:
     return f'<span class="{classes}" title="{title}">{_visible(piece.text)}</span>'
 
 
-def tokens_html(
-    pieces: Iterable[TokenPiece], *, streaming: bool = False, mark_at: int | None = None, mark: str = ""
-) -> str:
+def tokens_html(pieces: Iterable[TokenPiece], *, streaming: bool = False, marks: Mapping[int, str] | None = None) -> str:
     """The coloured token stream as one ``<div class="tok-stream">``; a blinking caret while streaming.
 
-    mark_at: flag the output token at this index (counting committed tokens only,
-    as in ``Finished.token_ids``) with ``mark`` as its note, e.g. where an output
-    stops matching its grammar.
+    marks: output-token index -> note; those tokens are flagged (``tok-mark``), e.g.
+    where an output stops matching its grammar. Indices count committed tokens
+    only, as in ``Finished.token_ids``.
     """
+    marks = marks or {}
     body, position = [], 0
     for piece in pieces:
-        flagged = piece.committed and position == mark_at
-        body.append(piece_html(piece, (mark or "marked") if flagged else ""))
+        body.append(piece_html(piece, marks.get(position, "") if piece.committed else ""))
         position += piece.committed
     body = "".join(body)
     caret = '<span class="tok-caret">▌</span>' if streaming else ""

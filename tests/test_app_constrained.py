@@ -81,9 +81,10 @@ def test_cut_class_in_legend_css_and_steps_table():
 
 def test_tokens_html_marks_the_nth_output_token():
     pieces = render.step_pieces(cut_step(1, [5, 9], "corrected"), [3, 4], tiny_tokenizer())
-    html = render.tokens_html(pieces, mark_at=1, mark="breaks here")
+    html = render.tokens_html(pieces, marks={1: "breaks here"})
     assert html.count("tok-mark") == 1
     assert 'class="tok tok-corrected tok-mark" title="breaks here' in html  # counts output tokens, not proposals
+    assert render.tokens_html(pieces, marks={0: "a", 1: "b"}).count("tok-mark") == 2
     assert "tok-mark" not in render.tokens_html(pieces)
 
 
@@ -215,7 +216,8 @@ def test_naive_mode_shows_the_broken_output_beside_the_exact_one(tiny_models):
     assert any("naive speculation under a grammar is not exact" in w for w in texts(at.warning))
     drawn = streams(at)
     assert len(drawn) == 4  # naive and target alone above; naive and exact side by side below
-    assert sum("tok-mark" in h for h in drawn) == 2  # where it breaks, on both sides
+    assert sum("tok-mark" in h for h in drawn) == 2  # where it breaks, on both sides (not in the streams above)
+    assert "the grammar forbids this token" in drawn[2] or "first difference from the exact run" in drawn[2]
     labels = " ".join(texts(at.markdown))
     assert "naive (broken)" in labels and "JSON schema, exact" in labels
 
