@@ -158,14 +158,23 @@ def piece_html(piece: TokenPiece, mark: str = "") -> str:
     return f'<span class="{classes}" title="{title}">{_visible(piece.text)}</span>'
 
 
-def tokens_html(pieces: Iterable[TokenPiece], *, streaming: bool = False, marks: Mapping[int, str] | None = None) -> str:
+def tokens_html(
+    pieces: Iterable[TokenPiece],
+    *,
+    streaming: bool = False,
+    marks: Mapping[int, str] | None = None,
+    mark_at: int | None = None,
+    mark: str = "marked",
+) -> str:
     """The coloured token stream as one ``<div class="tok-stream">``; a blinking caret while streaming.
 
     marks: output-token index -> note; those tokens are flagged (``tok-mark``), e.g.
     where an output stops matching its grammar. Indices count committed tokens
-    only, as in ``Finished.token_ids``.
+    only, as in ``Finished.token_ids``. mark_at / mark: one such flag (shorthand).
     """
-    marks = marks or {}
+    marks = dict(marks or {})
+    if mark_at is not None:
+        marks.setdefault(mark_at, mark)
     body, position = [], 0
     for piece in pieces:
         body.append(piece_html(piece, marks.get(position, "") if piece.committed else ""))

@@ -85,6 +85,7 @@ def test_tokens_html_marks_the_nth_output_token():
     assert html.count("tok-mark") == 1
     assert 'class="tok tok-corrected tok-mark" title="breaks here' in html  # counts output tokens, not proposals
     assert render.tokens_html(pieces, marks={0: "a", 1: "b"}).count("tok-mark") == 2
+    assert render.tokens_html(pieces, mark_at=1, mark="breaks here") == html  # the one-mark shorthand
     assert "tok-mark" not in render.tokens_html(pieces)
 
 
