@@ -349,6 +349,23 @@ def test_compare_with_the_qwen_draft_model_reports_its_size(tiny_models):
     assert sorted(tiny_models) == ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 
 
+def test_compare_prompts_from_a_spec_bench_category(tiny_models, tmp_path, monkeypatch):
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("\n".join(json.dumps({"question_id": i, "category": category, "turns": [f"t{i + 3} t{i + 4}"]})
+                                   for i, category in enumerate(["writing", "rag", "rag", "rag"])))
+    monkeypatch.setenv("LAB_SPEC_BENCH", str(questions))
+    at = compare_app(source="Spec-Bench category", spec_category="rag", spec_count=2)
+    assert at.selectbox(key=key("compare.spec_category")).options == ["writing", "rag"]
+    assert any(c.value.startswith("2 prompt(s)") for c in at.caption)
+    at = click(at, "Run comparison")
+    assert not at.exception and not at.error
+    assert at.session_state["compare:comparison"].prompts == ["t4 t5", "t5 t6"]
+
+    monkeypatch.setenv("LAB_SPEC_BENCH", str(tmp_path / "absent.jsonl"))
+    at.run()
+    assert any("Spec-Bench prompts are absent" in i.value for i in at.info) and not at.error
+
+
 @pytest.mark.parametrize(
     "widgets, message",
     [

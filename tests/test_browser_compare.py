@@ -114,7 +114,7 @@ def test_compare_page_after_a_real_run(page, served, tmp_path):
 
 def test_cancel_keeps_the_finished_runs(page, served, tmp_path):
     # two prompts x (target alone + 2 drafters x 2 K) = 10 decodes; cancel once two have finished
-    set_number(page, "Max new tokens", 24)
+    set_number(page, "Max new tokens", 8)
     page.get_by_role("button", name="Run comparison").click()
     page.get_by_text(re.compile(r"^[2-9]/10 runs")).wait_for(timeout=RUN_TIMEOUT_MS)
     page.get_by_role("button", name="Cancel").click()

@@ -66,7 +66,7 @@ DEFAULTS = {
     "compare.seed": 0,
     "compare.raw": False,
     "compare.curve_k": None,
-    "compare.inspect": 0,
+    "compare.inspect": 1,  # the first drafter run (0 is the first target-alone baseline)
 }
 
 key = state.widget_key
@@ -493,7 +493,9 @@ with st.container(border=True):
     try:
         prompts = chosen_prompts()
         prompt_error = None
-    except (ValueError, FileNotFoundError) as error:
+    except FileNotFoundError:  # the Spec-Bench file is absent: prompt_inputs() said so
+        prompts, prompt_error = [], None
+    except ValueError as error:
         prompts, prompt_error = [], str(error)
     n_drafters, n_ks = len(st.session_state[key("compare.drafters")]), len(st.session_state[key("compare.ks")])
     if prompt_error:
