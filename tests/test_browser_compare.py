@@ -113,16 +113,18 @@ def test_compare_page_after_a_real_run(page, served, tmp_path):
 
 
 def test_cancel_keeps_the_finished_runs(page, served, tmp_path):
-    # two prompts x (target alone + 2 drafters x 2 K) = 10 decodes; cancel once two have finished
-    set_number(page, "Max new tokens", 8)
+    # 6 prompts x (target alone + 2 drafters x 2 K) = 30 decodes, far more than run before the Cancel click lands
+    set_number(page, "Prompts per set", 3)
+    set_number(page, "Max new tokens", 16)
+    page.get_by_text("30 decodes").wait_for()
     page.get_by_role("button", name="Run comparison").click()
-    page.get_by_text(re.compile(r"^[2-9]/10 runs")).wait_for(timeout=RUN_TIMEOUT_MS)
+    page.get_by_text(re.compile(r"^([2-9]|1\d)/30 runs")).wait_for(timeout=RUN_TIMEOUT_MS)  # two or more finished
     page.get_by_role("button", name="Cancel").click()
 
     page.get_by_text("Cancelled after").wait_for(timeout=RUN_TIMEOUT_MS)
     page.get_by_role("button", name="Stop").wait_for(state="detached", timeout=RUN_TIMEOUT_MS)
     page.wait_for_timeout(2000)
-    assert page.get_by_text(re.compile(r"^\d+/10 runs")).count() == 0  # the comparison did not start again
+    assert page.get_by_text(re.compile(r"^\d+/30 runs")).count() == 0  # the comparison did not start again
     assert page.get_by_role("button", name="Cancel").count() == 0
     page.get_by_role("heading", name="Per drafter and K").wait_for()  # the runs that finished are shown
     save_screenshot(page, tmp_path, "compare_cancelled.png")
