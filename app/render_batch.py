@@ -138,20 +138,14 @@ def outputs_differ(sweep: dict) -> dict[str, int | None]:
     return out
 
 
-def speedup_phrase(value: float) -> str:
-    if math.isnan(value):
-        return "—"
-    return f"{value:.2f}× ({'faster' if value >= 1 else 'slower'})"
-
-
 def headline(sweep: dict) -> str:
     """The sweep in two or three plain sentences: the gain at the smallest batch, where it stops, what throughput hid."""
     results = sweep["results"]
     first = results[0]
     lines = [
-        f"At batch size {first['batch_size']}, speculation ({sweep.get('drafter')}, K={sweep.get('k')}) changed the "
-        f"median request's latency by {speedup_phrase(number(first.get('latency_speedup')))} and the batch's "
-        f"throughput by {speedup_phrase(number(first.get('throughput_speedup')))}."
+        f"At batch size {first['batch_size']}, with speculation ({sweep.get('drafter')}, K={sweep.get('k')}) the "
+        f"median request finished {format_number(number(first.get('latency_speedup')), 2, '×')} as fast and the "
+        f"batch produced {format_number(number(first.get('throughput_speedup')), 2, '×')} the tokens per second."
     ]
     latency_at = crossover(sweep, "latency")
     if latency_at is None:
@@ -213,14 +207,17 @@ def speedup_figure(sweep: dict) -> go.Figure:
                      annotation_text="1× = no gain; below, speculation is slower", annotation_position="bottom left",
                      annotation_font_color="#555")
     latency_at, throughput_at = crossover(sweep, "latency"), crossover(sweep, "throughput")
+    def side(batch_size: int) -> str:  # write the label towards the middle, so the plot's edge does not cut it
+        return "left" if math.log2(batch_size) > (min(_x(sizes)) + max(_x(sizes))) / 2 else "right"
+
     if latency_at is not None:
         figure.add_vline(x=math.log2(latency_at), line_color=CROSSOVER_COLOUR, line_width=2,
-                         annotation_text=f"{CROSSOVER_TEXT} (batch {latency_at})", annotation_position="top",
-                         annotation_font_color=CROSSOVER_COLOUR)
+                         annotation_text=f"{CROSSOVER_TEXT} (batch {latency_at})",
+                         annotation_position=f"top {side(latency_at)}", annotation_font_color=CROSSOVER_COLOUR)
     if throughput_at is not None and throughput_at != latency_at:
         figure.add_vline(x=math.log2(throughput_at), line_color=THROUGHPUT_COLOUR, line_dash="dot", line_width=2,
                          annotation_text=f"throughput stops paying (batch {throughput_at})",
-                         annotation_position="bottom right", annotation_font_color=THROUGHPUT_COLOUR)
+                         annotation_position=f"bottom {side(throughput_at)}", annotation_font_color=THROUGHPUT_COLOUR)
     if latency_at is None and results:
         figure.add_annotation(text="speculation pays for latency at every batch size measured", showarrow=False,
                               x=0.5, y=1.0, xref="paper", yref="paper", yanchor="bottom", font=dict(color="#2e9d5b"))
@@ -239,35 +236,40 @@ def mode_label(sweep: dict, mode: str) -> str:
 
 
 def absolute_figure(sweep: dict) -> go.Figure:
-    """Per-request latency p50 (solid) and p95 (dashed), and throughput, for off / on / auto, against batch size."""
+    """Per-request latency p50 (solid) and p95 (dashed), and throughput, for off / on / auto, against batch size.
+
+    Auto is drawn as diamonds only: at most batch sizes its K is 0 or the
+    configured K, so it is the off or the on run and would hide that line.
+    One legend entry per mode; clicking it hides all of that mode's traces.
+    """
     results = sweep["results"]
     sizes = batch_sizes(sweep)
     figure = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
-                           subplot_titles=("Per-request latency (lower is better)", "Throughput, whole batch (higher is better)"))
+                           subplot_titles=("Per-request latency: p50 solid, p95 dashed (lower is better)",
+                                           "Throughput, whole batch (higher is better)"))
     for mode in MODES:
         colour = MODE_COLOURS[mode]
         ks = [int((r.get(mode) or {}).get("k") or 0) for r in results]
         custom = list(zip(sizes, ks))
-        label = mode_label(sweep, mode)
-        for field, dash, name in (("latency_p50_s", "solid", "p50"), ("latency_p95_s", "dash", "p95")):
+        style = (dict(mode="markers", marker=dict(symbol="diamond-open", size=13, line=dict(width=2.5)))
+                 if mode == "auto" else dict(mode="lines+markers", marker=dict(size=7)))
+        panels = [(1, "latency_p50_s", "solid", "latency p50", "%{y:.2f} s"),
+                  (2, "tokens_per_s", "solid", "throughput", "%{y:.1f} tokens/s")]
+        if mode != "auto":
+            panels.insert(1, (1, "latency_p95_s", "dash", "latency p95", "%{y:.2f} s"))
+        for number_of_trace, (col, field, dash, what, value) in enumerate(panels):
             figure.add_trace(go.Scatter(
                 x=_x(sizes), y=[mode_value(r, mode, field) for r in results], customdata=custom,
-                mode="lines+markers", name=f"{label}, latency {name}", legendgroup=mode,
-                line=dict(color=colour, dash=dash, width=2.5 if dash == "solid" else 1.5),
-                marker=dict(size=7 if dash == "solid" else 5),
-                hovertemplate=f"{mode} (K=%{{customdata[1]}}), batch %{{customdata[0]}}: latency {name} %{{y:.2f}} s<extra></extra>",
-            ), row=1, col=1)
-        figure.add_trace(go.Scatter(
-            x=_x(sizes), y=[mode_value(r, mode, "tokens_per_s") for r in results], customdata=custom,
-            mode="lines+markers", name=f"{label}, tokens/s", legendgroup=mode, line=dict(color=colour, width=2.5),
-            marker=dict(size=7, symbol="square"),
-            hovertemplate=f"{mode} (K=%{{customdata[1]}}), batch %{{customdata[0]}}: %{{y:.1f}} tokens/s<extra></extra>",
-        ), row=1, col=2)
+                name=mode_label(sweep, mode), legendgroup=mode, showlegend=number_of_trace == 0,
+                line=dict(color=colour, dash=dash, width=2.5 if dash == "solid" else 1.5), marker_color=colour,
+                hovertemplate=f"{mode} (K=%{{customdata[1]}}), batch %{{customdata[0]}}: {what} {value}<extra></extra>",
+                **style,
+            ), row=1, col=col)
     for col in (1, 2):
         _batch_axis(figure, sizes, row=1, col=col)
     figure.update_yaxes(title="seconds per request", rangemode="tozero", row=1, col=1)
     figure.update_yaxes(title="tokens per second", rangemode="tozero", row=1, col=2)
-    figure.update_layout(title="What each mode measured", height=480, margin=FIGURE_MARGIN, legend=LEGEND_BELOW)
+    figure.update_layout(title="What each mode measured", height=460, margin=FIGURE_MARGIN, legend=LEGEND_BELOW)
     return figure
 
 
@@ -282,14 +284,17 @@ def acceptance_figure(sweep: dict) -> go.Figure:
     results = sweep["results"]
     colours = batch_colours(batch_sizes(sweep))
     figure = go.Figure()
-    for r in results:
+    # Equal curves would hide each other: earlier (smaller) batch sizes get wider lines and bigger markers,
+    # so each shows as a ring around the next.
+    for i, r in enumerate(results):
         rates = [number(v) for v in (r["on"].get("per_position_acceptance_rate") or [])]
         if not rates:
             continue
         b = int(r["batch_size"])
+        size = 8 + 5 * (len(results) - 1 - i)
         figure.add_trace(go.Scatter(
             x=list(range(1, len(rates) + 1)), y=rates, mode="lines+markers", name=f"batch {b}",
-            line=dict(color=colours[b], width=2.5), marker=dict(size=8),
+            line=dict(color=colours[b], width=2 + 2 * (len(results) - 1 - i)), marker=dict(size=size),
             hovertemplate=f"batch {b}, position %{{x}}: %{{y:.0%}} of drafts accepted<extra></extra>",
         ))
     figure.update_layout(
@@ -315,8 +320,8 @@ def policy_figure(sweep: dict) -> go.Figure:
     better = [better_fixed_choice(r) for r in results]
     figure.add_trace(go.Bar(
         x=_x(sizes), y=chosen, customdata=list(zip(sizes, better)), name="K chosen before running that batch size",
-        marker_color=MODE_COLOURS["auto"], text=[f"K={k}" if k else "off" for k in chosen], textposition="outside",
-        width=0.5, hovertemplate="batch %{customdata[0]}: auto chose K=%{y}; the better fixed choice was "
+        marker_color=MODE_COLOURS["auto"], text=[f"K={k}" if k else "off" for k in chosen],
+        textposition=["inside" if k else "outside" for k in chosen], insidetextanchor="middle", width=0.5, hovertemplate="batch %{customdata[0]}: auto chose K=%{y}; the better fixed choice was "
                                  "speculation %{customdata[1]}<extra></extra>",
     ), row=1, col=1)
     after = (sweep.get("policy_after_sweep") or {}).get("k_by_batch_size") or {}
@@ -327,10 +332,12 @@ def policy_figure(sweep: dict) -> go.Figure:
             hovertemplate="batch %{customdata}: K=%{y} with everything measured<extra></extra>",
         ), row=1, col=1)
     k = int(sweep.get("k") or 0)
-    if k:
-        figure.add_hline(y=k, line_dash="dash", line_color=MODE_COLOURS["on"], row=1, col=1,
-                         annotation_text=f"configured K={k}", annotation_position="top left",
-                         annotation_font_color=MODE_COLOURS["on"])
+    if k and sizes:
+        span = _x(sizes)
+        figure.add_trace(go.Scatter(
+            x=[min(span) - 0.4, max(span) + 0.4], y=[k, k], mode="lines", name=f"configured K={k} (the on mode)",
+            line=dict(color=MODE_COLOURS["on"], dash="dash", width=2), hoverinfo="skip",
+        ), row=1, col=1)
     shares = [auto_share_of_best(r) for r in results]
     for index, (name, colour, dash) in enumerate((("latency p50", LATENCY_COLOUR, "solid"),
                                                   ("throughput", THROUGHPUT_COLOUR, "dot"))):

@@ -173,7 +173,8 @@ def test_a_real_sweep_draws_and_exports(tiny_sweep, tmp_path):
     speedup = render_batch.speedup_figure(sweep)
     assert list(speedup.data[0].y) == pytest.approx([r.latency_speedup for r in tiny_sweep.results])
     absolute = render_batch.absolute_figure(sweep)
-    assert len(absolute.data) == 9  # 3 modes x (p50, p95, tokens/s)
+    assert len(absolute.data) == 8  # off and on: p50, p95, tokens/s; auto: p50 and tokens/s as markers
+    assert [t.name for t in absolute.data if t.showlegend] == ["off (target alone)", "on (K=3)", "auto (policy's K)"]
     table = render_batch.sweep_table(sweep)
     assert table["batch size"].tolist() == [1, 2, 4]
     assert table["outputs differ on vs off"].tolist() == [0, 0, 0]  # fp32 greedy: exact
