@@ -148,7 +148,8 @@ def work_caption(num_prompts: int, sizes: list[int]) -> str:
     requests = sum(math.ceil(max(num_prompts, b) / b) * b for b in sizes)
     return (f"{num_prompts} prompt(s), batch sizes {', '.join(map(str, sizes))}: **{requests} requests per mode** "
             f"(off and on; auto too when it picks another K) of up to "
-            f"{st.session_state[key('batch.max_new_tokens')]} tokens, after a short calibration. Greedy decoding.")
+            f"{st.session_state[key('batch.max_new_tokens')]} tokens, after a calibration that times verify passes at "
+            "each batch size. Greedy decoding.")
 
 
 # ---------------------------------------------------------------- running
@@ -406,5 +407,6 @@ if run_clicked:
 if (sweep := st.session_state.get(RESULT_KEY)) is not None:
     show_result(sweep)
 elif not run_clicked:
-    st.caption("No sweep yet: choose a target, a drafter and batch sizes, then Run sweep. SmolLM2 with prompt lookup, "
-               "batch sizes 1, 2, 4 and 16 tokens takes about a minute on this CPU.")
+    st.caption("No sweep yet: choose a target, a drafter and batch sizes, then Run sweep. Start small (SmolLM2, prompt "
+               "lookup, batch sizes 1, 2, 4, 16 tokens): every batch size decodes every request two or three times, "
+               "after a calibration that times verify passes at each batch size.")
