@@ -190,7 +190,8 @@ def speedup_figure(sweep: dict) -> go.Figure:
     throughput = [number(r.get("throughput_speedup")) for r in results]
     figure = go.Figure()
     figure.add_trace(go.Scatter(
-        x=_x(sizes), y=latency, customdata=sizes, mode="lines+markers", name="per-request latency (p50): what a user feels",
+        x=_x(sizes), y=latency, customdata=sizes, mode="lines+markers",
+        name="per-request latency (p50): what a user feels",
         line=dict(color=LATENCY_COLOUR, width=3), marker=dict(size=9),
         hovertemplate="batch %{customdata}: the median request finishes %{y:.2f}× as fast<extra></extra>",
     ))
@@ -321,8 +322,9 @@ def policy_figure(sweep: dict) -> go.Figure:
     figure.add_trace(go.Bar(
         x=_x(sizes), y=chosen, customdata=list(zip(sizes, better)), name="K chosen before running that batch size",
         marker_color=MODE_COLOURS["auto"], text=[f"K={k}" if k else "off" for k in chosen],
-        textposition=["inside" if k else "outside" for k in chosen], insidetextanchor="middle", width=0.5, hovertemplate="batch %{customdata[0]}: auto chose K=%{y}; the better fixed choice was "
-                                 "speculation %{customdata[1]}<extra></extra>",
+        textposition=["inside" if k else "outside" for k in chosen], insidetextanchor="middle", width=0.5,
+        hovertemplate="batch %{customdata[0]}: auto chose K=%{y}; the better fixed choice was "
+                      "speculation %{customdata[1]}<extra></extra>",
     ), row=1, col=1)
     after = (sweep.get("policy_after_sweep") or {}).get("k_by_batch_size") or {}
     if after:

@@ -148,7 +148,8 @@ def test_verify_cost_table_reads_the_cost_model():
 @pytest.mark.parametrize(
     "text, message",
     [("{not json", "not JSON"), (json.dumps({"hello": 1}), "not a batch-size sweep"),
-     (json.dumps({"results": [{"batch_size": 1}]}), "not a batch-size sweep"), (json.dumps([1, 2]), "not a batch-size sweep")],
+     (json.dumps({"results": [{"batch_size": 1}]}), "not a batch-size sweep"),
+     (json.dumps([1, 2]), "not a batch-size sweep")],
 )
 def test_load_sweep_refuses_other_files(text, message):
     with pytest.raises(ValueError, match=message):
@@ -307,3 +308,24 @@ def test_batch_errors_are_shown(tiny_models, widgets, message):
     assert not at.exception
     assert any(message in e.value for e in at.error), [e.value for e in at.error]
     assert RESULT_KEY not in at.session_state
+
+
+def upload(at: AppTest, sweep: dict) -> AppTest:
+    return at.file_uploader[0].set_value(("sweep.json", json.dumps(sweep).encode(), "application/json")).run()
+
+
+def test_bf16_outputs_that_differ_are_explained_as_rounding(tiny_models):
+    sweep = hand_sweep(latency=[1.5, 1.2, 0.9, 0.8], throughput=[1.4, 1.1, 1.0, 0.9])
+    sweep["results"][3]["on"]["outputs_differ_from_batch_1"] = 2  # a near-tie flipped at batch 8
+    at = upload(batch_app(), sweep)
+    assert not at.exception and not at.error
+    (warning,) = [w.value for w in at.warning if "Greedy outputs that differ" in w.value]
+    assert "on **2**" in warning and "rounding, not a bug" in warning and "fp32" in warning
+
+
+def test_verify_costs_below_one_are_called_noise(tiny_models):
+    sweep = hand_sweep(latency=[1.5, 1.2, 0.9, 0.8], throughput=[1.4, 1.1, 1.0, 0.9])
+    sweep["cost_model"]["target_ms"]["8x3"] = 15.0  # 3 tokens per row cheaper than 1: impossible but for noise
+    at = upload(batch_app(), sweep)
+    assert not at.exception and not at.error
+    assert any("timing noise" in c.value for c in at.caption)

@@ -326,7 +326,10 @@ def show_figures(sweep: dict) -> None:
             st.caption(f"Milliseconds of one target pass over B rows × 1 token, and × K+1 tokens (calibration and "
                        f"every step of the sweep, medians). A ratio near 1: verifying K+1 tokens is almost free. Near "
                        f"{int(sweep.get('k') or 0) + 1}: it costs what K+1 plain steps cost, and only accepted tokens "
-                       "pay it back.")
+                       "pay it back."
+                       + (" A ratio below 1 is timing noise (more tokens never cost less): on a busy machine these "
+                          "costs, and the policy's choices built on them, are unreliable; rerun when it is quieter."
+                          if (costs[costs.columns[-1]] < 0.9).any() else ""))
     st.plotly_chart(render_batch.policy_figure(sweep), width="stretch")
     st.caption("The policy picks K per batch size before running it, from the measured step costs and the acceptance "
                "seen so far (Leviathan's expected tokens per step over the predicted step time); it switches "
