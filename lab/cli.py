@@ -585,9 +585,11 @@ def _check_drafter_arguments(args: argparse.Namespace) -> None:
 
 def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt_file is not None:
-        if not args.prompt_file.is_file():
-            raise UsageError(f"prompt file {str(args.prompt_file)!r} does not exist: give the path of a text file")
-        text = args.prompt_file.read_text(encoding="utf-8")
+        try:  # read, not is_file(): a pipe such as <(command) or /dev/stdin is a fine prompt file
+            text = args.prompt_file.read_text(encoding="utf-8")
+        except (FileNotFoundError, IsADirectoryError) as error:
+            problem = "is a folder" if isinstance(error, IsADirectoryError) else "does not exist"
+            raise UsageError(f"prompt file {str(args.prompt_file)!r} {problem}: give the path of a text file") from error
     else:
         text = args.prompt
     if not text or not text.strip():

@@ -103,6 +103,7 @@ def test_token_printer_shows_rejected_drafts_struck_through():
         (["--prompt", "t5", "--draft", "x"], "--draft is only used with --drafter draft-model"),
         (["--prompt", "t5", "--drafter", "prompt-lookup", "--min-n", "3", "--max-n", "2"], "1 <= --min-n <= --max-n"),
         (["--prompt-file", "/no/such/prompt.txt"], "prompt file '/no/such/prompt.txt' does not exist"),
+        (["--prompt-file", "/"], "prompt file '/' is a folder"),
         (["--prompt", "t5", "--drafter", "medusa"], "invalid choice: 'medusa'"),
         ([], "one of the arguments --prompt --prompt-file is required"),
     ],
