@@ -225,7 +225,8 @@ class PrecisionStudy:
         Columns: target_precision, drafter, draft_precision, k, prompts,
         acceptance_rate, mean_acceptance_length, tokens_per_s,
         target_tokens_per_s (that target alone), speedup (over that target
-        alone, end to end), identical_to_target (fraction of prompts where the
+        alone, end to end), decode_speedup (prefill excluded), cost_ratio (draft
+        time per drafted token over that target's time per step), identical_to_target (fraction of prompts where the
         speculative output equals that target alone's), target_weight_mib,
         draft_weight_mib (0: no model of its own), total_weight_mib,
         differs_from_reference, median_parting_token, target_speed_vs_reference
@@ -253,6 +254,8 @@ class PrecisionStudy:
                         "tokens_per_s": row["tokens_per_s"],
                         "target_tokens_per_s": row["target_tokens_per_s"],
                         "speedup": row["speedup"],
+                        "decode_speedup": row["decode_speedup"],
+                        "cost_ratio": row["cost_ratio"],
                         "identical_to_target": row["identical_to_target"],
                         "target_weight_mib": target.weight_bytes / 2**20,
                         "draft_weight_mib": draft_mib,
@@ -274,6 +277,20 @@ class PrecisionStudy:
             },
             indent=1,
         )
+
+    @staticmethod
+    def from_json(text: str) -> "PrecisionStudy":
+        """Load a study saved by ``to_json``. Raises ValueError on a file that is not one."""
+        try:
+            data = json.loads(text)
+            return PrecisionStudy(
+                settings=data["settings"],
+                prompts=list(data["prompts"]),
+                comparisons={p: Comparison.from_json(json.dumps(c)) for p, c in data["comparisons"].items()},
+                models={ref: ModelInfo(**info) for ref, info in data["models"].items()},
+            )
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"This is not a precision study saved by the lab ({error}).") from error
 
 
 def run_precision_study(

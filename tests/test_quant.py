@@ -39,7 +39,7 @@ from lab.models import (
     resolve_precision,
     weight_bytes,
 )
-from lab.quant import first_divergence, model_ref, parse_model_ref, part_ways, run_memory, run_precision_study
+from lab.quant import PrecisionStudy, first_divergence, model_ref, parse_model_ref, part_ways, run_memory, run_precision_study
 from lab.trace import Finished, Step
 
 PROMPT = [3, 7, 9, 3, 7, 12, 5, 3, 7, 9]  # repeats "3 7" so prompt lookup drafts something
@@ -362,6 +362,8 @@ def test_precision_study_on_tiny_models(tiny_loaded):
     assert summary.total_weight_mib.gt(0).all()
     assert all(0.0 <= f <= 1.0 for f in summary.differs_from_reference)
     saved = json.loads(study.to_json())
+    reloaded = PrecisionStudy.from_json(study.to_json()).summary()
+    assert reloaded.equals(summary)
     assert set(saved["comparisons"]) == {"fp32", "int8", "nf4"}
     assert saved["models"]["tiny-target@nf4"]["precision"] == "nf4"
     assert saved["comparisons"]["int8"]["settings"]["target_precision"] == "int8"
