@@ -372,7 +372,10 @@ def format_summary(finished, stats, settings: dict, baseline=None, color: bool =
         lines.append(
             f"   target alone: {baseline.stats.tokens_per_s:.2f} tokens/s -> speedup "
             f"{'n/a' if speedup is None else f'{speedup:.2f}x'}; output identical: {'yes' if identical else 'no'}"
-            + ("" if identical or settings["temperature"] == 0 else " (expected when sampling)")
+            + ("" if identical else " (expected when sampling: equal in distribution, not token for token)"
+               if settings["temperature"] != 0 else "" if settings["dtype"] == "float32" else
+               f" ({settings['dtype']} rounds a {settings['k'] + 1}-token verify pass differently from a one-token pass, "
+               "so a near-tie can flip a greedy token; rerun with --dtype fp32 for the token-exact check)")
         )
     return "\n".join(lines)
 
