@@ -122,3 +122,17 @@ def free_models() -> None:
     """Drop every loaded model and tokenizer (sessions still decoding keep theirs until they finish)."""
     model_store().clear()
     load_tokenizer.clear()
+
+
+def load_for_role(name: str, what: str, runtime, slot) -> LoadedModel:
+    """A shared model in the sidebar's precision for its role ("target" or "draft"); preparation and loading
+    progress shown in ``slot`` the first time. ``runtime`` is ``app.state.Runtime``."""
+    weights = runtime.precision(what)
+    if is_loaded(name, runtime.device, weights):
+        return load_model(name, runtime.device, weights)
+    bar = slot.progress(0.0, text=f"Loading the {what} {name}…")
+    try:
+        return load_model(name, runtime.device, weights,
+                          progress=lambda fraction, message: bar.progress(fraction, text=f"{what}: {message}"))
+    finally:
+        slot.empty()

@@ -219,8 +219,8 @@ class PeerReport:
         greedy, assisted = runs(HF_GREEDY), runs(HF_ASSISTED, k)
         stats, baseline_stats = SpecDecodingStats(), SpecDecodingStats()
         for p in self.prompts:
-            _merge(stats, p.stats[k])
-            _merge(baseline_stats, p.stats[0])
+            stats.merge(p.stats[k])
+            baseline_stats.merge(p.stats[0])
         checks = [(p.prompt.id, p.checks(k)) for p in self.prompts]
         identical = lambda name: sum(c[name] is None for _, c in checks)  # noqa: E731
         return {
@@ -514,22 +514,6 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
-
-
-def _merge(into: SpecDecodingStats, other: SpecDecodingStats) -> None:
-    into.num_drafts += other.num_drafts
-    into.num_draft_tokens += other.num_draft_tokens
-    into.num_accepted_tokens += other.num_accepted_tokens
-    if len(into.accepted_per_position) < len(other.accepted_per_position):
-        into.accepted_per_position += [0] * (len(other.accepted_per_position) - len(into.accepted_per_position))
-    for i, n in enumerate(other.accepted_per_position):
-        into.accepted_per_position[i] += n
-    into.target_forward_passes += other.target_forward_passes
-    into.num_output_tokens += other.num_output_tokens
-    into.prefill_s += other.prefill_s
-    into.draft_s += other.draft_s
-    into.verify_s += other.verify_s
-    into.wall_s += other.wall_s
 
 
 def _pooled(runs: Sequence[TimedRun]) -> float | None:

@@ -223,20 +223,6 @@ def collect_stopped_run() -> None:
         del s[IN_FLIGHT_KEY]
 
 
-def load(name: str, what: str, runtime: state.Runtime, slot):
-    """A shared model in the sidebar's precision for its role ("target" or "draft"); preparation and loading
-    progress shown in ``slot`` the first time."""
-    weights = runtime.precision(what)
-    if resources.is_loaded(name, runtime.device, weights):
-        return resources.load_model(name, runtime.device, weights)
-    bar = slot.progress(0.0, text=f"Loading the {what} {name}…")
-    try:
-        return resources.load_model(name, runtime.device, weights,
-                                    progress=lambda fraction, message: bar.progress(fraction, text=f"{what}: {message}"))
-    finally:
-        slot.empty()
-
-
 def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks: list[int], config: DecodeConfig,
                         runtime: state.Runtime, slots: dict) -> None:
     """Load models, run the comparison with progress and cancel, and store it in session state.
@@ -255,8 +241,8 @@ def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks
     draft_names = {spec.draft for spec in specs if spec.draft}
     for draft_name in draft_names:  # compare tokenizers before spending seconds on weights
         check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(draft_name))
-    target = load(target_name, "target", runtime, slots["progress"])
-    drafts = {name: load(name, "draft", runtime, slots["progress"]) for name in draft_names}
+    target = resources.load_for_role(target_name, "target", runtime, slots["progress"])
+    drafts = {name: resources.load_for_role(name, "draft", runtime, slots["progress"]) for name in draft_names}
 
     total = len(prompts) * (1 + len(specs) * len(ks))
     flight = InFlight()

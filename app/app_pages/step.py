@@ -111,20 +111,6 @@ class StepSession:
         return bool(last) and last[-1] in self.eos_token_ids
 
 
-def load(name: str, what: str, runtime: state.Runtime, slot):
-    """A shared model in the sidebar's precision for its role ("target" or "draft"); preparation and loading
-    progress shown in ``slot`` the first time."""
-    weights = runtime.precision(what)
-    if resources.is_loaded(name, runtime.device, weights):
-        return resources.load_model(name, runtime.device, weights)
-    bar = slot.progress(0.0, text=f"Loading the {what} {name}…")
-    try:
-        return resources.load_model(name, runtime.device, weights,
-                                    progress=lambda fraction, message: bar.progress(fraction, text=f"{what}: {message}"))
-    finally:
-        slot.empty()
-
-
 def start(runtime: state.Runtime, slot) -> StepSession:
     """Read the widgets, load models, build the drafter, prefill: a session ready for its first cycle."""
     s = st.session_state
@@ -138,9 +124,9 @@ def start(runtime: state.Runtime, slot) -> StepSession:
     draft = None
     if drafter_name == "draft-model":
         check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(s[key("step.draft")]))
-    target = load(target_name, "target", runtime, slot)
+    target = resources.load_for_role(target_name, "target", runtime, slot)
     if drafter_name == "draft-model":
-        draft = load(s[key("step.draft")], "draft", runtime, slot)
+        draft = resources.load_for_role(s[key("step.draft")], "draft", runtime, slot)
     prompt_ids = encode_prompt(target, prompt, chat_template=not s[key("step.raw")])
     drafter = make_drafter(drafter_name, target, draft)
     settings = {"target": target_name, "drafter": DRAFTER_LABELS[drafter_name] + (f" ({draft.name})" if draft else ""),
