@@ -13,21 +13,32 @@ Speedup conventions:
   efficiency = decode_speedup / predicted_speedup.
 - cost_ratio c: draft time per drafted token over the target alone's time per
   decode step, both measured in this comparison.
+- verify_cost_ratio v: the time of one verify pass (K'+1 tokens, acceptance and
+  rollback included) over the target alone's time per decode step. Leviathan's
+  model assumes v = 1; on a CPU a pass over K+1 tokens costs more, so
+  predicted_speedup_v = expected_speedup(a, K, c, v) and efficiency_v =
+  decode_speedup / predicted_speedup_v separate the hardware's share of the gap
+  from the engine's. ``measure_verify_cost`` times the bare forward passes, to
+  hold v against.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pandas as pd
+import torch
 
+from lab.cache import crop_cache, new_cache
 from lab.config import DecodeConfig
 from lab.drafters import DRAFTER_NAMES, make_drafter
-from lab.engine import decode
+from lab.engine import decode, sync_device
 from lab.metrics import SpecDecodingStats
 from lab.models import encode_prompt, precision_name
 from lab.theory import acceptance_from_mean_length, expected_speedup
@@ -138,8 +149,13 @@ class Comparison:
             speedup = _ratio(pooled["tokens_per_s"], base_pooled["tokens_per_s"])
             decode_speedup = _ratio(pooled["decode_tokens_per_s"], base_pooled["decode_tokens_per_s"])
             cost_ratio = _ratio(pooled["draft_s_per_draft_token"], base_pooled["verify_s_per_step"])
+            verify_cost = _ratio(pooled["verify_s_per_step"], base_pooled["verify_s_per_step"])
             alpha = acceptance_from_mean_length(pooled["mean_acceptance_length"], k) if not math.isnan(pooled["mean_acceptance_length"]) else math.nan
             predicted = expected_speedup(alpha, k, cost_ratio) if not (math.isnan(alpha) or math.isnan(cost_ratio)) else math.nan
+            predicted_v = (
+                expected_speedup(alpha, k, cost_ratio, verify_cost)
+                if not any(math.isnan(x) for x in (alpha, cost_ratio, verify_cost)) else math.nan
+            )
             identical = [r.identical_to_target for r in runs if r.identical_to_target is not None]
             rows.append(
                 {
@@ -157,6 +173,10 @@ class Comparison:
                     "fitted_acceptance": alpha,
                     "predicted_speedup": predicted,
                     "efficiency": _ratio(decode_speedup, predicted),
+                    "tokens_per_pass": _per(pooled["num_output_tokens"], pooled["target_forward_passes"]),
+                    "verify_cost_ratio": verify_cost,
+                    "predicted_speedup_v": predicted_v,
+                    "efficiency_v": _ratio(decode_speedup, predicted_v),
                     "identical_to_target": (sum(identical) / len(identical)) if identical else math.nan,
                 }
             )
@@ -259,6 +279,55 @@ def run_comparison(
     return comparison
 
 
+@torch.inference_mode()
+def measure_verify_cost(
+    target,
+    ks: list[int],
+    context_tokens: int = 128,
+    repeats: int = 7,
+) -> dict[int, float]:
+    """Time of one bare verify forward pass over K+1 tokens, in plain decode steps (1 token).
+
+    target: ``lab.models.LoadedModel`` (batch 1). ks: the K values; K=0 is the
+    plain step itself. The cache holds ``context_tokens`` random tokens; each
+    timing is the median of ``repeats`` passes after one warm-up, with the cache
+    cropped back between passes. No sampling, acceptance or bookkeeping: this is
+    what the hardware charges, to set beside the in-loop verify_cost_ratio.
+
+    Returns {K: v}, v = median time(K+1 tokens) / median time(1 token).
+    Raises ValueError if a K is negative or context_tokens + K + 1 exceeds the
+    context window.
+    """
+    model = target.model
+    device = next(model.parameters()).device
+    limit = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    if any(k < 0 for k in ks):
+        raise ValueError(f"K requires K >= 0; got {ks}")
+    if context_tokens < 1 or context_tokens + max(ks, default=0) + 1 > limit:
+        raise ValueError(f"context_tokens + K + 1 must fit the context window ({limit}); got {context_tokens} and K up to {max(ks)}")
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    context = torch.randint(vocab, (1, context_tokens), generator=generator).to(device)
+    cache = new_cache(model)
+    model(context, cache=cache, use_cache=True, logits_to_keep=1)
+
+    def median_ms(width: int) -> float:
+        tokens = torch.randint(vocab, (1, width), generator=generator).to(device)
+        times = []
+        for i in range(repeats + 1):
+            sync_device(device)
+            start = time.perf_counter()
+            model(tokens, cache=cache, use_cache=True)
+            sync_device(device)
+            if i:
+                times.append(time.perf_counter() - start)
+            crop_cache(cache, context_tokens)
+        return statistics.median(times)
+
+    step = median_ms(1)
+    return {k: median_ms(k + 1) / step if k else 1.0 for k in ks}  # K=0 is the step itself
+
+
 def _one_run(target, prompt_ids, drafter, config, index, label, k, cancel) -> RunRecord:
     stats = SpecDecodingStats()
     draft_ms, verify_ms = [], []
@@ -300,6 +369,8 @@ def _pool(metrics: list[dict]) -> dict[str, Any]:
         "decode_tokens_per_s": _per(total["num_output_tokens"], total["wall_s"] - total["prefill_s"]),
         "draft_s_per_draft_token": _per(total["draft_s"], total["num_draft_tokens"]),
         "verify_s_per_step": _per(total["verify_s"], total["target_forward_passes"]),
+        "num_output_tokens": total["num_output_tokens"],
+        "target_forward_passes": total["target_forward_passes"],
     }
 
 

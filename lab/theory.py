@@ -11,7 +11,13 @@ is exactly a < c. The lab places measured runs on these curves: a is fitted from
 the measured mean acceptance length (so the model's tokens per step equals the
 measured one), c is the measured draft time per drafted token over the target's
 time per plain decode step, and efficiency = measured speedup / predicted
-speedup shows the engine's own overhead (1.0 is a perfect engine).
+speedup.
+
+Leviathan's model takes one verify pass over K+1 tokens to cost one plain
+decode step. Where it costs more (v > 1: a CPU, or a GPU at large batch), the
+measured speedup falls short of the model even for a perfect engine; the lab
+therefore also measures v and reports the part of the gap that is the engine's
+own overhead (``lab.compare``: engine_efficiency).
 """
 
 from __future__ import annotations
@@ -30,14 +36,23 @@ def expected_tokens_per_step(acceptance: float, k: int) -> float:
     return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
 
 
-def expected_speedup(acceptance: float, k: int, cost_ratio: float) -> float:
-    """(1 - a^(K+1)) / ((1 - a)(K c + 1)): predicted walltime speedup over the target alone.
+def expected_speedup(acceptance: float, k: int, cost_ratio: float, verify_cost: float = 1.0) -> float:
+    """(1 - a^(K+1)) / ((1 - a)(K c + v)): predicted walltime speedup over the target alone.
 
     cost_ratio: c >= 0, the draft's time per drafted token in target steps.
+    verify_cost: v > 0, the time of one verify pass over K+1 tokens in target
+        steps. Leviathan et al. take v = 1 (the default): true where a step is
+        bound by reading the weights (a GPU at small batch). On a CPU, or at a
+        large batch, the pass is compute bound and v grows with K, which lowers
+        the speedup; ``lab.compare.measure_verify_cost`` measures it.
+
+    Raises ValueError for a, K, c or v out of range.
     """
     if cost_ratio < 0:
         raise ValueError(f"cost ratio c requires c >= 0; got {cost_ratio}")
-    return expected_tokens_per_step(acceptance, k) / (k * cost_ratio + 1.0)
+    if not verify_cost > 0:
+        raise ValueError(f"verify cost v requires v > 0; got {verify_cost}")
+    return expected_tokens_per_step(acceptance, k) / (k * cost_ratio + verify_cost)
 
 
 def acceptance_from_mean_length(mean_acceptance_length: float, k: int) -> float:

@@ -6,11 +6,12 @@ import math
 
 import pytest
 
-from lab.compare import BASELINE, Comparison, DrafterSpec, run_comparison
+from lab.compare import BASELINE, Comparison, DrafterSpec, measure_verify_cost, run_comparison
 from lab.config import DecodeConfig
 from lab.drafters import PromptLookupDrafter
 from lab.engine import run
 from lab.models import encode_prompt
+from lab.theory import expected_speedup
 
 PROMPTS = ["t5 t9 t12 t5 t9 t30 t7", "t11 t12 t13 t14 t11 t12 t13"]
 
@@ -58,6 +59,27 @@ def test_summary_pools_counters_over_prompts(comparison):
     assert row.acceptance_rate == pytest.approx(accepted / drafted)
     assert row.prompts == 2
     assert row.cost_ratio > 0
+    passes = sum(r.metrics["target_forward_passes"] for r in runs)
+    assert row.tokens_per_pass == pytest.approx(sum(r.metrics["num_output_tokens"] for r in runs) / passes)
+    # v: the spec runs' verify time per pass over the baselines' time per step.
+    base = [r for r in comparison.runs if r.drafter == BASELINE]
+    base_step = sum(r.metrics["verify_s"] for r in base) / sum(r.metrics["target_forward_passes"] for r in base)
+    assert row.verify_cost_ratio == pytest.approx(sum(r.metrics["verify_s"] for r in runs) / passes / base_step)
+    assert row.predicted_speedup_v == pytest.approx(
+        expected_speedup(row.fitted_acceptance, 3, row.cost_ratio, row.verify_cost_ratio)
+    )
+    assert row.efficiency_v == pytest.approx(row.decode_speedup / row.predicted_speedup_v)
+
+
+def test_measure_verify_cost_times_bare_passes(tiny_target):
+    costs = measure_verify_cost(tiny_target, [0, 1, 7], context_tokens=16, repeats=3)
+    assert set(costs) == {0, 1, 7}
+    assert costs[0] == pytest.approx(1.0)
+    assert all(v > 0 and math.isfinite(v) for v in costs.values())
+    with pytest.raises(ValueError, match="K >= 0"):
+        measure_verify_cost(tiny_target, [-1])
+    with pytest.raises(ValueError, match="context window"):
+        measure_verify_cost(tiny_target, [4], context_tokens=10**6)
 
 
 def test_export_and_reload_round_trip(comparison):

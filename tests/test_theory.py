@@ -22,6 +22,14 @@ def test_expected_tokens_per_step(a, k, tokens):
     assert expected_tokens_per_step(a, k) == pytest.approx(tokens)
 
 
+def test_expected_speedup_with_verify_cost_hand_value():
+    # a=0.8, K=4: 3.3616 tokens per step; a verify pass costing 1.5 steps and c=0.05: 3.3616 / (0.2 + 1.5).
+    assert expected_speedup(0.8, 4, 0.05, verify_cost=1.5) == pytest.approx(1.97741, abs=1e-4)
+    assert expected_speedup(0.8, 4, 0.05, verify_cost=1.0) == expected_speedup(0.8, 4, 0.05)
+    with pytest.raises(ValueError, match="v > 0"):
+        expected_speedup(0.8, 4, 0.05, verify_cost=0.0)
+
+
 def test_expected_speedup_hand_value():
     # The example: a=0.8, K=4, c=0.05 -> 3.3616 / 1.2 = 2.8013
     assert expected_speedup(0.8, 4, 0.05) == pytest.approx(2.8013, abs=1e-4)
