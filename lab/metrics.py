@@ -4,7 +4,11 @@ Definitions (vLLM v1 ``spec_decode/metrics.py``):
 
 - num_drafts: steps at which the drafter proposed at least one token.
 - num_draft_tokens: drafted tokens, summed over steps.
-- num_accepted_tokens: drafted tokens the target kept.
+- num_accepted_tokens: drafted tokens the target kept. Acceptance measures
+  verification, not the output: when an EOS or stop string inside an accepted
+  draft ends the output, the drafted tokens the target verified after it still
+  count as accepted (vLLM counts them the same way, before its stop checks);
+  the app colours them nowhere, since they are never emitted.
 - accepted_per_position[i]: drafts whose token at position i was accepted.
 - per-position acceptance rate: accepted_per_position[i] / num_drafts (a draft
   shorter than i+1 counts as not accepted there, as in vLLM).
