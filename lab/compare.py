@@ -13,13 +13,21 @@ Speedup conventions:
   efficiency = decode_speedup / predicted_speedup.
 - cost_ratio c: draft time per drafted token over the target alone's time per
   decode step, both measured in this comparison.
-- verify_cost_ratio v: the time of one verify pass (K'+1 tokens, acceptance and
-  rollback included) over the target alone's time per decode step. Leviathan's
-  model assumes v = 1; on a CPU a pass over K+1 tokens costs more, so
-  predicted_speedup_v = expected_speedup(a, K, c, v) and efficiency_v =
-  decode_speedup / predicted_speedup_v separate the hardware's share of the gap
-  from the engine's. ``measure_verify_cost`` times the bare forward passes, to
-  hold v against.
+- verify_cost_ratio: the in-loop time of one verify pass (K'+1 tokens,
+  acceptance and rollback included) over the target alone's time per step.
+- bare verify cost v(K): one bare forward pass over K+1 tokens in plain
+  one-token steps (``measure_verify_cost``, stored in settings["verify_cost"]).
+  Leviathan's model assumes v = 1, true where a step is bound by reading the
+  weights; on a CPU a pass over K+1 tokens costs more. verify_cost_ratio above
+  v(K) is the engine's own bookkeeping.
+- draft_rate r: the share of steps at which the drafter proposed anything
+  (prompt lookup finds no match at some steps; model drafters always draft).
+  Leviathan's model assumes r = 1.
+- predicted_speedup_v: the same model with the bare v(K) and the measured r,
+  (r E(a, K) + 1 - r) / (r (K c + v(K)) + 1 - r), E(a, K) = (1 - a^(K+1)) / (1 - a);
+  efficiency_v = decode_speedup / predicted_speedup_v: what is left of the gap
+  once the hardware's verify cost and the drafter's misses are counted, i.e.
+  the engine's own overhead and timing noise (1.0: a perfect engine).
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from lab.drafters import DRAFTER_NAMES, make_drafter
 from lab.engine import decode, sync_device
 from lab.metrics import SpecDecodingStats
 from lab.models import encode_prompt, precision_name
-from lab.theory import acceptance_from_mean_length, expected_speedup
+from lab.theory import acceptance_from_mean_length, expected_speedup, expected_tokens_per_step
 from lab.trace import Finished, Step
 
 BASELINE = "target alone"
@@ -152,10 +160,9 @@ class Comparison:
             verify_cost = _ratio(pooled["verify_s_per_step"], base_pooled["verify_s_per_step"])
             alpha = acceptance_from_mean_length(pooled["mean_acceptance_length"], k) if not math.isnan(pooled["mean_acceptance_length"]) else math.nan
             predicted = expected_speedup(alpha, k, cost_ratio) if not (math.isnan(alpha) or math.isnan(cost_ratio)) else math.nan
-            predicted_v = (
-                expected_speedup(alpha, k, cost_ratio, verify_cost)
-                if not any(math.isnan(x) for x in (alpha, cost_ratio, verify_cost)) else math.nan
-            )
+            draft_rate = _per(pooled["num_drafts"], pooled["target_forward_passes"])
+            bare_v = float(self.settings.get("verify_cost", {}).get(str(k), math.nan))
+            predicted_v = _predicted_with_verify_cost(alpha, k, cost_ratio, bare_v, draft_rate)
             identical = [r.identical_to_target for r in runs if r.identical_to_target is not None]
             rows.append(
                 {
@@ -175,6 +182,8 @@ class Comparison:
                     "efficiency": _ratio(decode_speedup, predicted),
                     "tokens_per_pass": _per(pooled["num_output_tokens"], pooled["target_forward_passes"]),
                     "verify_cost_ratio": verify_cost,
+                    "bare_verify_cost": bare_v,
+                    "draft_rate": draft_rate,
                     "predicted_speedup_v": predicted_v,
                     "efficiency_v": _ratio(decode_speedup, predicted_v),
                     "identical_to_target": (sum(identical) / len(identical)) if identical else math.nan,
@@ -211,6 +220,7 @@ def run_comparison(
     chat_template: bool = True,
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    measure_verify: bool = True,
 ) -> Comparison:
     """Run every drafter at every K on every prompt, plus the target alone per prompt.
 
@@ -219,7 +229,8 @@ def run_comparison(
     by each K. load_draft: turns a draft name into a LoadedModel (needed for
     "draft-model"). progress(fraction, message) after each run; should_cancel()
     is polled between steps, and a cancelled comparison keeps the runs finished
-    so far.
+    so far. measure_verify: first time bare verify passes at every K
+    (``measure_verify_cost``, a second or two) for the efficiency_v column.
 
     Raises ValueError on empty prompts, no K or bad K, and
     ``lab.models.ModelError`` on a draft whose tokenizer differs from the target's.
@@ -254,6 +265,11 @@ def run_comparison(
         },
         prompts=prompts,
     )
+    if measure_verify:
+        context = min(max(len(ids) for ids in encoded), _context_limit(target) - max(ks) - 1)
+        _report(progress, 0, 1, "timing bare verify passes")
+        costs = measure_verify_cost(target, list(ks), context_tokens=max(context, 1))
+        comparison.settings["verify_cost"] = {str(k): v for k, v in costs.items()}
     total = len(prompts) * (1 + len(drafters) * len(ks))
     done = 0
     cancel = should_cancel or (lambda: False)
@@ -300,7 +316,7 @@ def measure_verify_cost(
     """
     model = target.model
     device = next(model.parameters()).device
-    limit = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    limit = _context_limit(target)
     if any(k < 0 for k in ks):
         raise ValueError(f"K requires K >= 0; got {ks}")
     if context_tokens < 1 or context_tokens + max(ks, default=0) + 1 > limit:
@@ -326,6 +342,10 @@ def measure_verify_cost(
 
     step = median_ms(1)
     return {k: median_ms(k + 1) / step if k else 1.0 for k in ks}  # K=0 is the step itself
+
+
+def _context_limit(target) -> int:
+    return getattr(target.model.config, "max_position_embeddings", None) or 1 << 30
 
 
 def _one_run(target, prompt_ids, drafter, config, index, label, k, cancel) -> RunRecord:
@@ -370,8 +390,17 @@ def _pool(metrics: list[dict]) -> dict[str, Any]:
         "draft_s_per_draft_token": _per(total["draft_s"], total["num_draft_tokens"]),
         "verify_s_per_step": _per(total["verify_s"], total["target_forward_passes"]),
         "num_output_tokens": total["num_output_tokens"],
+        "num_drafts": total["num_drafts"],
         "target_forward_passes": total["target_forward_passes"],
     }
+
+
+def _predicted_with_verify_cost(alpha: float, k: int, c: float, v: float, r: float) -> float:
+    """(r E(a, K) + 1 - r) / (r (K c + v) + 1 - r): Leviathan's speedup with a verify pass of v steps, drafting at a share r of steps."""
+    if any(math.isnan(x) for x in (alpha, c, v, r)):
+        return math.nan
+    tokens = r * expected_tokens_per_step(alpha, k) + (1.0 - r)
+    return tokens / (r * (k * c + v) + (1.0 - r))
 
 
 def _precision(model) -> str:

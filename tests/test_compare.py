@@ -11,7 +11,7 @@ from lab.config import DecodeConfig
 from lab.drafters import PromptLookupDrafter
 from lab.engine import run
 from lab.models import encode_prompt
-from lab.theory import expected_speedup
+from lab.theory import expected_tokens_per_step
 
 PROMPTS = ["t5 t9 t12 t5 t9 t30 t7", "t11 t12 t13 t14 t11 t12 t13"]
 
@@ -65,9 +65,12 @@ def test_summary_pools_counters_over_prompts(comparison):
     base = [r for r in comparison.runs if r.drafter == BASELINE]
     base_step = sum(r.metrics["verify_s"] for r in base) / sum(r.metrics["target_forward_passes"] for r in base)
     assert row.verify_cost_ratio == pytest.approx(sum(r.metrics["verify_s"] for r in runs) / passes / base_step)
-    assert row.predicted_speedup_v == pytest.approx(
-        expected_speedup(row.fitted_acceptance, 3, row.cost_ratio, row.verify_cost_ratio)
-    )
+    assert row.draft_rate == pytest.approx(sum(r.metrics["num_drafts"] for r in runs) / passes)
+    assert 0.9 < row.draft_rate < 1.0  # a draft model drafts at every step but where one token is left
+    r, v = row.draft_rate, comparison.settings["verify_cost"]["3"]
+    assert row.bare_verify_cost == v > 0
+    tokens = r * expected_tokens_per_step(row.fitted_acceptance, 3) + 1 - r
+    assert row.predicted_speedup_v == pytest.approx(tokens / (r * (3 * row.cost_ratio + v) + 1 - r))
     assert row.efficiency_v == pytest.approx(row.decode_speedup / row.predicted_speedup_v)
 
 
@@ -92,6 +95,7 @@ def test_export_and_reload_round_trip(comparison):
     for column in ("acceptance_rate", "speedup", "cost_ratio", "efficiency"):
         assert all(math.isclose(x, y, rel_tol=1e-12) or (math.isnan(x) and math.isnan(y)) for x, y in zip(a[column], b[column]))
     csv = comparison.to_csv().splitlines()
+    assert list(again.settings["verify_cost"]) == ["1", "3"]
     assert csv[0].startswith("prompt,drafter,k,output_tokens,acceptance_rate")
     assert len(csv) == 1 + len(comparison.runs)
 
