@@ -45,6 +45,15 @@ size, and fp32 stays the exactness reference.
 Sampling: row i draws from its own generator seeded with ``config.seed + i``,
 in the single-row engine's order, so a row samples what the single-row engine
 samples with that seed (up to the same rounding).
+
+Constrained output (``lab.grammar``): each row has its own matcher, at that
+row's committed output. It travels to the drafter in the row's ``DraftContext``
+(the draft model drafts under its mask, prompt lookup cuts its proposal at the
+first forbidden token), masks the row's verified positions, correction and bonus
+included, and then accepts exactly the row's emitted tokens, as in
+``lab.engine``. A row whose output is complete can only emit a stop token, so it
+ends with "eos" like the single-row engine. Only the exact grammar mode exists
+here (the naive one is a single-request teaching switch).
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ from lab.config import K_MAX, DecodeConfig
 from lab.drafters import DraftModelDrafter, make_drafter
 from lab.drafters.base import Draft, DraftContext, Drafter
 from lab.engine import DecodeResult, cut_emitted, output_text, position_details, sync_device
+from lab.grammar import Constraint, GrammarState
 from lab.metrics import SpecDecodingStats
 from lab.sampling import logits_to_probs, sample
 from lab.trace import Finished, Prefilled, Step, StopReason
@@ -263,7 +273,9 @@ class BatchDraftModelDrafter:
     and its committed tokens and feeds the rest (usually the correction or bonus
     token); then k rounds of one batched forward each. Rows that drafted enough
     feed nothing (a hole) in later rounds. The draft's cache is a
-    ``RaggedCache``: rollback punches holes.
+    ``RaggedCache``: rollback punches holes. A row with a grammar drafts under
+    its mask, stops once the grammar is complete, and leaves the matcher where
+    it found it.
 
     model: a causal LM sharing the target's vocabulary; only read.
     """
@@ -293,14 +305,16 @@ class BatchDraftModelDrafter:
         self.cache.keep(keep)
         tokens: list[list[torch.Tensor]] = [[] for _ in contexts]
         probs: list[list[torch.Tensor]] = [[] for _ in contexts]
+        wanted = [ctx.k for ctx in contexts]  # shrinks when a row's grammar completes
         for i in range(rounds):
             logits = self.cache.forward(feeds, logits_to_keep=1)[:, -1]  # [B, V]
+            logits = _mask_by_grammar(logits, [ctx.grammar if i < n else None for ctx, n in zip(contexts, wanted)])
             if greedy:
                 argmax = logits.argmax(-1).cpu()  # [B], one transfer a round
                 softmax = torch.softmax(logits.float(), -1)  # [B, V], for display only
             for b, ctx in enumerate(contexts):
                 self.cached_ids[b] = torch.cat([self.cached_ids[b], feeds[b].cpu()])
-                if i < ctx.k:
+                if i < wanted[b]:
                     if greedy:
                         token, dist = argmax[b], softmax[b]
                     else:
@@ -308,11 +322,20 @@ class BatchDraftModelDrafter:
                         token = sample(dist, ctx.generator)
                     tokens[b].append(token)
                     probs[b].append(dist)
+                    if ctx.grammar is not None:
+                        ctx.grammar.accept(int(token))
+                        if ctx.grammar.is_terminated:  # the output is complete: nothing can follow
+                            wanted[b] = i + 1
             # Feed each row's newest token, unless that row has drafted enough (the last one is never fed).
             feeds = [
-                tokens[b][-1].view(1) if i + 1 < ctx.k else torch.empty(0, dtype=torch.long)
-                for b, ctx in enumerate(contexts)
+                tokens[b][-1].view(1) if i + 1 < wanted[b] else torch.empty(0, dtype=torch.long)
+                for b in range(len(contexts))
             ]
+            if not any(feed.numel() for feed in feeds):
+                break
+        for ctx, drafted in zip(contexts, tokens):
+            if ctx.grammar is not None:
+                ctx.grammar.rollback(len(drafted))
         self._num_committed = [ctx.token_ids.shape[0] if ctx.k > 0 else None for ctx in contexts]
         return [
             Draft(torch.stack(t).cpu(), torch.stack(p)) if t else Draft.empty() for t, p in zip(tokens, probs)
@@ -360,6 +383,18 @@ def as_batch_drafter(drafter: Drafter | BatchDrafter | None) -> BatchDrafter | N
 def make_batch_drafter(name: str, target, draft=None, **options) -> BatchDrafter | None:
     """``lab.drafters.make_drafter`` for batches: same names and options."""
     return as_batch_drafter(make_drafter(name, target, draft, **options))
+
+
+def _mask_by_grammar(logits: torch.Tensor, grammars: Sequence[GrammarState | None]) -> torch.Tensor:
+    """logits: [B, V]; rows with a grammar get its next-token mask (forbidden at -inf).
+
+    Returns the logits unchanged when no row has a grammar, else float32 [B, V].
+    """
+    if all(grammar is None for grammar in grammars):
+        return logits
+    return torch.stack(
+        [row.float() if grammar is None else grammar.mask_next(row) for row, grammar in zip(logits, grammars)]
+    )
 
 
 def _common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -461,6 +496,7 @@ def decode_batch(
     *,
     k_policy: Callable[[int], int] | None = None,
     target_cache: RaggedCache | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[BatchEvent]:
     """Decode B prompts together, yielding ``BatchPrefilled``, one ``BatchStep`` per cycle, then ``BatchFinished``.
 
@@ -472,17 +508,25 @@ def decode_batch(
         this step); overrides ``config.k``. ``lab.sweep.AutoK`` is one.
     target_cache: an empty ``RaggedCache`` of len(prompts) rows to fill (lets a
         test inspect it); by default a new one.
+    constraint: constrained output for every row (``lab.grammar``), each row
+        with its own matcher (see the module docstring); exact grammar mode only.
 
     Greedy output per row equals that prompt decoded alone (fp32; see the module
-    docstring for bf16/fp16). Raises ValueError for no prompts, an empty
-    prompt or one that fills the context window.
+    docstring for bf16/fp16), with the same constraint. Raises ValueError for no
+    prompts, an empty prompt, one that fills the context window, or a
+    constraint with ``config.grammar_mode`` "naive".
     """
     model = target.model
     device = next(model.parameters()).device
     max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     if not prompts:
         raise ValueError("batched decoding requires at least one prompt; got none")
-    requests = [_Request.start(r, p, config, max_positions, device) for r, p in enumerate(prompts)]
+    if constraint is not None and config.grammar_mode != "exact":
+        raise ValueError(
+            f"batched decoding under a constraint requires grammar_mode 'exact' (the naive mode is a "
+            f"single-request teaching switch: use lab.engine); got {config.grammar_mode!r}"
+        )
+    requests = [_Request.start(r, p, config, max_positions, device, constraint) for r, p in enumerate(prompts)]
     if target_cache is not None and (target_cache.batch_size != len(requests) or target_cache.num_slots):
         raise ValueError(
             f"target_cache requires an empty RaggedCache of {len(requests)} rows; got {target_cache.batch_size} rows"
@@ -520,8 +564,12 @@ def decode_batch(
         logits = cache.forward([torch.cat([q.committed[-1:], d.tokens]) for q, d in zip(rows, drafts)])  # [B, W, V]
         width = logits.shape[1]
 
-        # 3. accept, row by row on the row's own logits.
+        # 3. accept, row by row on the row's own logits (masked by the row's grammar at every position).
         row_logits = [logits[b, width - 1 - len(d) :] for b, d in enumerate(drafts)]  # [K'_b+1, V] each
+        row_logits = [
+            own if q.grammar is None else q.grammar.mask_draft_positions(own, d.tokens)
+            for q, d, own in zip(rows, drafts, row_logits)
+        ]
         row_probs = [None if sampling.is_greedy else logits_to_probs(own, sampling) for own in row_logits]
         verdicts = [
             verify_greedy(own, d.tokens) if probs is None else verify_sampling(probs, d.tokens, d.probs, q.generator)
@@ -559,6 +607,7 @@ def decode_batch(
                     target_cache_len=target_lengths[b],
                     draft_cache_len=draft_lengths[b],
                     details=details,
+                    cut_by_grammar=draft.cut_by_grammar,
                 )
             )
             q.observe_step(t2 - start, emitted)
@@ -597,6 +646,7 @@ class _Request:
     budget: int
     generator: torch.Generator
     committed: torch.Tensor  # [T] int64 CPU: prompt then output
+    grammar: GrammarState | None = None  # the constraint's matcher at the committed output
     generated: list[int] = field(default_factory=list)
     num_steps: int = 0
     first_token_s: float | None = None
@@ -604,9 +654,18 @@ class _Request:
 
     @classmethod
     def start(
-        cls, index: int, prompt_ids: Sequence[int], config: DecodeConfig, max_positions: int, device: torch.device
+        cls,
+        index: int,
+        prompt_ids: Sequence[int],
+        config: DecodeConfig,
+        max_positions: int,
+        device: torch.device,
+        constraint: Constraint | None = None,
     ) -> "_Request":
-        """Check the prompt; the generator is seeded config.seed + index (unseeded when seed is None)."""
+        """Check the prompt; seed the generator config.seed + index (unseeded when seed is None).
+
+        With a constraint the request gets its own matcher.
+        """
         prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long)
         if prompt.numel() == 0:
             raise ValueError(f"Prompt {index} is empty: every prompt of a batch needs at least one token.")
@@ -619,7 +678,8 @@ class _Request:
         if config.seed is not None:
             generator.manual_seed(config.seed + index)
         budget = min(config.max_new_tokens, max_positions - prompt.numel())
-        return cls(index, prompt, budget, generator, prompt.clone())
+        grammar = constraint.new_state() if constraint is not None else None
+        return cls(index, prompt, budget, generator, prompt.clone(), grammar)
 
     @property
     def remaining(self) -> int:
@@ -628,14 +688,18 @@ class _Request:
     def draft_context(self, k: int, sampling) -> DraftContext:
         """This row's drafter input; k shrinks to what the budget can take (0: draft nothing)."""
         k = max(0, min(k, self.remaining - 1))
-        return DraftContext(self.committed, self.prompt.numel(), k, sampling, self.generator)
+        return DraftContext(self.committed, self.prompt.numel(), k, sampling, self.generator, self.grammar)
 
     def commit(
         self, draft: Draft, verdict: Verdict, eos: set[int], tokenizer, stop_strings: tuple[str, ...], max_positions: int
     ) -> tuple[list[int], StopReason | None]:
-        """Append the accepted tokens and the target's own, cut at EOS / stop string / budget / context window."""
+        """Append the accepted tokens and the target's own, cut at EOS / stop string / budget / context window;
+        the grammar advances over exactly what was emitted."""
         new_tokens = draft.tokens[: verdict.num_accepted].tolist() + [verdict.next_token]
         emitted, reason = cut_emitted(new_tokens, self.generated, self.remaining, eos, tokenizer, stop_strings)
+        if self.grammar is not None:
+            for token in emitted:
+                self.grammar.accept(token)
         self.generated += emitted
         self.committed = torch.cat([self.committed, torch.tensor(emitted, dtype=torch.long)])
         if reason is None and self.committed.numel() >= max_positions:
@@ -706,12 +770,13 @@ def run_batch(
     config: DecodeConfig,
     *,
     k_policy: Callable[[int], int] | None = None,
+    constraint: Constraint | None = None,
 ) -> BatchResult:
     """Run ``decode_batch`` to the end and gather its events into a ``BatchResult``."""
     stats = [SpecDecodingStats() for _ in prompts]
     steps_of: list[list[Step]] = [[] for _ in prompts]
     result = BatchResult(rows=[])
-    for event in decode_batch(target, prompts, drafter, config, k_policy=k_policy):
+    for event in decode_batch(target, prompts, drafter, config, k_policy=k_policy, constraint=constraint):
         if isinstance(event, BatchFinished):
             result.rows = [
                 DecodeResult(
