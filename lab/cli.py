@@ -22,6 +22,8 @@ Examples::
         --prompts spec_bench:summarization:8 spec_bench:qa:8 --out results/compare.json
     python -m lab bench --target smollm2-135m --drafter prompt-lookup --k 4 --batch-sizes 1,2,4,8,16 \
         --prompts spec_bench:summarization:8 spec_bench:qa:8 --max-new-tokens 48 --json
+    python -m lab bench --target smollm2-135m --drafter layer-skip --k 3 --batch-sizes 1,4 \
+        --prompts json_extraction --json-schema schema.json
     python -m lab generate --target smollm2-135m --target-quant nf4 --drafter layer-skip --prompt "Hi"
 """
 
@@ -503,14 +505,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from lab.batch import make_batch_drafter
     from lab.models import encode_prompt
     from lab.prompts import load_prompt_sets
-    from lab.sweep import format_sweep, run_sweep
+    from lab.sweep import compile_constraint, format_sweep, run_sweep
 
     _check_drafter_arguments(args)
-    if _constraint_spec(args) is not None:
+    if args.naive_grammar:
         raise UsageError(
-            "constrained output is not supported by the batched engine yet: use `generate` with "
-            "--json-schema/--regex/--any-json (single request), or bench without a constraint"
+            "bench requires the exact grammar mode; got --naive-grammar, a single-request teaching switch "
+            "(show it with `generate --naive-grammar`)"
         )
+    spec = _constraint_spec(args)
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except ValueError:
@@ -525,8 +528,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     _checked_tokenizer(args, progress)
     target, draft = _load_models(args, progress)
     drafter = make_batch_drafter(args.drafter, target, draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer)
+    constraint = None if spec is None else compile_constraint(spec, target)
     ids = [encode_prompt(target, p.text, chat_template=not args.raw) for p in prompts]
-    sweep = run_sweep(target, ids, drafter, config, batch_sizes, progress=_log_line)
+    sweep = run_sweep(target, ids, drafter, config, batch_sizes, progress=_log_line,
+                      draft=draft, constraint=constraint)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         sweep.to_json(args.out)

@@ -49,6 +49,11 @@ linearly. Policy (``AutoK``): Leviathan et al.'s expected tokens per step
 and scaled by how often the drafter proposes at all, over the predicted step
 time target(B, K+1) + K draft(B); it picks the K in 0..k_max with the most
 tokens per millisecond (K = 0: one token per target(B, 1)).
+
+Under a constraint (``lab.grammar``) every decode runs with it, each request
+with its own matcher (``lab.batch``); the settings record it, and each mode
+counts its outputs that satisfy it (``outputs_valid``). The settings also record
+what was measured: each model's weight precision ("bf16", "int8", ...).
 """
 
 from __future__ import annotations
@@ -77,7 +82,9 @@ from lab.batch import (
 from lab.config import K_MAX, DecodeConfig
 from lab.drafters.base import DraftContext, Drafter
 from lab.engine import sync_device
+from lab.grammar import Constraint, ConstraintSpec
 from lab.metrics import SpecDecodingStats
+from lab.models import precision_name
 from lab.theory import acceptance_from_mean_length, expected_tokens_per_step
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
@@ -167,6 +174,7 @@ def calibrate(
     k_max: int,
     repeats: int = CALIBRATION_REPEATS,
     cost: CostModel | None = None,
+    constraint: Constraint | None = None,
 ) -> CostModel:
     """Time target verify passes of B rows x w tokens (w = 1..k_max+1), and drafting, over the real prompts.
 
@@ -174,7 +182,8 @@ def calibrate(
     tokens per row is timed and rolled back (its slots become holes and are
     cut), ``repeats`` times per (B, w). The drafter then proposes k_max tokens
     per row from the same prompts, timed after one untimed proposal that fills
-    its cache. Adds to ``cost`` (default a new CostModel) and returns it.
+    its cache; under a constraint each row drafts under its own fresh matcher.
+    Adds to ``cost`` (default a new CostModel) and returns it.
     """
     cost = CostModel() if cost is None else cost
     model = target.model
@@ -199,7 +208,8 @@ def calibrate(
                 cache.trim()
         if drafter is not None and k_max > 0:
             drafter.reset(batch_size)
-            contexts = [DraftContext(row, row.shape[0], k_max, sampling) for row in rows]
+            grammars = [None if constraint is None else constraint.new_state() for _ in rows]
+            contexts = [DraftContext(row, row.shape[0], k_max, sampling, grammar=g) for row, g in zip(rows, grammars)]
             drafter.propose(contexts)  # untimed: fills the draft's cache
             for _ in range(repeats):
                 drafter.observe([0] * batch_size)
@@ -276,6 +286,8 @@ class ModeRun:
 
     k: the K used (0 = the target alone). latency/ttft per request in seconds.
     outputs: per request, the generated tokens (not in ``as_dict``).
+    outputs_valid: under a constraint, the outputs that satisfy it (one cut by
+        the token budget is a valid prefix but not valid); None without one.
     """
 
     mode: str
@@ -287,8 +299,11 @@ class ModeRun:
     stats: SpecDecodingStats = field(default_factory=SpecDecodingStats)
     outputs: list[list[int]] = field(default_factory=list)
     outputs_differ_from_batch_1: int | None = None
+    outputs_valid: int | None = None
 
-    def add(self, result: BatchResult) -> None:
+    def add(self, result: BatchResult, constraint: Constraint | None = None) -> None:
+        if constraint is not None:
+            self.outputs_valid = (self.outputs_valid or 0) + sum(constraint.is_valid(row.text) for row in result.rows)
         self.latency_s += result.latency_s
         self.first_token_s += result.first_token_s
         self.num_output_tokens += result.num_output_tokens
@@ -333,6 +348,7 @@ class ModeRun:
                 "mean_acceptance_length": self.stats.mean_acceptance_length,
                 "per_position_acceptance_rate": self.stats.per_position_acceptance_rate,
                 "outputs_differ_from_batch_1": self.outputs_differ_from_batch_1,
+                "outputs_valid": self.outputs_valid,
                 "stats": self.stats.as_dict(),
             }
         )
@@ -468,9 +484,13 @@ class SweepResult:
 
 def format_sweep(sweep: SweepResult) -> str:
     """A plain-text table of the sweep, one line per batch size (latencies in seconds)."""
+    settings = sweep.settings
+    precision = settings.get("precision") or settings.get("dtype")
+    if settings.get("draft_precision"):
+        precision += f", draft {settings['draft_precision']}"
+    constraint = f", constrained to {settings['constraint']['kind']}" if settings.get("constraint") else ""
     lines = [
-        f"{sweep.drafter}, K={sweep.k}: batch-size sweep "
-        f"({sweep.settings.get('dtype')}, {sweep.settings.get('device')})",
+        f"{sweep.drafter}, K={sweep.k}: batch-size sweep ({precision}, {settings.get('device')}{constraint})",
         f"{'B':>3} {'latency p50 off/on':>19} {'p95 off/on':>15} {'TTFT p50 off/on':>17} {'tokens/s off/on':>17} "
         f"{'latency x':>9} {'tput x':>6}  {'acceptance per position':<24} {'auto K':>6} {'auto/best':>9}",
     ]
@@ -506,6 +526,8 @@ def run_sweep(
     calibration: bool = True,
     warmup: bool = True,
     progress: Progress | None = None,
+    draft=None,
+    constraint: Constraint | ConstraintSpec | None = None,
 ) -> SweepResult:
     """Decode the prompts at each batch size with speculation off, on (config.k) and auto; see the module docstring.
 
@@ -520,8 +542,14 @@ def run_sweep(
     warmup: run one small untimed batch first (kernels, allocator), whose
         acceptance seeds the policy.
     progress: ``progress(fraction, message)``.
+    draft: the loaded draft model behind a draft-model drafter, for the
+        settings (its precision); a layer-skip drafter's is the target's.
+    constraint: constrain every output (``lab.grammar``); a ``ConstraintSpec``
+        is compiled for the target's tokenizer.
 
-    Raises ValueError for no prompts, no drafter, a non-positive batch size or k_max out of 1..16.
+    Raises ValueError for no prompts, no drafter, a non-positive batch size,
+    k_max out of 1..16, or a constraint with ``config.grammar_mode`` "naive";
+    ``lab.grammar.GrammarError`` for a constraint that does not compile.
     """
     if not prompts:
         raise ValueError("a batch-size sweep requires at least one prompt; got none")
@@ -534,6 +562,12 @@ def run_sweep(
     drafter = as_batch_drafter(drafter)
     if drafter is None:
         raise ValueError("a batch-size sweep requires a drafter (the target alone always runs as the baseline); got none")
+    if constraint is not None and config.grammar_mode != "exact":
+        raise ValueError(
+            f"a batch-size sweep under a constraint requires grammar_mode 'exact'; got {config.grammar_mode!r}"
+        )
+    if isinstance(constraint, ConstraintSpec):
+        constraint = compile_constraint(constraint, target)
     report = progress or (lambda fraction, message: None)
     model = target.model
     param = next(model.parameters())
@@ -545,6 +579,11 @@ def run_sweep(
         "num_prompts": len(prompts),
         "k_max": k_max,
         "target": getattr(target, "name", None),
+        "precision": model_precision(target),
+        "draft_precision": _draft_precision(drafter, target, draft),
+        "constraint": None
+        if constraint is None
+        else {"kind": constraint.spec.kind, "source": constraint.spec.source, "mode": config.grammar_mode},
     }
     cost = CostModel()
     seen = SpecDecodingStats()  # acceptance measured so far (on runs), seeds the policy
@@ -552,11 +591,11 @@ def run_sweep(
     if warmup:
         report(0.0, "warm-up")
         warm = replace(config, max_new_tokens=min(WARMUP_NEW_TOKENS, config.max_new_tokens))
-        run_batch(target, prompts[:2], None, warm)
-        seen.merge(run_batch(target, prompts[:2], drafter, warm).pooled_stats())
+        run_batch(target, prompts[:2], None, warm, constraint=constraint)
+        seen.merge(run_batch(target, prompts[:2], drafter, warm, constraint=constraint).pooled_stats())
     if calibration:
         report(0.02, "calibrating step costs")
-        calibrate(target, drafter, prompts, batch_sizes, k_max, cost=cost)
+        calibrate(target, drafter, prompts, batch_sizes, k_max, cost=cost, constraint=constraint)
 
     greedy = config.sampling.is_greedy
     results: list[BatchSizeResult] = []
@@ -584,8 +623,9 @@ def run_sweep(
                     [prompts[i] for i in group],
                     drafter if k > 0 else None,
                     replace(config, k=k) if k > 0 else config,
+                    constraint=constraint,
                 )
-                run.add(result)
+                run.add(result, constraint)
                 cost.add_steps(result.steps)
             done_requests += len(group)
         seen.merge(modes[ON].stats)
@@ -604,6 +644,39 @@ def run_sweep(
         results.append(BatchSizeResult(batch_size, modes[OFF], modes[ON], auto, auto_k, predicted, differ))
     report(1.0, "done")
     return SweepResult(getattr(drafter, "name", "drafter"), config.k, settings, results, cost)
+
+
+def compile_constraint(spec: ConstraintSpec, target) -> Constraint:
+    """The constraint compiled for the target's tokenizer, logit width and stop tokens (as ``generate`` does)."""
+    return Constraint(spec, target.tokenizer, target.model.config.get_text_config().vocab_size, target.eos_token_ids)
+
+
+def model_precision(loaded) -> str:
+    """A loaded model's weight precision ("bf16", "int8", ...: ``LoadedModel.precision``), else its dtype's name."""
+    precision = getattr(loaded, "precision", None)
+    if precision:
+        return precision
+    return _dtype_precision(next(loaded.model.parameters()).dtype)
+
+
+def _draft_precision(drafter: BatchDrafter, target, draft) -> str | None:
+    """The draft side's weight precision: the draft model's, the target's for an early exit, None without a model."""
+    if draft is not None:
+        return model_precision(draft)
+    model = getattr(drafter, "model", None)
+    if model is None:
+        return None  # no draft model (prompt lookup)
+    first = next(model.parameters())
+    if any(first is p for p in target.model.parameters()):
+        return model_precision(target)  # layer skip: the target's own weights
+    return _dtype_precision(first.dtype)
+
+
+def _dtype_precision(dtype: torch.dtype) -> str:
+    try:
+        return precision_name(dtype)
+    except KeyError:
+        return str(dtype).removeprefix("torch.")
 
 
 def _num_requests(num_prompts: int, batch_size: int) -> int:
@@ -659,6 +732,7 @@ def run_sweep_by_name(
     device: str | None = None,
     chat_template: bool = True,
     exit_layer: int | None = None,
+    constraint: ConstraintSpec | Constraint | None = None,
     out: str | Path | None = None,
     progress: Progress | None = None,
 ) -> SweepResult:
@@ -666,8 +740,9 @@ def run_sweep_by_name(
 
     target, draft: presets or folders (``lab.models.load_model``); drafter: a
     name of ``lab.drafters.DRAFTER_NAMES`` other than "none"; prompts: sources of
-    ``lab.prompts.load_prompt_sets``. Greedy decoding. Writes the JSON to out
-    when given.
+    ``lab.prompts.load_prompt_sets``; constraint: constrain every output (a spec
+    is compiled for the target's tokenizer). Greedy decoding. Writes the JSON to
+    out when given.
     """
     from lab.models import encode_prompt, load_model
     from lab.prompts import load_prompt_sets
@@ -682,7 +757,8 @@ def run_sweep_by_name(
     if batch_drafter is None:
         raise ValueError("a sweep requires a drafter (the target alone always runs as the baseline); got 'none'")
     prompt_ids = [encode_prompt(loaded, text, chat_template=chat_template) for text in texts]
-    sweep = run_sweep(loaded, prompt_ids, batch_drafter, config, batch_sizes, progress=progress)
+    sweep = run_sweep(loaded, prompt_ids, batch_drafter, config, batch_sizes, progress=progress,
+                      draft=draft_model, constraint=constraint)
     sweep.settings.update({"draft": draft, "prompts": list(prompts)})
     if out is not None:
         sweep.to_json(out)

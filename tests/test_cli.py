@@ -234,7 +234,7 @@ def test_generate_refuses_bad_constraint_and_precision_flags(tiny_dirs, capsys, 
     [
         (["--batch-sizes", "0,2"], "--batch-sizes requires integers >= 1"),
         (["--batch-sizes", "a"], "--batch-sizes requires comma-separated integers"),
-        (["--any-json"], "constrained output is not supported by the batched engine yet"),
+        (["--any-json", "--naive-grammar"], "bench requires the exact grammar mode; got --naive-grammar"),
     ],
 )
 def test_bench_refuses_bad_input(tiny_dirs, capsys, extra, message):
