@@ -69,18 +69,6 @@ def rounding_note(settings: dict[str, str]) -> str:
             "one, so a near-tie between two tokens can flip. Choose fp32 in the sidebar for token-for-token equality.")
 
 
-def _load(name: str, runtime: state.Runtime, precision: str, slot):
-    """The target in ``precision`` from the shared store, with loading progress in ``slot`` the first time."""
-    if resources.is_loaded(name, runtime.device, precision):
-        return resources.load_model(name, runtime.device, precision)
-    bar = slot.progress(0.0, text=f"Loading the {precision} target {name}…")
-    try:
-        return resources.load_model(name, runtime.device, precision,
-                                    progress=lambda fraction, message: bar.progress(fraction, text=f"reference: {message}"))
-    finally:
-        slot.empty()
-
-
 def reference_run(slot, runtime: state.Runtime, target_name: str, target, prompt_ids: list[int], config: DecodeConfig,
                   compared: state.RunRecord) -> state.ReferenceRun | None:
     """The target alone in the reference precision, streamed into ``slot``; None when not asked for or the same precision.
@@ -91,7 +79,7 @@ def reference_run(slot, runtime: state.Runtime, target_name: str, target, prompt
     precision = st.session_state[key("live.reference_precision")]
     if not st.session_state[key("live.reference")] or precision == target.precision:
         return None
-    reference = _load(target_name, runtime, precision, slot)
+    reference = resources.load_with_progress(target_name, runtime.device, precision, slot, f"{precision} reference target")
 
     def stream(record: state.RunRecord) -> None:
         with slot.container():

@@ -124,15 +124,19 @@ def free_models() -> None:
     load_tokenizer.clear()
 
 
-def load_for_role(name: str, what: str, runtime, slot) -> LoadedModel:
-    """A shared model in the sidebar's precision for its role ("target" or "draft"); preparation and loading
-    progress shown in ``slot`` the first time. ``runtime`` is ``app.state.Runtime``."""
-    weights = runtime.precision(what)
-    if is_loaded(name, runtime.device, weights):
-        return load_model(name, runtime.device, weights)
+def load_with_progress(name: str, device: str, precision: str, slot, what: str) -> LoadedModel:
+    """A shared model; its preparation and loading progress shown in ``slot`` the first time, labelled ``what``."""
+    if is_loaded(name, device, precision):
+        return load_model(name, device, precision)
     bar = slot.progress(0.0, text=f"Loading the {what} {name}…")
     try:
-        return load_model(name, runtime.device, weights,
+        return load_model(name, device, precision,
                           progress=lambda fraction, message: bar.progress(fraction, text=f"{what}: {message}"))
     finally:
         slot.empty()
+
+
+def load_for_role(name: str, what: str, runtime, slot) -> LoadedModel:
+    """A shared model in the sidebar's precision for its role ("target" or "draft"); preparation and loading
+    progress shown in ``slot`` the first time. ``runtime`` is ``app.state.Runtime``."""
+    return load_with_progress(name, runtime.device, runtime.precision(what), slot, what)

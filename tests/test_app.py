@@ -1,9 +1,9 @@
 """The Streamlit app: pure rendering helpers, session helpers, and AppTest runs of every page.
 
 AppTest runs the real scripts in this process. Most tests patch ``lab.models``'s
-loaders (the app's only way to models) to return a tiny random model, so a
-full Live run takes well under a second; one ``real_model`` test drives the page
-with SmolLM2 and prompt lookup end to end.
+loaders (the app's only way to models) to return a tiny random model
+(``app_util.tiny_models``), so a full Live run takes well under a second; one
+``real_model`` test drives the page with SmolLM2 and prompt lookup end to end.
 """
 
 from __future__ import annotations
@@ -24,17 +24,15 @@ if str(ROOT) not in sys.path:  # the app is not an installed package; its module
     sys.path.insert(0, str(ROOT))
 
 import lab.models  # noqa: E402
-from app import render, state  # noqa: E402
+from app import render, state, widgets  # noqa: E402
+from app_util import MAIN, TIMEOUT_S, app_on, click, html_of, key, live_app, selectbox_labels, tiny_models  # noqa: E402, F401
+from conftest import tiny_tokenizer  # noqa: E402
 from lab.config import DecodeConfig  # noqa: E402
 from lab.drafters import PromptLookupDrafter  # noqa: E402
 from lab.engine import decode, run  # noqa: E402
 from lab.trace import Step  # noqa: E402
-from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
 
-MAIN = str(ROOT / "app" / "main.py")
 PAGE_FILES = sorted(p.name for p in (ROOT / "app" / "app_pages").glob("*.py") if not p.name.startswith("_"))
-TIMEOUT_S = 120
-key = state.widget_key
 
 
 # ---------------------------------------------------------------- render: token text and classes
@@ -192,64 +190,8 @@ def test_runtime_resolves_auto():
 # ---------------------------------------------------------------- AppTest with a tiny model
 
 
-def tiny_vocabulary_prefix(name: str) -> str:
-    """The Qwen presets share one tokenizer and SmolLM2 has its own: tiny tokenizers mimic that by word prefix."""
-    return "q" if name.startswith("qwen") else "t"
-
-
-def tiny_loaded(name: str) -> lab.models.LoadedModel:
-    model = tiny_llama(seed=0, layers=3)
-    tokenizer = tiny_tokenizer(prefix=tiny_vocabulary_prefix(name))
-    return lab.models.LoadedModel(
-        name=name, model=model, tokenizer=tokenizer, device=torch.device("cpu"), dtype=torch.float32,
-        num_parameters=sum(p.numel() for p in model.parameters()), weight_bytes=0, load_s=0.0,
-    )
-
-
-@pytest.fixture
-def tiny_models(monkeypatch):
-    """Presets load as tiny random models; anything else goes to the real loader (which refuses unknown paths)."""
-    real_load_model, real_load_tokenizer = lab.models.load_model, lab.models.load_tokenizer
-    loads = []
-
-    def fake_load_model(name_or_path, device=None, dtype=None, progress=None):
-        if str(name_or_path) not in lab.models.PRESETS:
-            return real_load_model(name_or_path, device=device, dtype=dtype, progress=progress)
-        if progress is not None:
-            progress(0.5, f"loading {name_or_path}")
-        loads.append(str(name_or_path))
-        return tiny_loaded(str(name_or_path))
-
-    def fake_load_tokenizer(name_or_path, progress=None):
-        if str(name_or_path) not in lab.models.PRESETS:
-            return real_load_tokenizer(name_or_path, progress=progress)
-        return tiny_tokenizer(prefix=tiny_vocabulary_prefix(str(name_or_path)))
-
-    monkeypatch.setattr(lab.models, "load_model", fake_load_model)
-    monkeypatch.setattr(lab.models, "load_tokenizer", fake_load_tokenizer)
-    st.cache_resource.clear()
-    yield loads
-    st.cache_resource.clear()  # never leave tiny models cached under preset names
-
-
-def live_app(**widgets) -> AppTest:
-    """The app on its Live page after a first run, with widget values set (not yet rerun)."""
-    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT_S)
-    at.run()
-    assert not at.exception
-    for name, value in widgets.items():
-        at.session_state[key(f"live.{name}")] = value
-    return at
-
-
 def click_run(at: AppTest) -> AppTest:
-    (button,) = [b for b in at.button if b.label == "Run"]
-    button.click()
-    return at.run()
-
-
-def html_of(at: AppTest) -> str:
-    return "\n".join(h.value for h in at.html)
+    return click(at, "Run")
 
 
 TINY_PROMPT = "t3 t4 t5 t6 t3 t4 t5 t6 t3 t4"
@@ -309,10 +251,11 @@ def test_other_drafters_run(tiny_models, drafter):
     "widgets, message",
     [
         (dict(prompt="   "), "prompt is empty"),
-        (dict(drafter="draft-model", target="smollm2-135m", draft="qwen2.5-coder-0.5b"), "tokenizer"),
+        # no preset shares SmolLM2's tokenizer: the stale Qwen choice in session state is refused, not loaded
+        (dict(drafter="draft-model", target="smollm2-135m", draft="qwen2.5-coder-0.5b"), "No draft model shares"),
         (dict(target="local folder…", target_folder="/no/such/model"), "Unknown model"),
         (dict(target="local folder…", target_folder=""), "folder path"),
-        (dict(drafter="draft-model", draft="local folder…", draft_folder=""), "folder path"),
+        (dict(drafter="draft-model", target="qwen2.5-coder-1.5b", draft="local folder…", draft_folder=""), "folder path"),
         (dict(min_n=3, max_n=2), "min_n <= max_n"),
         (dict(drafter="layer-skip", exit_layer=9), "exit layer"),
     ],
@@ -328,6 +271,78 @@ def test_errors_are_shown_and_the_app_keeps_running(tiny_models, widgets, messag
     at = click_run(at)
     assert not at.exception and not at.error
     assert 'class="tok tok-' in html_of(at)
+
+
+@pytest.mark.parametrize(
+    "target, drafts",
+    [
+        ("qwen2.5-coder-1.5b", ["qwen2.5-coder-0.5b"]),
+        ("qwen2.5-coder-0.5b", ["qwen2.5-coder-1.5b"]),  # offered (same tokenizer), though larger than the target
+        ("smollm2-135m", []),  # no other SmolLM2 preset; the target itself never drafts for itself
+        ("/a/local/folder", list(lab.models.PRESETS)),  # its tokenizer is known only once loaded: the run checks it
+    ],
+)
+def test_compatible_drafts_share_the_target_tokenizer_family(target, drafts):
+    assert widgets.compatible_drafts(target) == drafts
+
+
+def test_checked_draft_refuses_what_cannot_draft():
+    assert widgets.checked_draft("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b") == "qwen2.5-coder-0.5b"
+    assert widgets.checked_draft("qwen2.5-coder-1.5b", "/my/draft") == "/my/draft"  # a folder: checked at load
+    with pytest.raises(ValueError, match="No draft model shares the tokenizer of SmolLM2.*prompt lookup or layer skip"):
+        widgets.checked_draft("smollm2-135m", "qwen2.5-coder-0.5b")
+    with pytest.raises(ValueError, match="cannot draft for .*Pick one of Qwen2.5-Coder-0.5B"):
+        widgets.checked_draft("qwen2.5-coder-1.5b", "smollm2-135m")
+    with pytest.raises(ValueError, match="No draft model shares"):
+        widgets.checked_draft("smollm2-135m", None)
+
+
+@pytest.mark.real_model
+def test_tokenizer_families_agree_with_the_real_tokenizers():
+    # the app offers drafts by family without loading anything; the real tokenizers must agree
+    prepared = [name for name in lab.models.PRESETS if lab.models.is_prepared(name)]
+    if len(prepared) < 2:
+        pytest.skip(f"needs two prepared presets; prepared: {prepared}")
+    tokenizers = {name: lab.models.load_tokenizer(name) for name in prepared}
+    for target in prepared:
+        for draft in prepared:
+            try:
+                lab.models.check_same_tokenizer(tokenizers[target], tokenizers[draft])
+                same = True
+            except lab.models.ModelError:
+                same = False
+            assert same == (widgets.tokenizer_family(target) == widgets.tokenizer_family(draft)), (target, draft)
+
+
+def test_live_draft_list_follows_the_target(tiny_models):
+    at = live_app(drafter="draft-model", target="qwen2.5-coder-1.5b", draft="smollm2-135m").run()
+    assert not at.exception and not at.error
+    draft_box = at.selectbox(key=key("live.draft"))
+    assert draft_box.options == ["Qwen2.5-Coder-0.5B-Instruct (Q4_K_M)", widgets.LOCAL_FOLDER]
+    assert draft_box.value == "qwen2.5-coder-0.5b"  # the stale SmolLM2 choice moved to the first that fits
+
+    at.selectbox(key=key("live.target")).set_value("smollm2-135m").run()
+    assert not at.exception and not at.error
+    assert "Draft model" not in selectbox_labels(at)  # no select with nothing to pick ...
+    (info,) = [i.value for i in at.info if "No draft model shares" in i.value]
+    assert "SmolLM2-135M-Instruct" in info and "prompt lookup or layer skip" in info and "Qwen" in info
+    assert [t.label for t in at.text_input] == ["Draft model folder"]  # ... but a local folder can still be typed
+
+    at = click_run(at)  # nothing typed: the run says what to do, and loads nothing
+    assert any("No draft model shares" in e.value for e in at.error)
+    assert tiny_models == []
+
+
+@pytest.mark.parametrize("page", ["compare", "batch", "step"])
+def test_other_pages_offer_only_fitting_drafts(tiny_models, page):
+    drafter = {"compare": dict(drafters=["draft-model"])}.get(page, dict(drafter="draft-model"))
+    at = app_on(page, target="qwen2.5-coder-0.5b", **drafter)
+    assert not at.exception and not at.error
+    assert at.selectbox(key=key(f"{page}.draft")).options == ["Qwen2.5-Coder-1.5B-Instruct (Q4_K_M)"]
+    at.selectbox(key=key(f"{page}.target")).set_value("smollm2-135m").run()
+    assert not at.exception and not at.error
+    assert "Draft model" not in selectbox_labels(at)
+    assert any("No draft model shares the tokenizer of SmolLM2" in i.value for i in at.info)
 
 
 def test_corrupt_model_folder_is_shown(tiny_models, tmp_path):

@@ -3,36 +3,24 @@
 Figures read a sweep as its JSON dict (``SweepResult.as_dict()``), so hand-made
 dicts pin the crossover logic without timing anything. The AppTest runs patch
 ``lab.models``'s loaders (the app's only way to models) to return tiny random
-models, as ``test_app_compare.py`` does; a whole sweep then takes seconds.
+models (``app_util.tiny_models``); a whole sweep then takes seconds.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-import streamlit as st
-import torch
 from streamlit.testing.v1 import AppTest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the app is not an installed package; its modules import as app.*
-    sys.path.insert(0, str(ROOT))
+from app import render_batch
+from app_util import app_on, click, key, tiny_models  # noqa: F401 (tiny_models: a fixture)
+from lab.config import DecodeConfig
+from lab.drafters import PromptLookupDrafter
+from lab.sweep import run_sweep
 
-import lab.models  # noqa: E402
-from app import render_batch, state  # noqa: E402
-from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
-from lab.config import DecodeConfig  # noqa: E402
-from lab.drafters import PromptLookupDrafter  # noqa: E402
-from lab.sweep import run_sweep  # noqa: E402
-
-MAIN = str(ROOT / "app" / "main.py")
-TIMEOUT_S = 180
 RESULT_KEY = "batch:sweep"
-key = state.widget_key
 TINY_PROMPTS = "t3 t4 t5 t6 t3 t4 t5 t6 t3 t4\n---\nt7 t8 t9 t7 t8 t9 t7 t8"
 
 
@@ -190,61 +178,20 @@ def test_a_real_sweep_draws_and_exports(tiny_sweep, tmp_path):
 # ---------------------------------------------------------------- AppTest with tiny models
 
 
-def tiny_loaded(name: str) -> lab.models.LoadedModel:
-    """The Qwen presets share one tokenizer and SmolLM2 has its own: tiny tokenizers mimic that by word prefix."""
-    model = tiny_llama(seed=0, layers=3)
-    return lab.models.LoadedModel(
-        name=name, model=model, tokenizer=tiny_tokenizer(prefix="q" if name.startswith("qwen") else "t"),
-        device=torch.device("cpu"), dtype=torch.float32, num_parameters=sum(p.numel() for p in model.parameters()),
-        weight_bytes=4 * sum(p.numel() for p in model.parameters()), load_s=0.0,
-    )
-
-
-@pytest.fixture
-def tiny_models(monkeypatch):
-    """Presets load as tiny random models; loads are recorded."""
-    loads = []
-
-    def fake_load_model(name_or_path, device=None, dtype=None, progress=None, **_):
-        if progress is not None:
-            progress(0.5, f"loading {name_or_path}")
-        loads.append(str(name_or_path))
-        return tiny_loaded(str(name_or_path))
-
-    def fake_load_tokenizer(name_or_path, progress=None):
-        return tiny_loaded(str(name_or_path)).tokenizer
-
-    monkeypatch.setattr(lab.models, "load_model", fake_load_model)
-    monkeypatch.setattr(lab.models, "load_tokenizer", fake_load_tokenizer)
-    st.cache_resource.clear()
-    yield loads
-    st.cache_resource.clear()  # never leave tiny models cached under preset names
-
-
-def batch_app(**widgets) -> AppTest:
+def batch_app(**widgets):
     """The app on the Batch page with tiny settings (and any widget values given), drawn."""
     settings = dict(source="Paste prompts", pasted=TINY_PROMPTS, raw=True, max_new_tokens=8, k=3,
                     batch_sizes=[1, 2, 4]) | widgets
-    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT_S)
-    at.run()
-    at.switch_page("app_pages/batch.py").run()
-    assert not at.exception, at.exception
-    for name, value in settings.items():
-        at.session_state[key(f"batch.{name}")] = value
-    return at.run()
+    return app_on("batch", **settings)
 
 
-def run_clicked(at: AppTest) -> AppTest:
-    (button,) = [b for b in at.button if b.label == "Run sweep"]
-    button.click()
-    return at.run()
+def run_clicked(at):
+    return click(at, "Run sweep")
 
 
 def test_batch_page_defaults_draw_without_loading(tiny_models):
-    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT_S)
-    at.run()
-    at.switch_page("app_pages/batch.py").run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
+    at = app_on("batch")
+    assert not at.error, [e.value for e in at.error]
     assert at.title[0].value == "Speculation against batch size"
     assert any("**Throughput** is what a server counts" in m.value and "**Latency** is what a user feels" in m.value
                for m in at.markdown)
@@ -329,3 +276,4 @@ def test_verify_costs_below_one_are_called_noise(tiny_models):
     at = upload(batch_app(), sweep)
     assert not at.exception and not at.error
     assert any("timing noise" in c.value for c in at.caption)
+

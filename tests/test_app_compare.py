@@ -18,7 +18,6 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import streamlit as st
-import torch
 from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,16 +26,14 @@ if str(ROOT) not in sys.path:  # the app is not an installed package; its module
 
 import lab.compare  # noqa: E402
 import lab.models  # noqa: E402
-from app import render_compare, state  # noqa: E402
-from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
+from app import render_compare  # noqa: E402
+from app_util import app_on, click, html_of, key, tiny_loaded, tiny_models  # noqa: E402, F401
+from conftest import tiny_tokenizer  # noqa: E402
 from lab.compare import BASELINE, Comparison, DrafterSpec, run_comparison  # noqa: E402
 from lab.config import DecodeConfig  # noqa: E402
 from lab.theory import expected_speedup  # noqa: E402
 from lab.trace import PositionDetail, Step  # noqa: E402
 
-MAIN = str(ROOT / "app" / "main.py")
-TIMEOUT_S = 120
-key = state.widget_key
 TINY_PROMPTS = "t3 t4 t5 t6 t3 t4 t5 t6 t3 t4\n---\nt7 t8 t9 t7 t8 t9 t7 t8"
 
 
@@ -253,61 +250,9 @@ def test_cache_note_and_headline():
 # ---------------------------------------------------------------- AppTest with tiny models
 
 
-def tiny_loaded(name: str) -> lab.models.LoadedModel:
-    """The Qwen presets share one tokenizer and SmolLM2 has its own: tiny tokenizers mimic that by word prefix."""
-    model = tiny_llama(seed=0, layers=3)
-    return lab.models.LoadedModel(
-        name=name, model=model, tokenizer=tiny_tokenizer(prefix="q" if name.startswith("qwen") else "t"),
-        device=torch.device("cpu"), dtype=torch.float32, num_parameters=sum(p.numel() for p in model.parameters()),
-        weight_bytes=4 * sum(p.numel() for p in model.parameters()), load_s=0.0,
-    )
-
-
-@pytest.fixture
-def tiny_models(monkeypatch):
-    """Presets load as tiny random models; loads are recorded."""
-    loads = []
-
-    def fake_load_model(name_or_path, device=None, dtype=None, progress=None):
-        if progress is not None:
-            progress(0.5, f"loading {name_or_path}")
-        loads.append(str(name_or_path))
-        return tiny_loaded(str(name_or_path))
-
-    def fake_load_tokenizer(name_or_path, progress=None):
-        return tiny_loaded(str(name_or_path)).tokenizer
-
-    monkeypatch.setattr(lab.models, "load_model", fake_load_model)
-    monkeypatch.setattr(lab.models, "load_tokenizer", fake_load_tokenizer)
-    st.cache_resource.clear()
-    yield loads
-    st.cache_resource.clear()  # never leave tiny models cached under preset names
-
-
-def app_on(page: str, **widgets) -> AppTest:
-    """The app switched to one of its pages, with widget values set and drawn."""
-    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT_S)
-    at.run()
-    at.switch_page(f"app_pages/{page}.py").run()
-    assert not at.exception, at.exception
-    for name, value in widgets.items():
-        at.session_state[key(f"{page}.{name}")] = value
-    return at.run()
-
-
-def click(at: AppTest, label: str) -> AppTest:
-    (button,) = [b for b in at.button if b.label == label]
-    button.click()
-    return at.run()
-
-
 def compare_app(**widgets) -> AppTest:
     settings = dict(source="Paste prompts", pasted=TINY_PROMPTS, raw=True, max_new_tokens=8, ks=[1, 3])
     return app_on("compare", **(settings | widgets))
-
-
-def html_of(at: AppTest) -> str:
-    return "\n".join(h.value for h in at.html)
 
 
 def test_compare_page_defaults_draw_without_loading(tiny_models):
@@ -372,7 +317,8 @@ def test_compare_prompts_from_a_spec_bench_category(tiny_models, tmp_path, monke
         (dict(pasted="  \n---\n "), "No prompts"),
         (dict(drafters=[]), "No drafter"),
         (dict(ks=[]), "No K values"),
-        (dict(drafters=["draft-model"], draft="qwen2.5-coder-0.5b"), "tokenizer"),  # SmolLM2 target, Qwen draft
+        # SmolLM2 target, a stale Qwen draft in session state: no draft fits, refused before loading
+        (dict(drafters=["draft-model"], draft="qwen2.5-coder-0.5b"), "No draft model shares the tokenizer"),
         (dict(drafters=["prompt-lookup"], min_n=3, max_n=2), "min_n <= max_n"),
     ],
 )

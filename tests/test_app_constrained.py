@@ -21,13 +21,10 @@ if str(ROOT) not in sys.path:  # the app is not an installed package; its module
     sys.path.insert(0, str(ROOT))
 
 import lab.models  # noqa: E402
-from app import constrained, render, state  # noqa: E402
+from app import constrained, render  # noqa: E402
+from app_util import click, key, live_app  # noqa: E402
 from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
 from lab.trace import Step  # noqa: E402
-
-MAIN = str(ROOT / "app" / "main.py")
-TIMEOUT_S = 120
-key = state.widget_key
 
 pytestmark = pytest.mark.skipif(not lab.models.is_prepared("smollm2-135m"), reason="needs SmolLM2's tokenizer")
 
@@ -116,21 +113,6 @@ def tiny_models(monkeypatch, smol_tokenizer):
     st.cache_resource.clear()
     yield loads
     st.cache_resource.clear()  # never leave tiny models or their constraints cached under preset names
-
-
-def live_app(**widgets) -> AppTest:
-    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT_S)
-    at.run()
-    assert not at.exception
-    for name, value in widgets.items():
-        at.session_state[key(f"live.{name}")] = value
-    return at
-
-
-def click(at: AppTest, label: str) -> AppTest:
-    (button,) = [b for b in at.button if b.label == label]
-    button.click()
-    return at.run()
 
 
 def streams(at: AppTest) -> list[str]:

@@ -20,15 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the app is not an installed package; its modules import as app.*
     sys.path.insert(0, str(ROOT))
 
-from app import precision, resources, state  # noqa: E402
+from app import precision, resources, state, widgets  # noqa: E402
+from app_util import MAIN, TIMEOUT_S, click, key  # noqa: E402
 from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
 from lab.quant import MemoryUse  # noqa: E402
 
-MAIN = str(ROOT / "app" / "main.py")
-TIMEOUT_S = 120
-LOCAL_FOLDER = "local folder…"
+LOCAL_FOLDER = widgets.LOCAL_FOLDER
 TINY_PROMPT = "t3 t4 t5 t6 t3 t4 t5 t6 t3 t4"
-key = state.widget_key
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +65,7 @@ def app(folders, **sidebar) -> AppTest:
 
 
 def click_run(at: AppTest) -> AppTest:
-    (button,) = [b for b in at.button if b.label == "Run"]
-    button.click()
-    return at.run()
+    return click(at, "Run")
 
 
 def text_of(elements) -> str:

@@ -18,11 +18,10 @@ import time
 import streamlit as st
 import torch
 
-from app import render, render_batch, render_compare, resources, state
+from app import render, render_batch, resources, state, widgets
 from lab.batch import make_batch_drafter
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
-from lab.models import PRESETS, ModelError, check_same_tokenizer, encode_prompt
-from lab.prompts import load_prompt_sets, load_prompts, preset_names, spec_bench_categories
+from lab.models import ModelError, check_same_tokenizer, encode_prompt
 from lab.sweep import DEFAULT_BATCH_SIZES, run_sweep
 
 RESULT_KEY = "batch:sweep"
@@ -30,9 +29,6 @@ UPLOAD_KEY = "batch:upload"
 LOAD_ERROR_KEY = "batch:load_error"
 MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
 DRAFTERS = ("prompt-lookup", "draft-model", "layer-skip")
-DRAFTER_LABELS = {"prompt-lookup": "prompt lookup (n-grams)", "draft-model": "draft model",
-                  "layer-skip": "layer skip (early exit)"}
-SOURCES = ("Preset prompt sets", "Spec-Bench category", "Paste prompts")
 
 DEFAULTS = {
     "batch.target": "smollm2-135m",
@@ -42,16 +38,12 @@ DEFAULTS = {
     "batch.k": 4,
     "batch.batch_sizes": [1, 2, 4, 8],
     "batch.max_new_tokens": 32,
-    "batch.source": SOURCES[0],
-    "batch.presets": ["summarization", "code_editing"],
-    "batch.per_set": 1,
-    "batch.spec_category": None,
-    "batch.spec_count": 4,
-    "batch.pasted": "",
     "batch.raw": False,
-}
+} | widgets.prompt_defaults("batch", ["summarization", "code_editing"], spec_count=4)
 
 key = state.widget_key
+PROMPT_SETS_HELP = ("Shipped in assets/prompts/: summaries and code edits copy from the prompt (high acceptance), "
+                    "creative writing and open questions do not.")
 SPEEDUP = st.column_config.NumberColumn(format="%.2f×")
 SECONDS = st.column_config.NumberColumn(format="%.3f")
 RATE = st.column_config.NumberColumn(format="%.1f")
@@ -83,56 +75,13 @@ second, does not show where that happens; this page measures both, batch size by
 # ---------------------------------------------------------------- inputs
 
 
-def chosen_prompts() -> list[str]:
-    """The prompts the widgets select. Raises ValueError / FileNotFoundError with a message for the page."""
-    s = st.session_state
-    source = s[key("batch.source")]
-    if source == SOURCES[0]:
-        names = s[key("batch.presets")]
-        return [p.text for p in load_prompt_sets([f"{name}:{int(s[key('batch.per_set')])}" for name in names])]
-    if source == SOURCES[1]:
-        category = s[key("batch.spec_category")]
-        if not category:
-            return []
-        return [p.text for p in load_prompts(f"spec_bench:{category}:{int(s[key('batch.spec_count')])}")]
-    return render_compare.split_prompts(s[key("batch.pasted")])
-
-
-def prompt_inputs() -> None:
-    source = st.radio("Prompts", SOURCES, key=key("batch.source"), horizontal=True)
-    if source == SOURCES[0]:
-        left, right = st.columns([3, 1])
-        left.multiselect("Prompt sets", preset_names(), key=key("batch.presets"),
-                         help="Shipped in assets/prompts/: summaries and code edits copy from the prompt (high "
-                              "acceptance), creative writing and open questions do not.")
-        right.number_input("Prompts per set", min_value=1, max_value=10, step=1, key=key("batch.per_set"))
-    elif source == SOURCES[1]:
-        try:
-            categories = spec_bench_categories()
-        except FileNotFoundError as error:
-            st.info(str(error))
-            return
-        if st.session_state[key("batch.spec_category")] not in categories:
-            st.session_state[key("batch.spec_category")] = categories[0]
-        left, right = st.columns([3, 1])
-        left.selectbox("Spec-Bench category", categories, key=key("batch.spec_category"))
-        right.number_input("Prompts", min_value=1, max_value=80, step=1, key=key("batch.spec_count"))
-    else:
-        st.text_area("Prompts, separated by a line holding only ---", key=key("batch.pasted"), height=140,
-                     placeholder="Summarize this text: …\n---\nTranslate into French: …")
-
-
-def drafter_inputs() -> None:
-    s = st.session_state
-    st.selectbox("Drafter", DRAFTERS, key=key("batch.drafter"), format_func=DRAFTER_LABELS.get,
-                 help="The target alone always runs as the baseline, through the same batched loop.")
-    if s[key("batch.drafter")] == "draft-model":
-        st.selectbox("Draft model", list(PRESETS), key=key("batch.draft"), format_func=lambda o: PRESETS[o].title,
-                     help="It must share the target's tokenizer: the two Qwen presets do, SmolLM2 has its own.")
-    elif s[key("batch.drafter")] == "layer-skip":
-        st.number_input("Exit layer", min_value=1, max_value=64, step=1, key=key("batch.exit_layer"),
-                        placeholder="auto: a quarter",
-                        help="Layer skip drafts with the target's first N layers (default a quarter of them).")
+def drafter_inputs(target: str) -> str | None:
+    """The drafter and its options, K, tokens and batch sizes; returns the draft select's choice (None: none fits)."""
+    drafter = widgets.drafter_select("batch", DRAFTERS, help="The target alone always runs as the baseline, through "
+                                                             "the same batched loop.")
+    draft = widgets.draft_select("batch", target) if drafter == "draft-model" else None
+    if drafter == "layer-skip":
+        widgets.exit_layer_input("batch")
     k_col, tokens_col = st.columns(2)
     k_col.number_input("K (draft tokens per step)", min_value=1, max_value=K_MAX, step=1, key=key("batch.k"),
                        help="The 'on' mode drafts K tokens; the auto policy may pick any K from 0 (off) to this one.")
@@ -141,6 +90,7 @@ def drafter_inputs() -> None:
     st.multiselect("Batch sizes (concurrent requests)", list(DEFAULT_BATCH_SIZES), key=key("batch.batch_sizes"),
                    help="Each batch size decodes the prompts, cycled to fill whole batches, with speculation off, "
                         "on, and at the K the policy picks.")
+    return draft
 
 
 def work_caption(num_prompts: int, sizes: list[int]) -> str:
@@ -155,21 +105,9 @@ def work_caption(num_prompts: int, sizes: list[int]) -> str:
 # ---------------------------------------------------------------- running
 
 
-def load(name: str, what: str, runtime: state.Runtime, slot):
-    """A shared model in the sidebar's precision for its role ("target" or "draft"), loading progress in ``slot``."""
-    weights = runtime.precision(what)
-    if resources.is_loaded(name, runtime.device, weights):
-        return resources.load_model(name, runtime.device, weights)
-    bar = slot.progress(0.0, text=f"Loading the {what} {name}…")
-    try:
-        return resources.load_model(name, runtime.device, weights,
-                                    progress=lambda fraction, message: bar.progress(fraction, text=f"{what}: {message}"))
-    finally:
-        slot.empty()
-
-
-def run_page_sweep(prompts: list[str], runtime: state.Runtime, slot) -> dict:
-    """Load models, run the sweep with a progress bar in ``slot``, and return its JSON dict with the page's settings."""
+def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime, slot) -> dict:
+    """Load models, run the sweep with a progress bar in ``slot``, and return its JSON dict with the page's settings.
+    ``draft`` is what the draft select returned."""
     s = st.session_state
     if not prompts:
         raise ValueError("No prompts to run: pick a prompt set, a Spec-Bench category, or paste prompts.")
@@ -178,13 +116,14 @@ def run_page_sweep(prompts: list[str], runtime: state.Runtime, slot) -> dict:
         raise ValueError("No batch sizes: pick at least one (1 and a few larger ones show the crossover).")
     config = DecodeConfig(k=int(s[key("batch.k")]), max_new_tokens=int(s[key("batch.max_new_tokens")]))
     target_name, drafter_name = s[key("batch.target")], s[key("batch.drafter")]
-    draft_name = s[key("batch.draft")] if drafter_name == "draft-model" else None
+    draft_name = widgets.checked_draft(target_name, draft) if drafter_name == "draft-model" else None
     exit_layer = s[key("batch.exit_layer")] if drafter_name == "layer-skip" else None
     if draft_name:  # compare tokenizers before spending seconds on weights
         check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(draft_name))
-    target = load(target_name, "target", runtime, slot)
-    draft = load(draft_name, "draft", runtime, slot) if draft_name else None
-    drafter = make_batch_drafter(drafter_name, target, draft, exit_layer=None if exit_layer is None else int(exit_layer))
+    target = resources.load_for_role(target_name, "target", runtime, slot)
+    draft_model = resources.load_for_role(draft_name, "draft", runtime, slot) if draft_name else None
+    drafter = make_batch_drafter(drafter_name, target, draft_model,
+                                 exit_layer=None if exit_layer is None else int(exit_layer))
     chat_template = not s[key("batch.raw")]
     prompt_ids = [encode_prompt(target, text, chat_template=chat_template) for text in prompts]
 
@@ -206,20 +145,11 @@ def run_page_sweep(prompts: list[str], runtime: state.Runtime, slot) -> dict:
     return json.loads(sweep.to_json())
 
 
-def load_uploaded() -> None:
-    """File uploader callback: a sweep's JSON replaces the shown one."""
-    s = st.session_state
-    uploaded = s.get(UPLOAD_KEY)
-    s[LOAD_ERROR_KEY] = None
-    if uploaded is None:
-        return
-    try:
-        sweep = render_batch.load_sweep(uploaded.getvalue().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        s[LOAD_ERROR_KEY] = f"Could not load {uploaded.name}: {error}"
-        return
-    sweep.setdefault("settings", {})["loaded_from"] = uploaded.name
-    s[RESULT_KEY] = sweep
+def parse_sweep(text: str, file_name: str) -> dict:
+    """A sweep's JSON (Download JSON, or ``python -m lab bench --out``), marked as loaded from ``file_name``."""
+    sweep = render_batch.load_sweep(text)
+    sweep.setdefault("settings", {})["loaded_from"] = file_name
+    return sweep
 
 
 # ---------------------------------------------------------------- results
@@ -364,23 +294,19 @@ state.set_defaults(st.session_state, DEFAULTS)
 st.title("Speculation against batch size")
 st.markdown(EXPLANATION)
 
-with st.expander("Load a results file"):
-    st.file_uploader("A JSON file saved with Download JSON, or written by `python -m lab bench --out FILE`",
-                     type=["json"], key=UPLOAD_KEY, on_change=load_uploaded)
-    if st.session_state.get(LOAD_ERROR_KEY):
-        st.error(st.session_state[LOAD_ERROR_KEY], icon=":material/error:")
+widgets.results_file_section("A JSON file saved with Download JSON, or written by `python -m lab bench --out FILE`",
+                             UPLOAD_KEY, LOAD_ERROR_KEY, RESULT_KEY, parse_sweep)
 
 with st.container(border=True):
     left, right = st.columns(2)
     with left:
-        st.selectbox("Target", list(PRESETS), key=key("batch.target"), format_func=lambda o: PRESETS[o].title,
-                     help="SmolLM2 is quick on CPU; the Qwen pair shows a real draft model.")
-        prompt_inputs()
+        target_choice = widgets.target_select("batch")
+        widgets.prompt_inputs("batch", PROMPT_SETS_HELP)
         st.toggle("Raw completion", key=key("batch.raw"), help="Off: prompts go through the chat template.")
     with right:
-        drafter_inputs()
+        draft_choice = drafter_inputs(target_choice)
     try:
-        prompts = chosen_prompts()
+        prompts = widgets.chosen_prompts("batch")
         prompt_error = None
     except (ValueError, FileNotFoundError) as error:
         prompts, prompt_error = [], str(error)
@@ -395,7 +321,7 @@ error_slot = st.empty()
 
 if run_clicked:
     try:
-        result = run_page_sweep(prompts, state.runtime(st.session_state), progress_slot)
+        result = run_page_sweep(prompts, draft_choice, state.runtime(st.session_state), progress_slot)
     except (ValueError, ModelError) as error:
         progress_slot.empty()
         error_slot.error(str(error), icon=":material/error:")

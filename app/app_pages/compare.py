@@ -5,56 +5,38 @@ a Cancel button, keeps the ``Comparison`` in ``st.session_state`` (the Theory
 page reads it too) and renders it with ``app.render_compare``. Results export
 to CSV and JSON; a JSON file loads back.
 
-Cancelling: Streamlit handles a click only by running the script again. With
-its default fast reruns it starts the new run at once, in a new thread, and
-tells the running one to stop: that one gets a ``StopException`` at its next
-``st`` call, and at every one after it (``st.session_state`` access included).
-The comparison's progress callbacks make such calls: ``RunWatch`` catches the
-exception there and tells ``run_comparison`` to stop, so it returns the runs
-finished so far. The stopped run hands that partial result over through an
-``InFlight`` object it put in session state before starting, then lets the
-exception go on. The new run has meanwhile called the Cancel button's callback
-(a session flag, which ``should_cancel`` also reads); it waits for the hand-over
-and shows the partial result as cancelled.
+Cancelling: the Cancel button's callback sets a session flag, read by
+``RunWatch.should_cancel`` between decode steps, so ``run_comparison`` returns
+the runs finished so far. In the browser the click also reruns the page and
+stops the running script run, whose next ``st`` call raises; ``RunWatch``
+catches that there too, and the stopped run hands its partial result to the
+next one through ``app.inflight``, which shows it as cancelled.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import dataclass, field
 
 import streamlit as st
 import torch
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from app import render, render_compare, resources, state
+from app import inflight, render, render_compare, resources, state, widgets
 from lab import compare
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
-from lab.models import PRESETS, ModelError, check_same_tokenizer
-from lab.prompts import load_prompt_sets, load_prompts, preset_names, spec_bench_categories
+from lab.models import ModelError, check_same_tokenizer
 
 RESULT_KEY = "compare:comparison"
 CANCEL_KEY = "compare:cancel_requested"
-IN_FLIGHT_KEY = "compare:in_flight"  # an InFlight while a comparison runs
-STOP_WAIT_S = 120
+IN_FLIGHT_KEY = "compare:in_flight"  # an app.inflight.InFlight while a comparison runs
 LOAD_ERROR_KEY = "compare:load_error"
 UPLOAD_KEY = "compare:upload"
 MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
 COMPARED_DRAFTERS = ("prompt-lookup", "layer-skip", "draft-model")
-DRAFTER_LABELS = {"prompt-lookup": "prompt lookup (n-grams)", "layer-skip": "layer skip (early exit)",
-                  "draft-model": "draft model"}
-SOURCES = ("Preset prompt sets", "Spec-Bench category", "Paste prompts")
 DRAW_EVERY_S = 0.25
 
 DEFAULTS = {
     "compare.target": "smollm2-135m",
-    "compare.source": SOURCES[0],
-    "compare.presets": ["code_editing", "creative_writing"],
-    "compare.per_set": 1,
-    "compare.spec_category": None,
-    "compare.spec_count": 2,
-    "compare.pasted": "",
     "compare.drafters": ["prompt-lookup", "layer-skip"],
     "compare.draft": "qwen2.5-coder-0.5b",
     "compare.exit_layer": None,
@@ -67,9 +49,11 @@ DEFAULTS = {
     "compare.raw": False,
     "compare.curve_k": None,
     "compare.inspect": 1,  # the first drafter run (0 is the first target-alone baseline)
-}
+} | widgets.prompt_defaults("compare", ["code_editing", "creative_writing"], spec_count=2)
 
 key = state.widget_key
+PROMPT_SETS_HELP = ("Shipped in assets/prompts/: chosen to show high acceptance (code editing, JSON extraction, "
+                    "summarization copy from the prompt) and low (creative writing, open QA).")
 PERCENT = st.column_config.NumberColumn(format="percent")
 SUMMARY_COLUMNS = {
     "acceptance rate": PERCENT,
@@ -81,26 +65,11 @@ SUMMARY_COLUMNS = {
     "c": st.column_config.NumberColumn(format="%.3f", help="Draft cost: draft time per drafted token over the target alone's time per step."),
 }
 
-
 # ---------------------------------------------------------------- inputs
 
 
-def chosen_prompts() -> list[str]:
-    """The prompts the widgets select. Raises ValueError / FileNotFoundError with a message for the page."""
-    s = st.session_state
-    source = s[key("compare.source")]
-    if source == SOURCES[0]:
-        names = s[key("compare.presets")]
-        return [p.text for p in load_prompt_sets([f"{name}:{int(s[key('compare.per_set')])}" for name in names])]
-    if source == SOURCES[1]:
-        category = s[key("compare.spec_category")]
-        if not category:
-            return []
-        return [p.text for p in load_prompts(f"spec_bench:{category}:{int(s[key('compare.spec_count')])}")]
-    return render_compare.split_prompts(s[key("compare.pasted")])
-
-
-def chosen_specs() -> list[compare.DrafterSpec]:
+def chosen_specs(draft: str | None) -> list[compare.DrafterSpec]:
+    """The chosen drafters with their options; ``draft`` is what the draft select returned."""
     s = st.session_state
     specs = []
     for name in s[key("compare.drafters")]:
@@ -110,51 +79,23 @@ def chosen_specs() -> list[compare.DrafterSpec]:
             exit_layer = s[key("compare.exit_layer")]
             specs.append(compare.DrafterSpec(name, exit_layer=None if exit_layer is None else int(exit_layer)))
         else:
-            specs.append(compare.DrafterSpec(name, draft=s[key("compare.draft")]))
+            specs.append(compare.DrafterSpec(name, draft=widgets.checked_draft(s[key("compare.target")], draft)))
     return specs
 
 
-def prompt_inputs() -> None:
-    source = st.radio("Prompts", SOURCES, key=key("compare.source"), horizontal=True)
-    if source == SOURCES[0]:
-        left, right = st.columns([3, 1])
-        left.multiselect("Prompt sets", preset_names(), key=key("compare.presets"),
-                         help="Shipped in assets/prompts/: chosen to show high acceptance (code editing, JSON "
-                              "extraction, summarization copy from the prompt) and low (creative writing, open QA).")
-        right.number_input("Prompts per set", min_value=1, max_value=10, step=1, key=key("compare.per_set"))
-    elif source == SOURCES[1]:
-        try:
-            categories = spec_bench_categories()
-        except FileNotFoundError as error:
-            st.info(str(error))
-            return
-        if st.session_state[key("compare.spec_category")] not in categories:
-            st.session_state[key("compare.spec_category")] = categories[0]
-        left, right = st.columns([3, 1])
-        left.selectbox("Spec-Bench category", categories, key=key("compare.spec_category"))
-        right.number_input("Prompts", min_value=1, max_value=80, step=1, key=key("compare.spec_count"))
-    else:
-        st.text_area("Prompts, separated by a line holding only ---", key=key("compare.pasted"), height=160,
-                     placeholder="Summarize this text: …\n---\nTranslate into French: …")
-
-
-def drafter_inputs() -> None:
-    s = st.session_state
-    st.multiselect("Drafters", COMPARED_DRAFTERS, key=key("compare.drafters"), format_func=DRAFTER_LABELS.get,
+def drafter_inputs(target: str) -> str | None:
+    """The drafters, their options and the K values; returns the draft select's choice (None: none fits)."""
+    st.multiselect("Drafters", COMPARED_DRAFTERS, key=key("compare.drafters"), format_func=widgets.DRAFTER_LABELS.get,
                    help="Each runs at every K on every prompt; the target alone always runs as the baseline.")
-    chosen = s[key("compare.drafters")]
-    if "draft-model" in chosen:
-        st.selectbox("Draft model", list(PRESETS), key=key("compare.draft"), format_func=lambda o: PRESETS[o].title,
-                     help="It must share the target's tokenizer: the two Qwen presets do, SmolLM2 has its own.")
+    chosen = st.session_state[key("compare.drafters")]
+    draft = widgets.draft_select("compare", target) if "draft-model" in chosen else None
     options = st.columns(3)
     if "prompt-lookup" in chosen:
-        options[0].number_input("Min n-gram", min_value=1, max_value=8, step=1, key=key("compare.min_n"))
-        options[1].number_input("Max n-gram", min_value=1, max_value=8, step=1, key=key("compare.max_n"))
+        widgets.ngram_inputs("compare", options[0], options[1])
     if "layer-skip" in chosen:
-        options[2].number_input("Exit layer", min_value=1, max_value=64, step=1, key=key("compare.exit_layer"),
-                                placeholder="auto: a quarter",
-                                help="Layer skip drafts with the target's first N layers (default a quarter of them).")
+        widgets.exit_layer_input("compare", options[2])
     st.multiselect("K values (draft tokens per step)", list(range(1, K_MAX + 1)), key=key("compare.ks"))
+    return draft
 
 
 # ---------------------------------------------------------------- running
@@ -196,38 +137,23 @@ class RunWatch:
             return None
 
 
-@dataclass
-class InFlight:
-    """A comparison's hand-over to the next script run: a stopped run may no longer touch ``st.session_state``."""
-
-    done: threading.Event = field(default_factory=threading.Event)
-    result: compare.Comparison | None = None
-
-
 def request_cancel() -> None:
     st.session_state[CANCEL_KEY] = True
 
 
 def collect_stopped_run() -> None:
     """Take over the result of a comparison that the previous script run was stopped in (waiting for its last step)."""
-    s = st.session_state
-    flight: InFlight | None = s.get(IN_FLIGHT_KEY)
-    if flight is None:
-        return
-    if not flight.done.is_set():
-        with st.spinner("Stopping the comparison that was running; the runs that finished are kept…"):
-            flight.done.wait(STOP_WAIT_S)
-    if flight.done.is_set():
-        if flight.result is not None:
-            s[RESULT_KEY] = flight.result
-        del s[IN_FLIGHT_KEY]
+    flight = inflight.take_over(IN_FLIGHT_KEY, "Stopping the comparison that was running; the runs that finished "
+                                               "are kept…")
+    if flight is not None and flight.result is not None:
+        st.session_state[RESULT_KEY] = flight.result
 
 
 def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks: list[int], config: DecodeConfig,
                         runtime: state.Runtime, slots: dict) -> None:
     """Load models, run the comparison with progress and cancel, and store it in session state.
 
-    A stopped run hands its partial result over through ``InFlight`` and ends with the stop.
+    A stopped run hands its partial result over through ``app.inflight`` and ends with the stop.
     """
     s = st.session_state
     if not prompts:
@@ -245,8 +171,7 @@ def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks
     drafts = {name: resources.load_for_role(name, "draft", runtime, slots["progress"]) for name in draft_names}
 
     total = len(prompts) * (1 + len(specs) * len(ks))
-    flight = InFlight()
-    s[IN_FLIGHT_KEY] = flight
+    flight = inflight.start(IN_FLIGHT_KEY)
     s[CANCEL_KEY] = False
     try:
         slots["cancel"].button("Cancel", icon=":material/stop:", on_click=request_cancel, key="compare_cancel",
@@ -281,23 +206,6 @@ def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks
 def clear_run_slots(*slots) -> None:
     for slot in slots:
         slot.empty()
-
-
-def load_uploaded() -> None:
-    """File uploader callback: a results JSON replaces the shown comparison."""
-    s = st.session_state
-    uploaded = s.get(UPLOAD_KEY)
-    s[LOAD_ERROR_KEY] = None
-    if uploaded is None:
-        return
-    try:
-        loaded = compare.Comparison.from_json(uploaded.getvalue().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        s[LOAD_ERROR_KEY] = f"Could not load {uploaded.name}: {error}"
-        return
-    loaded.settings.setdefault("status", "complete")
-    loaded.settings["loaded_from"] = uploaded.name
-    s[RESULT_KEY] = loaded
 
 
 # ---------------------------------------------------------------- results
@@ -454,19 +362,16 @@ st.markdown(
     "free writing accepts few. The Theory page places these runs on Leviathan's curves."
 )
 
-with st.expander("Load a results file"):
-    st.file_uploader("A JSON file saved with Download JSON", type=["json"], key=UPLOAD_KEY, on_change=load_uploaded)
-    if st.session_state.get(LOAD_ERROR_KEY):
-        st.error(st.session_state[LOAD_ERROR_KEY], icon=":material/error:")
+widgets.results_file_section("A JSON file saved with Download JSON", UPLOAD_KEY, LOAD_ERROR_KEY, RESULT_KEY,
+                             widgets.parse_comparison)
 
 with st.container(border=True):
     left, right = st.columns(2)
     with left:
-        st.selectbox("Target", list(PRESETS), key=key("compare.target"), format_func=lambda o: PRESETS[o].title,
-                     help="SmolLM2 is quick on CPU; the Qwen pair shows a real draft model.")
-        prompt_inputs()
+        target_choice = widgets.target_select("compare")
+        widgets.prompt_inputs("compare", PROMPT_SETS_HELP)
     with right:
-        drafter_inputs()
+        draft_choice = drafter_inputs(target_choice)
     tokens_col, temp_col, seed_col, raw_col = st.columns(4)
     tokens_col.number_input("Max new tokens", min_value=1, max_value=MAX_NEW_TOKENS_MAX, step=16,
                             key=key("compare.max_new_tokens"))
@@ -477,9 +382,9 @@ with st.container(border=True):
     raw_col.toggle("Raw completion", key=key("compare.raw"), help="Off: prompts go through the chat template.")
 
     try:
-        prompts = chosen_prompts()
+        prompts = widgets.chosen_prompts("compare")
         prompt_error = None
-    except FileNotFoundError:  # the Spec-Bench file is absent: prompt_inputs() said so
+    except FileNotFoundError:  # the Spec-Bench file is absent: widgets.prompt_inputs said so
         prompts, prompt_error = [], None
     except ValueError as error:
         prompts, prompt_error = [], str(error)
@@ -508,7 +413,7 @@ if run_clicked:
         runtime = state.runtime(s)
         config = DecodeConfig(max_new_tokens=int(s[key("compare.max_new_tokens")]),
                               temperature=float(s[key("compare.temperature")]), seed=int(s[key("compare.seed")]))
-        run_page_comparison(prompts, chosen_specs(), sorted(int(k) for k in s[key("compare.ks")]), config, runtime, slots)
+        run_page_comparison(prompts, chosen_specs(draft_choice), sorted(int(k) for k in s[key("compare.ks")]), config, runtime, slots)
     except (ValueError, ModelError) as error:
         clear_run_slots(*slots.values())
         error_slot.error(str(error), icon=":material/error:")

@@ -13,26 +13,18 @@ import streamlit as st
 import torch
 from streamlit.delta_generator import DeltaGenerator
 
-from app import constrained, precision, render, resources, state
+from app import constrained, precision, render, resources, state, widgets
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
 from lab.drafters import DRAFTER_NAMES, make_drafter
 from lab.engine import decode
-from lab.models import PRESETS, ModelError, check_same_tokenizer, encode_prompt
+from lab.models import ModelError, check_same_tokenizer, encode_prompt
 
-LOCAL_FOLDER = "local folder…"
 RESULT_KEY = "live:result"
 MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
 
 EXAMPLE_PROMPT = """Fix the spelling mistakes in this text and return the corrected text only:
 
 Speculative decodng speeds up text generaton without changing its output. A small draft model proposes several tokens, and the large target model checks all of them in a single forward pas."""
-
-DRAFTER_LABELS = {
-    "none": "none (target alone)",
-    "draft-model": "draft model",
-    "prompt-lookup": "prompt lookup (n-grams)",
-    "layer-skip": "layer skip (early exit)",
-}
 
 DEFAULTS = {
     "live.target": "smollm2-135m",
@@ -54,16 +46,6 @@ DEFAULTS = {
 }
 
 key = state.widget_key
-
-
-def model_picker(label: str, name: str, options: list[str]) -> str:
-    """A preset select plus, for "local folder…", a path box; returns the preset name or the path."""
-    choice = st.selectbox(label, options + [LOCAL_FOLDER], key=key(f"live.{name}"),
-                          format_func=lambda o: PRESETS[o].title if o in PRESETS else o)
-    if choice != LOCAL_FOLDER:
-        return choice
-    return st.text_input(f"{label} folder", key=key(f"live.{name}_folder"),
-                         placeholder="/path/to/a/hugging-face/model (holding config.json)").strip()
 
 
 @dataclass
@@ -113,7 +95,7 @@ def show_metrics(slot, result: state.LiveResult) -> None:
                             help=f"Against the target alone on the same prompt: "
                                  f"{render.format_number(result.baseline.stats.tokens_per_s, 1)} tokens/s. "
                                  "Measured once on a possibly busy machine: noisy.")
-        elif result.settings["drafter"] == DRAFTER_LABELS["none"]:
+        elif result.settings["drafter"] == widgets.DRAFTER_LABELS["none"]:
             cards[4].metric("Speedup vs target alone", "—", help="No drafter: this run is the target alone.")
         else:
             cards[4].metric("Speedup vs target alone", "—", help="Switch on 'Compare with the target alone'.")
@@ -167,20 +149,14 @@ def require_model(name: str, what: str) -> str:
 
 def load(name: str, what: str, runtime: state.Runtime, slot):
     """A shared model; preparation and loading progress shown in ``slot`` the first time."""
-    require_model(name, what)
-    weights = runtime.precision(what)
-    if resources.is_loaded(name, runtime.device, weights):
-        return resources.load_model(name, runtime.device, weights)
-    bar = slot.progress(0.0, text=f"Loading the {what} {name}…")
-    try:
-        return resources.load_model(name, runtime.device, weights,
-                                    progress=lambda fraction, message: bar.progress(fraction, text=f"{what}: {message}"))
-    finally:
-        slot.empty()
+    return resources.load_for_role(require_model(name, what), what, runtime, slot)
 
 
-def run_live(view: LiveView, runtime: state.Runtime, target_name: str, draft_name: str) -> state.LiveResult:
-    """Read the widgets, load models, decode (and the target alone), streaming tokens into ``view``."""
+def run_live(view: LiveView, runtime: state.Runtime, target_name: str, draft_name: str | None) -> state.LiveResult:
+    """Read the widgets, load models, decode (and the target alone), streaming tokens into ``view``.
+
+    draft_name: what the draft select returned (a preset, a folder path, "" or None).
+    """
     s = st.session_state
     drafter_name = s[key("live.drafter")]
     config = DecodeConfig(k=int(s[key("live.k")]), max_new_tokens=int(s[key("live.max_new_tokens")]),
@@ -189,6 +165,8 @@ def run_live(view: LiveView, runtime: state.Runtime, target_name: str, draft_nam
     prompt = s[key("live.prompt")]
     if not prompt.strip():
         raise ValueError("The prompt is empty: type a question or some text for the model to continue.")
+    if drafter_name == "draft-model":  # before any loading: a draft that cannot fit stops here
+        draft_name = widgets.checked_draft(target_name, draft_name)
     target = load(target_name, "target", runtime, view.status)
     prompt_ids = encode_prompt(target, prompt, chat_template=not s[key("live.raw")])
     constraint = constrained.build(target)  # before any decode: a schema that does not compile stops here
@@ -203,7 +181,7 @@ def run_live(view: LiveView, runtime: state.Runtime, target_name: str, draft_nam
                            exit_layer=None if exit_layer is None else int(exit_layer))
     config = constrained.configured(config, constraint, drafter)
 
-    label = DRAFTER_LABELS[drafter_name] + (f", K={config.k}" if drafter is not None else "")
+    label = widgets.DRAFTER_LABELS[drafter_name] + (f", K={config.k}" if drafter is not None else "")
     settings = {"target": target_name, "drafter": label, "temperature": config.temperature,
                 "max new tokens": config.max_new_tokens, "device": runtime.device}
     settings |= precision.settings(runtime, drafter_name)
@@ -243,7 +221,7 @@ st.html(render.legend_html())
 with st.container(border=True):
     models_col, drafter_col = st.columns(2)
     with models_col:
-        target_choice = model_picker("Target", "target", list(PRESETS))
+        target_choice = widgets.target_select("live", local_folder=True)
         st.toggle("Raw completion", key=key("live.raw"),
                   help="Off (default): the prompt goes through the model's chat template as a user message. "
                        "On: the model continues the text as is.")
@@ -251,19 +229,14 @@ with st.container(border=True):
                   help="Also run the target without a drafter on the same prompt: speedup and exactness check.")
         precision.section()
     with drafter_col:
-        drafter_name = st.selectbox("Drafter", DRAFTER_NAMES, key=key("live.drafter"), format_func=DRAFTER_LABELS.get)
-        draft_choice = ""
+        drafter_name = widgets.drafter_select("live", DRAFTER_NAMES)
+        draft_choice = None
         if drafter_name == "draft-model":
-            draft_choice = model_picker("Draft model", "draft", list(PRESETS))
-            st.caption("A draft model must share the target's tokenizer (the two Qwen presets do).")
+            draft_choice = widgets.draft_select("live", target_choice, local_folder=True)
         elif drafter_name == "prompt-lookup":
-            low, high = st.columns(2)
-            low.number_input("Min n-gram", min_value=1, max_value=8, step=1, key=key("live.min_n"))
-            high.number_input("Max n-gram", min_value=1, max_value=8, step=1, key=key("live.max_n"))
+            widgets.ngram_inputs("live", *st.columns(2))
         elif drafter_name == "layer-skip":
-            st.number_input("Exit layer", min_value=1, max_value=64, step=1, key=key("live.exit_layer"),
-                            placeholder="auto: a quarter of the target's layers",
-                            help="Draft with the target's first N layers, then its final norm and LM head.")
+            widgets.exit_layer_input("live")
     k_col, tokens_col, temp_col, top_p_col, seed_col = st.columns(5)
     k_col.slider("K (draft tokens per step)", 1, K_MAX, key=key("live.k"), disabled=drafter_name == "none")
     tokens_col.number_input("Max new tokens", min_value=1, max_value=MAX_NEW_TOKENS_MAX, step=16,

@@ -18,19 +18,19 @@ from typing import Any
 import streamlit as st
 import torch
 
-from app import render, render_compare, resources, state
+from app import render, render_compare, resources, state, widgets
 from lab.config import K_MAX, DecodeConfig
 from lab.drafters import make_drafter
 from lab.engine import decode
 from lab.metrics import SpecDecodingStats
-from lab.models import PRESETS, ModelError, check_same_tokenizer, encode_prompt
+from lab.models import ModelError, check_same_tokenizer, encode_prompt
 from lab.trace import Finished, Prefilled, Step
 
 SESSION_KEY = "step:session"
 MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
 DRAFTERS = ("prompt-lookup", "layer-skip", "draft-model")
-DRAFTER_LABELS = {"prompt-lookup": "prompt lookup (n-grams, deterministic)",
-                  "layer-skip": "layer skip (the target's first layers)", "draft-model": "draft model"}
+DRAFTER_HELP = ("Prompt lookup (n-grams) is deterministic: no probabilities (draft prob 1). Layer skip (the target's "
+                "first layers) and a draft model show the draft's probability of each token.")
 RUN_AHEAD_CYCLES = 5
 
 EXAMPLE_PROMPT = (
@@ -111,8 +111,11 @@ class StepSession:
         return bool(last) and last[-1] in self.eos_token_ids
 
 
-def start(runtime: state.Runtime, slot) -> StepSession:
-    """Read the widgets, load models, build the drafter, prefill: a session ready for its first cycle."""
+def start(runtime: state.Runtime, slot, draft_name: str | None) -> StepSession:
+    """Read the widgets, load models, build the drafter, prefill: a session ready for its first cycle.
+
+    draft_name: what the draft select returned (None: no draft model fits the target).
+    """
     s = st.session_state
     prompt = s[key("step.prompt")]
     if not prompt.strip():
@@ -123,13 +126,14 @@ def start(runtime: state.Runtime, slot) -> StepSession:
     target_name, drafter_name = s[key("step.target")], s[key("step.drafter")]
     draft = None
     if drafter_name == "draft-model":
-        check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(s[key("step.draft")]))
+        draft_name = widgets.checked_draft(target_name, draft_name)
+        check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(draft_name))
     target = resources.load_for_role(target_name, "target", runtime, slot)
     if drafter_name == "draft-model":
-        draft = resources.load_for_role(s[key("step.draft")], "draft", runtime, slot)
+        draft = resources.load_for_role(draft_name, "draft", runtime, slot)
     prompt_ids = encode_prompt(target, prompt, chat_template=not s[key("step.raw")])
     drafter = make_drafter(drafter_name, target, draft)
-    settings = {"target": target_name, "drafter": DRAFTER_LABELS[drafter_name] + (f" ({draft.name})" if draft else ""),
+    settings = {"target": target_name, "drafter": widgets.DRAFTER_LABELS[drafter_name] + (f" ({draft.name})" if draft else ""),
                 "K": config.k, "max new tokens": config.max_new_tokens,
                 "sampling": "greedy" if config.sampling.is_greedy else f"temperature {config.temperature}, top-p {config.top_p}, seed {config.seed}",
                 "precision": runtime.precision("target") + (f", draft {runtime.precision('draft')}" if draft else "")}
@@ -193,13 +197,9 @@ st.markdown(
 with st.container(border=True):
     left, right = st.columns(2)
     with left:
-        st.selectbox("Target", list(PRESETS), key=key("step.target"), format_func=lambda o: PRESETS[o].title)
-        drafter_name = st.selectbox("Drafter", DRAFTERS, key=key("step.drafter"), format_func=DRAFTER_LABELS.get,
-                                    help="Prompt lookup has no probabilities (draft prob 1); layer skip and a draft "
-                                         "model show the draft's probability of each token.")
-        if drafter_name == "draft-model":
-            st.selectbox("Draft model", list(PRESETS), key=key("step.draft"), format_func=lambda o: PRESETS[o].title,
-                          help="It must share the target's tokenizer (the two Qwen presets do).")
+        target_choice = widgets.target_select("step")
+        drafter_name = widgets.drafter_select("step", DRAFTERS, help=DRAFTER_HELP)
+        draft_choice = widgets.draft_select("step", target_choice) if drafter_name == "draft-model" else None
     with right:
         k_col, tokens_col = st.columns(2)
         k_col.slider("K (draft tokens per step)", 1, K_MAX, key=key("step.k"))
@@ -225,7 +225,7 @@ with st.container(border=True):
 status_slot, error_slot = st.empty(), st.empty()
 try:
     if start_clicked:
-        st.session_state[SESSION_KEY] = start(state.runtime(st.session_state), status_slot)
+        st.session_state[SESSION_KEY] = start(state.runtime(st.session_state), status_slot, draft_choice)
         st.session_state[key("step.view")] = 1
         st.rerun()  # redraw the buttons for the new session
     elif reset_clicked:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import render_compare, state
-from lab import compare
+from app import render_compare, state, widgets
 from lab.config import K_MAX
 from lab.theory import best_k, expected_speedup, expected_tokens_per_step
 
@@ -32,23 +31,6 @@ POINT_COLUMNS = {
     "measured": st.column_config.NumberColumn(format="%.2f×", help="Measured decode speedup (prefill excluded)."),
     "efficiency": PERCENT,
 }
-
-
-def load_uploaded() -> None:
-    """File uploader callback: a results JSON becomes the comparison shown here and on the Compare page."""
-    s = st.session_state
-    uploaded = s.get(UPLOAD_KEY)
-    s[LOAD_ERROR_KEY] = None
-    if uploaded is None:
-        return
-    try:
-        loaded = compare.Comparison.from_json(uploaded.getvalue().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        s[LOAD_ERROR_KEY] = f"Could not load {uploaded.name}: {error}"
-        return
-    loaded.settings.setdefault("status", "complete")
-    loaded.settings["loaded_from"] = uploaded.name
-    s[RESULT_KEY] = loaded
 
 
 def use_run(points: dict[str, render_compare.MeasuredPoint]) -> None:
@@ -138,9 +120,7 @@ else:
     if comparison.settings.get("status") not in (None, "complete"):
         st.caption(f"This comparison is partial ({comparison.settings.get('status')}).")
 
-with st.expander("Load a results file"):
-    st.file_uploader("A JSON file saved on the Compare page", type=["json"], key=UPLOAD_KEY, on_change=load_uploaded)
-    if st.session_state.get(LOAD_ERROR_KEY):
-        st.error(st.session_state[LOAD_ERROR_KEY], icon=":material/error:")
+widgets.results_file_section("A JSON file saved on the Compare page", UPLOAD_KEY, LOAD_ERROR_KEY, RESULT_KEY,
+                             widgets.parse_comparison)
 st.caption("Leviathan, Kalman, Matias, \"Fast Inference from Transformers via Speculative Decoding\", ICML 2023 "
            "(Eq. 1 and Theorem 3.8).")

@@ -1,0 +1,235 @@
+"""Inputs the pages share: the target, the draft models that fit it, the drafter's options, the prompts, and
+loading a results file.
+
+Every widget is keyed per page (``state.widget_key(f"{page}.target")``), so each
+page keeps its own choices; defaults stay in each page's ``DEFAULTS``.
+
+A draft model must share the target's tokenizer exactly (its proposals are token
+ids). The pages offer only draft models that do, known without loading anything:
+presets of one tokenizer family share their tokenizer (``tokenizer_family``).
+Runs still call ``lab.models.check_same_tokenizer`` before loading weights, which
+also covers local model folders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import streamlit as st
+
+from app import render_compare, state
+from lab import compare
+from lab.models import PRESETS
+from lab.prompts import load_prompt_sets, load_prompts, preset_names, spec_bench_categories
+
+LOCAL_FOLDER = "local folder…"
+FOLDER_PLACEHOLDER = "/path/to/a/hugging-face/model (holding config.json)"
+DRAFTER_LABELS = {
+    "none": "none (target alone)",
+    "prompt-lookup": "prompt lookup (n-grams)",
+    "layer-skip": "layer skip (early exit)",
+    "draft-model": "draft model",
+}
+TARGET_HELP = "SmolLM2 is quick on CPU; the Qwen pair shows a real draft model (the smaller Qwen drafts for the larger)."
+PROMPT_SOURCES = ("Preset prompt sets", "Spec-Bench category", "Paste prompts")
+PASTE_PLACEHOLDER = "Summarize this text: …\n---\nTranslate into French: …"
+
+key = state.widget_key
+
+
+# ---------------------------------------------------------------- target and draft
+
+
+def model_title(name: str) -> str:
+    """A preset's upstream name ("SmolLM2-135M-Instruct (Q4_1)"); anything else as it is."""
+    return PRESETS[name].title if name in PRESETS else name
+
+
+def tokenizer_family(name: str) -> str | None:
+    """The tokenizer family of a preset ("smollm2", "qwen2.5"); None for a local folder (unknown until loaded).
+
+    Presets of one family share their tokenizer exactly. The preset's own
+    ``tokenizer_family`` is used where ``lab.models.ModelPreset`` has one;
+    otherwise the family is the first dash-separated part of the preset's name
+    (``qwen2.5-coder-0.5b`` -> ``qwen2.5``), which holds for every preset today.
+    """
+    preset = PRESETS.get(name)
+    if preset is None:
+        return None
+    return getattr(preset, "tokenizer_family", None) or name.split("-", 1)[0]
+
+
+def compatible_drafts(target: str) -> list[str]:
+    """The presets that can draft for ``target``: its tokenizer family, the target itself left out.
+
+    A target that is not a preset (a local folder) gets every preset: its
+    tokenizer is known only once loaded, and the run checks it.
+    """
+    family = tokenizer_family(target)
+    if family is None:
+        return list(PRESETS)
+    return [name for name in PRESETS if name != target and tokenizer_family(name) == family]
+
+
+def no_draft_message(target: str) -> str:
+    """What to do when no preset can draft for ``target``."""
+    with_drafts = [model_title(name) for name in PRESETS if compatible_drafts(name)]
+    targets = f" such as {' or '.join(with_drafts)}" if with_drafts else ""
+    return (f"No draft model shares the tokenizer of {model_title(target)}: a draft model's proposals are token ids, "
+            "so it must come from the target's own family, and no other preset does. Pick another drafter (prompt "
+            f"lookup or layer skip, which need no second model), or a target with a smaller sibling{targets}.")
+
+
+def checked_draft(target: str, draft: str | None) -> str:
+    """``draft`` if it can draft for ``target``; raises ValueError saying what to pick instead.
+
+    ``draft`` is what the page's draft select returned: a preset, a folder, or
+    None when nothing fits. A stale preset in session state (the select was not
+    drawn because nothing fits) is refused here as well.
+    """
+    options = compatible_drafts(target)
+    if draft is None or (draft in PRESETS and draft not in options):
+        raise ValueError(no_draft_message(target) if not options else
+                         f"{model_title(draft or '')} cannot draft for {model_title(target)}: their tokenizers differ. "
+                         f"Pick one of {', '.join(map(model_title, options))}.")
+    return draft
+
+
+def _folder_input(label: str, page: str, name: str) -> str:
+    return st.text_input(f"{label} folder", key=key(f"{page}.{name}_folder"), placeholder=FOLDER_PLACEHOLDER).strip()
+
+
+def target_select(page: str, *, local_folder: bool = False, help: str | None = TARGET_HELP) -> str:
+    """The target select; with ``local_folder``, a "local folder…" choice and its path box.
+
+    Returns the preset's name or the typed path ("" when none is typed).
+    """
+    options = list(PRESETS) + ([LOCAL_FOLDER] if local_folder else [])
+    choice = st.selectbox("Target", options, key=key(f"{page}.target"), format_func=model_title, help=help)
+    return _folder_input("Target", page, "target") if choice == LOCAL_FOLDER else choice
+
+
+def draft_select(page: str, target: str, *, local_folder: bool = False) -> str | None:
+    """The draft-model select, offering only the presets that share ``target``'s tokenizer.
+
+    A stale choice (the target changed) moves to the first that fits. When none
+    fits, an info says what to do instead of a select with nothing to pick;
+    with ``local_folder`` a path box remains for a model folder. Returns the
+    preset, the typed path ("" when "local folder…" is chosen and none typed),
+    or None when nothing is chosen.
+    """
+    options = compatible_drafts(target)
+    if not options:
+        st.info(no_draft_message(target), icon=":material/info:")
+        return (_folder_input("Draft model", page, "draft") or None) if local_folder else None
+    options += [LOCAL_FOLDER] if local_folder else []
+    draft_key = key(f"{page}.draft")
+    if st.session_state.get(draft_key) not in options:
+        st.session_state[draft_key] = options[0]
+    family = tokenizer_family(target)
+    shares = f"the {family} family's tokenizer" if family else "the target's tokenizer"
+    choice = st.selectbox("Draft model", options, key=draft_key, format_func=model_title,
+                          help=f"Only models that share {shares} are offered: a draft proposes token ids, and ids "
+                               "from another vocabulary mean other text.")
+    return _folder_input("Draft model", page, "draft") if choice == LOCAL_FOLDER else choice
+
+
+def drafter_select(page: str, drafters: tuple[str, ...], help: str | None = None) -> str:
+    return st.selectbox("Drafter", drafters, key=key(f"{page}.drafter"), format_func=DRAFTER_LABELS.get, help=help)
+
+
+def ngram_inputs(page: str, low=st, high=st) -> None:
+    """Prompt lookup's n-gram range, in the containers ``low`` and ``high``."""
+    low.number_input("Min n-gram", min_value=1, max_value=8, step=1, key=key(f"{page}.min_n"))
+    high.number_input("Max n-gram", min_value=1, max_value=8, step=1, key=key(f"{page}.max_n"))
+
+
+def exit_layer_input(page: str, where=st) -> None:
+    """Layer skip's exit layer (empty: a quarter of the target's layers), in the container ``where``."""
+    where.number_input("Exit layer", min_value=1, max_value=64, step=1, key=key(f"{page}.exit_layer"),
+                       placeholder="auto: a quarter of the target's layers",
+                       help="Draft with the target's first N layers, then its final norm and LM head.")
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def prompt_defaults(page: str, presets: list[str], spec_count: int) -> dict[str, Any]:
+    """Defaults of the page's prompt widgets (for ``state.set_defaults``): the prompt sets ``presets``, one prompt
+    each; ``spec_count`` prompts of a Spec-Bench category."""
+    return {f"{page}.source": PROMPT_SOURCES[0], f"{page}.presets": list(presets), f"{page}.per_set": 1,
+            f"{page}.spec_category": None, f"{page}.spec_count": spec_count, f"{page}.pasted": ""}
+
+
+def chosen_prompts(page: str) -> list[str]:
+    """The prompts the page's prompt widgets select. Raises ValueError / FileNotFoundError with a message."""
+    s = st.session_state
+    source = s[key(f"{page}.source")]
+    if source == PROMPT_SOURCES[0]:
+        sets = [f"{name}:{int(s[key(f'{page}.per_set')])}" for name in s[key(f"{page}.presets")]]
+        return [p.text for p in load_prompt_sets(sets)]
+    if source == PROMPT_SOURCES[1]:
+        category = s[key(f"{page}.spec_category")]
+        if not category:
+            return []
+        return [p.text for p in load_prompts(f"spec_bench:{category}:{int(s[key(f'{page}.spec_count')])}")]
+    return render_compare.split_prompts(s[key(f"{page}.pasted")])
+
+
+def prompt_inputs(page: str, sets_help: str) -> None:
+    """Prompts from the shipped sets, a Spec-Bench category, or pasted ones separated by "---"."""
+    source = st.radio("Prompts", PROMPT_SOURCES, key=key(f"{page}.source"), horizontal=True)
+    if source == PROMPT_SOURCES[0]:
+        left, right = st.columns([3, 1])
+        left.multiselect("Prompt sets", preset_names(), key=key(f"{page}.presets"), help=sets_help)
+        right.number_input("Prompts per set", min_value=1, max_value=10, step=1, key=key(f"{page}.per_set"))
+    elif source == PROMPT_SOURCES[1]:
+        try:
+            categories = spec_bench_categories()
+        except FileNotFoundError as error:
+            st.info(str(error))
+            return
+        if st.session_state[key(f"{page}.spec_category")] not in categories:
+            st.session_state[key(f"{page}.spec_category")] = categories[0]
+        left, right = st.columns([3, 1])
+        left.selectbox("Spec-Bench category", categories, key=key(f"{page}.spec_category"))
+        right.number_input("Prompts", min_value=1, max_value=80, step=1, key=key(f"{page}.spec_count"))
+    else:
+        st.text_area("Prompts, separated by a line holding only ---", key=key(f"{page}.pasted"), height=150,
+                     placeholder=PASTE_PLACEHOLDER)
+
+
+# ---------------------------------------------------------------- results files
+
+
+def parse_comparison(text: str, file_name: str) -> compare.Comparison:
+    """A comparison saved by the Compare page, marked as loaded from ``file_name``. Raises ValueError."""
+    loaded = compare.Comparison.from_json(text)
+    loaded.settings.setdefault("status", "complete")
+    loaded.settings["loaded_from"] = file_name
+    return loaded
+
+
+def load_results_file(upload_key: str, error_key: str, result_key: str, parse: Callable[[str, str], Any]) -> None:
+    """File uploader callback: ``parse(text, file name)`` of the upload replaces ``result_key``; a refusal goes
+    to ``error_key``."""
+    s = st.session_state
+    uploaded = s.get(upload_key)
+    s[error_key] = None
+    if uploaded is None:
+        return
+    try:
+        s[result_key] = parse(uploaded.getvalue().decode("utf-8"), uploaded.name)
+    except (ValueError, UnicodeDecodeError) as error:
+        s[error_key] = f"Could not load {uploaded.name}: {error}"
+
+
+def results_file_section(label: str, upload_key: str, error_key: str, result_key: str,
+                         parse: Callable[[str, str], Any]) -> None:
+    """A "Load a results file" expander: a JSON uploader and, after a refusal, why."""
+    with st.expander("Load a results file"):
+        st.file_uploader(label, type=["json"], key=upload_key, on_change=load_results_file,
+                         args=(upload_key, error_key, result_key, parse))
+        if st.session_state.get(error_key):
+            st.error(st.session_state[error_key], icon=":material/error:")
