@@ -103,6 +103,24 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+COMPACT_COLUMNS = ("drafter", "K", "acceptance rate", "mean acceptance length", "tokens/s", "speedup",
+                   "identical to target")
+
+
+def compact_summary_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary's headline columns (``COMPACT_COLUMNS``), narrow enough to read without scrolling.
+
+    K becomes text so that each drafter's best K carries its star ("4 ★");
+    every other column is as in ``summary_table``.
+    """
+    table = summary_table(summary)
+    if table.empty:
+        return table
+    compact = table[list(COMPACT_COLUMNS)].copy()
+    compact["K"] = [f"{k} ★" if star else str(k) for k, star in zip(table["K"], table["best K"])]
+    return compact
+
+
 def best_k_by_drafter(summary: pd.DataFrame, column: str = "speedup") -> dict[str, int]:
     """For each drafter, the K with the highest ``column`` (NaN rows ignored)."""
     best: dict[str, int] = {}

@@ -110,6 +110,15 @@ def test_best_k_is_starred_once_per_drafter():
     assert sorted((t.x[0], round(t.y[0], 6)) for t in stars if t.yaxis == "y2") == [(2, 0.9), (4, 1.8)]
 
 
+def test_compact_summary_keeps_the_headline_columns_and_stars_the_best_k():
+    summary = summary_frame([dict(drafter="a", k=2, speedup=1.5), dict(drafter="a", k=4, speedup=1.8)])
+    table = render_compare.compact_summary_table(summary)
+    assert list(table.columns) == list(render_compare.COMPACT_COLUMNS)
+    assert list(table["K"]) == ["2", "4 ★"]
+    assert list(table["speedup"]) == [1.5, 1.8] and list(table["acceptance rate"]) == [0.5, 0.5]  # numbers stay numbers
+    assert render_compare.compact_summary_table(summary_frame([]).iloc[0:0]).empty
+
+
 def test_measured_points_carry_the_prediction_for_their_own_k_and_c():
     summary = summary_frame([
         dict(drafter="a", k=4, fitted_acceptance=0.7, cost_ratio=0.2, decode_speedup=1.4),
@@ -250,6 +259,13 @@ def test_cache_note_and_headline():
 # ---------------------------------------------------------------- AppTest with tiny models
 
 
+def column_formats(dataframe) -> dict[str, str]:
+    """The number formats the page gave the columns a dataframe has (Streamlit's column config)."""
+    config = json.loads(dataframe.proto.columns or "{}")
+    return {name: column["type_config"]["format"] for name, column in config.items()
+            if name in dataframe.value.columns and (column.get("type_config") or {}).get("format")}
+
+
 def compare_app(**widgets) -> AppTest:
     settings = dict(source="Paste prompts", pasted=TINY_PROMPTS, raw=True, max_new_tokens=8, ks=[1, 3])
     return app_on("compare", **(settings | widgets))
@@ -272,7 +288,15 @@ def test_compare_run_shows_table_costs_charts_timeline_and_exports(tiny_models):
     assert len(comparison.runs) == 10 and comparison.settings["status"] == "complete"
     summary_table = at.dataframe[0].value
     assert len(summary_table) == 4 and set(summary_table["identical to target"]) == {"yes (2/2)"}
-    costs = at.dataframe[1].value
+    assert list(summary_table.columns) == list(render_compare.COMPACT_COLUMNS)  # no scrolling sideways
+    formats = column_formats(at.dataframe[0])
+    assert formats == {"acceptance rate": "percent", "mean acceptance length": "%.2f", "tokens/s": "%.1f",
+                       "speedup": "%.2f×"}
+    (all_columns,) = [e for e in at.expander if e.label == "All columns"]
+    full_table = all_columns.dataframe[0].value  # every column, behind the expander
+    assert list(full_table.columns) == list(render_compare.summary_table(comparison.summary()).columns)
+    assert {"decode speedup", "c", "target tokens/s", "best K", "prompts"} <= set(full_table.columns)
+    costs = at.dataframe[2].value
     assert list(costs["parameters added"]) == ["none", "none"]
     assert {s.value for s in at.subheader} >= {"Per drafter and K", "What each drafter costs", "Timeline of a run"}
     assert len(at.get("plotly_chart")) == 4
@@ -282,14 +306,14 @@ def test_compare_run_shows_table_costs_charts_timeline_and_exports(tiny_models):
     at.selectbox(key=key("compare.inspect")).select(3).run()  # the timeline of another run
     assert not at.exception
     at.run()  # a rerun keeps the result and does not run again
-    assert len(at.dataframe) >= 2 and tiny_models == ["smollm2-135m"]
+    assert len(at.dataframe) >= 3 and tiny_models == ["smollm2-135m"]
 
 
 def test_compare_with_the_qwen_draft_model_reports_its_size(tiny_models):
     at = click(compare_app(target="qwen2.5-coder-1.5b", drafters=["draft-model"], draft="qwen2.5-coder-0.5b",
                            pasted="q3 q4 q5 q3 q4 q5", ks=[2]), "Run comparison")
     assert not at.exception and not at.error, [e.value for e in at.error]
-    costs = at.dataframe[1].value
+    costs = at.dataframe[2].value
     assert costs["parameters added"].tolist() == [render_compare.format_count(tiny_loaded("x").num_parameters)]
     assert sorted(tiny_models) == ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 

@@ -64,6 +64,19 @@ SUMMARY_COLUMNS = {
     "decode speedup": st.column_config.NumberColumn(format="%.2f×", help="The same over the decode phase only: what Leviathan's formula predicts."),
     "c": st.column_config.NumberColumn(format="%.3f", help="Draft cost: draft time per drafted token over the target alone's time per step."),
 }
+COMPACT_COLUMNS = SUMMARY_COLUMNS | {
+    "K": st.column_config.TextColumn(help="Draft tokens per step; ★: the drafter's best K by speedup."),
+}
+RUN_COLUMNS = {
+    "acceptance_rate": PERCENT,
+    "mean_acceptance_length": SUMMARY_COLUMNS["mean acceptance length"],
+    "tokens_per_s": SUMMARY_COLUMNS["tokens/s"],
+    "speedup": st.column_config.NumberColumn(format="%.2f×"),
+    "decode_speedup": st.column_config.NumberColumn(format="%.2f×"),
+    "cost_ratio": st.column_config.NumberColumn(format="%.3f"),
+    "wall_s": st.column_config.NumberColumn(format="%.2f"),
+}
+
 
 # ---------------------------------------------------------------- inputs
 
@@ -248,13 +261,19 @@ def show_summary(comparison: compare.Comparison, summary) -> None:
     if summary.empty:
         st.info("No drafter run finished yet: only target-alone baselines (if any) are in this result.")
         return
-    st.dataframe(render_compare.summary_table(summary), hide_index=True, width="stretch", column_config=SUMMARY_COLUMNS)
+    st.dataframe(render_compare.compact_summary_table(summary), hide_index=True, width="stretch",
+                 column_config=COMPACT_COLUMNS)
     st.caption(
         "Acceptance rate: accepted / drafted tokens. Mean acceptance length: tokens per target pass on drafted steps, "
         "the target's own token included. Speedup: tokens/s over the target alone on the same prompts, prefill "
-        "included (decode speedup: without the prefill). c: draft time per drafted token over the target alone's "
-        "time per step. ★: each drafter's best K by speedup. One run each on a shared machine: timings are noisy."
+        "included. ★: each drafter's best K by speedup. One run each on a shared machine: timings are noisy."
     )
+    with st.expander("All columns"):
+        st.dataframe(render_compare.summary_table(summary), hide_index=True, width="stretch",
+                     column_config=SUMMARY_COLUMNS)
+        st.caption("Target tokens/s: the target alone on the same prompts. Decode speedup: the speedup without the "
+                   "prefill, what Leviathan's formula predicts. c: draft time per drafted token over the target "
+                   "alone's time per step.")
     identical = summary["identical_to_target"].astype(float)
     if comparison.settings.get("temperature") == 0 and (identical < 1).any():
         st.warning(
@@ -292,8 +311,7 @@ def show_charts(summary) -> None:
 
 def show_runs(comparison: compare.Comparison) -> None:
     with st.expander(f"Per prompt ({len(comparison.prompts)} prompts, {len(comparison.runs)} runs)"):
-        st.dataframe(render_compare.runs_table(comparison), hide_index=True, width="stretch",
-                     column_config={"acceptance_rate": PERCENT})
+        st.dataframe(render_compare.runs_table(comparison), hide_index=True, width="stretch", column_config=RUN_COLUMNS)
         for i, prompt in enumerate(comparison.prompts):
             st.markdown(f"**Prompt {i + 1}.** {render_compare.preview(prompt, 300)}")
 
