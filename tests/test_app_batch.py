@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+from types import SimpleNamespace
 
 import pytest
+import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+import lab.sweep
 from app import render_batch
 from app_util import app_on, click, key, tiny_models  # noqa: F401 (tiny_models: a fixture)
 from lab.config import DecodeConfig
@@ -21,6 +25,8 @@ from lab.drafters import PromptLookupDrafter
 from lab.sweep import run_sweep
 
 RESULT_KEY = "batch:sweep"
+CANCEL_KEY = "batch:cancel_requested"
+IN_FLIGHT_KEY = "batch:in_flight"
 TINY_PROMPTS = "t3 t4 t5 t6 t3 t4 t5 t6 t3 t4\n---\nt7 t8 t9 t7 t8 t9 t7 t8"
 
 
@@ -277,3 +283,86 @@ def test_verify_costs_below_one_are_called_noise(tiny_models):
     assert not at.exception and not at.error
     assert any("timing noise" in c.value for c in at.caption)
 
+
+# ---------------------------------------------------------------- cancel
+
+
+@pytest.fixture
+def cancel_at_run_batch(monkeypatch):
+    """Set the Cancel button's flag while the sweep's n-th ``run_batch`` runs; yields (set n, calls so far)."""
+    real_run_batch = lab.sweep.run_batch
+    calls, cancel_at = [], [0]
+
+    def run_batch_then_cancel(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == cancel_at[0]:
+            st.session_state[CANCEL_KEY] = True  # what the Cancel button's callback does
+        return real_run_batch(*args, **kwargs)
+
+    monkeypatch.setattr(lab.sweep, "run_batch", run_batch_then_cancel)
+    yield lambda n: cancel_at.__setitem__(0, n), calls
+
+
+def test_cancel_stops_the_sweep_at_its_next_batch(tiny_models, cancel_at_run_batch):
+    cancel_at, calls = cancel_at_run_batch
+    cancel_at(3)  # the warm-up decodes twice; the third decode is batch size 1's first batch
+    at = run_clicked(batch_app(pasted=TINY_PROMPTS))  # two prompts: two batches at batch size 1
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    (warning,) = [w.value for w in at.warning if w.value.startswith("Cancelled")]
+    assert "at batch size 1: batch 2/2" in warning and "keeps nothing" in warning and "Run again" in warning
+    assert len(calls) <= 2 + 3  # the warm-up and one batch in each mode (off, on, maybe auto): no second batch
+    assert RESULT_KEY not in at.session_state and IN_FLIGHT_KEY not in at.session_state
+    assert not at.success and not at.get("plotly_chart")
+    assert not [b for b in at.button if b.label == "Cancel"]  # drawn only while sweeping
+
+    at.run()  # the notice stays until the next sweep
+    assert any(w.value.startswith("Cancelled") for w in at.warning)
+    cancel_at(0)
+    at = run_clicked(at)  # the flag is reset at the start of a sweep: this one runs to the end
+    assert any(s.value.startswith("Swept batch sizes 1, 2, 4") for s in at.success)
+    assert not any(w.value.startswith("Cancelled") for w in at.warning)
+
+
+def test_a_cancelled_sweep_leaves_the_previous_one_shown(tiny_models, cancel_at_run_batch):
+    cancel_at, calls = cancel_at_run_batch
+    at = run_clicked(batch_app())
+    previous = at.session_state[RESULT_KEY]
+    cancel_at(len(calls) + 3)
+    at = run_clicked(at)
+    assert not at.exception and not at.error
+    (warning,) = [w.value for w in at.warning if w.value.startswith("Cancelled")]
+    assert "The sweep shown below is the previous one." in warning
+    assert at.session_state[RESULT_KEY] is previous and len(at.get("plotly_chart")) == 4
+
+
+@pytest.mark.parametrize(
+    "cancelled, headline",
+    [(True, "Cancelled, at batch size 2: batch 1/1"), (False, "Stopped because the page reran while sweeping")],
+)
+def test_a_stopped_sweep_tells_the_next_run_how_it_ended(tiny_models, cancelled, headline):
+    # In the browser a Cancel click starts a new script run at once and stops the running one, which can no
+    # longer touch st.session_state: it leaves word in the object it put there before starting.
+    at = batch_app()
+    done = threading.Event()
+    done.set()
+    at.session_state[IN_FLIGHT_KEY] = SimpleNamespace(done=done, result=None,
+                                                      last_progress="batch size 2: batch 1/1 (60 % of the sweep done)")
+    at.session_state[CANCEL_KEY] = cancelled  # what the Cancel button's callback sets
+    at.run()
+    assert not at.exception and not at.error
+    assert any(w.value.startswith(headline) and "keeps nothing" in w.value for w in at.warning), \
+        [w.value for w in at.warning]
+    assert IN_FLIGHT_KEY not in at.session_state and RESULT_KEY not in at.session_state
+
+
+def test_a_sweep_that_finished_before_it_could_stop_is_kept(tiny_models, tiny_sweep):
+    at = batch_app()
+    done = threading.Event()
+    done.set()
+    result = json.loads(tiny_sweep.to_json())
+    at.session_state[IN_FLIGHT_KEY] = SimpleNamespace(done=done, result=result, last_progress="done")
+    at.session_state[CANCEL_KEY] = True
+    at.run()
+    assert not at.exception and not at.error
+    assert at.session_state[RESULT_KEY] is result and not at.warning
+    assert any(s.value.startswith("Swept batch sizes 1, 2, 4") for s in at.success)

@@ -5,8 +5,13 @@ sweep's JSON dict (``SweepResult.as_dict()``) in ``st.session_state`` and draws
 it with ``app.render_batch``. The same dict is what Download JSON writes and
 what ``python -m lab bench --out F`` writes, so either loads back here.
 
-A sweep has no Cancel: changing an input while it runs reruns the page, which
-stops the sweep at its next progress report (nothing of it is kept).
+Cancel: ``run_sweep`` takes no cancel hook and returns nothing until it ends,
+so a sweep stops at its next progress report (before each batch of requests)
+and nothing of it is kept. The Cancel button's callback sets a session flag
+that ``SweepWatch.progress`` reads and answers with ``SweepCancelled``. In the
+browser the click also reruns the page and stops the running script run, whose
+next ``st`` call raises; the next script run learns how it ended through
+``app.inflight`` (a sweep that finished first still hands its result over).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 import streamlit as st
 import torch
 
-from app import render, render_batch, resources, state, widgets
+from app import inflight, render, render_batch, resources, state, widgets
 from lab.batch import make_batch_drafter
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
 from lab.models import ModelError, check_same_tokenizer, encode_prompt
@@ -27,6 +32,9 @@ from lab.sweep import DEFAULT_BATCH_SIZES, run_sweep
 RESULT_KEY = "batch:sweep"
 UPLOAD_KEY = "batch:upload"
 LOAD_ERROR_KEY = "batch:load_error"
+CANCEL_KEY = "batch:cancel_requested"
+IN_FLIGHT_KEY = "batch:in_flight"  # an app.inflight.InFlight while a sweep runs
+NOTICE_KEY = "batch:notice"  # how the last sweep ended when it did not finish
 MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
 DRAFTERS = ("prompt-lookup", "draft-model", "layer-skip")
 
@@ -105,9 +113,48 @@ def work_caption(num_prompts: int, sizes: list[int]) -> str:
 # ---------------------------------------------------------------- running
 
 
-def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime, slot) -> dict:
-    """Load models, run the sweep with a progress bar in ``slot``, and return its JSON dict with the page's settings.
-    ``draft`` is what the draft select returned."""
+class SweepCancelled(Exception):
+    """The Cancel button was pressed while the sweep ran; the message says where it stood."""
+
+
+class SweepWatch:
+    """The sweep's progress bar, and where the sweep answers the Cancel button: at each progress report."""
+
+    def __init__(self, bar, flight: inflight.InFlight) -> None:
+        self.bar, self.flight = bar, flight
+
+    def progress(self, fraction: float, message: str) -> None:
+        fraction = min(max(fraction, 0.0), 1.0)
+        self.flight.last_progress = f"{message} ({100 * fraction:.0f} % of the sweep done)"  # before any st call
+        if st.session_state.get(CANCEL_KEY):
+            raise SweepCancelled(self.flight.last_progress)
+        self.bar.progress(fraction, text=message)
+
+
+def request_cancel() -> None:
+    st.session_state[CANCEL_KEY] = True
+
+
+def collect_stopped_sweep() -> None:
+    """Learn how a sweep that the previous script run was stopped in ended (waiting for its next progress report)."""
+    s = st.session_state
+    flight = inflight.take_over(IN_FLIGHT_KEY, "Stopping the sweep that was running (at its next batch)…")
+    if flight is None:
+        return
+    if flight.result is not None:  # it finished before it could stop
+        s[RESULT_KEY] = flight.result
+        s.pop(NOTICE_KEY, None)
+    else:
+        s[NOTICE_KEY] = {"cancelled": bool(s.get(CANCEL_KEY)), "where": flight.last_progress}
+
+
+def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime, slots: dict) -> dict:
+    """Load models, run the sweep with a progress bar and a Cancel button, and return its JSON dict with the page's
+    settings. ``draft`` is what the draft select returned.
+
+    Raises SweepCancelled when the Cancel button's flag is seen. A run stopped by a rerun hands over through
+    ``app.inflight`` and ends with the stop.
+    """
     s = st.session_state
     if not prompts:
         raise ValueError("No prompts to run: pick a prompt set, a Spec-Bench category, or paste prompts.")
@@ -120,35 +167,44 @@ def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime
     exit_layer = s[key("batch.exit_layer")] if drafter_name == "layer-skip" else None
     if draft_name:  # compare tokenizers before spending seconds on weights
         check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(draft_name))
-    target = resources.load_for_role(target_name, "target", runtime, slot)
-    draft_model = resources.load_for_role(draft_name, "draft", runtime, slot) if draft_name else None
+    target = resources.load_for_role(target_name, "target", runtime, slots["progress"])
+    draft_model = resources.load_for_role(draft_name, "draft", runtime, slots["progress"]) if draft_name else None
     drafter = make_batch_drafter(drafter_name, target, draft_model,
                                  exit_layer=None if exit_layer is None else int(exit_layer))
     chat_template = not s[key("batch.raw")]
     prompt_ids = [encode_prompt(target, text, chat_template=chat_template) for text in prompts]
 
-    bar = slot.progress(0.0, text="Starting the sweep…")
-    started_s = time.monotonic()
-    sweep = run_sweep(target, prompt_ids, drafter, config, sizes,
-                      progress=lambda fraction, message: bar.progress(min(max(fraction, 0.0), 1.0), text=message))
-    sweep.settings |= {
-        "target": target_name,
-        "draft": draft_name,
-        "exit_layer": exit_layer,
-        "precision": runtime.precision("target"),
-        "draft_precision": runtime.precision("draft") if draft_name else None,
-        "chat_template": chat_template,
-        "prompts": prompts,
-        "elapsed_s": time.monotonic() - started_s,
-    }
-    slot.empty()
-    return json.loads(sweep.to_json())
+    flight = inflight.start(IN_FLIGHT_KEY)
+    s[CANCEL_KEY] = False
+    try:
+        slots["cancel"].button("Cancel", icon=":material/stop:", on_click=request_cancel, key="batch_cancel",
+                               help="Stop the sweep before its next batch of requests. A sweep cut short keeps "
+                                    "nothing: its figures need every batch size.")
+        watch = SweepWatch(slots["progress"].progress(0.0, text="Starting the sweep…"), flight)
+        started_s = time.monotonic()
+        sweep = run_sweep(target, prompt_ids, drafter, config, sizes, progress=watch.progress)
+        sweep.settings |= {
+            "target": target_name,
+            "draft": draft_name,
+            "exit_layer": exit_layer,
+            "precision": runtime.precision("target"),
+            "draft_precision": runtime.precision("draft") if draft_name else None,
+            "chat_template": chat_template,
+            "prompts": prompts,
+            "elapsed_s": time.monotonic() - started_s,
+        }
+        flight.result = json.loads(sweep.to_json())
+    finally:
+        flight.done.set()
+    del s[IN_FLIGHT_KEY]
+    return flight.result
 
 
 def parse_sweep(text: str, file_name: str) -> dict:
     """A sweep's JSON (Download JSON, or ``python -m lab bench --out``), marked as loaded from ``file_name``."""
     sweep = render_batch.load_sweep(text)
     sweep.setdefault("settings", {})["loaded_from"] = file_name
+    st.session_state.pop(NOTICE_KEY, None)  # the loaded sweep replaces whatever the last one did
     return sweep
 
 
@@ -280,6 +336,15 @@ def show_table_and_export(sweep: dict) -> None:
                           help="Everything the sweep measured, as `python -m lab bench --out` writes it. Loads back here.")
 
 
+def show_notice(notice: dict, previous: bool) -> None:
+    """How the last sweep ended when it did not finish: cancelled, or stopped by a rerun."""
+    what = "Cancelled" if notice["cancelled"] else "Stopped because the page reran while sweeping (an input changed)"
+    after = ("The sweep shown below is the previous one." if previous else
+             "Run again with fewer batch sizes, prompts or new tokens for a shorter sweep.")
+    st.warning(f"{what}, at {notice['where'] or 'its start'}. A sweep cut short keeps nothing: its figures need every batch size. "
+               + after, icon=":material/cancel:")
+
+
 def show_result(sweep: dict) -> None:
     show_status(sweep)
     show_headline(sweep)
@@ -314,26 +379,36 @@ with st.container(border=True):
         st.error(prompt_error, icon=":material/error:")
     elif prompts and st.session_state[key("batch.batch_sizes")]:
         st.caption(work_caption(len(prompts), sorted(st.session_state[key("batch.batch_sizes")])))
-    run_clicked = st.button("Run sweep", type="primary", icon=":material/play_arrow:")
+    run_col, cancel_col, _ = st.columns([2, 1.3, 5])
+    run_clicked = run_col.button("Run sweep", type="primary", icon=":material/play_arrow:")
+    cancel_slot = cancel_col.empty()
 
-progress_slot = st.empty()
+slots = {"cancel": cancel_slot, "progress": st.empty()}
 error_slot = st.empty()
+collect_stopped_sweep()
 
 if run_clicked:
+    st.session_state.pop(NOTICE_KEY, None)
     try:
-        result = run_page_sweep(prompts, draft_choice, state.runtime(st.session_state), progress_slot)
+        result = run_page_sweep(prompts, draft_choice, state.runtime(st.session_state), slots)
+    except SweepCancelled as cancelled:
+        st.session_state.pop(IN_FLIGHT_KEY, None)
+        st.session_state[NOTICE_KEY] = {"cancelled": True, "where": str(cancelled)}
     except (ValueError, ModelError) as error:
-        progress_slot.empty()
         error_slot.error(str(error), icon=":material/error:")
     except MEMORY_ERRORS as error:
-        progress_slot.empty()
         error_slot.error(f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick smaller "
                          "batch sizes, a smaller target or draft, or fewer new tokens; then run again.",
                          icon=":material/memory:")
     else:
         st.session_state[RESULT_KEY] = result
+    for slot in slots.values():
+        slot.empty()
 
-if (sweep := st.session_state.get(RESULT_KEY)) is not None:
+sweep = st.session_state.get(RESULT_KEY)
+if (notice := st.session_state.get(NOTICE_KEY)) is not None:
+    show_notice(notice, previous=sweep is not None)
+if sweep is not None:
     show_result(sweep)
 elif not run_clicked:
     st.caption("No sweep yet: choose a target, a drafter and batch sizes, then Run sweep. Start small (SmolLM2, prompt "
