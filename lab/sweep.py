@@ -233,7 +233,9 @@ class AutoK:
         lookup misses; model drafters 1.0).
     k_max: the largest K considered.
     min_gain: speculation is switched on only when predicted to pay by more than
-        this fraction (timing noise on a shared machine must not switch it on).
+        this fraction, and a K other than k_max is taken only when predicted to
+        beat the current choice by as much (timing noise on a shared machine
+        must not switch it on or move it between near-equal Ks).
 
     Callable: ``policy(batch_size) -> K``, usable as ``decode_batch(k_policy=...)``.
     """
@@ -266,11 +268,20 @@ class AutoK:
         return (self.expected_tokens_per_step(k) / self.step_ms(batch_size, k)) / off
 
     def choose(self, batch_size: int) -> int:
-        """The K in 0..k_max with the highest predicted speedup; 0 unless that beats 1 + min_gain (or without data)."""
-        best_k, best = 0, 1.0 + self.min_gain
+        """The K (0 = off) to run at this batch size, with hysteresis against a noisy cost model.
+
+        Speculation at the configured K (k_max) is switched on when predicted to
+        beat off by more than min_gain; any other K in 1..k_max is taken only when
+        predicted to beat the current choice by more than min_gain again. A small
+        calibration's noise then cannot move the choice between near-equal Ks
+        (measured: a noisy calibration once picked K=2 whose latency was 1.36x
+        that of K=4). Without data, 0.
+        """
+        preferred = self.predicted_speedup(batch_size, self.k_max)
+        best_k, best = (self.k_max, preferred) if preferred > 1.0 + self.min_gain else (0, 1.0)
         for k in range(1, self.k_max + 1):
             speedup = self.predicted_speedup(batch_size, k)
-            if not math.isnan(speedup) and speedup > best:
+            if not math.isnan(speedup) and speedup > best * (1.0 + self.min_gain):
                 best_k, best = k, speedup
         return best_k
 
@@ -432,6 +443,7 @@ class SweepResult:
     settings: dict[str, Any]
     results: list[BatchSizeResult]
     cost: CostModel
+    peer: dict[str, Any] | None = None  # transformers' assisted generation at batch 1 (``lab.bench``), if run
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -471,6 +483,7 @@ class SweepResult:
                     "draft_rate": policy.draft_rate,
                     "k_by_batch_size": {str(b): policy(b) for b in self.batch_sizes},
                 },
+                "peer_batch_1": self.peer,
             }
         )
 
@@ -509,6 +522,17 @@ def format_sweep(sweep: SweepResult) -> str:
         if crossover is None
         else f"crossover: from batch size {crossover} on, speculation lengthens the p50 latency"
     )
+    peer = sweep.peer
+    if peer and peer.get("skipped"):
+        lines.append(f"peer at batch 1: not run ({peer['skipped']})")
+    elif peer:
+        fmt = lambda x, pattern: "n/a" if x is None else pattern.format(x)  # noqa: E731
+        lines.append(
+            f"peer at batch 1, {peer['num_prompts']} prompts, K={peer['k']}: ours {fmt(peer['ours_speculative_tokens_per_s'], '{:.2f}')} tok/s "
+            f"({fmt(peer['speedup'], '{:.2f}')}x our target alone), transformers' assisted generation "
+            f"{fmt(peer['hf_assisted_tokens_per_s'], '{:.2f}')} tok/s ({fmt(peer['hf_speedup'], '{:.2f}')}x its greedy): "
+            f"ours/theirs {fmt(peer['ratio_ours_vs_hf_assisted'], '{:.2f}')}x"
+        )
     return "\n".join(lines)
 
 

@@ -155,6 +155,23 @@ def test_policy_follows_the_cost_model():
     assert AutoK(cost, acceptance=math.nan, k_max=4)(1) == 0
 
 
+def test_policy_keeps_the_configured_k_unless_another_is_clearly_better():
+    # Flat verify cost and cheap drafts: every K pays; K=4 is predicted best by a hair over K=3.
+    cost = _costs(lambda b, w: 10.0)
+    policy = AutoK(cost, acceptance=0.6, k_max=4, min_gain=0.05)
+    speedups = {k: policy.predicted_speedup(1, k) for k in range(1, 5)}
+    assert max(speedups, key=speedups.get) == 3 and speedups[3] < speedups[4] * 1.05  # 3 is best, but only just
+    assert policy(1) == 4  # the configured K stays
+    # A clearly better K is still taken: drafts cost half a step each, so K=4 loses and K=1 pays.
+    cost = CostModel()
+    for w in range(1, 6):
+        cost.target_ms[(1, w)].append(10.0)
+    cost.draft_ms_per_token[1].append(5.0)
+    policy = AutoK(cost, acceptance=0.6, k_max=4, min_gain=0.05)
+    assert policy.predicted_speedup(1, 4) < 1.0 < 1.05 < policy.predicted_speedup(1, 1)
+    assert policy(1) == 1
+
+
 def test_policy_fits_acceptance_from_measured_stats():
     stats = SpecDecodingStats(num_drafts=10, num_draft_tokens=40, num_accepted_tokens=40, target_forward_passes=20)
     policy = AutoK.from_stats(_costs(lambda b, w: 10.0), stats, k=4)
