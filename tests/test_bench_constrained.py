@@ -114,3 +114,31 @@ def test_sweep_refuses_a_naive_grammar_mode(tiny_dirs):
     config = DecodeConfig(k=2, max_new_tokens=4, grammar_mode="naive")
     with pytest.raises(ValueError, match="requires grammar_mode 'exact'; got 'naive'"):
         run_sweep(target, [[5, 6]], PromptLookupDrafter(), config, (1,), constraint=ConstraintSpec("regex", DATE))
+
+
+def test_bench_runs_transformers_assisted_generation_at_batch_1_as_the_peer(tiny_dirs, capsys):
+    argv = bench(tiny_dirs, "--drafter", "prompt-lookup", "--json")
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    peer = result["peer_batch_1"]
+    assert peer["k"] == 3 and peer["num_prompts"] == len(PROMPTS)
+    assert peer["settings"]["hf_assistant_settings"] == "prompt_lookup_num_tokens=K, max_matching_ngram_size=3"
+    for key in ("ours_speculative_tokens_per_s", "hf_assisted_tokens_per_s", "hf_greedy_tokens_per_s"):
+        assert peer[key] > 0
+    assert peer["ratio_ours_vs_hf_assisted"] == pytest.approx(
+        peer["ours_speculative_tokens_per_s"] / peer["hf_assisted_tokens_per_s"]
+    )
+    # fp32 greedy: ours, transformers' greedy and transformers' assisted generation all agree.
+    assert peer["speculative_identical_to_baseline"] == len(PROMPTS)
+    assert peer["hf_assisted_identical_to_hf_greedy"] == len(PROMPTS)
+    assert main([*argv[:-1]]) == 0  # the table says it too
+    assert "peer at batch 1, 3 prompts, K=3: ours " in capsys.readouterr().out
+
+
+def test_bench_says_why_the_peer_did_not_run(tiny_dirs, capsys):
+    assert main(bench(tiny_dirs, "--drafter", "prompt-lookup", "--regex", DATE, "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["peer_batch_1"] == {
+        "skipped": "transformers' assisted generation is not run under a grammar here"
+    }
+    assert main(bench(tiny_dirs, "--drafter", "prompt-lookup", "--no-peer", "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["peer_batch_1"] is None
