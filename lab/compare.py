@@ -48,7 +48,7 @@ from lab.config import DecodeConfig
 from lab.drafters import DRAFTER_NAMES, make_drafter
 from lab.engine import decode, sync_device
 from lab.metrics import SpecDecodingStats
-from lab.models import encode_prompt, precision_name
+from lab.models import encode_prompt, model_precision
 from lab.theory import acceptance_from_mean_length, expected_speedup, expected_tokens_per_step
 from lab.trace import Finished, Step
 
@@ -252,8 +252,8 @@ def run_comparison(
         settings={
             "target": target.name,
             "dtype": str(getattr(target, "dtype", "")),
-            "target_precision": _precision(target),
-            "draft_precisions": {name: _precision(draft) for name, draft in drafts.items()},
+            "target_precision": model_precision(target),
+            "draft_precisions": {name: model_precision(draft) for name, draft in drafts.items()},
             "device": str(getattr(target, "device", "")),
             "max_new_tokens": config.max_new_tokens,
             "temperature": config.temperature,
@@ -401,18 +401,6 @@ def _predicted_with_verify_cost(alpha: float, k: int, c: float, v: float, r: flo
         return math.nan
     tokens = r * expected_tokens_per_step(alpha, k) + (1.0 - r)
     return tokens / (r * (k * c + v) + (1.0 - r))
-
-
-def _precision(model) -> str:
-    """A loaded model's weight precision ("bf16", "int8", ...; ``LoadedModel.precision``), else its dtype's name."""
-    precision = getattr(model, "precision", None)
-    if precision:
-        return precision
-    dtype = getattr(model, "dtype", None) or next(model.model.parameters()).dtype
-    try:
-        return precision_name(dtype)
-    except KeyError:
-        return str(dtype).removeprefix("torch.")
 
 
 def _decode_rate(m: dict) -> float:

@@ -488,6 +488,25 @@ def precision_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES[dtype]
 
 
+def model_precision(loaded) -> str:
+    """A loaded model's weight precision: ``LoadedModel.precision`` ("bf16", "int8", ...), else its weights' dtype's name.
+
+    loaded: a ``LoadedModel`` or anything with ``.model`` (a torch module).
+    """
+    precision = getattr(loaded, "precision", None)
+    if precision:
+        return precision
+    return dtype_precision(next(loaded.model.parameters()).dtype)
+
+
+def dtype_precision(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bf16"``; a dtype without a short name keeps its own ("int8", ...)."""
+    try:
+        return precision_name(dtype)
+    except KeyError:
+        return str(dtype).removeprefix("torch.")
+
+
 def resolve_precision(precision: str | torch.dtype | None, device: torch.device | str | None = None) -> str:
     """The weight precision to load with: one of ``PRECISIONS``; ``"auto"``/``None`` as :func:`resolve_dtype`.
 

@@ -84,7 +84,7 @@ from lab.drafters.base import DraftContext, Drafter
 from lab.engine import sync_device
 from lab.grammar import Constraint, ConstraintSpec
 from lab.metrics import SpecDecodingStats
-from lab.models import precision_name
+from lab.models import dtype_precision, model_precision
 from lab.theory import acceptance_from_mean_length, expected_tokens_per_step
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
@@ -675,14 +675,6 @@ def compile_constraint(spec: ConstraintSpec, target) -> Constraint:
     return Constraint(spec, target.tokenizer, target.model.config.get_text_config().vocab_size, target.eos_token_ids)
 
 
-def model_precision(loaded) -> str:
-    """A loaded model's weight precision ("bf16", "int8", ...: ``LoadedModel.precision``), else its dtype's name."""
-    precision = getattr(loaded, "precision", None)
-    if precision:
-        return precision
-    return _dtype_precision(next(loaded.model.parameters()).dtype)
-
-
 def _draft_precision(drafter: BatchDrafter, target, draft) -> str | None:
     """The draft side's weight precision: the draft model's, the target's for an early exit, None without a model."""
     if draft is not None:
@@ -693,14 +685,7 @@ def _draft_precision(drafter: BatchDrafter, target, draft) -> str | None:
     first = next(model.parameters())
     if any(first is p for p in target.model.parameters()):
         return model_precision(target)  # layer skip: the target's own weights
-    return _dtype_precision(first.dtype)
-
-
-def _dtype_precision(dtype: torch.dtype) -> str:
-    try:
-        return precision_name(dtype)
-    except KeyError:
-        return str(dtype).removeprefix("torch.")
+    return dtype_precision(first.dtype)
 
 
 def _num_requests(num_prompts: int, batch_size: int) -> int:
