@@ -75,10 +75,10 @@ def compatible_drafts(target: str) -> list[str]:
 def no_draft_message(target: str) -> str:
     """What to do when no preset can draft for ``target``."""
     with_drafts = [model_title(name) for name in PRESETS if compatible_drafts(name)]
-    targets = f" such as {' or '.join(with_drafts)}" if with_drafts else ""
+    targets = f" ({' or '.join(with_drafts)})" if with_drafts else ""
     return (f"No draft model shares the tokenizer of {model_title(target)}: a draft model's proposals are token ids, "
-            "so it must come from the target's own family, and no other preset does. Pick another drafter (prompt "
-            f"lookup or layer skip, which need no second model), or a target with a smaller sibling{targets}.")
+            "so it must come from the target's own tokenizer family, and no other preset does. Pick another drafter "
+            f"(prompt lookup or layer skip, which need no second model), or a target that has a draft model{targets}.")
 
 
 def checked_draft(target: str, draft: str | None) -> str:
@@ -121,7 +121,8 @@ def draft_select(page: str, target: str, *, local_folder: bool = False) -> str |
     """
     options = compatible_drafts(target)
     if not options:
-        st.info(no_draft_message(target), icon=":material/info:")
+        folder_hint = " Or type the folder of a local model that shares its tokenizer:" if local_folder else ""
+        st.info(no_draft_message(target) + folder_hint, icon=":material/info:")
         return (_folder_input("Draft model", page, "draft") or None) if local_folder else None
     options += [LOCAL_FOLDER] if local_folder else []
     draft_key = key(f"{page}.draft")
@@ -148,8 +149,9 @@ def ngram_inputs(page: str, low=st, high=st) -> None:
 def exit_layer_input(page: str, where=st) -> None:
     """Layer skip's exit layer (empty: a quarter of the target's layers), in the container ``where``."""
     where.number_input("Exit layer", min_value=1, max_value=64, step=1, key=key(f"{page}.exit_layer"),
-                       placeholder="auto: a quarter of the target's layers",
-                       help="Draft with the target's first N layers, then its final norm and LM head.")
+                       placeholder="auto: a quarter",
+                       help="Draft with the target's first N layers, then its final norm and LM head. Empty: a "
+                            "quarter of the target's layers.")
 
 
 # ---------------------------------------------------------------- prompts

@@ -326,6 +326,7 @@ def test_live_draft_list_follows_the_target(tiny_models):
     assert "Draft model" not in selectbox_labels(at)  # no select with nothing to pick ...
     (info,) = [i.value for i in at.info if "No draft model shares" in i.value]
     assert "SmolLM2-135M-Instruct" in info and "prompt lookup or layer skip" in info and "Qwen" in info
+    assert "folder of a local model" in info
     assert [t.label for t in at.text_input] == ["Draft model folder"]  # ... but a local folder can still be typed
 
     at = click_run(at)  # nothing typed: the run says what to do, and loads nothing

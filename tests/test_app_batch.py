@@ -313,6 +313,7 @@ def test_cancel_stops_the_sweep_at_its_next_batch(tiny_models, cancel_at_run_bat
     assert len(calls) <= 2 + 3  # the warm-up and one batch in each mode (off, on, maybe auto): no second batch
     assert RESULT_KEY not in at.session_state and IN_FLIGHT_KEY not in at.session_state
     assert not at.success and not at.get("plotly_chart")
+    assert not any(c.value.startswith("No sweep yet") for c in at.caption)  # the notice says what to do instead
     assert not [b for b in at.button if b.label == "Cancel"]  # drawn only while sweeping
 
     at.run()  # the notice stays until the next sweep

@@ -410,7 +410,7 @@ if (notice := st.session_state.get(NOTICE_KEY)) is not None:
     show_notice(notice, previous=sweep is not None)
 if sweep is not None:
     show_result(sweep)
-elif not run_clicked:
+elif not run_clicked and notice is None:
     st.caption("No sweep yet: choose a target, a drafter and batch sizes, then Run sweep. Start small (SmolLM2, prompt "
                "lookup, batch sizes 1, 2, 4, 16 tokens): every batch size decodes every request two or three times, "
                "after a calibration that times verify passes at each batch size.")
