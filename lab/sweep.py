@@ -522,6 +522,9 @@ def format_sweep(sweep: SweepResult) -> str:
         if crossover is None
         else f"crossover: from batch size {crossover} on, speculation lengthens the p50 latency"
     )
+    if settings.get("status") == "cancelled":
+        planned = settings.get("batch_sizes_planned") or []
+        lines.append(f"cancelled: {len(sweep.results)} of {len(planned)} batch sizes finished")
     peer = sweep.peer
     if peer and peer.get("skipped"):
         lines.append(f"peer at batch 1: not run ({peer['skipped']})")
@@ -552,6 +555,7 @@ def run_sweep(
     progress: Progress | None = None,
     draft=None,
     constraint: Constraint | ConstraintSpec | None = None,
+    should_cancel: Callable[[], bool] | None = None,
 ) -> SweepResult:
     """Decode the prompts at each batch size with speculation off, on (config.k) and auto; see the module docstring.
 
@@ -570,6 +574,10 @@ def run_sweep(
         settings (its precision); a layer-skip drafter's is the target's.
     constraint: constrain every output (``lab.grammar``); a ``ConstraintSpec``
         is compiled for the target's tokenizer.
+    should_cancel: polled before each batch of requests and each batch size's
+        calibration; once it returns True the sweep stops and returns the batch
+        sizes finished so far, with settings["status"] = "cancelled" (else
+        "complete") and settings["batch_sizes_planned"].
 
     Raises ValueError for no prompts, no drafter, a non-positive batch size,
     k_max out of 1..16, or a constraint with ``config.grammar_mode`` "naive";
@@ -608,8 +616,18 @@ def run_sweep(
         "constraint": None
         if constraint is None
         else {"kind": constraint.spec.kind, "source": constraint.spec.source, "mode": config.grammar_mode},
+        "batch_sizes_planned": list(batch_sizes),
+        "status": "complete",
     }
+    cancel = should_cancel or (lambda: False)
+    results: list[BatchSizeResult] = []
     cost = CostModel()
+
+    def stopped() -> SweepResult:
+        settings["status"] = "cancelled"
+        report(1.0, f"cancelled after {len(results)} of {len(batch_sizes)} batch sizes")
+        return SweepResult(getattr(drafter, "name", "drafter"), config.k, settings, results, cost)
+
     seen = SpecDecodingStats()  # acceptance measured so far (on runs), seeds the policy
 
     if warmup:
@@ -618,11 +636,13 @@ def run_sweep(
         run_batch(target, prompts[:2], None, warm, constraint=constraint)
         seen.merge(run_batch(target, prompts[:2], drafter, warm, constraint=constraint).pooled_stats())
     if calibration:
-        report(0.02, "calibrating step costs")
-        calibrate(target, drafter, prompts, batch_sizes, k_max, cost=cost, constraint=constraint)
+        for batch_size in batch_sizes:
+            if cancel():
+                return stopped()
+            report(0.02, f"calibrating step costs at batch size {batch_size}")
+            calibrate(target, drafter, prompts, [batch_size], k_max, cost=cost, constraint=constraint)
 
     greedy = config.sampling.is_greedy
-    results: list[BatchSizeResult] = []
     batch_1_outputs: dict[int, list[int]] = {}
     total_requests = sum(_num_requests(len(prompts), b) for b in batch_sizes)
     done_requests = 0
@@ -637,6 +657,8 @@ def run_sweep(
         request_prompts = _requests(len(prompts), batch_size)
         groups = [request_prompts[i : i + batch_size] for i in range(0, len(request_prompts), batch_size)]
         for g, group in enumerate(groups):
+            if cancel():
+                return stopped()  # this batch size is unfinished: it is dropped
             fraction = 0.05 + 0.95 * done_requests / total_requests
             report(fraction, f"batch size {batch_size}: batch {g + 1}/{len(groups)}")
             for mode in order[g % len(order) :] + order[: g % len(order)]:

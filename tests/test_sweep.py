@@ -75,6 +75,28 @@ def test_sweep_holds_every_figure(lookup_sweep):
     assert sweep.cost.target(2, 4) > 0 and sweep.cost.draft(2, 3) >= 0
 
 
+def test_cancelled_sweep_keeps_the_finished_batch_sizes(tiny_target, lookup_sweep):
+    polls = []
+
+    def cancel_after_batch_size_1() -> bool:
+        polls.append(1)
+        # calibration polls once per batch size (3), batch size 1 once per batch (4 prompts): stop at batch size 2.
+        return len(polls) > len(BATCH_SIZES) + len(PROMPTS)
+
+    config = DecodeConfig(k=3, max_new_tokens=NEW_TOKENS)
+    sweep = run_sweep(tiny_target, PROMPTS, PromptLookupDrafter(), config, BATCH_SIZES, should_cancel=cancel_after_batch_size_1)
+    assert sweep.batch_sizes == [1]
+    assert sweep.settings["status"] == "cancelled" and sweep.settings["batch_sizes_planned"] == list(BATCH_SIZES)
+    assert lookup_sweep.settings["status"] == "complete"
+    # What finished is what an uncancelled sweep measures (greedy outputs and acceptance do not depend on timing).
+    assert sweep.results[0].on.outputs == lookup_sweep.results[0].on.outputs
+    assert json.loads(sweep.to_json())["batch_sizes"] == [1]
+    assert format_sweep(sweep).splitlines()[-1] == "cancelled: 1 of 3 batch sizes finished"
+    cancelled_at_once = run_sweep(tiny_target, PROMPTS, PromptLookupDrafter(), config, BATCH_SIZES, should_cancel=lambda: True)
+    assert cancelled_at_once.results == [] and cancelled_at_once.settings["status"] == "cancelled"
+    assert json.loads(cancelled_at_once.to_json())["crossover_batch_size"] is None
+
+
 def test_acceptance_per_position_does_not_change_with_batch_size(lookup_sweep):
     """Each row drafts and accepts exactly as alone, so pooled acceptance is the same at every batch size."""
     first = lookup_sweep.results[0].on.stats
