@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lab.drafters.base import Draft, DraftContext
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
@@ -74,3 +76,47 @@ def reference_greedy(model: torch.nn.Module, prompt_ids: list[int], max_new_toke
             if token in eos:
                 break
     return out
+
+
+class OracleDrafter:
+    """Proposes the target's own greedy continuation (always agrees), or a wrong token at every position.
+
+    reference: the target's greedy output for the prompt; num_prompt_tokens: the prompt's length.
+    """
+
+    def __init__(self, reference: list[int], num_prompt_tokens: int, agree: bool) -> None:
+        self.name = "oracle" if agree else "contrarian"
+        self.reference = reference
+        self.num_prompt_tokens = num_prompt_tokens
+        self.agree = agree
+
+    def reset(self) -> None:
+        pass
+
+    def propose(self, ctx: DraftContext) -> Draft:
+        done = ctx.token_ids.shape[0] - self.num_prompt_tokens
+        tokens = torch.tensor(self.reference[done : done + ctx.k], dtype=torch.long)
+        if not self.agree:
+            tokens = (tokens + 1) % TINY_VOCAB
+        return Draft(tokens)
+
+    def observe(self, num_accepted: int) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2's real tokenizer (xgrammar needs real token strings); the preset must be prepared."""
+    from lab.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol_tiny_models(smol_tokenizer) -> tuple[TinyLM, TinyLM]:
+    """Tiny random target (3 layers) and draft (1 layer) over SmolLM2's tokenizer, stopping at its EOS."""
+    vocab = len(smol_tokenizer)
+    eos = (smol_tokenizer.eos_token_id,)
+    target = TinyLM(tiny_llama(seed=0, vocab_size=vocab, layers=3), smol_tokenizer, eos, name="tiny-target")
+    draft = TinyLM(tiny_llama(seed=1, vocab_size=vocab, layers=1), smol_tokenizer, eos, name="tiny-draft")
+    return target, draft

@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from conftest import TINY_VOCAB, TinyLM, reference_greedy, tiny_llama
+from conftest import OracleDrafter, TINY_VOCAB, TinyLM, reference_greedy, tiny_llama
 from lab.batch import (
     BatchDraftModelDrafter,
     BatchFinished,
@@ -52,27 +52,6 @@ def reference(target: TinyLM, prompt, max_new_tokens: int) -> list[int]:
     return list(_reference(id(target.model), tuple(prompt), max_new_tokens, tuple(target.eos_token_ids)))
 
 
-class OracleDrafter:
-    """Proposes the target's own greedy continuation (always agrees) or a wrong token everywhere (never agrees)."""
-
-    def __init__(self, reference: list[int], num_prompt_tokens: int, agree: bool) -> None:
-        self.name = "oracle" if agree else "contrarian"
-        self.reference = reference
-        self.num_prompt_tokens = num_prompt_tokens
-        self.agree = agree
-
-    def reset(self) -> None:
-        pass
-
-    def propose(self, ctx: DraftContext) -> Draft:
-        done = ctx.token_ids.shape[0] - self.num_prompt_tokens
-        tokens = torch.tensor(self.reference[done : done + ctx.k], dtype=torch.long)
-        if not self.agree:
-            tokens = (tokens + 1) % TINY_VOCAB
-        return Draft(tokens)
-
-    def observe(self, num_accepted: int) -> None:
-        pass
 
 
 def oracles(target: TinyLM, prompts, agree: bool, max_new_tokens: int = NEW_TOKENS) -> PerRowDrafter:

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from conftest import TinyLM, tiny_llama
 from lab.batch import BatchDraftModelDrafter, run_batch
 from lab.config import DecodeConfig
 from lab.drafters import DraftContext, DraftModelDrafter, make_drafter
@@ -49,20 +48,8 @@ NEW_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
-def smol_tokenizer():
-    from lab.models import load_tokenizer
-
-    return load_tokenizer("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def models(smol_tokenizer):
-    """Tiny random target and draft over SmolLM2's real tokenizer (xgrammar needs real token strings)."""
-    vocab = len(smol_tokenizer)
-    eos = (smol_tokenizer.eos_token_id,)
-    target = TinyLM(tiny_llama(seed=0, vocab_size=vocab, layers=3), smol_tokenizer, eos)
-    draft = TinyLM(tiny_llama(seed=1, vocab_size=vocab, layers=1), smol_tokenizer, eos)
-    return target, draft
+def models(smol_tiny_models):
+    return smol_tiny_models
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from conftest import TinyLM, tiny_llama
 from lab.bench import DrafterSpec
 from lab.constrained_bench import (
     SETTINGS,
@@ -36,20 +35,8 @@ ITEMS = [
 
 
 @pytest.fixture(scope="module")
-def smol_tokenizer():
-    from lab.models import load_tokenizer
-
-    return load_tokenizer("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def models(smol_tokenizer):
-    """Tiny random target and draft over SmolLM2's real tokenizer (xgrammar needs real token strings)."""
-    vocab = len(smol_tokenizer)
-    eos = (smol_tokenizer.eos_token_id,)
-    target = TinyLM(tiny_llama(seed=0, vocab_size=vocab, layers=3), smol_tokenizer, eos, name="tiny-target")
-    draft = TinyLM(tiny_llama(seed=1, vocab_size=vocab, layers=1), smol_tokenizer, eos, name="tiny-draft")
-    return target, draft
+def models(smol_tiny_models):
+    return smol_tiny_models
 
 
 @pytest.fixture(scope="module")

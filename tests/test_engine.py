@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_VOCAB, TinyLM, reference_greedy
+from conftest import OracleDrafter, TINY_VOCAB, TinyLM, reference_greedy
 from lab.cache import new_cache
 from lab.config import DecodeConfig
-from lab.drafters import Draft, DraftContext, DraftModelDrafter, PromptLookupDrafter
+from lab.drafters import Draft, DraftModelDrafter, PromptLookupDrafter
 from lab.engine import decode, run
 from lab.trace import Finished, Prefilled, Step
 
@@ -19,27 +19,6 @@ PROMPTS = [
 ]
 
 
-class OracleDrafter:
-    """Proposes the target's own greedy continuation (always agrees), or a wrong token at every position."""
-
-    def __init__(self, reference: list[int], num_prompt_tokens: int, agree: bool) -> None:
-        self.name = "oracle" if agree else "contrarian"
-        self.reference = reference
-        self.num_prompt_tokens = num_prompt_tokens
-        self.agree = agree
-
-    def reset(self) -> None:
-        pass
-
-    def propose(self, ctx: DraftContext) -> Draft:
-        done = ctx.token_ids.shape[0] - self.num_prompt_tokens
-        tokens = torch.tensor(self.reference[done : done + ctx.k], dtype=torch.long)
-        if not self.agree:
-            tokens = (tokens + 1) % TINY_VOCAB
-        return Draft(tokens)
-
-    def observe(self, num_accepted: int) -> None:
-        pass
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from conftest import TinyLM, tiny_llama
 from lab.config import DecodeConfig
 from lab.drafters import DraftContext, make_drafter
 from lab.engine import run
@@ -47,19 +46,8 @@ PROMPT = [1, 504, 2043, 314, 253, 3459, 28, 198]  # any ids: the tiny model is r
 
 
 @pytest.fixture(scope="module")
-def smol_tokenizer():
-    from lab.models import load_tokenizer
-
-    return load_tokenizer("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def models(smol_tokenizer):
-    """Tiny random target and draft over SmolLM2's real tokenizer (xgrammar needs real token strings)."""
-    vocab = len(smol_tokenizer)
-    target = TinyLM(tiny_llama(seed=0, vocab_size=vocab, layers=3), smol_tokenizer, (smol_tokenizer.eos_token_id,))
-    draft = TinyLM(tiny_llama(seed=1, vocab_size=vocab, layers=1), smol_tokenizer, (smol_tokenizer.eos_token_id,))
-    return target, draft
+def models(smol_tiny_models):
+    return smol_tiny_models
 
 
 def compile_for(target, spec) -> Constraint:
