@@ -13,6 +13,14 @@ chose for that batch size before running it) each carry latency p50/p95, TTFT
 and tokens/s. The crossover is the smallest batch size whose latency speedup is
 below 1 (``SweepResult.crossover_batch_size``).
 
+A sweep may be partial: settings["status"] is "cancelled" (the Cancel
+button) or "stopped" (the page reran while sweeping) and
+settings["batch_sizes_planned"] lists what was asked for; ``results`` holds
+the batch sizes that finished. It may carry ``peer_batch_1``: transformers'
+assisted generation at batch 1 on the same models and prompts
+(``lab.bench.PeerReport.summary``), or {"skipped": why}. Under a constraint
+settings["constraint"] names it and each mode counts its ``outputs_valid``.
+
 Batch sizes go on a log2 axis drawn as plain numbers: x = log2(B), ticks
 labelled B, so lines and annotations use ordinary linear coordinates.
 """
@@ -38,6 +46,7 @@ SLOWER_FILL = "rgba(208, 71, 63, 0.08)"
 CROSSOVER_COLOUR = "#d0473f"
 CROSSOVER_TEXT = "speculation stops paying for latency here"
 BATCH_PALETTE = ("#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b")
+CONSTRAINT_LABELS = {"json_schema": "JSON schema", "regex": "regex", "any_json": "any JSON"}  # lab.grammar's kinds
 FIGURE_MARGIN = dict(l=10, r=10, t=60, b=10)
 LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.22)
 
@@ -136,6 +145,94 @@ def outputs_differ(sweep: dict) -> dict[str, int | None]:
         out[f"{mode}_vs_batch_1"] = total([(r.get(mode) or {}).get("outputs_differ_from_batch_1")
                                            for r in sweep["results"] if int(r["batch_size"]) > 1])
     return out
+
+
+def planned_batch_sizes(sweep: dict) -> list[int]:
+    """The batch sizes the sweep was asked for (files written before the lab recorded them: the finished ones)."""
+    planned = (sweep.get("settings") or {}).get("batch_sizes_planned")
+    return [int(b) for b in planned] if planned else batch_sizes(sweep)
+
+
+def partial_text(sweep: dict) -> str | None:
+    """What a cancelled or stopped sweep holds, in one sentence; None for a complete one.
+
+    "Cancelled: a partial sweep. Batch sizes 1, 2 of 1, 2, 4, 8 finished; 4, 8 did not run."
+    """
+    status = (sweep.get("settings") or {}).get("status") or "complete"
+    if status == "complete":
+        return None
+    done, planned = batch_sizes(sweep), planned_batch_sizes(sweep)
+    missing = [b for b in planned if b not in done]
+    how = {"cancelled": "Cancelled", "stopped": "Stopped because the page reran while sweeping (an input changed)"}
+    sizes = "Batch size" + ("s " if len(done) > 1 else " ")
+    text = (f"{how.get(status, status.capitalize())}: a partial sweep. {sizes}{', '.join(map(str, done))} "
+            f"of {', '.join(map(str, planned))} finished")
+    return text + (f"; {', '.join(map(str, missing))} did not run." if missing else ".")
+
+
+def constraint_text(sweep: dict) -> str | None:
+    """The constraint every output was held to ("any JSON", "regex `[0-9]+`"), None without one."""
+    constraint = (sweep.get("settings") or {}).get("constraint")
+    if not constraint:
+        return None
+    kind = CONSTRAINT_LABELS.get(constraint.get("kind"), str(constraint.get("kind")))
+    source = " ".join(str(constraint.get("source") or "").split())
+    shown = source if len(source) <= 60 else source[:59] + "…"
+    return f"{kind} `{shown}`" if shown else kind
+
+
+def outputs_valid(sweep: dict) -> dict[str, tuple[int, int]] | None:
+    """Per mode, (outputs that satisfy the constraint, requests), summed over batch sizes; None when not counted."""
+    out = {}
+    for mode in MODES:
+        runs = [r.get(mode) or {} for r in sweep["results"]]
+        valid = [run.get("outputs_valid") for run in runs]
+        if any(v is not None for v in valid):
+            out[mode] = (sum(int(v or 0) for v in valid), sum(int(run.get("num_requests") or 0) for run in runs))
+    return out or None
+
+
+def peer(sweep: dict) -> dict | None:
+    """The peer at batch 1 (``peer_batch_1``): a ``lab.bench.PeerReport.summary`` or {"skipped": why}; None: absent."""
+    found = sweep.get("peer_batch_1")
+    return found if isinstance(found, dict) else None
+
+
+def peer_table(found: dict) -> pd.DataFrame:
+    """Ours against transformers' assisted generation at batch 1: tokens/s alone and speculative, and the speedup
+    of each over its own greedy decoding, one row per decoder."""
+    return pd.DataFrame([
+        {"decoder": "ours (lab.engine)", "greedy tokens/s": number(found.get("ours_baseline_tokens_per_s")),
+         "speculative tokens/s": number(found.get("ours_speculative_tokens_per_s")),
+         "speedup over its own greedy": number(found.get("speedup")),
+         "tokens per target pass": number(found.get("ours_tokens_per_target_pass"))},
+        {"decoder": "transformers' assisted generation", "greedy tokens/s": number(found.get("hf_greedy_tokens_per_s")),
+         "speculative tokens/s": number(found.get("hf_assisted_tokens_per_s")),
+         "speedup over its own greedy": number(found.get("hf_speedup")),
+         "tokens per target pass": number(found.get("hf_tokens_per_target_pass"))},
+    ])
+
+
+def peer_identical_text(found: dict) -> str:
+    """The three greedy exactness counts of the peer run, e.g. "ours speculative = ours alone: 4/4; ..."."""
+    n = found.get("num_prompts")
+    pairs = (("ours speculative = ours alone", "speculative_identical_to_baseline"),
+             ("ours alone = transformers' greedy", "baseline_identical_to_hf_greedy"),
+             ("transformers' assisted = its greedy", "hf_assisted_identical_to_hf_greedy"))
+    return "; ".join(f"{what}: {'n/a' if found.get(name) is None else found[name]}/{n}" for what, name in pairs)
+
+
+PEER_PAIRS = {"speculative_vs_baseline": "ours speculative vs ours alone",
+              "baseline_vs_hf_greedy": "ours alone vs transformers' greedy",
+              "hf_assisted_vs_hf_greedy": "transformers' assisted vs its greedy"}
+
+
+def peer_mismatch_text(found: dict, shown: int = 4) -> str:
+    """The peer's greedy outputs that differ: "ours alone vs transformers' greedy on spec_bench/7 from token 11"; ""."""
+    mismatches = found.get("mismatches") or []
+    parts = [f"{PEER_PAIRS.get(m.get('pair'), m.get('pair'))} on {m.get('prompt')} from token "
+             f"{m.get('first_difference_at')}" for m in mismatches[:shown]]
+    return "; ".join(parts) + (f" and {len(mismatches) - shown} more" if len(mismatches) > shown else "")
 
 
 def headline(sweep: dict) -> str:
@@ -366,7 +463,9 @@ def policy_figure(sweep: dict) -> go.Figure:
 
 
 def sweep_table(sweep: dict) -> pd.DataFrame:
-    """Every figure of the sweep, one row per batch size (seconds, tokens/s, ratios as plain numbers)."""
+    """Every figure of the sweep, one row per batch size (seconds, tokens/s, ratios as plain numbers); under a
+    constraint also each mode's outputs that satisfy it."""
+    constrained = outputs_valid(sweep) is not None
     rows = []
     for r in sweep["results"]:
         latency_share, throughput_share = auto_share_of_best(r)
@@ -398,6 +497,9 @@ def sweep_table(sweep: dict) -> pd.DataFrame:
         }
         for mode in MODES:
             row[f"outputs differ from batch 1 ({mode})"] = (r.get(mode) or {}).get("outputs_differ_from_batch_1")
+        if constrained:
+            for mode in MODES:
+                row[f"outputs valid ({mode})"] = (r.get(mode) or {}).get("outputs_valid")
         rows.append(row)
     return pd.DataFrame(rows)
 

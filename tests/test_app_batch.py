@@ -17,6 +17,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+import lab.bench
 import lab.sweep
 from app import render_batch
 from app_util import app_on, click, key, tiny_models  # noqa: F401 (tiny_models: a fixture)
@@ -288,28 +289,65 @@ def test_verify_costs_below_one_are_called_noise(tiny_models):
 
 
 @pytest.fixture
-def cancel_at_run_batch(monkeypatch):
-    """Set the Cancel button's flag while the sweep's n-th ``run_batch`` runs; yields (set n, calls so far)."""
-    real_run_batch = lab.sweep.run_batch
-    calls, cancel_at = [], [0]
+def cancel_during_run_batch(monkeypatch):
+    """Set the Cancel button's flag while a chosen ``run_batch`` call of the sweep runs.
 
-    def run_batch_then_cancel(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == cancel_at[0]:
+    Yields (choose, calls): ``choose(predicate)`` picks the call, ``predicate(calls)`` seeing the number of prompt
+    rows of every call so far (the warm-up's two calls first); calls is that list.
+    """
+    real_run_batch = lab.sweep.run_batch
+    calls, chosen = [], [lambda rows: False]
+
+    def run_batch_then_cancel(target, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        if chosen[0](calls):
             st.session_state[CANCEL_KEY] = True  # what the Cancel button's callback does
-        return real_run_batch(*args, **kwargs)
+        return real_run_batch(target, prompts, *args, **kwargs)
 
     monkeypatch.setattr(lab.sweep, "run_batch", run_batch_then_cancel)
-    yield lambda n: cancel_at.__setitem__(0, n), calls
+    yield lambda predicate: chosen.__setitem__(0, predicate), calls
 
 
-def test_cancel_stops_the_sweep_at_its_next_batch(tiny_models, cancel_at_run_batch):
-    cancel_at, calls = cancel_at_run_batch
-    cancel_at(3)  # the warm-up decodes twice; the third decode is batch size 1's first batch
+def at_call(n: int):
+    return lambda calls: len(calls) == n
+
+
+def first_batch_of_size(size: int, after: int = 2):
+    """The first call with ``size`` rows after the first ``after`` calls (the warm-up's two)."""
+    return lambda calls: len(calls) > after and calls[-1] == size and size not in calls[after:-1]
+
+
+def test_cancel_keeps_the_batch_sizes_that_finished(tiny_models, cancel_during_run_batch):
+    cancel_when, calls = cancel_during_run_batch
+    cancel_when(first_batch_of_size(2))  # two prompts: batch size 2 is one batch; it finishes, 4 never starts
+    at = run_clicked(batch_app())
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert 4 not in calls[2:]  # the sweep stopped before batch size 4's batch
+    sweep = at.session_state[RESULT_KEY]
+    assert render_batch.batch_sizes(sweep) == [1, 2]
+    assert sweep["settings"]["status"] == "cancelled" and sweep["settings"]["batch_sizes_planned"] == [1, 2, 4]
+    (warning,) = [w.value for w in at.warning if w.value.startswith("Cancelled")]
+    assert warning.startswith("Cancelled: a partial sweep. Batch sizes 1, 2 of 1, 2, 4 finished; 4 did not run.")
+    assert "hold the finished batch sizes only" in warning
+    assert not at.success  # not "Swept batch sizes …": it is labelled partial
+    assert len(at.get("plotly_chart")) == 4 and at.dataframe[-1].value["batch size"].tolist() == [1, 2]
+    assert [b.label for b in at.get("download_button")] == ["Download CSV", "Download JSON"]
+    assert IN_FLIGHT_KEY not in at.session_state and not [b for b in at.button if b.label == "Cancel"]
+
+    exported = render_batch.sweep_json(sweep)  # what Download JSON writes: it loads back, still marked partial
+    at = upload(at, json.loads(exported))
+    assert any("Loaded from **sweep.json**: batch sizes 1, 2" in i.value for i in at.info)
+    assert any(w.value.startswith("Cancelled: a partial sweep. Batch sizes 1, 2 of 1, 2, 4") for w in at.warning)
+
+
+def test_cancel_before_any_batch_size_finished_keeps_nothing(tiny_models, cancel_during_run_batch):
+    cancel_when, calls = cancel_during_run_batch
+    cancel_when(at_call(3))  # the warm-up decodes twice; the third decode is batch size 1's first batch
     at = run_clicked(batch_app(pasted=TINY_PROMPTS))  # two prompts: two batches at batch size 1
     assert not at.exception and not at.error, [e.value for e in at.error]
     (warning,) = [w.value for w in at.warning if w.value.startswith("Cancelled")]
-    assert "at batch size 1: batch 2/2" in warning and "keeps nothing" in warning and "Run again" in warning
+    assert warning.startswith("Cancelled during batch size 1: batch 1/2")
+    assert "before any batch size finished: nothing to show" in warning and "Run again" in warning
     assert len(calls) <= 2 + 3  # the warm-up and one batch in each mode (off, on, maybe auto): no second batch
     assert RESULT_KEY not in at.session_state and IN_FLIGHT_KEY not in at.session_state
     assert not at.success and not at.get("plotly_chart")
@@ -318,17 +356,18 @@ def test_cancel_stops_the_sweep_at_its_next_batch(tiny_models, cancel_at_run_bat
 
     at.run()  # the notice stays until the next sweep
     assert any(w.value.startswith("Cancelled") for w in at.warning)
-    cancel_at(0)
+    cancel_when(lambda calls: False)
     at = run_clicked(at)  # the flag is reset at the start of a sweep: this one runs to the end
     assert any(s.value.startswith("Swept batch sizes 1, 2, 4") for s in at.success)
     assert not any(w.value.startswith("Cancelled") for w in at.warning)
 
 
-def test_a_cancelled_sweep_leaves_the_previous_one_shown(tiny_models, cancel_at_run_batch):
-    cancel_at, calls = cancel_at_run_batch
+def test_a_sweep_cancelled_before_its_first_batch_size_leaves_the_previous_one_shown(tiny_models,
+                                                                                    cancel_during_run_batch):
+    cancel_when, calls = cancel_during_run_batch
     at = run_clicked(batch_app())
     previous = at.session_state[RESULT_KEY]
-    cancel_at(len(calls) + 3)
+    cancel_when(at_call(len(calls) + 3))
     at = run_clicked(at)
     assert not at.exception and not at.error
     (warning,) = [w.value for w in at.warning if w.value.startswith("Cancelled")]
@@ -336,34 +375,155 @@ def test_a_cancelled_sweep_leaves_the_previous_one_shown(tiny_models, cancel_at_
     assert at.session_state[RESULT_KEY] is previous and len(at.get("plotly_chart")) == 4
 
 
-@pytest.mark.parametrize(
-    "cancelled, headline",
-    [(True, "Cancelled, at batch size 2: batch 1/1"), (False, "Stopped because the page reran while sweeping")],
-)
-def test_a_stopped_sweep_tells_the_next_run_how_it_ended(tiny_models, cancelled, headline):
-    # In the browser a Cancel click starts a new script run at once and stops the running one, which can no
-    # longer touch st.session_state: it leaves word in the object it put there before starting.
-    at = batch_app()
+def hand_over(at: AppTest, result: dict | None, cancelled: bool, where: str = "batch size 2: batch 1/1") -> AppTest:
+    """What a script run that a click stopped leaves: its ``app.inflight.InFlight``, done, and the Cancel flag."""
     done = threading.Event()
     done.set()
-    at.session_state[IN_FLIGHT_KEY] = SimpleNamespace(done=done, result=None,
-                                                      last_progress="batch size 2: batch 1/1 (60 % of the sweep done)")
+    at.session_state[IN_FLIGHT_KEY] = SimpleNamespace(done=done, result=result, last_progress=where)
     at.session_state[CANCEL_KEY] = cancelled  # what the Cancel button's callback sets
-    at.run()
+    return at.run()
+
+
+@pytest.mark.parametrize(
+    "cancelled, headline",
+    [(True, "Cancelled: a partial sweep"),
+     (False, "Stopped because the page reran while sweeping (an input changed): a partial sweep")],
+)
+def test_a_stopped_sweep_hands_its_finished_batch_sizes_to_the_next_run(tiny_models, tiny_sweep, cancelled, headline):
+    # In the browser a Cancel click starts a new script run at once and stops the running one, which can no
+    # longer touch st.session_state: run_sweep saw a cancel, returned batch sizes 1 and 2, and the stopped run
+    # left them in the object it put there before starting, marked "stopped" (it cannot see the Cancel flag).
+    partial = json.loads(tiny_sweep.to_json())
+    partial["results"] = partial["results"][:2]
+    partial["settings"] |= {"status": "stopped"}
+    at = hand_over(batch_app(), partial, cancelled)
     assert not at.exception and not at.error
-    assert any(w.value.startswith(headline) and "keeps nothing" in w.value for w in at.warning), \
+    assert at.session_state[RESULT_KEY] is partial and IN_FLIGHT_KEY not in at.session_state
+    assert partial["settings"]["status"] == ("cancelled" if cancelled else "stopped")
+    assert any(w.value.startswith(f"{headline}. Batch sizes 1, 2 of 1, 2, 4 finished; 4 did not run.")
+               for w in at.warning), [w.value for w in at.warning]
+    assert at.dataframe[-1].value["batch size"].tolist() == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "cancelled, headline",
+    [(True, "Cancelled during batch size 2: batch 1/1"), (False, "Stopped because the page reran while sweeping")],
+)
+def test_a_stopped_sweep_with_nothing_finished_tells_the_next_run_how_it_ended(tiny_models, cancelled, headline):
+    at = hand_over(batch_app(), None, cancelled, where="batch size 2: batch 1/1 (60 % of the sweep done)")
+    assert not at.exception and not at.error
+    assert any(w.value.startswith(headline) and "nothing to show" in w.value for w in at.warning), \
         [w.value for w in at.warning]
     assert IN_FLIGHT_KEY not in at.session_state and RESULT_KEY not in at.session_state
 
 
 def test_a_sweep_that_finished_before_it_could_stop_is_kept(tiny_models, tiny_sweep):
-    at = batch_app()
-    done = threading.Event()
-    done.set()
     result = json.loads(tiny_sweep.to_json())
-    at.session_state[IN_FLIGHT_KEY] = SimpleNamespace(done=done, result=result, last_progress="done")
-    at.session_state[CANCEL_KEY] = True
-    at.run()
+    at = hand_over(batch_app(), result, cancelled=True, where="done")
     assert not at.exception and not at.error
     assert at.session_state[RESULT_KEY] is result and not at.warning
     assert any(s.value.startswith("Swept batch sizes 1, 2, 4") for s in at.success)
+
+
+# ---------------------------------------------------------------- the peer: transformers at batch 1
+
+
+PEER = {"k": 3, "num_prompts": 4, "ours_baseline_tokens_per_s": 10.0, "ours_speculative_tokens_per_s": 18.0,
+        "speedup": 1.8, "hf_greedy_tokens_per_s": 12.0, "hf_assisted_tokens_per_s": 12.0, "hf_speedup": 1.0,
+        "ratio_ours_vs_hf_assisted": 1.5, "ratio_ours_vs_hf_assisted_median": 1.4,
+        "ours_tokens_per_target_pass": 2.5, "hf_tokens_per_target_pass": 2.4, "speculative_identical_to_baseline": 4,
+        "baseline_identical_to_hf_greedy": 3, "hf_assisted_identical_to_hf_greedy": 4,
+        "mismatches": [{"prompt": "spec_bench/7", "pair": "baseline_vs_hf_greedy", "first_difference_at": 11}],
+        "settings": {"drafter": "prompt-lookup n=1..3", "dtype": "bfloat16", "torch_threads": 2}}
+
+
+def test_peer_table_and_identical_counts():
+    table = render_batch.peer_table(PEER)
+    assert table["decoder"].tolist() == ["ours (lab.engine)", "transformers' assisted generation"]
+    assert table["speculative tokens/s"].tolist() == [18.0, 12.0]
+    assert table["speedup over its own greedy"].tolist() == [1.8, 1.0]
+    assert render_batch.peer_identical_text(PEER) == (
+        "ours speculative = ours alone: 4/4; ours alone = transformers' greedy: 3/4; "
+        "transformers' assisted = its greedy: 4/4")
+    assert render_batch.peer({"peer_batch_1": None}) is None and render_batch.peer({}) is None
+
+
+def metric_values(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def test_a_loaded_sweep_with_a_peer_shows_ours_against_transformers(tiny_models):
+    sweep = hand_sweep(latency=[1.5, 1.2, 0.9, 0.8], throughput=[1.4, 1.1, 1.0, 0.9]) | {"peer_batch_1": PEER}
+    at = upload(batch_app(), sweep)
+    assert not at.exception and not at.error
+    assert "Against transformers' assisted generation at batch 1" in [s.value for s in at.subheader]
+    metrics = metric_values(at)
+    assert metrics["Ours, speculative"] == "18.0 tokens/s"
+    assert metrics["transformers' assisted generation"] == "12.0 tokens/s"
+    assert metrics["Ours / theirs"] == "1.50×"
+    (caption,) = [c.value for c in at.caption if "prompt(s) one at a time" in c.value]
+    assert "ours alone = transformers' greedy: 3/4" in caption
+    assert "Differ: ours alone vs transformers' greedy on spec_bench/7 from token 11." in caption
+    peer_table = [d.value for d in at.dataframe if "decoder" in d.value.columns]
+    assert len(peer_table) == 1 and peer_table[0]["speedup over its own greedy"].tolist() == [1.8, 1.0]
+
+
+def test_a_loaded_sweep_says_why_the_peer_was_skipped(tiny_models):
+    sweep = hand_sweep(latency=[1.5, 1.2, 0.9, 0.8], throughput=[1.4, 1.1, 1.0, 0.9])
+    at = upload(batch_app(), sweep | {"peer_batch_1": {"skipped": "drafter x has no counterpart in transformers"}})
+    assert any(i.value == "The peer was not run: drafter x has no counterpart in transformers." for i in at.info)
+    assert "Ours / theirs" not in metric_values(at)
+    at = upload(at, sweep)  # no peer in the file: no section
+    assert "Against transformers' assisted generation at batch 1" not in [s.value for s in at.subheader]
+
+
+def test_the_page_runs_the_peer_on_request(tiny_models):
+    at = batch_app(batch_sizes=[1, 2])
+    (checkbox,) = [c for c in at.checkbox if c.label.startswith("Also run transformers' assisted generation")]
+    assert checkbox.value is False  # slow: off by default
+    checkbox.check()
+    at = run_clicked(at)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    found = at.session_state[RESULT_KEY]["peer_batch_1"]
+    assert found["k"] == 3 and found["num_prompts"] == 2 and found["settings"]["target"] == "smollm2-135m"
+    # fp32 tiny models with peaked logits: every decoder agrees token for token
+    assert found["speculative_identical_to_baseline"] == found["baseline_identical_to_hf_greedy"] == 2
+    assert found["hf_assisted_identical_to_hf_greedy"] == 2
+    assert "Ours / theirs" in metric_values(at)
+    assert any("transformers' assisted = its greedy: 2/2" in c.value for c in at.caption)
+
+
+def test_cancel_during_the_peer_keeps_the_sweep(tiny_models, monkeypatch):
+    real_peer = lab.bench.run_peer_comparison
+
+    def peer_then_cancel(*args, **kwargs):
+        st.session_state[CANCEL_KEY] = True  # clicked once the sweep had finished, while the peer ran
+        return real_peer(*args, **kwargs)
+
+    monkeypatch.setattr(lab.bench, "run_peer_comparison", peer_then_cancel)
+    at = run_clicked(batch_app(batch_sizes=[1, 2], peer=True))
+    assert not at.exception and not at.error
+    sweep = at.session_state[RESULT_KEY]
+    assert sweep["settings"]["status"] == "complete" and render_batch.batch_sizes(sweep) == [1, 2]
+    assert sweep["peer_batch_1"] == {"skipped": "cancelled before it finished (the sweep itself finished and is shown)"}
+    assert any(s.value.startswith("Swept batch sizes 1, 2") for s in at.success)
+    assert any(i.value.startswith("The peer was not run: cancelled before it finished") for i in at.info)
+
+
+# ---------------------------------------------------------------- constrained sweeps
+
+
+def test_constraint_and_valid_outputs_are_shown(tiny_models):
+    sweep = hand_sweep(latency=[1.5, 1.2], throughput=[1.4, 1.1], sizes=(1, 2), auto_k=(2, 0))
+    sweep["settings"]["constraint"] = {"kind": "regex", "source": "t[0-9]+( t[0-9]+)*", "mode": "exact"}
+    for r, valid in zip(sweep["results"], (2, 1)):
+        for name in render_batch.MODES:
+            r[name] |= {"outputs_valid": valid, "num_requests": 2}
+    assert render_batch.outputs_valid(sweep) == {"off": (3, 4), "on": (3, 4), "auto": (3, 4)}
+    at = upload(batch_app(), sweep)
+    assert not at.exception and not at.error
+    assert any("constrained to regex `t[0-9]+( t[0-9]+)*`" in i.value for i in at.info)
+    (caption,) = [c.value for c in at.caption if c.value.startswith("Every output was constrained")]
+    assert "off **3** of 4, on **3** of 4, auto **3** of 4" in caption
+    assert at.dataframe[-1].value["outputs valid (on)"].tolist() == [2, 1]
+    assert render_batch.outputs_valid(hand_sweep([1.5], [1.4], sizes=(1,), auto_k=(2,))) is None

@@ -5,13 +5,22 @@ sweep's JSON dict (``SweepResult.as_dict()``) in ``st.session_state`` and draws
 it with ``app.render_batch``. The same dict is what Download JSON writes and
 what ``python -m lab bench --out F`` writes, so either loads back here.
 
-Cancel: ``run_sweep`` takes no cancel hook and returns nothing until it ends,
-so a sweep stops at its next progress report (before each batch of requests)
-and nothing of it is kept. The Cancel button's callback sets a session flag
-that ``SweepWatch.progress`` reads and answers with ``SweepCancelled``. In the
-browser the click also reruns the page and stops the running script run, whose
-next ``st`` call raises; the next script run learns how it ended through
-``app.inflight`` (a sweep that finished first still hands its result over).
+Cancel: the Cancel button's callback sets a session flag that
+``SweepWatch.should_cancel`` reads; ``run_sweep`` polls it before each batch of
+requests and each batch size's calibration, and returns the batch sizes that
+finished, marked settings["status"] = "cancelled". The page keeps and shows
+them as a partial sweep (which batch sizes of which planned), exportable like
+a complete one; only a sweep cut before its first batch size finished leaves
+nothing but a notice. In the browser the click also reruns the page and stops
+the running script run, whose next ``st`` call raises: ``SweepWatch`` catches
+that there, the sweep ends as cancelled, and the next script run takes it over
+through ``app.inflight``.
+
+Peer: on request, after the sweep, transformers' assisted generation at batch 1
+on the same models, prompts and K (``lab.bench.run_peer_comparison``, as
+``python -m lab bench`` runs it); its summary goes in the sweep's JSON as
+``peer_batch_1``. It has no cancel hook: Cancel stops it at its next progress
+report and the sweep is kept without it.
 """
 
 from __future__ import annotations
@@ -22,11 +31,14 @@ import time
 
 import streamlit as st
 import torch
+from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
 from app import inflight, render, render_batch, resources, state, widgets
+from lab import bench
 from lab.batch import make_batch_drafter
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
 from lab.models import ModelError, check_same_tokenizer, encode_prompt
+from lab.prompts import Prompt
 from lab.sweep import DEFAULT_BATCH_SIZES, run_sweep
 
 RESULT_KEY = "batch:sweep"
@@ -34,7 +46,7 @@ UPLOAD_KEY = "batch:upload"
 LOAD_ERROR_KEY = "batch:load_error"
 CANCEL_KEY = "batch:cancel_requested"
 IN_FLIGHT_KEY = "batch:in_flight"  # an app.inflight.InFlight while a sweep runs
-NOTICE_KEY = "batch:notice"  # how the last sweep ended when it did not finish
+NOTICE_KEY = "batch:notice"  # how the last sweep ended when no batch size of it finished
 MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
 DRAFTERS = ("prompt-lookup", "draft-model", "layer-skip")
 
@@ -47,6 +59,7 @@ DEFAULTS = {
     "batch.batch_sizes": [1, 2, 4, 8],
     "batch.max_new_tokens": 32,
     "batch.raw": False,
+    "batch.peer": False,
 } | widgets.prompt_defaults("batch", ["summarization", "code_editing"], spec_count=4)
 
 key = state.widget_key
@@ -65,6 +78,17 @@ TABLE_COLUMNS = {
     "acceptance rate": SHARE, "auto latency, share of best": SHARE, "auto throughput, share of best": SHARE,
     "mean acceptance length": st.column_config.NumberColumn(format="%.2f"),
 }
+PEER_COLUMNS = {
+    "greedy tokens/s": RATE, "speculative tokens/s": RATE, "speedup over its own greedy": SPEEDUP,
+    "tokens per target pass": st.column_config.NumberColumn(format="%.2f"),
+}
+PEER_LABEL = "Also run transformers' assisted generation at batch 1 (peer)"
+PEER_HELP = ("After the sweep, decode every prompt one at a time with transformers' `generate`, greedy and assisted "
+             "by the same drafter at the same K, beside our engine alone and speculative: our batch-1 tokens/s "
+             "against a peer's on the same models and prompts. Slow: four more decodes of every prompt, after a "
+             "warm-up.")
+PEER_CANCELLED = "cancelled before it finished (the sweep itself finished and is shown)"
+PEER_STOPPED = "stopped before it finished because the page reran (the sweep itself finished and is shown)"
 
 EXPLANATION = """
 **Throughput** is what a server counts: tokens generated per second, summed over every request in the batch.
@@ -98,6 +122,7 @@ def drafter_inputs(target: str) -> str | None:
     st.multiselect("Batch sizes (concurrent requests)", list(DEFAULT_BATCH_SIZES), key=key("batch.batch_sizes"),
                    help="Each batch size decodes the prompts, cycled to fill whole batches, with speculation off, "
                         "on, and at the K the policy picks.")
+    st.checkbox(PEER_LABEL, key=key("batch.peer"), help=PEER_HELP)
     return draft
 
 
@@ -113,47 +138,113 @@ def work_caption(num_prompts: int, sizes: list[int]) -> str:
 # ---------------------------------------------------------------- running
 
 
-class SweepCancelled(Exception):
-    """The Cancel button was pressed while the sweep ran; the message says where it stood."""
+class PeerCancelled(Exception):
+    """The Cancel button was pressed (or the page reran) while the peer ran; the sweep before it is kept."""
 
 
 class SweepWatch:
-    """The sweep's progress bar, and where the sweep answers the Cancel button: at each progress report."""
+    """The sweep's progress bar, and where the sweep and its peer answer the Cancel button.
+
+    ``run_sweep`` polls ``should_cancel`` before each batch of requests and
+    each calibration. The peer has no cancel hook: ``peer_progress`` raises
+    ``PeerCancelled``. Every ``st`` call, session state included, is where
+    Streamlit delivers a stop or rerun (a click in the browser): caught there
+    once (a stopped run gets it again at every later call), it reads as a
+    cancel, so the sweep returns what finished and the stopped run hands it over.
+    """
 
     def __init__(self, bar, flight: inflight.InFlight) -> None:
         self.bar, self.flight = bar, flight
+        self.interruption: ScriptControlException | None = None
+        self.cancel_seen = False
+        self.stopping = False
 
     def progress(self, fraction: float, message: str) -> None:
         fraction = min(max(fraction, 0.0), 1.0)
-        self.flight.last_progress = f"{message} ({100 * fraction:.0f} % of the sweep done)"  # before any st call
-        if st.session_state.get(CANCEL_KEY):
-            raise SweepCancelled(self.flight.last_progress)
-        self.bar.progress(fraction, text=message)
+        if not self.stopping:  # keep where it stood when the cancel came, not the sweep's "cancelled after …"
+            self.flight.last_progress = f"{message} ({100 * fraction:.0f} % of the sweep done)"  # before any st call
+        self._yield_point(lambda: self.bar.progress(fraction, text=message))
+
+    def should_cancel(self) -> bool:
+        self.cancel_seen = self.cancel_seen or bool(self._yield_point(lambda: st.session_state.get(CANCEL_KEY)))
+        self.stopping = self.interruption is not None or self.cancel_seen
+        return self.stopping
+
+    def peer_progress(self, fraction: float, message: str) -> None:
+        self.flight.last_progress = f"transformers' assisted generation at batch 1: {message}"
+        if self.should_cancel():
+            raise PeerCancelled(self.flight.last_progress)
+        self._yield_point(lambda: self.bar.progress(min(max(fraction, 0.0), 1.0), text=self.flight.last_progress))
+
+    def _yield_point(self, call):
+        if self.interruption is not None:
+            return None
+        try:
+            return call()
+        except ScriptControlException as interruption:
+            self.interruption = interruption
+            return None
 
 
 def request_cancel() -> None:
     st.session_state[CANCEL_KEY] = True
 
 
-def collect_stopped_sweep() -> None:
-    """Learn how a sweep that the previous script run was stopped in ended (waiting for its next progress report)."""
+def keep_sweep(result: dict | None, where: str) -> None:
+    """Keep what a sweep finished, complete or partial; one cut before its first batch size finished leaves a
+    notice instead (and the previous sweep, if any, stays shown).
+
+    A sweep stopped in a script run that a click ended says "stopped"; when the
+    Cancel button's flag is set that click was Cancel, and it says "cancelled".
+    """
     s = st.session_state
-    flight = inflight.take_over(IN_FLIGHT_KEY, "Stopping the sweep that was running (at its next batch)…")
-    if flight is None:
+    cancel_clicked = bool(s.get(CANCEL_KEY))
+    if result is None or not result.get("results"):
+        s[NOTICE_KEY] = {"cancelled": cancel_clicked, "where": where}
         return
-    if flight.result is not None:  # it finished before it could stop
-        s[RESULT_KEY] = flight.result
-        s.pop(NOTICE_KEY, None)
-    else:
-        s[NOTICE_KEY] = {"cancelled": bool(s.get(CANCEL_KEY)), "where": flight.last_progress}
+    settings = result.setdefault("settings", {})
+    if cancel_clicked and settings.get("status") == "stopped":
+        settings["status"] = "cancelled"
+    if cancel_clicked and result.get("peer_batch_1") == {"skipped": PEER_STOPPED}:
+        result["peer_batch_1"] = {"skipped": PEER_CANCELLED}
+    s[RESULT_KEY] = result
+    s.pop(NOTICE_KEY, None)
 
 
-def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime, slots: dict) -> dict:
-    """Load models, run the sweep with a progress bar and a Cancel button, and return its JSON dict with the page's
-    settings. ``draft`` is what the draft select returned.
+def collect_stopped_sweep() -> None:
+    """Take over a sweep that the previous script run was stopped in (waiting for its next batch to end)."""
+    flight = inflight.take_over(IN_FLIGHT_KEY, "Stopping the sweep that was running (at its next batch); the batch "
+                                               "sizes that finished are kept…")
+    if flight is not None:
+        keep_sweep(flight.result, flight.last_progress)
 
-    Raises SweepCancelled when the Cancel button's flag is seen. A run stopped by a rerun hands over through
-    ``app.inflight`` and ends with the stop.
+
+def peer_prompts(texts: list[str]) -> list[Prompt]:
+    return [Prompt(f"prompt/{i + 1}", "page", text) for i, text in enumerate(texts)]
+
+
+def run_peer(target, draft_model, drafter_name: str, exit_layer: int | None, prompts: list[str], config: DecodeConfig,
+             chat_template: bool, watch: SweepWatch) -> dict:
+    """transformers' assisted generation at batch 1 on the sweep's models and prompts, as ``python -m lab bench``
+    runs it (``lab.cli._bench_peer``): the summary for K with the peer's settings, or {"skipped": why}."""
+    if drafter_name not in bench.PEER_DRAFTERS:
+        return {"skipped": f"drafter {drafter_name} has no counterpart in transformers"}
+    spec = bench.DrafterSpec(drafter_name, draft=draft_model, exit_layer=exit_layer)
+    try:
+        report = bench.run_peer_comparison(target, spec, peer_prompts(prompts), k=config.k,
+                                           max_new_tokens=config.max_new_tokens, chat_template=chat_template,
+                                           progress=watch.peer_progress)
+    except PeerCancelled:
+        return {"skipped": PEER_CANCELLED if watch.cancel_seen else PEER_STOPPED}
+    return report.summary(config.k) | {"settings": report.settings}
+
+
+def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime, slots: dict) -> inflight.InFlight:
+    """Load models, run the sweep (and on request the peer) with a progress bar and a Cancel button; return the
+    hand-over, whose result is the sweep's JSON dict with the page's settings (its finished batch sizes only when
+    cancelled) and whose last_progress says where it stood. ``draft`` is what the draft select returned.
+
+    A run stopped by a rerun hands over through ``app.inflight`` and ends with the stop.
     """
     s = st.session_state
     if not prompts:
@@ -165,12 +256,13 @@ def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime
     target_name, drafter_name = s[key("batch.target")], s[key("batch.drafter")]
     draft_name = widgets.checked_draft(target_name, draft) if drafter_name == "draft-model" else None
     exit_layer = s[key("batch.exit_layer")] if drafter_name == "layer-skip" else None
+    exit_layer = None if exit_layer is None else int(exit_layer)
+    with_peer = bool(s[key("batch.peer")])
     if draft_name:  # compare tokenizers before spending seconds on weights
         check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(draft_name))
     target = resources.load_for_role(target_name, "target", runtime, slots["progress"])
     draft_model = resources.load_for_role(draft_name, "draft", runtime, slots["progress"]) if draft_name else None
-    drafter = make_batch_drafter(drafter_name, target, draft_model,
-                                 exit_layer=None if exit_layer is None else int(exit_layer))
+    drafter = make_batch_drafter(drafter_name, target, draft_model, exit_layer=exit_layer)
     chat_template = not s[key("batch.raw")]
     prompt_ids = [encode_prompt(target, text, chat_template=chat_template) for text in prompts]
 
@@ -178,17 +270,22 @@ def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime
     s[CANCEL_KEY] = False
     try:
         slots["cancel"].button("Cancel", icon=":material/stop:", on_click=request_cancel, key="batch_cancel",
-                               help="Stop the sweep before its next batch of requests. A sweep cut short keeps "
-                                    "nothing: its figures need every batch size.")
+                               help="Stop the sweep before its next batch of requests. The batch sizes that finished "
+                                    "are kept and shown as a partial sweep; the one under way is dropped.")
         watch = SweepWatch(slots["progress"].progress(0.0, text="Starting the sweep…"), flight)
         started_s = time.monotonic()
-        sweep = run_sweep(target, prompt_ids, drafter, config, sizes, progress=watch.progress)
+        sweep = run_sweep(target, prompt_ids, drafter, config, sizes, progress=watch.progress,
+                          should_cancel=watch.should_cancel, draft=draft_model)
+        if sweep.settings.get("status") == "cancelled":
+            sweep.settings["status"] = "cancelled" if watch.cancel_seen else "stopped"
+            sweep.peer = {"skipped": "the sweep was cut short before the peer's turn"} if with_peer else None
+        elif with_peer:
+            sweep.peer = run_peer(target, draft_model, drafter_name, exit_layer, prompts, config, chat_template, watch)
         sweep.settings |= {
             "target": target_name,
             "draft": draft_name,
             "exit_layer": exit_layer,
             "precision": runtime.precision("target"),
-            "draft_precision": runtime.precision("draft") if draft_name else None,
             "chat_template": chat_template,
             "prompts": prompts,
             "elapsed_s": time.monotonic() - started_s,
@@ -196,8 +293,10 @@ def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime
         flight.result = json.loads(sweep.to_json())
     finally:
         flight.done.set()
+    if watch.interruption is not None:
+        raise watch.interruption  # the next script run takes flight.result over
     del s[IN_FLIGHT_KEY]
-    return flight.result
+    return flight
 
 
 def parse_sweep(text: str, file_name: str) -> dict:
@@ -217,20 +316,27 @@ def describe(sweep: dict) -> str:
     if settings.get("draft_precision"):
         precision += f" (draft {settings['draft_precision']})"
     draft = f" drafting with `{settings['draft']}`" if settings.get("draft") else ""
+    constraint = render_batch.constraint_text(sweep)
     return (f"target `{settings.get('target')}`{draft} · {sweep.get('drafter')}, K={sweep.get('k')} · {precision} on "
             f"{settings.get('device')} · up to {settings.get('max_new_tokens')} new tokens · "
-            f"{settings.get('num_prompts')} prompt(s)")
+            f"{settings.get('num_prompts')} prompt(s)" + (f" · constrained to {constraint}" if constraint else ""))
 
 
 def show_status(sweep: dict) -> None:
+    """Where the sweep comes from, and, for a cancelled one, which batch sizes of which planned it holds."""
     settings = sweep.get("settings") or {}
     sizes = ", ".join(map(str, render_batch.batch_sizes(sweep)))
+    partial = render_batch.partial_text(sweep)
     if settings.get("loaded_from"):
         st.info(f"Loaded from **{settings['loaded_from']}**: batch sizes {sizes} · {describe(sweep)}",
                 icon=":material/upload_file:")
-    else:
+    elif partial is None:
         st.success(f"Swept batch sizes {sizes} in {settings.get('elapsed_s', 0):.0f} s · {describe(sweep)}",
                    icon=":material/check_circle:")
+    if partial is not None:
+        ran = "" if settings.get("loaded_from") else f" · {settings.get('elapsed_s', 0):.0f} s · {describe(sweep)}"
+        st.warning(f"{partial} The figures, the table and the downloads below hold the finished batch sizes only "
+                   f"(the crossover is looked for among them){ran}", icon=":material/cancel:")
 
 
 def show_headline(sweep: dict) -> None:
@@ -276,6 +382,58 @@ def show_exactness(sweep: dict) -> None:
         st.error(text + " In fp32 they should not differ: this points at a batching bug.", icon=":material/error:")
     else:
         st.caption(text + ("" if dtype == "float32" else note))
+
+
+def show_constraint(sweep: dict) -> None:
+    """Under a constraint: how many outputs of each mode satisfy it."""
+    valid = render_batch.outputs_valid(sweep)
+    constraint = render_batch.constraint_text(sweep)
+    if valid is None and constraint is None:
+        return
+    counts = ", ".join(f"{mode} **{done}** of {total}" for mode, (done, total) in (valid or {}).items())
+    st.caption(f"Every output was constrained to {constraint or 'a grammar'}. "
+               + (f"Outputs that satisfy it: {counts}. " if counts else "This file does not count valid outputs. ")
+               + "An output cut by the token budget is a valid prefix but does not count as valid; the modes should "
+                 "agree, since the grammar masks drafted and verified positions alike.")
+
+
+def show_peer(sweep: dict) -> None:
+    """Ours against transformers' assisted generation at batch 1 (``peer_batch_1``), when the sweep holds it."""
+    found = render_batch.peer(sweep)
+    if found is None:
+        return
+    st.subheader("Against transformers' assisted generation at batch 1")
+    if found.get("skipped"):
+        st.info(f"The peer was not run: {found['skipped']}.", icon=":material/info:")
+        return
+    table = render_batch.peer_table(found)
+    ours, theirs = table["speculative tokens/s"].tolist()
+    ours_speedup, their_speedup = table["speedup over its own greedy"].tolist()
+    cards = st.columns(3)
+    cards[0].metric("Ours, speculative", render.format_number(ours, 1, " tokens/s"),
+                    help=f"{render.format_number(ours_speedup, 2, '×')} the tokens/s of our engine's greedy decoding "
+                         "(the target alone), one request at a time.")
+    cards[1].metric("transformers' assisted generation", render.format_number(theirs, 1, " tokens/s"),
+                    help=f"{render.format_number(their_speedup, 2, '×')} the tokens/s of its own greedy `generate`, "
+                         "one request at a time.")
+    cards[2].metric("Ours / theirs", render.format_number(render_batch.number(found.get("ratio_ours_vs_hf_assisted")),
+                                                          2, "×"),
+                    help="Our speculative tokens/s over transformers' assisted tokens/s, pooled over the prompts. "
+                         "Median of the per-prompt ratios: "
+                         + render.format_number(render_batch.number(found.get("ratio_ours_vs_hf_assisted_median")), 2,
+                                                "×") + ".")
+    st.dataframe(table, hide_index=True, width="stretch", column_config=PEER_COLUMNS)
+    settings = found.get("settings") or {}
+    mismatches = render_batch.peer_mismatch_text(found)
+    st.caption(
+        f"{found.get('num_prompts')} prompt(s) one at a time, K={found.get('k')}, "
+        f"{settings.get('drafter') or sweep.get('drafter')}, greedy, prefill included, on the sweep's target, draft "
+        f"and prompts ({settings.get('dtype', '?')}, {settings.get('torch_threads', '?')} torch thread(s)). Each "
+        "speedup is over that decoder's own greedy decoding, so each engine is measured against itself. Greedy "
+        f"outputs identical: {render_batch.peer_identical_text(found)}."
+        + (f" Differ: {mismatches}. Below fp32 a pass over K+1 tokens rounds differently from a pass over one, so a "
+           "near-tie can flip." if mismatches else "")
+    )
 
 
 def show_figures(sweep: dict) -> None:
@@ -327,7 +485,7 @@ def show_figures(sweep: dict) -> None:
 def show_table_and_export(sweep: dict) -> None:
     st.subheader("Every figure")
     st.dataframe(render_batch.sweep_table(sweep), hide_index=True, width="stretch", column_config=TABLE_COLUMNS)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S") + ("" if render_batch.partial_text(sweep) is None else "-partial")
     left, right, _ = st.columns([1, 1, 3])
     left.download_button("Download CSV", render_batch.sweep_csv(sweep), file_name=f"batch-sweep-{stamp}.csv",
                          mime="text/csv", icon=":material/download:", help="The table above, one row per batch size.")
@@ -337,11 +495,11 @@ def show_table_and_export(sweep: dict) -> None:
 
 
 def show_notice(notice: dict, previous: bool) -> None:
-    """How the last sweep ended when it did not finish: cancelled, or stopped by a rerun."""
+    """How the last sweep ended when no batch size of it finished: cancelled, or stopped by a rerun."""
     what = "Cancelled" if notice["cancelled"] else "Stopped because the page reran while sweeping (an input changed)"
     after = ("The sweep shown below is the previous one." if previous else
              "Run again with fewer batch sizes, prompts or new tokens for a shorter sweep.")
-    st.warning(f"{what}, at {notice['where'] or 'its start'}. A sweep cut short keeps nothing: its figures need every batch size. "
+    st.warning(f"{what} during {notice['where'] or 'its start'}, before any batch size finished: nothing to show. "
                + after, icon=":material/cancel:")
 
 
@@ -349,7 +507,9 @@ def show_result(sweep: dict) -> None:
     show_status(sweep)
     show_headline(sweep)
     show_figures(sweep)
+    show_peer(sweep)
     show_exactness(sweep)
+    show_constraint(sweep)
     show_table_and_export(sweep)
 
 
@@ -390,18 +550,17 @@ collect_stopped_sweep()
 if run_clicked:
     st.session_state.pop(NOTICE_KEY, None)
     try:
-        result = run_page_sweep(prompts, draft_choice, state.runtime(st.session_state), slots)
-    except SweepCancelled as cancelled:
-        st.session_state.pop(IN_FLIGHT_KEY, None)
-        st.session_state[NOTICE_KEY] = {"cancelled": True, "where": str(cancelled)}
+        flight = run_page_sweep(prompts, draft_choice, state.runtime(st.session_state), slots)
     except (ValueError, ModelError) as error:
+        st.session_state.pop(IN_FLIGHT_KEY, None)  # a refused sweep hands nothing over
         error_slot.error(str(error), icon=":material/error:")
     except MEMORY_ERRORS as error:
+        st.session_state.pop(IN_FLIGHT_KEY, None)
         error_slot.error(f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick smaller "
                          "batch sizes, a smaller target or draft, or fewer new tokens; then run again.",
                          icon=":material/memory:")
     else:
-        st.session_state[RESULT_KEY] = result
+        keep_sweep(flight.result, flight.last_progress)
     for slot in slots.values():
         slot.empty()
 
