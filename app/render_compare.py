@@ -75,17 +75,38 @@ def identical_text(fraction: float | None, prompts: int) -> str:
     return f"yes ({same}/{prompts})" if same == prompts else f"no: {same}/{prompts} identical"
 
 
+NOT_MEASURED = "n/a"
+VERIFY_COST_COLUMNS = ("v(K), bare", "predicted with v, r", "efficiency_v")
+"""Columns that need the bare verify cost v(K), which results files written before the lab measured it lack."""
+
+
+def column(summary: pd.DataFrame, name: str) -> pd.Series:
+    """A summary column as floats; all NaN when the summary predates it (an older results file)."""
+    if name in summary:
+        return summary[name].astype(float)
+    return pd.Series(math.nan, index=summary.index, dtype=float)
+
+
+def not_measured_as_text(table: pd.DataFrame, columns: Sequence[str] = VERIFY_COST_COLUMNS) -> pd.DataFrame:
+    """Columns with no value in any row become "n/a" text (kept numeric, and formatted, when any row has one)."""
+    for name in columns:
+        if name in table and table[name].isna().all():
+            table[name] = NOT_MEASURED
+    return table
+
+
 def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     """The summary as shown: one row per drafter x K, people's column names, numbers kept numeric.
 
     Rates stay fractions (the page formats them as percentages); "identical to
     target" becomes text (``identical_text``); the best K per drafter (highest
-    speedup) is starred.
+    speedup) is starred. The verify-cost columns (``lab.compare``'s module
+    docstring) read "n/a" for a comparison that did not measure v(K).
     """
     if summary.empty:
         return pd.DataFrame()
     best = best_k_by_drafter(summary)
-    return pd.DataFrame(
+    return not_measured_as_text(pd.DataFrame(
         {
             "drafter": summary["drafter"],
             "K": summary["k"].astype(int),
@@ -98,9 +119,17 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
             "target tokens/s": summary["target_tokens_per_s"].astype(float),
             "decode speedup": summary["decode_speedup"].astype(float),
             "c": summary["cost_ratio"].astype(float),
+            "tokens per pass": column(summary, "tokens_per_pass"),
+            "draft rate r": column(summary, "draft_rate"),
+            "verify cost in the loop": column(summary, "verify_cost_ratio"),
+            "v(K), bare": column(summary, "bare_verify_cost"),
+            "predicted (Leviathan)": column(summary, "predicted_speedup"),
+            "efficiency": column(summary, "efficiency"),
+            "predicted with v, r": column(summary, "predicted_speedup_v"),
+            "efficiency_v": column(summary, "efficiency_v"),
             "prompts": summary["prompts"].astype(int),
         }
-    )
+    ))
 
 
 COMPACT_COLUMNS = ("drafter", "K", "acceptance rate", "mean acceptance length", "tokens/s", "speedup",
@@ -410,7 +439,13 @@ class MeasuredPoint:
     acceptance: a fitted from the measured mean acceptance length;
     acceptance_rate: vLLM's accepted/drafted, for reference;
     cost_ratio: c as measured; measured: the decode speedup;
-    predicted: expected_speedup(a, K, c); efficiency = measured / predicted.
+    predicted: expected_speedup(a, K, c), Leviathan's model (v = 1, r = 1);
+    efficiency = measured / predicted.
+    verify_cost: v(K), a bare forward pass over K+1 tokens in plain steps;
+    draft_rate: r, the share of steps at which the drafter proposed anything;
+    predicted_v: the model with that v(K) and r (``lab.compare``);
+    efficiency_v = measured / predicted_v. NaN where the comparison did not
+    measure v(K) (a results file written before it did).
     """
 
     drafter: str
@@ -421,10 +456,17 @@ class MeasuredPoint:
     cost_ratio: float
     measured: float
     predicted: float
+    verify_cost: float = math.nan
+    draft_rate: float = math.nan
+    predicted_v: float = math.nan
 
     @property
     def efficiency(self) -> float:
         return self.measured / self.predicted if self.predicted else math.nan
+
+    @property
+    def efficiency_v(self) -> float:
+        return self.measured / self.predicted_v if self.predicted_v and not math.isnan(self.predicted_v) else math.nan
 
     @property
     def label(self) -> str:
@@ -439,26 +481,41 @@ def measured_points(summary: pd.DataFrame) -> list[MeasuredPoint]:
         if any(math.isnan(v) for v in (a, c, measured)):
             continue
         k = int(row["k"])
+        extra = {field: float(row.get(name, math.nan)) for field, name in (
+            ("verify_cost", "bare_verify_cost"), ("draft_rate", "draft_rate"), ("predicted_v", "predicted_speedup_v"))}
         points.append(MeasuredPoint(str(row["drafter"]), k, a, float(row["acceptance_rate"]),
-                                    float(row["mean_acceptance_length"]), c, measured, expected_speedup(a, k, c)))
+                                    float(row["mean_acceptance_length"]), c, measured, expected_speedup(a, k, c),
+                                    **extra))
     return points
 
 
-def break_even_acceptance(k: int, cost_ratio: float) -> float | None:
-    """The a at which the expected speedup is exactly 1 for K and c; None when no a in [0, 1] reaches it (c >= 1).
+def break_even_acceptance(k: int, cost_ratio: float, verify_cost: float = 1.0) -> float | None:
+    """The a at which the expected speedup is exactly 1 for K, c and v; None when no a in [0, 1] reaches it.
 
-    For K = 1 this is a = c. Below it, speculation is slower than the target alone.
+    For K = 1 this is a = c + v - 1 (a = c in Leviathan's v = 1). Below it,
+    speculation is slower than the target alone; 0 when even a = 0 pays (v < 1).
     """
-    if expected_speedup(1.0, k, cost_ratio) < 1.0:
+    if expected_speedup(1.0, k, cost_ratio, verify_cost) < 1.0:
         return None
+    if expected_speedup(0.0, k, cost_ratio, verify_cost) >= 1.0:
+        return 0.0
     low, high = 0.0, 1.0
     for _ in range(60):
         mid = (low + high) / 2
-        if expected_speedup(mid, k, cost_ratio) < 1.0:
+        if expected_speedup(mid, k, cost_ratio, verify_cost) < 1.0:
             low = mid
         else:
             high = mid
     return (low + high) / 2
+
+
+def best_k(acceptance: float, cost_ratio: float, verify_cost: float = 1.0, k_max: int = 16) -> tuple[int, float]:
+    """The K in 1..k_max with the highest expected speedup for a, c and one v for every K, and that speedup.
+
+    ``lab.theory.best_k`` with a verify cost (there v = 1); a measured v(K) grows with K, so this flatters large K.
+    """
+    return max(((k, expected_speedup(acceptance, k, cost_ratio, verify_cost)) for k in range(1, k_max + 1)),
+               key=lambda kv: kv[1])
 
 
 def _grid() -> list[float]:
@@ -501,17 +558,20 @@ def speedup_theory_figure(
     points: Sequence[MeasuredPoint] = (),
     acceptance: float | None = None,
     own_curves: bool = False,
+    verify_cost: float = 1.0,
 ) -> go.Figure:
-    """Predicted walltime speedup over a for K and c, the region where speculation is slower shaded,
-    and measured runs: a filled marker at the measured decode speedup, a hollow one at the prediction for
-    the run's own K and c, joined by a dotted line (the gap is the engine's overhead).
+    """Predicted walltime speedup over a for K, c and v, the region where speculation is slower shaded,
+    and measured runs: a filled marker at the measured decode speedup, a hollow one at Leviathan's prediction
+    for the run's own K and c (v = 1, r = 1), and a dash at the prediction with its measured v(K) and draft
+    rate r where known, joined by a dotted line.
 
-    own_curves: also draw each run's own predicted curve (thin, dotted).
+    own_curves: also draw each run's own Leviathan curve (thin, dotted).
     """
     grid = _grid()
-    curve = [expected_speedup(a, k, cost_ratio) for a in grid]
+    curve = [expected_speedup(a, k, cost_ratio, verify_cost) for a in grid]
+    with_v = "" if verify_cost == 1 else f", v={verify_cost:.2f}"
     figure = go.Figure()
-    even = break_even_acceptance(k, cost_ratio)
+    even = break_even_acceptance(k, cost_ratio, verify_cost)
     slower_to = 1.0 if even is None else even
     if slower_to > 0:
         figure.add_vrect(x0=0, x1=slower_to, fillcolor=SLOWER_FILL, line_width=0, layer="below",
@@ -524,37 +584,60 @@ def speedup_theory_figure(
                                         mode="lines", line=dict(width=1, dash="dot", color=colours[point.drafter]),
                                         name=f"prediction for {point.label}, c={point.cost_ratio:.2f}",
                                         showlegend=False, hoverinfo="skip"))
-    figure.add_trace(go.Scatter(x=grid, y=curve, mode="lines", name=f"predicted, K={k}, c={cost_ratio:.2f}",
+    figure.add_trace(go.Scatter(x=grid, y=curve, mode="lines", name=f"predicted, K={k}, c={cost_ratio:.2f}{with_v}",
                                 line=dict(width=3, color=KIND_COLOURS["bonus"]),
-                                hovertemplate=f"K={k}, c={cost_ratio:.2f}, a=%{{x:.2f}}: %{{y:.2f}}×<extra></extra>"))
+                                hovertemplate=f"K={k}, c={cost_ratio:.2f}{with_v}, a=%{{x:.2f}}: %{{y:.2f}}×<extra></extra>"))
     figure.add_hline(y=1.0, line_dash="dash", line_color="#555")
-    if cost_ratio <= 1:
-        figure.add_vline(x=cost_ratio, line_dash="dot", line_color=KIND_COLOURS["rejected"],
-                         annotation_text="a = c", annotation_position="bottom right")
+    k1_even = cost_ratio + verify_cost - 1  # K = 1: (1 + a) / (c + v) = 1
+    if 0 <= k1_even <= 1:
+        figure.add_vline(x=k1_even, line_dash="dot", line_color=KIND_COLOURS["rejected"],
+                         annotation_text="a = c" if verify_cost == 1 else "a = c + v − 1",
+                         annotation_position="bottom right")
     for point in points:
         colour = colours[point.drafter]
-        figure.add_trace(go.Scatter(x=[point.acceptance, point.acceptance], y=[point.predicted, point.measured],
+        predictions = [point.predicted] + ([] if math.isnan(point.predicted_v) else [point.predicted_v])
+        span = [min(predictions + [point.measured]), max(predictions + [point.measured])]
+        figure.add_trace(go.Scatter(x=[point.acceptance, point.acceptance], y=span,
                                     mode="lines", line=dict(color=colour, dash="dot", width=1.5),
                                     showlegend=False, hoverinfo="skip"))
         figure.add_trace(go.Scatter(x=[point.acceptance], y=[point.predicted], mode="markers",
                                     marker=dict(symbol=f"{symbols[point.k]}-open", size=12, color=colour, line=dict(width=2)),
                                     name=f"{point.label}: predicted", legendgroup=point.label, showlegend=False,
-                                    hovertemplate=(f"{html.escape(point.label)}<br>predicted {point.predicted:.2f}× "
-                                                   f"for a={point.acceptance:.2f}, c={point.cost_ratio:.3f}<extra></extra>")))
+                                    hovertemplate=(f"{html.escape(point.label)}<br>Leviathan predicts {point.predicted:.2f}× "
+                                                   f"for a={point.acceptance:.2f}, c={point.cost_ratio:.3f} "
+                                                   "(v = 1, r = 1)<extra></extra>")))
+        if not math.isnan(point.predicted_v):
+            figure.add_trace(go.Scatter(
+                x=[point.acceptance], y=[point.predicted_v], mode="markers",
+                marker=dict(symbol="line-ew-open", size=18, color=colour, line=dict(width=3, color=colour)),
+                name=f"{point.label}: predicted with v, r", legendgroup=point.label, showlegend=False,
+                hovertemplate=(f"{html.escape(point.label)}<br>predicted {point.predicted_v:.2f}× with the measured "
+                               f"v(K)={point.verify_cost:.2f} and r={point.draft_rate:.0%}<extra></extra>")))
+        efficiency_v = "" if math.isnan(point.efficiency_v) else f", efficiency_v {point.efficiency_v:.0%}"
         figure.add_trace(go.Scatter(x=[point.acceptance], y=[point.measured], mode="markers",
                                     marker=dict(symbol=symbols[point.k], size=12, color=colour, line=dict(color="#222", width=1)),
                                     name=point.label, legendgroup=point.label,
                                     hovertemplate=(f"{html.escape(point.label)}<br>measured {point.measured:.2f}× "
-                                                   f"(predicted {point.predicted:.2f}×, efficiency {point.efficiency:.0%})"
-                                                   f"<br>a={point.acceptance:.2f} (fitted), c={point.cost_ratio:.3f}<extra></extra>")))
+                                                   f"(Leviathan {point.predicted:.2f}×, efficiency {point.efficiency:.0%}"
+                                                   f"{efficiency_v})<br>a={point.acceptance:.2f} (fitted), "
+                                                   f"c={point.cost_ratio:.3f}<extra></extra>")))
+    if points:  # what the marker shapes mean, once
+        for name, marker in (("hollow: Leviathan (v = 1, r = 1)", dict(symbol="circle-open", size=10, color="#555")),
+                             ("dash: with the measured v(K) and r",
+                              dict(symbol="line-ew-open", size=14, color="#555", line=dict(width=3, color="#555")))):
+            if name.startswith("dash") and all(math.isnan(p.predicted_v) for p in points):
+                continue
+            figure.add_trace(go.Scatter(x=[None], y=[None], mode="markers", marker=marker, name=name,
+                                        hoverinfo="skip"))
     if acceptance is not None:
-        value = expected_speedup(acceptance, k, cost_ratio)
+        value = expected_speedup(acceptance, k, cost_ratio, verify_cost)
         figure.add_trace(go.Scatter(x=[acceptance], y=[value], mode="markers+text", text=[f"{value:.2f}×"],
                                     textposition="top left", marker=dict(size=11, color=KIND_COLOURS["bonus"]),
                                     showlegend=False, hoverinfo="skip"))
     values = curve + [p.measured for p in points] + [p.predicted for p in points]
+    values += [p.predicted_v for p in points if not math.isnan(p.predicted_v)]
     figure.update_layout(
-        title=f"Expected walltime speedup, K={k}, c={cost_ratio:.2f}",
+        title=f"Expected walltime speedup, K={k}, c={cost_ratio:.2f}{with_v}",
         xaxis=dict(title="acceptance rate a (per drafted token)", range=[0, 1]),
         yaxis=dict(title="speedup over the target alone", range=[0, max(2.0, max(values) * 1.1)]),
         height=460,
@@ -573,8 +656,11 @@ def _k_symbols(ks: Sequence[int]) -> dict[int, str]:
 
 
 def points_table(points: Sequence[MeasuredPoint]) -> pd.DataFrame:
-    """The measured runs next to their prediction."""
-    return pd.DataFrame(
+    """The measured runs next to Leviathan's prediction and to the one with their measured v(K) and r.
+
+    The v(K) columns read "n/a" for a comparison that did not measure it.
+    """
+    return not_measured_as_text(pd.DataFrame(
         [
             {
                 "drafter": p.drafter,
@@ -583,14 +669,18 @@ def points_table(points: Sequence[MeasuredPoint]) -> pd.DataFrame:
                 "acceptance rate (vLLM)": p.acceptance_rate,
                 "mean acceptance length": p.mean_acceptance_length,
                 "c (measured)": p.cost_ratio,
-                "predicted": p.predicted,
+                "draft rate r": p.draft_rate,
+                "v(K), bare": p.verify_cost,
                 "measured": p.measured,
+                "predicted (Leviathan)": p.predicted,
                 "efficiency": p.efficiency,
+                "predicted with v, r": p.predicted_v,
+                "efficiency_v": p.efficiency_v,
                 "a < c": "yes" if p.acceptance < p.cost_ratio else "",
             }
             for p in points
         ]
-    )
+    ))
 
 
 # ---------------------------------------------------------------- step-through

@@ -88,6 +88,30 @@ def test_break_even_none_when_the_draft_costs_more_than_the_target():
     assert render_compare.break_even_acceptance(3, 1.2) is None
 
 
+@pytest.mark.parametrize("cost_ratio, verify_cost", [(0.1, 1.3), (0.0, 1.5), (0.2, 1.0), (0.05, 1.8)])
+def test_break_even_for_k_1_is_a_equals_c_plus_v_minus_1(cost_ratio, verify_cost):
+    # (1 + a) / (c + v) = 1 at a = c + v - 1: a verify pass dearer than a step needs more acceptance to repay
+    assert render_compare.break_even_acceptance(1, cost_ratio, verify_cost) == pytest.approx(
+        cost_ratio + verify_cost - 1, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "k, cost_ratio, verify_cost, even",
+    [(1, 0.5, 2.6, None),  # (1 + a) / 3.1 < 1 even when every draft is accepted: never pays
+     (4, 0.0, 0.5, 0.0)],  # v < 1, a corner of the slider: a free draft pays 2x even at a = 0
+)
+def test_break_even_at_the_edges_of_v(k, cost_ratio, verify_cost, even):
+    assert render_compare.break_even_acceptance(k, cost_ratio, verify_cost) == even
+
+
+def test_best_k_with_a_verify_cost():
+    # with v = 1 a free drafter at a = 0.9 wants the largest K; the same v for every K keeps that order
+    assert render_compare.best_k(0.9, 0.0, 1.0, 8) == (8, pytest.approx(expected_speedup(0.9, 8, 0.0)))
+    k, speedup = render_compare.best_k(0.5, 0.2, 2.0, 8)
+    assert speedup == pytest.approx(max(expected_speedup(0.5, kk, 0.2, 2.0) for kk in range(1, 9)))
+    assert expected_speedup(0.5, k, 0.2, 2.0) == pytest.approx(speedup)
+
+
 def summary_frame(rows: list[dict]) -> pd.DataFrame:
     """A hand-made ``Comparison.summary()``: every column, defaults filled in."""
     defaults = dict(prompts=2, acceptance_rate=0.5, mean_acceptance_length=2.0, per_position_acceptance=[0.6, 0.4],
@@ -133,6 +157,39 @@ def test_measured_points_carry_the_prediction_for_their_own_k_and_c():
     (band,) = figure.layout.shapes[:1]
     assert band.x1 == pytest.approx(render_compare.break_even_acceptance(4, 0.1))  # the "slower" region
     assert render_compare.points_table([point])["a < c"].tolist() == [""]
+
+
+def test_measured_points_carry_the_verify_cost_and_efficiency_v():
+    summary = summary_frame([dict(drafter="a", k=4, fitted_acceptance=0.7, cost_ratio=0.2, decode_speedup=1.2,
+                                  bare_verify_cost=1.6, draft_rate=0.8, predicted_speedup_v=1.5)])
+    (point,) = render_compare.measured_points(summary)
+    assert (point.verify_cost, point.draft_rate, point.predicted_v) == (1.6, 0.8, 1.5)
+    assert point.efficiency_v == pytest.approx(1.2 / 1.5) and point.efficiency == pytest.approx(1.2 / point.predicted)
+    table = render_compare.points_table([point])
+    assert table["v(K), bare"].tolist() == [1.6] and table["efficiency_v"].tolist() == [pytest.approx(0.8)]
+    figure = render_compare.speedup_theory_figure(4, 0.2, [point], verify_cost=1.6)
+    curve = [t for t in figure.data if t.name == "predicted, K=4, c=0.20, v=1.60"][0]
+    assert curve.y[-1] == pytest.approx(expected_speedup(1.0, 4, 0.2, 1.6))  # the curve follows the v slider
+    (dash,) = [t for t in figure.data if t.name == "a, K=4: predicted with v, r"]
+    assert dash.y[0] == pytest.approx(1.5) and dash.marker.symbol == "line-ew-open"
+    assert any(t.name == "dash: with the measured v(K) and r" for t in figure.data)  # the legend says what it is
+    shapes = [s for s in figure.layout.shapes if s.type == "line" and s.x0 == s.x1]
+    assert [s.x0 for s in shapes] == [pytest.approx(0.8)]  # K = 1 break-even: a = c + v - 1
+
+
+def test_an_older_summary_without_verify_costs_reads_n_a():
+    # a results file written before the lab timed bare verify passes: its summary has NaN (or no column at all)
+    summary = summary_frame([dict(drafter="a", k=4, fitted_acceptance=0.7, cost_ratio=0.2, decode_speedup=1.2)])
+    (point,) = render_compare.measured_points(summary)
+    assert math.isnan(point.verify_cost) and math.isnan(point.efficiency_v)
+    table = render_compare.points_table([point])
+    assert [table[c].tolist() for c in render_compare.VERIFY_COST_COLUMNS] == [["n/a"]] * 3
+    assert table["efficiency"].tolist() == [pytest.approx(point.efficiency)]  # Leviathan's stays a number
+    full = render_compare.summary_table(summary)
+    assert [full[c].tolist() for c in render_compare.VERIFY_COST_COLUMNS] == [["n/a"]] * 3
+    assert math.isnan(full["tokens per pass"].iloc[0])  # absent column, not a verify cost: left empty
+    figure = render_compare.speedup_theory_figure(4, 0.2, [point])
+    assert not any("dash" in str(t.name) for t in figure.data)
 
 
 def test_tokens_per_step_figure_draws_the_chosen_k_last_and_bold():
@@ -296,6 +353,13 @@ def test_compare_run_shows_table_costs_charts_timeline_and_exports(tiny_models):
     full_table = all_columns.dataframe[0].value  # every column, behind the expander
     assert list(full_table.columns) == list(render_compare.summary_table(comparison.summary()).columns)
     assert {"decode speedup", "c", "target tokens/s", "best K", "prompts"} <= set(full_table.columns)
+    assert column_formats(all_columns.dataframe[0]).items() >= {
+        "tokens per pass": "%.2f", "draft rate r": "percent", "verify cost in the loop": "%.2f", "v(K), bare": "%.2f",
+        "predicted (Leviathan)": "%.2f×", "efficiency": "percent", "predicted with v, r": "%.2f×",
+        "efficiency_v": "percent"}.items()
+    assert full_table["v(K), bare"].notna().all() and full_table["efficiency_v"].notna().all()  # measured here
+    (legend,) = [m.value for m in all_columns.markdown if "efficiency_v" in m.value]
+    assert "**v(K), bare**" in legend and "**r, draft rate**" in legend and "Leviathan's model takes v = 1" in legend
     costs = at.dataframe[2].value
     assert list(costs["parameters added"]) == ["none", "none"]
     assert {s.value for s in at.subheader} >= {"Per drafter and K", "What each drafter costs", "Timeline of a run"}
@@ -425,6 +489,19 @@ def test_theory_page_without_a_comparison_shows_the_curves(tiny_models):
     assert {m.label: m.value for m in at.metric}["Break-even a"] == "0.30"  # K = 1: a = c
 
 
+def test_theory_page_verify_cost_slider_moves_the_prediction(tiny_models):
+    at = app_on("theory")
+    assert at.slider(key=key("theory.v")).value == 1.0  # Leviathan's model by default
+    at.slider(key=key("theory.v")).set_value(2.0).run()
+    assert not at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Expected speedup"] == f"{expected_speedup(0.7, 4, 0.1, 2.0):.2f}×" == "1.16×"  # 2.77 / (0.4 + 2)
+    at.slider(key=key("theory.k")).set_value(1).run()
+    at.slider(key=key("theory.c")).set_value(0.3).run()
+    at.slider(key=key("theory.v")).set_value(1.2).run()
+    assert {m.label: m.value for m in at.metric}["Break-even a"] == "0.50"  # K = 1: a = c + v - 1
+
+
 def test_theory_page_places_measured_runs(tiny_models):
     at = click(compare_app(), "Run comparison")
     at.switch_page("app_pages/theory.py").run()
@@ -437,6 +514,34 @@ def test_theory_page_places_measured_runs(tiny_models):
     assert at.slider(key=key("theory.k")).value == point.k
     assert at.slider(key=key("theory.a")).value == pytest.approx(round(point.acceptance, 2))
     assert at.slider(key=key("theory.c")).value == pytest.approx(round(point.cost_ratio, 2))
+    assert at.slider(key=key("theory.v")).value == pytest.approx(round(min(max(point.verify_cost, 0.5), 3.0), 2))
+    table = at.dataframe[0].value
+    assert table["v(K), bare"].notna().all() and table["efficiency_v"].notna().all()
+    assert table["efficiency"].tolist() == pytest.approx([p.efficiency for p in points])
+    text = " ".join(m.value for m in at.markdown)
+    assert "**efficiency_v** = measured / the prediction with the bare v(K)" in text
+    assert "it is not the engine's alone" in text and "The gap is our engine's overhead" not in text
+
+
+def test_theory_page_loads_an_older_results_file_without_verify_costs(tiny_models, tiny_comparison):
+    older = json.loads(tiny_comparison.to_json())
+    del older["settings"]["verify_cost"]  # written before the lab timed bare verify passes
+    at = app_on("theory")
+    at.file_uploader[0].set_value(("old.json", json.dumps(older).encode(), "application/json")).run()
+    assert not at.exception and not at.error
+    table = at.dataframe[0].value
+    assert set(table["v(K), bare"]) == {"n/a"} and set(table["efficiency_v"]) == {"n/a"}
+    assert table["efficiency"].notna().all()
+    assert any("did not measure v(K)" in c.value for c in at.caption)
+    label = table["drafter"].iloc[0] + f", K={table['K'].iloc[0]}"
+    at.selectbox(key=key("theory.run")).select(label).run()
+    assert at.slider(key=key("theory.v")).value == 1.0  # no v(K) measured: Leviathan's
+
+    at.switch_page("app_pages/compare.py").run()  # the Compare page shows it too, n/a in the full table
+    assert not at.exception and not at.error
+    (all_columns,) = [e for e in at.expander if e.label == "All columns"]
+    assert set(all_columns.dataframe[0].value["efficiency_v"]) == {"n/a"}
+    assert any(c.value.startswith("n/a: this comparison did not time bare verify passes") for c in all_columns.caption)
 
 
 def step_app(**widgets) -> AppTest:

@@ -63,7 +63,26 @@ SUMMARY_COLUMNS = {
     "speedup": st.column_config.NumberColumn(format="%.2f×", help="Tokens/s over the target alone's on the same prompts, prefill included."),
     "decode speedup": st.column_config.NumberColumn(format="%.2f×", help="The same over the decode phase only: what Leviathan's formula predicts."),
     "c": st.column_config.NumberColumn(format="%.3f", help="Draft cost: draft time per drafted token over the target alone's time per step."),
+    "tokens per pass": st.column_config.NumberColumn(format="%.2f", help="Output tokens per target forward pass, steps without a draft included."),
+    "draft rate r": st.column_config.NumberColumn(format="percent", help="Share of steps at which the drafter proposed anything."),
+    "verify cost in the loop": st.column_config.NumberColumn(format="%.2f", help="One verify step in the decode loop (K+1 tokens, acceptance and rollback included) over the target alone's step."),
+    "v(K), bare": st.column_config.NumberColumn(format="%.2f", help="A bare forward pass over K+1 tokens over a one-token pass, timed at the start of the comparison."),
+    "predicted (Leviathan)": st.column_config.NumberColumn(format="%.2f×", help="Leviathan's decode speedup for the fitted a, K and c, with v = 1 and r = 1."),
+    "efficiency": st.column_config.NumberColumn(format="percent", help="Decode speedup over Leviathan's prediction."),
+    "predicted with v, r": st.column_config.NumberColumn(format="%.2f×", help="The same prediction with the bare v(K) and the measured r."),
+    "efficiency_v": st.column_config.NumberColumn(format="percent", help="Decode speedup over the prediction with v(K) and r: the engine's own overhead and noise."),
 }
+VERIFY_COST_LEGEND = """
+- **v(K), bare**: what one forward pass over K+1 tokens costs, in plain one-token steps, with nothing else (timed
+  at the start of the comparison). Leviathan's model takes v = 1, true where a step is bound by reading the
+  weights; on a CPU the pass is compute bound and v > 1. *Verify cost in the loop* is the same ratio for a whole
+  verify step of the decode loop: above v(K), the difference is our bookkeeping.
+- **r, draft rate**: the share of steps at which the drafter proposed anything (Leviathan: r = 1; prompt lookup
+  misses at some steps, a draft model never does).
+- **efficiency** = decode speedup / Leviathan's prediction (v = 1, r = 1). **efficiency_v** = decode speedup / the
+  prediction with the bare v(K) and the measured r: what is left is the engine's own overhead and timing noise
+  (100 % = a perfect engine). The Theory page draws both.
+"""
 COMPACT_COLUMNS = SUMMARY_COLUMNS | {
     "K": st.column_config.TextColumn(help="Draft tokens per step; ★: the drafter's best K by speedup."),
 }
@@ -273,7 +292,11 @@ def show_summary(comparison: compare.Comparison, summary) -> None:
                      column_config=SUMMARY_COLUMNS)
         st.caption("Target tokens/s: the target alone on the same prompts. Decode speedup: the speedup without the "
                    "prefill, what Leviathan's formula predicts. c: draft time per drafted token over the target "
-                   "alone's time per step.")
+                   "alone's time per step. Tokens per pass: output tokens per target forward pass.")
+        st.markdown(VERIFY_COST_LEGEND)
+        if render_compare.column(summary, "bare_verify_cost").isna().all():
+            st.caption("n/a: this comparison did not time bare verify passes (a results file written before the lab "
+                       "measured v(K)); run it again for v(K), the prediction with v and r, and efficiency_v.")
     identical = summary["identical_to_target"].astype(float)
     if comparison.settings.get("temperature") == 0 and (identical < 1).any():
         st.warning(

@@ -1,24 +1,32 @@
 """Theory page: Leviathan et al. 2023's expected tokens per step and walltime speedup, with measured runs on them.
 
-Curves come from ``lab.theory`` for the K and c on the sliders. Measured points
-come from the last comparison in ``st.session_state`` (run on the Compare page,
-or a results file loaded there or here); without one the page shows the curves only.
+Curves come from ``lab.theory`` for the K, c and v on the sliders (v, the cost
+of a verify pass over K+1 tokens in plain steps, is 1 in Leviathan's model).
+Measured points come from the last comparison in ``st.session_state`` (run on
+the Compare page, or a results file loaded there or here), each beside two
+predictions: Leviathan's (v = 1, every step drafted) and the one with the
+run's measured v(K) and draft rate r (``lab.compare``'s module docstring).
+Without a comparison the page shows the curves only.
 """
 
 from __future__ import annotations
+
+import math
 
 import streamlit as st
 
 from app import render_compare, state, widgets
 from lab.config import K_MAX
-from lab.theory import best_k, expected_speedup, expected_tokens_per_step
+from lab.theory import expected_speedup, expected_tokens_per_step
 
 RESULT_KEY = "compare:comparison"  # written by the Compare page
 UPLOAD_KEY = "theory:upload"
 LOAD_ERROR_KEY = "theory:load_error"
 NO_RUN = "—"
+V_MIN, V_MAX = 0.5, 3.0
 
-DEFAULTS = {"theory.k": 4, "theory.c": 0.1, "theory.a": 0.7, "theory.run": NO_RUN, "theory.own_curves": True}
+DEFAULTS = {"theory.k": 4, "theory.c": 0.1, "theory.v": 1.0, "theory.a": 0.7, "theory.run": NO_RUN,
+            "theory.own_curves": True}
 
 key = state.widget_key
 PERCENT = st.column_config.NumberColumn(format="percent")
@@ -27,19 +35,33 @@ POINT_COLUMNS = {
     "acceptance rate (vLLM)": PERCENT,
     "mean acceptance length": st.column_config.NumberColumn(format="%.2f"),
     "c (measured)": st.column_config.NumberColumn(format="%.3f"),
-    "predicted": st.column_config.NumberColumn(format="%.2f×", help="Predicted speedup for the run's a, K and c."),
+    "draft rate r": st.column_config.NumberColumn(format="percent", help="Share of steps at which the drafter "
+                                                                         "proposed anything (prompt lookup misses)."),
+    "v(K), bare": st.column_config.NumberColumn(format="%.2f", help="A bare forward pass over K+1 tokens, in plain "
+                                                                    "one-token steps (timed at the start of the run)."),
     "measured": st.column_config.NumberColumn(format="%.2f×", help="Measured decode speedup (prefill excluded)."),
-    "efficiency": PERCENT,
+    "predicted (Leviathan)": st.column_config.NumberColumn(format="%.2f×", help="For the run's a, K and c, with "
+                                                                                "v = 1 and r = 1."),
+    "efficiency": st.column_config.NumberColumn(format="percent", help="Measured over Leviathan's prediction."),
+    "predicted with v, r": st.column_config.NumberColumn(format="%.2f×", help="For the run's a, K and c with its "
+                                                                              "measured v(K) and r."),
+    "efficiency_v": st.column_config.NumberColumn(format="percent", help="Measured over the prediction with v(K) "
+                                                                        "and r: the engine's own share."),
 }
+V_HELP = ("What one verify pass over K+1 tokens costs, in plain one-token steps. Leviathan et al. take v = 1: true "
+          "where a step is bound by reading the weights (a GPU at batch 1). On a CPU, or at a large batch, the pass "
+          "is compute bound and v grows with K (the Compare page measures it: 1.5 to 3 is common on a CPU).")
 
 
 def use_run(points: dict[str, render_compare.MeasuredPoint]) -> None:
-    """Select-box callback: put a measured run's K, c and fitted a on the sliders."""
+    """Select-box callback: put a measured run's K, c, bare v(K) (1 where not measured) and fitted a on the sliders."""
     s = st.session_state
     point = points.get(s[key("theory.run")])
     if point is not None:
         s[key("theory.k")] = point.k
         s[key("theory.c")] = round(min(point.cost_ratio, 1.5), 2)  # the sliders' steps
+        v = 1.0 if math.isnan(point.verify_cost) else point.verify_cost
+        s[key("theory.v")] = round(min(max(v, V_MIN), V_MAX), 2)
         s[key("theory.a")] = round(point.acceptance, 2)
 
 
@@ -49,11 +71,12 @@ state.set_defaults(st.session_state, DEFAULTS)
 st.title("Theory: what speculation can gain")
 st.markdown(
     "Leviathan et al. (2023) model each drafted token as accepted independently with probability **a**. With **K** "
-    "drafted tokens per step and a draft costing **c** target steps per drafted token:"
+    "drafted tokens per step, a draft costing **c** target steps per drafted token, and one verify pass over K+1 "
+    "tokens costing **v** target steps (their model takes v = 1):"
 )
 formula_left, formula_right = st.columns(2)
 formula_left.latex(r"\text{tokens per target step} = \frac{1 - a^{K+1}}{1 - a}")
-formula_right.latex(r"\text{walltime speedup} = \frac{1 - a^{K+1}}{(1 - a)(Kc + 1)}")
+formula_right.latex(r"\text{walltime speedup} = \frac{1 - a^{K+1}}{(1 - a)(Kc + v)}")
 
 comparison = st.session_state.get(RESULT_KEY)
 summary = comparison.summary() if comparison is not None else None
@@ -61,36 +84,43 @@ points = render_compare.measured_points(summary) if summary is not None else []
 by_label = {point.label: point for point in points}
 
 with st.container(border=True):
-    k_col, c_col, a_col = st.columns(3)
+    k_col, c_col, v_col, a_col = st.columns(4)
     k = k_col.slider("K (draft tokens per step)", 1, K_MAX, key=key("theory.k"))
     c = c_col.slider("c (draft cost per token, in target steps)", 0.0, 1.5, step=0.01, key=key("theory.c"),
                      help="0: a free drafter (prompt lookup is close). A draft model a tenth of the target's size "
                           "costs roughly 0.1-0.4 on a memory-bound machine.")
+    v = v_col.slider("v (verify cost, in target steps)", V_MIN, V_MAX, step=0.05, key=key("theory.v"), help=V_HELP)
     a = a_col.slider("a (acceptance rate), for the readouts", 0.0, 1.0, step=0.01, key=key("theory.a"))
     if points:
         if st.session_state[key("theory.run")] not in [NO_RUN, *by_label]:
             st.session_state[key("theory.run")] = NO_RUN
-        st.selectbox("Set K, c and a from a measured run", [NO_RUN, *by_label], key=key("theory.run"),
-                     on_change=use_run, args=(by_label,))
+        st.selectbox("Set K, c, v and a from a measured run", [NO_RUN, *by_label], key=key("theory.run"),
+                     on_change=use_run, args=(by_label,),
+                     help="v becomes the run's bare v(K) where the comparison measured it, else 1.")
 
-even = render_compare.break_even_acceptance(k, c)
-best, best_speedup = best_k(a, c, K_MAX)
+even = render_compare.break_even_acceptance(k, c, v)
+best, best_speedup = render_compare.best_k(a, c, v, K_MAX)
+at_v = "" if v == 1 else f", v={v:.2f}"
 cards = st.columns(4)
 cards[0].metric("Tokens per target step", f"{expected_tokens_per_step(a, k):.2f}", help="At the a, K of the sliders.")
-cards[1].metric("Expected speedup", f"{expected_speedup(a, k, c):.2f}×", help="At the a, K, c of the sliders.")
+cards[1].metric("Expected speedup", f"{expected_speedup(a, k, c, v):.2f}×", help="At the a, K, c and v of the sliders.")
 cards[2].metric("Break-even a", "never" if even is None else f"{even:.2f}",
-                help="Below this acceptance rate speculation is slower than the target alone (for K = 1 it is a = c).")
-cards[3].metric(f"Best K for a={a:.2f}, c={c:.2f}", f"{best} ({best_speedup:.2f}×)",
-                help=f"The K in 1..{K_MAX} with the highest expected speedup.")
+                help="Below this acceptance rate speculation is slower than the target alone (for K = 1 it is "
+                     "a = c + v − 1, so a = c at v = 1).")
+cards[3].metric(f"Best K for a={a:.2f}, c={c:.2f}{at_v}", f"{best} ({best_speedup:.2f}×)",
+                help=f"The K in 1..{K_MAX} with the highest expected speedup, taking the same v for every K (a "
+                     "measured v grows with K, so this flatters large K when v > 1).")
 
 left, right = st.columns(2)
 left.plotly_chart(render_compare.tokens_per_step_figure(k, a), width="stretch")
 own_curves = bool(st.session_state[key("theory.own_curves")]) and bool(points)
-right.plotly_chart(render_compare.speedup_theory_figure(k, c, points, a, own_curves=own_curves), width="stretch")
+right.plotly_chart(render_compare.speedup_theory_figure(k, c, points, a, own_curves=own_curves, verify_cost=v),
+                   width="stretch")
 st.caption(
     "The shaded band is where speculation is slower than the target alone: a draft that costs c per token must be "
-    "accepted often enough to repay K·c. For K = 1 the line is exactly a = c; for larger K the break-even a is higher, "
-    "because every drafted token costs c but later ones are accepted less often."
+    "accepted often enough to repay K·c, and a verify pass that costs v steps must be repaid too. For K = 1 the line "
+    "is exactly a = c + v − 1 (a = c in Leviathan's v = 1); for larger K the break-even a is higher, because every "
+    "drafted token costs c but later ones are accepted less often. Tokens per step (left) do not depend on c or v."
 )
 
 st.subheader("Measured runs on the curve")
@@ -101,12 +131,26 @@ elif not points:
     st.info("The last comparison has no drafter run with drafted tokens and a measured cost: nothing to place.")
 else:
     source = comparison.settings.get("loaded_from") or "the last comparison"
+    has_v = any(not math.isnan(p.predicted_v) for p in points)
     st.markdown(
         f"From {source} (target `{comparison.settings.get('target')}`): a **filled** marker is the measured decode "
-        "speedup, the **hollow** one above or below it is what the formula predicts for that run's own K and c. "
-        "The gap is our engine's overhead (Python, cache bookkeeping, timing noise): efficiency = measured / predicted."
+        "speedup, the **hollow** one is what Leviathan's formula predicts for that run's own K and c"
+        + (", and the **dash** what it predicts with the run's measured v(K) and draft rate r." if has_v else ".")
     )
-    st.toggle("Draw each run's own predicted curve (dotted)", key=key("theory.own_curves"))
+    st.markdown(
+        "**efficiency** = measured / Leviathan's prediction. His model takes a verify pass over K+1 tokens to cost "
+        "one plain step (v = 1) and the drafter to propose at every step (r = 1). On a CPU neither holds: the pass is "
+        "compute bound and costs v(K) > 1 steps, and prompt lookup finds no match at some steps. So this gap mixes "
+        "the hardware's verify cost, the drafter's misses and our engine's overhead; it is not the engine's alone.\n\n"
+        "**efficiency_v** = measured / the prediction with the bare v(K), timed at the start of the comparison "
+        "(a forward pass over K+1 tokens alone, no bookkeeping), and the measured r. What is left is the engine's own "
+        "overhead (sampling, acceptance, cache bookkeeping, Python) and timing noise: 100 % is a perfect engine."
+    )
+    if not has_v:
+        st.caption("This comparison did not measure v(K) (a results file written before the lab timed bare verify "
+                   "passes): v(K), the prediction with v and r, and efficiency_v read n/a. Run it again on the "
+                   "Compare page to get them.")
+    st.toggle("Draw each run's own Leviathan curve (dotted)", key=key("theory.own_curves"))
     st.caption(
         "Each run's a is fitted from its measured mean acceptance length (the a for which (1 − a^(K+1))/(1 − a) "
         "equals it), because vLLM's acceptance rate (accepted / drafted) is a different quantity from Leviathan's "
@@ -116,11 +160,12 @@ else:
     st.dataframe(render_compare.points_table(points), hide_index=True, width="stretch", column_config=POINT_COLUMNS)
     slower = [p.label for p in points if p.acceptance < p.cost_ratio]
     if slower:
-        st.warning("a < c for " + ", ".join(slower) + ": even a perfect engine would be slower than the target alone.")
+        st.warning("a < c for " + ", ".join(slower) + ": even a perfect engine, with a verify pass as cheap as one "
+                   "step (v = 1), would be slower than the target alone.")
     if comparison.settings.get("status") not in (None, "complete"):
         st.caption(f"This comparison is partial ({comparison.settings.get('status')}).")
 
 widgets.results_file_section("A JSON file saved on the Compare page", UPLOAD_KEY, LOAD_ERROR_KEY, RESULT_KEY,
                              widgets.parse_comparison)
 st.caption("Leviathan, Kalman, Matias, \"Fast Inference from Transformers via Speculative Decoding\", ICML 2023 "
-           "(Eq. 1 and Theorem 3.8).")
+           "(Eq. 1 and Theorem 3.8); the verify cost v is the lab's addition (`lab.theory.expected_speedup`).")
