@@ -606,13 +606,6 @@ def speedup_theory_figure(
                                     hovertemplate=(f"{html.escape(point.label)}<br>Leviathan predicts {point.predicted:.2f}× "
                                                    f"for a={point.acceptance:.2f}, c={point.cost_ratio:.3f} "
                                                    "(v = 1, r = 1)<extra></extra>")))
-        if not math.isnan(point.predicted_v):
-            figure.add_trace(go.Scatter(
-                x=[point.acceptance], y=[point.predicted_v], mode="markers",
-                marker=dict(symbol="line-ew-open", size=18, color=colour, line=dict(width=3, color=colour)),
-                name=f"{point.label}: predicted with v, r", legendgroup=point.label, showlegend=False,
-                hovertemplate=(f"{html.escape(point.label)}<br>predicted {point.predicted_v:.2f}× with the measured "
-                               f"v(K)={point.verify_cost:.2f} and r={point.draft_rate:.0%}<extra></extra>")))
         efficiency_v = "" if math.isnan(point.efficiency_v) else f", efficiency_v {point.efficiency_v:.0%}"
         figure.add_trace(go.Scatter(x=[point.acceptance], y=[point.measured], mode="markers",
                                     marker=dict(symbol=symbols[point.k], size=12, color=colour, line=dict(color="#222", width=1)),
@@ -621,6 +614,13 @@ def speedup_theory_figure(
                                                    f"(Leviathan {point.predicted:.2f}×, efficiency {point.efficiency:.0%}"
                                                    f"{efficiency_v})<br>a={point.acceptance:.2f} (fitted), "
                                                    f"c={point.cost_ratio:.3f}<extra></extra>")))
+        if not math.isnan(point.predicted_v):  # on top: near 100 % efficiency_v it sits on the filled marker
+            figure.add_trace(go.Scatter(
+                x=[point.acceptance], y=[point.predicted_v], mode="markers",
+                marker=dict(symbol="line-ew-open", size=24, color=colour, line=dict(width=3, color=colour)),
+                name=f"{point.label}: predicted with v, r", legendgroup=point.label, showlegend=False,
+                hovertemplate=(f"{html.escape(point.label)}<br>predicted {point.predicted_v:.2f}× with the measured "
+                               f"v(K)={point.verify_cost:.2f} and r={point.draft_rate:.0%}<extra></extra>")))
     if points:  # what the marker shapes mean, once
         for name, marker in (("hollow: Leviathan (v = 1, r = 1)", dict(symbol="circle-open", size=10, color="#555")),
                              ("dash: with the measured v(K) and r",
@@ -662,20 +662,20 @@ def points_table(points: Sequence[MeasuredPoint]) -> pd.DataFrame:
     """
     return not_measured_as_text(pd.DataFrame(
         [
-            {
+            {  # the two efficiencies first, so that a narrow page shows them without scrolling
                 "drafter": p.drafter,
                 "K": p.k,
-                "a (fitted)": p.acceptance,
-                "acceptance rate (vLLM)": p.acceptance_rate,
-                "mean acceptance length": p.mean_acceptance_length,
-                "c (measured)": p.cost_ratio,
-                "draft rate r": p.draft_rate,
-                "v(K), bare": p.verify_cost,
                 "measured": p.measured,
                 "predicted (Leviathan)": p.predicted,
                 "efficiency": p.efficiency,
+                "v(K), bare": p.verify_cost,
+                "draft rate r": p.draft_rate,
                 "predicted with v, r": p.predicted_v,
                 "efficiency_v": p.efficiency_v,
+                "a (fitted)": p.acceptance,
+                "c (measured)": p.cost_ratio,
+                "acceptance rate (vLLM)": p.acceptance_rate,
+                "mean acceptance length": p.mean_acceptance_length,
                 "a < c": "yes" if p.acceptance < p.cost_ratio else "",
             }
             for p in points

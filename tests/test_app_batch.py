@@ -461,7 +461,7 @@ def test_a_loaded_sweep_with_a_peer_shows_ours_against_transformers(tiny_models)
     assert metrics["Ours, speculative"] == "18.0 tokens/s"
     assert metrics["transformers' assisted generation"] == "12.0 tokens/s"
     assert metrics["Ours / theirs"] == "1.50×"
-    (caption,) = [c.value for c in at.caption if "prompt(s) one at a time" in c.value]
+    (caption,) = [c.value for c in at.caption if "prompt(s), one at a time" in c.value]
     assert "ours alone = transformers' greedy: 3/4" in caption
     assert "Differ: ours alone vs transformers' greedy on spec_bench/7 from token 11." in caption
     peer_table = [d.value for d in at.dataframe if "decoder" in d.value.columns]
@@ -482,6 +482,8 @@ def test_the_page_runs_the_peer_on_request(tiny_models):
     (checkbox,) = [c for c in at.checkbox if c.label.startswith("Also run transformers' assisted generation")]
     assert checkbox.value is False  # slow: off by default
     checkbox.check()
+    at.run()
+    assert any("Then the peer: four decodes of every prompt at batch 1" in c.value for c in at.caption)
     at = run_clicked(at)
     assert not at.exception and not at.error, [e.value for e in at.error]
     found = at.session_state[RESULT_KEY]["peer_batch_1"]

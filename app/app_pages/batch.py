@@ -132,7 +132,9 @@ def work_caption(num_prompts: int, sizes: list[int]) -> str:
     return (f"{num_prompts} prompt(s), batch sizes {', '.join(map(str, sizes))}: **{requests} requests per mode** "
             f"(off and on; auto too when it picks another K) of up to "
             f"{st.session_state[key('batch.max_new_tokens')]} tokens, after a calibration that times verify passes at "
-            "each batch size. Greedy decoding.")
+            "each batch size. Greedy decoding."
+            + (" Then the peer: four decodes of every prompt at batch 1 (ours and transformers', alone and "
+               "speculative)." if st.session_state[key("batch.peer")] else ""))
 
 
 # ---------------------------------------------------------------- running
@@ -426,7 +428,7 @@ def show_peer(sweep: dict) -> None:
     settings = found.get("settings") or {}
     mismatches = render_batch.peer_mismatch_text(found)
     st.caption(
-        f"{found.get('num_prompts')} prompt(s) one at a time, K={found.get('k')}, "
+        f"{found.get('num_prompts')} prompt(s), one at a time, K={found.get('k')}, "
         f"{settings.get('drafter') or sweep.get('drafter')}, greedy, prefill included, on the sweep's target, draft "
         f"and prompts ({settings.get('dtype', '?')}, {settings.get('torch_threads', '?')} torch thread(s)). Each "
         "speedup is over that decoder's own greedy decoding, so each engine is measured against itself. Greedy "
@@ -507,9 +509,9 @@ def show_result(sweep: dict) -> None:
     show_status(sweep)
     show_headline(sweep)
     show_figures(sweep)
-    show_peer(sweep)
     show_exactness(sweep)
     show_constraint(sweep)
+    show_peer(sweep)
     show_table_and_export(sweep)
 
 
