@@ -509,15 +509,6 @@ def break_even_acceptance(k: int, cost_ratio: float, verify_cost: float = 1.0) -
     return (low + high) / 2
 
 
-def best_k(acceptance: float, cost_ratio: float, verify_cost: float = 1.0, k_max: int = 16) -> tuple[int, float]:
-    """The K in 1..k_max with the highest expected speedup for a, c and one v for every K, and that speedup.
-
-    ``lab.theory.best_k`` with a verify cost (there v = 1); a measured v(K) grows with K, so this flatters large K.
-    """
-    return max(((k, expected_speedup(acceptance, k, cost_ratio, verify_cost)) for k in range(1, k_max + 1)),
-               key=lambda kv: kv[1])
-
-
 def _grid() -> list[float]:
     return [i / (CURVE_POINTS - 1) for i in range(CURVE_POINTS)]
 

@@ -17,7 +17,7 @@ Leviathan's model takes one verify pass over K+1 tokens to cost one plain
 decode step. Where it costs more (v > 1: a CPU, or a GPU at large batch), the
 measured speedup falls short of the model even for a perfect engine; the lab
 therefore also measures v and reports the part of the gap that is the engine's
-own overhead (``lab.compare``: engine_efficiency).
+own overhead (``lab.compare``: efficiency_v).
 """
 
 from __future__ import annotations
@@ -75,9 +75,16 @@ def acceptance_from_mean_length(mean_acceptance_length: float, k: int) -> float:
     return (low + high) / 2
 
 
-def best_k(acceptance: float, cost_ratio: float, k_max: int = 16) -> tuple[int, float]:
-    """The K in 1..k_max with the highest expected speedup, and that speedup."""
-    return max(((k, expected_speedup(acceptance, k, cost_ratio)) for k in range(1, k_max + 1)), key=lambda kv: kv[1])
+def best_k(acceptance: float, cost_ratio: float, k_max: int = 16, verify_cost: float = 1.0) -> tuple[int, float]:
+    """The K in 1..k_max with the highest expected speedup, and that speedup.
+
+    verify_cost: v, one value for every K (Leviathan: 1). A measured v(K) grows
+    with K, so a single v flatters large K; it is a what-if, not a fit.
+    """
+    return max(
+        ((k, expected_speedup(acceptance, k, cost_ratio, verify_cost)) for k in range(1, k_max + 1)),
+        key=lambda kv: kv[1],
+    )
 
 
 def _check(acceptance: float, k: int) -> None:

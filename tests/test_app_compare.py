@@ -104,14 +104,6 @@ def test_break_even_at_the_edges_of_v(k, cost_ratio, verify_cost, even):
     assert render_compare.break_even_acceptance(k, cost_ratio, verify_cost) == even
 
 
-def test_best_k_with_a_verify_cost():
-    # with v = 1 a free drafter at a = 0.9 wants the largest K; the same v for every K keeps that order
-    assert render_compare.best_k(0.9, 0.0, 1.0, 8) == (8, pytest.approx(expected_speedup(0.9, 8, 0.0)))
-    k, speedup = render_compare.best_k(0.5, 0.2, 2.0, 8)
-    assert speedup == pytest.approx(max(expected_speedup(0.5, kk, 0.2, 2.0) for kk in range(1, 9)))
-    assert expected_speedup(0.5, k, 0.2, 2.0) == pytest.approx(speedup)
-
-
 def summary_frame(rows: list[dict]) -> pd.DataFrame:
     """A hand-made ``Comparison.summary()``: every column, defaults filled in."""
     defaults = dict(prompts=2, acceptance_rate=0.5, mean_acceptance_length=2.0, per_position_acceptance=[0.6, 0.4],

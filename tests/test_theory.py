@@ -30,6 +30,17 @@ def test_expected_speedup_with_verify_cost_hand_value():
         expected_speedup(0.8, 4, 0.05, verify_cost=0.0)
 
 
+def test_best_k_with_a_verify_cost_prefers_shorter_drafts():
+    # a=0.8, c=0.05: with v = 1 the best K is large; a verify pass that costs 2 steps leaves fewer tokens per second at every K.
+    k_free, s_free = best_k(0.8, 0.05)
+    k_costly, s_costly = best_k(0.8, 0.05, verify_cost=2.0)
+    assert s_costly < s_free
+    assert s_costly == pytest.approx(max(expected_speedup(0.8, k, 0.05, 2.0) for k in range(1, 17)))
+    assert k_costly == max(range(1, 17), key=lambda k: expected_speedup(0.8, k, 0.05, 2.0))
+    # With a free drafter at a = 0.9 the largest K wins whatever the single v (it scales every K alike).
+    assert best_k(0.9, 0.0, 8, verify_cost=2.0) == (8, pytest.approx(expected_speedup(0.9, 8, 0.0) / 2.0))
+
+
 def test_expected_speedup_hand_value():
     # The example: a=0.8, K=4, c=0.05 -> 3.3616 / 1.2 = 2.8013
     assert expected_speedup(0.8, 4, 0.05) == pytest.approx(2.8013, abs=1e-4)

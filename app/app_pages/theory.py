@@ -17,7 +17,7 @@ import streamlit as st
 
 from app import render_compare, state, widgets
 from lab.config import K_MAX
-from lab.theory import expected_speedup, expected_tokens_per_step
+from lab.theory import best_k, expected_speedup, expected_tokens_per_step
 
 RESULT_KEY = "compare:comparison"  # written by the Compare page
 UPLOAD_KEY = "theory:upload"
@@ -99,7 +99,7 @@ with st.container(border=True):
                      help="v becomes the run's bare v(K) where the comparison measured it, else 1.")
 
 even = render_compare.break_even_acceptance(k, c, v)
-best, best_speedup = render_compare.best_k(a, c, v, K_MAX)
+best, best_speedup = best_k(a, c, K_MAX, verify_cost=v)
 at_v = "" if v == 1 else f", v={v:.2f}"
 cards = st.columns(4)
 cards[0].metric("Tokens per target step", f"{expected_tokens_per_step(a, k):.2f}", help="At the a, K of the sliders.")
