@@ -66,7 +66,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from lab.cache import new_cache
+from lab.cache import keep_last, new_cache
 from lab.config import K_MAX, DecodeConfig
 from lab.drafters import DraftModelDrafter, make_drafter
 from lab.drafters.base import Draft, DraftContext, Drafter
@@ -131,7 +131,8 @@ class RaggedCache:
         """Feed each row its own new tokens in one batched pass, appending their K/V.
 
         rows: B int64 tensors [n_b] (n_b >= 0, any device); left-padded to W = max n_b.
-        logits_to_keep: 0 keeps all W columns, else the last ones.
+        logits_to_keep: 0 keeps all W columns, else the last ones (passed as an
+            index tensor, ``lab.cache.keep_last``, to avoid PyTorch's slow path).
         Returns logits [B, W or logits_to_keep, V]; row b's own are the last n_b columns.
         """
         if len(rows) != self.batch_size:
@@ -155,7 +156,7 @@ class RaggedCache:
             position_ids=position_ids,
             cache=self.cache,
             use_cache=True,
-            logits_to_keep=logits_to_keep,
+            logits_to_keep=keep_last(logits_to_keep, width, self.device) if logits_to_keep else 0,
         )
         self.valid = attention_mask
         return out.logits

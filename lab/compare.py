@@ -43,7 +43,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from lab.cache import crop_cache, new_cache
+from lab.cache import crop_cache, keep_last, new_cache
 from lab.config import DecodeConfig
 from lab.drafters import DRAFTER_NAMES, make_drafter
 from lab.engine import decode, sync_device
@@ -325,7 +325,7 @@ def measure_verify_cost(
     vocab = model.config.vocab_size
     context = torch.randint(vocab, (1, context_tokens), generator=generator).to(device)
     cache = new_cache(model)
-    model(context, cache=cache, use_cache=True, logits_to_keep=1)
+    model(context, cache=cache, use_cache=True, logits_to_keep=keep_last(1, context_tokens, device))
 
     def median_ms(width: int) -> float:
         tokens = torch.randint(vocab, (1, width), generator=generator).to(device)

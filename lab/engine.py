@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from lab.cache import crop_cache, new_cache
+from lab.cache import crop_cache, keep_last, new_cache
 from lab.config import DecodeConfig
 from lab.drafters.base import Draft, DraftContext, Drafter
 from lab.grammar import Constraint
@@ -91,7 +91,8 @@ def decode(
     # Prefill: the cache takes every prompt token but the last.
     cache = new_cache(model) if target_cache is None else target_cache
     if prompt.numel() > 1:
-        model(prompt[None, :-1].to(device), cache=cache, use_cache=True, logits_to_keep=1)
+        model(prompt[None, :-1].to(device), cache=cache, use_cache=True,
+              logits_to_keep=keep_last(1, prompt.numel() - 1, device))  # the logits are not needed
     sync_device(device)
     yield Prefilled(prompt.numel(), (time.perf_counter() - start) * 1e3)
 

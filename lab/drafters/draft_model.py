@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lab.cache import crop_cache, new_cache
+from lab.cache import crop_cache, keep_last, new_cache
 from lab.drafters.base import Draft, DraftContext
 from lab.sampling import logits_to_probs, sample
 
@@ -43,7 +43,8 @@ class DraftModelDrafter:
         inputs = token_ids[keep:].to(self.device)[None]  # [1, T-keep]
         tokens, probs = [], []
         for i in range(ctx.k):
-            logits = self.model(inputs, cache=self.cache, use_cache=True, logits_to_keep=1).logits[0, -1]  # [V]
+            keep = keep_last(1, inputs.shape[1], self.device)  # not logits_to_keep=1: see keep_last
+            logits = self.model(inputs, cache=self.cache, use_cache=True, logits_to_keep=keep).logits[0, -1]  # [V]
             if ctx.grammar is not None:
                 logits = ctx.grammar.mask_next(logits)  # draft under the grammar
             if ctx.sampling.is_greedy:
