@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `streamlit run app/main.py` puts only app/ on the path
     sys.path.insert(0, str(ROOT))
 
+import lab  # noqa: E402, F401  (first: it sets OpenMP's wait policy before torch loads)
 import streamlit as st  # noqa: E402
 import torch  # noqa: E402
 
