@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", default="1,2,4,8,16", help="comma-separated batch sizes (default 1,2,4,8,16)")
     bench.add_argument("--max-new-tokens", type=int, default=64, help="token budget per request (default 64)")
     bench.add_argument("--prompts", nargs="+", default=["spec_bench:mix:16"],
-                       help="prompt sets: spec_bench[:CATEGORY|:mix][:N], a preset name, or a .jsonl path")
+                       help="prompt sets: spec_bench[:CATEGORY|:mix][:N], a preset name (e.g. summarization, "
+                       "open_qa: shipped in assets/prompts), or a .jsonl path (default: spec_bench:mix:16, which "
+                       "needs the Spec-Bench file: see README)")
     bench.add_argument("--n", type=int, default=None, help="use the first N prompts of the sets")
     bench.add_argument("--raw", action="store_true", help="encode prompts without the chat template")
     bench.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
@@ -173,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--exit-layer", type=int, default=None, help="layer-skip exit (default: a quarter of the layers)")
     compare.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6, 8], help="K values (default 2 4 6 8)")
     compare.add_argument("--max-new-tokens", type=int, default=48, help="token budget per run (default 48)")
-    compare.add_argument("--prompts", nargs="+", default=["spec_bench:mix:8"], help="prompt sets, as for peer")
+    compare.add_argument("--prompts", nargs="+", default=["spec_bench:mix:8"],
+                         help="prompt sets, as for peer (default: spec_bench:mix:8, which needs the Spec-Bench file)")
     compare.add_argument("--raw", action="store_true", help="encode prompts without the chat template")
     compare.add_argument("--json", action="store_true", help="print the JSON results instead of the table")
     compare.add_argument("--out", type=Path, help="also write the JSON results (loadable in the app's Compare page)")
