@@ -19,11 +19,12 @@ import streamlit as st
 from app import render, resources, state
 from lab.config import DecodeConfig
 from lab.engine import decode
-from lab.models import QUANTIZED_PRECISIONS
-from lab.quant import REFERENCE_PRECISION, MemoryUse, part_ways, run_memory as lab_run_memory
+from lab.models import QUANTIZED_PRECISIONS, ModelError
+from lab.quant import MemoryUse, part_ways, run_memory as lab_run_memory
 
 REFERENCE_CHOICES = ("bf16", "fp32")
-DEFAULTS = {"live.reference": False, "live.reference_precision": REFERENCE_PRECISION}
+FULL_PRECISION = "fp32"
+DEFAULTS = {"live.reference": False, "live.reference_precision": FULL_PRECISION}
 
 key = state.widget_key
 
@@ -36,16 +37,36 @@ def format_bytes(num_bytes: float) -> str:
     return f"{int(num_bytes)} B"
 
 
+def default_reference(target_precision: str) -> str | None:
+    """The best reference precision other than the target's: fp32, or None when the target already is fp32."""
+    return None if target_precision == FULL_PRECISION else FULL_PRECISION
+
+
 def section() -> None:
-    """The toggle that runs the target in a reference precision beside the run, and that precision."""
+    """The toggle that runs the target in a reference precision beside the run, that precision, and why nothing
+    would be shown when the reference equals the target's precision."""
     st.toggle("Show the full-precision target beside it", key=key("live.reference"),
               help="Also run the target alone in the reference precision on the same prompt, and mark where its "
                    "output parts from the target's as loaded. Quantising the target changes its output: "
                    "speculative decoding is exact relative to the target you loaded, not to the unquantised model.")
-    if st.session_state[key("live.reference")]:
-        st.selectbox("Reference precision", REFERENCE_CHOICES, key=key("live.reference_precision"),
-                     help="bf16 is the precision the prepared weights are stored in: loading them so loses "
-                          "nothing. fp32 computes with less rounding.")
+    if not st.session_state[key("live.reference")]:
+        return
+    try:
+        target_precision = state.runtime(st.session_state).target_precision
+    except (ValueError, ModelError):  # the sidebar shows that error
+        target_precision = None
+    if target_precision is not None and default_reference(target_precision) is None:
+        st.caption(f"The target already runs in full precision ({target_precision}): there is no more precise "
+                   "target to compare it with. Pick bf16 or a quantised precision in the sidebar to see what "
+                   "rounding or quantising changes.")
+        return
+    st.selectbox("Reference precision", REFERENCE_CHOICES, key=key("live.reference_precision"),
+                 help="fp32 computes with the least rounding. bf16 is the precision the prepared weights are "
+                      "stored in: loading them so loses nothing, but it rounds more than fp32.")
+    if st.session_state[key("live.reference_precision")] == target_precision:
+        st.warning(f"The reference precision is the target's own ({target_precision}): the reference would be "
+                   f"the target itself, so nothing is shown beside it. Pick {default_reference(target_precision)}.",
+                   icon=":material/info:")
 
 
 def settings(runtime: state.Runtime, drafter_name: str) -> dict[str, str]:
@@ -71,13 +92,15 @@ def rounding_note(settings: dict[str, str]) -> str:
 
 def reference_run(slot, runtime: state.Runtime, target_name: str, target, prompt_ids: list[int], config: DecodeConfig,
                   compared: state.RunRecord) -> state.ReferenceRun | None:
-    """The target alone in the reference precision, streamed into ``slot``; None when not asked for or the same precision.
+    """The target alone in the reference precision, streamed into ``slot``; None when not asked for, the same
+    precision, or the target already in fp32.
 
     compared: the output of the target as loaded that the reference is held
     against (the target alone when it ran, else the speculative run).
     """
     precision = st.session_state[key("live.reference_precision")]
-    if not st.session_state[key("live.reference")] or precision == target.precision:
+    if (not st.session_state[key("live.reference")] or precision == target.precision
+            or default_reference(target.precision) is None):  # section() said why
         return None
     reference = resources.load_with_progress(target_name, runtime.device, precision, slot, f"{precision} reference target")
 

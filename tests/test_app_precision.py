@@ -138,10 +138,10 @@ def test_quantised_target_shows_the_reference_beside_it_and_the_memory(folders):
     assert "target precision nf4" in text_of(at.caption)  # the settings line says what ran
     info = text_of(at.info)
     assert "The target is quantised (nf4)" in info and "changes that reference" in info
-    # the bf16 target ran beside it: it either writes the same or is marked where it parts
+    # the fp32 target (the default reference) ran beside it: it either writes the same or is marked where it parts
     said = text_of(at.success) + text_of(at.warning)
-    assert "writes what the bf16 target writes" in said or "parts from the bf16 target at token" in said
-    assert "bf16 target alone (reference)" in text_of(at.markdown)
+    assert "writes what the fp32 target writes" in said or "parts from the fp32 target at token" in said
+    assert "fp32 target alone (reference)" in text_of(at.markdown)
     # memory of the run: the target, the layer-skip draft (no weights of its own), the total
     (table,) = [d.value for d in at.dataframe if "KV cache" in d.value.columns]
     assert list(table["model"])[-1] == "total" and list(table["precision"])[:2] == ["nf4", "nf4"]
@@ -149,7 +149,42 @@ def test_quantised_target_shows_the_reference_beside_it_and_the_memory(folders):
     assert "Memory of this run" in text_of(at.caption)
     # the sidebar lists both loaded models, each with its precision, and their total
     sidebar = text_of(at.sidebar.caption)
-    assert "of weights in all" in sidebar and "(nf4, cpu" in sidebar and "(bf16, cpu" in sidebar
+    assert "of weights in all" in sidebar and "(nf4, cpu" in sidebar and "(fp32, cpu" in sidebar
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bf16", "nf4"])
+def test_reference_defaults_to_fp32_unlike_the_target(folders, dtype):
+    # the old default, bf16, equalled the default target's precision: the toggle then showed nothing, silently
+    at = app(folders, dtype=dtype)
+    at.session_state[key("live.reference")] = True
+    at = at.run()
+    assert not at.exception and not at.error
+    (select,) = [s for s in at.selectbox if s.label == "Reference precision"]
+    assert select.value == "fp32"
+    assert not [w for w in at.warning if "the target's own" in w.value]
+
+
+def test_reference_equal_to_the_target_says_so_and_runs_nothing(folders):
+    at = app(folders, dtype="bf16")
+    at.session_state[key("live.reference")] = True
+    at.session_state[key("live.reference_precision")] = "bf16"
+    at.session_state[key("live.drafter")] = "none"
+    at = click_run(at)
+    assert not at.exception and not at.error
+    assert "The reference precision is the target's own (bf16)" in text_of(at.warning)
+    assert "target alone (reference)" not in text_of(at.markdown)
+
+
+def test_fp32_target_has_nothing_more_precise_to_compare_with(folders):
+    at = app(folders, dtype="fp32")
+    at.session_state[key("live.reference")] = True
+    at.session_state[key("live.reference_precision")] = "bf16"  # a choice left from a bf16 target
+    at.session_state[key("live.drafter")] = "none"
+    at = click_run(at)
+    assert not at.exception and not at.error
+    assert "The target already runs in full precision (fp32)" in text_of(at.caption)
+    assert "Reference precision" not in [s.label for s in at.selectbox]
+    assert "target alone (reference)" not in text_of(at.markdown)
 
 
 def test_quantised_draft_model_counts_its_own_memory(folders):
