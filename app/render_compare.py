@@ -683,6 +683,7 @@ STEP_CSS = """
 .sd-card.sd-accepted { border-top-color: #2e9d5b; }
 .sd-card.sd-rejected { border-top-color: #d0473f; }
 .sd-card.sd-unchecked { border-top-color: #c9ccd1; opacity: 0.55; }
+.sd-card.sd-not-emitted { border-top-color: #2e9d5b; opacity: 0.55; }
 .sd-card.sd-corrected { border-top-color: #e0912f; }
 .sd-card.sd-bonus { border-top-color: #3a78c9; }
 .sd-card.sd-target { border-top-color: #8a8f98; }
@@ -691,14 +692,16 @@ STEP_CSS = """
   margin: 0.25rem 0; white-space: pre; overflow: hidden; text-overflow: ellipsis; }
 .sd-token code, .sd-top code { background: rgba(128,128,128,0.13); border-radius: 3px; padding: 0 3px; }
 .sd-probs { margin-bottom: 0.3rem; }
-.sd-top { width: 100%; border-collapse: collapse; margin: 0.2rem 0 0.35rem 0; font-size: 0.8rem; }
-.sd-top td { padding: 1px 2px; border: none; white-space: pre; }
-.sd-top td.sd-p { text-align: right; width: 3.2rem; }
-.sd-top td.sd-bar { width: 4.5rem; }
-.sd-top td.sd-bar span { display: inline-block; height: 0.55rem; background: #3a78c9; opacity: 0.55; border-radius: 2px; }
+/* fixed layout: a long token is cut with an ellipsis, and a bar never leaves its cell (nor the card) */
+.sd-top { width: 100%; table-layout: fixed; border-collapse: collapse; margin: 0.2rem 0 0.35rem 0; font-size: 0.8rem; }
+.sd-top td { padding: 1px 2px; border: none; white-space: pre; overflow: hidden; text-overflow: ellipsis; }
+.sd-top td.sd-p { text-align: right; width: 2.7rem; }
+.sd-top td.sd-bar { width: 3rem; padding-left: 4px; }
+.sd-top td.sd-bar span { display: inline-block; max-width: 100%; height: 0.55rem; background: #3a78c9; opacity: 0.55;
+  border-radius: 2px; }
 .sd-top tr.sd-drafted td { font-weight: 700; }
 .sd-decision { font-weight: 700; margin-top: 0.15rem; }
-.sd-accepted .sd-decision { color: #2e9d5b; }
+.sd-accepted .sd-decision, .sd-not-emitted .sd-decision { color: #2e9d5b; }
 .sd-rejected .sd-decision { color: #d0473f; }
 .sd-reason { font-size: 0.8rem; opacity: 0.85; }
 """
@@ -706,11 +709,29 @@ STEP_CSS = """
 SPACE_MARK = "␣"
 
 
-def shown_token(text: str) -> str:
-    """Token text for a card, escaped, with spaces, newlines and tabs made visible."""
+def visible_token(text: str) -> str:
+    """Token text with spaces, newlines and tabs made visible (not escaped): "\nThe" -> "↵The"."""
     if text == "":
         return "∅"
-    return html.escape(text).replace(" ", SPACE_MARK).replace("\n", "↵").replace("\t", "⇥")
+    return text.replace(" ", SPACE_MARK).replace("\n", "↵").replace("\t", "⇥")
+
+
+def shown_token(text: str) -> str:
+    """Token text for a card, escaped, with spaces, newlines and tabs made visible."""
+    return visible_token(html.escape(text)) if text else visible_token(text)
+
+
+def cut_words(step: Step, eos_token_ids: Sequence[int] = ()) -> str:
+    """What cut a step's output short, in words: "end of text" when it ends with an EOS, else the budget."""
+    if not eos_token_ids:
+        return "end of text or token budget"
+    return "end of text" if step.emitted and step.emitted[-1] in eos_token_ids else "token budget"
+
+
+def num_emitted_accepted(step: Step) -> int:
+    """Accepted drafted tokens that made it into the output: fewer than num_accepted when an EOS or the budget
+    cut the step inside its accepted draft (the rest were verified, and count as accepted, but are not emitted)."""
+    return min(step.num_accepted, len(step.emitted))
 
 
 def decision_reason(detail: PositionDetail, greedy: bool, draft_text: str, argmax_text: str) -> str:
@@ -720,6 +741,7 @@ def decision_reason(detail: PositionDetail, greedy: bool, draft_text: str, argma
     sampling: accepted iff the uniform draw u < min(1, target prob / draft prob)
     (a deterministic drafter has draft prob 1).
     """
+    draft_text, argmax_text = visible_token(draft_text), visible_token(argmax_text)
     if greedy:
         if detail.accepted:
             return f"The target's most likely token is “{argmax_text}”, the drafted one: accepted."
@@ -736,10 +758,10 @@ def decision_reason(detail: PositionDetail, greedy: bool, draft_text: str, argma
             f"{detail.acceptance_prob:.2f}: {verdict}.")
 
 
-def final_token_note(step: Step, greedy: bool) -> str:
+def final_token_note(step: Step, greedy: bool, eos_token_ids: Sequence[int] = ()) -> str:
     """How the target's own token of a step came about."""
     if step.final_token is None:
-        return "The step was cut before the target's own token (end of text or token budget)."
+        return f"The step was cut before the target's own token ({cut_words(step, eos_token_ids)})."
     if step.final_kind == "target":
         return "No draft this step (the drafter had nothing to propose): the target produced this token alone."
     if step.final_kind == "bonus":
@@ -756,19 +778,24 @@ def _top_table(detail: PositionDetail, tokenizer, context: Sequence[int]) -> str
     rows = []
     for token, prob in detail.target_top:
         marker = ' class="sd-drafted"' if token == detail.draft_token else ""
-        width = max(1, round(4.5 * 16 * prob))  # px at 16 px per rem
+        width_pct = max(1.0, 100 * prob)  # of the bar's cell, so a probability near 1 still fits the card
         rows.append(f"<tr{marker}><td><code>{shown_token(token_text(tokenizer, context, token))}</code></td>"
-                    f'<td class="sd-p">{prob:.3f}</td><td class="sd-bar"><span style="width:{width}px"></span></td></tr>')
+                    f'<td class="sd-p">{prob:.3f}</td>'
+                    f'<td class="sd-bar"><span style="width:{width_pct:.0f}%"></span></td></tr>')
     return f'<table class="sd-top">{"".join(rows)}</table>'
 
 
-def step_cards_html(step: Step, tokenizer, context_ids: Sequence[int], greedy: bool) -> str:
+def step_cards_html(step: Step, tokenizer, context_ids: Sequence[int], greedy: bool,
+                    eos_token_ids: Sequence[int] = ()) -> str:
     """One card per drafted position (checked ones with probabilities and the decision), then the target's own token.
 
     context_ids: the committed tokens before this step (the last few suffice).
-    Needs ``step.details`` (a run with ``DecodeConfig(record_details=True)``).
+    eos_token_ids: the target's EOS tokens, to say what cut a step short.
+    Needs ``step.details`` (a run with ``DecodeConfig(record_details=True)``). Accepted tokens after an EOS (or the
+    budget) inside the draft are shown as verified, not emitted: ``lab.metrics`` counts them as accepted, like vLLM.
     """
     context = [int(i) for i in context_ids]
+    emitted_accepted = num_emitted_accepted(step)
     cards = []
     for i, token in enumerate(step.drafted):
         here = context + list(step.drafted[:i])
@@ -776,18 +803,26 @@ def step_cards_html(step: Step, tokenizer, context_ids: Sequence[int], greedy: b
         if i < len(step.details):
             detail = step.details[i]
             kind = "accepted" if detail.accepted else "rejected"
-            argmax = detail.target_top[0][0] if detail.target_top else token
+            decision = "✓ accepted" if detail.accepted else "✗ rejected"
+            reason = decision_reason(detail, greedy, text, token_text(tokenizer, here, detail.target_top[0][0]
+                                                                      if detail.target_top else token))
+            if detail.accepted and i >= emitted_accepted:
+                cut = cut_words(step, eos_token_ids)
+                kind, decision = "not-emitted", f"✓ verified, not emitted (after {cut})"
+                reason += (f" It comes after the {cut}, so it is not part of the output; the lab still counts it as "
+                           "accepted, as vLLM does.")
             draft_prob = "— (deterministic)" if detail.draft_prob is None else f"{detail.draft_prob:.3f}"
             body = (f'<div class="sd-probs">draft prob {draft_prob} · target prob {detail.target_prob:.3f}</div>'
                     f"<div>target's top {len(detail.target_top)}:</div>{_top_table(detail, tokenizer, here)}"
-                    f'<div class="sd-decision">{"✓ accepted" if detail.accepted else "✗ rejected"}</div>'
-                    f'<div class="sd-reason">{html.escape(decision_reason(detail, greedy, text, token_text(tokenizer, here, argmax)))}</div>')
+                    f'<div class="sd-decision">{html.escape(decision)}</div>'
+                    f'<div class="sd-reason">{html.escape(reason)}</div>')
         else:
             kind = "unchecked"
             body = ('<div class="sd-decision">not checked</div>'
                     '<div class="sd-reason">Discarded: it follows a rejected token, so the target never judged it.</div>')
+        label = "not emitted" if kind == "not-emitted" else kind
         cards.append(f'<div class="sd-card sd-{kind}"><div class="sd-head"><span>draft position {i + 1}</span>'
-                     f'<span>{kind}</span></div><div class="sd-token"><code>{shown_token(text)}</code></div>{body}</div>')
+                     f'<span>{label}</span></div><div class="sd-token"><code>{shown_token(text)}</code></div>{body}</div>')
     final = step.final_token
     kind = step.final_kind if final is not None else "unchecked"
     position = step.num_accepted + 1
@@ -795,19 +830,25 @@ def step_cards_html(step: Step, tokenizer, context_ids: Sequence[int], greedy: b
     final_text = shown_token(token_text(tokenizer, final_context, final)) if final is not None else "—"
     cards.append(f'<div class="sd-card sd-{kind}"><div class="sd-head"><span>position {position}: the target\'s own token</span>'
                  f'<span>{kind}</span></div><div class="sd-token"><code>{final_text}</code></div>'
-                 f'<div class="sd-reason">{html.escape(final_token_note(step, greedy))}</div></div>')
+                 f'<div class="sd-reason">{html.escape(final_token_note(step, greedy, eos_token_ids))}</div></div>')
     return f'<div class="sd-cycle">{"".join(cards)}</div>'
 
 
-def step_headline(step: Step) -> str:
-    """One line about a step: drafted, accepted, and the target's own token."""
+def step_headline(step: Step, eos_token_ids: Sequence[int] = ()) -> str:
+    """One line about a step: drafted, accepted (and how many of those were emitted), and the target's own token."""
     if not step.drafted:
         return f"Step {step.index + 1}: no draft; the target produced {len(step.emitted)} token(s) itself."
-    final = {"bonus": "plus a bonus token", "corrected": "then a corrected token",
-             "target": "then the target's token"}[step.final_kind]
+    accepted = f"accepted {step.num_accepted}"
+    emitted_accepted = num_emitted_accepted(step)
+    if emitted_accepted < step.num_accepted:
+        accepted += (f" ({emitted_accepted} emitted, {step.num_accepted - emitted_accepted} verified after the "
+                     f"{cut_words(step, eos_token_ids)})")
     if step.final_token is None:
-        final = "(cut at the end of the text or the budget)"
-    return (f"Step {step.index + 1}: drafted {len(step.drafted)}, accepted {step.num_accepted}, {final}: "
+        final = f"cut at the {cut_words(step, eos_token_ids)}"
+    else:
+        final = {"bonus": "plus a bonus token", "corrected": "then a corrected token",
+                 "target": "then the target's token"}[step.final_kind]
+    return (f"Step {step.index + 1}: drafted {len(step.drafted)}, {accepted}, {final}: "
             f"{len(step.emitted)} token(s) in one target pass")
 
 

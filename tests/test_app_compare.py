@@ -256,8 +256,8 @@ def detail(token, accepted, draft_prob=None, target_prob=0.5, top=((5, 0.5), (9,
 @pytest.mark.parametrize(
     "position, greedy, words",
     [
-        (detail(5, True), True, ["“ t5”", "accepted"]),
-        (detail(6, False, target_prob=0.1, acceptance=0.0), True, ["not the drafted “ t6”", "rejected"]),
+        (detail(5, True), True, ["“␣t5”", "accepted"]),  # spaces marked as in the cards' token tables
+        (detail(6, False, target_prob=0.1, acceptance=0.0), True, ["not the drafted “␣t6”", "rejected"]),
         # prompt lookup under sampling: draft prob 1, accept with the target's probability
         (detail(5, True, target_prob=0.42, acceptance=0.42, uniform=0.3), False,
          ["0.420 / 1.000", "deterministic", "u = 0.300 < 0.42", "accepted"]),
@@ -296,6 +296,36 @@ def test_step_cards_show_each_position_and_the_final_token():
 def test_final_token_note(step, words):
     for word in words:
         assert word in render_compare.final_token_note(step, greedy=True)
+
+
+def test_newline_token_in_a_reason_is_shown_as_a_return_mark():
+    # the reason used to show a newline token as a blank: “\n” read as “ ” on the page
+    reason = render_compare.decision_reason(detail(5, True), True, "\n", "\n")
+    assert "“↵”" in reason and "\n" not in reason
+
+
+def test_eos_inside_the_accepted_draft_keeps_only_the_tokens_up_to_it():
+    # drafted t1 (EOS) then t6, both accepted, t7 rejected: the output ends at the EOS, so only one token is kept;
+    # t6 was verified and counts as accepted (lab.metrics, like vLLM) but is never emitted
+    step = Step(4, (1, 6, 7), 2, (1,), "corrected", 1.0, 10.0, 30, None,
+                details=(detail(1, True), detail(6, True), detail(7, False, target_prob=0.1, acceptance=0.0)))
+    headline = render_compare.step_headline(step, eos_token_ids=(1,))
+    assert headline == ("Step 5: drafted 3, accepted 2 (1 emitted, 1 verified after the end of text), "
+                        "cut at the end of text: 1 token(s) in one target pass")
+    assert ", (" not in headline
+    cards = render_compare.step_cards_html(step, tiny_tokenizer(), [3, 4], greedy=True, eos_token_ids=(1,))
+    kinds = [c.split('"')[0] for c in cards.split('class="sd-card sd-')[1:]]
+    assert kinds == ["accepted", "not-emitted", "rejected", "unchecked"]
+    assert "verified, not emitted (after end of text)" in cards
+    assert "cut before the target&#x27;s own token (end of text)" in cards
+
+
+def test_probability_bars_are_sized_within_their_cell():
+    # bars were 4.5 rem x probability wide and ran into the next card for probabilities near 1
+    step = Step(0, (5,), 1, (5, 9), "bonus", 1.0, 10.0, 12, None, details=(detail(5, True, top=((5, 0.995), (9, 0.005))),))
+    cards = render_compare.step_cards_html(step, tiny_tokenizer(), [3, 4], greedy=True)
+    assert "width:100%" in cards and "width:1%" in cards and "px" not in cards.split("sd-bar")[1][:60]
+    assert "table-layout: fixed" in render_compare.STEP_CSS
 
 
 def test_cache_note_and_headline():

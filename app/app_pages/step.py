@@ -169,9 +169,9 @@ def show_session(session: StepSession) -> None:
         index = 0
     step = session.steps[index]
     start_len = session.starts[index]
-    st.subheader(render_compare.step_headline(step))
+    st.subheader(render_compare.step_headline(step, session.eos_token_ids))
     st.html(render_compare.step_cards_html(step, session.tokenizer, session.committed[max(0, start_len - 8):start_len],
-                                           session.greedy))
+                                           session.greedy, session.eos_token_ids))
     st.caption(render_compare.cache_note(step, start_len + len(step.emitted))
                + f" Drafting took {step.draft_ms:.1f} ms, verifying {step.verify_ms:.1f} ms.")
     with st.expander(f"All cycles ({count}) and where the time went"):
