@@ -1,6 +1,6 @@
 """Precision on the Live page: the target in a reference precision beside it, and what each model costs in memory.
 
-The page calls ``section`` (widgets, beside "Compare with the target alone"),
+The page calls ``toggle`` (beside "Compare with the target alone") and ``section`` (the reference precision),
 ``reference_run`` after its runs (the target alone in the reference precision,
 streamed), ``run_memory`` (weights, KV cache and load time of the run's models)
 and ``show``.
@@ -42,13 +42,17 @@ def default_reference(target_precision: str) -> str | None:
     return None if target_precision == FULL_PRECISION else FULL_PRECISION
 
 
-def section() -> None:
-    """The toggle that runs the target in a reference precision beside the run, that precision, and why nothing
-    would be shown when the reference equals the target's precision."""
+def toggle() -> None:
+    """The toggle that runs the target in a reference precision beside the run."""
     st.toggle("Show the full-precision target beside it", key=key("live.reference"),
               help="Also run the target alone in the reference precision on the same prompt, and mark where its "
                    "output parts from the target's as loaded. Quantising the target changes its output: "
                    "speculative decoding is exact relative to the target you loaded, not to the unquantised model.")
+
+
+def section() -> None:
+    """Below ``toggle``, when it is on: the reference precision, and why nothing would be shown when the reference
+    equals the target's precision."""
     if not st.session_state[key("live.reference")]:
         return
     try:
@@ -60,7 +64,7 @@ def section() -> None:
                    "target to compare it with. Pick bf16 or a quantised precision in the sidebar to see what "
                    "rounding or quantising changes.")
         return
-    st.selectbox("Reference precision", REFERENCE_CHOICES, key=key("live.reference_precision"),
+    st.selectbox("Reference precision", REFERENCE_CHOICES, key=key("live.reference_precision"), width=240,
                  help="fp32 computes with the least rounding. bf16 is the precision the prepared weights are "
                       "stored in: loading them so loses nothing, but it rounds more than fp32.")
     if st.session_state[key("live.reference_precision")] == target_precision:

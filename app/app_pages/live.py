@@ -20,6 +20,7 @@ from lab.engine import decode
 from lab.models import ModelError, check_same_tokenizer, encode_prompt
 
 RESULT_KEY = "live:result"
+METRIC_WIDTH_PX = 180  # the longest label, "Speedup vs target alone", with its help icon
 MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
 
 EXAMPLE_PROMPT = """Fix the spelling mistakes in this text and return the corrected text only:
@@ -80,25 +81,28 @@ def show_tokens(slot, record: state.RunRecord, streaming: bool = False) -> None:
 
 def show_metrics(slot, result: state.LiveResult) -> None:
     stats = result.speculative.stats
+    # a wrapping row of fixed-width cards, not st.columns(5): at 900 px with the sidebar open five columns cut
+    # values ("2.…") and labels ("Accept…"); here the cards move to a second line instead
     with slot.container():
-        cards = st.columns(5)
-        cards[0].metric("Acceptance rate", render.format_rate(stats.acceptance_rate),
-                        help="Accepted draft tokens / drafted tokens (— when nothing was drafted).")
-        cards[1].metric("Mean acceptance length", render.format_number(stats.mean_acceptance_length),
-                        help="Tokens committed per target pass on steps with a draft, the target's own token included.")
-        cards[2].metric("Tokens/s", render.format_number(stats.tokens_per_s, 1),
-                        help="Output tokens / wall time, prefill included.")
-        cards[3].metric("Target forward passes", f"{stats.target_forward_passes}",
-                        help=f"Verify passes after the prefill, for {stats.num_output_tokens} output tokens.")
-        if result.baseline is not None:
-            cards[4].metric("Speedup vs target alone", render.format_number(result.speedup, 2, "×"),
-                            help=f"Against the target alone on the same prompt: "
-                                 f"{render.format_number(result.baseline.stats.tokens_per_s, 1)} tokens/s. "
-                                 "Measured once on a possibly busy machine: noisy.")
-        elif result.settings["drafter"] == widgets.DRAFTER_LABELS["none"]:
-            cards[4].metric("Speedup vs target alone", "—", help="No drafter: this run is the target alone.")
-        else:
-            cards[4].metric("Speedup vs target alone", "—", help="Switch on 'Compare with the target alone'.")
+        with st.container(horizontal=True, gap="medium"):
+            cards = [st.container(width=METRIC_WIDTH_PX) for _ in range(5)]
+            cards[0].metric("Acceptance rate", render.format_rate(stats.acceptance_rate),
+                            help="Accepted draft tokens / drafted tokens (— when nothing was drafted).")
+            cards[1].metric("Mean acceptance length", render.format_number(stats.mean_acceptance_length),
+                            help="Tokens committed per target pass on steps with a draft, the target's own token included.")
+            cards[2].metric("Tokens/s", render.format_number(stats.tokens_per_s, 1),
+                            help="Output tokens / wall time, prefill included.")
+            cards[3].metric("Target forward passes", f"{stats.target_forward_passes}",
+                            help=f"Verify passes after the prefill, for {stats.num_output_tokens} output tokens.")
+            if result.baseline is not None:
+                cards[4].metric("Speedup vs target alone", render.format_number(result.speedup, 2, "×"),
+                                help=f"Against the target alone on the same prompt: "
+                                     f"{render.format_number(result.baseline.stats.tokens_per_s, 1)} tokens/s. "
+                                     "Measured once on a possibly busy machine: noisy.")
+            elif result.settings["drafter"] == widgets.DRAFTER_LABELS["none"]:
+                cards[4].metric("Speedup vs target alone", "—", help="No drafter: this run is the target alone.")
+            else:
+                cards[4].metric("Speedup vs target alone", "—", help="Switch on 'Compare with the target alone'.")
 
 
 def show_check(slot, result: state.LiveResult) -> None:
@@ -222,12 +226,6 @@ with st.container(border=True):
     models_col, drafter_col = st.columns(2)
     with models_col:
         target_choice = widgets.target_select("live", local_folder=True)
-        st.toggle("Raw completion", key=key("live.raw"),
-                  help="Off (default): the prompt goes through the model's chat template as a user message. "
-                       "On: the model continues the text as is.")
-        st.toggle("Compare with the target alone", key=key("live.compare"),
-                  help="Also run the target without a drafter on the same prompt: speedup and exactness check.")
-        precision.section()
     with drafter_col:
         drafter_name = widgets.drafter_select("live", DRAFTER_NAMES)
         draft_choice = None
@@ -237,6 +235,15 @@ with st.container(border=True):
             widgets.ngram_inputs("live", *st.columns(2))
         elif drafter_name == "layer-skip":
             widgets.exit_layer_input("live")
+    # the toggles span the form and wrap: in half of it their labels were cut ("Compare with the ta…") at 900 px
+    with st.container(horizontal=True, gap="small"):
+        st.toggle("Raw completion", key=key("live.raw"),
+                  help="Off (default): the prompt goes through the model's chat template as a user message. "
+                       "On: the model continues the text as is.")
+        st.toggle("Compare with the target alone", key=key("live.compare"),
+                  help="Also run the target without a drafter on the same prompt: speedup and exactness check.")
+        precision.toggle()
+    precision.section()
     k_col, tokens_col, temp_col, top_p_col, seed_col = st.columns(5)
     k_col.slider("K (draft tokens per step)", 1, K_MAX, key=key("live.k"), disabled=drafter_name == "none")
     tokens_col.number_input("Max new tokens", min_value=1, max_value=MAX_NEW_TOKENS_MAX, step=16,
