@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 
+import pandas as pd
 import streamlit as st
 import torch
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
@@ -306,7 +307,8 @@ def show_summary(comparison: compare.Comparison, summary) -> None:
         )
     st.subheader("What each drafter costs")
     costs = comparison.settings.get("drafter_costs", {})
-    st.dataframe(render_compare.cost_rows(costs, summary), hide_index=True, width="stretch")
+    # a static table wraps its cells: in a dataframe the long "what it uses" pushed "c, measured" off the right edge
+    st.table(pd.DataFrame(render_compare.cost_rows(costs, summary)), hide_index=True)
     target_params = comparison.settings.get("target_parameters")
     if target_params:
         st.caption(f"For scale, the target `{comparison.settings.get('target')}` has "
