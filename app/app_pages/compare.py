@@ -75,14 +75,15 @@ SUMMARY_COLUMNS = {
 }
 VERIFY_COST_LEGEND = """
 - **v(K), bare**: what one forward pass over K+1 tokens costs, in plain one-token steps, with nothing else (timed
-  at the start of the comparison). Leviathan's model takes v = 1, true where a step is bound by reading the
-  weights; on a CPU the pass is compute bound and v > 1. *Verify cost in the loop* is the same ratio for a whole
+  at the start of the comparison). v(K) is measured; Leviathan assumes 1; on a CPU it can be above 1, and near 1
+  a single short run is within timing noise. *Verify cost in the loop* is the same ratio for a whole
   verify step of the decode loop: above v(K), the difference is our bookkeeping.
-- **r, draft rate**: the share of steps at which the drafter proposed anything (Leviathan: r = 1; prompt lookup
-  misses at some steps, a draft model never does).
+- **r, draft rate**: the share of steps at which the drafter proposed anything (Leviathan: r = 1). Any drafter
+  can draft nothing at a step: prompt lookup finds no match, the last step of the token budget has no room for a
+  draft, a grammar ends one.
 - **efficiency** = decode speedup / Leviathan's prediction (v = 1, r = 1). **efficiency_v** = decode speedup / the
   prediction with the bare v(K) and the measured r: what is left is the engine's own overhead and timing noise
-  (100 % = a perfect engine). The Theory page draws both.
+  (100 % = a perfect engine; above 100 % is timing noise). The Theory page draws both.
 """
 COMPACT_COLUMNS = SUMMARY_COLUMNS | {
     "K": st.column_config.TextColumn(help="Draft tokens per step; ★: the drafter's best K by speedup."),

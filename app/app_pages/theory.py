@@ -36,7 +36,8 @@ POINT_COLUMNS = {
     "mean acceptance length": st.column_config.NumberColumn(format="%.2f"),
     "c (measured)": st.column_config.NumberColumn(format="%.3f"),
     "draft rate r": st.column_config.NumberColumn(format="percent", help="Share of steps at which the drafter "
-                                                                         "proposed anything (prompt lookup misses)."),
+                                                                         "proposed anything (below 100 % when a step "
+                                                                         "drafts nothing; see above)."),
     "v(K), bare": st.column_config.NumberColumn(format="%.2f", help="A bare forward pass over K+1 tokens, in plain "
                                                                     "one-token steps (timed at the start of the run)."),
     "measured": st.column_config.NumberColumn(format="%.2f×", help="Measured decode speedup (prefill excluded)."),
@@ -46,11 +47,12 @@ POINT_COLUMNS = {
     "predicted with v, r": st.column_config.NumberColumn(format="%.2f×", help="For the run's a, K and c with its "
                                                                               "measured v(K) and r."),
     "efficiency_v": st.column_config.NumberColumn(format="percent", help="Measured over the prediction with v(K) "
-                                                                        "and r: the engine's own share."),
+                                                                        "and r: the engine's own share (above 100 %: "
+                                                                        "timing noise)."),
 }
 V_HELP = ("What one verify pass over K+1 tokens costs, in plain one-token steps. Leviathan et al. take v = 1: true "
           "where a step is bound by reading the weights (a GPU at batch 1). On a CPU, or at a large batch, the pass "
-          "is compute bound and v grows with K (the Compare page measures it: 1.5 to 3 is common on a CPU).")
+          "can be compute bound and v grow with K; on some CPUs it stays near 1. The Compare page measures it.")
 
 
 def use_run(points: dict[str, render_compare.MeasuredPoint]) -> None:
@@ -107,9 +109,13 @@ cards[1].metric("Expected speedup", f"{expected_speedup(a, k, c, v):.2f}×", hel
 cards[2].metric("Break-even a", "never" if even is None else f"{even:.2f}",
                 help="Below this acceptance rate speculation is slower than the target alone (for K = 1 it is "
                      "a = c + v − 1, so a = c at v = 1).")
-cards[3].metric(f"Best K for a={a:.2f}, c={c:.2f}{at_v}", f"{best} ({best_speedup:.2f}×)",
-                help=f"The K in 1..{K_MAX} with the highest expected speedup, taking the same v for every K (a "
-                     "measured v grows with K, so this flatters large K when v > 1).")
+best_help = (f"The K in 1..{K_MAX} with the highest expected speedup, taking the same v for every K (a measured v "
+             "can grow with K, so this flatters large K when v > 1).")
+if best_speedup < 1:  # even the best K loses: a K here would read as a recommendation
+    cards[3].metric(f"Best K for a={a:.2f}, c={c:.2f}{at_v}", "none", help=best_help)
+    cards[3].caption(f"none: speculation is predicted to lose (best K={best} gives {best_speedup:.2f}×)")
+else:
+    cards[3].metric(f"Best K for a={a:.2f}, c={c:.2f}{at_v}", f"{best} ({best_speedup:.2f}×)", help=best_help)
 
 left, right = st.columns(2)
 left.plotly_chart(render_compare.tokens_per_step_figure(k, a), width="stretch")
@@ -139,12 +145,14 @@ else:
     )
     st.markdown(
         "**efficiency** = measured / Leviathan's prediction. His model takes a verify pass over K+1 tokens to cost "
-        "one plain step (v = 1) and the drafter to propose at every step (r = 1). On a CPU neither holds: the pass is "
-        "compute bound and costs v(K) > 1 steps, and prompt lookup finds no match at some steps. So this gap mixes "
-        "the hardware's verify cost, the drafter's misses and our engine's overhead; it is not the engine's alone.\n\n"
+        "one plain step (v = 1) and the drafter to propose at every step (r = 1). v(K) is measured; Leviathan "
+        "assumes 1; on a CPU it can be above 1, and near 1 a single short run is within timing noise. r is below 1 whenever a step drafts nothing, for any drafter: prompt lookup finds no match, the last "
+        "step of the token budget has no room for a draft, or a grammar ends one. So this gap mixes the hardware's "
+        "verify cost, the steps without a draft and our engine's overhead; it is not the engine's alone.\n\n"
         "**efficiency_v** = measured / the prediction with the bare v(K), timed at the start of the comparison "
         "(a forward pass over K+1 tokens alone, no bookkeeping), and the measured r. What is left is the engine's own "
-        "overhead (sampling, acceptance, cache bookkeeping, Python) and timing noise: 100 % is a perfect engine."
+        "overhead (sampling, acceptance, cache bookkeeping, Python) and timing noise: 100 % is a perfect engine, "
+        "and values above 100 % are timing noise."
     )
     if not has_v:
         st.caption("This comparison did not measure v(K) (a results file written before the lab timed bare verify "
