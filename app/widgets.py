@@ -13,6 +13,7 @@ also covers local model folders.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -149,7 +150,7 @@ def ngram_inputs(page: str, low=st, high=st) -> None:
 def exit_layer_input(page: str, where=st) -> None:
     """Layer skip's exit layer (empty: a quarter of the target's layers), in the container ``where``."""
     where.number_input("Exit layer", min_value=1, max_value=64, step=1, key=key(f"{page}.exit_layer"),
-                       placeholder="auto: a quarter",
+                       placeholder="auto",  # longer ("auto: a quarter") was cut in a narrow column
                        help="Draft with the target's first N layers, then its final norm and LM head. Empty: a "
                             "quarter of the target's layers.")
 
@@ -205,12 +206,29 @@ def prompt_inputs(page: str, sets_help: str) -> None:
 # ---------------------------------------------------------------- results files
 
 
+COMPARISON_FIELDS = {"runs": "list of runs", "settings": "settings", "prompts": "list of prompts"}
+
+
 def parse_comparison(text: str, file_name: str) -> compare.Comparison:
-    """A comparison saved by the Compare page, marked as loaded from ``file_name``. Raises ValueError."""
-    loaded = compare.Comparison.from_json(text)
+    """A comparison saved by the Compare page, marked as loaded from ``file_name``. Raises ValueError, in words."""
+    try:
+        loaded = compare.Comparison.from_json(text)
+    except ValueError as error:
+        raise ValueError(comparison_refusal(error.__cause__)) from error
     loaded.settings.setdefault("status", "complete")
     loaded.settings["loaded_from"] = file_name
     return loaded
+
+
+def comparison_refusal(cause: BaseException | None) -> str:
+    """Why a text is not a comparison results file, in words: which field is missing, not a raw ``('runs')``."""
+    prefix = "This is not a comparison results file saved by the lab"
+    if isinstance(cause, KeyError) and cause.args:
+        field = str(cause.args[0])
+        return f"{prefix}: it has no {COMPARISON_FIELDS.get(field, 'field')} (the “{field}” field of Download JSON)."
+    if isinstance(cause, json.JSONDecodeError):
+        return f"{prefix}: it is not JSON ({cause.msg} at line {cause.lineno}, column {cause.colno})."
+    return f"{prefix}: its fields are not those Download JSON writes."
 
 
 def load_results_file(upload_key: str, error_key: str, result_key: str, parse: Callable[[str, str], Any]) -> None:

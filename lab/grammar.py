@@ -81,10 +81,13 @@ class Constraint:
             else:
                 self.compiled = compiler.compile_builtin_json_grammar()
         except json.JSONDecodeError as error:
-            raise GrammarError(f"The JSON schema is not valid JSON: {error}. Fix the schema and run again.") from error
+            raise GrammarError(f"The JSON schema is not valid JSON: {str(error).rstrip('.')}. "
+                               "Fix the schema and run again.") from error
         except RuntimeError as error:
             what = "JSON schema" if spec.kind == "json_schema" else "regular expression"
-            raise GrammarError(f"The {what} does not compile: {_plain(str(error))}. Fix it and run again.") from error
+            # xgrammar's message ends in "." (e.g. "... is not closed."): no "..", then our sentence
+            raise GrammarError(f"The {what} does not compile: {_plain(str(error)).rstrip('.')}. "
+                               "Fix it and run again.") from error
 
     def new_state(self) -> "GrammarState":
         return GrammarState(self)

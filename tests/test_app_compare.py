@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:  # the app is not an installed package; its module
 
 import lab.compare  # noqa: E402
 import lab.models  # noqa: E402
-from app import render_compare  # noqa: E402
+from app import render_compare, widgets  # noqa: E402
 from app_util import app_on, click, html_of, key, tiny_loaded, tiny_models  # noqa: E402, F401
 from conftest import tiny_tokenizer  # noqa: E402
 from lab.compare import BASELINE, Comparison, DrafterSpec, run_comparison  # noqa: E402
@@ -500,6 +500,21 @@ def test_bad_results_file_is_refused(tiny_models):
     assert not at.exception
     assert any("not a comparison results file" in e.value for e in at.error)
     assert "compare:comparison" not in at.session_state
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (json.dumps({"hello": 1}), "it has no list of runs (the “runs” field of Download JSON)"),  # not "('runs')"
+        (json.dumps({"runs": [], "prompts": []}), "it has no settings"),
+        ("runs,k\n1,2", "it is not JSON (Expecting value at line 1, column 1)"),
+        (json.dumps([1, 2]), "its fields are not those Download JSON writes"),
+    ],
+)
+def test_a_refused_results_file_says_what_is_missing_in_words(text, words):
+    with pytest.raises(ValueError, match="not a comparison results file") as refused:
+        widgets.parse_comparison(text, "notes.json")
+    assert words in str(refused.value) and "('" not in str(refused.value)
 
 
 def test_theory_page_without_a_comparison_shows_the_curves(tiny_models):
