@@ -239,6 +239,10 @@ def load_results_file(upload_key: str, error_key: str, result_key: str, parse: C
     s[error_key] = None
     if uploaded is None:
         return
+    if not uploaded.name.lower().endswith(".json"):
+        s[error_key] = (f"Could not load {uploaded.name}: this loads one JSON file, as Download JSON saves it "
+                        "(a CSV has only the per-run table).")
+        return
     try:
         s[result_key] = parse(uploaded.getvalue().decode("utf-8"), uploaded.name)
     except (ValueError, UnicodeDecodeError) as error:
@@ -249,7 +253,9 @@ def results_file_section(label: str, upload_key: str, error_key: str, result_key
                          parse: Callable[[str, str], Any]) -> None:
     """A "Load a results file" expander: a JSON uploader and, after a refusal, why."""
     with st.expander("Load a results file"):
-        st.file_uploader(label, type=["json"], key=upload_key, on_change=load_results_file,
+        # one file: no type filter, which kept a refused file's chip beside the next upload, so the widget looked
+        # like it held several; load_results_file refuses what is not .json, with a message
+        st.file_uploader(label, key=upload_key, accept_multiple_files=False, on_change=load_results_file,
                          args=(upload_key, error_key, result_key, parse))
         if st.session_state.get(error_key):
             st.error(st.session_state[error_key], icon=":material/error:")

@@ -502,6 +502,15 @@ def test_bad_results_file_is_refused(tiny_models):
     assert "compare:comparison" not in at.session_state
 
 
+def test_results_uploader_takes_one_file_and_refuses_a_csv_in_words(tiny_models):
+    # a type filter left a refused .csv's chip beside the next file: the uploader looked like it took several
+    at = app_on("compare")
+    assert not at.file_uploader[0].proto.multiple_files and not list(at.file_uploader[0].proto.type)
+    at.file_uploader[0].set_value(("compare.csv", b"prompt,drafter\n1,a\n", "text/csv")).run()
+    assert not at.exception
+    assert any("Could not load compare.csv: this loads one JSON file" in e.value for e in at.error)
+
+
 @pytest.mark.parametrize(
     "text, words",
     [
