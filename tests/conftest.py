@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import lab  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads, see lab/__init__.py)
 from lab.drafters.base import Draft, DraftContext
 
 import pytest
