@@ -57,7 +57,7 @@ def test_split_prompts(text, prompts):
 
 @pytest.mark.parametrize(
     "fraction, prompts, text",
-    [(1.0, 3, "yes (3/3)"), (2 / 3, 3, "no: 2/3 identical"), (math.nan, 2, "— (sampling)"), (None, 2, "— (sampling)")],
+    [(1.0, 3, "yes (3/3)"), (2 / 3, 3, "2/3 (see note)"), (math.nan, 2, "— (sampling)"), (None, 2, "— (sampling)")],
 )
 def test_identical_text(fraction, prompts, text):
     assert render_compare.identical_text(fraction, prompts) == text

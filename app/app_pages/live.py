@@ -105,8 +105,8 @@ def show_metrics(slot, result: state.LiveResult) -> None:
                 cards[4].metric("Speedup vs target alone", "—", help="Switch on 'Compare with the target alone'.")
         if result.baseline is not None:
             machine = "CPU" if result.settings.get("device") == "cpu" else "machine"
-            st.caption(f"Speedup: one short run on a shared {machine} is noisy (the same settings measured 0.8× once "
-                       "and 1.1× the next time); use Compare over several prompts to decide.")
+            st.caption(f"Speedup: one short run on a shared {machine} is noisy (run it again and it can move by a "
+                       "third either way); use Compare over several prompts to decide.")
 
 
 def show_check(slot, result: state.LiveResult) -> None:
