@@ -160,7 +160,10 @@ def show(result: state.LiveResult) -> None:
         show_reference(result.reference, result.greedy)
     if result.memory:
         total = sum(use.total_bytes for use in result.memory)
-        st.caption(f"Memory of this run: **{format_bytes(total)}** (weights and KV caches of the target and the draft)")
+        roles = " and ".join(dict.fromkeys(use.role for use in result.memory))
+        extra = (" The full-precision reference beside it is loaded too and is not counted here."
+                 if result.reference is not None else "")
+        st.caption(f"Memory of this run: **{format_bytes(total)}** (weights and KV caches of the {roles}).{extra}")
         st.dataframe(pd.DataFrame(memory_rows(result.memory)), hide_index=True, width="stretch")
 
 

@@ -146,7 +146,9 @@ def test_quantised_target_shows_the_reference_beside_it_and_the_memory(folders):
     (table,) = [d.value for d in at.dataframe if "KV cache" in d.value.columns]
     assert list(table["model"])[-1] == "total" and list(table["precision"])[:2] == ["nf4", "nf4"]
     assert table["weights"].iloc[1] == "shared with the target"
-    assert "Memory of this run" in text_of(at.caption)
+    captions = text_of(at.caption)
+    assert "(weights and KV caches of the target and draft)." in captions
+    assert "The full-precision reference beside it is loaded too and is not counted here." in captions
     # the sidebar lists both loaded models, each with its precision, and their total
     sidebar = text_of(at.sidebar.caption)
     assert "of weights in all" in sidebar and "(nf4, cpu" in sidebar and "(fp32, cpu" in sidebar
