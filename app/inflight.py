@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import streamlit as st
+from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
 STOP_WAIT_S = 120
 
@@ -55,3 +56,28 @@ def take_over(flight_key: str, waiting_text: str) -> InFlight | None:
         return None
     del st.session_state[flight_key]
     return flight
+
+
+class StopCatcher:
+    """Mixin for a run's watcher: ``_yield_point(call)`` makes one ``st`` call, catching a stop or rerun.
+
+    Every ``st`` call, session state included, is where Streamlit delivers a
+    stop or rerun: it is caught there once (a stopped run gets it again at every
+    later call) and kept in ``interruption``; later calls are skipped.
+    """
+
+    interruption: ScriptControlException | None = None
+
+    def _yield_point(self, call):
+        if self.interruption is not None:
+            return None
+        try:
+            return call()
+        except ScriptControlException as interruption:
+            self.interruption = interruption
+            return None
+
+
+def request_cancel(cancel_key: str) -> None:
+    """The Cancel button's on_click: flag the cancel in session state under ``cancel_key``."""
+    st.session_state[cancel_key] = True

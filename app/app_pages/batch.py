@@ -144,7 +144,7 @@ class PeerCancelled(Exception):
     """The Cancel button was pressed (or the page reran) while the peer ran; the sweep before it is kept."""
 
 
-class SweepWatch:
+class SweepWatch(inflight.StopCatcher):
     """The sweep's progress bar, and where the sweep and its peer answer the Cancel button.
 
     ``run_sweep`` polls ``should_cancel`` before each batch of requests and
@@ -178,18 +178,7 @@ class SweepWatch:
             raise PeerCancelled(self.flight.last_progress)
         self._yield_point(lambda: self.bar.progress(min(max(fraction, 0.0), 1.0), text=self.flight.last_progress))
 
-    def _yield_point(self, call):
-        if self.interruption is not None:
-            return None
-        try:
-            return call()
-        except ScriptControlException as interruption:
-            self.interruption = interruption
-            return None
 
-
-def request_cancel() -> None:
-    st.session_state[CANCEL_KEY] = True
 
 
 def keep_sweep(result: dict | None, where: str) -> None:
@@ -271,7 +260,7 @@ def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime
     flight = inflight.start(IN_FLIGHT_KEY)
     s[CANCEL_KEY] = False
     try:
-        slots["cancel"].button("Cancel", icon=":material/stop:", on_click=request_cancel, key="batch_cancel",
+        slots["cancel"].button("Cancel", icon=":material/stop:", on_click=inflight.request_cancel, args=(CANCEL_KEY,), key="batch_cancel",
                                help="Stop the sweep before its next batch of requests. The batch sizes that finished "
                                     "are kept and shown as a partial sweep; the one under way is dropped.")
         watch = SweepWatch(slots["progress"].progress(0.0, text="Starting the sweep…"), flight)

@@ -135,7 +135,7 @@ def drafter_inputs(target: str) -> str | None:
 # ---------------------------------------------------------------- running
 
 
-class RunWatch:
+class RunWatch(inflight.StopCatcher):
     """Progress bar, a live line, and cancellation for one comparison (see the module docstring)."""
 
     def __init__(self, bar, line, total_runs: int) -> None:
@@ -159,20 +159,7 @@ class RunWatch:
         self.cancel_seen = self.cancel_seen or bool(self._yield_point(lambda: st.session_state.get(CANCEL_KEY)))
         return self.interruption is not None or self.cancel_seen
 
-    def _yield_point(self, call):
-        """Every ``st`` call, session state included, is where Streamlit delivers a stop or rerun: catch it
-        there (once; a stopped run gets it again at every later call), so the comparison can end cleanly."""
-        if self.interruption is not None:
-            return None
-        try:
-            return call()
-        except ScriptControlException as interruption:
-            self.interruption = interruption
-            return None
 
-
-def request_cancel() -> None:
-    st.session_state[CANCEL_KEY] = True
 
 
 def collect_stopped_run() -> None:
@@ -208,7 +195,7 @@ def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks
     flight = inflight.start(IN_FLIGHT_KEY)
     s[CANCEL_KEY] = False
     try:
-        slots["cancel"].button("Cancel", icon=":material/stop:", on_click=request_cancel, key="compare_cancel",
+        slots["cancel"].button("Cancel", icon=":material/stop:", on_click=inflight.request_cancel, args=(CANCEL_KEY,), key="compare_cancel",
                                help="Stop after the current step; the runs finished so far are kept.")
         watch = RunWatch(slots["progress"].progress(0.0, text=f"0/{total} runs"), slots["line"], total)
         started_s = time.monotonic()
