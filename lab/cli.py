@@ -262,7 +262,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if spec is not None:
         from lab.grammar import Constraint
 
-        constraint = Constraint(spec, target.tokenizer, target.vocab_size, target.eos_token_ids)
+        constraint = Constraint.for_model(spec, target)
     stats, steps = SpecDecodingStats(), []
     printer = None if args.json else TokenPrinter(target.tokenizer, sys.stdout, _use_color(args.color, sys.stdout))
     finished = None
@@ -514,7 +514,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from lab.batch import make_batch_drafter
     from lab.models import encode_prompt
     from lab.prompts import load_prompt_sets
-    from lab.sweep import compile_constraint, format_sweep, run_sweep
+    from lab.grammar import Constraint
+    from lab.sweep import format_sweep, run_sweep
 
     _check_drafter_arguments(args)
     if args.naive_grammar:
@@ -537,7 +538,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     _checked_tokenizer(args, progress)
     target, draft = _load_models(args, progress)
     drafter = make_batch_drafter(args.drafter, target, draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer)
-    constraint = None if spec is None else compile_constraint(spec, target)
+    constraint = None if spec is None else Constraint.for_model(spec, target)
     ids = [encode_prompt(target, p.text, chat_template=not args.raw) for p in prompts]
     sweep = run_sweep(target, ids, drafter, config, batch_sizes, progress=_log_line,
                       draft=draft, constraint=constraint)

@@ -251,11 +251,10 @@ def run_constrained_study(
     if not specs:
         raise ValueError("the constrained study requires at least one drafter; got none")
     config = DecodeConfig(k=k, max_new_tokens=max_new_tokens)  # validates K and the budget before any work
-    vocab_size = target.model.config.get_text_config().vocab_size  # the logits' width
     constraints: dict[ConstraintSpec, Constraint] = {}
     for item in items:
         if item.spec not in constraints:
-            constraints[item.spec] = Constraint(item.spec, target.tokenizer, vocab_size, target.eos_token_ids)
+            constraints[item.spec] = Constraint.for_model(item.spec, target)
     methods = [(TARGET_ALONE, None)] + [(spec.describe(target), spec.build(target)) for spec in specs]
     encoded = [encode_prompt(target, item.prompt, chat_template=chat_template) for item in items]
     report = progress or (lambda fraction, message: None)

@@ -89,6 +89,16 @@ class Constraint:
             raise GrammarError(f"The {what} does not compile: {_plain(str(error)).rstrip('.')}. "
                                "Fix it and run again.") from error
 
+    @classmethod
+    def for_model(cls, spec: ConstraintSpec, target) -> "Constraint":
+        """The constraint compiled for a loaded model: its tokenizer, logit width and stop tokens.
+
+        target: ``lab.models.LoadedModel`` (``.tokenizer``, ``.model``, ``.eos_token_ids``).
+        Raises GrammarError when the schema or regex does not compile.
+        """
+        vocab_size = target.model.config.get_text_config().vocab_size  # the logits' width
+        return cls(spec, target.tokenizer, vocab_size, target.eos_token_ids)
+
     def new_state(self) -> "GrammarState":
         return GrammarState(self)
 

@@ -599,7 +599,7 @@ def run_sweep(
             f"a batch-size sweep under a constraint requires grammar_mode 'exact'; got {config.grammar_mode!r}"
         )
     if isinstance(constraint, ConstraintSpec):
-        constraint = compile_constraint(constraint, target)
+        constraint = Constraint.for_model(constraint, target)
     report = progress or (lambda fraction, message: None)
     model = target.model
     param = next(model.parameters())
@@ -690,11 +690,6 @@ def run_sweep(
         results.append(BatchSizeResult(batch_size, modes[OFF], modes[ON], auto, auto_k, predicted, differ))
     report(1.0, "done")
     return SweepResult(getattr(drafter, "name", "drafter"), config.k, settings, results, cost)
-
-
-def compile_constraint(spec: ConstraintSpec, target) -> Constraint:
-    """The constraint compiled for the target's tokenizer, logit width and stop tokens (as ``generate`` does)."""
-    return Constraint(spec, target.tokenizer, target.model.config.get_text_config().vocab_size, target.eos_token_ids)
 
 
 def _draft_precision(drafter: BatchDrafter, target, draft) -> str | None:
