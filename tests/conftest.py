@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import lab  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads, see lab/__init__.py)
@@ -13,6 +14,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 TINY_VOCAB = 48
+
+# Where the shared tiny fixtures live. On a CUDA machine, `LAB_TEST_DEVICE=cuda pytest -m "not browser"`
+# runs the exactness suite on the GPU (README, "On a GPU"); tests that build their own models stay on the CPU.
+TEST_DEVICE = torch.device(os.environ.get("LAB_TEST_DEVICE", "cpu"))
 
 # Tiny models run fastest on one thread, and a shared 2-core machine under load makes
 # multi-threaded small matmuls up to 15x slower (measured: 146 ms vs 8.5 ms per forward).
@@ -57,12 +62,12 @@ class TinyLM:
 
 @pytest.fixture(scope="session")
 def tiny_target() -> TinyLM:
-    return TinyLM(tiny_llama(seed=0, layers=3), tiny_tokenizer())
+    return TinyLM(tiny_llama(seed=0, layers=3).to(TEST_DEVICE), tiny_tokenizer())
 
 
 @pytest.fixture(scope="session")
 def tiny_draft() -> TinyLM:
-    return TinyLM(tiny_llama(seed=1, layers=1), tiny_tokenizer())
+    return TinyLM(tiny_llama(seed=1, layers=1).to(TEST_DEVICE), tiny_tokenizer())
 
 
 def reference_greedy(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int, eos=()) -> list[int]:
@@ -71,7 +76,7 @@ def reference_greedy(model: torch.nn.Module, prompt_ids: list[int], max_new_toke
     out: list[int] = []
     with torch.inference_mode():
         for _ in range(max_new_tokens):
-            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            token = int(model(torch.tensor([ids], device=model.device)).logits[0, -1].argmax())
             ids.append(token)
             out.append(token)
             if token in eos:
@@ -118,6 +123,6 @@ def smol_tiny_models(smol_tokenizer) -> tuple[TinyLM, TinyLM]:
     """Tiny random target (3 layers) and draft (1 layer) over SmolLM2's tokenizer, stopping at its EOS."""
     vocab = len(smol_tokenizer)
     eos = (smol_tokenizer.eos_token_id,)
-    target = TinyLM(tiny_llama(seed=0, vocab_size=vocab, layers=3), smol_tokenizer, eos, name="tiny-target")
-    draft = TinyLM(tiny_llama(seed=1, vocab_size=vocab, layers=1), smol_tokenizer, eos, name="tiny-draft")
+    target = TinyLM(tiny_llama(seed=0, vocab_size=vocab, layers=3).to(TEST_DEVICE), smol_tokenizer, eos, name="tiny-target")
+    draft = TinyLM(tiny_llama(seed=1, vocab_size=vocab, layers=1).to(TEST_DEVICE), smol_tokenizer, eos, name="tiny-draft")
     return target, draft

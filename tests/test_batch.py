@@ -269,7 +269,7 @@ def test_each_rows_cached_keys_and_values_equal_a_fresh_prefill(tiny_target, com
                 continue
             fresh = new_cache(target.model)
             with torch.inference_mode():
-                target.model(torch.tensor([committed[request][:-1]]), cache=fresh, use_cache=True)
+                target.model(torch.tensor([committed[request][:-1]], device=target.model.device), cache=fresh, use_cache=True)
             for layer_fresh, layer in zip(fresh.layers, cache.cache.layers):
                 valid = cache.valid[b]
                 torch.testing.assert_close(layer.keys[b][:, valid], layer_fresh.keys[0], rtol=1e-4, atol=1e-5)

@@ -23,17 +23,17 @@ def test_keep_last_indexes_the_last_positions():
 
 def test_index_gives_the_same_logits_as_an_int(tiny_target):
     model = tiny_target.model
-    tokens = torch.tensor([[5, 9, 12, 5, 9]])
+    tokens = torch.tensor([[5, 9, 12, 5, 9]], device=model.device)
     with torch.inference_mode():
         by_int = model(tokens, logits_to_keep=2).logits
-        by_index = model(tokens, logits_to_keep=keep_last(2, 5)).logits
+        by_index = model(tokens, logits_to_keep=keep_last(2, 5, model.device)).logits
     assert by_index.shape == (1, 2, model.config.vocab_size)
     assert torch.equal(by_int, by_index)
     # The rows handed to the LM head are plainly strided (a slice would keep the outer stride 5 x hidden).
     seen = []
     handle = model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0].stride()))
     with torch.inference_mode():
-        model(tokens, logits_to_keep=keep_last(1, 5))
+        model(tokens, logits_to_keep=keep_last(1, 5, model.device))
     handle.remove()
     hidden = model.config.hidden_size
     assert seen == [(hidden, hidden, 1)]
@@ -73,7 +73,7 @@ def test_engine_and_drafters_never_slice_with_an_int():
 def test_crop_cache_rolls_back_and_refuses_bad_lengths(tiny_target):
     cache = new_cache(tiny_target.model)
     with torch.inference_mode():
-        tiny_target.model(torch.tensor([[5, 9, 12, 5]]), cache=cache, use_cache=True)
+        tiny_target.model(torch.tensor([[5, 9, 12, 5]], device=tiny_target.model.device), cache=cache, use_cache=True)
     crop_cache(cache, 2)
     assert cache.get_seq_length() == 2
     with pytest.raises(ValueError, match="0 <= length <= 2"):

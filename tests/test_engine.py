@@ -103,7 +103,7 @@ def test_target_cache_equals_fresh_prefill(tiny_target, k):
     assert cache.get_seq_length() == len(committed) - 1
     fresh = new_cache(tiny_target.model)
     with torch.inference_mode():
-        tiny_target.model(torch.tensor([committed[:-1]]), cache=fresh, use_cache=True)
+        tiny_target.model(torch.tensor([committed[:-1]], device=tiny_target.model.device), cache=fresh, use_cache=True)
     for layer_fresh, layer_engine in zip(fresh.layers, cache.layers):
         torch.testing.assert_close(layer_engine.keys, layer_fresh.keys, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(layer_engine.values, layer_fresh.values, rtol=1e-4, atol=1e-5)

@@ -29,7 +29,7 @@ def test_early_exit_view_is_the_first_layers(tiny_target, exit_layer):
     assert len(model.model.layers) == 3 and model.config.num_hidden_layers == 3  # target untouched
     assert all(a is b for a, b in zip(view.model.layers, model.model.layers[:exit_layer]))
     assert view.lm_head.weight is model.lm_head.weight
-    ids = torch.tensor([[4, 8, 15, 16, 23]])
+    ids = torch.tensor([[4, 8, 15, 16, 23]], device=model.device)
     with torch.inference_mode():
         out = model(ids, output_hidden_states=True)
         # hidden_states[exit_layer] is the output of layer exit_layer-1, before the final norm.
@@ -50,7 +50,7 @@ def test_layer_skip_cache_equals_fresh_prefill(tiny_target, exit_layer):
     assert held == committed[: len(held)]
     fresh = new_cache(drafter.model)
     with torch.inference_mode():
-        drafter.model(torch.tensor([held]), cache=fresh, use_cache=True)
+        drafter.model(torch.tensor([held], device=tiny_target.model.device), cache=fresh, use_cache=True)
     assert len(fresh.layers) == exit_layer
     for a, b in zip(fresh.layers, drafter.cache.layers):
         torch.testing.assert_close(b.keys, a.keys, rtol=1e-4, atol=1e-5)

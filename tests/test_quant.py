@@ -21,7 +21,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import TEST_DEVICE, tiny_llama, tiny_tokenizer
 from lab import models
 from lab.cache import new_cache
 from lab.compare import DrafterSpec, run_comparison
@@ -77,7 +77,7 @@ def tiny_loaded(tiny_folders):
     def loaded(role: str, precision: str, compute: str = "bf16") -> LoadedModel:
         if (role, precision, compute) not in cache:
             dtype = compute if precision in QUANTIZED else None
-            cache[role, precision, compute] = load_model(tiny_folders[role], device="cpu", dtype=dtype, precision=precision)
+            cache[role, precision, compute] = load_model(tiny_folders[role], device=TEST_DEVICE, dtype=dtype, precision=precision)
         return cache[role, precision, compute]
 
     return loaded
@@ -208,7 +208,7 @@ def test_int8_outlier_columns_make_a_token_depend_on_its_batch_mates(tiny_loaded
     # drafts can part at a near-tie. Without the decomposition (threshold 0) rows are independent.
     layer = tiny_loaded("target", "int8").model.model.layers[0].mlp.down_proj
     generator = torch.Generator().manual_seed(0)
-    token = torch.randn(1, layer.in_features, generator=generator, dtype=torch.float32).to(torch.bfloat16)
+    token = torch.randn(1, layer.in_features, generator=generator, dtype=torch.float32).to(TEST_DEVICE, torch.bfloat16)
     outlier_mate = token.clone()
     outlier_mate[0, :8] = 20.0
     threshold = layer.state.threshold
