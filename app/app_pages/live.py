@@ -248,7 +248,9 @@ with st.container(border=True):
                   help="Also run the target without a drafter on the same prompt: speedup and exactness check.")
         precision.toggle()
     precision.section()
-    k_col, tokens_col, temp_col, top_p_col, seed_col = st.columns(5)
+    # two rows, not five columns: at 900 px with the sidebar open five sliders were too narrow to read
+    k_col, tokens_col = st.columns(2)
+    temp_col, top_p_col, seed_col = st.columns(3)
     k_col.slider("K (draft tokens per step)", 1, K_MAX, key=key("live.k"), disabled=drafter_name == "none")
     tokens_col.number_input("Max new tokens", min_value=1, max_value=MAX_NEW_TOKENS_MAX, step=16,
                             key=key("live.max_new_tokens"))
