@@ -572,13 +572,13 @@ def test_theory_page_places_measured_runs(tiny_models):
     assert not at.exception and not at.error
     points = render_compare.measured_points(at.session_state["compare:comparison"].summary())
     assert points and len(at.dataframe[0].value) == len(points)
-    assert any("vLLM's acceptance rate (accepted / drafted) is a different quantity" in c.value for c in at.caption)
+    assert any("(accepted / drafted, as vLLM reports it) is a different quantity" in c.value for c in at.caption)
     point = points[-1]
     at.selectbox(key=key("theory.run")).select(point.label).run()  # sliders jump to that run's K, c and a
     assert at.slider(key=key("theory.k")).value == point.k
     assert at.slider(key=key("theory.a")).value == pytest.approx(round(point.acceptance, 2))
     assert at.slider(key=key("theory.c")).value == pytest.approx(round(point.cost_ratio, 2))
-    assert at.slider(key=key("theory.v")).value == pytest.approx(round(min(max(point.verify_cost, 0.5), 3.0), 2))
+    assert at.slider(key=key("theory.v")).value == pytest.approx(round(min(max(point.verify_cost, 1.0), 3.0), 2))
     table = at.dataframe[0].value
     assert table["v(K), bare"].notna().all() and table["efficiency_v"].notna().all()
     assert table["efficiency"].tolist() == pytest.approx([p.efficiency for p in points])
