@@ -634,6 +634,14 @@ def test_step_through_greedy_cycles(tiny_models):
     assert at.slider(key=key("step.view")).value == 2
     at.slider(key=key("step.view")).set_value(1).run()  # look back at the first cycle
     assert at.subheader[0].value.startswith("Step 1:")
+    changed = "settings above changed since **Start**"
+    assert not any(changed in i.value for i in at.info)
+    at.slider(key=key("step.k")).set_value(2).run()  # a change mid-run is kept for the next Start, and says so
+    assert any(changed in i.value for i in at.info)
+    at = click(at, "Next cycle")
+    assert at.session_state["step:session"] is session and session.settings["K"] == 4 and len(session.steps) == 3
+    at.slider(key=key("step.k")).set_value(4).run()
+    assert not any(changed in i.value for i in at.info)
 
     for _ in range(4):
         at = click(at, "Next 5 cycles")

@@ -53,6 +53,9 @@ DEFAULTS = {
 }
 
 key = state.widget_key
+# What Start reads: a session keeps these as they were, so a change shows a note until the next Start.
+FORM_KEYS = ("step.target", "step.drafter", "step.draft", "step.k", "step.max_new_tokens", "step.temperature",
+             "step.top_p", "step.seed", "step.raw", "step.prompt")
 
 
 @dataclass
@@ -73,6 +76,7 @@ class StepSession:
     eos_token_ids: tuple[int, ...] = ()
     stats: SpecDecodingStats = field(default_factory=SpecDecodingStats)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    form: dict[str, Any] = field(default_factory=dict)  # the form's values at Start (FORM_KEYS)
 
     def advance(self) -> None:
         """Resume the decode for one event: a Step, or Finished at the end."""
@@ -139,7 +143,7 @@ def start(runtime: state.Runtime, slot, draft_name: str | None) -> StepSession:
                 "precision": runtime.precision("target") + (f", draft {runtime.precision('draft')}" if draft else "")}
     session = StepSession(decode(target, prompt_ids, drafter, config), target.tokenizer, prompt_ids,
                           config.sampling.is_greedy, settings, committed=list(prompt_ids),
-                          eos_token_ids=tuple(target.eos_token_ids))
+                          eos_token_ids=tuple(target.eos_token_ids), form={k: s.get(key(k)) for k in FORM_KEYS})
     session.advance()  # the prefill
     return session
 
@@ -243,6 +247,9 @@ except MEMORY_ERRORS as error:
                      "target; then start again.", icon=":material/memory:")
 
 if session is not None:
+    if any(st.session_state.get(key(k)) != v for k, v in session.form.items()):
+        st.info("The settings above changed since **Start**: this run goes on with the ones it started with (shown "
+                "below). Press **Start** to begin again with the new ones.", icon=":material/info:")
     show_session(session)
 else:
     st.caption("Press **Start** to begin.")
