@@ -206,7 +206,7 @@ def show(outcome: state.ConstrainedOutcome | None, speculative: state.RunRecord)
     (st.success if outcome.valid else st.warning)(message, icon=":material/rule:")
     if outcome.num_cut_tokens:
         st.caption(f"The grammar cut {outcome.num_cut_tokens} proposed tokens before verification "
-                   "(shown dashed: class *cut*); they cost no target work.")
+                   "(shown dashed); they cost no target work.")
     if outcome.exact is not None:
         _show_naive_vs_exact(outcome, speculative, what)
     if outcome.free is not None:

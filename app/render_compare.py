@@ -409,7 +409,7 @@ def timeline_figure(
     accepted: tokens committed per step, shown in the hover.
     """
     steps = list(range(1, len(verify_ms) + 1))
-    hover_extra = [f"<br>{n} token(s) committed" for n in accepted] if accepted is not None else [""] * len(steps)
+    hover_extra = [f"<br>{_tokens(n)} committed" for n in accepted] if accepted is not None else [""] * len(steps)
     figure = go.Figure(
         [
             go.Bar(x=steps, y=list(draft_ms), name="drafting", marker_color=DRAFT_COLOUR,
@@ -845,7 +845,7 @@ def step_cards_html(step: Step, tokenizer, context_ids: Sequence[int], greedy: b
 def step_headline(step: Step, eos_token_ids: Sequence[int] = ()) -> str:
     """One line about a step: drafted, accepted (and how many of those were emitted), and the target's own token."""
     if not step.drafted:
-        return f"Step {step.index + 1}: no draft; the target produced {len(step.emitted)} token(s) itself."
+        return f"Step {step.index + 1}: no draft; the target produced {_tokens(len(step.emitted))} itself."
     accepted = f"accepted {step.num_accepted}"
     emitted_accepted = num_emitted_accepted(step)
     if emitted_accepted < step.num_accepted:
@@ -857,7 +857,7 @@ def step_headline(step: Step, eos_token_ids: Sequence[int] = ()) -> str:
         final = {"bonus": "plus a bonus token", "corrected": "then a corrected token",
                  "target": "then the target's token"}[step.final_kind]
     return (f"Step {step.index + 1}: drafted {len(step.drafted)}, {accepted}, {final}: "
-            f"{len(step.emitted)} token(s) in one target pass")
+            f"{_tokens(len(step.emitted))} in one target pass")
 
 
 def cache_note(step: Step, committed_len: int) -> str:
@@ -871,3 +871,12 @@ def cache_note(step: Step, committed_len: int) -> str:
 
 def _note(figure: go.Figure, text: str) -> None:
     figure.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+
+
+def count(n: int, one: str, many: str | None = None) -> str:
+    """"1 token", "3 tokens": n and the noun in its number (``many`` defaults to ``one`` + "s")."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def _tokens(n: int) -> str:
+    return count(n, "token")

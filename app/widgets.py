@@ -75,7 +75,9 @@ def compatible_drafts(target: str) -> list[str]:
 
 def no_draft_message(target: str) -> str:
     """What to do when no preset can draft for ``target``."""
-    with_drafts = [model_title(name) for name in PRESETS if compatible_drafts(name)]
+    # targets with a *smaller* model of their family to draft for them (a larger one is no draft)
+    with_drafts = [model_title(name) for name in PRESETS
+                   if any(PRESETS[d].size_bytes < PRESETS[name].size_bytes for d in compatible_drafts(name))]
     targets = f" ({' or '.join(with_drafts)})" if with_drafts else ""
     return (f"No draft model shares the tokenizer of {model_title(target)}: a draft model's proposals are token ids, "
             "so it must come from the target's own tokenizer family, and no other preset does. Pick another drafter "

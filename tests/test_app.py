@@ -240,6 +240,7 @@ def test_sampling_run_says_equal_in_distribution(tiny_models):
     at = click_run(live_app(prompt=TINY_PROMPT, raw=True, max_new_tokens=8, temperature=0.8, top_p=0.9))
     assert not at.exception and not at.error
     assert any("in distribution" in i.value for i in at.info)
+    assert any("wrote different texts" in c.value for c in at.caption)  # the speedup is not like with like
 
 
 @pytest.mark.parametrize("drafter", ["none", "draft-model", "layer-skip"])
@@ -297,6 +298,9 @@ def test_checked_draft_refuses_what_cannot_draft():
         widgets.checked_draft("qwen2.5-coder-1.5b", "smollm2-135m")
     with pytest.raises(ValueError, match="No draft model shares"):
         widgets.checked_draft("smollm2-135m", None)
+    # the targets it suggests have a smaller model of their family to draft (not the 0.5B, whose only peer is larger)
+    message = widgets.no_draft_message("smollm2-135m")
+    assert "a target that has a draft model (Qwen2.5-Coder-1.5B" in message and "Qwen2.5-Coder-0.5B" not in message
 
 
 @pytest.mark.real_model

@@ -311,7 +311,7 @@ def test_eos_inside_the_accepted_draft_keeps_only_the_tokens_up_to_it():
                 details=(detail(1, True), detail(6, True), detail(7, False, target_prob=0.1, acceptance=0.0)))
     headline = render_compare.step_headline(step, eos_token_ids=(1,))
     assert headline == ("Step 5: drafted 3, accepted 2 (1 emitted, 1 verified after the end of text), "
-                        "cut at the end of text: 1 token(s) in one target pass")
+                        "cut at the end of text: 1 token in one target pass")
     assert ", (" not in headline
     cards = render_compare.step_cards_html(step, tiny_tokenizer(), [3, 4], greedy=True, eos_token_ids=(1,))
     kinds = [c.split('"')[0] for c in cards.split('class="sd-card sd-')[1:]]
@@ -695,3 +695,9 @@ def test_step_through_with_smollm2_and_prompt_lookup():
             assert 'class="sd-card sd-' in html and "target's top 5" in html
     finally:
         st.cache_resource.clear()
+
+
+def test_count_puts_the_noun_in_its_number():
+    assert render_compare.count(1, "token") == "1 token"
+    assert render_compare.count(0, "token") == "0 tokens"
+    assert render_compare.count(3, "target pass", "target passes") == "3 target passes"

@@ -105,8 +105,11 @@ def show_metrics(slot, result: state.LiveResult) -> None:
                 cards[4].metric("Speedup vs target alone", "—", help="Switch on 'Compare with the target alone'.")
         if result.baseline is not None:
             machine = "CPU" if result.settings.get("device") == "cpu" else "machine"
+            sampled = "" if result.greedy else (
+                " With sampling the two runs wrote different texts, and an easier text (a repetitive one drafts "
+                "well) can flatter the speedup; compare at temperature 0 for like with like.")
             st.caption(f"Speedup: one short run on a shared {machine} is noisy (run it again and it can move by a "
-                       "third either way); use Compare over several prompts to decide.")
+                       f"third either way); use Compare over several prompts to decide.{sampled}")
 
 
 def show_check(slot, result: state.LiveResult) -> None:
