@@ -165,15 +165,23 @@ def best_k_by_drafter(summary: pd.DataFrame, column: str = "speedup") -> dict[st
     return best
 
 
+RUN_COLUMN_NAMES = {
+    "output_tokens": "output tokens", "acceptance_rate": "acceptance rate",
+    "mean_acceptance_length": "mean acceptance length", "tokens_per_s": "tokens/s", "decode_speedup": "decode speedup",
+    "cost_ratio": "c", "identical_to_target": "identical to target", "wall_s": "wall time (s)",
+}
+
+
 def runs_table(comparison: Comparison) -> pd.DataFrame:
     """The per-prompt breakdown: ``Comparison.runs_frame()`` with each prompt's start and a cancelled column."""
     frame = comparison.runs_frame()
     if frame.empty:
         return frame
-    frame.insert(1, "prompt text", [preview(comparison.prompts[i]) for i in frame["prompt"]])
     frame["prompt"] = frame["prompt"] + 1
     frame["cancelled"] = [r.cancelled for r in comparison.runs]
-    return frame
+    # the numbers first (they fit without a sideways scroll), the prompt's start last
+    frame["prompt text"] = [preview(comparison.prompts[i - 1]) for i in frame["prompt"]]
+    return frame.rename(columns=RUN_COLUMN_NAMES)
 
 
 def run_label(comparison: Comparison, index: int) -> str:

@@ -206,8 +206,8 @@ class Comparison:
             raise ValueError(f"This is not a comparison results file saved by the lab ({error}).") from error
 
     def to_csv(self) -> str:
-        """The per-run table as CSV text."""
-        return self.runs_frame().to_csv(index=False)
+        """The per-run table as CSV text; its ``prompt_index`` counts from 0, as in the JSON (the app shows 1-based)."""
+        return self.runs_frame().rename(columns={"prompt": "prompt_index"}).to_csv(index=False)
 
 
 def run_comparison(

@@ -214,6 +214,8 @@ def test_comparison_figures_and_tables(tiny_comparison):
     assert len(table) == 4 and set(table["identical to target"]) == {"yes (2/2)"}  # fp32 greedy: exact
     runs = render_compare.runs_table(tiny_comparison)
     assert len(runs) == 10 and sorted(set(runs["prompt"])) == [1, 2] and not runs["cancelled"].any()
+    assert list(runs.columns)[:3] == ["prompt", "drafter", "k"] and list(runs.columns)[-1] == "prompt text"
+    assert "acceptance rate" in runs.columns and "acceptance_rate" not in runs.columns
     assert render_compare.run_label(tiny_comparison, 0) == f"prompt 1 · {BASELINE}"
 
 

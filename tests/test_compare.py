@@ -96,7 +96,8 @@ def test_export_and_reload_round_trip(comparison):
         assert all(math.isclose(x, y, rel_tol=1e-12) or (math.isnan(x) and math.isnan(y)) for x, y in zip(a[column], b[column]))
     csv = comparison.to_csv().splitlines()
     assert list(again.settings["verify_cost"]) == ["1", "3"]
-    assert csv[0].startswith("prompt,drafter,k,output_tokens,acceptance_rate")
+    assert csv[0].startswith("prompt_index,drafter,k,output_tokens,acceptance_rate")
+    assert csv[1].startswith("0,")  # 0-based, as in the JSON
     assert len(csv) == 1 + len(comparison.runs)
 
 

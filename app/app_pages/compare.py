@@ -89,13 +89,13 @@ COMPACT_COLUMNS = SUMMARY_COLUMNS | {
     "K": st.column_config.TextColumn(help="Draft tokens per step; ★: the drafter's best K by speedup."),
 }
 RUN_COLUMNS = {
-    "acceptance_rate": PERCENT,
-    "mean_acceptance_length": SUMMARY_COLUMNS["mean acceptance length"],
-    "tokens_per_s": SUMMARY_COLUMNS["tokens/s"],
+    "acceptance rate": PERCENT,
+    "mean acceptance length": SUMMARY_COLUMNS["mean acceptance length"],
+    "tokens/s": SUMMARY_COLUMNS["tokens/s"],
     "speedup": st.column_config.NumberColumn(format="%.2f×"),
-    "decode_speedup": st.column_config.NumberColumn(format="%.2f×"),
-    "cost_ratio": st.column_config.NumberColumn(format="%.3f"),
-    "wall_s": st.column_config.NumberColumn(format="%.2f"),
+    "decode speedup": st.column_config.NumberColumn(format="%.2f×"),
+    "c": st.column_config.NumberColumn(format="%.3f"),
+    "wall time (s)": st.column_config.NumberColumn(format="%.2f"),
 }
 
 
