@@ -23,6 +23,7 @@ RESULT_KEY = "compare:comparison"  # written by the Compare page
 UPLOAD_KEY = "theory:upload"
 LOAD_ERROR_KEY = "theory:load_error"
 NO_RUN = "—"
+METRIC_WIDTH_PX = 180  # four fit in a row at 1280 px, two at 900 px
 V_MIN, V_MAX = 1.0, 3.0  # a pass over K+1 tokens does at least one step's work; a bare v below 1 is timing noise
 
 DEFAULTS = {"theory.k": 4, "theory.c": 0.1, "theory.v": 1.0, "theory.a": 0.7, "theory.run": NO_RUN,
@@ -50,7 +51,7 @@ POINT_COLUMNS = {
                                                                         "and r: the engine's own share (above 100 %: "
                                                                         "timing noise)."),
 }
-V_HELP = ("What one verify pass over K+1 tokens costs, in plain one-token steps (at least 1: it does a step's work "
+V_HELP = ("What one verify pass over K+1 tokens costs, in plain one-token target steps (at least 1: it does a step's work "
           "and more). Leviathan et al. take v = 1: true where a step is bound by reading the weights (a GPU at batch "
           "1). On a CPU, or at a large batch, the pass can be compute bound and v grow with K; on some CPUs it stays "
           "near 1. The Compare page measures it; a measured value below 1 (timing noise) is set here as 1.")
@@ -77,9 +78,9 @@ st.markdown(
     "drafted tokens per step, a draft costing **c** target steps per drafted token, and one verify pass over K+1 "
     "tokens costing **v** target steps (their model takes v = 1):"
 )
-formula_left, formula_right = st.columns(2)
-formula_left.latex(r"\text{tokens per target step} = \frac{1 - a^{K+1}}{1 - a}")
-formula_right.latex(r"\text{walltime speedup} = \frac{1 - a^{K+1}}{(1 - a)(Kc + v)}")
+# stacked, not side by side: in half the width the formulas were clipped at 900 px
+st.latex(r"\text{tokens per target step} = \frac{1 - a^{K+1}}{1 - a}")
+st.latex(r"\text{walltime speedup} = \frac{1 - a^{K+1}}{(1 - a)(Kc + v)}")
 
 comparison = st.session_state.get(RESULT_KEY)
 summary = comparison.summary() if comparison is not None else None
@@ -87,13 +88,15 @@ points = render_compare.measured_points(summary) if summary is not None else []
 by_label = {point.label: point for point in points}
 
 with st.container(border=True):
-    k_col, c_col, v_col, a_col = st.columns(4)
+    k_col, a_col = st.columns(2)  # two rows of two: four in a row cut and misaligned their labels
+    c_col, v_col = st.columns(2)
     k = k_col.slider("K (draft tokens per step)", 1, K_MAX, key=key("theory.k"))
-    c = c_col.slider("c (draft cost per token, in target steps)", 0.0, 1.5, step=0.01, key=key("theory.c"),
-                     help="0: a free drafter (prompt lookup is close). A draft model a tenth of the target's size "
+    c = c_col.slider("c (draft cost per token)", 0.0, 1.5, step=0.01, key=key("theory.c"),
+                     help="In target steps. 0: a free drafter (prompt lookup is close). A draft model a tenth of the target's size "
                           "costs roughly 0.1-0.4 on a memory-bound machine.")
-    v = v_col.slider("v (verify cost, in target steps)", V_MIN, V_MAX, step=0.05, key=key("theory.v"), help=V_HELP)
-    a = a_col.slider("a (acceptance rate), for the readouts", 0.0, 1.0, step=0.01, key=key("theory.a"))
+    v = v_col.slider("v (verify cost)", V_MIN, V_MAX, step=0.05, key=key("theory.v"), help=V_HELP)
+    a = a_col.slider("a (acceptance rate)", 0.0, 1.0, step=0.01, key=key("theory.a"),
+                     help="Leviathan's per-token a, for the readouts below; the curves span every a.")
     if points:
         if st.session_state[key("theory.run")] not in [NO_RUN, *by_label]:
             st.session_state[key("theory.run")] = NO_RUN
@@ -104,19 +107,20 @@ with st.container(border=True):
 even = render_compare.break_even_acceptance(k, c, v)
 best, best_speedup = best_k(a, c, K_MAX, verify_cost=v)
 at_v = "" if v == 1 else f", v={v:.2f}"
-cards = st.columns(4)
+with st.container(horizontal=True, gap="small"):  # fixed-width cards wrap instead of truncating
+    cards = [st.container(width=METRIC_WIDTH_PX) for _ in range(4)]
 cards[0].metric("Tokens per target step", f"{expected_tokens_per_step(a, k):.2f}", help="At the a, K of the sliders.")
 cards[1].metric("Expected speedup", f"{expected_speedup(a, k, c, v):.2f}×", help="At the a, K, c and v of the sliders.")
 cards[2].metric("Break-even a", "never" if even is None else f"{even:.2f}",
                 help="Below this acceptance rate speculation is slower than the target alone (for K = 1 it is "
                      "a = c + v − 1, so a = c at v = 1).")
-best_help = (f"The K in 1..{K_MAX} with the highest expected speedup, taking the same v for every K (a measured v "
-             "can grow with K, so this flatters large K when v > 1).")
+best_help = (f"For a={a:.2f}, c={c:.2f}{at_v}: the K in 1..{K_MAX} with the highest expected speedup, taking the same "
+             "v for every K (a measured v can grow with K, so this flatters large K when v > 1).")
 if best_speedup < 1:  # even the best K loses: a K here would read as a recommendation
-    cards[3].metric(f"Best K for a={a:.2f}, c={c:.2f}{at_v}", "none", help=best_help)
+    cards[3].metric("Best K", "none", help=best_help)
     cards[3].caption(f"none: speculation is predicted to lose (best K={best} gives {best_speedup:.2f}×)")
 else:
-    cards[3].metric(f"Best K for a={a:.2f}, c={c:.2f}{at_v}", f"{best} ({best_speedup:.2f}×)", help=best_help)
+    cards[3].metric("Best K", f"{best} ({best_speedup:.2f}×)", help=best_help)
 
 left, right = st.columns(2)
 left.plotly_chart(render_compare.tokens_per_step_figure(k, a), width="stretch")
