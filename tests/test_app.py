@@ -390,6 +390,7 @@ def test_live_page_with_smollm2_and_prompt_lookup():
         html = html_of(at)
         assert "tok tok-" in html
         assert {m.label for m in at.metric} >= {"Acceptance rate", "Tokens/s", "Speedup vs target alone"}
-        assert at.success or at.warning  # the exactness check says identical, or where bf16 rounding made it differ
+        # the exactness check says identical, or explains where bf16 rounding made it differ
+        assert at.success or any("rounding near-tie, not a flaw" in i.value for i in at.info)
     finally:
         st.cache_resource.clear()
