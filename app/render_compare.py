@@ -549,7 +549,7 @@ def tokens_per_step_figure(k: int, acceptance: float | None = None, reference_ks
                                     textposition="top left", marker=dict(size=11, color=KIND_COLOURS["bonus"]),
                                     name=f"a={acceptance:.2f}", showlegend=False, hoverinfo="skip"))
     figure.update_layout(
-        title=f"Expected tokens per target step, K={k}",
+        title=f"Tokens per target step, K={k}",
         xaxis=dict(title="acceptance rate a (per drafted token)", range=[0, 1]),
         yaxis=dict(title="tokens per target step", range=[0, max(k + 1.5, 4)]),
         height=460,
@@ -644,7 +644,7 @@ def speedup_theory_figure(
     values = curve + [p.measured for p in points] + [p.predicted for p in points]
     values += [p.predicted_v for p in points if not math.isnan(p.predicted_v)]
     figure.update_layout(
-        title=f"Expected walltime speedup, K={k}, c={cost_ratio:.2f}{with_v}",
+        title=f"Speedup, K={k}, c={cost_ratio:.2f}{with_v}",
         xaxis=dict(title="acceptance rate a (per drafted token)", range=[0, 1]),
         yaxis=dict(title="speedup over the target alone", range=[0, max(2.0, max(values) * 1.1)]),
         height=460,

@@ -93,7 +93,9 @@ def checked_draft(target: str, draft: str | None) -> str:
     """
     options = compatible_drafts(target)
     if draft is None or (draft in PRESETS and draft not in options):
-        raise ValueError(no_draft_message(target) if not options else
+        # the draft select already shows no_draft_message in full; the error only points to it
+        raise ValueError(f"No draft model shares the tokenizer of {model_title(target)} (see the note above): pick "
+                         "prompt lookup or layer skip, or another target." if not options else
                          f"{model_title(draft or '')} cannot draft for {model_title(target)}: their tokenizers differ. "
                          f"Pick one of {', '.join(map(model_title, options))}.")
     return draft

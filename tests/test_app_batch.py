@@ -461,7 +461,7 @@ def test_a_loaded_sweep_with_a_peer_shows_ours_against_transformers(tiny_models)
     assert metrics["Ours, speculative"] == "18.0 tokens/s"
     assert metrics["transformers' assisted generation"] == "12.0 tokens/s"
     assert metrics["Ours / theirs"] == "1.50×"
-    (caption,) = [c.value for c in at.caption if "prompt(s), one at a time" in c.value]
+    (caption,) = [c.value for c in at.caption if "prompts, one at a time" in c.value]
     assert "ours alone = transformers' greedy: 3/4" in caption
     assert "Differ: ours alone vs transformers' greedy on spec_bench/7 from token 11." in caption
     peer_table = [d.value for d in at.dataframe if "decoder" in d.value.columns]

@@ -417,7 +417,7 @@ def test_compare_prompts_from_a_spec_bench_category(tiny_models, tmp_path, monke
     monkeypatch.setenv("LAB_SPEC_BENCH", str(questions))
     at = compare_app(source="Spec-Bench category", spec_category="rag", spec_count=2)
     assert at.selectbox(key=key("compare.spec_category")).options == ["writing", "rag"]
-    assert any(c.value.startswith("2 prompt(s)") for c in at.caption)
+    assert any(c.value.startswith("2 prompts × (target alone + ") for c in at.caption)
     at = click(at, "Run comparison")
     assert not at.exception and not at.error
     assert at.session_state["compare:comparison"].prompts == ["t4 t5", "t5 t6"]

@@ -210,23 +210,24 @@ with st.container(border=True):
         k_col, tokens_col = st.columns(2)
         k_col.slider("K (draft tokens per step)", 1, K_MAX, key=key("step.k"))
         tokens_col.number_input("Max new tokens", min_value=1, max_value=512, step=8, key=key("step.max_new_tokens"))
-        temp_col, top_p_col, seed_col = st.columns(3)
-        temp_col.slider("Temperature", 0.0, 2.0, step=0.05, key=key("step.temperature"), help="0 = greedy.")
-        greedy = st.session_state[key("step.temperature")] == 0
-        top_p_col.slider("Top-p", 0.05, 1.0, step=0.05, key=key("step.top_p"), disabled=greedy)
-        seed_col.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key=key("step.seed"), disabled=greedy)
+    temp_col, top_p_col, seed_col = st.columns(3)  # full width: in the right half they were unreadable at 900 px
+    temp_col.slider("Temperature", 0.0, 2.0, step=0.05, key=key("step.temperature"), help="0 = greedy.")
+    greedy = st.session_state[key("step.temperature")] == 0
+    top_p_col.slider("Top-p", 0.05, 1.0, step=0.05, key=key("step.top_p"), disabled=greedy)
+    seed_col.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key=key("step.seed"), disabled=greedy)
     st.text_area("Prompt", key=key("step.prompt"), height=100)
     st.toggle("Raw completion", key=key("step.raw"), help="Off: the prompt goes through the chat template.")
     session: StepSession | None = st.session_state.get(SESSION_KEY)
     active = session is not None and session.finished is None
-    buttons = st.columns([1, 1.3, 1.5, 1, 3])
-    start_clicked = buttons[0].button("Start", type="primary" if not active else "secondary", icon=":material/restart_alt:",
+    # a wrapping row: in fixed columns the labels were cut to "N" at 900 px
+    buttons = st.container(horizontal=True, gap="small")
+    start_clicked = buttons.button("Start", type="primary" if not active else "secondary", icon=":material/restart_alt:",
                                       help="Load the models, read the prompt (prefill) and wait for the first cycle.")
-    next_clicked = buttons[1].button("Next cycle", type="primary" if active else "secondary", disabled=not active,
+    next_clicked = buttons.button("Next cycle", type="primary" if active else "secondary", disabled=not active,
                                      icon=":material/skip_next:")
-    ahead_clicked = buttons[2].button(f"Next {RUN_AHEAD_CYCLES} cycles", disabled=not active,
+    ahead_clicked = buttons.button(f"Next {RUN_AHEAD_CYCLES} cycles", disabled=not active,
                                       icon=":material/fast_forward:")
-    reset_clicked = buttons[3].button("Reset", disabled=session is None, icon=":material/close:")
+    reset_clicked = buttons.button("Reset", disabled=session is None, icon=":material/close:")
 
 status_slot, error_slot = st.empty(), st.empty()
 try:
