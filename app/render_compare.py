@@ -105,7 +105,7 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
 
     Rates stay fractions (the page formats them as percentages); "identical to
     target" becomes text (``identical_text``); the best K per drafter (highest
-    speedup) is starred. The verify-cost columns (``lab.compare``'s module
+    speedup) is starred where its speedup is at least 1. The verify-cost columns (``lab.compare``'s module
     docstring) read "n/a" for a comparison that did not measure v(K).
     """
     if summary.empty:
@@ -115,7 +115,9 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
         {
             "drafter": summary["drafter"],
             "K": summary["k"].astype(int),
-            "best K": [("★" if best.get(d) == k else "") for d, k in zip(summary["drafter"], summary["k"])],
+            # starred only where it beats the target alone: a star on a loss would read as advice to use it
+            "best K": [("★" if best.get(d) == k and s >= 1 else "")
+                       for d, k, s in zip(summary["drafter"], summary["k"], summary["speedup"].astype(float))],
             "identical to target": [identical_text(f, n) for f, n in zip(summary["identical_to_target"], summary["prompts"])],
             "speedup": summary["speedup"].astype(float),
             "acceptance rate": summary["acceptance_rate"].astype(float),

@@ -86,7 +86,7 @@ VERIFY_COST_LEGEND = """
   (100 % = a perfect engine; above 100 % is timing noise). The Theory page draws both.
 """
 COMPACT_COLUMNS = SUMMARY_COLUMNS | {
-    "K": st.column_config.TextColumn(help="Draft tokens per step; ★: the drafter's best K by speedup."),
+    "K": st.column_config.TextColumn(help="Draft tokens per step; ★: the drafter's best K by speedup, where it beats the target alone."),
 }
 RUN_COLUMNS = {
     "acceptance rate": PERCENT,
@@ -274,7 +274,7 @@ def show_summary(comparison: compare.Comparison, summary) -> None:
     st.caption(
         "Acceptance rate: accepted / drafted tokens. Mean acceptance length: tokens per target pass on drafted steps, "
         "the target's own token included. Speedup: tokens/s over the target alone on the same prompts, prefill "
-        "included. ★: each drafter's best K by speedup. One run each on a shared machine: timings are noisy."
+        "included. ★: each drafter's best K by speedup, where it beats the target alone. One run each on a shared machine: timings are noisy."
     )
     with st.expander("All columns"):
         st.dataframe(render_compare.summary_table(summary), hide_index=True, width="stretch",
