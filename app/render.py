@@ -203,6 +203,11 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def count(n: int, one: str, many: str | None = None) -> str:
+    """"1 token", "3 tokens": n and the noun in its number (``many`` defaults to ``one`` + "s")."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def format_rate(value: float | None) -> str:
     """A fraction as a percentage; "—" for NaN/None (nothing drafted)."""
     return "—" if value is None or math.isnan(value) else f"{100 * value:.0f} %"

@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from app.render import KIND_COLOURS, format_number, token_text
+from app.render import KIND_COLOURS, count, format_number, token_text
 from lab.compare import BASELINE, Comparison
 from lab.drafters import num_layers
 from lab.theory import expected_speedup, expected_tokens_per_step
@@ -179,10 +179,10 @@ def runs_table(comparison: Comparison) -> pd.DataFrame:
     frame = comparison.runs_frame()
     if frame.empty:
         return frame
+    texts = [preview(comparison.prompts[i]) for i in frame["prompt"]]
     frame["prompt"] = frame["prompt"] + 1
     frame["cancelled"] = [r.cancelled for r in comparison.runs]
-    # the numbers first (they fit without a sideways scroll), the prompt's start last
-    frame["prompt text"] = [preview(comparison.prompts[i - 1]) for i in frame["prompt"]]
+    frame["prompt text"] = texts  # the numbers first (they fit without a sideways scroll), the prompt's start last
     return frame.rename(columns=RUN_COLUMN_NAMES)
 
 
@@ -419,7 +419,7 @@ def timeline_figure(
     accepted: tokens committed per step, shown in the hover.
     """
     steps = list(range(1, len(verify_ms) + 1))
-    hover_extra = [f"<br>{_tokens(n)} committed" for n in accepted] if accepted is not None else [""] * len(steps)
+    hover_extra = [f"<br>{count(n, 'token')} committed" for n in accepted] if accepted is not None else [""] * len(steps)
     figure = go.Figure(
         [
             go.Bar(x=steps, y=list(draft_ms), name="drafting", marker_color=DRAFT_COLOUR,
@@ -855,7 +855,7 @@ def step_cards_html(step: Step, tokenizer, context_ids: Sequence[int], greedy: b
 def step_headline(step: Step, eos_token_ids: Sequence[int] = ()) -> str:
     """One line about a step: drafted, accepted (and how many of those were emitted), and the target's own token."""
     if not step.drafted:
-        return f"Step {step.index + 1}: no draft; the target produced {_tokens(len(step.emitted))} itself."
+        return f"Step {step.index + 1}: no draft; the target produced {count(len(step.emitted), 'token')} itself."
     accepted = f"accepted {step.num_accepted}"
     emitted_accepted = num_emitted_accepted(step)
     if emitted_accepted < step.num_accepted:
@@ -867,7 +867,7 @@ def step_headline(step: Step, eos_token_ids: Sequence[int] = ()) -> str:
         final = {"bonus": "plus a bonus token", "corrected": "then a corrected token",
                  "target": "then the target's token"}[step.final_kind]
     return (f"Step {step.index + 1}: drafted {len(step.drafted)}, {accepted}, {final}: "
-            f"{_tokens(len(step.emitted))} in one target pass")
+            f"{count(len(step.emitted), 'token')} in one target pass")
 
 
 def cache_note(step: Step, committed_len: int) -> str:
@@ -882,11 +882,3 @@ def cache_note(step: Step, committed_len: int) -> str:
 def _note(figure: go.Figure, text: str) -> None:
     figure.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
 
-
-def count(n: int, one: str, many: str | None = None) -> str:
-    """"1 token", "3 tokens": n and the noun in its number (``many`` defaults to ``one`` + "s")."""
-    return f"{n} {one if n == 1 else many or one + 's'}"
-
-
-def _tokens(n: int) -> str:
-    return count(n, "token")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,11 +24,6 @@ import torch  # noqa: E402
 
 from lab.costs import measure_costs, random_model  # noqa: E402
 from lab.models import load_model, resolve_device  # noqa: E402
-
-
-class _Model:
-    def __init__(self, model):
-        self.model = model
 
 
 def main() -> None:
@@ -45,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     if args.random_weights:
-        target, draft = _Model(random_model(args.target, device)), random_model(args.draft, device)
+        target, draft = SimpleNamespace(model=random_model(args.target, device)), random_model(args.draft, device)
     else:
         target = load_model(args.target, device=device)
         draft = load_model(args.draft, device=device).model

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:  # the app is not an installed package; its module
 
 import lab.compare  # noqa: E402
 import lab.models  # noqa: E402
-from app import render_compare, widgets  # noqa: E402
+from app import render, render_compare, widgets  # noqa: E402
 from app_util import app_on, click, html_of, key, tiny_loaded, tiny_models  # noqa: E402, F401
 from conftest import tiny_tokenizer  # noqa: E402
 from lab.compare import BASELINE, Comparison, DrafterSpec, run_comparison  # noqa: E402
@@ -700,6 +700,6 @@ def test_step_through_with_smollm2_and_prompt_lookup():
 
 
 def test_count_puts_the_noun_in_its_number():
-    assert render_compare.count(1, "token") == "1 token"
-    assert render_compare.count(0, "token") == "0 tokens"
-    assert render_compare.count(3, "target pass", "target passes") == "3 target passes"
+    assert render.count(1, "token") == "1 token"
+    assert render.count(0, "token") == "0 tokens"
+    assert render.count(3, "target pass", "target passes") == "3 target passes"

@@ -33,7 +33,7 @@ import streamlit as st
 import torch
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from app import inflight, render, render_batch, render_compare, resources, state, widgets
+from app import inflight, render, render_batch, resources, state, widgets
 from lab import bench
 from lab.batch import make_batch_drafter
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
@@ -129,7 +129,8 @@ def drafter_inputs(target: str) -> str | None:
 def work_caption(num_prompts: int, sizes: list[int]) -> str:
     # as lab.sweep: each batch size decodes the prompts cycled to fill whole batches
     requests = sum(math.ceil(max(num_prompts, b) / b) * b for b in sizes)
-    return (f"{render_compare.count(num_prompts, 'prompt')}, batch sizes {', '.join(map(str, sizes))}: **{requests} requests per mode** "
+    return (f"{render.count(num_prompts, 'prompt')}, batch sizes {', '.join(map(str, sizes))}: "
+            f"**{requests} requests per mode** "
             f"(off and on; auto too when it picks another K) of up to "
             f"{st.session_state[key('batch.max_new_tokens')]} tokens, after a calibration that times verify passes at "
             "each batch size. Greedy decoding."
@@ -310,7 +311,8 @@ def describe(sweep: dict) -> str:
     constraint = render_batch.constraint_text(sweep)
     return (f"target `{settings.get('target')}`{draft} · {sweep.get('drafter')}, K={sweep.get('k')} · {precision} on "
             f"{settings.get('device')} · up to {settings.get('max_new_tokens')} new tokens · "
-            f"{render_compare.count(int(settings.get('num_prompts') or 0), 'prompt')}" + (f" · constrained to {constraint}" if constraint else ""))
+            f"{render.count(int(settings.get('num_prompts') or 0), 'prompt')}"
+            + (f" · constrained to {constraint}" if constraint else ""))
 
 
 def show_status(sweep: dict) -> None:
@@ -417,9 +419,9 @@ def show_peer(sweep: dict) -> None:
     settings = found.get("settings") or {}
     mismatches = render_batch.peer_mismatch_text(found)
     st.caption(
-        f"{render_compare.count(int(found.get('num_prompts') or 0), 'prompt')}, one at a time, K={found.get('k')}, "
+        f"{render.count(int(found.get('num_prompts') or 0), 'prompt')}, one at a time, K={found.get('k')}, "
         f"{settings.get('drafter') or sweep.get('drafter')}, greedy, prefill included, on the sweep's target, draft "
-        f"and prompts ({settings.get('dtype', '?')}, {settings.get('torch_threads', '?')} torch thread(s)). Each "
+        f"and prompts ({settings.get('dtype', '?')}, {render.count(settings['torch_threads'], 'torch thread') if 'torch_threads' in settings else '? torch threads'}). Each "
         "speedup is over that decoder's own greedy decoding, so each engine is measured against itself. Greedy "
         f"outputs identical: {render_batch.peer_identical_text(found)}."
         + (f" Differ: {mismatches}. Below fp32 a pass over K+1 tokens rounds differently from a pass over one, so a "
@@ -562,6 +564,7 @@ if (notice := st.session_state.get(NOTICE_KEY)) is not None:
 if sweep is not None:
     show_result(sweep)
 elif not run_clicked and notice is None:
-    st.caption("No sweep yet: choose a target, a drafter and batch sizes, then Run sweep. On a slow machine start smaller "
-               "than the defaults (SmolLM2, prompt lookup, batch sizes 1, 2 and 4, 16 new tokens): every batch size decodes every request two or three times, "
-               "after a calibration that times verify passes at each batch size.")
+    st.caption("No sweep yet: choose a target, a drafter and batch sizes, then Run sweep. On a slow machine start "
+               "smaller than the defaults (SmolLM2, prompt lookup, batch sizes 1, 2 and 4, 16 new tokens): every batch "
+               "size decodes every request two or three times, after a calibration that times verify passes at each "
+               "batch size.")

@@ -423,8 +423,8 @@ with st.container(border=True):
     if prompt_error:
         st.error(prompt_error, icon=":material/error:")
     else:
-        st.caption(f"{render_compare.count(len(prompts), 'prompt')} × (target alone + "
-                   f"{render_compare.count(n_drafters, 'drafter')} × {n_ks} K) = "
+        st.caption(f"{render.count(len(prompts), 'prompt')} × (target alone + "
+                   f"{render.count(n_drafters, 'drafter')} × {n_ks} K) = "
                    f"**{len(prompts) * (1 + n_drafters * n_ks)} decodes** of up to "
                    f"{st.session_state[key('compare.max_new_tokens')]} tokens.")
         if prompts:

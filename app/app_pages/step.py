@@ -153,16 +153,16 @@ def show_session(session: StepSession) -> None:
     st.caption(" · ".join(f"{name} {value}" for name, value in session.settings.items())
                + f" · {len(session.prompt_ids)} prompt tokens, prefill {session.prefill_ms:.0f} ms")
     stats = session.stats
-    st.markdown(f"**Output so far**: {render_compare.count(stats.num_output_tokens, 'token')} in "
-                f"{render_compare.count(stats.target_forward_passes, 'target pass', 'target passes')} · "
+    st.markdown(f"**Output so far**: {render.count(stats.num_output_tokens, 'token')} in "
+                f"{render.count(stats.target_forward_passes, 'target pass', 'target passes')} · "
                 f"acceptance rate {render.format_rate(stats.acceptance_rate)} · mean acceptance length "
                 f"{render.format_number(stats.mean_acceptance_length)}")
     st.html(render.legend_html())
     st.html(render.tokens_html(session.pieces, streaming=session.finished is None))
     if session.finished is not None:
         st.success(f"Finished ({session.finished.reason.replace('_', ' ')}): "
-                   f"{render_compare.count(len(session.finished.token_ids), 'token')} in "
-                   f"{render_compare.count(len(session.steps), 'target pass', 'target passes')}.", icon=":material/flag:")
+                   f"{render.count(len(session.finished.token_ids), 'token')} in "
+                   f"{render.count(len(session.steps), 'target pass', 'target passes')}.", icon=":material/flag:")
     if not session.steps:
         st.info("Prefilled: the target has read the prompt. Press **Next cycle** for the first draft-verify cycle.")
         return
