@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from lab.runner import CompileBackend, EngineMode
 from lab.sampling import SamplingParams
 
 GrammarMode = Literal["exact", "naive"]
@@ -28,6 +29,12 @@ class DecodeConfig:
         under the grammar with rollback; "naive" is the broken way some engines
         shipped (drafts and verification without masks, the matcher advanced over
         every drafted token and never rolled back), for teaching only.
+    engine_mode: how the model passes run (``lab.runner``): "eager" (a growing
+        cache), "static" (a fixed-size cache, fixed-width passes), "compiled"
+        (static, each width captured once by torch.compile; CUDA graphs on a
+        GPU), or "auto" (compiled on CUDA, eager elsewhere).
+    compile_backend: torch.compile's backend in the compiled mode ("inductor";
+        "eager" traces the graphs but runs them eagerly, for tests).
 
     Raises ValueError with what was expected and what came.
     """
@@ -41,6 +48,8 @@ class DecodeConfig:
     stop_strings: tuple[str, ...] = ()
     record_details: bool = False
     grammar_mode: GrammarMode = "exact"
+    engine_mode: EngineMode = "auto"
+    compile_backend: CompileBackend = "inductor"
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or not 1 <= self.k <= K_MAX:
@@ -53,6 +62,12 @@ class DecodeConfig:
             raise ValueError("stop_strings requires non-empty strings; got an empty one")
         if self.grammar_mode not in get_args(GrammarMode):
             raise ValueError(f"grammar_mode requires one of {', '.join(get_args(GrammarMode))}; got {self.grammar_mode!r}")
+        if self.engine_mode not in get_args(EngineMode):
+            raise ValueError(f"engine_mode requires one of {', '.join(get_args(EngineMode))}; got {self.engine_mode!r}")
+        if self.compile_backend not in get_args(CompileBackend):
+            raise ValueError(
+                f"compile_backend requires one of {', '.join(get_args(CompileBackend))}; got {self.compile_backend!r}"
+            )
         self.sampling  # validates temperature, top_k, top_p
 
     @property

@@ -15,22 +15,28 @@ The target's cache always holds every committed token but the last, which is fed
 again as the first input of the next verify pass. With no drafter every step is
 one plain target decode step through the same code, so measured speedups compare
 like with like. The loop never formats or prints.
+
+Passes run through ``lab.runner`` in ``config.engine_mode``: eagerly over a
+growing cache (the CPU default), or over a static cache with the verify pass at
+its fixed width K+1 (a short draft is padded, never a new shape) and, compiled,
+replayed as one captured graph (the CUDA default). Rollback then only moves the
+cache position back. Greedy acceptance reads the target's argmax tokens to the
+host once per step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
-
-from lab.cache import crop_cache, keep_last, new_cache
 from lab.config import DecodeConfig
 from lab.drafters.base import Draft, DraftContext, Drafter
 from lab.grammar import Constraint
 from lab.metrics import SpecDecodingStats
+from lab.runner import KVRunner, give_back, resolve_engine_mode, take_runner
 from lab.sampling import logits_to_probs
 from lab.trace import Finished, PositionDetail, Prefilled, Step, StopReason, TraceEvent
 from lab.verify import Verdict, verify_greedy, verify_sampling
@@ -44,7 +50,7 @@ def decode(
     prompt_ids: Sequence[int],
     drafter: Drafter | None,
     config: DecodeConfig,
-    target_cache: DynamicCache | None = None,
+    runner: KVRunner | None = None,
     constraint: Constraint | None = None,
 ) -> Iterator[TraceEvent]:
     """Decode speculatively, yielding a ``Prefilled``, one ``Step`` per cycle, then ``Finished``.
@@ -53,8 +59,9 @@ def decode(
         ``.eos_token_ids``), batch 1.
     prompt_ids: the prompt's token ids (chat template already applied), length >= 1.
     drafter: the draft source, or None for the target alone.
-    target_cache: an empty cache to fill (lets a caller inspect it afterwards);
-        by default a new one.
+    runner: the target's ``lab.runner.KVRunner`` (lets a caller inspect its cache
+        between events); by default one taken for ``config.engine_mode``. It is
+        reset for this sequence.
     constraint: constrained output (``lab.grammar``): drafting and every verified
         position, correction and bonus included, are masked by the grammar, and
         the matcher is rolled back over rejected drafts (``config.grammar_mode``
@@ -87,89 +94,92 @@ def decode(
     grammar = constraint.new_state() if constraint is not None else None
     naive = grammar is not None and config.grammar_mode == "naive"
 
-    start = time.perf_counter()
-    # Prefill: the cache takes every prompt token but the last.
-    cache = new_cache(model) if target_cache is None else target_cache
-    if prompt.numel() > 1:
-        model(prompt[None, :-1].to(device), cache=cache, use_cache=True,
-              logits_to_keep=keep_last(1, prompt.numel() - 1, device))  # the logits are not needed
-    sync_device(device)
-    yield Prefilled(prompt.numel(), (time.perf_counter() - start) * 1e3)
+    mode = resolve_engine_mode(config.engine_mode, device)
+    verify_width = config.k + 1 if drafter is not None else 1  # the fixed width of the static modes
+    max_length = prompt.numel() + budget + verify_width  # what a static cache must hold, padding included
+    with _taken(runner, model, mode, config.compile_backend) as runner:
+        start = time.perf_counter()
+        # Prefill: the cache takes every prompt token but the last (eagerly, at the prompt's own width).
+        runner.reset(max_length)
+        if prompt.numel() > 1:
+            runner.forward(prompt[None, :-1], last_only=True)  # the logits are not needed
+        sync_device(device)
+        yield Prefilled(prompt.numel(), (time.perf_counter() - start) * 1e3)
 
-    committed = prompt.clone()  # [T] CPU, prompt then output
-    generated: list[int] = []
-    reason: StopReason | None = None
-    step_index = 0
-    while reason is None:
-        remaining = budget - len(generated)
-        # 1. draft: never more than the budget can take (accepted + 1 <= remaining).
-        t0 = time.perf_counter()
-        draft = Draft.empty()
-        if drafter is not None and remaining > 1:
-            draft = drafter.propose(
-                DraftContext(
-                    committed, prompt.numel(), min(config.k, remaining - 1), sampling, generator,
-                    None if naive else grammar,
+        committed = prompt.clone()  # [T] CPU, prompt then output
+        generated: list[int] = []
+        reason: StopReason | None = None
+        step_index = 0
+        while reason is None:
+            remaining = budget - len(generated)
+            # 1. draft: never more than the budget can take (accepted + 1 <= remaining).
+            t0 = time.perf_counter()
+            draft = Draft.empty()
+            if drafter is not None and remaining > 1:
+                draft = drafter.propose(
+                    DraftContext(
+                        committed, prompt.numel(), min(config.k, remaining - 1), sampling, generator,
+                        None if naive else grammar, runner.mode, config.compile_backend, max_length,
+                    )
                 )
+            sync_device(device)
+            t1 = time.perf_counter()
+
+            # 2. verify forward: [last committed] + draft -> K'+1 distributions.
+            inputs = torch.cat([committed[-1:], draft.tokens])[None]  # [1, K'+1], padded to K+1 when static
+            logits = runner.forward(inputs, width=verify_width)  # [K'+1, V]
+            if naive:
+                logits = _naive_grammar_masks(grammar, logits, draft.tokens)
+            elif grammar is not None:
+                logits = grammar.mask_draft_positions(logits, draft.tokens)
+
+            # 3. accept.
+            if sampling.is_greedy:
+                verdict = verify_greedy(logits, draft.tokens)
+                target_probs = None
+            else:
+                target_probs = logits_to_probs(logits, sampling)  # [K'+1, V]
+                verdict = verify_sampling(target_probs, draft.tokens, draft.probs, generator)
+
+            # 4. commit and roll back: keep K/V of all committed tokens but the new last one.
+            runner.crop(committed.numel() + verdict.num_accepted)
+            new_tokens = draft.tokens[: verdict.num_accepted].tolist() + [verdict.next_token]
+            emitted, reason = cut_emitted(new_tokens, generated, remaining, eos, target.tokenizer, config.stop_strings)
+            if grammar is not None:
+                # Exact: the matcher is at the committed prefix; advance it over what was committed.
+                # Naive: it already took every drafted token; only the target's own token is added.
+                for token in emitted[-1:] if naive else emitted:
+                    grammar.accept(token)
+            generated += emitted
+            committed = torch.cat([committed, torch.tensor(emitted, dtype=torch.long)])
+            sync_device(device)
+            t2 = time.perf_counter()
+
+            # 5. observe.
+            if drafter is not None:
+                drafter.observe(verdict.num_accepted)
+            if reason is None and committed.numel() >= max_positions:
+                reason = "context_window"
+            details = ()
+            if config.record_details and len(draft):
+                details = position_details(logits, target_probs, draft, verdict, sampling.is_greedy)
+            yield Step(
+                index=step_index,
+                drafted=tuple(draft.tokens.tolist()),
+                num_accepted=verdict.num_accepted,
+                emitted=tuple(emitted),
+                final_kind="target" if not len(draft) else ("bonus" if verdict.is_bonus(len(draft)) else "corrected"),
+                draft_ms=(t1 - t0) * 1e3,
+                verify_ms=(t2 - t1) * 1e3,
+                target_cache_len=runner.length,
+                draft_cache_len=_draft_cache_len(drafter),
+                details=details,
+                cut_by_grammar=draft.cut_by_grammar,
             )
-        sync_device(device)
-        t1 = time.perf_counter()
+            step_index += 1
 
-        # 2. verify forward: [last committed] + draft -> K'+1 distributions.
-        inputs = torch.cat([committed[-1:], draft.tokens]).to(device)[None]  # [1, K'+1]
-        logits = model(inputs, cache=cache, use_cache=True).logits[0]  # [K'+1, V]
-        if naive:
-            logits = _naive_grammar_masks(grammar, logits, draft.tokens)
-        elif grammar is not None:
-            logits = grammar.mask_draft_positions(logits, draft.tokens)
-
-        # 3. accept.
-        if sampling.is_greedy:
-            verdict = verify_greedy(logits, draft.tokens)
-            target_probs = None
-        else:
-            target_probs = logits_to_probs(logits, sampling)  # [K'+1, V]
-            verdict = verify_sampling(target_probs, draft.tokens, draft.probs, generator)
-
-        # 4. commit and roll back: keep K/V of all committed tokens but the new last one.
-        crop_cache(cache, committed.numel() + verdict.num_accepted)
-        new_tokens = draft.tokens[: verdict.num_accepted].tolist() + [verdict.next_token]
-        emitted, reason = cut_emitted(new_tokens, generated, remaining, eos, target.tokenizer, config.stop_strings)
-        if grammar is not None:
-            # Exact: the matcher is at the committed prefix; advance it over what was committed.
-            # Naive: it already took every drafted token; only the target's own token is added.
-            for token in emitted[-1:] if naive else emitted:
-                grammar.accept(token)
-        generated += emitted
-        committed = torch.cat([committed, torch.tensor(emitted, dtype=torch.long)])
-        sync_device(device)
-        t2 = time.perf_counter()
-
-        # 5. observe.
-        if drafter is not None:
-            drafter.observe(verdict.num_accepted)
-        if reason is None and committed.numel() >= max_positions:
-            reason = "context_window"
-        details = ()
-        if config.record_details and len(draft):
-            details = position_details(logits, target_probs, draft, verdict, sampling.is_greedy)
-        yield Step(
-            index=step_index,
-            drafted=tuple(draft.tokens.tolist()),
-            num_accepted=verdict.num_accepted,
-            emitted=tuple(emitted),
-            final_kind="target" if not len(draft) else ("bonus" if verdict.is_bonus(len(draft)) else "corrected"),
-            draft_ms=(t1 - t0) * 1e3,
-            verify_ms=(t2 - t1) * 1e3,
-            target_cache_len=cache.get_seq_length(),
-            draft_cache_len=_draft_cache_len(drafter),
-            details=details,
-            cut_by_grammar=draft.cut_by_grammar,
-        )
-        step_index += 1
-
-    text = output_text(target.tokenizer, generated, config.stop_strings)
-    yield Finished(reason, tuple(generated), text, time.perf_counter() - start)
+        text = output_text(target.tokenizer, generated, config.stop_strings)
+        yield Finished(reason, tuple(generated), text, time.perf_counter() - start)
 
 
 @dataclass
@@ -270,10 +280,23 @@ def position_details(
 
 
 def _draft_cache_len(drafter: Drafter | None) -> int | None:
-    cache = getattr(drafter, "cache", None)
-    return None if cache is None else cache.get_seq_length()
+    runner = getattr(drafter, "runner", None)
+    return None if runner is None else runner.length
 
 
 def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _taken(runner: KVRunner | None, model, mode: str, backend: str) -> Iterator[KVRunner]:
+    """The caller's runner, or one taken from ``lab.runner``'s pool and given back at the end."""
+    if runner is not None:
+        yield runner
+        return
+    runner = take_runner(model, mode, backend)
+    try:
+        yield runner
+    finally:
+        give_back(runner)

@@ -59,8 +59,8 @@ def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor) -> Ve
     draft_tokens: [K] int64, K >= 0.
     """
     num_drafted = draft_tokens.shape[0]
-    target_argmax = target_logits.argmax(-1)  # [K+1]
-    matches = (target_argmax[:num_drafted] == draft_tokens.to(target_argmax.device)).tolist()
+    target_argmax = target_logits.argmax(-1).cpu()  # [K+1], the step's one host sync
+    matches = (target_argmax[:num_drafted] == draft_tokens.cpu()).tolist()
     num_accepted = matches.index(False) if False in matches else num_drafted
     checked = [1.0] * num_accepted + ([0.0] if num_accepted < num_drafted else [])
     return Verdict(num_accepted, int(target_argmax[num_accepted]), tuple(checked))

@@ -10,6 +10,7 @@ from lab.cache import new_cache
 from lab.config import DecodeConfig
 from lab.drafters import Draft, DraftModelDrafter, PromptLookupDrafter
 from lab.engine import decode, run
+from lab.runner import KVRunner
 from lab.trace import Finished, Prefilled, Step
 
 PROMPTS = [
@@ -87,26 +88,30 @@ class NoisyOracle(OracleDrafter):
         return Draft(tokens)
 
 
+@pytest.mark.parametrize("mode", ["eager", "static"])
 @pytest.mark.parametrize("k", [2, 5])
-def test_target_cache_equals_fresh_prefill(tiny_target, k):
+def test_target_cache_equals_fresh_prefill(tiny_target, k, mode):
     """After many steps with rollbacks, the cached K/V equal a fresh prefill of the same tokens."""
     prompt = PROMPTS[0]
     reference = reference_greedy(tiny_target.model, prompt, 30)
-    cache = new_cache(tiny_target.model)
-    events = list(decode(tiny_target, prompt, NoisyOracle(reference, len(prompt)), DecodeConfig(k=k, max_new_tokens=30), cache))
+    runner = KVRunner(tiny_target.model, mode)
+    config = DecodeConfig(k=k, max_new_tokens=30, engine_mode=mode)
+    events = list(decode(tiny_target, prompt, NoisyOracle(reference, len(prompt)), config, runner))
+    cache = runner.cache
     steps = [e for e in events if isinstance(e, Step)]
     assert any(0 < s.num_accepted < len(s.drafted) for s in steps), "want partial acceptances to exercise rollback"
     assert any(s.num_accepted == len(s.drafted) > 0 for s in steps), "want full acceptances too"
     committed = list(prompt) + list(events[-1].token_ids)
     assert committed[len(prompt):] == reference
     # The engine's invariant: the cache holds every committed token but the last.
-    assert cache.get_seq_length() == len(committed) - 1
+    assert cache.get_seq_length() == runner.length == len(committed) - 1
     fresh = new_cache(tiny_target.model)
     with torch.inference_mode():
         tiny_target.model(torch.tensor([committed[:-1]], device=tiny_target.model.device), cache=fresh, use_cache=True)
+    held = len(committed) - 1  # a static cache is longer: what lies beyond its position is never read
     for layer_fresh, layer_engine in zip(fresh.layers, cache.layers):
-        torch.testing.assert_close(layer_engine.keys, layer_fresh.keys, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(layer_engine.values, layer_fresh.values, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer_engine.keys[:, :, :held], layer_fresh.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer_engine.values[:, :, :held], layer_fresh.values, rtol=1e-4, atol=1e-5)
 
 
 def test_draft_model_cache_tracks_committed_tokens(tiny_target, tiny_draft):

@@ -32,6 +32,10 @@ class DraftContext:
     grammar: the constrained-output matcher at the committed prefix, or None.
         A drafter may advance it while drafting but must roll it back to where
         it found it before returning.
+    engine_mode, compile_backend: how a model drafter runs its passes
+        (``lab.runner``: "eager", "static" or "compiled"; the engine resolves "auto").
+    max_length: the most tokens a model drafter's cache must hold for this
+        sequence (prompt + budget + K + 1), to size a static cache.
     """
 
     token_ids: torch.Tensor
@@ -40,6 +44,9 @@ class DraftContext:
     sampling: SamplingParams
     generator: torch.Generator | None = None
     grammar: "GrammarState | None" = None
+    engine_mode: str = "eager"
+    compile_backend: str = "inductor"
+    max_length: int = 0
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,21 @@ common prefix (this is the rollback of rejected drafts) and feeds only what is
 new, usually the correction or bonus token, then drafts k tokens one forward
 pass each (Leviathan et al. 2023; transformers' AssistedCandidateGenerator does
 the same bookkeeping).
+
+Its passes run through a ``lab.runner.KVRunner`` in the engine's mode: in the
+static and compiled modes every draft step is one pass of width 1 (one captured
+graph), and a catch-up of more than one new token runs eagerly. The drafted
+tokens come back to the host once per proposal.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-from lab.cache import crop_cache, keep_last, new_cache
 from lab.drafters.base import Draft, DraftContext
+from lab.runner import KVRunner, give_back, take_runner
 from lab.sampling import logits_to_probs, sample
 
 
@@ -32,19 +39,32 @@ class DraftModelDrafter:
         self.reset()
 
     def reset(self) -> None:
-        self.cache = new_cache(self.model)
+        self._release()
+        self.runner: KVRunner | None = None  # taken on the first proposal, in the engine's mode
+        self._finalizer = None
         self.cached_ids = torch.empty(0, dtype=torch.long)  # [C] tokens whose K/V the cache holds
         self._num_committed = 0
 
+    @property
+    def cache(self):
+        """The draft's KV cache (a transformers cache), or None before the first proposal."""
+        return None if self.runner is None else self.runner.cache
+
     def propose(self, ctx: DraftContext) -> Draft:
+        if self.runner is None:
+            self.runner = take_runner(self.model, ctx.engine_mode, ctx.compile_backend)
+            self.runner.reset(max(ctx.max_length, ctx.token_ids.shape[0] + ctx.k + 1))
+            # A static cache goes back to the pool when this drafter is reset or dropped.
+            self._finalizer = weakref.finalize(self, give_back, self.runner)
+        runner = self.runner
         token_ids = ctx.token_ids
         keep = min(_common_prefix_length(self.cached_ids, token_ids), token_ids.shape[0] - 1)
-        crop_cache(self.cache, keep)
+        runner.crop(keep)
         inputs = token_ids[keep:].to(self.device)[None]  # [1, T-keep]
         tokens, probs = [], []
         for i in range(ctx.k):
-            keep = keep_last(1, inputs.shape[1], self.device)  # not logits_to_keep=1: see keep_last
-            logits = self.model(inputs, cache=self.cache, use_cache=True, logits_to_keep=keep).logits[0, -1]  # [V]
+            # A single new token runs through the width-1 graph; a longer catch-up (the prompt) eagerly.
+            logits = runner.forward(inputs, width=1 if inputs.shape[1] == 1 else None, last_only=True)[0]  # [V]
             if ctx.grammar is not None:
                 logits = ctx.grammar.mask_next(logits)  # draft under the grammar
             if ctx.sampling.is_greedy:
@@ -62,7 +82,7 @@ class DraftModelDrafter:
             inputs = token.view(1, 1)
         if ctx.grammar is not None:
             ctx.grammar.rollback(len(tokens))
-        drafted = torch.stack(tokens).cpu()  # [k]
+        drafted = torch.stack(tokens).cpu()  # [k], the proposal's one host sync
         # The last drafted token was never fed: the cache holds committed + drafted[:-1].
         self.cached_ids = torch.cat([token_ids, drafted[:-1]])
         self._num_committed = token_ids.shape[0]
@@ -71,8 +91,14 @@ class DraftModelDrafter:
     def observe(self, num_accepted: int) -> None:
         """Roll the cache back now to the committed prefix it holds (committed + accepted drafts)."""
         keep = min(self._num_committed + num_accepted, self.cached_ids.shape[0])
-        crop_cache(self.cache, keep)
+        if self.runner is not None:
+            self.runner.crop(keep)
         self.cached_ids = self.cached_ids[:keep]
+
+    def _release(self) -> None:
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()  # gives the runner back (once)
 
 
 def _common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:

@@ -11,6 +11,7 @@ from a shallow exit: the lab shows that honestly.
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 
@@ -55,6 +56,10 @@ def _shallow_module_copy(module: torch.nn.Module) -> torch.nn.Module:
     return clone
 
 
+# target -> {exit layer: view}: one view per exit, so a compiled view (lab.runner) is compiled once.
+_VIEWS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, torch.nn.Module]]" = weakref.WeakKeyDictionary()
+
+
 class LayerSkipDrafter(DraftModelDrafter):
     """Drafts with the target's first ``exit_layer`` layers (see module docstring)."""
 
@@ -62,4 +67,7 @@ class LayerSkipDrafter(DraftModelDrafter):
 
     def __init__(self, target_model: torch.nn.Module, exit_layer: int) -> None:
         self.exit_layer = exit_layer
-        super().__init__(early_exit_view(target_model, exit_layer))
+        views = _VIEWS.setdefault(target_model, {})
+        if exit_layer not in views:
+            views[exit_layer] = early_exit_view(target_model, exit_layer)
+        super().__init__(views[exit_layer])
