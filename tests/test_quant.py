@@ -23,10 +23,10 @@ import torch
 
 from conftest import TEST_DEVICE, tiny_llama, tiny_tokenizer
 from lab import models
-from lab.cache import new_cache
 from lab.compare import DrafterSpec, run_comparison
 from lab.config import DecodeConfig
 from lab.drafters import make_drafter
+from lab.runner import KVRunner
 from lab.engine import decode, run
 from lab.models import (
     PRECISIONS,
@@ -174,8 +174,9 @@ def test_weight_bytes_counts_quantisation_scales(tiny_loaded, precision):
 
 def test_kv_cache_bytes_matches_a_real_cache(tiny_loaded):
     target = tiny_loaded("target", "nf4")
-    cache = new_cache(target.model)
-    events = list(decode(target, PROMPT, None, DecodeConfig(max_new_tokens=6), target_cache=cache))
+    runner = KVRunner(target.model, "eager")
+    events = list(decode(target, PROMPT, None, DecodeConfig(max_new_tokens=6), runner))
+    cache = runner.cache
     assert isinstance(events[-1], Finished)
     assert cache.get_seq_length() > 0
     assert cache_bytes(cache) == kv_cache_bytes(target.model, cache.get_seq_length())
