@@ -460,10 +460,13 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str | None = None) -> torch.dtype:
-    """The weight dtype: ``"auto"``/``None`` -> bf16 (on CPU too: decoding is memory-bound, bf16 is ~2x faster there).
+    """The weight dtype: ``"auto"``/``None`` -> what decodes faster on this host, measured, not assumed.
 
-    On a CUDA GPU without bf16 support ``"auto"`` gives fp16. Accepts ``"fp32"``,
-    ``"bf16"``, ``"fp16"`` or a torch floating dtype.
+    On a CPU, ``lab.calibrate.host_float_precision`` times a bf16 and an fp32
+    matrix product of a decode pass's shape once per process: bf16 wins where the
+    CPU computes it natively (AVX-512 BF16, AMX), fp32 where bf16 is emulated. On
+    a CUDA GPU ``"auto"`` is bf16, or fp16 without bf16 support. Accepts
+    ``"fp32"``, ``"bf16"``, ``"fp16"`` or a torch floating dtype.
 
     Raises:
         ValueError: any other value; the message lists the accepted ones.
@@ -473,10 +476,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str | 
             return dtype
         raise ValueError(f"dtype requires one of torch.float32, torch.bfloat16, torch.float16; got {dtype}")
     if dtype is None or dtype == "auto":
+        from lab.calibrate import host_float_precision
+
         device = torch.device(device) if device is not None else resolve_device()
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
+        return _DTYPES[host_float_precision(device)]
     if dtype in _DTYPES:
         return _DTYPES[dtype]
     raise ValueError(f"dtype requires one of 'auto', {', '.join(repr(name) for name in _DTYPES)}; got {dtype!r}")

@@ -23,9 +23,11 @@ if str(ROOT) not in sys.path:  # the app is not an installed package; its module
 from app import precision, resources, state, widgets  # noqa: E402
 from app_util import MAIN, TIMEOUT_S, click, key  # noqa: E402
 from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
+from lab.calibrate import host_float_precision  # noqa: E402
 from lab.quant import MemoryUse  # noqa: E402
 
 LOCAL_FOLDER = widgets.LOCAL_FOLDER
+HOST = host_float_precision("cpu")  # what "auto" resolves to here: measured, bf16 or fp32
 TINY_PROMPT = "t3 t4 t5 t6 t3 t4 t5 t6 t3 t4"
 
 
@@ -78,10 +80,10 @@ def text_of(elements) -> str:
 @pytest.mark.parametrize(
     "widgets, expected",
     [
-        ({}, state.Runtime("cpu", "bf16")),  # auto: bf16 on CPU, the draft as the target
+        ({}, state.Runtime("cpu", HOST)),  # auto: measured on this host, the draft as the target
         ({"dtype": "nf4"}, state.Runtime("cpu", "nf4")),
         ({"dtype": "int8", "draft_dtype": "nf4"}, state.Runtime("cpu", "int8", "nf4")),
-        ({"dtype": "fp32", "draft_dtype": "auto"}, state.Runtime("cpu", "fp32", "bf16")),
+        ({"dtype": "fp32", "draft_dtype": "auto"}, state.Runtime("cpu", "fp32", HOST)),
     ],
 )
 def test_runtime_has_a_precision_per_model(widgets, expected):

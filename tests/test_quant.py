@@ -26,6 +26,7 @@ from lab import models
 from lab.compare import DrafterSpec, run_comparison
 from lab.config import DecodeConfig
 from lab.drafters import make_drafter
+from lab.calibrate import host_float_precision
 from lab.runner import KVRunner
 from lab.engine import decode, run
 from lab.models import (
@@ -92,8 +93,8 @@ def tiny_loaded(tiny_folders):
         ("fp32", "fp32"),
         ("bf16", "bf16"),
         ("fp16", "fp16"),  # torch computes in fp16 on this CPU
-        ("auto", "bf16"),  # as resolve_dtype: bf16 on CPU
-        (None, "bf16"),
+        ("auto", host_float_precision("cpu")),  # as resolve_dtype: measured on this host
+        (None, host_float_precision("cpu")),
         (torch.float32, "fp32"),
         ("int8", "int8"),
         ("nf4", "nf4"),

@@ -1,0 +1,383 @@
+"""Host-adaptive defaults: time the passes on the machine at hand, then pick precision and K from the cost model.
+
+Whether bf16 beats fp32, and which K pays, is a property of the hardware, not a
+constant. On a CPU with native bf16 dot products (AVX-512 BF16, AMX) a bf16 pass
+over K+1 tokens costs about one one-token pass; where bf16 is emulated the same
+pass costs several; a GPU bound by the host charges per kernel launch. So
+``calibrate`` measures, for each candidate precision:
+
+- the target's one-token step (ms) and its verify pass over K+1 tokens, v(K) in steps;
+- the draft model's one-token step, c in target steps (or c = 0 for prompt lookup);
+
+over a cache of ``context_tokens`` random tokens (timings do not depend on the
+weights' values), each the median of ``repeats`` passes after a warm-up. It
+then predicts the time per generated token of speculation at each (precision, K)
+with Leviathan et al.'s model, generalised by the measured verify cost v:
+
+    ms per token = step_ms x (K c + v(K)) / E[tokens per step](a, K)
+
+with E = (1 - a^(K+1)) / (1 - a) and a the per-token acceptance rate given
+(defaults below: a prior, to be replaced by the acceptance a run measured), and
+chooses the fastest. The result is cached per machine (CPU model and its bf16
+flags, torch version, threads, GPU name) and model pair under
+``lab.models.cache_dir() / "calibration"``, and says in words what it measured
+and why it chose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from lab.theory import expected_tokens_per_step
+
+DEFAULT_PRECISIONS = ("bf16", "fp32")
+DEFAULT_KS = (1, 2, 3, 4, 6, 8)
+# Per-token acceptance priors, near what the README's "Measured" tables show on Spec-Bench prompts: the
+# Qwen2.5-Coder 0.5B -> 1.5B pair accepts 72 % of drafted tokens at K=2 (a ~ 0.8), prompt lookup on SmolLM2
+# 30 % (a ~ 0.4), layer skip under 1 %.
+PRIOR_ACCEPTANCE = {"draft-model": 0.8, "prompt-lookup": 0.4, "layer-skip": 0.02}
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+Progress = Callable[[float, str], None]
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """What decides pass costs here: CPU model and its bf16-relevant flags, torch, threads, GPU name."""
+    device = torch.device(device)
+    flags: list[str] = []
+    cpu = platform.processor() or platform.machine()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                flags = [f for f in CPU_FLAGS if f in present]
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+
+
+def machine_key(info: dict[str, Any]) -> str:
+    """A short stable name for a machine (hash of ``machine_info``)."""
+    return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class PrecisionTimings:
+    """Measured at one precision. Times in ms (medians); v(K) and c in target steps."""
+
+    precision: str
+    target_step_ms: float
+    verify_ms: dict[int, float]  # K -> one target pass over K+1 tokens
+    draft_step_ms: float | None = None  # one draft pass over 1 token; None: no draft model (c = 0)
+
+    def v(self, k: int) -> float:
+        """Verify cost in target steps: verify_ms[K] / target_step_ms."""
+        return self.verify_ms[k] / self.target_step_ms
+
+    @property
+    def c(self) -> float:
+        """The draft's cost per drafted token in target steps (0 without a draft model)."""
+        return 0.0 if self.draft_step_ms is None else self.draft_step_ms / self.target_step_ms
+
+    def ms_per_token(self, k: int, acceptance: float) -> float:
+        """Predicted ms per generated token of speculation at K: step x (K c + v(K)) / E[tokens per step]."""
+        return self.target_step_ms * (k * self.c + self.v(k)) / expected_tokens_per_step(acceptance, k)
+
+
+@dataclass
+class Calibration:
+    """What was measured on this machine for a target (and draft), and the precision and K it picks.
+
+    acceptance: the per-token acceptance rate a the choice assumes (in [0, 1)).
+    precision, k: the choice; predicted_ms_per_token and target_alone_ms_per_token
+    at that precision; predicted_speedup = the target alone at its fastest
+    precision over speculation at the choice.
+    """
+
+    target: str
+    draft: str | None
+    drafter: str
+    machine: dict[str, Any]
+    timings: list[PrecisionTimings]
+    acceptance: float
+    context_tokens: int
+    repeats: int
+    measured_at: str = ""
+    wall_s: float = 0.0
+    precision: str = field(init=False, default="")
+    k: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.precision, self.k = self.best()
+
+    def by_precision(self, precision: str) -> PrecisionTimings:
+        for t in self.timings:
+            if t.precision == precision:
+                return t
+        raise KeyError(f"no timings for precision {precision!r}; measured: {[t.precision for t in self.timings]}")
+
+    def best(self, acceptance: float | None = None) -> tuple[str, int]:
+        """The (precision, K) with the least predicted ms per token at ``acceptance`` (default: self.acceptance)."""
+        a = self.acceptance if acceptance is None else acceptance
+        return min(((t.precision, k) for t in self.timings for k in t.verify_ms),
+                   key=lambda pk: self.by_precision(pk[0]).ms_per_token(pk[1], a))
+
+    @property
+    def predicted_ms_per_token(self) -> float:
+        return self.by_precision(self.precision).ms_per_token(self.k, self.acceptance)
+
+    @property
+    def target_alone_ms_per_token(self) -> float:
+        """The target alone at its fastest measured precision."""
+        return min(t.target_step_ms for t in self.timings)
+
+    @property
+    def predicted_speedup(self) -> float:
+        return self.target_alone_ms_per_token / self.predicted_ms_per_token
+
+    def explain(self) -> str:
+        """The measurement and the choice, in words (Markdown)."""
+        lines = [f"Measured on {self.machine['cpu']} ({', '.join(self.machine['cpu_flags']) or 'no AVX flags read'}; "
+                 f"{self.machine['device']}, {self.machine['threads']} threads, torch {self.machine['torch']}), "
+                 f"over a {self.context_tokens}-token cache:"]
+        for t in self.timings:
+            draft = "" if t.draft_step_ms is None else f", draft step {t.draft_step_ms:.1f} ms (c = {t.c:.2f})"
+            v = ", ".join(f"{t.v(k):.2f}" for k in sorted(t.verify_ms) if k in (1, 2, 4, 8))
+            lines.append(f"- **{t.precision}**: target step {t.target_step_ms:.1f} ms{draft}; "
+                         f"verify cost v(K=1, 2, 4, 8) = {v} steps.")
+        alone = min(self.timings, key=lambda t: t.target_step_ms)
+        lines.append(
+            f"At an acceptance rate of {self.acceptance:.0%} per token, the cost model's fastest speculation is "
+            f"**{self.precision}, K = {self.k}**: {self.predicted_ms_per_token:.1f} ms per token against "
+            f"{alone.target_step_ms:.1f} ms for the target alone ({alone.precision}), a predicted "
+            f"{self.predicted_speedup:.2f}x."
+        )
+        if self.predicted_speedup < 1:
+            lines.append("Speculation is predicted to lose here at this acceptance: the target alone is faster.")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(precision=self.precision, k=self.k, predicted_speedup=self.predicted_speedup)
+        return data
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "Calibration":
+        timings = [PrecisionTimings(t["precision"], t["target_step_ms"], {int(k): v for k, v in t["verify_ms"].items()},
+                                    t.get("draft_step_ms")) for t in data["timings"]]
+        return Calibration(data["target"], data.get("draft"), data["drafter"], data["machine"], timings,
+                           data["acceptance"], data["context_tokens"], data["repeats"], data.get("measured_at", ""),
+                           data.get("wall_s", 0.0))
+
+
+def time_passes(
+    model: torch.nn.Module,
+    widths: Sequence[int],
+    context_tokens: int = 128,
+    repeats: int = 5,
+) -> dict[int, float]:
+    """Median ms of one forward pass of each width after a cache of ``context_tokens`` random tokens.
+
+    model: a causal LM (batch 1). The cache is cropped back after every pass, so
+    each pass sees the same context. One untimed pass of each width first.
+    Returns {width: ms}. Raises ValueError for widths < 1, repeats < 1 or an
+    empty context.
+    """
+    from lab.runner import KVRunner
+    from lab.engine import sync_device
+
+    if context_tokens < 1 or repeats < 1 or any(w < 1 for w in widths):
+        raise ValueError(f"time_passes requires context >= 1, repeats >= 1, widths >= 1; got "
+                         f"{context_tokens}, {repeats}, {list(widths)}")
+    runner = KVRunner(model, "eager")
+    runner.reset(context_tokens + max(widths))
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    with torch.inference_mode():
+        runner.forward(torch.randint(vocab, (1, context_tokens), generator=generator), last_only=True)
+        timings: dict[int, list[float]] = {w: [] for w in widths}
+        for round_ in range(repeats + 1):  # round 0 warms up
+            for w in widths:  # interleaved: a drift of the machine's speed hits every width alike
+                tokens = torch.randint(vocab, (1, w), generator=generator)
+                sync_device(runner.device)
+                start = time.perf_counter()
+                runner.forward(tokens)
+                sync_device(runner.device)
+                if round_:
+                    timings[w].append((time.perf_counter() - start) * 1e3)
+                runner.crop(context_tokens)
+    return {w: statistics.median(ts) for w, ts in timings.items()}
+
+
+def measure_precision(target_model, draft_model, precision: str, ks: Sequence[int],
+                      context_tokens: int, repeats: int) -> PrecisionTimings:
+    """``PrecisionTimings`` for already loaded models in one precision (see :func:`time_passes`)."""
+    widths = sorted({1, *(k + 1 for k in ks)})
+    target_ms = time_passes(target_model, widths, context_tokens, repeats)
+    draft_ms = None if draft_model is None else time_passes(draft_model, [1], context_tokens, repeats)[1]
+    return PrecisionTimings(precision, target_ms[1], {k: target_ms[k + 1] for k in ks}, draft_ms)
+
+
+def calibration_path(target: str, draft: str | None, drafter: str, info: dict[str, Any]) -> Path:
+    from lab.models import cache_dir
+
+    name = f"{target}__{draft or drafter}.json".replace("/", "_")
+    return cache_dir() / "calibration" / machine_key(info) / name
+
+
+def calibrate(
+    target: str,
+    draft: str | None = None,
+    drafter: str | None = None,
+    device: str | torch.device = "auto",
+    precisions: Sequence[str] = DEFAULT_PRECISIONS,
+    ks: Sequence[int] = DEFAULT_KS,
+    acceptance: float | None = None,
+    context_tokens: int = 128,
+    repeats: int = 3,
+    refresh: bool = False,
+    progress: Progress | None = None,
+) -> Calibration:
+    """Measure (or read the cached measurement of) a target/draft pair here, and choose precision and K.
+
+    target, draft: preset names or model folders (``lab.models.load_model``);
+        draft None: prompt lookup (c = 0) unless ``drafter`` says otherwise.
+    drafter: "draft-model" (default with a draft), "prompt-lookup" (default without).
+    device: "auto", "cpu" or "cuda". precisions: float precisions to compare.
+    ks: the K values to consider (1..16). acceptance: the per-token acceptance
+        rate a in [0, 1) the choice assumes; default ``PRIOR_ACCEPTANCE[drafter]``.
+        A cached calibration is re-scored at a new acceptance without re-timing.
+    refresh: time again even when a cached calibration exists.
+
+    Returns a ``Calibration``; its JSON lies at :func:`calibration_path`.
+    Raises ValueError for bad K, acceptance or precision; ``lab.models.ModelError``
+    when a model cannot be loaded.
+    """
+    from lab.models import load_model, resolve_device
+
+    drafter = drafter or ("draft-model" if draft is not None else "prompt-lookup")
+    if drafter == "draft-model" and draft is None:
+        raise ValueError("calibrate with drafter 'draft-model' requires a draft model; got none")
+    if not ks or any(not 1 <= k <= 16 for k in ks):
+        raise ValueError(f"calibrate requires K values in 1..16; got {list(ks)}")
+    a = PRIOR_ACCEPTANCE.get(drafter, 0.5) if acceptance is None else acceptance
+    if not 0.0 <= a < 1.0:
+        raise ValueError(f"acceptance requires 0 <= a < 1; got {a}")
+    bad = [p for p in precisions if p not in ("bf16", "fp32", "fp16")]
+    if bad or not precisions:
+        raise ValueError(f"calibrate compares float precisions bf16, fp32, fp16; got {list(precisions)}")
+    device = resolve_device(device)
+    info = machine_info(device)
+    path = calibration_path(str(target), None if draft is None else str(draft), drafter, info)
+    cached = None if refresh else _read(path)
+    if cached is not None:
+        if {t.precision for t in cached.timings} >= set(precisions) and set(ks) <= set(cached.timings[0].verify_ms):
+            cached.acceptance = a
+            cached.precision, cached.k = cached.best()
+            return cached
+    report = progress or (lambda fraction, message: None)
+    start = time.perf_counter()
+    timings = []
+    for i, precision in enumerate(precisions):
+        share = 1.0 / len(precisions)
+        report(i * share, f"loading {target} in {precision}")
+        target_model = load_model(target, device=device, dtype=precision).model
+        draft_model = None
+        if drafter == "draft-model":
+            report(i * share + 0.2 * share, f"loading {draft} in {precision}")
+            draft_model = load_model(draft, device=device, dtype=precision).model
+        report(i * share + 0.4 * share, f"timing {precision} passes of 1..{max(ks) + 1} tokens")
+        timings.append(measure_precision(target_model, draft_model, precision, ks, context_tokens, repeats))
+        del target_model, draft_model
+    calibration = Calibration(str(target), None if draft is None else str(draft), drafter, info, timings, a,
+                              context_tokens, repeats, time.strftime("%Y-%m-%d %H:%M:%S"),
+                              time.perf_counter() - start)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(calibration.as_dict(), indent=1))
+    report(1.0, f"calibrated in {calibration.wall_s:.0f} s: {calibration.precision}, K={calibration.k}")
+    return calibration
+
+
+def cached_calibration(target: str, draft: str | None = None, drafter: str | None = None,
+                       device: str | torch.device = "auto") -> Calibration | None:
+    """The calibration cached for this machine and pair, or None (nothing is timed)."""
+    from lab.models import resolve_device
+
+    drafter = drafter or ("draft-model" if draft is not None else "prompt-lookup")
+    return _read(calibration_path(str(target), None if draft is None else str(draft), drafter,
+                                  machine_info(resolve_device(device))))
+
+
+def _read(path: Path) -> Calibration | None:
+    """A cached calibration, or None when absent, corrupt or of an older layout (then it is measured again)."""
+    try:
+        return Calibration.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# The host probe's shape: a Qwen2.5-1.5B MLP projection read by 1 and by 5 token rows.
+PROBE_IN, PROBE_OUT, PROBE_ROWS = 1536, 8960, (1, 5)
+
+
+def probe_float_precision(device: str | torch.device = "cpu", repeats: int = 15) -> dict[str, Any]:
+    """Which float precision decodes faster on this host, from a one-second matmul probe (no model needed).
+
+    Times ``x @ W.T`` with W [8960, 1536] (a 1.5B model's MLP projection) for 1
+    and 5 rows of x, in bf16 and fp32, medians of ``repeats``. A pass of a real
+    model is dominated by such products, so the probe tells whether bf16 runs
+    natively (cheaper than fp32: half the bytes read) or is emulated (dearer).
+    Returns {"precision": the faster at 5 rows, "ms": {precision: {rows: ms}}}.
+    On CUDA the answer is bf16 where supported, else fp16, without timing.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"precision": "bf16" if torch.cuda.is_bf16_supported() else "fp16", "ms": {}}
+    generator = torch.Generator().manual_seed(0)
+    weight32 = torch.randn(PROBE_OUT, PROBE_IN, generator=generator)
+    ms: dict[str, dict[int, float]] = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        weight = weight32.to(dtype)
+        ms[name] = {}
+        for rows in PROBE_ROWS:
+            x = torch.randn(rows, PROBE_IN, generator=generator).to(dtype)
+            times = []
+            for i in range(repeats + 1):
+                start = time.perf_counter()
+                torch.nn.functional.linear(x, weight)
+                if i:
+                    times.append((time.perf_counter() - start) * 1e3)
+            ms[name][rows] = statistics.median(times)
+    rows = PROBE_ROWS[-1]
+    return {"precision": min(ms, key=lambda name: ms[name][rows]), "ms": ms}
+
+
+_PROBED: dict[str, dict[str, Any]] = {}
+
+
+def host_float_precision(device: str | torch.device = "cpu") -> str:
+    """``probe_float_precision``'s answer, measured once per process and device."""
+    key = str(torch.device(device))
+    if key not in _PROBED:
+        _PROBED[key] = probe_float_precision(device)
+    return _PROBED[key]["precision"]
