@@ -1,4 +1,4 @@
-"""The command line: ``python -m lab generate | prepare | models | peer | compare | bench``.
+"""The command line: ``python -m lab generate | prepare | models | calibrate | peer | compare | bench``.
 
 Every subcommand is one function ``_cmd_<name>(args) -> int`` registered in
 ``build_parser``; ``main(argv) -> int`` parses and dispatches, so tests call it
@@ -25,6 +25,9 @@ Examples::
     python -m lab bench --target smollm2-135m --drafter layer-skip --k 3 --batch-sizes 1,4 \
         --prompts json_extraction --json-schema schema.json
     python -m lab generate --target smollm2-135m --target-quant nf4 --drafter layer-skip --prompt "Hi"
+    python -m lab calibrate --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b
+    python -m lab generate --target qwen2.5-coder-1.5b --drafter draft-model --draft qwen2.5-coder-0.5b \
+        --k auto --prompt "Write a haiku about caches"
 """
 
 from __future__ import annotations
@@ -107,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="decode one prompt, speculatively or with the target alone")
     _add_model_arguments(generate)
     _add_drafter_arguments(generate, choices=DRAFTER_NAMES, default="none")
-    generate.add_argument("--k", type=int, default=4, help=f"tokens drafted per step, 1..{K_MAX} (default 4)")
+    generate.add_argument("--k", type=_k_or_auto, default=4,
+                          help=f"tokens drafted per step, 1..{K_MAX} (default 4), or 'auto': the K this machine's "
+                          "calibration predicts fastest (measured once, then cached; see `calibrate`)")
     generate.add_argument("--max-new-tokens", type=int, default=128, help="token budget (default 128)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     generate.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 keeps all")
@@ -123,7 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                           help="colour tokens by class (default: when stdout is a terminal)")
     _add_constraint_arguments(generate)
+    _add_engine_argument(generate)
     generate.set_defaults(handler=_cmd_generate)
+
+    calibrate = commands.add_parser("calibrate", help="time the passes here; pick precision and K by the cost model")
+    calibrate.add_argument("--target", required=True, help="a preset name or a model folder")
+    calibrate.add_argument("--draft", help="the draft model (a preset or a folder); without it: prompt lookup, c = 0")
+    calibrate.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    calibrate.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=("bf16", "fp32", "fp16"),
+                           help="float precisions to compare (default bf16 fp32)")
+    calibrate.add_argument("--ks", type=int, nargs="+", default=None, help="K values to consider (default 1 2 3 4 6 8)")
+    calibrate.add_argument("--acceptance", type=float, default=None,
+                           help="per-token acceptance rate a the choice assumes (default: a prior for the drafter, "
+                           "0.8 for a draft model, 0.4 for prompt lookup)")
+    calibrate.add_argument("--refresh", action="store_true", help="time again even if this machine has a calibration")
+    calibrate.add_argument("--json", action="store_true", help="print the calibration as JSON")
+    calibrate.set_defaults(handler=_cmd_calibrate)
 
     prepare = commands.add_parser("prepare", help="prepare model presets once (assemble, check, convert to bf16)")
     prepare.add_argument("names", nargs="*", metavar="NAME", help="presets to prepare (default: all)")
@@ -180,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--raw", action="store_true", help="encode prompts without the chat template")
     compare.add_argument("--json", action="store_true", help="print the JSON results instead of the table")
     compare.add_argument("--out", type=Path, help="also write the JSON results (loadable in the app's Compare page)")
+    _add_engine_argument(compare)
     compare.set_defaults(handler=_cmd_compare)
     return parser
 
@@ -195,6 +216,53 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the target's weight precision (int8/nf4/fp4 through bitsandbytes; default: --dtype)")
     parser.add_argument("--draft-quant", default=None, choices=PRECISIONS,
                         help="the draft model's weight precision (default: --dtype)")
+
+
+def _add_engine_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", default="auto", choices=("auto", "eager", "static", "compiled"),
+                        help="how passes run: eager (growing cache), static (fixed cache, fixed-width passes), "
+                        "compiled (static + torch.compile, CUDA graphs on a GPU); auto: compiled on CUDA, else eager")
+
+
+def _k_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"requires an integer 1..{K_MAX} or 'auto'; got {text!r}") from None
+
+
+def _auto_from_calibration(args: argparse.Namespace, progress) -> str | None:
+    """Resolve ``--dtype auto`` and ``--k auto`` from this machine's calibration; returns a note saying how.
+
+    --k auto measures the pair once if needed (cached). --dtype auto uses a
+    cached calibration of the pair when there is one, else the bf16/fp32 probe.
+    """
+    from lab.calibrate import cached_calibration, calibrate
+
+    drafter = {"draft-model": "draft-model", "prompt-lookup": "prompt-lookup"}.get(args.drafter)
+    wants_k = getattr(args, "k", None) == "auto"
+    if wants_k and drafter is None:
+        raise UsageError(f"--k auto requires --drafter draft-model or prompt-lookup (calibrated); got {args.drafter}")
+    auto_dtype = args.dtype in (None, "auto") and args.target_quant is None and args.draft_quant is None
+    if drafter is None or not (wants_k or auto_dtype):
+        return None
+    draft = args.draft if drafter == "draft-model" else None
+    if wants_k:
+        calibration = calibrate(args.target, draft, drafter, args.device or "auto", progress=progress)
+        progress.done()
+    else:
+        calibration = cached_calibration(args.target, draft, drafter, args.device or "auto")
+    if calibration is None:
+        return None
+    if auto_dtype:
+        args.dtype = calibration.precision
+    if wants_k:
+        args.k = calibration.k
+    return (f"auto: {calibration.precision}{f', K={calibration.k}' if wants_k else ''} from this machine's "
+            f"calibration (predicted {calibration.predicted_speedup:.2f}x at acceptance {calibration.acceptance:.0%}; "
+            "`python -m lab calibrate` shows why)")
 
 
 def _add_constraint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -245,13 +313,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     # 1. Check everything that needs no weights.
     _check_drafter_arguments(args)
     text = _read_prompt(args)
+    progress = ProgressLine(sys.stderr)
+    checked_k = 4 if args.k == "auto" else args.k  # validated now; auto is resolved below, after the cheap checks
+    DecodeConfig(k=checked_k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    spec = _constraint_spec(args)
+    note = _auto_from_calibration(args, progress)
+    if note is not None:
+        print(note, file=sys.stderr)
     config = DecodeConfig(
         k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        grammar_mode="naive" if args.naive_grammar else "exact",
+        grammar_mode="naive" if args.naive_grammar else "exact", engine_mode=args.engine,
     )
-    spec = _constraint_spec(args)
-    progress = ProgressLine(sys.stderr)
     tokenizer = _checked_tokenizer(args, progress)
     prompt_ids = encode_prompt(tokenizer, text, chat_template=not args.raw)
 
@@ -288,6 +362,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "drafter": args.drafter,
         "draft": draft.name if draft is not None else None,
         "k": config.k,
+        "engine_mode": config.engine_mode,
         "min_n": args.min_n if args.drafter == "prompt-lookup" else None,
         "max_n": args.max_n if args.drafter == "prompt-lookup" else None,
         "exit_layer": getattr(drafter, "exit_layer", args.exit_layer) if args.drafter == "layer-skip" else None,
@@ -481,6 +556,21 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- calibrate
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from lab.calibrate import DEFAULT_KS, calibrate
+
+    progress = ProgressLine(sys.stderr, always=True)
+    calibration = calibrate(args.target, args.draft, device=args.device or "auto", precisions=args.precisions,
+                            ks=args.ks or DEFAULT_KS, acceptance=args.acceptance, refresh=args.refresh,
+                            progress=progress)
+    progress.done()
+    print(json.dumps(calibration.as_dict()) if args.json else calibration.explain().replace("**", ""))
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- peer, bench
 
 
@@ -579,7 +669,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                     exit_layer=args.exit_layer if name == "layer-skip" else None)
         for name in args.drafters
     ]
-    config = DecodeConfig(max_new_tokens=args.max_new_tokens)
+    config = DecodeConfig(max_new_tokens=args.max_new_tokens, engine_mode=args.engine)
     for k in args.ks:
         replace(config, k=k)  # refuse a bad K before loading anything
     prompts = [p.text for p in load_prompt_sets(args.prompts)]

@@ -256,6 +256,7 @@ def run_comparison(
             "draft_precisions": {name: model_precision(draft) for name, draft in drafts.items()},
             "device": str(getattr(target, "device", "")),
             "max_new_tokens": config.max_new_tokens,
+            "engine_mode": config.engine_mode,
             "temperature": config.temperature,
             "top_p": config.top_p,
             "seed": config.seed,

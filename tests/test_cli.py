@@ -256,3 +256,49 @@ def test_generate_with_a_json_schema_is_valid_and_identical_to_the_target_alone(
     assert report["constraint_valid"] is True
     assert report["identical_to_baseline"] is True
     assert json.loads(report["text"])["age"] == 34
+
+
+@pytest.fixture()
+def own_cache(tmp_path, monkeypatch):
+    """Calibrations go to a fresh cache folder (they are cached per machine and pair)."""
+    monkeypatch.setenv("LAB_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_calibrate_prints_what_it_measured_and_chose(tiny_dirs, capsys, own_cache):
+    argv = ["calibrate", "--target", tiny_dirs["target"], "--draft", tiny_dirs["draft"], "--device", "cpu",
+            "--ks", "1", "3"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "bf16: target step" in text and "fp32: target step" in text and "fastest speculation is" in text
+    assert main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["precision"] in ("bf16", "fp32") and data["k"] in (1, 3) and data["drafter"] == "draft-model"
+    assert {t["precision"] for t in data["timings"]} == {"bf16", "fp32"}
+
+
+def test_generate_k_auto_and_dtype_auto_follow_the_calibration(tiny_dirs, capsys, own_cache):
+    argv = ["generate", "--target", tiny_dirs["target"], "--device", "cpu", "--max-new-tokens", "8", "--prompt", PROMPT,
+            "--drafter", "draft-model", "--draft", tiny_dirs["draft"], "--k", "auto", "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    # The calibration that --k auto made is cached: `calibrate` reads it back.
+    assert main(["calibrate", "--target", tiny_dirs["target"], "--draft", tiny_dirs["draft"], "--device", "cpu",
+                 "--json"]) == 0
+    chosen = json.loads(capsys.readouterr().out)
+    assert report["settings"]["k"] == chosen["k"]
+    assert report["settings"]["dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[chosen["precision"]]
+    assert "from this machine's calibration" in captured.err
+
+
+@pytest.mark.parametrize("engine", ["static", "compiled"])
+def test_generate_engine_modes_are_identical_to_the_target_alone(tiny_dirs, capsys, engine):
+    args = ["--drafter", "draft-model", "--draft", tiny_dirs["draft"], "--k", "3", "--engine", engine]
+    assert main(generate(tiny_dirs, *args, "--json", "--compare-baseline")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["engine_mode"] == engine and report["identical_to_baseline"] is True
+
+
+def test_k_auto_needs_a_calibrated_drafter(tiny_dirs, capsys):
+    assert main(generate(tiny_dirs, "--drafter", "layer-skip", "--k", "auto")) == 2
+    assert "--k auto requires --drafter draft-model or prompt-lookup" in capsys.readouterr().err
