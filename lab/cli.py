@@ -202,6 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", type=Path, help="also write the JSON results (loadable in the app's Compare page)")
     _add_engine_argument(compare)
     compare.set_defaults(handler=_cmd_compare)
+
+    engine = commands.add_parser("engine-bench", help="engine modes, precisions and K side by side (old vs new defaults)")
+    engine.add_argument("--target", required=True, help="a preset name or a model folder")
+    _add_drafter_arguments(engine, ["draft-model", "prompt-lookup"], None)
+    engine.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    engine.add_argument("--arm", dest="arms", action="append", required=True, metavar="LABEL:PRECISION:ENGINE:K",
+                        help="one arm, e.g. old:bf16:eager:4; PRECISION and K may be 'calibrated' (this "
+                        "machine's calibration of the pair); repeat for more arms")
+    engine.add_argument("--max-new-tokens", type=int, default=32, help="token budget per run (default 32)")
+    engine.add_argument("--prompts", nargs="+", default=["spec_bench:mix:20"],
+                        help="prompt sets, as for peer (default: spec_bench:mix:20)")
+    engine.add_argument("--out", type=Path, help="also write the summary as JSON")
+    engine.set_defaults(handler=_cmd_engine_bench)
     return parser
 
 
@@ -568,6 +581,42 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                             progress=progress)
     progress.done()
     print(json.dumps(calibration.as_dict()) if args.json else calibration.explain().replace("**", ""))
+    return EXIT_OK
+
+
+def _cmd_engine_bench(args: argparse.Namespace) -> int:
+    from lab.calibrate import calibrate
+    from lab.compare import DrafterSpec
+    from lab.engine_bench import Arm, format_engine_bench, run_engine_bench
+    from lab.prompts import load_prompt_sets
+
+    _check_drafter_arguments(args)
+    prompts = load_prompt_sets(args.prompts)
+    if not prompts:
+        raise UsageError(f"the prompt sets {' '.join(args.prompts)} hold no prompts: choose others")
+    calibration = None
+    arms = []
+    for text in args.arms:
+        parts = text.split(":")
+        if len(parts) != 4:
+            raise UsageError(f"--arm requires LABEL:PRECISION:ENGINE:K, e.g. old:bf16:eager:4; got {text!r}")
+        label, precision, mode, k = parts
+        if "calibrated" in (precision, k) and calibration is None:
+            calibration = calibrate(args.target, args.draft if args.drafter == "draft-model" else None, args.drafter,
+                                    args.device or "auto", progress=_log_line)
+            print(calibration.explain().replace("**", ""), file=sys.stderr)
+        precision = calibration.precision if precision == "calibrated" else precision
+        try:
+            arms.append(Arm(label, precision, mode, calibration.k if k == "calibrated" else int(k)))
+        except ValueError as error:
+            raise UsageError(f"--arm {text!r}: {error}") from None
+    spec = DrafterSpec(args.drafter, args.draft, min_n=args.min_n, max_n=args.max_n)
+    frame = run_engine_bench(args.target, spec, [p.text for p in prompts], arms, args.max_new_tokens,
+                             args.device or "auto", progress=_log_line)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(frame.to_json(orient="records", indent=1))
+    print(format_engine_bench(frame))
     return EXIT_OK
 
 
