@@ -33,8 +33,10 @@ PAGES = [
 DEVICE_CHOICES = ("auto", "cpu", "cuda") if torch.cuda.is_available() else ("auto", "cpu")
 PRECISION_CHOICES = ("auto", "bf16", "fp32", "fp16", "int8", "nf4", "fp4")
 PRECISION_HELP = (
-    "auto = bf16: about twice as fast as fp32 on CPU. Its rounding differs between a pass over K+1 tokens and a "
-    "pass over one, so a near-tie can flip a greedy token; fp32 keeps greedy output identical to the target alone. "
+    "auto = measured on this machine: a bf16 and an fp32 matrix product of a decode pass's shape are timed once, "
+    "and the faster wins (bf16 where the CPU computes it natively, fp32 where it is emulated); the Theory page "
+    "calibrates a whole pair. bf16's rounding differs between a pass over K+1 tokens and a pass over one, so a "
+    "near-tie can flip a greedy token; fp32 keeps greedy output identical to the target alone. "
     "int8 (bitsandbytes LLM.int8), nf4 and fp4 (4-bit) quantise the weights: less memory, and on the target a "
     "different model, so a different reference output. Layer skip drafts with the target's own layers, in the "
     "target's precision."

@@ -47,8 +47,13 @@ def tiny_loaded(name: str) -> lab.models.LoadedModel:
 
 
 @pytest.fixture
-def tiny_models(monkeypatch):
-    """Presets load as tiny random models; the list of preset loads is yielded."""
+def tiny_models(monkeypatch, tmp_path):
+    """Presets load as tiny random models; the list of preset loads is yielded.
+
+    Calibrations (``lab.calibrate``, cached per machine) go to an empty cache folder, so a page reads none
+    that this machine made with the real models.
+    """
+    monkeypatch.setenv("LAB_CACHE_DIR", str(tmp_path / "lab_cache"))
     real_load_model, real_load_tokenizer = lab.models.load_model, lab.models.load_tokenizer
     loads = []
 

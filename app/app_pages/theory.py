@@ -15,7 +15,7 @@ import math
 
 import streamlit as st
 
-from app import render_compare, state, widgets
+from app import calibration, render_compare, state, widgets
 from lab.config import K_MAX
 from lab.theory import best_k, expected_speedup, expected_tokens_per_step
 
@@ -179,6 +179,8 @@ else:
                    "step (v = 1), would be slower than the target alone.")
     if comparison.settings.get("status") not in (None, "complete"):
         st.caption(f"This comparison is partial ({comparison.settings.get('status')}).")
+
+calibration.section()
 
 widgets.results_file_section("A JSON file saved on the Compare page", UPLOAD_KEY, LOAD_ERROR_KEY, RESULT_KEY,
                              widgets.parse_comparison)
