@@ -42,24 +42,37 @@ PRECISION_HELP = (
     "target's precision."
 )
 
+ENGINE_CHOICES = ("auto", "eager", "static", "compiled")
+ENGINE_HELP = (
+    "How the model passes run. eager: a KV cache that grows and is cropped on rollback, each pass at its own width "
+    "(the CPU default: a CPU step is bound by the weights). static: a fixed-size cache and fixed-width passes (a "
+    "short draft is padded); rollback only moves the cache position. compiled: static, with each width captured "
+    "once by torch.compile (CUDA graphs on a GPU, the GPU default: there the host, not the weights, sets an eager "
+    "step, and a small draft costs as much as the target). The first compiled run compiles (tens of seconds). The "
+    "output is the same in every mode."
+)
+
 
 def sidebar_runtime() -> None:
     """Device, and the precision of the target and of the draft, for every page."""
     with st.sidebar:
         st.subheader("Runtime")
-        state.set_defaults(st.session_state, {"device": "auto", "dtype": "auto", "draft_dtype": state.SAME_AS_TARGET})
+        state.set_defaults(st.session_state, {"device": "auto", "dtype": "auto", "draft_dtype": state.SAME_AS_TARGET,
+                                              "engine": "auto"})
         st.selectbox("Device", DEVICE_CHOICES, key=state.widget_key("device"))
         st.selectbox("Target precision", PRECISION_CHOICES, key=state.widget_key("dtype"), help=PRECISION_HELP)
         st.selectbox("Draft precision", (state.SAME_AS_TARGET, *PRECISION_CHOICES), key=state.widget_key("draft_dtype"),
                      help="The draft model's precision. A quantised draft costs less memory and time per token and "
                           "never changes the output; it may be accepted less often.")
+        st.selectbox("Engine", ENGINE_CHOICES, key=state.widget_key("engine"), help=ENGINE_HELP)
         try:
             runtime = state.runtime(st.session_state)
         except (ValueError, ModelError) as error:
             st.error(str(error))
         else:
             draft = "" if runtime.draft_dtype is None else f", draft in **{runtime.draft_precision}**"
-            st.caption(f"Running on **{runtime.device}**, target in **{runtime.target_precision}**{draft}")
+            st.caption(f"Running on **{runtime.device}**, target in **{runtime.target_precision}**{draft}, "
+                       f"**{runtime.engine}** engine")
 
 
 def sidebar_models(slot, with_button: bool) -> None:

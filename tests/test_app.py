@@ -183,8 +183,20 @@ def test_widget_values_survive_and_defaults_do_not_overwrite():
 
 def test_runtime_resolves_auto():
     runtime = state.runtime({})
-    assert runtime.device in ("cpu", "cuda") and runtime.dtype in ("bf16", "fp16")
+    assert runtime.device in ("cpu", "cuda") and runtime.dtype in ("bf16", "fp16", "fp32")
+    assert runtime.engine == ("compiled" if runtime.device == "cuda" else "eager")
     assert state.runtime({key("device"): "cpu", key("dtype"): "fp32"}) == state.Runtime("cpu", "fp32")
+    assert state.runtime({key("device"): "cpu", key("dtype"): "fp32", key("engine"): "static"}).engine == "static"
+
+
+@pytest.mark.parametrize("engine", ["static", "compiled"])
+def test_live_run_in_the_static_and_compiled_engines_is_exact(tiny_models, engine):
+    at = live_app(prompt=TINY_PROMPT, raw=True, max_new_tokens=10, k=3)
+    at.session_state[key("engine")] = engine
+    at = click_run(at)
+    assert not at.exception and not at.error
+    assert any(f"**{engine}** engine" in c.value for c in at.sidebar.caption)
+    assert any("Identical to the target alone" in s.value for s in at.success)
 
 
 # ---------------------------------------------------------------- AppTest with a tiny model

@@ -444,7 +444,8 @@ if run_clicked:
     try:
         runtime = state.runtime(s)
         config = DecodeConfig(max_new_tokens=int(s[key("compare.max_new_tokens")]),
-                              temperature=float(s[key("compare.temperature")]), seed=int(s[key("compare.seed")]))
+                              temperature=float(s[key("compare.temperature")]), seed=int(s[key("compare.seed")]),
+                              engine_mode=runtime.engine)
         run_page_comparison(prompts, chosen_specs(draft_choice), sorted(int(k) for k in s[key("compare.ks")]), config, runtime, slots)
     except (ValueError, ModelError) as error:
         clear_run_slots(*slots.values())

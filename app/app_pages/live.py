@@ -174,7 +174,7 @@ def run_live(view: LiveView, runtime: state.Runtime, target_name: str, draft_nam
     drafter_name = s[key("live.drafter")]
     config = DecodeConfig(k=int(s[key("live.k")]), max_new_tokens=int(s[key("live.max_new_tokens")]),
                           temperature=float(s[key("live.temperature")]), top_p=float(s[key("live.top_p")]),
-                          seed=int(s[key("live.seed")]))
+                          seed=int(s[key("live.seed")]), engine_mode=runtime.engine)
     prompt = s[key("live.prompt")]
     if not prompt.strip():
         raise ValueError("The prompt is empty: type a question or some text for the model to continue.")
@@ -196,7 +196,7 @@ def run_live(view: LiveView, runtime: state.Runtime, target_name: str, draft_nam
 
     label = widgets.DRAFTER_LABELS[drafter_name] + (f", K={config.k}" if drafter is not None else "")
     settings = {"target": target_name, "drafter": label, "temperature": config.temperature,
-                "max new tokens": config.max_new_tokens, "device": runtime.device}
+                "max new tokens": config.max_new_tokens, "device": runtime.device, "engine": runtime.engine}
     settings |= precision.settings(runtime, drafter_name)
     view.status.caption("Decoding…")
     settings |= constrained.settings(constraint, drafter)
