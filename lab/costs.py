@@ -130,6 +130,21 @@ def measure_costs(
     })
 
 
+def from_calibration(calibration, k: int | None = None, precision: str | None = None) -> CostTable:
+    """The batch-1 row of a ``lab.calibrate.Calibration`` as a ``CostTable``: the same measured c and v(K).
+
+    k, precision: default the calibration's choice. The draft's cost per token is
+    its one-token step (0 for prompt lookup). Raises KeyError for a K or
+    precision the calibration did not measure.
+    """
+    precision = precision or calibration.precision
+    k = calibration.k if k is None else k
+    timings = calibration.by_precision(precision)
+    row = CostRow(1, timings.target_step_ms, timings.verify_ms[k], timings.draft_step_ms or 0.0)
+    return CostTable(k, [row], {"device": calibration.machine["device"], "dtype": precision,
+                                "source": "calibration", "measured_at": calibration.measured_at})
+
+
 def random_model(config_path: str, device: str | torch.device, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
     """A causal LM of the architecture in ``config_path`` (a config.json or its folder) with random weights.
 

@@ -140,3 +140,17 @@ def test_a_corrupt_cache_file_is_ignored(tiny_folders):
     assert cached_calibration(tiny_folders["target"], device="cpu") is None
     assert not math.isnan(calibrate(tiny_folders["target"], device="cpu", precisions=("fp32",), ks=(1,),
                                     context_tokens=8, repeats=1).predicted_speedup)
+
+
+def test_cost_table_from_a_calibration_uses_the_same_c_and_v():
+    from lab.costs import from_calibration
+
+    bf16 = timings("bf16", 50.0, {1: 50.0, 2: 55.0, 4: 60.0}, draft_ms=20.0)
+    cal = calibration([bf16], acceptance=0.8)
+    table = from_calibration(cal, k=4)
+    (row,) = table.rows
+    assert row.c == pytest.approx(bf16.c) and row.v == pytest.approx(bf16.v(4))
+    # Leviathan with the same a, c, v: tokens per step over (K c + v)
+    assert table.predicted_speedup(expected_tokens_per_step(0.8, 4))[0] == pytest.approx(
+        expected_tokens_per_step(0.8, 4) / (4 * bf16.c + bf16.v(4)), rel=1e-6)
+    assert from_calibration(cal).k == cal.k
