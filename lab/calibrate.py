@@ -195,37 +195,57 @@ def time_passes(
     widths: Sequence[int],
     context_tokens: int = 128,
     repeats: int = 5,
+    mode: str = "eager",
+    batch_size: int = 1,
+    backend: str = "inductor",
 ) -> dict[int, float]:
     """Median ms of one forward pass of each width after a cache of ``context_tokens`` random tokens.
 
-    model: a causal LM (batch 1). The cache is cropped back after every pass, so
-    each pass sees the same context. One untimed pass of each width first.
-    Returns {width: ms}. Raises ValueError for widths < 1, repeats < 1 or an
-    empty context.
+    model: a causal LM. mode: ``lab.runner``'s "eager" (DynamicCache), "static"
+    (StaticCache) or "compiled" (StaticCache, the pass through
+    ``compiled_forward(model, backend)``: CUDA graphs on a GPU). batch_size: rows
+    per pass, each with the same context. The cache is cropped back after every
+    pass, so each pass sees the same context; one untimed round first (it
+    compiles, in the compiled mode). Returns {width: ms}.
+    Raises ValueError for widths < 1, repeats < 1, an empty context or an unknown mode.
     """
-    from lab.runner import KVRunner
-    from lab.engine import sync_device
+    from transformers import DynamicCache, StaticCache
 
-    if context_tokens < 1 or repeats < 1 or any(w < 1 for w in widths):
-        raise ValueError(f"time_passes requires context >= 1, repeats >= 1, widths >= 1; got "
-                         f"{context_tokens}, {repeats}, {list(widths)}")
-    runner = KVRunner(model, "eager")
-    runner.reset(context_tokens + max(widths))
+    from lab.cache import keep_last
+    from lab.engine import sync_device
+    from lab.runner import STATIC_LENGTH_STEP, compiled_forward
+
+    if context_tokens < 1 or repeats < 1 or batch_size < 1 or any(w < 1 for w in widths):
+        raise ValueError(f"time_passes requires context >= 1, repeats >= 1, batch >= 1, widths >= 1; got "
+                         f"{context_tokens}, {repeats}, {batch_size}, {list(widths)}")
+    if mode not in ("eager", "static", "compiled"):
+        raise ValueError(f"time_passes requires mode 'eager', 'static' or 'compiled'; got {mode!r}")
+    device = next(model.parameters()).device
+    if mode == "eager":
+        cache = DynamicCache(config=model.config)
+    else:
+        length = -(-(context_tokens + max(widths)) // STATIC_LENGTH_STEP) * STATIC_LENGTH_STEP
+        cache = StaticCache(config=model.config, max_cache_len=length)
+    forward = compiled_forward(model, backend) if mode == "compiled" else model.forward
+    graphs = mode == "compiled" and device.type == "cuda"
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     with torch.inference_mode():
-        runner.forward(torch.randint(vocab, (1, context_tokens), generator=generator), last_only=True)
+        context = torch.randint(vocab, (1, context_tokens), generator=generator).repeat(batch_size, 1).to(device)
+        model(context, cache=cache, use_cache=True, logits_to_keep=keep_last(1, context_tokens, device))
         timings: dict[int, list[float]] = {w: [] for w in widths}
-        for round_ in range(repeats + 1):  # round 0 warms up
+        for round_ in range(repeats + 1):  # round 0 warms up (and compiles)
             for w in widths:  # interleaved: a drift of the machine's speed hits every width alike
-                tokens = torch.randint(vocab, (1, w), generator=generator)
-                sync_device(runner.device)
+                tokens = torch.randint(vocab, (batch_size, w), generator=generator).to(device)
+                sync_device(device)
                 start = time.perf_counter()
-                runner.forward(tokens)
-                sync_device(runner.device)
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                forward(tokens, cache=cache, use_cache=True)
+                sync_device(device)
                 if round_:
                     timings[w].append((time.perf_counter() - start) * 1e3)
-                runner.crop(context_tokens)
+                cache.crop(-w)
     return {w: statistics.median(ts) for w, ts in timings.items()}
 
 

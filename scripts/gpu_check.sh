@@ -1,9 +1,11 @@
 #!/bin/bash
-# Checks that need a CUDA GPU, in one run (about 5 minutes on an H200):
+# Checks that need a CUDA GPU, in one run (about 8 minutes on an H200; SKIP_CLI=1 drops step 4):
 #   1. the exactness suite with the shared tiny fixtures on the GPU (LAB_TEST_DEVICE=cuda);
 #   2. c(B) and v(K, B) of the Qwen pair's architectures by batch size, and the speedup
 #      they predict with the acceptance measured on the trained pair (scripts/device_costs.py);
-#   3. the command line end to end on the GPU: bench (batch sizes, the peer) and quantised
+#   3. eager against captured (static cache + torch.compile, CUDA graphs) passes at batch 1, 4, 16:
+#      c, v(K), the bars of issue #12, and end-to-end tokens/s (scripts/captured_check.py);
+#   4. the command line end to end on the GPU: bench (batch sizes, the peer) and quantised
 #      generate, over random-weight copies of the Qwen pair (timings real, outputs meaningless).
 # usage: scripts/gpu_check.sh OUT_DIR [MODELS_DIR]
 # MODELS_DIR holds qwen2.5-coder-1.5b/ and qwen2.5-coder-0.5b/ with config and tokenizer files
@@ -28,15 +30,19 @@ LAB_TEST_DEVICE=$device timeout 300 $py -m pytest -q -p no:cacheprovider -m "not
     --junitxml="$out/pytest_cuda.xml" -o junit_family=xunit1 \
     tests/test_engine.py tests/test_batch.py tests/test_layer_skip.py tests/test_cache.py tests/test_verify.py \
     tests/test_grammar.py tests/test_batch_constrained.py tests/test_quant.py tests/test_costs.py \
-    tests/test_compare.py tests/test_sweep.py tests/test_theory.py 2>&1 | tail -40
+    tests/test_compare.py tests/test_sweep.py tests/test_theory.py tests/test_runner.py 2>&1 | tail -40
 
 step "2. costs by batch size (random weights of the Qwen pair's architectures, bf16)"
 $py scripts/device_costs.py --target "$models/qwen2.5-coder-1.5b" --draft "$models/qwen2.5-coder-0.5b" \
     --random-weights --device $device --k 4 --mean-acceptance-length 3.36 --repeats ${REPEATS:-9} \
     --batch-sizes ${BATCH_SIZES:-1 2 4 8 16 32 64 128} --out "$out/costs_qwen_cuda.json"
 
+step "3. eager vs captured steps (random weights of the Qwen pair's architectures, bf16)"
+timeout 330 $py scripts/captured_check.py --target "$models/qwen2.5-coder-1.5b" --draft "$models/qwen2.5-coder-0.5b" \
+    --device $device --k 4 --batch-sizes 1 4 16 --budget-s ${CAPTURE_BUDGET_S:-200} --out "$out/captured_cuda.json"
+
 [ -n "${SKIP_CLI:-}" ] && { step done; exit 0; }
-step "3. command line on $device (random-weight copies)"
+step "4. command line on $device (random-weight copies)"
 rand=/tmp/lab-random
 $py - "$models" "$rand" "$device" <<'PY'
 import shutil, sys

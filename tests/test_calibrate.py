@@ -154,3 +154,12 @@ def test_cost_table_from_a_calibration_uses_the_same_c_and_v():
     assert table.predicted_speedup(expected_tokens_per_step(0.8, 4))[0] == pytest.approx(
         expected_tokens_per_step(0.8, 4) / (4 * bf16.c + bf16.v(4)), rel=1e-6)
     assert from_calibration(cal).k == cal.k
+
+
+@pytest.mark.parametrize("mode", ["static", "compiled"])
+def test_time_passes_in_the_static_modes_at_a_batch(mode):
+    model = tiny_llama(seed=0, layers=2, hidden=24)
+    ms = time_passes(model, [1, 4], context_tokens=8, repeats=1, mode=mode, batch_size=3, backend="eager")
+    assert sorted(ms) == [1, 4] and all(v > 0 for v in ms.values())
+    with pytest.raises(ValueError, match="mode 'eager', 'static' or 'compiled'"):
+        time_passes(model, [1], mode="graphs")
