@@ -46,6 +46,13 @@ Sampling: row i draws from its own generator seeded with ``config.seed + i``,
 in the single-row engine's order, so a row samples what the single-row engine
 samples with that seed (up to the same rounding).
 
+Engine modes: this loop always runs eagerly over its ``RaggedCache``; the
+static and compiled modes of ``lab.runner`` (fixed cache, fixed-width passes,
+captured graphs) are the single-request engine's only. A ragged batch changes
+shape as rows finish and its holes are compacted, so capturing it would need a
+graph per (batch size bucket, width) and a static ragged cache, which the lab
+does not build; ``run_batch`` ignores ``config.engine_mode``.
+
 Constrained output (``lab.grammar``): each row has its own matcher, at that
 row's committed output. It travels to the drafter in the row's ``DraftContext``
 (the draft model drafts under its mask, prompt lookup cuts its proposal at the
