@@ -293,7 +293,7 @@ def calibrate(
     Raises ValueError for bad K, acceptance or precision; ``lab.models.ModelError``
     when a model cannot be loaded.
     """
-    from lab.models import load_model, resolve_device
+    from lab.models import _stage, load_model, resolve_device
 
     drafter = drafter or ("draft-model" if draft is not None else "prompt-lookup")
     if drafter == "draft-model" and draft is None:
@@ -320,12 +320,14 @@ def calibrate(
     timings = []
     for i, precision in enumerate(precisions):
         share = 1.0 / len(precisions)
-        report(i * share, f"loading {target} in {precision}")
-        target_model = load_model(target, device=device, dtype=precision).model
+        start_at = i * share
+        target_model = load_model(target, device=device, dtype=precision,
+                                  progress=_stage(report, start_at, start_at + 0.2 * share, f"{precision}: ")).model
         draft_model = None
         if drafter == "draft-model":
-            report(i * share + 0.2 * share, f"loading {draft} in {precision}")
-            draft_model = load_model(draft, device=device, dtype=precision).model
+            draft_model = load_model(draft, device=device, dtype=precision,
+                                     progress=_stage(report, start_at + 0.2 * share, start_at + 0.4 * share,
+                                                     f"{precision}: ")).model
         report(i * share + 0.4 * share, f"timing {precision} passes of 1..{max(ks) + 1} tokens")
         timings.append(measure_precision(target_model, draft_model, precision, ks, context_tokens, repeats))
         del target_model, draft_model
