@@ -117,3 +117,33 @@ def section() -> None:
     right.plotly_chart(cost_figure(calibration), width="stretch")
     st.button("Put this K, c, v(K) and a on the sliders above", key="theory:use_calibration",
               on_click=use_on_sliders, args=(calibration,))
+
+
+def set_k(widget: str, k: int) -> None:
+    st.session_state[key(widget)] = k
+
+
+def k_hint(page: str, target: str | None, drafter_name: str, draft: str | None) -> None:
+    """Under a page's K slider: the K this machine's calibration of the pair predicts fastest, with a button to use it.
+
+    Nothing (no timing) when the pair was not calibrated here; then it points to the Theory page.
+    """
+    if drafter_name not in ("draft-model", "prompt-lookup") or not target or target not in PRESETS:
+        return
+    draft = draft if drafter_name == "draft-model" else None
+    if drafter_name == "draft-model" and draft not in PRESETS:
+        return
+    try:
+        device = state.runtime(st.session_state).device
+    except (ValueError, ModelError):
+        return
+    calibration = cached_calibration(target, draft, drafter_name, device)
+    if calibration is None:
+        st.caption("Which K and precision pay on this machine: **Calibrate** the pair on the Theory page.")
+        return
+    with st.container(horizontal=True, gap="small"):
+        st.caption(f"This machine's calibration: **{calibration.precision}, K = {calibration.k}** predicted fastest "
+                   f"({calibration.predicted_speedup:.2f}x at acceptance {calibration.acceptance:.0%}; Theory page).")
+        if st.session_state.get(key(f"{page}.k")) != calibration.k:
+            st.button(f"Use K = {calibration.k}", key=f"{page}:use_calibrated_k", on_click=set_k,
+                      args=(f"{page}.k", calibration.k))

@@ -397,9 +397,14 @@ def probe_float_precision(device: str | torch.device = "cpu", repeats: int = 15)
 _PROBED: dict[str, dict[str, Any]] = {}
 
 
-def host_float_precision(device: str | torch.device = "cpu") -> str:
-    """``probe_float_precision``'s answer, measured once per process and device."""
+def host_probe(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """``probe_float_precision(device)``, measured once per process and device."""
     key = str(torch.device(device))
     if key not in _PROBED:
         _PROBED[key] = probe_float_precision(device)
-    return _PROBED[key]["precision"]
+    return _PROBED[key]
+
+
+def host_float_precision(device: str | torch.device = "cpu") -> str:
+    """The float precision the host probe found faster (see :func:`probe_float_precision`)."""
+    return host_probe(device)["precision"]

@@ -47,3 +47,27 @@ def test_a_new_acceptance_rescores_without_timing_again(tiny_models):
     assert "acceptance rate of 90% per token" in "\n".join(m.value for m in at.markdown)
     again = cached_calibration("smollm2-135m", device="cpu")
     assert again.measured_at == first.measured_at  # read back from the cache, not measured again
+
+
+def test_sidebar_says_why_auto_chose_its_precision(tiny_models):
+    from lab.calibrate import host_probe
+
+    at = app_on("theory")
+    probe = host_probe("cpu")
+    (reason,) = [c.value for c in at.sidebar.caption if c.value.startswith("auto = ")]
+    assert f"**{probe['precision']}**" in reason and f"{probe['ms']['fp32'][5]:.1f} ms in fp32" in reason
+
+
+def test_live_offers_the_calibrated_k(tiny_models):
+    from app_util import live_app
+
+    at = live_app()
+    assert any("Calibrate** the pair on the Theory page" in c.value for c in at.caption)  # prompt lookup, not calibrated
+    at = click(app_on("theory", pair=PAIR), "Calibrate")
+    chosen = cached_calibration("smollm2-135m", device="cpu").k
+    at.switch_page("app_pages/live.py").run()
+    at.session_state[key("live.k")] = chosen % 16 + 1  # any other K
+    at.run()
+    assert any(f"K = {chosen}** predicted fastest" in c.value for c in at.caption)
+    at = click(at, f"Use K = {chosen}")
+    assert at.slider(key=key("live.k")).value == chosen

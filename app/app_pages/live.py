@@ -13,7 +13,7 @@ import streamlit as st
 import torch
 from streamlit.delta_generator import DeltaGenerator
 
-from app import constrained, precision, render, resources, state, widgets
+from app import calibration, constrained, precision, render, resources, state, widgets
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
 from lab.drafters import DRAFTER_NAMES, make_drafter
 from lab.engine import decode
@@ -257,6 +257,8 @@ with st.container(border=True):
     k_col, tokens_col = st.columns(2)
     temp_col, top_p_col, seed_col = st.columns(3)
     k_col.slider("K (draft tokens per step)", 1, K_MAX, key=key("live.k"), disabled=drafter_name == "none")
+    with k_col:
+        calibration.k_hint("live", target_choice, drafter_name, draft_choice)
     tokens_col.number_input("Max new tokens", min_value=1, max_value=MAX_NEW_TOKENS_MAX, step=16,
                             key=key("live.max_new_tokens"))
     temp_col.slider("Temperature", 0.0, 2.0, step=0.05, key=key("live.temperature"), help="0 = greedy.")
