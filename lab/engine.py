@@ -32,6 +32,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from lab.config import DecodeConfig
 from lab.drafters.base import Draft, DraftContext, Drafter
 from lab.grammar import Constraint
