@@ -591,3 +591,54 @@ def _load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         return None
+
+
+def format_serve_bench(bench: ServeBench) -> str:
+    """A plain-text table for the terminal: one line per endpoint and level, then the speedups and crossover."""
+    lines = [f"{'endpoint':<10} {'conc':>4} {'ok':>4} {'fail':>4} {'tok/s':>8} {'req/s':>6} {'ttft p50':>9} "
+             f"{'itl p50':>8} {'e2el p50':>9} {'e2el p95':>9} {'accept':>7} {'len':>5}  per-position"]
+    for row in bench.rows():
+        per_position = " ".join(f"{x:.2f}" for x in row["spec_decode_per_position_acceptance_rates"])
+        lines.append(
+            f"{row['label']:<10} {row['max_concurrency']:>4} {row['completed']:>4} {row['failed']:>4} "
+            f"{_num(row['output_throughput'], '8.2f')} {_num(row['request_throughput'], '6.2f')} "
+            f"{_num(row['median_ttft_ms'], '9.0f')} {_num(row['median_itl_ms'], '8.1f')} "
+            f"{_num(row['median_e2el_ms'], '9.0f')} {_num(row['p95_e2el_ms'], '9.0f')} "
+            f"{_num(row['spec_decode_acceptance_rate'], '6.1f')}% {_num(row['spec_decode_acceptance_length'], '5.2f')}  "
+            f"{per_position or row['spec_decode_note']}")
+    comparison = bench.comparison()
+    if comparison:
+        labels = [e["label"] for e in bench.settings["endpoints"]]
+        lines.append("")
+        lines.append(f"{labels[0]} vs {labels[1]}: " + ", ".join(
+            f"c{row['max_concurrency']}: latency x{_num(row['latency_speedup'], '.2f').strip()}, "
+            f"throughput x{_num(row['throughput_speedup'], '.2f').strip()}" for row in comparison))
+        crossover = bench.crossover_concurrency
+        lines.append("crossover: none (speculation shortened the median latency at every level)" if crossover is None
+                     else f"crossover: from concurrency {crossover} on, speculation lengthens the median latency")
+    for label, engine in bench.engines.items():
+        lines.append(f"{label}: engine {engine['engine']}, model {engine['model']}, "
+                     f"/metrics {'read' if engine['metrics'] else 'unavailable'}")
+    if bench.lab:
+        lines.append(_format_lab(bench))
+    if bench.stopped:
+        lines.append(f"stopped early: {bench.stopped}")
+    return "\n".join(lines)
+
+
+def _format_lab(bench: ServeBench) -> str:
+    lab, engine = bench.lab or {}, engine_reference(bench) or {}
+    rows = [("engine at concurrency 1", engine), (f"lab ({lab.get('precision')}, K={lab.get('k')})", lab)]
+    out = [f"\n{'same prompts, batch 1':<28} {'off tok/s':>9} {'on tok/s':>9} {'speedup':>8} {'accept':>7} {'len':>5}  per-position"]
+    for name, figures in rows:
+        per_position = " ".join(f"{x:.2f}" for x in figures.get("per_position_acceptance") or [])
+        rate = figures.get("acceptance_rate")
+        out.append(f"{name:<28} {_num(figures.get('tokens_per_s_off'), '9.2f')} {_num(figures.get('tokens_per_s_on'), '9.2f')} "
+                   f"{_num(figures.get('speedup'), '8.2f')} {_num(None if rate is None else rate * 100, '6.1f')}% "
+                   f"{_num(figures.get('mean_acceptance_length'), '5.2f')}  {per_position}")
+    return "\n".join(out)
+
+
+def _num(x: float | None, pattern: str) -> str:
+    width = int(pattern.split(".")[0] or 0)
+    return f"{'-':>{width}}" if x is None or x != x else format(x, pattern)

@@ -529,9 +529,9 @@ def _error_text(payload: Any) -> str:
 
 def _reason(error: Exception) -> str:
     text = str(error).strip()
-    if "refused" in text.lower() or not text:
-        return "connection refused" if "refused" in text.lower() or isinstance(error, httpx.ConnectError) else type(error).__name__
-    return text
+    if isinstance(error, httpx.ConnectError) and ("refused" in text.lower() or "all connection attempts failed" in text.lower()):
+        return "connection refused"
+    return text or type(error).__name__
 
 
 def _int_or(value: Any, default: int | None) -> int | None:
