@@ -391,3 +391,59 @@ def test_sweep_stop_request_keeps_nothing_unfinished(failing_server):
     url = f"http://127.0.0.1:{failing_server.server_port}"
     bench = run_serve_bench([Endpoint(url)], PROMPTS, [1], should_stop=lambda: True)
     assert bench.runs == [] and bench.stopped.startswith("stopped at concurrency 1")
+
+
+# ---------------------------------------------------------------- llama-server wrapper and command line
+
+
+def test_llama_server_command_turns_speculation_on_only_with_a_draft(tmp_path):
+    from pathlib import Path
+
+    from lab.llama_server import LlamaServer
+
+    on = LlamaServer(Path("t.gguf"), Path("d.gguf"), draft_max=5, parallel=8, ctx_per_slot=512).command(Path("srv"))
+    assert on[:3] == ["srv", "--host", "127.0.0.1"] and "--metrics" in on
+    assert on[on.index("-np") + 1] == "8" and on[on.index("-c") + 1] == "4096"
+    assert on[on.index("-md") + 1] == "d.gguf" and on[on.index("--spec-type") + 1] == "draft-simple"
+    assert on[on.index("--spec-draft-n-max") + 1] == "5" and on[on.index("--spec-draft-p-min") + 1] == "0"
+    off = LlamaServer(Path("t.gguf")).command(Path("srv"))
+    assert "-md" not in off and "--spec-type" not in off and "--metrics" in off
+
+
+def test_llama_server_without_its_binary_says_how_to_build_it(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from lab.llama_server import LlamaServer
+
+    monkeypatch.setenv("LAB_LLAMA_SERVER", str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match="run `bash scripts/build_llama_server.sh`"):
+        LlamaServer(Path("t.gguf")).start()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--concurrency", "1"], "requires either --on URL [--off URL] or --llama-target"),
+        (["--on", "http://127.0.0.1:1", "--llama-target", "smollm2-135m"], "requires either --on URL"),
+        (["--llama-target", "qwen2.5-coder-1.5b"], "--llama-target requires --llama-draft"),
+        (["--on", "http://127.0.0.1:1", "--concurrency", "1,x"], "--concurrency requires comma-separated integers"),
+        (["--on", "http://127.0.0.1:1", "--concurrency", "0,1"], "--concurrency requires integers >= 1"),
+        (["--on", "http://127.0.0.1:1", "--lab-target", "a"], "requires both --lab-target and --lab-draft"),
+        (["--on", "localhost:8080", "--prompts", "summarization:1"], "Endpoint requires an http(s) URL"),
+    ],
+)
+def test_cli_serve_bench_refuses_bad_input_in_one_line(argv, message, capsys):
+    from lab.cli import main
+
+    assert main(["serve-bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cli_serve_bench_names_a_server_that_is_not_there(capsys):
+    from lab.cli import main
+
+    port = closed_port()
+    assert main(["serve-bench", "--on", f"http://127.0.0.1:{port}", "--prompts", "summarization:1"]) == 2
+    assert capsys.readouterr().err == (f"error: http://127.0.0.1:{port}: cannot connect (connection refused); "
+                                       "is the server running at this address?\n")
