@@ -18,6 +18,7 @@ import time
 import httpx
 import pytest
 
+from app_util import tiny_models  # noqa: F401 (a fixture)
 from lab.prompts import Prompt
 from lab.serve_bench import LevelRun, ServeBench, percentile, run_serve_bench, summarize
 from lab.serving import (
@@ -447,3 +448,27 @@ def test_cli_serve_bench_names_a_server_that_is_not_there(capsys):
     assert main(["serve-bench", "--on", f"http://127.0.0.1:{port}", "--prompts", "summarization:1"]) == 2
     assert capsys.readouterr().err == (f"error: http://127.0.0.1:{port}: cannot connect (connection refused); "
                                        "is the server running at this address?\n")
+
+
+def test_lab_reference_runs_the_labs_engine_on_the_same_prompts(tiny_models):
+    from lab.serve_bench import engine_reference, run_lab_reference
+
+    prompts = [Prompt("q/1", "t", "q3 q4 q5 q6"), Prompt("q/2", "t", "q7 q8 q9")]
+    lab = run_lab_reference("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", prompts, k=3, max_new_tokens=8,
+                            chat_template=False)
+    # the tiny stand-ins of both presets are the same random model: the draft is always right
+    assert lab["acceptance_rate"] == 1.0 and lab["per_position_acceptance"][0] == 1.0
+    assert lab["outputs_identical"] == 2 and lab["prompts"] == 2 and lab["precision"] == "fp32"
+    assert lab["tokens_per_s_on"] > 0 and lab["speedup"] == pytest.approx(lab["tokens_per_s_on"] / lab["tokens_per_s_off"])
+
+    bench = ServeBench(settings={"endpoints": [{"label": "on"}, {"label": "off"}]}, lab=lab)
+    bench.runs += [LevelRun("on", 1, [record(10, 100, 9, [10])], 1.0,
+                            SpecCounters("llama.cpp", 4, 12, 6, (3, 2, 1))),
+                   LevelRun("off", 1, [record(10, 200, 9, [20])], 2.0)]
+    engine = engine_reference(bench)
+    assert engine["speedup"] == 2.0 and engine["acceptance_rate"] == 0.5
+    assert engine["per_position_acceptance"] == [0.75, 0.5, 0.25]
+    from lab.serve_bench import format_serve_bench
+
+    table = format_serve_bench(bench)
+    assert "engine at concurrency 1" in table and "lab (fp32, K=3)" in table
