@@ -51,6 +51,7 @@ from typing import Any
 import httpx
 
 from lab.prompts import Prompt
+from lab.sweep import percentile  # the Batch page's percentile: the same numbers both ways
 from lab.serving import (
     Endpoint,
     EndpointInfo,
@@ -99,17 +100,6 @@ class LevelRun:
 
     def as_dict(self) -> dict:
         return self.summary() | {"requests": [record.as_dict() for record in self.records]}
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation (numpy's default); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def summarize(records: Sequence[RequestRecord], duration_s: float, counters: SpecCounters | None = None,

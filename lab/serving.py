@@ -401,7 +401,9 @@ async def stream_request(
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)
-                if isinstance(chunk, Mapping) and "error" in chunk:
+                if not isinstance(chunk, Mapping):
+                    raise ValueError(f"a data line holds {type(chunk).__name__}, not an object")
+                if "error" in chunk:
                     record.error = f"{url}: the server reported an error mid-stream: {_error_text(chunk)}"
                     return record
                 now = time.perf_counter()
