@@ -82,6 +82,9 @@ def headline(bench: dict) -> str:
     if crossover is None:
         lines.append(f"Speculation shortened the median request at every level measured (up to "
                      f"{last['max_concurrency']}).")
+    elif crossover == first["max_concurrency"]:
+        lines.append("It made the median request slower at every level measured: on this server speculation does "
+                     "not pay for latency at all.")
     else:
         at = next(r for r in comparison if r["max_concurrency"] == crossover)
         lines.append(f"From concurrency {crossover} on it made the median request slower "

@@ -604,8 +604,12 @@ def format_serve_bench(bench: ServeBench) -> str:
             f"c{row['max_concurrency']}: latency x{_num(row['latency_speedup'], '.2f').strip()}, "
             f"throughput x{_num(row['throughput_speedup'], '.2f').strip()}" for row in comparison))
         crossover = bench.crossover_concurrency
-        lines.append("crossover: none (speculation shortened the median latency at every level)" if crossover is None
-                     else f"crossover: from concurrency {crossover} on, speculation lengthens the median latency")
+        if crossover is None:
+            lines.append("crossover: none (speculation shortened the median latency at every level)")
+        elif crossover == comparison[0]["max_concurrency"]:
+            lines.append("crossover: none to find: speculation lengthened the median latency from the first level")
+        else:
+            lines.append(f"crossover: from concurrency {crossover} on, speculation lengthens the median latency")
     for label, engine in bench.engines.items():
         lines.append(f"{label}: engine {engine['engine']}, model {engine['model']}, "
                      f"/metrics {'read' if engine['metrics'] else 'unavailable'}")

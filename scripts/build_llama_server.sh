@@ -4,11 +4,10 @@
 # it outside the repository:
 #
 #   $LAB_CACHE_DIR/llama-server-<version>/bin/llama-server
-#   $LAB_CACHE_DIR/llama-server-<version>/convert_hf_to_gguf.py, gguf-py/  (for the tests' tiny GGUFs)
 #
 # LAB_CACHE_DIR defaults to ~/.cache/speculative-decoding-lab (as in lab/models.py).
 # Safe to run again: a cached binary that answers --version returns at once.
-# About 20 minutes on 2 cores; run it with `nice -n 19` beside other work.
+# About 15-20 minutes on 2 cores (15 measured at nice 19 beside other jobs); run it with `nice -n 19` beside other work.
 # Keep LLAMA_CPP_PYTHON_VERSION equal to lab/serving.py's LLAMA_CPP_PYTHON_VERSION.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -54,9 +53,6 @@ staging="$target.partial"
 rm -rf "$staging"
 mkdir -p "$staging/bin"
 cp "$work/build/bin/llama-server" "$staging/bin/"
-cp "$src/convert_hf_to_gguf.py" "$staging/"
-cp -r "$src/gguf-py" "$staging/"
-[ -d "$src/conversion" ] && cp -r "$src/conversion" "$staging/"
 cp "$src/LICENSE" "$staging/LICENSE-llama.cpp"
 rm -rf "$target"
 mv "$staging" "$target"
