@@ -115,11 +115,16 @@ def speedup_figure(bench: dict) -> go.Figure:
     figure.add_hline(y=1.0, line_color="#555", line_dash="dash", annotation_text="1× = no gain",
                      annotation_position="bottom left")
     crossover = bench.get("crossover_concurrency")
-    if crossover is not None:
+    if crossover is not None:  # the label goes towards the middle, so the plot's edge does not cut it
+        middle = (min(_x(levels)) + max(_x(levels))) / 2 if levels else 0.0
         figure.add_vline(x=math.log2(crossover), line_color=CROSSOVER_COLOUR, line_width=2,
                          annotation_text=f"crossover: speculation stops paying for latency (concurrency {crossover})",
-                         annotation_font_color=CROSSOVER_COLOUR, annotation_position="top left")
+                         annotation_font_color=CROSSOVER_COLOUR,
+                         annotation_position="top left" if math.log2(crossover) > middle else "top right")
     _concurrency_axis(figure, levels)
+    if levels:
+        pad = 0.3 if len(levels) > 1 else 1.0
+        figure.update_xaxes(range=[min(_x(levels)) - pad, max(_x(levels)) + pad])
     figure.update_yaxes(title="speedup of speculation (on / off)", range=[bottom, top])
     figure.update_layout(title="Speedup against concurrency", height=440, margin=FIGURE_MARGIN, legend=LEGEND_BELOW)
     return figure
@@ -227,3 +232,27 @@ def summary_csv(bench: dict) -> str:
     frame = pd.DataFrame([{k: (";".join(map(str, v)) if isinstance(v, list) else v) for k, v in row.items()
                            if k != "requests"} for row in bench["levels"]])
     return frame.to_csv(index=False)
+
+
+def lab_table(bench: dict) -> pd.DataFrame | None:
+    """The engine at its lowest concurrency beside the lab's own engine on the same prompts (``bench["lab"]``), or None."""
+    lab = bench.get("lab")
+    comparison = bench.get("comparison") or []
+    if not lab or not comparison:
+        return None
+    first = comparison[0]
+    on, off = labels(bench)[:2]
+    row = next(r for r in bench["levels"] if r["label"] == on and r["max_concurrency"] == first["max_concurrency"])
+    rate = row.get("spec_decode_acceptance_rate")
+    engine = {"engine": f"the server, concurrency {first['max_concurrency']}",
+              "tokens/s off": first[f"output_throughput_{off}"], "tokens/s on": first[f"output_throughput_{on}"],
+              "speedup": first["throughput_speedup"], "acceptance rate (%)": rate,
+              "mean acceptance length": row.get("spec_decode_acceptance_length"),
+              "per-position acceptance": " ".join(f"{x:.2f}" for x in row.get("spec_decode_per_position_acceptance_rates") or [])}
+    ours = {"engine": f"the lab ({lab.get('precision')}, K={lab.get('k')})",
+            "tokens/s off": lab.get("tokens_per_s_off"), "tokens/s on": lab.get("tokens_per_s_on"),
+            "speedup": lab.get("speedup"),
+            "acceptance rate (%)": None if lab.get("acceptance_rate") is None else 100 * lab["acceptance_rate"],
+            "mean acceptance length": lab.get("mean_acceptance_length"),
+            "per-position acceptance": " ".join(f"{x:.2f}" for x in lab.get("per_position_acceptance") or [])}
+    return pd.DataFrame([engine, ours])

@@ -122,3 +122,15 @@ def test_a_loaded_bench_draws_everything():
     assert len(at.get("plotly_chart")) == 4
     assert at.dataframe[-1].value["concurrency"].tolist() == [1, 2, 4, 1, 2, 4]
     assert [b.label for b in at.get("download_button")] == ["Download CSV", "Download JSON"]
+
+
+def test_lab_table_sits_beside_the_engine_at_its_lowest_level():
+    bench = hand_bench()
+    assert render_serve.lab_table(bench) is None
+    bench["lab"] = {"precision": "bf16", "k": 4, "tokens_per_s_off": 1.0, "tokens_per_s_on": 1.5, "speedup": 1.5,
+                    "acceptance_rate": 0.5, "mean_acceptance_length": 2.6, "per_position_acceptance": [0.8, 0.4]}
+    table = render_serve.lab_table(bench)
+    assert table["engine"].tolist() == ["the server, concurrency 1", "the lab (bf16, K=4)"]
+    assert table["speedup"].tolist() == [1.0, 1.5]  # the hand-made server: 16 tokens in 1 s either way at 1
+    assert table["acceptance rate (%)"].tolist() == pytest.approx([16 / 30 * 100, 50.0])
+    assert table["per-position acceptance"].tolist() == ["0.90 0.70", "0.80 0.40"]

@@ -46,6 +46,14 @@ DEFAULTS = {
 } | widgets.prompt_defaults("serve", ["summarization", "code_editing"], spec_count=4)
 
 key = state.widget_key
+MS = st.column_config.NumberColumn(format="%.0f")
+RATE = st.column_config.NumberColumn(format="%.2f")
+TABLE_COLUMNS = {name: MS for name in ("TTFT p50 (ms)", "TTFT p95 (ms)", "TPOT p50 (ms)", "latency p50 (ms)",
+                                       "latency p95 (ms)")} | {
+    "ITL p50 (ms)": st.column_config.NumberColumn(format="%.1f"), "output tokens/s": RATE, "requests/s": RATE,
+    "acceptance rate (%)": st.column_config.NumberColumn(format="%.1f"), "mean acceptance length": RATE}
+LAB_COLUMNS = {"tokens/s off": RATE, "tokens/s on": RATE, "speedup": st.column_config.NumberColumn(format="%.2f×"),
+               "acceptance rate (%)": st.column_config.NumberColumn(format="%.1f"), "mean acceptance length": RATE}
 
 EXPLANATION = """
 The **Batch** page showed, on the lab's own decoder, that latency and throughput part ways as concurrency grows:
@@ -174,8 +182,19 @@ def show_result(bench: dict) -> None:
     st.plotly_chart(render_serve.latency_throughput_figure(bench), width="stretch")
     st.plotly_chart(render_serve.tradeoff_figure(bench), width="stretch")
     st.plotly_chart(render_serve.acceptance_figure(bench), width="stretch")
+    lab = render_serve.lab_table(bench)
+    if lab is not None:
+        st.subheader("The lab's own engine on the same prompts")
+        st.dataframe(lab, hide_index=True, width="stretch", column_config=LAB_COLUMNS)
+        st.caption("Written by `python -m lab serve-bench --lab-target ... --lab-draft ...`: the same prompts, greedy, "
+                   "one at a time. Equal acceptance means both engines draft and verify alike; the speedups differ "
+                   "with what a verify pass costs each engine.")
     st.subheader("Every level")
-    st.dataframe(render_serve.summary_table(bench), hide_index=True, width="stretch")
+    st.dataframe(render_serve.summary_table(bench), hide_index=True, width="stretch", column_config=TABLE_COLUMNS)
+    st.caption("Inter-token latency (ITL) is the gap between streamed events. An engine that streams the tokens "
+               "accepted in one speculative step as separate events at once (llama-server does) shows a median ITL "
+               "near 0 ms with speculation on; TPOT, (latency - TTFT) / (tokens - 1), is the per-token figure to "
+               "compare.")
     stamp = time.strftime("%Y%m%d-%H%M%S") + ("-partial" if bench.get("stopped") else "")
     left, right, _ = st.columns([1, 1, 3])
     left.download_button("Download CSV", render_serve.summary_csv(bench), file_name=f"serve-bench-{stamp}.csv",
