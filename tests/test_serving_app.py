@@ -134,3 +134,10 @@ def test_lab_table_sits_beside_the_engine_at_its_lowest_level():
     assert table["speedup"].tolist() == [1.0, 1.5]  # the hand-made server: 16 tokens in 1 s either way at 1
     assert table["acceptance rate (%)"].tolist() == pytest.approx([16 / 30 * 100, 50.0])
     assert table["per-position acceptance"].tolist() == ["0.90 0.70", "0.80 0.40"]
+
+
+def test_a_malformed_jsonl_file_of_prompts_is_refused_in_words():
+    at = serve_app()
+    at = at.file_uploader[1].set_value(("traffic.jsonl", b'{"id": 1, "text": "no prompt field"}\n', "text/plain")).run()
+    (error,) = [e.value for e in at.error]
+    assert "traffic.jsonl:1: a prompt line requires a JSON object with 'prompt'" in error

@@ -191,3 +191,18 @@ def test_serve_page_runs_and_cancel_keeps_the_finished_levels(servers, monkeypat
     assert at.dataframe[-1].value["acceptance rate (%)"].tolist()[0] == 100.0
     assert [b.label for b in at.get("download_button")] == ["Download CSV", "Download JSON"]
     assert "serve:in_flight" not in at.session_state
+
+
+def test_serve_page_sends_the_prompts_of_an_uploaded_jsonl_file(servers):
+    from app_util import app_on, click
+
+    lines = [{"id": "a", "category": "support", "prompt": "Reset my password, please."},
+             {"id": "b", "category": "support", "prompt": "Where is my order?"}]
+    at = app_on("serve", on_url=servers["same"].url, off_url="", levels=[1], max_tokens=8, rounds=1)
+    jsonl = "\n".join(json.dumps(line) for line in lines).encode()
+    at = at.file_uploader[1].set_value(("traffic.jsonl", jsonl, "application/json")).run()
+    at = click(at, "Run sweep")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    bench = at.session_state["serve:bench"]
+    assert bench["settings"]["prompts"] == ["traffic/a", "traffic/b"]
+    assert [row["completed"] for row in bench["levels"]] == [2]
