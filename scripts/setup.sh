@@ -3,7 +3,8 @@
 #
 #   scripts/setup.sh          library, app and test dependencies + SmolLM2 weights
 #   scripts/setup.sh app      ... + the Qwen2.5-Coder 0.5B/1.5B weights, all presets prepared
-#   scripts/setup.sh test     ... + Debian chromium for the browser test, SmolLM2 prepared
+#   scripts/setup.sh test     ... + Debian chromium for the browser test, SmolLM2 prepared,
+#                             llama.cpp's llama-server built once per machine (scripts/build_llama_server.sh)
 #
 # A CUDA user installs their torch build into .venv first (see README.md); the
 # torch==2.13.0 pin is satisfied by e.g. 2.13.0+cu128, so it is kept.
@@ -50,6 +51,17 @@ if [ "$mode" = test ] && ! command -v chromium >/dev/null 2>&1; then
   as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+fi
+
+if [ "$mode" = test ]; then
+  if ! command -v cmake >/dev/null 2>&1 || ! command -v c++ >/dev/null 2>&1; then
+    step "installing Debian cmake and g++ to build llama-server"
+    as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++
+  fi
+  step "building llama.cpp's llama-server for the serving tests (once per machine: about 20 min on 2 cores)"
+  PYTHON="$py" bash scripts/build_llama_server.sh
 fi
 
 if [ "$mode" != base ]; then
