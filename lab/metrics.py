@@ -29,8 +29,30 @@ from dataclasses import dataclass, field
 from lab.trace import Finished, Prefilled, Step, TraceEvent
 
 
+class AcceptanceRates:
+    """The rates of the module docstring from four counters a class holds: num_drafts, num_draft_tokens,
+    num_accepted_tokens and accepted_per_position (a mixin: ours and a serving engine's counters alike)."""
+
+    num_drafts: float
+    num_draft_tokens: float
+    num_accepted_tokens: float
+    accepted_per_position: "list[int] | tuple[float, ...]"
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else math.nan
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else math.nan
+
+    @property
+    def per_position_acceptance_rate(self) -> list[float]:
+        return [n / self.num_drafts for n in self.accepted_per_position] if self.num_drafts else []
+
+
 @dataclass
-class SpecDecodingStats:
+class SpecDecodingStats(AcceptanceRates):
     """Counters of one or more decodes; feed trace events to ``observe``."""
 
     num_drafts: int = 0
@@ -79,18 +101,6 @@ class SpecDecodingStats:
         self.draft_s += other.draft_s
         self.verify_s += other.verify_s
         self.wall_s += other.wall_s
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else math.nan
-
-    @property
-    def mean_acceptance_length(self) -> float:
-        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else math.nan
-
-    @property
-    def per_position_acceptance_rate(self) -> list[float]:
-        return [n / self.num_drafts for n in self.accepted_per_position] if self.num_drafts else []
 
     @property
     def tokens_per_s(self) -> float:

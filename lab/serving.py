@@ -51,13 +51,14 @@ model the server does not serve (:func:`check_endpoint`, from ``/v1/models``).
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import httpx
+
+from lab.metrics import AcceptanceRates
 
 API_NAMES = ("completions", "chat")
 Api = Literal["completions", "chat"]
@@ -115,8 +116,10 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
-class SpecCounters:
+class SpecCounters(AcceptanceRates):
     """An engine's speculation counters (totals since it started, or a difference of two snapshots).
+
+    The rates (acceptance rate, mean acceptance length, per-position acceptance) follow ``lab.metrics``.
 
     engine: "vllm" or "llama.cpp". num_drafts: verify steps with a draft;
     num_draft_tokens / num_accepted_tokens: drafted / accepted tokens;
@@ -142,19 +145,9 @@ class SpecCounters:
         )
 
     @property
-    def acceptance_rate(self) -> float:
-        """Accepted / drafted tokens, in [0, 1]; NaN when nothing was drafted."""
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else math.nan
-
-    @property
-    def mean_acceptance_length(self) -> float:
-        """1 + accepted tokens per draft (tokens per verify step); NaN when nothing was drafted."""
-        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else math.nan
-
-    @property
     def per_position_acceptance(self) -> list[float]:
-        """accepted_per_position[i] / num_drafts; empty when nothing was drafted."""
-        return [n / self.num_drafts for n in self.accepted_per_position] if self.num_drafts else []
+        """accepted_per_position[i] / num_drafts (``per_position_acceptance_rate``); empty when nothing was drafted."""
+        return self.per_position_acceptance_rate
 
 
 @dataclass(frozen=True)
