@@ -58,7 +58,7 @@ class TrainConfig:
     epochs: int = 20
     lr: float = 1e-3
     weight_decay: float = 0.0
-    batch_sequences: int = 8
+    batch_sequences: int = 4
     intermediate_size: int | None = 1024
     loss_vocab: int = 8192
     feature_weight: float = 0.5

@@ -67,9 +67,9 @@ def make_drafter(
         return DraftModelDrafter(draft.model)
     if name == "eagle":
         if head is None:
-            from lab.drafters.eagle import head_dir, load_head
+            from lab.drafters.eagle import find_head, load_head
 
-            head, _ = load_head(head_dir(target.name), device=next(target.model.parameters()).device)
+            head, _ = load_head(find_head(target.name), device=next(target.model.parameters()).device)
         return EagleDrafter(target.model, head, vocab_subset)
     raise ValueError(f"drafter requires one of {', '.join(DRAFTER_NAMES)}; got {name!r}")
 

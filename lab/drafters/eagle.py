@@ -156,6 +156,21 @@ def head_dir(target_name: str) -> Path:
     return cache_dir() / HEADS_FOLDER / (Path(str(target_name)).name or "model")
 
 
+def find_head(target_name: str) -> Path:
+    """The folder of the head to use for a target: the model cache's, else one shipped in ``assets/heads/``.
+
+    Returns the cache folder (which may not exist) when neither holds one, so
+    ``load_head`` can say how to train it.
+    """
+    from lab.prompts import REPO_ROOT
+
+    trained = head_dir(target_name)
+    shipped = REPO_ROOT / "assets" / HEADS_FOLDER / trained.name
+    if not (trained / CONFIG_FILE).exists() and (shipped / CONFIG_FILE).exists():
+        return shipped
+    return trained
+
+
 def save_head(head: EagleHead, folder: Path, meta: dict | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write ``head.safetensors`` (weights in ``dtype``) and ``head.json`` (config, sha256 of the weights, meta).
 
