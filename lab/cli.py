@@ -797,7 +797,7 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
     from lab.models import encode_prompt, load_model
     from lab.prompts import load_prompts
     from lab.train_head import HELD_OUT_SOURCE, TrainConfig, collect_samples, heldout_acceptance, train_head
-    from lab.vocab import count_tokens, frequency_path, save_frequencies
+    from lab.vocab import count_tokens, frequency_path, load_frequencies, save_frequencies
 
     config = TrainConfig(max_train_s=args.minutes * 60, epochs=args.epochs, lr=args.lr,
                          intermediate_size=args.intermediate_size)
@@ -810,9 +810,11 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
         samples = collect_samples(target, prompts, args.max_new_tokens, args.batch_size,
                                   progress=lambda done, total: bar.update(done - bar.n))
     collect_s = time.perf_counter() - start
-    if not frequency_path(target.name).exists():  # the answers are the table's data too
-        save_frequencies(count_tokens([s.ids[len(p):].tolist() for s, p in zip(samples, prompts)], target.vocab_size),
-                         frequency_path(target.name), {"target": target.name, "prompts": len(prompts)})
+    # The answers are a frequency table's data too: kept unless the cached table counts more tokens.
+    counts = count_tokens([s.ids[len(p):].tolist() for s, p in zip(samples, prompts)], target.vocab_size)
+    table = frequency_path(target.name)
+    if not table.exists() or int(load_frequencies(table).sum()) < int(counts.sum()):
+        save_frequencies(counts, table, {"target": target.name, "prompts": len(prompts), "tokens": int(counts.sum())})
     with tqdm(desc=f"training (budget {args.minutes:g} min)", unit="step", file=sys.stderr) as bar:
         def show(step, total, loss):
             bar.total = total

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--drafters", nargs="+", required=True)
     parser.add_argument("--draft-vocabs", nargs="*", type=int, default=[], help="trimmed variants of draft-model / eagle")
     parser.add_argument("--trim-only", nargs="*", default=["draft-model"], help="which drafters get the trimmed variants")
-    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--ks", nargs="+", type=int, default=[4])
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompts", default=HELD_OUT_SOURCE)
     parser.add_argument("--out", type=Path, required=True)
@@ -45,7 +45,7 @@ def main() -> None:
               for v in args.draft_vocabs for n in args.drafters if n in args.trim_only]
     target = load_model(args.target)
     comparison = run_comparison(
-        target, [p.text for p in prompts], specs, [args.k], DecodeConfig(max_new_tokens=args.max_new_tokens),
+        target, [p.text for p in prompts], specs, args.ks, DecodeConfig(max_new_tokens=args.max_new_tokens),
         load_draft=lambda name: load_model(name),
         progress=lambda f, m: print(f"{f:4.0%} {m}", file=sys.stderr, flush=True),
     )
@@ -56,19 +56,19 @@ def main() -> None:
 
 
 def report(comparison: Comparison, categories: list[str]) -> None:
-    columns = ["drafter", "acceptance_rate", "mean_acceptance_length", "cost_ratio", "speedup", "decode_speedup",
+    columns = ["drafter", "k", "acceptance_rate", "mean_acceptance_length", "cost_ratio", "speedup", "decode_speedup",
                "identical_to_target"]
     summary = comparison.summary()
     print("\nall prompts:")
     print(summary[columns].round(3).to_string(index=False))
     for row in summary.itertuples():
-        print(f"  {row.drafter:>32}: per position {[round(r, 2) for r in row.per_position_acceptance]}")
+        print(f"  {row.drafter:>32} K={row.k}: per position {[round(r, 2) for r in row.per_position_acceptance]}")
     for category in dict.fromkeys(categories):
         keep = {i for i, c in enumerate(categories) if c == category}
         part = Comparison(comparison.settings, comparison.prompts, [r for r in comparison.runs if r.prompt_index in keep])
         table = part.summary()
         print(f"\n{category} ({len(keep)} prompts):")
-        print(table[["drafter", "mean_acceptance_length", "speedup"]].round(3).to_string(index=False))
+        print(table[["drafter", "k", "mean_acceptance_length", "speedup"]].round(3).to_string(index=False))
 
 
 if __name__ == "__main__":
