@@ -191,3 +191,14 @@ def test_hooks_are_removed_with_the_drafter(tiny_target):
 
     gc.collect()
     assert len(tiny_target.model._forward_pre_hooks) == before
+
+
+def test_the_shipped_smollm2_head_loads_and_fits_smollm2():
+    """assets/heads/smollm2-135m: under 15 MB, checksum verified on load, SmolLM2's width and vocabulary."""
+    from lab.prompts import REPO_ROOT
+
+    folder = REPO_ROOT / "assets" / "heads" / "smollm2-135m"
+    assert (folder / "head.safetensors").stat().st_size <= 15_000_000
+    head, meta = load_head(folder)
+    assert (head.config.hidden_size, head.config.vocab_size, head.config.target) == (576, 49152, "smollm2-135m")
+    assert meta["train_s"] + meta["collect_s"] < 30 * 60  # trained within the issue's 30 minutes on the 2-core CPU
