@@ -36,7 +36,7 @@ def make_drafter(
         ``python -m lab token-freq``); None: the full vocabulary.
     vocab_subset: [N] int64 token ids to trim to, in place of draft_vocab.
     head: the EAGLE head; default the one trained for the target
-        (``python -m lab train-head``), loaded from the model cache.
+        (``python -m lab train-head``), loaded from the model cache or ``assets/heads/``.
 
     Raises ValueError for an unknown name or a missing draft, FileNotFoundError
     for a missing frequency table or head, and ``lab.models.ModelError`` when
