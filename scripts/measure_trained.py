@@ -36,10 +36,11 @@ def main() -> None:
     parser.add_argument("--ks", nargs="+", type=int, default=[4])
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompts", default=HELD_OUT_SOURCE)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    prompts = load_prompts(args.prompts)
+    prompts = load_prompts(args.prompts)[: args.limit]
     specs = [DrafterSpec(n, draft=args.draft if n == "draft-model" else None) for n in args.drafters]
     specs += [DrafterSpec(n, draft=args.draft if n == "draft-model" else None, draft_vocab=v)
               for v in args.draft_vocabs for n in args.drafters if n in args.trim_only]
