@@ -80,6 +80,8 @@ def settings(runtime: state.Runtime, drafter_name: str) -> dict[str, str]:
         out["draft precision"] = runtime.draft_precision
     elif drafter_name == "layer-skip":
         out["draft precision"] = f"{runtime.target_precision} (the target's own layers)"
+    elif drafter_name == "eagle":
+        out["draft precision"] = f"fp32 head, {runtime.target_precision} LM head (the target's)"
     return out
 
 

@@ -213,14 +213,23 @@ def format_bytes(value: int | None) -> str:
     return f"{value / 2**20:.0f} MiB"
 
 
-def drafter_cost(name: str, target, draft=None, exit_layer: int | None = None) -> dict:
+def drafter_cost(name: str, target, draft=None, exit_layer: int | None = None, draft_vocab: int | None = None) -> dict:
     """What a drafter adds to the target: ``{"parameters", "weight_bytes", "note"}`` (0 when it adds no weights).
 
     target, draft: ``lab.models.LoadedModel`` (draft only for "draft-model").
+    draft_vocab: the trimmed vocabulary N of a draft model or EAGLE head (None: full).
     """
+    trimmed = f"; its LM head scores only the target's {draft_vocab:,} most frequent tokens" if draft_vocab else ""
     if name == "draft-model":
         return {"parameters": int(draft.num_parameters), "weight_bytes": int(draft.weight_bytes),
-                "note": f"its own weights ({draft.name}) and KV cache"}
+                "note": f"its own weights ({draft.name}) and KV cache{trimmed}"}
+    if name == "eagle":
+        from lab.drafters.eagle import find_head, load_head
+
+        head, _ = load_head(find_head(target.name))
+        params = sum(p.numel() for p in head.parameters())
+        return {"parameters": params, "weight_bytes": head.num_bytes(),
+                "note": f"one decoder layer over the target's hidden states; decodes with the target's LM head{trimmed}"}
     if name == "layer-skip":
         layers = num_layers(target.model)
         exit_at = exit_layer if exit_layer is not None else max(1, layers // 4)
@@ -228,7 +237,7 @@ def drafter_cost(name: str, target, draft=None, exit_layer: int | None = None) -
                 "note": f"shares the target's weights (its first {exit_at} of {layers} layers); adds a KV cache for them"}
     if name == "prompt-lookup":
         return {"parameters": 0, "weight_bytes": 0, "note": "no weights: matches the last n-gram in the prompt and output"}
-    raise ValueError(f"drafter cost requires draft-model, layer-skip or prompt-lookup; got {name!r}")
+    raise ValueError(f"drafter cost requires draft-model, eagle, layer-skip or prompt-lookup; got {name!r}")
 
 
 def cost_rows(drafter_costs: dict[str, dict], summary: pd.DataFrame) -> list[dict]:

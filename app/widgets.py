@@ -31,7 +31,12 @@ DRAFTER_LABELS = {
     "prompt-lookup": "prompt lookup (n-grams)",
     "layer-skip": "layer skip (early exit)",
     "draft-model": "draft model",
+    "eagle": "EAGLE head (trained)",
 }
+DRAFT_VOCAB_CHOICES = (None, 8192, 16384, 32768)
+DRAFT_VOCAB_HELP = ("Score only the target's N most frequent tokens (FR-Spec / VocabTrim): the draft's LM head shrinks, "
+                    "the target still verifies over its full vocabulary, so the output stays exact. Needs the table "
+                    "from `python -m lab token-freq --target NAME` (or `train-head`).")
 TARGET_HELP = "SmolLM2 is quick on CPU; the Qwen pair shows a real draft model (the smaller Qwen drafts for the larger)."
 PROMPT_SOURCES = ("Preset prompt sets", "Spec-Bench category", "Paste prompts")
 PASTE_PLACEHOLDER = "Summarize this text: …\n---\nTranslate into French: …"
@@ -143,6 +148,12 @@ def draft_select(page: str, target: str, *, local_folder: bool = False) -> str |
 
 def drafter_select(page: str, drafters: tuple[str, ...], help: str | None = None) -> str:
     return st.selectbox("Drafter", drafters, key=key(f"{page}.drafter"), format_func=DRAFTER_LABELS.get, help=help)
+
+
+def draft_vocab_select(page: str, where=st, label: str = "Draft vocabulary") -> None:
+    """The trimmed draft vocabulary N (None: the full vocabulary), for the draft model and the EAGLE head."""
+    where.selectbox(label, DRAFT_VOCAB_CHOICES, key=key(f"{page}.draft_vocab"), help=DRAFT_VOCAB_HELP,
+                    format_func=lambda n: "full" if n is None else f"top {n // 1024}k tokens")
 
 
 def ngram_inputs(page: str, low=st, high=st) -> None:

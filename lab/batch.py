@@ -77,6 +77,7 @@ from lab.cache import keep_last, new_cache
 from lab.config import K_MAX, DecodeConfig
 from lab.drafters import DraftModelDrafter, make_drafter
 from lab.drafters.base import Draft, DraftContext, Drafter
+from lab.drafters.eagle import BatchEagleDrafter, EagleDrafter
 from lab.engine import DecodeResult, cut_emitted, output_text, position_details, sync_device
 from lab.grammar import Constraint, GrammarState
 from lab.metrics import SpecDecodingStats
@@ -376,13 +377,16 @@ def as_batch_drafter(drafter: Drafter | BatchDrafter | None) -> BatchDrafter | N
     """The batched counterpart of a single-row drafter (None stays None: the target alone).
 
     A draft-model or layer-skip drafter becomes a ``BatchDraftModelDrafter`` over
-    the same model (or early-exit view); any other single-row drafter is copied
+    the same model (or early-exit view, or trimmed view); an EAGLE drafter a
+    ``BatchEagleDrafter`` sharing its head; any other single-row drafter is copied
     once per row (``PerRowDrafter``); a batch drafter is returned as is.
     """
-    if drafter is None or isinstance(drafter, (BatchDraftModelDrafter, PerRowDrafter)):
+    if drafter is None or isinstance(drafter, (BatchDraftModelDrafter, BatchEagleDrafter, PerRowDrafter)):
         return drafter
     if isinstance(drafter, DraftModelDrafter):
         return BatchDraftModelDrafter(drafter.model, drafter.name)
+    if isinstance(drafter, EagleDrafter):
+        return BatchEagleDrafter(drafter)
     if isinstance(drafter, BatchDrafter):
         return drafter
     return PerRowDrafter(lambda _: copy.deepcopy(drafter), drafter.name)

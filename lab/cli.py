@@ -1,4 +1,5 @@
-"""The command line: ``python -m lab generate | prepare | models | calibrate | peer | compare | bench | serve-bench``.
+"""The command line: ``python -m lab generate | prepare | models | calibrate | peer | compare | bench |
+engine-bench | serve-bench | token-freq | train-head``.
 
 Every subcommand is one function ``_cmd_<name>(args) -> int`` registered in
 ``build_parser``; ``main(argv) -> int`` parses and dispatches, so tests call it
@@ -30,6 +31,10 @@ Examples::
         --k auto --prompt "Write a haiku about caches"
     python -m lab serve-bench --on http://127.0.0.1:8080 --off http://127.0.0.1:8081 --api chat \\
         --concurrency 1,2,4,8,16 --prompts spec_bench:mix:8 --max-tokens 32 --json
+    python -m lab token-freq --target qwen2.5-coder-1.5b --num-prompts 96
+    python -m lab train-head --target smollm2-135m --minutes 15
+    python -m lab compare --target qwen2.5-coder-1.5b --drafters draft-model eagle --draft qwen2.5-coder-0.5b \\
+        --draft-vocab 16384 --ks 4 --prompts spec_bench:mix:20
 """
 
 from __future__ import annotations
@@ -82,8 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            raise UsageError("a command is required: generate, prepare, models, peer, compare, bench or serve-bench "
-                             "(see `python -m lab --help`)")
+            raise UsageError(
+                "a command is required: generate, calibrate, prepare, models, peer, compare, bench, engine-bench, "
+                "serve-bench, token-freq or train-head (see `python -m lab --help`)"
+            )
         return args.handler(args)
     except SystemExit as done:  # --help / --version
         return done.code if isinstance(done.code, int) else EXIT_OK
@@ -205,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--raw", action="store_true", help="encode prompts without the chat template")
     compare.add_argument("--json", action="store_true", help="print the JSON results instead of the table")
     compare.add_argument("--out", type=Path, help="also write the JSON results (loadable in the app's Compare page)")
+    compare.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                         help="also compare the draft model / EAGLE head trimmed to the N most frequent tokens")
     _add_engine_argument(compare)
     compare.set_defaults(handler=_cmd_compare)
 
@@ -220,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt sets, as for peer (default: spec_bench:mix:20)")
     engine.add_argument("--out", type=Path, help="also write the summary as JSON")
     engine.set_defaults(handler=_cmd_engine_bench)
+
     serve = commands.add_parser("serve-bench", help="load a real serving engine (vLLM, SGLang, llama.cpp) at rising "
                                 "concurrency, speculation on and off")
     serve.add_argument("--on", metavar="URL", help="the endpoint with speculation on, e.g. http://127.0.0.1:8080")
@@ -252,6 +262,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--out", type=Path, help="also write the JSON result (with per-request records) to this file")
     serve.add_argument("--csv", type=Path, help="also write one CSV row per endpoint and level to this file")
     serve.set_defaults(handler=_cmd_serve_bench)
+
+    freq = commands.add_parser("token-freq", help="count the tokens the target generates: the table a trimmed draft vocabulary uses")
+    _add_model_arguments(freq)
+    freq.add_argument("--num-prompts", type=int, default=96, help="training prompts to answer (default 96)")
+    freq.add_argument("--max-new-tokens", type=int, default=96, help="tokens per answer (default 96)")
+    freq.add_argument("--batch-size", type=int, default=8, help="answers generated together (default 8)")
+    freq.set_defaults(handler=_cmd_token_freq)
+
+    head = commands.add_parser("train-head", help="train an EAGLE-style head on the target's own answers and save it")
+    _add_model_arguments(head)
+    head.add_argument("--minutes", type=float, default=15.0, help="time budget of the optimisation loop (default 15)")
+    head.add_argument("--num-prompts", type=int, default=160, help="training prompts to answer (default 160)")
+    head.add_argument("--max-new-tokens", type=int, default=96, help="tokens per answer (default 96)")
+    head.add_argument("--batch-size", type=int, default=8, help="answers generated together (default 8)")
+    head.add_argument("--epochs", type=int, default=20, help="passes over the data at most (default 20)")
+    head.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    head.add_argument("--intermediate-size", type=int, default=1024, help="the head's MLP width (default 1024)")
+    head.add_argument("--eval-prompts", type=int, default=4, help="held-out Spec-Bench prompts decoded after training (default 4)")
+    head.add_argument("--out", type=Path, default=None, help="folder to save to (default: the model cache)")
+    head.set_defaults(handler=_cmd_train_head)
     return parser
 
 
@@ -348,6 +378,8 @@ def _add_drafter_arguments(parser: argparse.ArgumentParser, choices: Sequence[st
     parser.add_argument("--exit-layer", type=int, default=None, help="layer-skip exit (default: a quarter of the layers)")
     parser.add_argument("--min-n", type=int, default=1, help="prompt lookup: smallest n-gram (default 1)")
     parser.add_argument("--max-n", type=int, default=3, help="prompt lookup: largest n-gram (default 3)")
+    parser.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                        help="draft-model / eagle: score only the target's N most frequent tokens (`token-freq` first)")
 
 
 # ---------------------------------------------------------------- generate
@@ -381,7 +413,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     # 2. Load, build the drafter, decode.
     target, draft = _load_models(args, progress)
-    drafter = make_drafter(args.drafter, target, draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer)
+    drafter = make_drafter(args.drafter, target, draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer,
+                           draft_vocab=args.draft_vocab)
     constraint = None
     if spec is not None:
         from lab.grammar import Constraint
@@ -755,6 +788,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                     exit_layer=args.exit_layer if name == "layer-skip" else None)
         for name in args.drafters
     ]
+    if args.draft_vocab:
+        specs += [
+            DrafterSpec(name, draft=args.draft if name == "draft-model" else None, draft_vocab=args.draft_vocab)
+            for name in args.drafters if name in ("draft-model", "eagle")
+        ]
     config = DecodeConfig(max_new_tokens=args.max_new_tokens, engine_mode=args.engine)
     for k in args.ks:
         replace(config, k=k)  # refuse a bad K before loading anything
@@ -958,3 +996,104 @@ def _speedup(tokens_per_s: float, baseline_tokens_per_s: float) -> float | None:
 
 def _clean(x: float | None) -> float | None:
     return None if x is None or x != x else x
+
+
+# ---------------------------------------------------------------- token-freq and train-head
+
+
+def _training_prompts(target, count: int) -> list[list[int]]:
+    """Encoded training prompts: the lab's preset sets, then Spec-Bench, never the held-out measurement prompts."""
+    from lab.models import encode_prompt
+    from lab.prompts import load_prompt_sets, load_prompts
+    from lab.train_head import HELD_OUT_SOURCE, TRAIN_SOURCES
+
+    held_out = {p.id for p in load_prompts(HELD_OUT_SOURCE)}
+    prompts = [p for p in load_prompt_sets(TRAIN_SOURCES) if p.id not in held_out]
+    # Spread over sources and categories: every n-th prompt.
+    step = max(1, len(prompts) // max(1, count))
+    chosen = prompts[::step][:count]
+    return [encode_prompt(target, p.text, True)[-768:] for p in chosen]
+
+
+def _cmd_token_freq(args: argparse.Namespace) -> int:
+    from lab.models import load_model
+    from lab.vocab import count_tokens, frequency_path, save_frequencies
+
+    progress = ProgressLine(sys.stderr, always=True)
+    target = load_model(args.target, device=args.device, dtype=args.dtype, progress=progress, precision=args.target_quant)
+    progress.done()
+    prompts = _training_prompts(target, args.num_prompts)
+    start = time.perf_counter()
+    from lab.batch import run_batch
+    from lab.config import DecodeConfig
+
+    generated: list[list[int]] = []
+    for first in range(0, len(prompts), args.batch_size):
+        generated += run_batch(target, prompts[first : first + args.batch_size], None, DecodeConfig(max_new_tokens=args.max_new_tokens)).token_ids
+        progress(min(1.0, (first + args.batch_size) / len(prompts)), f"generating {min(first + args.batch_size, len(prompts))}/{len(prompts)}")
+    progress.done()
+    counts = count_tokens(generated, target.vocab_size)
+    path = save_frequencies(counts, frequency_path(target.name),
+                            {"target": target.name, "prompts": len(prompts), "tokens": int(counts.sum()),
+                             "generate_s": round(time.perf_counter() - start, 1)})
+    seen = int((counts > 0).sum())
+    print(f"{int(counts.sum()):,} generated tokens, {seen:,} distinct of {target.vocab_size:,}; saved {path}")
+    for n in (1024, 4096, 8192, 16384, 32768):
+        share = float(counts.sort(descending=True).values[:n].sum()) / max(1, int(counts.sum()))
+        print(f"  top {n:>6,} tokens cover {share:6.1%} of the generated tokens")
+    return EXIT_OK
+
+
+def _cmd_train_head(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lab.drafters.eagle import head_dir, save_head
+    from lab.models import encode_prompt, load_model
+    from lab.prompts import load_prompts
+    from lab.train_head import HELD_OUT_SOURCE, TrainConfig, collect_samples, heldout_acceptance, train_head
+    from lab.vocab import count_tokens, frequency_path, load_frequencies, save_frequencies
+
+    config = TrainConfig(max_train_s=args.minutes * 60, epochs=args.epochs, lr=args.lr,
+                         intermediate_size=args.intermediate_size)
+    progress = ProgressLine(sys.stderr, always=True)
+    target = load_model(args.target, device=args.device, dtype=args.dtype, progress=progress, precision=args.target_quant)
+    progress.done()
+    prompts = _training_prompts(target, args.num_prompts)
+    start = time.perf_counter()
+    with tqdm(total=len(prompts), desc="target answers", unit="prompt", file=sys.stderr) as bar:
+        samples = collect_samples(target, prompts, args.max_new_tokens, args.batch_size,
+                                  progress=lambda done, total: bar.update(done - bar.n))
+    collect_s = time.perf_counter() - start
+    # The answers are a frequency table's data too: kept unless the cached table counts more tokens.
+    counts = count_tokens([s.ids[len(p):].tolist() for s, p in zip(samples, prompts)], target.vocab_size)
+    table = frequency_path(target.name)
+    if not table.exists() or int(load_frequencies(table).sum()) < int(counts.sum()):
+        save_frequencies(counts, table, {"target": target.name, "prompts": len(prompts), "tokens": int(counts.sum())})
+    with tqdm(desc=f"training (budget {args.minutes:g} min)", unit="step", file=sys.stderr) as bar:
+        def show(step, total, loss):
+            bar.total = total
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        head, report = train_head(target, samples, config, progress=show, target_name=target.name)
+    report.collect_s = collect_s
+    meta = {"target": target.name, "train_s": round(report.train_s, 1), "collect_s": round(collect_s, 1),
+            "steps": report.steps, "epochs": round(report.epochs, 2), "tokens": report.num_tokens,
+            "prompts": len(prompts), "final_loss": round(sum(report.losses[-10:]) / len(report.losses[-10:]), 4),
+            "stopped_by": report.stopped_by, "config": {k: v for k, v in vars(config).items()}}
+    held_out = [encode_prompt(target, p.text, True) for p in load_prompts(HELD_OUT_SOURCE)][: args.eval_prompts]
+    if held_out:
+        stats = heldout_acceptance(target, head, held_out, k=5, max_new_tokens=64)
+        meta["heldout"] = {"prompts": len(held_out), "k": 5, "per_position": stats.per_position_acceptance_rate,
+                           "mean_acceptance_length": stats.mean_acceptance_length}
+    folder = save_head(head, args.out or head_dir(target.name), meta)
+    size_mb = (folder / "head.safetensors").stat().st_size / 1e6
+    print(f"trained {report.steps} steps ({report.epochs:.1f} epochs, stopped by {report.stopped_by}) in "
+          f"{report.train_s:.0f} s after {collect_s:.0f} s collecting {report.num_tokens:,} tokens; "
+          f"loss {report.losses[0]:.3f} -> {meta['final_loss']:.3f}")
+    if held_out:
+        rates = " ".join(f"{r:.2f}" for r in meta["heldout"]["per_position"])
+        print(f"held-out acceptance per position (K=5, {len(held_out)} Spec-Bench prompts): {rates}; "
+              f"mean acceptance length {meta['heldout']['mean_acceptance_length']:.2f}")
+    print(f"saved {folder} ({size_mb:.1f} MB)")
+    return EXIT_OK

@@ -64,6 +64,8 @@ class DrafterSpec:
     draft: the draft model (preset name or folder), required for "draft-model".
     exit_layer: layer-skip's exit layer (None: a quarter of the target's layers).
     min_n, max_n: prompt lookup's n-gram sizes.
+    draft_vocab: draft-model / eagle: score only the target's N most frequent
+        tokens (``lab.vocab``); None: the full vocabulary.
 
     Raises ValueError on an unknown name or a missing draft model.
     """
@@ -73,6 +75,7 @@ class DrafterSpec:
     exit_layer: int | None = None
     min_n: int = 1
     max_n: int = 3
+    draft_vocab: int | None = None
 
     def __post_init__(self) -> None:
         if self.name not in DRAFTER_NAMES or self.name == "none":
@@ -83,8 +86,12 @@ class DrafterSpec:
 
     @property
     def label(self) -> str:
+        vocab = f", vocab {self.draft_vocab // 1024}k" if self.draft_vocab and self.draft_vocab >= 1024 else (
+            f", vocab {self.draft_vocab}" if self.draft_vocab else "")
         if self.name == "draft-model":
-            return f"draft-model ({self.draft})"
+            return f"draft-model ({self.draft}{vocab})"
+        if self.name == "eagle":
+            return f"eagle ({vocab[2:]})" if vocab else "eagle"
         if self.name == "layer-skip":
             return f"layer-skip (exit {self.exit_layer})" if self.exit_layer else "layer-skip"
         if self.name == "prompt-lookup":
@@ -247,6 +254,11 @@ def run_comparison(
             if load_draft is None:
                 raise ValueError("draft-model requires a load_draft function to load the draft model")
             drafts[spec.draft] = load_draft(spec.draft)
+    heads = {}
+    if any(spec.name == "eagle" for spec in drafters):  # load the head once, not per run
+        from lab.drafters.eagle import find_head, load_head
+
+        heads["eagle"], _ = load_head(find_head(target.name), device=next(target.model.parameters()).device)
     encoded = [encode_prompt(target, p, chat_template) for p in prompts]
     comparison = Comparison(
         settings={
@@ -284,7 +296,8 @@ def run_comparison(
         for spec in drafters:
             for k in ks:
                 drafter = make_drafter(
-                    spec.name, target, drafts.get(spec.draft), min_n=spec.min_n, max_n=spec.max_n, exit_layer=spec.exit_layer
+                    spec.name, target, drafts.get(spec.draft), min_n=spec.min_n, max_n=spec.max_n, exit_layer=spec.exit_layer,
+                    draft_vocab=spec.draft_vocab, head=heads.get(spec.name),
                 )
                 record = _one_run(target, prompt_ids, drafter, configs[k], index, spec.label, k, cancel)
                 _compare_with_baseline(record, baseline, greedy=config.temperature == 0)

@@ -135,9 +135,17 @@ def run_memory(
         MemoryUse("target", target.name, target.precision, target.weight_bytes,
                   kv_cache_bytes(target.model, target_cache_tokens), target.load_s)
     ]
+    head = getattr(drafter, "head", None)
+    if head is not None:  # an EAGLE head: its own small weights and KV cache; the target's embeddings and LM head
+        rows.append(MemoryUse("draft", "EAGLE head (reads the target's hidden states)", "fp32", head.num_bytes(),
+                              kv_cache_bytes(head.decoder, draft_cache_tokens or 0), None))
+        return rows
     draft_model = getattr(drafter, "model", None)
     if draft_model is None:
         return rows
+    inner = getattr(draft_model, "model", None)
+    if draft is not None and inner is not None and inner is getattr(draft.model, "model", None):
+        draft_model = draft.model  # a trimmed-vocabulary view of the draft (lab.vocab): the same weights
     draft_kv = kv_cache_bytes(draft_model, draft_cache_tokens or 0)
     if draft is not None and draft_model is draft.model:
         rows.append(MemoryUse("draft", draft.name, draft.precision, draft.weight_bytes, draft_kv, draft.load_s))

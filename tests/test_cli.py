@@ -302,3 +302,30 @@ def test_generate_engine_modes_are_identical_to_the_target_alone(tiny_dirs, caps
 def test_k_auto_needs_a_calibrated_drafter(tiny_dirs, capsys):
     assert main(generate(tiny_dirs, "--drafter", "layer-skip", "--k", "auto")) == 2
     assert "--k auto requires --drafter draft-model or prompt-lookup" in capsys.readouterr().err
+
+
+def test_train_head_token_freq_and_generate_with_the_trained_head(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """train-head saves a head (and the frequency table) in the model cache; generate then drafts with it, trimmed."""
+    from lab.drafters.eagle import head_dir, load_head
+
+    monkeypatch.setenv("LAB_CACHE_DIR", str(tmp_path / "cache"))
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("\n".join(json.dumps({"question_id": i, "category": c, "turns": [f"t{i % 40 + 3} t{i % 7 + 3} t5"]})
+                                   for i, c in enumerate(["qa", "rag", "translation"] * 12)))
+    monkeypatch.setenv("LAB_SPEC_BENCH", str(questions))
+    model = ["--target", tiny_dirs["target"], "--dtype", "fp32", "--device", "cpu"]
+    assert main(["train-head", *model, "--num-prompts", "6", "--max-new-tokens", "8", "--minutes", "0.05",
+                 "--intermediate-size", "16", "--eval-prompts", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out acceptance per position (K=5, 1 Spec-Bench prompts)" in out and "saved" in out
+    head, meta = load_head(head_dir(tiny_dirs["target"]))
+    assert meta["prompts"] == 6 and meta["heldout"]["k"] == 5 and head.config.intermediate_size == 16
+
+    assert main(["token-freq", *model, "--num-prompts", "4", "--max-new-tokens", "6"]) == 0
+    assert "top  1,024 tokens cover 100.0%" in capsys.readouterr().out
+
+    assert main(generate(tiny_dirs, "--drafter", "eagle", "--draft-vocab", "8", "--k", "3", "--json", "--compare-baseline")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["drafter"] == "eagle"
+    assert report["metrics"]["num_drafts"] > 0
+    assert report["baseline"]["token_ids"] == report["token_ids"]

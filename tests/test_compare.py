@@ -138,5 +138,5 @@ def test_bad_requests_are_refused(tiny_target, kwargs, message):
 def test_drafter_spec_validation():
     with pytest.raises(ValueError, match="draft-model requires a draft model name"):
         DrafterSpec("draft-model")
-    with pytest.raises(ValueError, match="requires one of draft-model, prompt-lookup, layer-skip; got 'none'"):
+    with pytest.raises(ValueError, match="requires one of draft-model, prompt-lookup, layer-skip, eagle; got 'none'"):
         DrafterSpec("none")

@@ -64,5 +64,5 @@ def test_make_drafter_names_and_errors(tiny_target):
         make_drafter("layer-skip", tiny_target, exit_layer=3)
     with pytest.raises(ValueError, match="draft-model requires a draft model"):
         make_drafter("draft-model", tiny_target)
-    with pytest.raises(ValueError, match="drafter requires one of none, draft-model, prompt-lookup, layer-skip; got 'medusa'"):
+    with pytest.raises(ValueError, match="drafter requires one of none, draft-model, prompt-lookup, layer-skip, eagle; got 'medusa'"):
         make_drafter("medusa", tiny_target)

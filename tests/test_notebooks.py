@@ -62,6 +62,7 @@ def test_every_lesson_has_its_notebook():
         "04_exactness_of_sampling",
         "05_structured_output",
         "06_quantised_drafts",
+        "07_trained_heads",
     ]
 
 

@@ -16,6 +16,7 @@ next one through ``app.inflight``, which shows it as cancelled.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pandas as pd
 import streamlit as st
@@ -33,7 +34,7 @@ IN_FLIGHT_KEY = "compare:in_flight"  # an app.inflight.InFlight while a comparis
 LOAD_ERROR_KEY = "compare:load_error"
 UPLOAD_KEY = "compare:upload"
 MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
-COMPARED_DRAFTERS = ("prompt-lookup", "layer-skip", "draft-model")
+COMPARED_DRAFTERS = ("prompt-lookup", "layer-skip", "draft-model", "eagle")
 DRAW_EVERY_S = 0.25
 
 DEFAULTS = {
@@ -41,6 +42,7 @@ DEFAULTS = {
     "compare.drafters": ["prompt-lookup", "layer-skip"],
     "compare.draft": "qwen2.5-coder-0.5b",
     "compare.exit_layer": None,
+    "compare.draft_vocab": None,
     "compare.min_n": 1,
     "compare.max_n": 3,
     "compare.ks": [2, 4],
@@ -112,8 +114,13 @@ def chosen_specs(draft: str | None) -> list[compare.DrafterSpec]:
         elif name == "layer-skip":
             exit_layer = s[key("compare.exit_layer")]
             specs.append(compare.DrafterSpec(name, exit_layer=None if exit_layer is None else int(exit_layer)))
+        elif name == "eagle":
+            specs.append(compare.DrafterSpec(name))
         else:
             specs.append(compare.DrafterSpec(name, draft=widgets.checked_draft(s[key("compare.target")], draft)))
+    trimmed = s.get(key("compare.draft_vocab"))
+    if trimmed:  # the trimmed variants run beside the full-vocabulary ones
+        specs += [replace(spec, draft_vocab=int(trimmed)) for spec in specs if spec.name in ("draft-model", "eagle")]
     return specs
 
 
@@ -128,6 +135,8 @@ def drafter_inputs(target: str) -> str | None:
         widgets.ngram_inputs("compare", options[0], options[1])
     if "layer-skip" in chosen:
         widgets.exit_layer_input("compare", options[2])
+    if "draft-model" in chosen or "eagle" in chosen:
+        widgets.draft_vocab_select("compare", label="Also with a trimmed vocabulary")
     st.multiselect("K values (draft tokens per step)", list(range(1, K_MAX + 1)), key=key("compare.ks"))
     return draft
 
@@ -212,7 +221,7 @@ def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks
             "target_parameters": target.num_parameters,
             "target_weight_bytes": target.weight_bytes,
             "drafter_costs": {spec.label: render_compare.drafter_cost(spec.name, target, drafts.get(spec.draft),
-                                                                      spec.exit_layer) for spec in specs},
+                                                                      spec.exit_layer, spec.draft_vocab) for spec in specs},
         }
         flight.result = comparison
     finally:
@@ -447,7 +456,7 @@ if run_clicked:
                               temperature=float(s[key("compare.temperature")]), seed=int(s[key("compare.seed")]),
                               engine_mode=runtime.engine)
         run_page_comparison(prompts, chosen_specs(draft_choice), sorted(int(k) for k in s[key("compare.ks")]), config, runtime, slots)
-    except (ValueError, ModelError) as error:
+    except (ValueError, ModelError, FileNotFoundError) as error:
         clear_run_slots(*slots.values())
         error_slot.error(str(error), icon=":material/error:")
     except MEMORY_ERRORS as error:

@@ -36,6 +36,7 @@ DEFAULTS = {
     "live.min_n": 1,
     "live.max_n": 3,
     "live.exit_layer": None,
+    "live.draft_vocab": None,
     "live.k": 4,
     "live.max_new_tokens": 64,
     "live.temperature": 0.0,
@@ -191,7 +192,8 @@ def run_live(view: LiveView, runtime: state.Runtime, target_name: str, draft_nam
         draft = load(draft_name, "draft", runtime, view.status)
     exit_layer = s[key("live.exit_layer")]
     drafter = make_drafter(drafter_name, target, draft, min_n=int(s[key("live.min_n")]), max_n=int(s[key("live.max_n")]),
-                           exit_layer=None if exit_layer is None else int(exit_layer))
+                           exit_layer=None if exit_layer is None else int(exit_layer),
+                           draft_vocab=s.get(key("live.draft_vocab")) if drafter_name in ("draft-model", "eagle") else None)
     config = constrained.configured(config, constraint, drafter)
 
     label = widgets.DRAFTER_LABELS[drafter_name] + (f", K={config.k}" if drafter is not None else "")
@@ -240,10 +242,13 @@ with st.container(border=True):
         draft_choice = None
         if drafter_name == "draft-model":
             draft_choice = widgets.draft_select("live", target_choice, local_folder=True)
+            widgets.draft_vocab_select("live")
         elif drafter_name == "prompt-lookup":
             widgets.ngram_inputs("live", *st.columns(2))
         elif drafter_name == "layer-skip":
             widgets.exit_layer_input("live")
+        elif drafter_name == "eagle":
+            widgets.draft_vocab_select("live")
     # the toggles span the form and wrap: in half of it their labels were cut ("Compare with the ta…") at 900 px
     with st.container(horizontal=True, gap="small"):
         st.toggle("Raw completion", key=key("live.raw"),
@@ -280,7 +285,7 @@ if run_clicked:
     try:
         runtime = state.runtime(st.session_state)
         st.session_state[RESULT_KEY] = run_live(view, runtime, target_choice, draft_choice)
-    except (ValueError, ModelError) as error:
+    except (ValueError, ModelError, FileNotFoundError) as error:
         error_slot.error(str(error), icon=":material/error:")
     except MEMORY_ERRORS as error:
         error_slot.error(

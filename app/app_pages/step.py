@@ -28,9 +28,10 @@ from lab.trace import Finished, Prefilled, Step
 
 SESSION_KEY = "step:session"
 MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
-DRAFTERS = ("prompt-lookup", "layer-skip", "draft-model")
+DRAFTERS = ("prompt-lookup", "layer-skip", "draft-model", "eagle")
 DRAFTER_HELP = ("Prompt lookup (n-grams) is deterministic: no probabilities (draft prob 1). Layer skip (the target's "
-                "first layers) and a draft model show the draft's probability of each token.")
+                "first layers), a draft model and the EAGLE head (trained on the target's hidden states with "
+                "`python -m lab train-head`) show the draft's probability of each token.")
 RUN_AHEAD_CYCLES = 5
 
 EXAMPLE_PROMPT = (
@@ -42,6 +43,7 @@ DEFAULTS = {
     "step.target": "smollm2-135m",
     "step.drafter": "prompt-lookup",
     "step.draft": "qwen2.5-coder-0.5b",
+    "step.draft_vocab": None,
     "step.k": 4,
     "step.max_new_tokens": 48,
     "step.temperature": 0.0,
@@ -55,7 +57,7 @@ DEFAULTS = {
 key = state.widget_key
 # What Start reads: a session keeps these as they were, so a change shows a note until the next Start.
 FORM_KEYS = ("step.target", "step.drafter", "step.draft", "step.k", "step.max_new_tokens", "step.temperature",
-             "step.top_p", "step.seed", "step.raw", "step.prompt")
+             "step.top_p", "step.seed", "step.raw", "step.prompt", "step.draft_vocab")
 
 
 @dataclass
@@ -136,7 +138,8 @@ def start(runtime: state.Runtime, slot, draft_name: str | None) -> StepSession:
     if drafter_name == "draft-model":
         draft = resources.load_for_role(draft_name, "draft", runtime, slot)
     prompt_ids = encode_prompt(target, prompt, chat_template=not s[key("step.raw")])
-    drafter = make_drafter(drafter_name, target, draft)
+    trimmed = s.get(key("step.draft_vocab")) if drafter_name in ("draft-model", "eagle") else None
+    drafter = make_drafter(drafter_name, target, draft, draft_vocab=trimmed)
     settings = {"target": target_name, "drafter": widgets.DRAFTER_LABELS[drafter_name] + (f" ({draft.name})" if draft else ""),
                 "K": config.k, "max new tokens": config.max_new_tokens,
                 "sampling": "greedy" if config.sampling.is_greedy else f"temperature {config.temperature}, top-p {config.top_p}, seed {config.seed}",
@@ -206,6 +209,8 @@ with st.container(border=True):
         target_choice = widgets.target_select("step")
         drafter_name = widgets.drafter_select("step", DRAFTERS, help=DRAFTER_HELP)
         draft_choice = widgets.draft_select("step", target_choice) if drafter_name == "draft-model" else None
+        if drafter_name in ("draft-model", "eagle"):
+            widgets.draft_vocab_select("step")
     with right:
         k_col, tokens_col = st.columns(2)
         k_col.slider("K (draft tokens per step)", 1, K_MAX, key=key("step.k"))
@@ -243,7 +248,7 @@ try:
             session.next_cycle()
         st.session_state[key("step.view")] = max(1, len(session.steps))
         st.rerun()
-except (ValueError, ModelError) as error:
+except (ValueError, ModelError, FileNotFoundError) as error:
     error_slot.error(str(error), icon=":material/error:")
 except MEMORY_ERRORS as error:
     error_slot.error(f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar or pick a smaller "

@@ -6,10 +6,11 @@ from typing import Literal, get_args
 
 from lab.drafters.base import Draft, DraftContext, Drafter
 from lab.drafters.draft_model import DraftModelDrafter
+from lab.drafters.eagle import EagleDrafter, EagleHead, EagleHeadConfig
 from lab.drafters.layer_skip import LayerSkipDrafter, early_exit_view, num_layers
 from lab.drafters.prompt_lookup import PromptLookupDrafter
 
-DrafterName = Literal["none", "draft-model", "prompt-lookup", "layer-skip"]
+DrafterName = Literal["none", "draft-model", "prompt-lookup", "layer-skip", "eagle"]
 DRAFTER_NAMES: tuple[str, ...] = get_args(DrafterName)
 
 
@@ -21,16 +22,31 @@ def make_drafter(
     min_n: int = 1,
     max_n: int = 3,
     exit_layer: int | None = None,
+    draft_vocab: int | None = None,
+    vocab_subset=None,
+    head: EagleHead | None = None,
 ) -> Drafter | None:
     """Build a drafter by its standard name; None for "none" (the target alone).
 
     target, draft: ``lab.models.LoadedModel`` (draft only for "draft-model").
     min_n, max_n: prompt lookup's n-gram sizes.
     exit_layer: layer-skip's exit; default a quarter of the target's layers.
+    draft_vocab: N, trim the draft model's / the EAGLE head's vocabulary to the
+        target's N most frequent tokens (``lab.vocab``; the table cached by
+        ``python -m lab token-freq``); None: the full vocabulary.
+    vocab_subset: [N] int64 token ids to trim to, in place of draft_vocab.
+    head: the EAGLE head; default the one trained for the target
+        (``python -m lab train-head``), loaded from the model cache or ``assets/heads/``.
 
-    Raises ValueError for an unknown name or a missing draft, and
-    ``lab.models.ModelError`` when the draft's tokenizer is not the target's.
+    Raises ValueError for an unknown name or a missing draft, FileNotFoundError
+    for a missing frequency table or head, and ``lab.models.ModelError`` when
+    the draft's tokenizer is not the target's.
     """
+    if vocab_subset is None and draft_vocab is not None and name in ("draft-model", "eagle"):
+        from lab.vocab import frequency_path, load_frequencies, top_tokens
+
+        counts = load_frequencies(frequency_path(target.name))
+        vocab_subset = top_tokens(counts, draft_vocab, always=target.eos_token_ids)
     if name == "none":
         return None
     if name == "prompt-lookup":
@@ -44,7 +60,17 @@ def make_drafter(
         from lab.models import check_same_tokenizer
 
         check_same_tokenizer(target, draft)
+        if vocab_subset is not None:
+            from lab.vocab import trimmed_view
+
+            return DraftModelDrafter(trimmed_view(draft.model, vocab_subset))
         return DraftModelDrafter(draft.model)
+    if name == "eagle":
+        if head is None:
+            from lab.drafters.eagle import find_head, load_head
+
+            head, _ = load_head(find_head(target.name), device=next(target.model.parameters()).device)
+        return EagleDrafter(target.model, head, vocab_subset)
     raise ValueError(f"drafter requires one of {', '.join(DRAFTER_NAMES)}; got {name!r}")
 
 
@@ -54,6 +80,9 @@ __all__ = [
     "DraftContext",
     "DraftModelDrafter",
     "Drafter",
+    "EagleDrafter",
+    "EagleHead",
+    "EagleHeadConfig",
     "DrafterName",
     "LayerSkipDrafter",
     "PromptLookupDrafter",

@@ -1,0 +1,452 @@
+"""An EAGLE-style head: one decoder layer that drafts from the target's own hidden states.
+
+EAGLE (Li et al. 2024, "EAGLE: Speculative Sampling Requires Rethinking Feature
+Uncertainty"; EAGLE-2/3 refine it) drafts at the feature level. The head reads,
+at position t, the target's hidden state there (f_t, here the output of the
+target's final norm: what its LM head reads) and the embedding of the next token
+x_{t+1}, and predicts the next hidden state f_{t+1}; the target's own LM head
+(``lab.vocab``: trimmed or not) turns that into a draft distribution for
+x_{t+2}. Drafting K tokens runs the head K times, each time on its own
+predicted feature and the token it just drafted.
+
+How the head gets the target's features without touching the decode loop: two
+hooks on the target (``TargetFeatures``) record, for every forward pass, the
+tokens fed and the final norm's output for them. The engines feed each
+committed token exactly once before it can be drafted from (prefill, then
+[last committed] + draft at every verify pass), so after rollback the recorded
+features are those of every committed token but the last. At each proposal the
+drafter keeps the longest recorded prefix that matches the committed tokens (a
+rejected draft's features drop out there), feeds the head the new ones, and
+drafts.
+
+The head's KV cache rolls back exactly like a draft model's: entries computed
+from the target's real features are kept; the entries of drafting steps (made
+from predicted features) are cropped at the end of every proposal, so the cache
+always equals a fresh pass over the committed tokens.
+
+Nothing here changes what is emitted: the target verifies every drafted token.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaModel
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from lab.cache import crop_cache
+from lab.drafters.base import Draft, DraftContext
+from lab.sampling import logits_to_probs, sample
+from lab.vocab import TrimmedLMHead
+
+HEADS_FOLDER = "heads"
+WEIGHTS_FILE = "head.safetensors"
+CONFIG_FILE = "head.json"
+
+
+# ---------------------------------------------------------------- the head
+
+
+@dataclass(frozen=True)
+class EagleHeadConfig:
+    """Shape of a head; ``for_target`` reads the target's.
+
+    hidden_size: the target's width H (the head reads and predicts H-vectors).
+    intermediate_size: the head's MLP width (may be smaller than the target's).
+    num_attention_heads, num_key_value_heads, head_dim: the head's attention.
+    rope_theta, rms_norm_eps, max_position_embeddings: as the target's.
+    vocab_size: the target's logits width V (checked when the head is attached).
+    target: the target's name (a preset), for messages and the cache folder.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    vocab_size: int
+    target: str = ""
+
+    @classmethod
+    def for_target(cls, model: torch.nn.Module, intermediate_size: int | None = None, target: str = "") -> "EagleHeadConfig":
+        """The target's width and attention shape; MLP width ``intermediate_size`` (default: the target's)."""
+        c = model.config.get_text_config()
+        rope = getattr(c, "rope_parameters", None) or {}
+        return cls(
+            hidden_size=c.hidden_size,
+            intermediate_size=intermediate_size or c.intermediate_size,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            rope_theta=float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))),
+            rms_norm_eps=float(c.rms_norm_eps),
+            max_position_embeddings=int(c.max_position_embeddings),
+            vocab_size=int(c.vocab_size),
+            target=target,
+        )
+
+    def llama_config(self) -> LlamaConfig:
+        """A one-layer Llama config of this shape (its own embedding table is unused: one row)."""
+        return LlamaConfig(
+            vocab_size=1,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=1,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+            tie_word_embeddings=False,
+        )
+
+
+class EagleHead(torch.nn.Module):
+    """fc([f_t ; norm(embed(x_{t+1}))]) -> one decoder layer -> norm = predicted f_{t+1}.
+
+    forward(features [B, T, H], token_embeds [B, T, H], cache) -> [B, T, H] float32.
+    The target's LM head reads the result (EAGLE-1's layout; the output norm makes
+    it live on the scale of the target's final-norm output).
+    """
+
+    def __init__(self, config: EagleHeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.embed_norm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
+        self.fc = torch.nn.Linear(2 * h, h, bias=False)
+        self.decoder = LlamaModel(config.llama_config())
+
+    def forward(
+        self, features: torch.Tensor, token_embeds: torch.Tensor, cache: DynamicCache | None = None
+    ) -> torch.Tensor:
+        dtype = self.fc.weight.dtype
+        x = self.fc(torch.cat([features.to(dtype), self.embed_norm(token_embeds.to(dtype))], dim=-1))  # [B, T, H]
+        return self.decoder(inputs_embeds=x, cache=cache, use_cache=cache is not None).last_hidden_state
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.decoder.config)
+
+    def num_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def head_dir(target_name: str) -> Path:
+    """Where a target's trained head lives: ``cache_dir() / heads / <target>/``."""
+    from lab.models import cache_dir
+
+    return cache_dir() / HEADS_FOLDER / (Path(str(target_name)).name or "model")
+
+
+def find_head(target_name: str) -> Path:
+    """The folder of the head to use for a target: the model cache's, else one shipped in ``assets/heads/``.
+
+    Returns the cache folder (which may not exist) when neither holds one, so
+    ``load_head`` can say how to train it.
+    """
+    from lab.prompts import REPO_ROOT
+
+    trained = head_dir(target_name)
+    shipped = REPO_ROOT / "assets" / HEADS_FOLDER / trained.name
+    if not (trained / CONFIG_FILE).exists() and (shipped / CONFIG_FILE).exists():
+        return shipped
+    return trained
+
+
+def save_head(head: EagleHead, folder: Path, meta: dict | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write ``head.safetensors`` (weights in ``dtype``) and ``head.json`` (config, sha256 of the weights, meta).
+
+    Returns the folder. The checksum is checked by ``load_head``.
+    """
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {name: t.detach().to("cpu", dtype).contiguous() for name, t in head.state_dict().items()}
+    save_file(weights, str(folder / WEIGHTS_FILE))
+    digest = hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()
+    record = {"config": asdict(head.config), "sha256": digest, "dtype": str(dtype).removeprefix("torch."), "meta": meta or {}}
+    (folder / CONFIG_FILE).write_text(json.dumps(record, indent=1))
+    return folder
+
+
+def load_head(folder: Path, device: torch.device | str = "cpu") -> tuple[EagleHead, dict]:
+    """A saved head (float32, eval mode, no grad) and its metadata.
+
+    Raises FileNotFoundError (with the command that trains one) when absent,
+    ValueError when the weights fail their sha256 checksum.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(
+            f"No EAGLE head in {folder}: train one with `python -m lab train-head --target <name>`."
+        )
+    record = json.loads((folder / CONFIG_FILE).read_text())
+    digest = hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()
+    if digest != record["sha256"]:
+        raise ValueError(
+            f"The EAGLE head in {folder} fails its checksum (sha256 {digest[:12]}…, expected {record['sha256'][:12]}…): "
+            "retrain it with `python -m lab train-head`."
+        )
+    head = EagleHead(EagleHeadConfig(**record["config"]))
+    head.load_state_dict({k: v.float() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()})
+    return head.to(device).eval().requires_grad_(False), record.get("meta", {})
+
+
+# ---------------------------------------------------------------- the target's features
+
+
+class TargetFeatures:
+    """Records, per batch row, the tokens each target forward feeds and the final norm's output for them.
+
+    model: a transformers causal LM with ``model.model.norm`` (Llama, Qwen2, ...).
+    Hooks are registered by ``attach`` and removed by ``detach`` (or when this
+    object is garbage collected). Only forwards run on the thread that called
+    ``attach`` are recorded (a cached model may serve other sessions' threads).
+    A padded batch forward (``lab.batch``: left padding, attention mask over
+    cache + new slots) records only each row's valid new slots.
+
+    ids[b]: [F_b] int64 CPU; feats[b]: [F_b, H] float32 on the model's device.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.ids: list[torch.Tensor] = []
+        self.feats: list[torch.Tensor] = []
+        self._handles: list = []
+        self._thread: int | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._finalizer = None
+
+    def attach(self, batch_size: int) -> None:
+        """Start recording afresh for ``batch_size`` rows, on the calling thread."""
+        hidden = int(self.model.config.get_text_config().hidden_size)
+        device = next(self.model.parameters()).device
+        self.ids = [torch.empty(0, dtype=torch.long) for _ in range(batch_size)]
+        self.feats = [torch.empty(0, hidden, device=device) for _ in range(batch_size)]
+        self._thread = threading.get_ident()
+        self._pending = None
+        if not self._handles:
+            ref = weakref.ref(self)
+            self._handles = [
+                self.model.register_forward_pre_hook(functools.partial(_inputs_hook, ref), with_kwargs=True),
+                self.model.model.norm.register_forward_hook(functools.partial(_norm_hook, ref)),
+            ]
+            self._finalizer = weakref.finalize(self, _remove, list(self._handles))
+
+    def detach(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+        self._handles = []
+
+    def keep_prefix(self, row: int, token_ids: torch.Tensor) -> int:
+        """Drop row's records past their longest common prefix with ``token_ids`` [T]; returns its length."""
+        keep = _common_prefix_length(self.ids[row], token_ids)
+        self.ids[row] = self.ids[row][:keep]
+        self.feats[row] = self.feats[row][:keep]
+        return keep
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only these rows (the batch engine dropped finished requests)."""
+        self.ids = [self.ids[i] for i in rows]
+        self.feats = [self.feats[i] for i in rows]
+
+    def _record_inputs(self, args, kwargs) -> None:
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        if input_ids is None or threading.get_ident() != self._thread:
+            self._pending = None
+            return
+        width = input_ids.shape[1]
+        mask = kwargs.get("attention_mask")
+        valid = None if mask is None or mask.ndim != 2 else mask[:, -width:].bool()  # [B, W] new slots
+        self._pending = (input_ids, valid)
+
+    def _record_hidden(self, hidden: torch.Tensor) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        input_ids, valid = pending  # [B, W], [B, W] or None
+        if input_ids.shape[0] != len(self.ids):
+            return  # not a forward of the batch being drafted for
+        for b in range(input_ids.shape[0]):
+            ids, feats = input_ids[b], hidden[b]  # [W], [W, H]
+            if valid is not None:
+                ids, feats = ids[valid[b]], feats[valid[b]]
+            self.ids[b] = torch.cat([self.ids[b], ids.cpu()])
+            self.feats[b] = torch.cat([self.feats[b], feats.detach().float()])
+
+
+def _inputs_hook(ref, module, args, kwargs):
+    owner = ref()
+    if owner is not None:
+        owner._record_inputs(args, kwargs)
+
+
+def _norm_hook(ref, module, args, output):
+    owner = ref()
+    if owner is not None:
+        owner._record_hidden(output)
+
+
+def _remove(handles) -> None:
+    for handle in handles:
+        handle.remove()
+
+
+# ---------------------------------------------------------------- drafting
+
+
+class _HeadRow:
+    """One sequence's head state: its KV cache and how many of its entries come from real features."""
+
+    def __init__(self, head: EagleHead) -> None:
+        self.cache = head.new_cache()
+        self.num_real = 0
+
+
+class EagleDrafter:
+    """Drafts with an ``EagleHead`` over the target's hidden states (see module docstring).
+
+    target_model: the target causal LM (hooks are added to it at ``reset``; its
+        weights are only read). head: a trained (or untrained) ``EagleHead`` of
+        the target's width. vocab_subset: [N] int64 token ids the head may
+        propose (``lab.vocab``), or None for the full vocabulary.
+
+    Raises ValueError when the head's width or vocabulary is not the target's.
+    """
+
+    name = "eagle"
+
+    def __init__(self, target_model: torch.nn.Module, head: EagleHead, vocab_subset: torch.Tensor | None = None) -> None:
+        config = target_model.config.get_text_config()
+        if head.config.hidden_size != config.hidden_size or head.config.vocab_size != config.vocab_size:
+            raise ValueError(
+                f"eagle requires a head trained for this target (width {config.hidden_size}, vocabulary "
+                f"{config.vocab_size}); got width {head.config.hidden_size}, vocabulary {head.config.vocab_size}"
+            )
+        self.target_model = target_model
+        self.head = head
+        self.vocab_subset = vocab_subset
+        self.embed = target_model.get_input_embeddings()
+        lm_head = target_model.get_output_embeddings()
+        self.lm_head = lm_head if vocab_subset is None else TrimmedLMHead(lm_head.weight, vocab_subset)
+        self.features = TargetFeatures(target_model)
+        self.rows: list[_HeadRow] = []
+
+    @property
+    def cache(self) -> DynamicCache | None:
+        """The head's KV cache (batch 1), for the engine's ``draft_cache_len``."""
+        return self.rows[0].cache if self.rows else None
+
+    def reset(self) -> None:
+        self.features.attach(1)
+        self.rows = [_HeadRow(self.head)]
+
+    def propose(self, ctx: DraftContext) -> Draft:
+        return draft_row(self, 0, ctx)
+
+    def observe(self, num_accepted: int) -> None:
+        """Nothing to do now: the next proposal keeps the features that match the committed tokens."""
+
+
+@torch.inference_mode()
+def draft_row(drafter: EagleDrafter, row: int, ctx: DraftContext) -> Draft:
+    """Draft up to ctx.k tokens for one row (the single-row and batched drafters share this).
+
+    Steps: keep the recorded target features that match the committed tokens
+    (F of them: every committed token but the last); feed the head the entries
+    it lacks, (f_t, x_{t+1}) for t in [num_real, F); then draft ctx.k tokens
+    autoregressively on predicted features; crop the head's cache back to its
+    F real entries. Returns an empty draft when no feature is known yet (a
+    one-token prompt) or ctx.k == 0.
+    """
+    state = drafter.rows[row]
+    token_ids = ctx.token_ids  # [T]
+    num_feats = drafter.features.keep_prefix(row, token_ids[:-1])
+    if num_feats == 0 or ctx.k <= 0:
+        return Draft.empty()
+    head, features = drafter.head, drafter.features.feats[row]  # [F, H]
+    device = features.device
+    crop_cache(state.cache, min(state.num_real, num_feats))
+    start = state.cache.get_seq_length()
+    next_ids = token_ids[start + 1 : num_feats + 1].to(device)  # x_{t+1} for t in [start, F)
+    predicted = head(features[None, start:num_feats], drafter.embed(next_ids)[None], state.cache)[0, -1]  # [H]
+    state.num_real = num_feats
+    tokens, probs = [], []
+    for i in range(ctx.k):
+        logits = drafter.lm_head(predicted.to(drafter.lm_head.weight.dtype))  # [V]
+        if ctx.grammar is not None:
+            logits = ctx.grammar.mask_next(logits)
+        if ctx.sampling.is_greedy:
+            token = logits.argmax(-1)
+            dist = torch.softmax(logits.float(), -1)
+        else:
+            dist = logits_to_probs(logits, ctx.sampling)
+            token = sample(dist, ctx.generator)
+        tokens.append(token)
+        probs.append(dist)
+        if ctx.grammar is not None:
+            ctx.grammar.accept(int(token))
+            if ctx.grammar.is_terminated:
+                break
+        if i + 1 < ctx.k:
+            predicted = head(predicted[None, None], drafter.embed(token.view(1, 1).to(device)), state.cache)[0, -1]
+    if ctx.grammar is not None:
+        ctx.grammar.rollback(len(tokens))
+    crop_cache(state.cache, state.num_real)  # drafting entries came from predicted features: never kept
+    return Draft(torch.stack(tokens).cpu(), torch.stack(probs))
+
+
+class BatchEagleDrafter:
+    """The batched ``EagleDrafter`` (``lab.batch.BatchDrafter``): one recorder for the batch, a head cache per row.
+
+    Rows draft one after another through the shared head (not in one padded
+    pass): exact and simple; batching the head's passes is not done yet.
+    """
+
+    def __init__(self, single: EagleDrafter) -> None:
+        self.single = single
+        self.name = single.name
+
+    def reset(self, batch_size: int) -> None:
+        self.single.features.attach(batch_size)
+        self.single.rows = [_HeadRow(self.single.head) for _ in range(batch_size)]
+
+    def propose(self, contexts: Sequence[DraftContext]) -> list[Draft]:
+        return [draft_row(self.single, b, ctx) for b, ctx in enumerate(contexts)]
+
+    def observe(self, num_accepted: Sequence[int]) -> None:
+        pass
+
+    def drop(self, keep: Sequence[int]) -> None:
+        self.single.features.select(keep)
+        self.single.rows = [self.single.rows[i] for i in keep]
+
+    def cache_lengths(self) -> list[int]:
+        return [row.cache.get_seq_length() for row in self.single.rows]
+
+
+def _common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Length of the longest common prefix of two [N] int64 tensors."""
+    n = min(a.shape[0], b.shape[0])
+    mismatch = (a[:n] != b[:n].to(a.device)).nonzero()
+    return int(mismatch[0]) if mismatch.numel() else n

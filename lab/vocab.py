@@ -1,0 +1,164 @@
+"""A trimmed draft vocabulary: the draft scores only the N most frequent target tokens.
+
+A draft's LM head over a 50k-150k vocabulary is a large share of the weights it
+reads per token (about 28 % for Qwen2.5 0.5B). FR-Spec (Zhao et al. 2025,
+"FR-Spec: Accelerating Large-Vocabulary Language Models via Frequency-Ranked
+Speculative Sampling"), VocabTrim (Goel et al. 2025) and EAGLE-3's ``d2t`` map
+keep only the rows of the N tokens the target emits most often. The target still
+verifies over its full vocabulary, so nothing about exactness changes:
+
+- greedy: a drafted token is kept only where it is the target's argmax; a token
+  outside the subset is simply never drafted, and the target emits it itself;
+- sampling: the draft distribution is zero outside the subset, so the
+  acceptance rule min(1, target/draft) never divides by zero for a drafted
+  token, and the residual max(0, target - draft) keeps all of the target's mass
+  on tokens outside the subset: they are emitted as recovered tokens.
+
+The frequency table counts the tokens of target-generated text
+(``build_token_frequencies``; ``python -m lab token-freq``) and is cached next
+to the prepared models, under ``cache_dir() / vocab / <target>.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+VOCAB_FOLDER = "vocab"
+
+
+class TrimmedLMHead(torch.nn.Module):
+    """An LM head that scores only ``subset`` rows and gives -inf to every other token.
+
+    weight: [V, H] the full head's weight; subset: [N] int64 token ids (unique).
+    forward: hidden [..., H] -> logits [..., V] in the weight's dtype, -inf outside
+    the subset. Only N x H weights are read; filling V logits costs V writes.
+    """
+
+    def __init__(self, weight: torch.Tensor, subset: torch.Tensor) -> None:
+        super().__init__()
+        subset = torch.as_tensor(subset, dtype=torch.long)
+        if subset.ndim != 1 or subset.numel() == 0:
+            raise ValueError(f"a trimmed head requires a non-empty [N] subset of token ids; got shape {tuple(subset.shape)}")
+        if int(subset.max()) >= weight.shape[0] or int(subset.min()) < 0:
+            raise ValueError(f"a trimmed head requires token ids in 0..{weight.shape[0] - 1}; got {int(subset.min())}..{int(subset.max())}")
+        self.vocab_size = int(weight.shape[0])
+        self.register_buffer("subset", subset.to(weight.device), persistent=False)
+        self.weight = torch.nn.Parameter(weight.detach()[self.subset].clone(), requires_grad=False)  # [N, H]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        scores = torch.nn.functional.linear(hidden, self.weight)  # [..., N]
+        logits = scores.new_full((*scores.shape[:-1], self.vocab_size), float("-inf"))  # [..., V]
+        return logits.index_copy_(-1, self.subset, scores)
+
+
+def trimmed_view(model: torch.nn.Module, subset: torch.Tensor) -> torch.nn.Module:
+    """A causal LM sharing every weight with ``model`` except its LM head, trimmed to ``subset``.
+
+    model: a transformers causal LM with ``lm_head`` (read, never changed).
+    subset: [N] int64 token ids the draft may propose.
+    Returns a shallow copy whose logits are [B, T, V] with -inf outside the subset.
+    """
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    view._parameters = dict(model._parameters)
+    view._buffers = dict(model._buffers)
+    view.lm_head = TrimmedLMHead(model.lm_head.weight, subset)
+    return view
+
+
+def top_tokens(counts: torch.Tensor, n: int, always: Sequence[int] = ()) -> torch.Tensor:
+    """The ``n`` most frequent token ids (ties: lower id first), plus ``always`` (e.g. EOS), sorted.
+
+    counts: [V] int64 or float token counts. Returns [min(n, V) (+ always)] int64.
+    Raises ValueError unless n >= 1.
+    """
+    if n < 1:
+        raise ValueError(f"a trimmed vocabulary requires N >= 1; got {n}")
+    order = torch.argsort(-counts.double(), stable=True)[: min(n, counts.numel())]
+    ids = set(order.tolist()) | {int(t) for t in always if 0 <= int(t) < counts.numel()}
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def count_tokens(sequences: Sequence[Sequence[int]], vocab_size: int) -> torch.Tensor:
+    """[V] int64 occurrences of each token id in ``sequences``."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for seq in sequences:
+        if len(seq):
+            counts += torch.bincount(torch.as_tensor(list(seq), dtype=torch.long), minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def frequency_path(target_name: str) -> Path:
+    """Where a target's frequency table is cached: ``cache_dir() / vocab / <name>.json``."""
+    from lab.models import cache_dir
+
+    safe = Path(str(target_name)).name or "model"
+    return cache_dir() / VOCAB_FOLDER / f"{safe}.json"
+
+
+def save_frequencies(counts: torch.Tensor, path: Path, meta: dict | None = None) -> Path:
+    """Write counts (sparse: id -> count) with a sha256 of them; returns path."""
+    nonzero = counts.nonzero().flatten().tolist()
+    table = {str(i): int(counts[i]) for i in nonzero}
+    body = json.dumps(table, sort_keys=True)
+    record = {"vocab_size": int(counts.numel()), "sha256": hashlib.sha256(body.encode()).hexdigest(),
+              "meta": meta or {}, "counts": table}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(path)
+    return path
+
+
+def load_frequencies(path: Path) -> torch.Tensor:
+    """[V] int64 counts from ``save_frequencies``' file.
+
+    Raises FileNotFoundError with the command to build it, ValueError when the checksum fails.
+    """
+    if not path.exists():
+        raise FileNotFoundError(
+            f"No token frequency table at {path}: build it with `python -m lab token-freq --target <name>`."
+        )
+    record = json.loads(path.read_text())
+    body = json.dumps(record["counts"], sort_keys=True)
+    if hashlib.sha256(body.encode()).hexdigest() != record["sha256"]:
+        raise ValueError(f"The token frequency table {path} fails its checksum: rebuild it with `python -m lab token-freq`.")
+    counts = torch.zeros(int(record["vocab_size"]), dtype=torch.long)
+    for token, count in record["counts"].items():
+        counts[int(token)] = count
+    return counts
+
+
+def build_token_frequencies(
+    target,
+    prompts: Sequence[str],
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """Count the tokens the target itself generates (greedy) for ``prompts``.
+
+    target: ``lab.models.LoadedModel``-like (``.model``, ``.tokenizer``, ``.eos_token_ids``).
+    prompts: user messages; the chat template is applied (``lab.prompts.encode_prompt``).
+    Returns ([V] int64 counts over the generated tokens, the generated token lists).
+    Uses the lab's batched engine with the target alone.
+    """
+    from lab.batch import run_batch
+    from lab.config import DecodeConfig
+    from lab.models import encode_prompt
+
+    vocab_size = int(target.model.config.get_text_config().vocab_size)
+    generated: list[list[int]] = []
+    config = DecodeConfig(max_new_tokens=max_new_tokens)
+    for start in range(0, len(prompts), batch_size):
+        chunk = [encode_prompt(target, p, True) for p in prompts[start : start + batch_size]]
+        generated += run_batch(target, chunk, None, config).token_ids
+        if progress is not None:
+            progress(min(start + batch_size, len(prompts)), len(prompts))
+    return count_tokens(generated, vocab_size), generated
