@@ -96,6 +96,12 @@ def decode(
     naive = grammar is not None and config.grammar_mode == "naive"
 
     mode = resolve_engine_mode(config.engine_mode, device)
+    if mode == "compiled" and getattr(drafter, "reads_target_passes", False):
+        # The drafter records the target's passes through forward hooks, which a captured pass does not run.
+        if config.engine_mode != "auto":
+            raise ValueError(f"the {drafter.name} drafter reads the target's hidden states through forward hooks, "
+                             "which a compiled (captured) pass does not run: pick the eager or static engine")
+        mode = "static"
     verify_width = config.k + 1 if drafter is not None else 1  # the fixed width of the static modes
     max_length = prompt.numel() + budget + verify_width  # what a static cache must hold, padding included
     with _taken(runner, model, mode, config.compile_backend) as runner:
@@ -282,7 +288,10 @@ def position_details(
 
 def _draft_cache_len(drafter: Drafter | None) -> int | None:
     runner = getattr(drafter, "runner", None)
-    return None if runner is None else runner.length
+    if runner is not None:
+        return runner.length  # a host count: no device sync
+    cache = getattr(drafter, "cache", None)
+    return None if cache is None else int(cache.get_seq_length())
 
 
 def sync_device(device: torch.device) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -63,7 +64,23 @@ def trimmed_view(model: torch.nn.Module, subset: torch.Tensor) -> torch.nn.Modul
     model: a transformers causal LM with ``lm_head`` (read, never changed).
     subset: [N] int64 token ids the draft may propose.
     Returns a shallow copy whose logits are [B, T, V] with -inf outside the subset.
+    One view per model and subset is made and then reused: the trimmed rows are
+    copied once, and a static or compiled engine (``lab.runner``) keeps its cache
+    and graphs across decodes.
     """
+    subset = torch.as_tensor(subset, dtype=torch.long)
+    key = hashlib.sha256(subset.cpu().numpy().tobytes()).hexdigest()
+    views = _VIEWS.setdefault(model, {})
+    if key not in views:
+        views[key] = _make_trimmed_view(model, subset)
+    return views[key]
+
+
+# model -> {sha256 of the subset: view}
+_VIEWS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def _make_trimmed_view(model: torch.nn.Module, subset: torch.Tensor) -> torch.nn.Module:
     view = copy.copy(model)
     view._modules = dict(model._modules)
     view._parameters = dict(model._parameters)

@@ -203,3 +203,19 @@ def test_the_shipped_smollm2_head_loads_and_fits_smollm2():
     head, meta = load_head(folder)
     assert (head.config.hidden_size, head.config.vocab_size, head.config.target) == (576, 49152, "smollm2-135m")
     assert meta["train_s"] + meta["collect_s"] < 30 * 60  # trained within the issue's 30 minutes on the 2-core CPU
+
+
+@pytest.mark.parametrize("mode", ["static", "auto"])
+def test_eagle_runs_exact_in_the_static_engine(tiny_target, mode):
+    """The head reads the target's passes through hooks: the static engine runs them; auto never compiles them away."""
+    prompt = PROMPTS[0]
+    reference = reference_greedy(tiny_target.model, prompt, 16)
+    result = run(tiny_target, prompt, EagleDrafter(tiny_target.model, tiny_head(tiny_target.model)),
+                 DecodeConfig(k=3, max_new_tokens=16, engine_mode=mode))
+    assert result.token_ids == reference and result.stats.num_draft_tokens > 0
+
+
+def test_eagle_refuses_the_compiled_engine_by_name(tiny_target):
+    with pytest.raises(ValueError, match="pick the eager or static engine"):
+        run(tiny_target, PROMPTS[0], EagleDrafter(tiny_target.model, tiny_head(tiny_target.model)),
+            DecodeConfig(k=3, max_new_tokens=8, engine_mode="compiled", compile_backend="eager"))

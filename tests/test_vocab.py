@@ -133,3 +133,12 @@ def test_trimmed_draft_sampled_batch_rows_sample_as_alone(tiny_target, tiny_draf
         alone = run(tiny_target, prompt, make_drafter("draft-model", tiny_target, tiny_draft, vocab_subset=SUBSET),
                     DecodeConfig(k=3, max_new_tokens=12, temperature=1.0, seed=11 + i))
         assert batched.rows[i].token_ids == alone.token_ids
+
+
+def test_a_trimmed_view_is_made_once_per_model_and_subset(tiny_target):
+    from lab.vocab import trimmed_view
+
+    subset = torch.arange(0, TINY_VOCAB, 2)
+    view = trimmed_view(tiny_target.model, subset)
+    assert trimmed_view(tiny_target.model, subset.clone()) is view  # same ids: the same view (and its engine caches)
+    assert trimmed_view(tiny_target.model, subset[:-1]) is not view

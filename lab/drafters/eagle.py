@@ -335,6 +335,7 @@ class EagleDrafter:
     """
 
     name = "eagle"
+    reads_target_passes = True  # hooks on the target: the engine runs it eagerly or static, never compiled
 
     def __init__(self, target_model: torch.nn.Module, head: EagleHead, vocab_subset: torch.Tensor | None = None) -> None:
         config = target_model.config.get_text_config()
