@@ -110,14 +110,12 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     """
     if summary.empty:
         return pd.DataFrame()
-    best = best_k_by_drafter(summary)
+    best = best_k_by_drafter(summary, at_least=1.0)
     return not_measured_as_text(pd.DataFrame(
         {
             "drafter": summary["drafter"],
             "K": summary["k"].astype(int),
-            # starred only where it beats the target alone: a star on a loss would read as advice to use it
-            "best K": [("★" if best.get(d) == k and s >= 1 else "")
-                       for d, k, s in zip(summary["drafter"], summary["k"], summary["speedup"].astype(float))],
+            "best K": [("★" if best.get(d) == k else "") for d, k in zip(summary["drafter"], summary["k"])],
             "identical to target": [identical_text(f, n) for f, n in zip(summary["identical_to_target"], summary["prompts"])],
             "speedup": summary["speedup"].astype(float),
             "acceptance rate": summary["acceptance_rate"].astype(float),
@@ -157,12 +155,16 @@ def compact_summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     return compact
 
 
-def best_k_by_drafter(summary: pd.DataFrame, column: str = "speedup") -> dict[str, int]:
-    """For each drafter, the K with the highest ``column`` (NaN rows ignored)."""
+def best_k_by_drafter(summary: pd.DataFrame, column: str = "speedup", at_least: float | None = None) -> dict[str, int]:
+    """For each drafter, the K with the highest ``column`` (NaN rows ignored).
+
+    at_least: leave out a drafter whose best value is below it (1.0 for speedup: a star on a K that loses to
+    the target alone would read as advice to use it). The table and the chart star the same Ks through this.
+    """
     best: dict[str, int] = {}
     for drafter, rows in summary.groupby("drafter", sort=False):
         values = rows[column].astype(float)
-        if values.notna().any():
+        if values.notna().any() and (at_least is None or values.max() >= at_least):
             best[str(drafter)] = int(rows.loc[values.idxmax(), "k"])
     return best
 
@@ -346,11 +348,11 @@ def speedup_figure(summary: pd.DataFrame) -> go.Figure:
 
 
 def acceptance_vs_k_figure(summary: pd.DataFrame) -> go.Figure:
-    """Acceptance rate (top) and speedup (bottom) against K per drafter; each drafter's best K starred."""
+    """Acceptance rate (top) and speedup (bottom) against K per drafter; each drafter's best K starred where it wins."""
     # room between the panels: at 0.06 the acceptance axis's "0%" sat next to the speedup axis's top tick
     figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.16)
     colours = drafter_colours(list(summary["drafter"]) if not summary.empty else [])
-    best = best_k_by_drafter(summary) if not summary.empty else {}
+    best = best_k_by_drafter(summary, at_least=1.0) if not summary.empty else {}
     panels = ((1, "acceptance_rate"), (2, "speedup"))
     for drafter, rows in (summary.groupby("drafter", sort=False) if not summary.empty else []):
         rows = rows.sort_values("k")
@@ -381,7 +383,7 @@ def acceptance_vs_k_figure(summary: pd.DataFrame) -> go.Figure:
     figure.update_yaxes(title="speedup", rangemode="tozero", nticks=4, row=2, col=1)
     figure.update_xaxes(title="K (draft tokens per step)", tickmode="linear", dtick=1, row=2, col=1)
     # a short title, the star's meaning below it: in a third of the page the long title was cut at "speedup"
-    figure.update_layout(title=dict(text="Against K<br><sup>acceptance and speedup; ★ best K by speedup</sup>"),
+    figure.update_layout(title=dict(text="Against K<br><sup>acceptance and speedup; ★ best K, where it beats the target alone</sup>"),
                          height=420, margin=FIGURE_MARGIN | dict(t=60),
                          legend=dict(orientation="h", yanchor="top", y=-0.2))
     if summary.empty:

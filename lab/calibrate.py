@@ -166,6 +166,7 @@ class Calibration:
             lines.append(f"- **{t.precision}**: target step {t.target_step_ms:.1f} ms{draft}; "
                          f"verify cost v(K=1, 2, 4, 8) = {v} steps.")
         alone = min(self.timings, key=lambda t: t.target_step_ms)
+        lines.append("")  # a paragraph of its own, not part of the last bullet
         lines.append(
             f"At an acceptance rate of {self.acceptance:.0%} per token, the cost model's fastest speculation is "
             f"**{self.precision}, K = {self.k}**: {self.predicted_ms_per_token:.1f} ms per token against "
@@ -173,6 +174,7 @@ class Calibration:
             f"{self.predicted_speedup:.2f}x."
         )
         if self.predicted_speedup < 1:
+            lines.append("")
             lines.append("Speculation is predicted to lose here at this acceptance: the target alone is faster.")
         return "\n".join(lines)
 

@@ -118,12 +118,14 @@ def test_best_k_is_starred_once_per_drafter():
         dict(drafter="b", k=2, speedup=0.9), dict(drafter="b", k=4, speedup=math.nan),
     ])
     assert render_compare.best_k_by_drafter(summary) == {"a": 4, "b": 2}
+    assert render_compare.best_k_by_drafter(summary, at_least=1.0) == {"a": 4}
     table = render_compare.summary_table(summary)
     assert list(table["best K"]) == ["", "★", "", "", ""]  # b's best K loses (0.9x): no star in the table
     assert list(table.columns[:4]) == ["drafter", "K", "best K", "identical to target"]
     figure = render_compare.acceptance_vs_k_figure(summary)
     stars = [t for t in figure.data if t.marker.symbol == "star"]
-    assert sorted((t.x[0], round(t.y[0], 6)) for t in stars if t.yaxis == "y2") == [(2, 0.9), (4, 1.8)]
+    # the chart stars what the table stars: the fresh-user trial saw stars on losing Ks below the 1x line
+    assert sorted((t.x[0], round(t.y[0], 6)) for t in stars if t.yaxis == "y2") == [(4, 1.8)]
 
 
 def test_compact_summary_keeps_the_headline_columns_and_stars_the_best_k():
