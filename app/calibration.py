@@ -17,6 +17,7 @@ from lab.models import PRESETS, ModelError
 
 key = state.widget_key
 SLIDER_V_MAX = 3.0
+MEASURED_V_KEY = "theory:measured_v"  # {K: v(K)} of the calibration last put on the sliders
 
 
 def pairs() -> dict[str, tuple[str, str | None]]:
@@ -69,6 +70,8 @@ def use_on_sliders(calibration: Calibration) -> None:
     s[key("theory.v")] = round(min(max(t.v(calibration.k), 1.0), SLIDER_V_MAX), 2)
     s[key("theory.a")] = round(calibration.acceptance, 2)
     s[key("theory.run")] = "—"
+    # The Best K card then weighs each K with its own measured v(K), as the calibration did.
+    s[MEASURED_V_KEY] = {k: t.v(k) for k in t.verify_ms}
 
 
 def section() -> None:

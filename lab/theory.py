@@ -75,16 +75,23 @@ def acceptance_from_mean_length(mean_acceptance_length: float, k: int) -> float:
     return (low + high) / 2
 
 
-def best_k(acceptance: float, cost_ratio: float, k_max: int = 16, verify_cost: float = 1.0) -> tuple[int, float]:
+def best_k(
+    acceptance: float,
+    cost_ratio: float,
+    k_max: int = 16,
+    verify_cost: float = 1.0,
+    verify_costs: dict[int, float] | None = None,
+) -> tuple[int, float]:
     """The K in 1..k_max with the highest expected speedup, and that speedup.
 
     verify_cost: v, one value for every K (Leviathan: 1). A measured v(K) grows
     with K, so a single v flatters large K; it is a what-if, not a fit.
+    verify_costs: {K: v(K)} measured per K (``lab.calibrate``); then only those
+    K are considered, each with its own v, and verify_cost is ignored.
     """
-    return max(
-        ((k, expected_speedup(acceptance, k, cost_ratio, verify_cost)) for k in range(1, k_max + 1)),
-        key=lambda kv: kv[1],
-    )
+    costs = verify_costs or {k: verify_cost for k in range(1, k_max + 1)}
+    return max(((k, expected_speedup(acceptance, k, cost_ratio, v)) for k, v in sorted(costs.items())),
+               key=lambda kv: kv[1])
 
 
 def _check(acceptance: float, k: int) -> None:

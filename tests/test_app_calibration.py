@@ -37,6 +37,13 @@ def test_theory_page_calibrates_explains_and_fills_the_sliders(tiny_models):
     assert at.slider(key=key("theory.c")).value == 0.0  # prompt lookup costs no draft model
     assert at.slider(key=key("theory.v")).value == pytest.approx(min(max(round(timing.v(calibration.k), 2), 1.0), 3.0))
     assert at.slider(key=key("theory.a")).value == pytest.approx(0.4)  # prompt lookup's prior
+    # The Best K card weighs each K with its measured v(K), so it names the calibration's own K (the fresh-user
+    # trial saw "16" beside a calibration that chose 2, from one v for every K).
+    (best,) = [m for m in at.metric if m.label.startswith("Best K")]
+    if calibration.predicted_speedup >= 1:
+        assert best.value.startswith(f"{calibration.k} (")
+    at.slider(key=key("theory.v")).set_value(2.0).run()  # a v of one's own: one v for every K again
+    assert "among the K this machine's calibration measured" not in [m for m in at.metric if m.label.startswith("Best K")][0].help
 
 
 def test_a_new_acceptance_rescores_without_timing_again(tiny_models):

@@ -75,3 +75,10 @@ def test_bad_inputs_say_what_was_expected():
         expected_tokens_per_step(1.5, 4)
     with pytest.raises(ValueError, match="requires c >= 0; got -0.1"):
         expected_speedup(0.5, 4, -0.1)
+
+
+def test_best_k_with_a_measured_v_per_k():
+    # One v for every K flatters large K; a v(K) that grows picks a smaller K (the calibration's choice).
+    assert best_k(0.4, 0.0, 16, verify_cost=1.0)[0] == 16
+    k, speedup = best_k(0.4, 0.0, verify_costs={1: 0.94, 2: 1.00, 4: 1.13, 8: 1.22})
+    assert k == 2 and speedup == pytest.approx(expected_speedup(0.4, 2, 0.0, 1.00))

@@ -105,7 +105,12 @@ with st.container(border=True):
                      help="v becomes the run's bare v(K) where the comparison measured it, else 1.")
 
 even = render_compare.break_even_acceptance(k, c, v)
-best, best_speedup = best_k(a, c, K_MAX, verify_cost=v)
+# After "Put this K, c, v(K) and a on the sliders": each K with its own measured v(K), as the calibration chose,
+# while the v slider still shows the calibration's v at the slider's K (moving it returns to one v for every K).
+measured_v = st.session_state.get(calibration.MEASURED_V_KEY)
+if measured_v and not (k in measured_v and math.isclose(v, min(max(round(measured_v[k], 2), V_MIN), V_MAX))):
+    measured_v = None
+best, best_speedup = best_k(a, c, K_MAX, verify_cost=v, verify_costs=measured_v)
 at_v = "" if v == 1 else f", v={v:.2f}"
 with st.container(horizontal=True, gap="small"):  # fixed-width cards wrap instead of truncating
     cards = [st.container(width=METRIC_WIDTH_PX) for _ in range(4)]
@@ -116,6 +121,10 @@ cards[2].metric("Break-even a", "never" if even is None else f"{even:.2f}",
                      "a = c + v − 1, so a = c at v = 1).")
 best_help = (f"For a={a:.2f}, c={c:.2f}{at_v}: the K in 1..{K_MAX} with the highest expected speedup, taking the same "
              "v for every K (a measured v can grow with K, so this flatters large K when v > 1).")
+if measured_v:
+    best_help = (f"For a={a:.2f}, c={c:.2f}: among the K this machine's calibration measured "
+                 f"({', '.join(map(str, sorted(measured_v)))}), each with its own measured v(K), the one with the "
+                 "highest expected speedup: the calibration's own choice.")
 if best_speedup < 1:  # even the best K loses: a K here would read as a recommendation
     cards[3].metric("Best K", "none", help=best_help)
     cards[3].caption(f"none: speculation is predicted to lose (best K={best} gives {best_speedup:.2f}×)")
