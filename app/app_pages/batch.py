@@ -82,7 +82,7 @@ PEER_COLUMNS = {
     "greedy tokens/s": RATE, "speculative tokens/s": RATE, "speedup over its own greedy": SPEEDUP,
     "tokens per target pass": st.column_config.NumberColumn(format="%.2f"),
 }
-PEER_LABEL = "Also run transformers' assisted generation at batch 1 (peer)"
+PEER_LABEL = "Also run transformers' assisted generation (batch 1)"
 PEER_HELP = ("After the sweep, decode every prompt one at a time with transformers' `generate`, greedy and assisted "
              "by the same drafter at the same K, beside our engine alone and speculative: our batch-1 tokens/s "
              "against a peer's on the same models and prompts. Slow: four more decodes of every prompt, after a "
