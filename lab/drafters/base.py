@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
-from lab.sampling import SamplingParams
+from lab.sampling import SamplingParams, logits_to_probs, sample
 
 if TYPE_CHECKING:
     from lab.grammar import GrammarState
@@ -86,3 +86,30 @@ class Drafter(Protocol):
 
     def observe(self, num_accepted: int) -> None:
         """Learn that num_accepted leading tokens of the last draft were kept."""
+
+
+def draft_token(logits: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One drafted token from a model drafter's next-token logits, as every model drafter picks it.
+
+    logits: [V] on the drafter's device. Masked by ``ctx.grammar`` when there is
+    one; the argmax (greedy) or a sample from the processed distribution
+    (``lab.sampling``, the run's own temperature / top-k / top-p); the grammar is
+    then advanced over the token (the drafter rolls it back after its proposal).
+
+    Returns (token: int64 scalar on the logits' device; dist: [V] float32, the
+    distribution it was drawn from, or for greedy the softmax at temperature 1,
+    for display; done: the grammar is complete, so nothing may follow).
+    """
+    if ctx.grammar is not None:
+        logits = ctx.grammar.mask_next(logits)
+    if ctx.sampling.is_greedy:
+        token = logits.argmax(-1)
+        dist = torch.softmax(logits.float(), -1)
+    else:
+        dist = logits_to_probs(logits, ctx.sampling)
+        token = sample(dist, ctx.generator)
+    done = False
+    if ctx.grammar is not None:
+        ctx.grammar.accept(int(token))
+        done = ctx.grammar.is_terminated
+    return token, dist, done

@@ -19,9 +19,8 @@ import weakref
 
 import torch
 
-from lab.drafters.base import Draft, DraftContext
+from lab.drafters.base import Draft, DraftContext, draft_token
 from lab.runner import KVRunner, give_back, take_runner
-from lab.sampling import logits_to_probs, sample
 
 
 class DraftModelDrafter:
@@ -65,20 +64,11 @@ class DraftModelDrafter:
         for i in range(ctx.k):
             # A single new token runs through the width-1 graph; a longer catch-up (the prompt) eagerly.
             logits = runner.forward(inputs, width=1 if inputs.shape[1] == 1 else None, last_only=True)[0]  # [V]
-            if ctx.grammar is not None:
-                logits = ctx.grammar.mask_next(logits)  # draft under the grammar
-            if ctx.sampling.is_greedy:
-                token = logits.argmax(-1)
-                dist = torch.softmax(logits.float(), -1)
-            else:
-                dist = logits_to_probs(logits, ctx.sampling)
-                token = sample(dist, ctx.generator)
+            token, dist, done = draft_token(logits, ctx)  # under the grammar, if any
             tokens.append(token)
             probs.append(dist)
-            if ctx.grammar is not None:
-                ctx.grammar.accept(int(token))
-                if ctx.grammar.is_terminated:  # the grammar is complete: nothing can follow
-                    break
+            if done:  # the grammar is complete: nothing can follow
+                break
             inputs = token.view(1, 1)
         if ctx.grammar is not None:
             ctx.grammar.rollback(len(tokens))

@@ -43,8 +43,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from lab.cache import crop_cache
-from lab.drafters.base import Draft, DraftContext
-from lab.sampling import logits_to_probs, sample
+from lab.drafters.base import Draft, DraftContext, draft_token
 from lab.vocab import TrimmedLMHead
 
 HEADS_FOLDER = "heads"
@@ -395,20 +394,11 @@ def draft_row(drafter: EagleDrafter, row: int, ctx: DraftContext) -> Draft:
     tokens, probs = [], []
     for i in range(ctx.k):
         logits = drafter.lm_head(predicted.to(drafter.lm_head.weight.dtype))  # [V]
-        if ctx.grammar is not None:
-            logits = ctx.grammar.mask_next(logits)
-        if ctx.sampling.is_greedy:
-            token = logits.argmax(-1)
-            dist = torch.softmax(logits.float(), -1)
-        else:
-            dist = logits_to_probs(logits, ctx.sampling)
-            token = sample(dist, ctx.generator)
+        token, dist, done = draft_token(logits, ctx)  # under the grammar, if any
         tokens.append(token)
         probs.append(dist)
-        if ctx.grammar is not None:
-            ctx.grammar.accept(int(token))
-            if ctx.grammar.is_terminated:
-                break
+        if done:
+            break
         if i + 1 < ctx.k:
             predicted = head(predicted[None, None], drafter.embed(token.view(1, 1).to(device)), state.cache)[0, -1]
     if ctx.grammar is not None:
