@@ -267,17 +267,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(freq)
     freq.add_argument("--num-prompts", type=int, default=96, help="training prompts to answer (default 96)")
     freq.add_argument("--max-new-tokens", type=int, default=96, help="tokens per answer (default 96)")
-    freq.add_argument("--batch-size", type=int, default=8, help="answers generated together (default 8)")
+    freq.add_argument("--max-prompt-tokens", type=int, default=384, help="keep the last N tokens of a long prompt (default 384)")
+    freq.add_argument("--batch-size", type=int, default=16, help="answers generated together (default 16)")
     freq.set_defaults(handler=_cmd_token_freq)
 
     head = commands.add_parser("train-head", help="train an EAGLE-style head on the target's own answers and save it")
     _add_model_arguments(head)
     head.add_argument("--minutes", type=float, default=15.0, help="time budget of the optimisation loop (default 15)")
-    head.add_argument("--num-prompts", type=int, default=160, help="training prompts to answer (default 160)")
-    head.add_argument("--max-new-tokens", type=int, default=96, help="tokens per answer (default 96)")
-    head.add_argument("--batch-size", type=int, default=8, help="answers generated together (default 8)")
-    head.add_argument("--epochs", type=int, default=20, help="passes over the data at most (default 20)")
-    head.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    head.add_argument("--num-prompts", type=int, default=480,
+                      help="training prompts to answer, spread over the presets and Spec-Bench, never the held-out ones (default 480)")
+    head.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer (default 128)")
+    head.add_argument("--max-prompt-tokens", type=int, default=384, help="keep the last N tokens of a long prompt (default 384)")
+    head.add_argument("--batch-size", type=int, default=16, help="answers generated together (default 16)")
+    head.add_argument("--epochs", type=int, default=40, help="passes over the data at most (default 40)")
+    head.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (default 2e-3)")
+    head.add_argument("--unroll", type=int, default=3, help="training-time-test steps on the head's own predictions (default 3)")
+    head.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per optimiser step (default 4096)")
     head.add_argument("--intermediate-size", type=int, default=1024, help="the head's MLP width (default 1024)")
     head.add_argument("--eval-prompts", type=int, default=4, help="held-out Spec-Bench prompts decoded after training (default 4)")
     head.add_argument("--out", type=Path, default=None, help="folder to save to (default: the model cache)")
@@ -1001,8 +1006,9 @@ def _clean(x: float | None) -> float | None:
 # ---------------------------------------------------------------- token-freq and train-head
 
 
-def _training_prompts(target, count: int) -> list[list[int]]:
-    """Encoded training prompts: the lab's preset sets, then Spec-Bench, never the held-out measurement prompts."""
+def _training_prompts(target, count: int, max_tokens: int = 768) -> list[list[int]]:
+    """Encoded training prompts, shortest first (batches pad less): the lab's preset sets, then Spec-Bench,
+    never the held-out measurement prompts; each cut to its last ``max_tokens`` tokens."""
     from lab.models import encode_prompt
     from lab.prompts import load_prompt_sets, load_prompts
     from lab.train_head import HELD_OUT_SOURCE, TRAIN_SOURCES
@@ -1012,7 +1018,7 @@ def _training_prompts(target, count: int) -> list[list[int]]:
     # Spread over sources and categories: every n-th prompt.
     step = max(1, len(prompts) // max(1, count))
     chosen = prompts[::step][:count]
-    return [encode_prompt(target, p.text, True)[-768:] for p in chosen]
+    return sorted((encode_prompt(target, p.text, True)[-max_tokens:] for p in chosen), key=len)
 
 
 def _cmd_token_freq(args: argparse.Namespace) -> int:
@@ -1022,25 +1028,23 @@ def _cmd_token_freq(args: argparse.Namespace) -> int:
     progress = ProgressLine(sys.stderr, always=True)
     target = load_model(args.target, device=args.device, dtype=args.dtype, progress=progress, precision=args.target_quant)
     progress.done()
-    prompts = _training_prompts(target, args.num_prompts)
+    prompts = _training_prompts(target, args.num_prompts, args.max_prompt_tokens)
     start = time.perf_counter()
-    from lab.batch import run_batch
-    from lab.config import DecodeConfig
+    from lab.train_head import collect_samples
 
-    generated: list[list[int]] = []
-    for first in range(0, len(prompts), args.batch_size):
-        generated += run_batch(target, prompts[first : first + args.batch_size], None, DecodeConfig(max_new_tokens=args.max_new_tokens)).token_ids
-        progress(min(1.0, (first + args.batch_size) / len(prompts)), f"generating {min(first + args.batch_size, len(prompts))}/{len(prompts)}")
+    # The target's own next-token choice at every position: over its answers and over the prompts it read.
+    samples = collect_samples(target, prompts, args.max_new_tokens, args.batch_size,
+                              progress=lambda done, total: progress(done / total, f"answering {done}/{total}"))
     progress.done()
-    counts = count_tokens(generated, target.vocab_size)
+    counts = count_tokens([s.labels.tolist() for s in samples], target.vocab_size)
     path = save_frequencies(counts, frequency_path(target.name),
                             {"target": target.name, "prompts": len(prompts), "tokens": int(counts.sum()),
                              "generate_s": round(time.perf_counter() - start, 1)})
     seen = int((counts > 0).sum())
-    print(f"{int(counts.sum()):,} generated tokens, {seen:,} distinct of {target.vocab_size:,}; saved {path}")
+    print(f"{int(counts.sum()):,} next-token choices of the target, {seen:,} distinct of {target.vocab_size:,}; saved {path}")
     for n in (1024, 4096, 8192, 16384, 32768):
         share = float(counts.sort(descending=True).values[:n].sum()) / max(1, int(counts.sum()))
-        print(f"  top {n:>6,} tokens cover {share:6.1%} of the generated tokens")
+        print(f"  top {n:>6,} tokens cover {share:6.1%} of the target's choices")
     return EXIT_OK
 
 
@@ -1053,19 +1057,20 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
     from lab.train_head import HELD_OUT_SOURCE, TrainConfig, collect_samples, heldout_acceptance, train_head
     from lab.vocab import count_tokens, frequency_path, load_frequencies, save_frequencies
 
-    config = TrainConfig(max_train_s=args.minutes * 60, epochs=args.epochs, lr=args.lr,
-                         intermediate_size=args.intermediate_size)
+    config = TrainConfig(max_train_s=args.minutes * 60, epochs=args.epochs, lr=args.lr, unroll=args.unroll,
+                         batch_tokens=args.batch_tokens, intermediate_size=args.intermediate_size)
     progress = ProgressLine(sys.stderr, always=True)
     target = load_model(args.target, device=args.device, dtype=args.dtype, progress=progress, precision=args.target_quant)
     progress.done()
-    prompts = _training_prompts(target, args.num_prompts)
+    prompts = _training_prompts(target, args.num_prompts, args.max_prompt_tokens)
     start = time.perf_counter()
     with tqdm(total=len(prompts), desc="target answers", unit="prompt", file=sys.stderr) as bar:
         samples = collect_samples(target, prompts, args.max_new_tokens, args.batch_size,
                                   progress=lambda done, total: bar.update(done - bar.n))
     collect_s = time.perf_counter() - start
-    # The answers are a frequency table's data too: kept unless the cached table counts more tokens.
-    counts = count_tokens([s.ids[len(p):].tolist() for s, p in zip(samples, prompts)], target.vocab_size)
+    # The target's own next-token choices at every position (its answers, and its argmax over the prompts)
+    # are a frequency table's data too: kept unless the cached table counts more tokens.
+    counts = count_tokens([s.labels.tolist() for s in samples], target.vocab_size)
     table = frequency_path(target.name)
     if not table.exists() or int(load_frequencies(table).sum()) < int(counts.sum()):
         save_frequencies(counts, table, {"target": target.name, "prompts": len(prompts), "tokens": int(counts.sum())})

@@ -14,8 +14,10 @@ tokens to keep the CPU cost down) plus a smooth-L1 regression to f_{t+1}
 (EAGLE's feature loss, which keeps predicted features usable as the next
 step's input). Two things narrow the gap between training (real features in)
 and drafting (own predictions in): Gaussian noise on input features (EAGLE-1)
-and an unrolled second step that reads the head's own predictions (a cheap
-form of EAGLE-3's "training-time test").
+and unrolled steps that read the head's own predictions as drafting does
+(EAGLE-3's "training-time test": step j at every position reads step j-1's
+prediction, and attends to the real entries before its chain and to the
+chain's own entries, through a block attention mask).
 
 Training stops at ``max_train_s`` or after ``epochs``, whichever is first.
 ``python -m lab train-head`` wraps it all and saves the head with a checksum
@@ -44,13 +46,19 @@ class TrainConfig:
 
     max_train_s: wall-clock budget of the optimisation loop in seconds.
     epochs: passes over the samples at most.
-    lr: AdamW learning rate (cosine decay to 10 %); weight_decay: AdamW's.
-    batch_sequences: sequences per optimiser step.
+    lr: AdamW peak learning rate (linear warm-up over min(20, 2 % of the steps), then a cosine decay to 10 %
+        over whichever budget, steps or ``max_train_s``, runs out first); weight_decay: AdamW's.
+    batch_tokens: padded tokens per optimiser step (sequences of similar length are batched together).
     intermediate_size: the head's MLP width (None: the target's).
     loss_vocab: cross-entropy over this many most frequent label tokens (0: the full vocabulary).
     feature_weight: weight of the smooth-L1 feature loss (cross-entropy has weight 1).
     noise: std of the Gaussian noise on input features, relative to their std.
-    unroll: training steps per position: 1 (real features in) or 2 (also on the head's own prediction).
+    unroll: training steps per position (EAGLE-3's "training-time test"): step 1 reads the target's
+        features, step j > 1 the head's own step j-1 predictions, as drafted token j does; 1 to 8.
+    precision: "auto" (bf16 autocast on CUDA and on CPUs that run bf16 natively, by
+        ``lab.calibrate.host_float_precision``), "bf16" or "fp32". Master weights stay fp32.
+    init_last_layer: start the head's decoder layer from the target's last one (when the
+        MLP widths match; else random), as Hydra and EAGLE-3 reimplementations do.
     seed: for the initialisation, the order and the noise.
     """
 
@@ -58,22 +66,26 @@ class TrainConfig:
     epochs: int = 20
     lr: float = 1e-3
     weight_decay: float = 0.0
-    batch_sequences: int = 4
+    batch_tokens: int = 4096
     intermediate_size: int | None = 1024
     loss_vocab: int = 8192
     feature_weight: float = 0.5
     noise: float = 0.05
-    unroll: int = 2
+    unroll: int = 3
+    precision: str = "auto"
+    init_last_layer: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_train_s <= 0 or self.epochs < 1 or self.batch_sequences < 1:
+        if self.max_train_s <= 0 or self.epochs < 1 or self.batch_tokens < 1:
             raise ValueError(
-                f"training requires max_train_s > 0, epochs >= 1, batch_sequences >= 1; got "
-                f"{self.max_train_s}, {self.epochs}, {self.batch_sequences}"
+                f"training requires max_train_s > 0, epochs >= 1, batch_tokens >= 1; got "
+                f"{self.max_train_s}, {self.epochs}, {self.batch_tokens}"
             )
-        if self.unroll not in (1, 2):
-            raise ValueError(f"unroll requires 1 or 2; got {self.unroll}")
+        if not 1 <= self.unroll <= 8:
+            raise ValueError(f"unroll requires 1 to 8 steps; got {self.unroll}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision requires auto, bf16 or fp32; got {self.precision!r}")
 
 
 @dataclass
@@ -141,25 +153,28 @@ def train_head(
     progress: Callable[[int, int, float], None] | None = None,
     target_name: str = "",
 ) -> tuple[EagleHead, TrainReport]:
-    """Train (a copy of nothing: ``head`` is trained in place when given) and return the head in eval mode.
+    """Train (``head`` in place when given, else a new one) and return the head in eval mode.
 
     target: the target (its embedding table and LM head are read, never trained).
-    samples: from ``collect_samples``, each of length >= 3.
+    samples: from ``collect_samples``; those shorter than unroll + 2 tokens are skipped.
     progress(step, total_steps, loss): called after every optimiser step.
-    Runs on the target's device, in float32.
+    Runs on the target's device; weights in float32, matmuls in bf16 where
+    ``config.precision`` says so. Sequences are sorted into buckets of similar
+    length and right-padded (causal attention: real positions never read the
+    padding, whose loss is masked), at most ``config.batch_tokens`` padded tokens a step.
 
     Raises ValueError when no sample is long enough.
     """
     model = target.model
     device = next(model.parameters()).device
-    usable = [s for s in samples if s.ids.numel() >= 3]
+    usable = [s for s in samples if s.ids.numel() >= config.unroll + 2]
     if not usable:
-        raise ValueError("training requires samples of at least 3 tokens; got none")
+        raise ValueError(f"training requires samples of at least {config.unroll + 2} tokens; got none")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     if head is None:
         head = EagleHead(EagleHeadConfig.for_target(model, config.intermediate_size, target_name))
-        _init_from_target(head, model)
+        _init_from_target(head, model, config.init_last_layer)
     head = head.to(device).float().train().requires_grad_(True)
     embed = model.get_input_embeddings()
     lm_weight = model.get_output_embeddings().weight  # [V, H]
@@ -174,22 +189,25 @@ def train_head(
     weight = lm_weight.detach()[subset.to(lm_weight.device)].float().to(device)  # [N, H]
     remap = remap.to(device)
     feature_std = float(torch.cat([s.features[:64] for s in usable[:64]]).std())
+    batches = _length_buckets(usable, config.batch_tokens)
+    use_bf16 = _use_bf16(config.precision, device)
 
-    steps_per_epoch = math.ceil(len(usable) / config.batch_sequences)
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = len(batches) * config.epochs
+    warmup = min(20, max(1, total_steps // 50))
     optimiser = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     report = TrainReport(num_tokens=sum(s.ids.numel() for s in usable))
     start = time.perf_counter()
     step = 0
     for epoch in range(config.epochs):
-        order = list(range(len(usable)))
-        rng.shuffle(order)
-        for first in range(0, len(order), config.batch_sequences):
-            batch = [usable[i] for i in order[first : first + config.batch_sequences]]
-            lr_scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
+        rng.shuffle(batches)
+        for index, batch in enumerate(batches):
+            # Progress is the larger of steps and wall time spent: the schedule ends with whichever budget ends first.
+            done = min(1.0, max(step / total_steps, (time.perf_counter() - start) / config.max_train_s))
+            cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
             for group in optimiser.param_groups:
-                group["lr"] = config.lr * lr_scale
-            loss = sum(_sequence_loss(head, embed, weight, remap, s, config, feature_std, device) for s in batch) / len(batch)
+                group["lr"] = config.lr * cosine * min(1.0, (step + 1) / warmup)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = _batch_loss(head, embed, weight, remap, [usable[i] for i in batch], config, feature_std, device)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -202,7 +220,7 @@ def train_head(
                 report.stopped_by = "time budget"
                 break
         if report.stopped_by == "time budget":
-            report.epochs = epoch + min(1.0, (first + config.batch_sequences) / len(order))
+            report.epochs = epoch + (index + 1) / len(batches)
             break
         report.epochs = epoch + 1
     report.steps = step
@@ -210,38 +228,107 @@ def train_head(
     return head.eval().requires_grad_(False), report
 
 
-def _sequence_loss(head, embed, weight, remap, sample: Sample, config: TrainConfig, feature_std: float, device) -> torch.Tensor:
-    """Loss of one sequence (module docstring): position t reads (f_t, x_{t+1}) and must give f_{t+1}, y_{t+1}."""
-    ids = sample.ids.to(device)  # [T]
-    features = sample.features.to(device)  # [T, H]
-    labels = remap[sample.labels.to(device)]  # [T] columns of the scored subset
+def _use_bf16(precision: str, device: torch.device) -> bool:
+    if precision != "auto":
+        return precision == "bf16"
+    from lab.calibrate import host_float_precision
+
+    return host_float_precision(device) == "bf16"
+
+
+def _length_buckets(samples: Sequence[Sample], batch_tokens: int) -> list[list[int]]:
+    """Indices of samples in batches of similar length, each at most ``batch_tokens`` padded tokens (or one sample)."""
+    order = sorted(range(len(samples)), key=lambda i: samples[i].ids.numel())
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:  # ascending: the newest member is the longest
+        if current and (len(current) + 1) * samples[i].ids.numel() > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current]
+
+
+def _batch_loss(head, embed, weight, remap, batch: Sequence[Sample], config: TrainConfig, feature_std: float, device) -> torch.Tensor:
+    """Loss of a right-padded batch (module docstring): step j reads (f or predicted f at t+j-1, x_{t+j}) -> f_{t+j}, y_{t+j}."""
+    length = max(s.ids.numel() for s in batch)
+    hidden = batch[0].features.shape[1]
+    ids = torch.zeros(len(batch), length, dtype=torch.long)
+    labels = torch.full((len(batch), length), -100, dtype=torch.long)
+    features = torch.zeros(len(batch), length, hidden)
+    for b, s in enumerate(batch):
+        n = s.ids.numel()
+        ids[b, :n], labels[b, :n], features[b, :n] = s.ids, remap[s.labels.to(remap.device)].cpu(), s.features
+    ids, labels, features = ids.to(device), labels.to(device), features.to(device)  # [B, T], [B, T], [B, T, H]
     with torch.no_grad():
-        token_embeds = embed(ids).float()  # [T, H]
-    noisy = features[:-1] + config.noise * feature_std * torch.randn_like(features[:-1])
-    predicted = head(noisy[None], token_embeds[None, 1:])[0]  # [T-1, H]: predicted f_1 .. f_{T-1}
-    loss = _step_loss(predicted, features[1:], labels[1:], weight, config)
-    if config.unroll == 2 and ids.numel() >= 4:
-        # Second step on the head's own predictions: (predicted f_{t+1}, x_{t+2}) -> f_{t+2}.
-        again = head(predicted[None, :-1], token_embeds[None, 2:])[0]  # [T-2, H]
-        loss = 0.5 * (loss + _step_loss(again, features[2:], labels[2:], weight, config))
-    return loss
+        token_embeds = embed(ids).float()  # [B, T, H]
+    inputs = features[:, :-1] + config.noise * feature_std * torch.randn_like(features[:, :-1])
+    total = features.new_zeros(())
+    for j, predicted in enumerate(unrolled_predictions(head, inputs, token_embeds[:, 1:], config.unroll), start=1):
+        chained = labels[:, 1:].clone()
+        chained[:, : j - 1] = -100  # entries whose chain would start before the first position
+        total = total + _step_loss(predicted, features[:, 1:], chained, weight, config)
+    return total / config.unroll
+
+
+def unrolled_predictions(head: EagleHead, features: torch.Tensor, token_embeds: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """The head's predictions at every entry for drafted positions 1 .. ``steps`` (EAGLE-3's "training-time test").
+
+    features: [B, E, H] the target's f_p; token_embeds: [B, E, H] embeddings of x_{p+1}. Entry p predicts f_{p+1}.
+    Returns ``steps`` tensors [B, E, H]: the j-th holds, at entry p, what the head drafts as its j-th token
+    when the real features end at entry p - j + 1: step j reads step j-1's prediction at entry p - 1 and
+    attends to the real entries up to p - j + 1 and to the chain's entries p - j + 2 .. p of steps 2 .. j,
+    exactly as ``draft_row`` runs it (entries p < j - 1 are meaningless). Differentiable.
+    """
+    entries = features.shape[1]
+    cache = head.new_cache()
+    predicted = head(features, token_embeds, cache)  # step 1 from the target's features; the cache holds its entries
+    out = [predicted]
+    positions = torch.arange(entries, device=features.device)[None]
+    for j in range(2, steps + 1):
+        # The cache holds steps 1 .. j-1 side by side (E entries each); the block mask picks the chain.
+        inputs = torch.cat([torch.zeros_like(predicted[:, :1]), predicted[:, :-1]], dim=1)
+        predicted = head(inputs, token_embeds, cache, positions, _chain_mask(entries, j, features.device))
+        out.append(predicted)
+    return out
+
+
+def _chain_mask(entries: int, step: int, device) -> torch.Tensor:
+    """[1, 1, E, step * E] bool: which keys (step 1's entries, then steps 2 .. step's) a step-``step`` query at entry p reads.
+
+    Real entries q <= p - step + 1 (step 1's block) and, for m = 2 .. step, entry p - step + m of step m's block.
+    """
+    p = torch.arange(entries, device=device)[:, None]  # [E, 1] query entries
+    q = torch.arange(entries, device=device)[None, :]  # [1, E] key entries within a block
+    blocks = [q <= p - step + 1] + [q == p - step + m for m in range(2, step + 1)]
+    return torch.cat(blocks, dim=1)[None, None]
 
 
 def _step_loss(predicted, features, labels, weight, config: TrainConfig) -> torch.Tensor:
-    logits = predicted @ weight.T  # [n, N]
-    ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
-    if torch.isnan(ce):  # every label outside the scored subset
-        ce = logits.sum() * 0.0
-    regression = torch.nn.functional.smooth_l1_loss(predicted, features)
+    """Cross-entropy of LM_head(predicted) against labels (-100: padding or outside the subset) + smooth L1 to features."""
+    valid = labels != -100  # [B, T]
+    if not bool(valid.any()):
+        return predicted.sum() * 0.0
+    chosen = predicted[valid]  # [n, H]
+    ce = torch.nn.functional.cross_entropy((chosen @ weight.T.to(chosen.dtype)).float(), labels[valid])
+    regression = torch.nn.functional.smooth_l1_loss(chosen.float(), features[valid])
     return ce + config.feature_weight * regression
 
 
-def _init_from_target(head: EagleHead, model: torch.nn.Module) -> None:
-    """Start the head's output norm from the target's final norm (both produce what the LM head reads)."""
-    norm = getattr(getattr(model, "model", None), "norm", None)
-    if norm is not None and getattr(norm, "weight", None) is not None:
-        with torch.no_grad():
+def _init_from_target(head: EagleHead, model: torch.nn.Module, last_layer: bool = False) -> None:
+    """Start the head's output norm from the target's final norm (both produce what the LM head reads);
+    with ``last_layer``, its decoder layer from the target's last one where the shapes match."""
+    inner = getattr(model, "model", None)
+    norm = getattr(inner, "norm", None)
+    with torch.no_grad():
+        if norm is not None and getattr(norm, "weight", None) is not None:
             head.decoder.norm.weight.copy_(norm.weight.float())
+        layers = getattr(inner, "layers", None)
+        if last_layer and layers:
+            source = {k: v for k, v in layers[-1].state_dict().items()}
+            own = head.decoder.layers[0].state_dict()
+            if all(k in source and source[k].shape == v.shape for k, v in own.items()):
+                head.decoder.layers[0].load_state_dict({k: source[k].float() for k in own})
 
 
 def heldout_acceptance(target, head: EagleHead, prompt_ids: Sequence[Sequence[int]], k: int = 5, max_new_tokens: int = 64):

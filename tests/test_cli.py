@@ -323,6 +323,10 @@ def test_train_head_token_freq_and_generate_with_the_trained_head(tiny_dirs, tmp
 
     assert main(["token-freq", *model, "--num-prompts", "4", "--max-new-tokens", "6"]) == 0
     assert "top  1,024 tokens cover 100.0%" in capsys.readouterr().out
+    from lab.vocab import frequency_path, load_frequencies
+
+    # The table counts the target's choice at every position (prompts too), not only its 4 x 6 answer tokens.
+    assert int(load_frequencies(frequency_path(tiny_dirs["target"])).sum()) >= 4 * (3 + 6)
 
     assert main(generate(tiny_dirs, "--drafter", "eagle", "--draft-vocab", "8", "--k", "3", "--json", "--compare-baseline")) == 0
     report = json.loads(capsys.readouterr().out)

@@ -15,7 +15,7 @@ import torch
 
 from conftest import TINY_VOCAB
 from lab.drafters import EagleHead, EagleHeadConfig
-from lab.train_head import TrainConfig, collect_samples, heldout_acceptance, train_head
+from lab.train_head import Sample, TrainConfig, _length_buckets, collect_samples, heldout_acceptance, train_head
 
 
 def random_prompts(count: int, seed: int) -> list[list[int]]:
@@ -30,8 +30,8 @@ def test_training_lowers_the_loss_and_raises_acceptance(tiny_target):
     # Labels are the target's own greedy choices: after the prompt they are the next generated token.
     assert first.features.shape == (first.ids.numel(), tiny_target.model.config.hidden_size)
     assert torch.equal(first.labels[-25:-1], first.ids[-24:])
-    config = TrainConfig(max_train_s=120, epochs=30, lr=1e-2, batch_sequences=8, intermediate_size=64, loss_vocab=0,
-                         feature_weight=0.1)
+    config = TrainConfig(max_train_s=120, epochs=30, lr=1e-2, batch_tokens=8 * 32, intermediate_size=64, loss_vocab=0,
+                         feature_weight=0.1, unroll=2, precision="fp32")
     shown = random_prompts(48, seed=0)[:6]
     torch.manual_seed(0)
     untrained = EagleHead(EagleHeadConfig.for_target(tiny_target.model, 64)).eval().requires_grad_(False)
@@ -40,7 +40,7 @@ def test_training_lowers_the_loss_and_raises_acceptance(tiny_target):
     after = heldout_acceptance(tiny_target, head, shown, k=4, max_new_tokens=24)
     early, late = sum(report.losses[:5]) / 5, sum(report.losses[-5:]) / 5
     assert late < 0.4 * early, f"loss {early:.3f} -> {late:.3f}"
-    assert report.steps == 30 * 6 and report.stopped_by == "epochs"
+    assert report.steps == 30 * len(_length_buckets(samples, config.batch_tokens)) and report.stopped_by == "epochs"
     # Measured: position-1 acceptance 0.01 -> 0.62, mean acceptance length 1.01 -> 2.22, loss 4.6 -> 1.2.
     assert before.per_position_acceptance_rate[0] < 0.15
     assert after.per_position_acceptance_rate[0] > 0.45
@@ -50,12 +50,59 @@ def test_training_lowers_the_loss_and_raises_acceptance(tiny_target):
 
 def test_time_budget_stops_training(tiny_target):
     samples = collect_samples(tiny_target, random_prompts(8, seed=1), max_new_tokens=8)
-    head, report = train_head(tiny_target, samples, TrainConfig(max_train_s=1e-3, epochs=50, batch_sequences=2, intermediate_size=16))
+    head, report = train_head(tiny_target, samples, TrainConfig(max_train_s=1e-3, epochs=50, batch_tokens=2 * 16, intermediate_size=16))
     assert report.stopped_by == "time budget" and report.steps == 1
 
 
 def test_train_config_refuses_bad_values():
-    with pytest.raises(ValueError, match="unroll requires 1 or 2; got 3"):
-        TrainConfig(unroll=3)
+    with pytest.raises(ValueError, match="unroll requires 1 to 8 steps; got 9"):
+        TrainConfig(unroll=9)
+    with pytest.raises(ValueError, match="precision requires auto, bf16 or fp32"):
+        TrainConfig(precision="fp16")
     with pytest.raises(ValueError, match="max_train_s > 0"):
         TrainConfig(max_train_s=0)
+
+
+def test_length_buckets_cover_every_sample_once_within_the_token_budget():
+    lengths = [5, 40, 7, 12, 12, 30, 3, 90, 8]
+    samples = [Sample(torch.zeros(n, dtype=torch.long), torch.zeros(n, 2), torch.zeros(n, dtype=torch.long)) for n in lengths]
+    batches = _length_buckets(samples, 48)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        padded = len(batch) * max(lengths[i] for i in batch)
+        assert padded <= 48 or len(batch) == 1  # a sample longer than the budget trains alone
+    assert [7] in batches  # the 90-token sample
+    assert [lengths[i] for i in batches[0]] == [3, 5, 7, 8]  # shortest first, 4 x 8 <= 48 < 5 x 12
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_unrolled_training_in_either_precision_lowers_the_loss(tiny_target, precision):
+    samples = collect_samples(tiny_target, random_prompts(16, seed=2), max_new_tokens=16, batch_size=16)
+    config = TrainConfig(max_train_s=60, epochs=12, lr=1e-2, batch_tokens=16 * 24, intermediate_size=32, loss_vocab=0,
+                         unroll=4, precision=precision)
+    head, report = train_head(tiny_target, samples, config)
+    assert all(torch.isfinite(torch.tensor(report.losses)))
+    early, late = sum(report.losses[:3]) / 3, sum(report.losses[-3:]) / 3
+    assert late < 0.7 * early, f"loss {early:.3f} -> {late:.3f}"
+    assert all(p.dtype == torch.float32 for p in head.parameters())  # master weights stay fp32 under autocast
+
+
+def test_unrolled_training_predictions_are_exactly_what_drafting_computes(tiny_target):
+    """Step j of training at entry p equals the head's j-th draft when the real features end at entry p - j + 1."""
+    from lab.train_head import unrolled_predictions
+
+    torch.manual_seed(0)
+    head = EagleHead(EagleHeadConfig.for_target(tiny_target.model, 32)).eval().requires_grad_(False)
+    hidden = tiny_target.model.config.hidden_size
+    entries, steps = 12, 4
+    features = torch.randn(1, entries, hidden)
+    embeds = torch.randn(1, entries, hidden)
+    unrolled = unrolled_predictions(head, features, embeds, steps)
+    for last_real in range(entries - steps + 1):
+        cache = head.new_cache()
+        predicted = head(features[:, : last_real + 1], embeds[:, : last_real + 1], cache)[:, -1:]  # draft 1
+        for j in range(1, steps + 1):
+            p = last_real + j - 1
+            torch.testing.assert_close(predicted[0, 0], unrolled[j - 1][0, p], rtol=1e-4, atol=1e-5)
+            if j < steps:  # draft j + 1 reads draft j's prediction and the next token, after the cache
+                predicted = head(predicted, embeds[:, p + 1 : p + 2], cache)

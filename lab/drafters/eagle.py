@@ -132,11 +132,19 @@ class EagleHead(torch.nn.Module):
         self.decoder = LlamaModel(config.llama_config())
 
     def forward(
-        self, features: torch.Tensor, token_embeds: torch.Tensor, cache: DynamicCache | None = None
+        self,
+        features: torch.Tensor,
+        token_embeds: torch.Tensor,
+        cache: DynamicCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """position_ids [B or 1, T] and a boolean attention_mask [B or 1, 1, T, cache + T] (True: attend)
+        are for training's unrolled steps (``lab.train_head``); drafting leaves both None (causal, after the cache)."""
         dtype = self.fc.weight.dtype
         x = self.fc(torch.cat([features.to(dtype), self.embed_norm(token_embeds.to(dtype))], dim=-1))  # [B, T, H]
-        return self.decoder(inputs_embeds=x, cache=cache, use_cache=cache is not None).last_hidden_state
+        return self.decoder(inputs_embeds=x, cache=cache, use_cache=cache is not None, position_ids=position_ids,
+                            attention_mask=attention_mask).last_hidden_state
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.decoder.config)
