@@ -26,12 +26,13 @@ from lab.prompts import load_prompt_sets, load_prompts, preset_names, spec_bench
 
 LOCAL_FOLDER = "local folder…"
 FOLDER_PLACEHOLDER = "/path/to/a/hugging-face/model (holding config.json)"
+# Each label starts with the drafter's name as results, tables and the CLI spell it ("prompt-lookup (n 1-3)").
 DRAFTER_LABELS = {
     "none": "none (target alone)",
-    "prompt-lookup": "prompt lookup (n-grams)",
-    "layer-skip": "layer skip (early exit)",
-    "draft-model": "draft model",
-    "eagle": "EAGLE head (trained)",
+    "prompt-lookup": "prompt-lookup (n-grams)",
+    "layer-skip": "layer-skip (early exit)",
+    "draft-model": "draft-model (a smaller model)",
+    "eagle": "eagle (trained head)",
 }
 DRAFT_VOCAB_CHOICES = (None, 8192, 16384, 32768)
 DRAFT_VOCAB_HELP = ("Score only the target's N most frequent tokens (FR-Spec / VocabTrim): the draft's LM head shrinks, "

@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--unroll", type=int, default=3, help="training-time-test steps on the head's own predictions (default 3)")
     head.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per optimiser step (default 4096)")
     head.add_argument("--intermediate-size", type=int, default=1024, help="the head's MLP width (default 1024)")
+    head.add_argument("--feature-layers", default="eagle3",
+                      help="what the head reads: eagle3 (three target layers, low/middle/high, fused: EAGLE-3), "
+                           "final (the final norm's output: EAGLE-1) or comma-separated layer indices (default eagle3)")
     head.add_argument("--eval-prompts", type=int, default=4, help="held-out Spec-Bench prompts decoded after training (default 4)")
     head.add_argument("--out", type=Path, default=None, help="folder to save to (default: the model cache)")
     head.set_defaults(handler=_cmd_train_head)
@@ -1048,6 +1051,23 @@ def _cmd_token_freq(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _feature_layers(spec: str, num_layers: int) -> tuple[int, ...]:
+    """--feature-layers: eagle3, final, or comma-separated indices. Raises ValueError with what is accepted."""
+    from lab.drafters.eagle import eagle3_layers
+
+    if spec == "eagle3":
+        return eagle3_layers(num_layers)
+    if spec == "final":
+        return ()
+    try:
+        layers = tuple(int(part) for part in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--feature-layers requires eagle3, final or comma-separated layer indices; got {spec!r}") from None
+    if not all(0 <= i < num_layers for i in layers):
+        raise ValueError(f"--feature-layers requires indices in 0 .. {num_layers - 1} (the target's layers); got {spec!r}")
+    return layers
+
+
 def _cmd_train_head(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -1057,16 +1077,17 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
     from lab.train_head import HELD_OUT_SOURCE, TrainConfig, collect_samples, heldout_acceptance, train_head
     from lab.vocab import count_tokens, frequency_path, load_frequencies, save_frequencies
 
-    config = TrainConfig(max_train_s=args.minutes * 60, epochs=args.epochs, lr=args.lr, unroll=args.unroll,
-                         batch_tokens=args.batch_tokens, intermediate_size=args.intermediate_size)
     progress = ProgressLine(sys.stderr, always=True)
     target = load_model(args.target, device=args.device, dtype=args.dtype, progress=progress, precision=args.target_quant)
     progress.done()
+    layers = _feature_layers(args.feature_layers, target.model.config.get_text_config().num_hidden_layers)
+    config = TrainConfig(max_train_s=args.minutes * 60, epochs=args.epochs, lr=args.lr, unroll=args.unroll,
+                         batch_tokens=args.batch_tokens, intermediate_size=args.intermediate_size, feature_layers=layers)
     prompts = _training_prompts(target, args.num_prompts, args.max_prompt_tokens)
     start = time.perf_counter()
     with tqdm(total=len(prompts), desc="target answers", unit="prompt", file=sys.stderr) as bar:
         samples = collect_samples(target, prompts, args.max_new_tokens, args.batch_size,
-                                  progress=lambda done, total: bar.update(done - bar.n))
+                                  progress=lambda done, total: bar.update(done - bar.n), feature_layers=layers)
     collect_s = time.perf_counter() - start
     # The target's own next-token choices at every position (its answers, and its argmax over the prompts)
     # are a frequency table's data too: kept unless the cached table counts more tokens.

@@ -57,6 +57,9 @@ class TrainConfig:
         features, step j > 1 the head's own step j-1 predictions, as drafted token j does; 1 to 8.
     precision: "auto" (bf16 autocast on CUDA and on CPUs that run bf16 natively, by
         ``lab.calibrate.host_float_precision``), "bf16" or "fp32". Master weights stay fp32.
+    feature_layers: the target layers the head reads (``EagleHeadConfig.feature_layers``; the
+        samples must have been collected with the same); empty: the final norm's output. With
+        feature layers there is no feature regression (EAGLE-3): ``feature_weight`` is ignored.
     init_last_layer: start the head's decoder layer from the target's last one (when the
         MLP widths match; else random), as Hydra and EAGLE-3 reimplementations do.
     seed: for the initialisation, the order and the noise.
@@ -73,6 +76,7 @@ class TrainConfig:
     noise: float = 0.05
     unroll: int = 3
     precision: str = "auto"
+    feature_layers: tuple[int, ...] = ()
     init_last_layer: bool = False
     seed: int = 0
 
@@ -90,7 +94,8 @@ class TrainConfig:
 
 @dataclass
 class Sample:
-    """One training sequence. ids: [T] int64; features: [T, H] (final-norm output); labels: [T] int64 (argmax)."""
+    """One training sequence. ids: [T] int64; features: [T, H] (final-norm output) or [T, n·H] (n feature
+    layers' outputs); labels: [T] int64 (the target's argmax at each position)."""
 
     ids: torch.Tensor
     features: torch.Tensor
@@ -117,31 +122,38 @@ def collect_samples(
     max_new_tokens: int = 96,
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    feature_layers: Sequence[int] = (),
 ) -> list[Sample]:
     """The target's greedy answers to the prompts, with its features and argmax labels at every position.
 
     target: ``lab.models.LoadedModel``-like. prompt_ids: encoded prompts.
+    feature_layers: as ``EagleHeadConfig.feature_layers`` (empty: the final norm's output).
     Answers come from the lab's batched engine (target alone); features from one
-    forward pass of ``target.model.model`` over prompt + answer, kept in float32 on the CPU.
+    forward pass over prompt + answer, recorded by the same hooks the drafter uses
+    (``TargetFeatures``), kept in float32 on the CPU: [T, H] or [T, n·H].
     """
     from lab.batch import run_batch
     from lab.config import DecodeConfig
+    from lab.drafters.eagle import TargetFeatures
 
     model = target.model
     device = next(model.parameters()).device
-    lm_head = model.get_output_embeddings()
+    recorder = TargetFeatures(model, feature_layers)
     samples: list[Sample] = []
     config = DecodeConfig(max_new_tokens=max_new_tokens)
-    for start in range(0, len(prompt_ids), batch_size):
-        chunk = [list(p) for p in prompt_ids[start : start + batch_size]]
-        answers = run_batch(target, chunk, None, config).token_ids
-        for prompt, answer in zip(chunk, answers):
-            ids = torch.tensor(prompt + answer, dtype=torch.long)
-            hidden = model.model(ids[None].to(device)).last_hidden_state[0]  # [T, H]
-            labels = lm_head(hidden).argmax(-1)  # [T]
-            samples.append(Sample(ids, hidden.float().cpu(), labels.cpu()))
-        if progress is not None:
-            progress(min(start + batch_size, len(prompt_ids)), len(prompt_ids))
+    try:
+        for start in range(0, len(prompt_ids), batch_size):
+            chunk = [list(p) for p in prompt_ids[start : start + batch_size]]
+            answers = run_batch(target, chunk, None, config).token_ids
+            for prompt, answer in zip(chunk, answers):
+                ids = torch.tensor(prompt + answer, dtype=torch.long)
+                recorder.attach(1)
+                logits = model(ids[None].to(device)).logits[0]  # [T, V]
+                samples.append(Sample(ids, recorder.feats[0].float().cpu(), logits.argmax(-1).cpu()))
+            if progress is not None:
+                progress(min(start + batch_size, len(prompt_ids)), len(prompt_ids))
+    finally:
+        recorder.detach()
     return samples
 
 
@@ -163,17 +175,24 @@ def train_head(
     length and right-padded (causal attention: real positions never read the
     padding, whose loss is masked), at most ``config.batch_tokens`` padded tokens a step.
 
-    Raises ValueError when no sample is long enough.
+    Raises ValueError when no sample is long enough, or when the samples' feature width is not the head's.
     """
     model = target.model
     device = next(model.parameters()).device
     usable = [s for s in samples if s.ids.numel() >= config.unroll + 2]
     if not usable:
         raise ValueError(f"training requires samples of at least {config.unroll + 2} tokens; got none")
+    hidden = int(model.config.get_text_config().hidden_size)
+    layers = head.config.feature_layers if head is not None else config.feature_layers
+    if usable[0].features.shape[1] != hidden * max(1, len(layers)):
+        raise ValueError(
+            f"training requires features of width {hidden * max(1, len(layers))} (feature layers {list(layers)}); got "
+            f"{usable[0].features.shape[1]}: collect the samples with the same feature_layers"
+        )
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     if head is None:
-        head = EagleHead(EagleHeadConfig.for_target(model, config.intermediate_size, target_name))
+        head = EagleHead(EagleHeadConfig.for_target(model, config.intermediate_size, target_name, config.feature_layers))
         _init_from_target(head, model, config.init_last_layer)
     head = head.to(device).float().train().requires_grad_(True)
     embed = model.get_input_embeddings()
@@ -262,12 +281,13 @@ def _batch_loss(head, embed, weight, remap, batch: Sequence[Sample], config: Tra
     ids, labels, features = ids.to(device), labels.to(device), features.to(device)  # [B, T], [B, T], [B, T, H]
     with torch.no_grad():
         token_embeds = embed(ids).float()  # [B, T, H]
-    inputs = features[:, :-1] + config.noise * feature_std * torch.randn_like(features[:, :-1])
+    inputs = head.project(features[:, :-1] + config.noise * feature_std * torch.randn_like(features[:, :-1]))
+    regress_to = features[:, 1:] if head.fuse is None else None  # fused features have no H-wide target
     total = features.new_zeros(())
     for j, predicted in enumerate(unrolled_predictions(head, inputs, token_embeds[:, 1:], config.unroll), start=1):
         chained = labels[:, 1:].clone()
         chained[:, : j - 1] = -100  # entries whose chain would start before the first position
-        total = total + _step_loss(predicted, features[:, 1:], chained, weight, config)
+        total = total + _step_loss(predicted, regress_to, chained, weight, config)
     return total / config.unroll
 
 
@@ -305,12 +325,15 @@ def _chain_mask(entries: int, step: int, device) -> torch.Tensor:
 
 
 def _step_loss(predicted, features, labels, weight, config: TrainConfig) -> torch.Tensor:
-    """Cross-entropy of LM_head(predicted) against labels (-100: padding or outside the subset) + smooth L1 to features."""
+    """Cross-entropy of LM_head(predicted) against labels (-100: padding or outside the subset) + smooth L1 to features
+    (None: no regression)."""
     valid = labels != -100  # [B, T]
     if not bool(valid.any()):
         return predicted.sum() * 0.0
     chosen = predicted[valid]  # [n, H]
     ce = torch.nn.functional.cross_entropy((chosen @ weight.T.to(chosen.dtype)).float(), labels[valid])
+    if features is None or config.feature_weight == 0:
+        return ce
     regression = torch.nn.functional.smooth_l1_loss(chosen.float(), features[valid])
     return ce + config.feature_weight * regression
 

@@ -134,6 +134,15 @@ def test_constrained_section_defaults(tiny_models):
     assert tiny_models == []
 
 
+def test_legend_lists_cut_tokens_only_under_a_constraint(tiny_models):
+    at = live_app()
+    (legend,) = [h.value for h in at.html if "tok-legend" in h.value]
+    assert "tok-accepted" in legend and "tok-cut" not in legend
+    at.radio(key=key("live.constraint")).set_value("regex").run()
+    (legend,) = [h.value for h in at.html if "tok-legend" in h.value]
+    assert "tok-cut" in legend
+
+
 def test_json_schema_run_shows_cut_tokens_and_valid(tiny_models):
     at = click(live_app(prompt=CUT_PROMPT, raw=True, constraint="json_schema", schema=BOOLEAN, max_n=2, k=4,
                         max_new_tokens=8), "Run")

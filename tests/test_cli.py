@@ -304,6 +304,14 @@ def test_k_auto_needs_a_calibrated_drafter(tiny_dirs, capsys):
     assert "--k auto requires --drafter draft-model or prompt-lookup" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("spec", "message"), [("2,x", "eagle3, final or comma-separated layer indices; got '2,x'"),
+                                               ("0,9", "indices in 0 .. 2 (the target's layers); got '0,9'")])
+def test_train_head_refuses_bad_feature_layers(tiny_dirs, capsys, spec, message):
+    model = ["--target", tiny_dirs["target"], "--dtype", "fp32", "--device", "cpu"]
+    assert main(["train-head", *model, "--feature-layers", spec, "--minutes", "0.01"]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_train_head_token_freq_and_generate_with_the_trained_head(tiny_dirs, tmp_path, monkeypatch, capsys):
     """train-head saves a head (and the frequency table) in the model cache; generate then drafts with it, trimmed."""
     from lab.drafters.eagle import head_dir, load_head
@@ -320,6 +328,7 @@ def test_train_head_token_freq_and_generate_with_the_trained_head(tiny_dirs, tmp
     assert "held-out acceptance per position (K=5, 1 Spec-Bench prompts)" in out and "saved" in out
     head, meta = load_head(head_dir(tiny_dirs["target"]))
     assert meta["prompts"] == 6 and meta["heldout"]["k"] == 5 and head.config.intermediate_size == 16
+    assert head.config.feature_layers == (0, 1, 2)  # eagle3 on a 3-layer target: low, middle and high are all three
 
     assert main(["token-freq", *model, "--num-prompts", "4", "--max-new-tokens", "6"]) == 0
     assert "top  1,024 tokens cover 100.0%" in capsys.readouterr().out

@@ -18,15 +18,22 @@ PROMPTS = [[5, 9, 12, 5, 9, 30, 7], [3], [11, 12, 13, 14, 11, 12, 13, 14, 11, 12
 SUBSET = torch.arange(0, TINY_VOCAB, 2)
 
 
-def tiny_head(target_model, seed: int = 0) -> EagleHead:
+FUSED = (0, 1)  # EAGLE-3 style: both layers of the tiny target, fused
+
+
+def tiny_head(target_model, seed: int = 0, layers: tuple[int, ...] = ()) -> EagleHead:
     torch.manual_seed(seed)
-    return EagleHead(EagleHeadConfig.for_target(target_model, intermediate_size=16, target="tiny")).eval().requires_grad_(False)
+    config = EagleHeadConfig.for_target(target_model, intermediate_size=16, target="tiny", feature_layers=layers)
+    return EagleHead(config).eval().requires_grad_(False)
 
 
-def fresh_features(model, token_ids: list[int]) -> torch.Tensor:
-    """[T, H] the target's final-norm output over token_ids, computed from scratch."""
+def fresh_features(model, token_ids: list[int], layers: tuple[int, ...] = ()) -> torch.Tensor:
+    """[T, H] the target's final-norm output over token_ids, or [T, n·H] its layers' outputs, computed from scratch."""
     with torch.inference_mode():
-        return model.model(torch.tensor([token_ids], device=model.device)).last_hidden_state[0].float()
+        out = model.model(torch.tensor([token_ids], device=model.device), output_hidden_states=True)
+    if not layers:
+        return out.last_hidden_state[0].float()
+    return torch.cat([out.hidden_states[i + 1][0] for i in layers], dim=-1).float()  # hidden_states[i + 1]: layer i's output
 
 
 class CheckingEagle(EagleDrafter):
@@ -39,7 +46,8 @@ class CheckingEagle(EagleDrafter):
         committed = ctx.token_ids.tolist()
         if len(committed) > 1:
             assert self.features.ids[0].tolist() == committed[:-1]
-            torch.testing.assert_close(self.features.feats[0], fresh_features(self.target_model, committed[:-1]), rtol=1e-4, atol=1e-4)
+            expected = fresh_features(self.target_model, committed[:-1], self.head.config.feature_layers)
+            torch.testing.assert_close(self.features.feats[0], expected, rtol=1e-4, atol=1e-4)
             # Exact rollback: the head's cache holds its real entries only, one per known feature.
             assert self.cache.get_seq_length() == len(committed) - 1
         CheckingEagle.checked += 1
@@ -49,9 +57,10 @@ class CheckingEagle(EagleDrafter):
 @pytest.mark.parametrize("prompt", PROMPTS)
 @pytest.mark.parametrize("k", [1, 3, 6])
 @pytest.mark.parametrize("subset", [None, SUBSET], ids=["full", "trimmed"])
-def test_eagle_greedy_equals_target_alone(tiny_target, prompt, k, subset):
+@pytest.mark.parametrize("layers", [(), FUSED], ids=["final-norm", "fused-layers"])
+def test_eagle_greedy_equals_target_alone(tiny_target, prompt, k, subset, layers):
     reference = reference_greedy(tiny_target.model, prompt, 20)
-    drafter = CheckingEagle(tiny_target.model, tiny_head(tiny_target.model), subset)
+    drafter = CheckingEagle(tiny_target.model, tiny_head(tiny_target.model, layers=layers), subset)
     result = run(tiny_target, prompt, drafter, DecodeConfig(k=k, max_new_tokens=20))
     assert result.token_ids == reference
     drafted = [t for s in result.steps for t in s.drafted]
@@ -92,13 +101,14 @@ def test_an_agreeing_head_is_fully_accepted(tiny_target):
 
 @pytest.mark.parametrize("batch_size", [1, 2, 5])
 @pytest.mark.parametrize("subset", [None, SUBSET], ids=["full", "trimmed"])
-def test_eagle_ragged_batch_equals_each_prompt_alone(tiny_target, batch_size, subset):
+@pytest.mark.parametrize("layers", [(), FUSED], ids=["final-norm", "fused-layers"])
+def test_eagle_ragged_batch_equals_each_prompt_alone(tiny_target, batch_size, subset, layers):
     prompts = PROMPTS[:batch_size]
     # An EOS that only one row emits, so that row leaves the batch early (drop keeps features per row).
     references = [reference_greedy(tiny_target.model, p, 14) for p in prompts]
     eos = next((t for t in references[0][1:5] if all(t not in r for r in references[1:])), None)
     target = TinyLM(tiny_target.model, tiny_target.tokenizer, (eos,) if eos is not None else ())
-    drafter = as_batch_drafter(EagleDrafter(tiny_target.model, tiny_head(tiny_target.model), subset))
+    drafter = as_batch_drafter(EagleDrafter(tiny_target.model, tiny_head(tiny_target.model, layers=layers), subset))
     assert isinstance(drafter, BatchEagleDrafter)
     seen = []
     original = drafter.propose
@@ -109,7 +119,8 @@ def test_eagle_ragged_batch_equals_each_prompt_alone(tiny_target, batch_size, su
             committed = ctx.token_ids.tolist()
             if len(committed) > 1:
                 assert drafter.single.features.ids[b].tolist() == committed[:-1]
-                torch.testing.assert_close(drafter.single.features.feats[b], fresh_features(tiny_target.model, committed[:-1]), rtol=1e-4, atol=1e-4)
+                expected = fresh_features(tiny_target.model, committed[:-1], layers)
+                torch.testing.assert_close(drafter.single.features.feats[b], expected, rtol=1e-4, atol=1e-4)
                 seen.append(b)
         return drafts
 
@@ -132,12 +143,13 @@ def test_eagle_batch_rows_sample_as_alone(tiny_target):
         assert batched.rows[i].token_ids == alone.token_ids
 
 
-@pytest.mark.parametrize("subset", [None, torch.tensor([0, 2, 5])], ids=["full", "trimmed"])
-def test_eagle_sampling_follows_target_distribution(subset):
+@pytest.mark.parametrize(("subset", "layers"), [(None, ()), (torch.tensor([0, 2, 5]), ()), (torch.tensor([0, 2, 5]), FUSED)],
+                         ids=["full", "trimmed", "trimmed-fused"])
+def test_eagle_sampling_follows_target_distribution(subset, layers):
     """Temperature 1, K=2 on a vocabulary of 8: the first two emitted tokens ~ the target's own joint draws."""
     vocab = 8
     target = TinyLM(tiny_llama(seed=4, vocab_size=vocab), tiny_tokenizer(vocab))
-    head = tiny_head(target.model, seed=3)
+    head = tiny_head(target.model, seed=3, layers=layers)
     prompt = [2, 5, 3]
     with torch.inference_mode():
         expected = torch.softmax(target.model(torch.tensor([prompt])).logits[0, -1].float(), -1)
@@ -154,12 +166,13 @@ def test_eagle_sampling_follows_target_distribution(subset):
         assert counts[outside].sum() > 0, "tokens the head cannot propose are still emitted"
 
 
-def test_head_save_load_round_trip_and_checksum(tiny_target, tmp_path):
-    head = tiny_head(tiny_target.model)
+@pytest.mark.parametrize("layers", [(), FUSED], ids=["final-norm", "fused-layers"])
+def test_head_save_load_round_trip_and_checksum(tiny_target, tmp_path, layers):
+    head = tiny_head(tiny_target.model, layers=layers)
     save_head(head, tmp_path / "h", {"train_s": 1.5}, dtype=torch.float32)
     loaded, meta = load_head(tmp_path / "h")
     assert meta == {"train_s": 1.5}
-    assert loaded.config == head.config
+    assert loaded.config == head.config and loaded.config.feature_layers == layers
     for (name, a), (_, b) in zip(head.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     weights = tmp_path / "h" / "head.safetensors"
@@ -185,13 +198,15 @@ def test_hooks_are_removed_with_the_drafter(tiny_target):
     import gc
 
     gc.collect()  # drafters of earlier tests that wait in reference cycles drop their hooks now, not mid-test
-    before = len(tiny_target.model._forward_pre_hooks)
-    drafter = EagleDrafter(tiny_target.model, tiny_head(tiny_target.model))
+    layers = tiny_target.model.model.layers
+    before = len(tiny_target.model._forward_pre_hooks), [len(layer._forward_hooks) for layer in layers]
+    drafter = EagleDrafter(tiny_target.model, tiny_head(tiny_target.model, layers=FUSED))
     run(tiny_target, PROMPTS[0], drafter, DecodeConfig(k=2, max_new_tokens=4))
-    assert len(tiny_target.model._forward_pre_hooks) == before + 1
+    assert len(tiny_target.model._forward_pre_hooks) == before[0] + 1
+    assert [len(layer._forward_hooks) for layer in layers] == [n + (i in FUSED) for i, n in enumerate(before[1])]
     del drafter
     gc.collect()
-    assert len(tiny_target.model._forward_pre_hooks) == before
+    assert (len(tiny_target.model._forward_pre_hooks), [len(layer._forward_hooks) for layer in layers]) == before
 
 
 def test_the_shipped_smollm2_head_loads_and_fits_smollm2():
@@ -206,11 +221,12 @@ def test_the_shipped_smollm2_head_loads_and_fits_smollm2():
 
 
 @pytest.mark.parametrize("mode", ["static", "auto"])
-def test_eagle_runs_exact_in_the_static_engine(tiny_target, mode):
+@pytest.mark.parametrize("layers", [(), FUSED], ids=["final-norm", "fused-layers"])
+def test_eagle_runs_exact_in_the_static_engine(tiny_target, mode, layers):
     """The head reads the target's passes through hooks: the static engine runs them; auto never compiles them away."""
     prompt = PROMPTS[0]
     reference = reference_greedy(tiny_target.model, prompt, 16)
-    result = run(tiny_target, prompt, EagleDrafter(tiny_target.model, tiny_head(tiny_target.model)),
+    result = run(tiny_target, prompt, EagleDrafter(tiny_target.model, tiny_head(tiny_target.model, layers=layers)),
                  DecodeConfig(k=3, max_new_tokens=16, engine_mode=mode))
     assert result.token_ids == reference and result.stats.num_draft_tokens > 0
 
@@ -219,3 +235,12 @@ def test_eagle_refuses_the_compiled_engine_by_name(tiny_target):
     with pytest.raises(ValueError, match="pick the eager or static engine"):
         run(tiny_target, PROMPTS[0], EagleDrafter(tiny_target.model, tiny_head(tiny_target.model)),
             DecodeConfig(k=3, max_new_tokens=8, engine_mode="compiled", compile_backend="eager"))
+
+
+def test_eagle3_layers_and_bad_feature_layers(tiny_target):
+    from lab.drafters.eagle import eagle3_layers
+
+    assert eagle3_layers(30) == (2, 15, 27) and eagle3_layers(28) == (2, 14, 25)  # SmolLM2-135M, Qwen2.5-1.5B
+    assert eagle3_layers(2) == (0, 1)
+    with pytest.raises(ValueError, match=r"feature layers require 0 .. 2 \(the target's layers\); got \[3\]"):
+        EagleHeadConfig.for_target(tiny_target.model, 16, feature_layers=(0, 3))

@@ -106,3 +106,23 @@ def test_unrolled_training_predictions_are_exactly_what_drafting_computes(tiny_t
             torch.testing.assert_close(predicted[0, 0], unrolled[j - 1][0, p], rtol=1e-4, atol=1e-5)
             if j < steps:  # draft j + 1 reads draft j's prediction and the next token, after the cache
                 predicted = head(predicted, embeds[:, p + 1 : p + 2], cache)
+
+
+def test_fused_layer_samples_train_a_fused_head(tiny_target):
+    """EAGLE-3 style: samples hold the chosen layers' outputs side by side; a head of the same layers trains on them."""
+    layers = (0, 1)  # not the last layer: transformers' hidden_states ends with the final norm's output
+    prompts = random_prompts(16, seed=3)
+    samples = collect_samples(tiny_target, prompts, max_new_tokens=12, batch_size=8, feature_layers=layers)
+    hidden = tiny_target.model.config.hidden_size
+    first = samples[0]
+    with torch.no_grad():
+        out = tiny_target.model.model(first.ids[None], output_hidden_states=True)
+    expected = torch.cat([out.hidden_states[i + 1][0] for i in layers], dim=-1)
+    torch.testing.assert_close(first.features, expected, rtol=1e-4, atol=1e-4)
+    config = TrainConfig(max_train_s=60, epochs=10, lr=1e-2, batch_tokens=16 * 20, intermediate_size=32, loss_vocab=0,
+                         unroll=2, precision="fp32", feature_layers=layers)
+    head, report = train_head(tiny_target, samples, config)
+    assert head.config.feature_layers == layers and head.fuse.weight.shape == (hidden, 2 * hidden)
+    assert sum(report.losses[-3:]) < 0.7 * sum(report.losses[:3])
+    with pytest.raises(ValueError, match=f"training requires features of width {hidden}"):
+        train_head(tiny_target, samples, TrainConfig(max_train_s=5, intermediate_size=16))  # final-norm head, fused samples

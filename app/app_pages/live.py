@@ -231,7 +231,9 @@ st.markdown(
     "prefix it agrees with and adds one token of its own. With temperature 0 (greedy) the output is the target "
     "alone's output, token for token; with sampling it follows the same distribution. Colours:"
 )
-st.html(render.legend_html())
+# "cut" exists only under a grammar: listed once constrained output is on.
+constraint_on = st.session_state.get(state.widget_key("live.constraint"), "off") != "off"
+st.html(render.legend_html(render.TOKEN_KINDS if constraint_on else [k for k in render.TOKEN_KINDS if k != "cut"]))
 
 with st.container(border=True):
     models_col, drafter_col = st.columns(2)

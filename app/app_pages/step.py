@@ -160,7 +160,8 @@ def show_session(session: StepSession) -> None:
                 f"{render.count(stats.target_forward_passes, 'target pass', 'target passes')} · "
                 f"acceptance rate {render.format_rate(stats.acceptance_rate)} · mean acceptance length "
                 f"{render.format_number(stats.mean_acceptance_length)}")
-    st.html(render.legend_html())
+    with_cut = any(piece.kind == "cut" for piece in session.pieces)
+    st.html(render.legend_html([k for k in render.TOKEN_KINDS if with_cut or k != "cut"]))
     st.html(render.tokens_html(session.pieces, streaming=session.finished is None))
     if session.finished is not None:
         st.success(f"Finished ({session.finished.reason.replace('_', ' ')}): "

@@ -64,6 +64,9 @@ class EagleHeadConfig:
     rope_theta, rms_norm_eps, max_position_embeddings: as the target's.
     vocab_size: the target's logits width V (checked when the head is attached).
     target: the target's name (a preset), for messages and the cache folder.
+    feature_layers: target decoder layers (0-based) whose outputs the head reads, concatenated
+        and fused to width H by a linear layer (EAGLE-3's low, middle and high features; see
+        ``eagle3_layers``); empty: the final norm's output (EAGLE-1).
     """
 
     hidden_size: int
@@ -76,11 +79,23 @@ class EagleHeadConfig:
     max_position_embeddings: int
     vocab_size: int
     target: str = ""
+    feature_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))  # JSON gives a list
 
     @classmethod
-    def for_target(cls, model: torch.nn.Module, intermediate_size: int | None = None, target: str = "") -> "EagleHeadConfig":
-        """The target's width and attention shape; MLP width ``intermediate_size`` (default: the target's)."""
+    def for_target(
+        cls, model: torch.nn.Module, intermediate_size: int | None = None, target: str = "", feature_layers: Sequence[int] = ()
+    ) -> "EagleHeadConfig":
+        """The target's width and attention shape; MLP width ``intermediate_size`` (default: the target's).
+
+        Raises ValueError when a feature layer is not one of the target's.
+        """
         c = model.config.get_text_config()
+        bad = [i for i in feature_layers if not 0 <= int(i) < c.num_hidden_layers]
+        if bad:
+            raise ValueError(f"feature layers require 0 .. {c.num_hidden_layers - 1} (the target's layers); got {bad}")
         rope = getattr(c, "rope_parameters", None) or {}
         return cls(
             hidden_size=c.hidden_size,
@@ -93,6 +108,7 @@ class EagleHeadConfig:
             max_position_embeddings=int(c.max_position_embeddings),
             vocab_size=int(c.vocab_size),
             target=target,
+            feature_layers=tuple(int(i) for i in feature_layers),
         )
 
     def llama_config(self) -> LlamaConfig:
@@ -115,12 +131,21 @@ class EagleHeadConfig:
         )
 
 
+def eagle3_layers(num_layers: int) -> tuple[int, ...]:
+    """EAGLE-3's low, middle and high feature layers of an ``num_layers``-layer target: (2, L // 2, L - 3)
+    (the choice of EAGLE-3's reference code and vLLM's default), deduplicated for tiny targets."""
+    return tuple(sorted({min(2, num_layers - 1), num_layers // 2, max(0, num_layers - 3)}))
+
+
 class EagleHead(torch.nn.Module):
     """fc([f_t ; norm(embed(x_{t+1}))]) -> one decoder layer -> norm = predicted f_{t+1}.
 
     forward(features [B, T, H], token_embeds [B, T, H], cache) -> [B, T, H] float32.
     The target's LM head reads the result (EAGLE-1's layout; the output norm makes
-    it live on the scale of the target's final-norm output).
+    it live on the scale of the target's final-norm output). With
+    ``config.feature_layers`` the target's recorded features are [B, T, n·H]
+    (n layers' outputs side by side) and ``project`` fuses them to H first
+    (EAGLE-3); the head's own predictions are fed back as they are.
     """
 
     def __init__(self, config: EagleHeadConfig) -> None:
@@ -130,6 +155,13 @@ class EagleHead(torch.nn.Module):
         self.embed_norm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
         self.fc = torch.nn.Linear(2 * h, h, bias=False)
         self.decoder = LlamaModel(config.llama_config())
+        self.fuse = torch.nn.Linear(len(config.feature_layers) * h, h, bias=False) if config.feature_layers else None
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The target's recorded features [..., n·H] fused to [..., H] (identity without feature layers)."""
+        if self.fuse is None:
+            return features
+        return self.fuse(features.to(self.fuse.weight.dtype))
 
     def forward(
         self,
@@ -232,11 +264,14 @@ class TargetFeatures:
     A padded batch forward (``lab.batch``: left padding, attention mask over
     cache + new slots) records only each row's valid new slots.
 
-    ids[b]: [F_b] int64 CPU; feats[b]: [F_b, H] float32 on the model's device.
+    ids[b]: [F_b] int64 CPU; feats[b]: [F_b, H] float32 on the model's device, or
+    [F_b, n·H] with ``layers``: the outputs of those decoder layers side by side.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, layers: Sequence[int] = ()) -> None:
         self.model = model
+        self.layers = tuple(layers)
+        self._layer_out: dict[int, torch.Tensor] = {}
         self.ids: list[torch.Tensor] = []
         self.feats: list[torch.Tensor] = []
         self._handles: list = []
@@ -246,7 +281,7 @@ class TargetFeatures:
 
     def attach(self, batch_size: int) -> None:
         """Start recording afresh for ``batch_size`` rows, on the calling thread."""
-        hidden = int(self.model.config.get_text_config().hidden_size)
+        hidden = int(self.model.config.get_text_config().hidden_size) * max(1, len(self.layers))
         device = next(self.model.parameters()).device
         self.ids = [torch.empty(0, dtype=torch.long) for _ in range(batch_size)]
         self.feats = [torch.empty(0, hidden, device=device) for _ in range(batch_size)]
@@ -257,6 +292,8 @@ class TargetFeatures:
             self._handles = [
                 self.model.register_forward_pre_hook(functools.partial(_inputs_hook, ref), with_kwargs=True),
                 self.model.model.norm.register_forward_hook(functools.partial(_norm_hook, ref)),
+            ] + [
+                self.model.model.layers[i].register_forward_hook(functools.partial(_layer_hook, ref, i)) for i in self.layers
             ]
             self._finalizer = weakref.finalize(self, _remove, list(self._handles))
 
@@ -289,8 +326,11 @@ class TargetFeatures:
 
     def _record_hidden(self, hidden: torch.Tensor) -> None:
         pending, self._pending = self._pending, None
+        outputs, self._layer_out = self._layer_out, {}
         if pending is None:
             return
+        if self.layers:
+            hidden = torch.cat([outputs[i] for i in self.layers], dim=-1)  # [B, W, n·H]
         input_ids, valid = pending  # [B, W], [B, W] or None
         if input_ids.shape[0] != len(self.ids):
             return  # not a forward of the batch being drafted for
@@ -306,6 +346,12 @@ def _inputs_hook(ref, module, args, kwargs):
     owner = ref()
     if owner is not None:
         owner._record_inputs(args, kwargs)
+
+
+def _layer_hook(ref, index, module, args, output):
+    owner = ref()
+    if owner is not None and owner._pending is not None:
+        owner._layer_out[index] = output[0] if isinstance(output, tuple) else output
 
 
 def _norm_hook(ref, module, args, output):
@@ -357,7 +403,7 @@ class EagleDrafter:
         self.embed = target_model.get_input_embeddings()
         lm_head = target_model.get_output_embeddings()
         self.lm_head = lm_head if vocab_subset is None else TrimmedLMHead(lm_head.weight, vocab_subset)
-        self.features = TargetFeatures(target_model)
+        self.features = TargetFeatures(target_model, head.config.feature_layers)
         self.rows: list[_HeadRow] = []
 
     @property
@@ -397,7 +443,8 @@ def draft_row(drafter: EagleDrafter, row: int, ctx: DraftContext) -> Draft:
     crop_cache(state.cache, min(state.num_real, num_feats))
     start = state.cache.get_seq_length()
     next_ids = token_ids[start + 1 : num_feats + 1].to(device)  # x_{t+1} for t in [start, F)
-    predicted = head(features[None, start:num_feats], drafter.embed(next_ids)[None], state.cache)[0, -1]  # [H]
+    real = head.project(features[None, start:num_feats])  # [1, F - start, H]
+    predicted = head(real, drafter.embed(next_ids)[None], state.cache)[0, -1]  # [H]
     state.num_real = num_feats
     tokens, probs = [], []
     for i in range(ctx.k):
