@@ -286,6 +286,13 @@ def test_errors_are_shown_and_the_app_keeps_running(tiny_models, widgets, messag
     at = click_run(at)
     assert not at.exception and not at.error
     assert 'class="tok tok-' in html_of(at)
+    assert not any("previous run" in c.value for c in at.caption)
+    # a failing run after a good one: the good result stays, said to be the previous run
+    at.session_state[key("live.prompt")] = "   "
+    at = click_run(at)
+    assert any("prompt is empty" in e.value for e in at.error)
+    assert any("the previous run, kept" in c.value for c in at.caption)
+    assert 'class="tok tok-' in html_of(at)
 
 
 @pytest.mark.parametrize(

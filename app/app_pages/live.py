@@ -283,17 +283,22 @@ side_by_side = (run_clicked and st.session_state[key("live.compare")] and drafte
 )
 view = LiveView.create(side_by_side)
 
+failed = False
 if run_clicked:
     try:
         runtime = state.runtime(st.session_state)
         st.session_state[RESULT_KEY] = run_live(view, runtime, target_choice, draft_choice)
     except (ValueError, ModelError, FileNotFoundError) as error:
+        failed = True
         error_slot.error(str(error), icon=":material/error:")
     except MEMORY_ERRORS as error:
+        failed = True
         error_slot.error(
             f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick a smaller target or "
             "draft, or ask for fewer new tokens; then run again.", icon=":material/memory:"
         )
 
 if (result := st.session_state.get(RESULT_KEY)) is not None:
+    if failed:  # kept, not lost; but it must not read as the run that just failed
+        st.caption("Below: the previous run, kept as it was. The run you just started did not happen (see the error above).")
     show_result(view, result)
