@@ -244,3 +244,32 @@ def test_eagle3_layers_and_bad_feature_layers(tiny_target):
     assert eagle3_layers(2) == (0, 1)
     with pytest.raises(ValueError, match=r"feature layers require 0 .. 2 \(the target's layers\); got \[3\]"):
         EagleHeadConfig.for_target(tiny_target.model, 16, feature_layers=(0, 3))
+
+
+def test_a_decode_resumed_on_other_threads_keeps_drafting_exactly(tiny_target):
+    """Step-through resumes the paused decode on a new thread at every click: the recorder follows the proposal's
+    thread, so the head keeps its features (it crashed on the third cycle when it recorded only the first thread)."""
+    import threading
+
+    from lab.engine import Finished, Step, decode
+
+    prompt = PROMPTS[0]
+    reference = reference_greedy(tiny_target.model, prompt, 16)
+    drafter = CheckingEagle(tiny_target.model, tiny_head(tiny_target.model, layers=FUSED))
+    events = decode(tiny_target, prompt, drafter, DecodeConfig(k=3, max_new_tokens=16))
+    seen, errors = [], []
+
+    def advance():
+        try:
+            seen.append(next(events))
+        except Exception as error:  # noqa: BLE001 - reported below, not swallowed
+            errors.append(error)
+
+    while not errors and (not seen or not isinstance(seen[-1], Finished)):
+        worker = threading.Thread(target=advance)
+        worker.start()
+        worker.join()
+    assert not errors, errors
+    steps = [e for e in seen if isinstance(e, Step)]
+    assert len(steps) > 3 and all(s.drafted for s in steps[:-1])  # the head drafted at every cycle but the budget's last
+    assert list(seen[-1].token_ids) == reference

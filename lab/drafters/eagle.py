@@ -302,6 +302,11 @@ class TargetFeatures:
             self._finalizer()
         self._handles = []
 
+    def follow_thread(self) -> None:
+        """Record on the calling thread from now on: a decode paused between cycles (the app's Step-through)
+        resumes on a new thread, and each proposal is followed by its verify pass on the proposal's thread."""
+        self._thread = threading.get_ident()
+
     def keep_prefix(self, row: int, token_ids: torch.Tensor) -> int:
         """Drop row's records past their longest common prefix with ``token_ids`` [T]; returns its length."""
         keep = _common_prefix_length(self.ids[row], token_ids)
@@ -435,12 +440,14 @@ def draft_row(drafter: EagleDrafter, row: int, ctx: DraftContext) -> Draft:
     """
     state = drafter.rows[row]
     token_ids = ctx.token_ids  # [T]
+    drafter.features.follow_thread()
     num_feats = drafter.features.keep_prefix(row, token_ids[:-1])
     if num_feats == 0 or ctx.k <= 0:
         return Draft.empty()
     head, features = drafter.head, drafter.features.feats[row]  # [F, H]
     device = features.device
-    crop_cache(state.cache, min(state.num_real, num_feats))
+    # At least the last real entry is fed again: its output is the first draft's feature.
+    crop_cache(state.cache, min(state.num_real, num_feats - 1))
     start = state.cache.get_seq_length()
     next_ids = token_ids[start + 1 : num_feats + 1].to(device)  # x_{t+1} for t in [start, F)
     real = head.project(features[None, start:num_feats])  # [1, F - start, H]
