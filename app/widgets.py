@@ -34,7 +34,7 @@ DRAFTER_LABELS = {
     "draft-model": "draft-model (a smaller model)",
     "eagle": "eagle (trained head)",
 }
-DRAFT_VOCAB_CHOICES = (None, 8192, 16384, 32768)
+DRAFT_VOCAB_CHOICES = (0, 8192, 16384, 32768)  # 0: the full vocabulary (None would show as "Choose an option")
 DRAFT_VOCAB_HELP = ("Score only the target's N most frequent tokens (FR-Spec / VocabTrim): the draft's LM head shrinks, "
                     "the target still verifies over its full vocabulary, so the output stays exact. Needs the table "
                     "from `python -m lab token-freq --target NAME` (or `train-head`).")
@@ -152,9 +152,9 @@ def drafter_select(page: str, drafters: tuple[str, ...], help: str | None = None
 
 
 def draft_vocab_select(page: str, where=st, label: str = "Draft vocabulary") -> None:
-    """The trimmed draft vocabulary N (None: the full vocabulary), for the draft model and the EAGLE head."""
+    """The trimmed draft vocabulary N (0: the full vocabulary), for the draft model and the EAGLE head."""
     where.selectbox(label, DRAFT_VOCAB_CHOICES, key=key(f"{page}.draft_vocab"), help=DRAFT_VOCAB_HELP,
-                    format_func=lambda n: "full" if n is None else f"top {n // 1024}k tokens")
+                    format_func=lambda n: "full" if not n else f"top {n // 1024}k tokens")
 
 
 def ngram_inputs(page: str, low=st, high=st) -> None:

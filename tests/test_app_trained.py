@@ -53,6 +53,14 @@ def test_live_runs_the_trimmed_head(tiny_models, trained_cache):
     at = click(live_app(prompt=PROMPT, raw=True, max_new_tokens=8, drafter="eagle", draft_vocab=8192), "Run")
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert 'class="tok tok-' in html_of(at)
+    assert "top 8,192 tokens" in at.session_state["live:result"].settings["drafter"]  # trimmed runs say so
+
+
+def test_draft_vocabulary_select_shows_full_by_default(tiny_models):
+    at = live_app(drafter="eagle")
+    at.run()
+    select = at.selectbox(key=key("live.draft_vocab"))
+    assert select.value == 0 and select.format_func(select.value) == "full"
 
 
 @pytest.mark.parametrize(
@@ -76,3 +84,7 @@ def test_step_through_the_head(tiny_models, trained_cache):
     assert not at.exception and not at.error, [e.value for e in at.error]
     session = at.session_state["step:session"]
     assert len(session.steps) == 1 and len(session.steps[0].drafted) == 4
+    at = click(click(at, "Next cycle"), "Next cycle")  # each click resumes the decode on a new thread
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    session = at.session_state["step:session"]
+    assert len(session.steps) == 3 and all(step.drafted for step in session.steps)

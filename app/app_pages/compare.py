@@ -42,7 +42,7 @@ DEFAULTS = {
     "compare.drafters": ["prompt-lookup", "layer-skip"],
     "compare.draft": "qwen2.5-coder-0.5b",
     "compare.exit_layer": None,
-    "compare.draft_vocab": None,
+    "compare.draft_vocab": 0,
     "compare.min_n": 1,
     "compare.max_n": 3,
     "compare.ks": [2, 4],

@@ -36,7 +36,7 @@ DEFAULTS = {
     "live.min_n": 1,
     "live.max_n": 3,
     "live.exit_layer": None,
-    "live.draft_vocab": None,
+    "live.draft_vocab": 0,
     "live.k": 4,
     "live.max_new_tokens": 64,
     "live.temperature": 0.0,
@@ -191,12 +191,15 @@ def run_live(view: LiveView, runtime: state.Runtime, target_name: str, draft_nam
         check_same_tokenizer(target.tokenizer, resources.load_tokenizer(require_model(draft_name, "draft")))
         draft = load(draft_name, "draft", runtime, view.status)
     exit_layer = s[key("live.exit_layer")]
+    trimmed = (s.get(key("live.draft_vocab")) or None) if drafter_name in ("draft-model", "eagle") else None
     drafter = make_drafter(drafter_name, target, draft, min_n=int(s[key("live.min_n")]), max_n=int(s[key("live.max_n")]),
                            exit_layer=None if exit_layer is None else int(exit_layer),
-                           draft_vocab=s.get(key("live.draft_vocab")) if drafter_name in ("draft-model", "eagle") else None)
+                           draft_vocab=trimmed)
     config = constrained.configured(config, constraint, drafter)
 
-    label = widgets.DRAFTER_LABELS[drafter_name] + (f", K={config.k}" if drafter is not None else "")
+    # a trimmed draft vocabulary is part of what drafts: said in the run's name
+    label = (widgets.DRAFTER_LABELS[drafter_name] + (f", top {trimmed:,} tokens" if trimmed else "")
+             + (f", K={config.k}" if drafter is not None else ""))
     settings = {"target": target_name, "drafter": label, "temperature": config.temperature,
                 "max new tokens": config.max_new_tokens, "device": runtime.device, "engine": runtime.engine}
     settings |= precision.settings(runtime, drafter_name)
@@ -283,22 +286,22 @@ side_by_side = (run_clicked and st.session_state[key("live.compare")] and drafte
 )
 view = LiveView.create(side_by_side)
 
-failed = False
+failed = None
 if run_clicked:
     try:
         runtime = state.runtime(st.session_state)
         st.session_state[RESULT_KEY] = run_live(view, runtime, target_choice, draft_choice)
     except (ValueError, ModelError, FileNotFoundError) as error:
-        failed = True
-        error_slot.error(str(error), icon=":material/error:")
+        failed = (str(error), ":material/error:")
     except MEMORY_ERRORS as error:
-        failed = True
-        error_slot.error(
-            f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick a smaller target or "
-            "draft, or ask for fewer new tokens; then run again.", icon=":material/memory:"
-        )
+        failed = (f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick a smaller target or "
+                  "draft, or ask for fewer new tokens; then run again.", ":material/memory:")
+
+if failed is not None:
+    with error_slot.container():
+        st.error(failed[0], icon=failed[1])
+        if st.session_state.get(RESULT_KEY) is not None:  # kept, not lost; but it must not read as this run's
+            st.caption("Below: the previous run, kept as it was. The run you just started did not happen.")
 
 if (result := st.session_state.get(RESULT_KEY)) is not None:
-    if failed:  # kept, not lost; but it must not read as the run that just failed
-        st.caption("Below: the previous run, kept as it was. The run you just started did not happen (see the error above).")
     show_result(view, result)

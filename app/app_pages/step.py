@@ -43,7 +43,7 @@ DEFAULTS = {
     "step.target": "smollm2-135m",
     "step.drafter": "prompt-lookup",
     "step.draft": "qwen2.5-coder-0.5b",
-    "step.draft_vocab": None,
+    "step.draft_vocab": 0,
     "step.k": 4,
     "step.max_new_tokens": 48,
     "step.temperature": 0.0,
@@ -138,9 +138,10 @@ def start(runtime: state.Runtime, slot, draft_name: str | None) -> StepSession:
     if drafter_name == "draft-model":
         draft = resources.load_for_role(draft_name, "draft", runtime, slot)
     prompt_ids = encode_prompt(target, prompt, chat_template=not s[key("step.raw")])
-    trimmed = s.get(key("step.draft_vocab")) if drafter_name in ("draft-model", "eagle") else None
+    trimmed = (s.get(key("step.draft_vocab")) or None) if drafter_name in ("draft-model", "eagle") else None
     drafter = make_drafter(drafter_name, target, draft, draft_vocab=trimmed)
-    settings = {"target": target_name, "drafter": widgets.DRAFTER_LABELS[drafter_name] + (f" ({draft.name})" if draft else ""),
+    settings = {"target": target_name, "drafter": widgets.DRAFTER_LABELS[drafter_name] + (f" ({draft.name})" if draft else "")
+                + (f", top {trimmed:,} tokens" if trimmed else ""),
                 "K": config.k, "max new tokens": config.max_new_tokens,
                 "sampling": "greedy" if config.sampling.is_greedy else f"temperature {config.temperature}, top-p {config.top_p}, seed {config.seed}",
                 "precision": runtime.precision("target") + (f", draft {runtime.precision('draft')}" if draft else "")}
