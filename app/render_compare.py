@@ -383,7 +383,7 @@ def acceptance_vs_k_figure(summary: pd.DataFrame) -> go.Figure:
     figure.update_yaxes(title="speedup", rangemode="tozero", nticks=4, row=2, col=1)
     figure.update_xaxes(title="K (draft tokens per step)", tickmode="linear", dtick=1, row=2, col=1)
     # a short title, the star's meaning below it: in a third of the page the long title was cut at "speedup"
-    figure.update_layout(title=dict(text="Against K<br><sup>acceptance and speedup; ★ best K, where it beats the target alone</sup>"),
+    figure.update_layout(title=dict(text="Against K<br><sup>acceptance, speedup; ★ best K if it beats the target</sup>"),
                          height=420, margin=FIGURE_MARGIN | dict(t=60),
                          legend=dict(orientation="h", yanchor="top", y=-0.2))
     if summary.empty:

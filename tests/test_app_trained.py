@@ -88,3 +88,11 @@ def test_step_through_the_head(tiny_models, trained_cache):
     assert not at.exception and not at.error, [e.value for e in at.error]
     session = at.session_state["step:session"]
     assert len(session.steps) == 3 and all(step.drafted for step in session.steps)
+
+
+def test_compare_plan_counts_the_trimmed_variants(tiny_models):
+    at = app_on("compare", source="Paste prompts", pasted="a\n---\nb", drafters=["eagle", "prompt-lookup"], ks=[2, 4],
+                draft_vocab=8192)
+    at.run()
+    # 2 prompts x (target alone + (eagle, eagle trimmed, prompt lookup) x 2 K) = 14
+    assert any("**14 decodes**" in c.value for c in at.caption), [c.value for c in at.caption]

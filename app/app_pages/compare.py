@@ -428,7 +428,10 @@ with st.container(border=True):
         prompts, prompt_error = [], None
     except ValueError as error:
         prompts, prompt_error = [], str(error)
-    n_drafters, n_ks = len(st.session_state[key("compare.drafters")]), len(st.session_state[key("compare.ks")])
+    chosen = st.session_state[key("compare.drafters")]
+    # the trimmed vocabulary runs a second variant of the draft model and the head
+    trims = sum(name in ("draft-model", "eagle") for name in chosen) if st.session_state.get(key("compare.draft_vocab")) else 0
+    n_drafters, n_ks = len(chosen) + trims, len(st.session_state[key("compare.ks")])
     if prompt_error:
         st.error(prompt_error, icon=":material/error:")
     else:
