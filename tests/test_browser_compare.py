@@ -44,6 +44,9 @@ def test_compare_page_after_a_real_run(page, served, tmp_path):
     # one prompt (code editing), prompt lookup and layer skip at K = 2 and 4: 5 decodes of 16 tokens
     page.get_by_role("button", name="Remove creative_writing").click()
     page.wait_for_timeout(500)
+    # every chip keeps its text visible (a lone short chip's label was squeezed to 0 px by the wrap CSS)
+    labels = page.locator("[data-testid=stMultiSelectTagsContainer] [data-tag] > span[title]")
+    assert labels.count() >= 4 and all(labels.nth(i).bounding_box()["width"] > 4 for i in range(labels.count()))
     set_number(page, "Max new tokens", 16)
     page.get_by_text("5 decodes").wait_for()
 
