@@ -157,6 +157,32 @@ def draft_vocab_select(page: str, where=st, label: str = "Draft vocabulary") -> 
                     format_func=lambda n: "full" if not n else f"top {n // 1024}k tokens")
 
 
+def eagle_note(target_name: str, where=st) -> None:
+    """A caption on the head the eagle drafter will load for this target: what it reads, how long it trained,
+    and the held-out acceptance it measured (from its head.json; the weights are not read)."""
+    import json
+
+    from lab.drafters.eagle import CONFIG_FILE, find_head
+
+    if not target_name:
+        return
+    path = find_head(str(target_name)) / CONFIG_FILE
+    if not path.exists():
+        where.caption(f"No head trained for this target yet: `python -m lab train-head --target {target_name}`.")
+        return
+    record = json.loads(path.read_text())
+    meta, layers = record.get("meta", {}), record["config"].get("feature_layers") or []
+    reads = f"layers {', '.join(map(str, layers))} fused (EAGLE-3)" if layers else "the final norm (EAGLE-1)"
+    text = f"Head: reads {reads}"
+    if "train_s" in meta:
+        text += f"; trained {meta['train_s'] / 60:.0f} min on {meta.get('tokens', 0):,} positions"
+    rates = (meta.get("heldout") or {}).get("per_position")
+    if rates:
+        text += (f"; held-out acceptance at drafted positions 1-{len(rates)}: "
+                 + " / ".join(f"{r:.0%}" for r in rates) + ". A CPU-trained head is weak: see README, Measured.")
+    where.caption(text)
+
+
 def ngram_inputs(page: str, low=st, high=st) -> None:
     """Prompt lookup's n-gram range, in the containers ``low`` and ``high``."""
     low.number_input("Min n-gram", min_value=1, max_value=8, step=1, key=key(f"{page}.min_n"))

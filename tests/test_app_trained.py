@@ -56,6 +56,15 @@ def test_live_runs_the_trimmed_head(tiny_models, trained_cache):
     assert "top 8,192 tokens" in at.session_state["live:result"].settings["drafter"]  # trimmed runs say so
 
 
+def test_live_says_what_the_head_reads_and_how_it_measured(tiny_models, trained_cache, tmp_path):
+    at = live_app(drafter="eagle")
+    at.run()
+    assert any("Head: reads the final norm (EAGLE-1)" in c.value for c in at.caption), [c.value for c in at.caption]
+    at.session_state[key("live.target")] = "qwen2.5-coder-1.5b"  # none trained in this cache
+    at.run()
+    assert any("python -m lab train-head --target qwen2.5-coder-1.5b" in c.value for c in at.caption)
+
+
 def test_draft_vocabulary_select_shows_full_by_default(tiny_models):
     at = live_app(drafter="eagle")
     at.run()

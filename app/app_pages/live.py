@@ -254,6 +254,7 @@ with st.container(border=True):
             widgets.exit_layer_input("live")
         elif drafter_name == "eagle":
             widgets.draft_vocab_select("live")
+            widgets.eagle_note(target_choice)
     # the toggles span the form and wrap: in half of it their labels were cut ("Compare with the ta…") at 900 px
     with st.container(horizontal=True, gap="small"):
         st.toggle("Raw completion", key=key("live.raw"),
