@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     head = commands.add_parser("train-head", help="train an EAGLE-style head on the target's own answers and save it")
     _add_model_arguments(head)
-    head.add_argument("--minutes", type=float, default=15.0, help="time budget of the optimisation loop (default 15)")
+    head.add_argument("--minutes", type=float, default=12.0,
+                      help="time budget of the optimisation loop (default 12: with answering the prompts, within 30 minutes on 2 CPU cores)")
     head.add_argument("--num-prompts", type=int, default=480,
                       help="training prompts to answer, spread over the presets and Spec-Bench, never the held-out ones (default 480)")
     head.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer (default 128)")
