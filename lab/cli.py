@@ -453,6 +453,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "target": target.name,
         "drafter": args.drafter,
         "draft": draft.name if draft is not None else None,
+        "draft_vocab": args.draft_vocab if args.drafter in ("draft-model", "eagle") else None,
         "k": config.k,
         "engine_mode": config.engine_mode,
         "min_n": args.min_n if args.drafter == "prompt-lookup" else None,
@@ -528,15 +529,16 @@ def format_summary(finished, stats, settings: dict, baseline=None, color: bool =
         f"prompt {settings['num_prompt_tokens']} tokens",
     ]
     if settings["drafter"] != "none":
+        name = settings["drafter"] + (f" (top {settings['draft_vocab']:,} tokens)" if settings.get("draft_vocab") else "")
         if stats.num_drafts:
             per_position = " ".join(f"{rate:.2f}" for rate in stats.per_position_acceptance_rate)
             lines.append(
-                f"   {settings['drafter']} K={settings['k']}: {stats.num_drafts} drafts, {stats.num_draft_tokens} drafted, "
+                f"   {name} K={settings['k']}: {stats.num_drafts} drafts, {stats.num_draft_tokens} drafted, "
                 f"{stats.num_accepted_tokens} accepted; acceptance rate {stats.acceptance_rate:.1%}, "
                 f"mean acceptance length {stats.mean_acceptance_length:.2f}; per position {per_position}"
             )
         else:
-            lines.append(f"   {settings['drafter']} K={settings['k']}: nothing was drafted")
+            lines.append(f"   {name} K={settings['k']}: nothing was drafted")
         if color:
             legend = " ".join(_paint(name if name != "rejected" else "[rejected]", name, True)
                               for name in ("accepted", "corrected", "bonus", "rejected"))

@@ -339,6 +339,8 @@ def test_train_head_token_freq_and_generate_with_the_trained_head(tiny_dirs, tmp
 
     assert main(generate(tiny_dirs, "--drafter", "eagle", "--draft-vocab", "8", "--k", "3", "--json", "--compare-baseline")) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["settings"]["drafter"] == "eagle"
+    assert report["settings"]["drafter"] == "eagle" and report["settings"]["draft_vocab"] == 8
     assert report["metrics"]["num_drafts"] > 0
     assert report["baseline"]["token_ids"] == report["token_ids"]
+    assert main(generate(tiny_dirs, "--drafter", "eagle", "--draft-vocab", "8", "--k", "3")) == 0
+    assert "eagle (top 8 tokens) K=3:" in capsys.readouterr().out  # the text report names the trimmed vocabulary
