@@ -60,8 +60,6 @@ class TrainConfig:
     feature_layers: the target layers the head reads (``EagleHeadConfig.feature_layers``; the
         samples must have been collected with the same); empty: the final norm's output. With
         feature layers there is no feature regression (EAGLE-3): ``feature_weight`` is ignored.
-    init_last_layer: start the head's decoder layer from the target's last one (when the
-        MLP widths match; else random), as Hydra and EAGLE-3 reimplementations do.
     seed: for the initialisation, the order and the noise.
     """
 
@@ -77,7 +75,6 @@ class TrainConfig:
     unroll: int = 3
     precision: str = "auto"
     feature_layers: tuple[int, ...] = ()
-    init_last_layer: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -193,7 +190,7 @@ def train_head(
     rng = random.Random(config.seed)
     if head is None:
         head = EagleHead(EagleHeadConfig.for_target(model, config.intermediate_size, target_name, config.feature_layers))
-        _init_from_target(head, model, config.init_last_layer)
+        _init_from_target(head, model)
     head = head.to(device).float().train().requires_grad_(True)
     embed = model.get_input_embeddings()
     lm_weight = model.get_output_embeddings().weight  # [V, H]
@@ -338,20 +335,12 @@ def _step_loss(predicted, features, labels, weight, config: TrainConfig) -> torc
     return ce + config.feature_weight * regression
 
 
-def _init_from_target(head: EagleHead, model: torch.nn.Module, last_layer: bool = False) -> None:
-    """Start the head's output norm from the target's final norm (both produce what the LM head reads);
-    with ``last_layer``, its decoder layer from the target's last one where the shapes match."""
-    inner = getattr(model, "model", None)
-    norm = getattr(inner, "norm", None)
-    with torch.no_grad():
-        if norm is not None and getattr(norm, "weight", None) is not None:
+def _init_from_target(head: EagleHead, model: torch.nn.Module) -> None:
+    """Start the head's output norm from the target's final norm (both produce what the LM head reads)."""
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    if norm is not None and getattr(norm, "weight", None) is not None:
+        with torch.no_grad():
             head.decoder.norm.weight.copy_(norm.weight.float())
-        layers = getattr(inner, "layers", None)
-        if last_layer and layers:
-            source = {k: v for k, v in layers[-1].state_dict().items()}
-            own = head.decoder.layers[0].state_dict()
-            if all(k in source and source[k].shape == v.shape for k, v in own.items()):
-                head.decoder.layers[0].load_state_dict({k: source[k].float() for k in own})
 
 
 def heldout_acceptance(target, head: EagleHead, prompt_ids: Sequence[Sequence[int]], k: int = 5, max_new_tokens: int = 64):
