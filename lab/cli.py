@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_cmd_serve_bench)
 
     freq = commands.add_parser("token-freq", help="count the tokens the target generates: the table a trimmed draft vocabulary uses")
-    _add_model_arguments(freq)
+    _add_model_arguments(freq, draft=False)
     freq.add_argument("--num-prompts", type=int, default=96, help="training prompts to answer (default 96)")
     freq.add_argument("--max-new-tokens", type=int, default=96, help="tokens per answer (default 96)")
     freq.add_argument("--max-prompt-tokens", type=int, default=384, help="keep the last N tokens of a long prompt (default 384)")
@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     freq.set_defaults(handler=_cmd_token_freq)
 
     head = commands.add_parser("train-head", help="train an EAGLE-style head on the target's own answers and save it")
-    _add_model_arguments(head)
+    _add_model_arguments(head, draft=False)
     head.add_argument("--minutes", type=float, default=12.0,
                       help="time budget of the optimisation loop (default 12: with answering the prompts, within 30 minutes on 2 CPU cores)")
     head.add_argument("--num-prompts", type=int, default=480,
@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True) -> None:
+    """--target, --device, --dtype, --target-quant and (when the command can load a draft model) --draft-quant."""
     from lab.models import PRECISIONS
 
     parser.add_argument("--target", required=True, help="a preset name (see `python -m lab models`) or a model folder")
@@ -303,8 +304,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype of both models (default auto: bf16); fp32 is the exactness reference")
     parser.add_argument("--target-quant", default=None, choices=PRECISIONS,
                         help="the target's weight precision (int8/nf4/fp4 through bitsandbytes; default: --dtype)")
-    parser.add_argument("--draft-quant", default=None, choices=PRECISIONS,
-                        help="the draft model's weight precision (default: --dtype)")
+    if draft:
+        parser.add_argument("--draft-quant", default=None, choices=PRECISIONS,
+                            help="the draft model's weight precision (default: --dtype)")
 
 
 def _add_engine_argument(parser: argparse.ArgumentParser) -> None:

@@ -105,3 +105,18 @@ def test_compare_plan_counts_the_trimmed_variants(tiny_models):
     at.run()
     # 2 prompts x (target alone + (eagle, eagle trimmed, prompt lookup) x 2 K) = 14
     assert any("**14 decodes**" in c.value for c in at.caption), [c.value for c in at.caption]
+
+
+def test_batch_sweeps_the_trimmed_head_and_says_so(tiny_models, trained_cache):
+    at = app_on("batch", source="Paste prompts", pasted=PROMPT + "\n---\nt7 t8 t9 t7 t8 t9", raw=True, max_new_tokens=8,
+                k=3, batch_sizes=[1, 2], drafter="eagle", draft_vocab=8192, peer=True)
+    assert any("Head: reads the final norm (EAGLE-1)" in c.value for c in at.caption), [c.value for c in at.caption]
+    at = click(at, "Run sweep")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    sweep = at.session_state["batch:sweep"]
+    assert sweep["drafter"] == "eagle" and sweep["settings"]["draft_vocab"] == 8192
+    assert [row["batch_size"] for row in sweep["results"]] == [1, 2]
+    # fp32 greedy: the head's tokens are the target's own at every batch size
+    assert all(row["outputs_differ_on_vs_off"] == 0 for row in sweep["results"]), sweep["results"]
+    assert "skipped" in sweep["peer_batch_1"]  # transformers has no trimmed draft vocabulary to compare with
+    assert any("eagle (top 8,192 tokens), K=3" in m.value for m in at.success), [m.value for m in at.success]

@@ -176,6 +176,13 @@ def test_help_exits_0(capsys):
     assert "--compare-baseline" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["train-head", "token-freq"])
+def test_commands_without_a_draft_model_do_not_offer_draft_quant(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--target-quant" in out and "--draft-quant" not in out
+
+
 def test_peer_on_a_tiny_model_prints_the_table_and_writes_json(tiny_dirs, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"id": 1, "prompt": PROMPT}) + "\n" + json.dumps({"id": 2, "prompt": "t9 t3 t12"}) + "\n")

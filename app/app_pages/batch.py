@@ -48,13 +48,15 @@ CANCEL_KEY = "batch:cancel_requested"
 IN_FLIGHT_KEY = "batch:in_flight"  # an app.inflight.InFlight while a sweep runs
 NOTICE_KEY = "batch:notice"  # how the last sweep ended when no batch size of it finished
 MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
-DRAFTERS = ("prompt-lookup", "draft-model", "layer-skip")
+DRAFTERS = ("prompt-lookup", "draft-model", "layer-skip", "eagle")
+TRIMMABLE = ("draft-model", "eagle")  # drafters with a draft vocabulary to trim
 
 DEFAULTS = {
     "batch.target": "smollm2-135m",
     "batch.drafter": "prompt-lookup",
     "batch.draft": "qwen2.5-coder-0.5b",
     "batch.exit_layer": None,
+    "batch.draft_vocab": 0,
     "batch.k": 4,
     "batch.batch_sizes": [1, 2, 4, 8],
     "batch.max_new_tokens": 32,
@@ -114,6 +116,10 @@ def drafter_inputs(target: str) -> str | None:
     draft = widgets.draft_select("batch", target) if drafter == "draft-model" else None
     if drafter == "layer-skip":
         widgets.exit_layer_input("batch")
+    if drafter in TRIMMABLE:
+        widgets.draft_vocab_select("batch")
+    if drafter == "eagle":
+        widgets.eagle_note(target)
     k_col, tokens_col = st.columns(2)
     k_col.number_input("K (draft tokens per step)", min_value=1, max_value=K_MAX, step=1, key=key("batch.k"),
                        help="The 'on' mode drafts K tokens; the auto policy may pick any K from 0 (off) to this one.")
@@ -249,12 +255,13 @@ def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime
     draft_name = widgets.checked_draft(target_name, draft) if drafter_name == "draft-model" else None
     exit_layer = s[key("batch.exit_layer")] if drafter_name == "layer-skip" else None
     exit_layer = None if exit_layer is None else int(exit_layer)
+    trimmed = (s.get(key("batch.draft_vocab")) or None) if drafter_name in TRIMMABLE else None
     with_peer = bool(s[key("batch.peer")])
     if draft_name:  # compare tokenizers before spending seconds on weights
         check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(draft_name))
     target = resources.load_for_role(target_name, "target", runtime, slots["progress"])
     draft_model = resources.load_for_role(draft_name, "draft", runtime, slots["progress"]) if draft_name else None
-    drafter = make_batch_drafter(drafter_name, target, draft_model, exit_layer=exit_layer)
+    drafter = make_batch_drafter(drafter_name, target, draft_model, exit_layer=exit_layer, draft_vocab=trimmed)
     chat_template = not s[key("batch.raw")]
     prompt_ids = [encode_prompt(target, text, chat_template=chat_template) for text in prompts]
 
@@ -271,12 +278,15 @@ def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime
         if sweep.settings.get("status") == "cancelled":
             sweep.settings["status"] = "cancelled" if watch.cancel_seen else "stopped"
             sweep.peer = {"skipped": "the sweep was cut short before the peer's turn"} if with_peer else None
+        elif with_peer and trimmed:
+            sweep.peer = {"skipped": "transformers' assisted generation has no trimmed draft vocabulary"}
         elif with_peer:
             sweep.peer = run_peer(target, draft_model, drafter_name, exit_layer, prompts, config, chat_template, watch)
         sweep.settings |= {
             "target": target_name,
             "draft": draft_name,
             "exit_layer": exit_layer,
+            "draft_vocab": trimmed,
             "precision": runtime.precision("target"),
             "chat_template": chat_template,
             "prompts": prompts,
@@ -309,7 +319,8 @@ def describe(sweep: dict) -> str:
         precision += f" (draft {settings['draft_precision']})"
     draft = f" drafting with `{settings['draft']}`" if settings.get("draft") else ""
     constraint = render_batch.constraint_text(sweep)
-    return (f"target `{settings.get('target')}`{draft} · {sweep.get('drafter')}, K={sweep.get('k')} · {precision} on "
+    trimmed = f" (top {settings['draft_vocab']:,} tokens)" if settings.get("draft_vocab") else ""
+    return (f"target `{settings.get('target')}`{draft} · {sweep.get('drafter')}{trimmed}, K={sweep.get('k')} · {precision} on "
             f"{settings.get('device')} · up to {settings.get('max_new_tokens')} new tokens · "
             f"{render.count(int(settings.get('num_prompts') or 0), 'prompt')}"
             + (f" · constrained to {constraint}" if constraint else ""))
