@@ -281,13 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--max-prompt-tokens", type=int, default=384, help="keep the last N tokens of a long prompt (default 384)")
     head.add_argument("--batch-size", type=int, default=16, help="answers generated together (default 16)")
     head.add_argument("--epochs", type=int, default=40, help="passes over the data at most (default 40)")
-    head.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (default 2e-3)")
+    head.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (default 3e-3)")
     head.add_argument("--unroll", type=int, default=3, help="training-time-test steps on the head's own predictions (default 3)")
-    head.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per optimiser step (default 4096)")
+    head.add_argument("--batch-tokens", type=int, default=512,
+                      help="padded tokens per optimiser step (default 512: with this little data, more steps beat bigger batches)")
     head.add_argument("--intermediate-size", type=int, default=1024, help="the head's MLP width (default 1024)")
     head.add_argument("--feature-layers", default="eagle3",
                       help="what the head reads: eagle3 (three target layers, low/middle/high, fused: EAGLE-3), "
                            "final (the final norm's output: EAGLE-1) or comma-separated layer indices (default eagle3)")
+    head.add_argument("--labels", default="soft", choices=("soft", "argmax"),
+                      help="what the head learns: the target's whole distribution (soft, EAGLE's loss) or its argmax only "
+                           "(default soft)")
     head.add_argument("--eval-prompts", type=int, default=4, help="held-out Spec-Bench prompts decoded after training (default 4)")
     head.add_argument("--out", type=Path, default=None, help="folder to save to (default: the model cache)")
     head.set_defaults(handler=_cmd_train_head)
@@ -1087,7 +1091,8 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
     progress.done()
     layers = _feature_layers(args.feature_layers, target.model.config.get_text_config().num_hidden_layers)
     config = TrainConfig(max_train_s=args.minutes * 60, epochs=args.epochs, lr=args.lr, unroll=args.unroll,
-                         batch_tokens=args.batch_tokens, intermediate_size=args.intermediate_size, feature_layers=layers)
+                         batch_tokens=args.batch_tokens, intermediate_size=args.intermediate_size, feature_layers=layers,
+                         soft_labels=args.labels == "soft")
     prompts = _training_prompts(target, args.num_prompts, args.max_prompt_tokens)
     start = time.perf_counter()
     with tqdm(total=len(prompts), desc="target answers", unit="prompt", file=sys.stderr) as bar:

@@ -8,13 +8,17 @@ learns, at every position t,
 
     predicted f_{t+1} = head(f_t, embed(x_{t+1}))
 
-with two losses: cross-entropy of LM_head(predicted f_{t+1}) against y_{t+1}
-(what greedy acceptance rewards; scored over the ``loss_vocab`` most frequent
-tokens to keep the CPU cost down) plus a smooth-L1 regression to f_{t+1}
-(EAGLE's feature loss, which keeps predicted features usable as the next
-step's input). Two things narrow the gap between training (real features in)
-and drafting (own predictions in): Gaussian noise on input features (EAGLE-1)
-and unrolled steps that read the head's own predictions as drafting does
+with cross-entropy of LM_head(predicted f_{t+1}) against the target's own
+distribution there, softmax(LM_head(f_{t+1})) (EAGLE's loss; ``soft_labels=False``:
+against its argmax y_{t+1} only), scored over the ``loss_vocab`` most frequent
+tokens to keep the CPU cost down. A head that reads the final norm's output
+adds a smooth-L1 regression to f_{t+1} (EAGLE-1's feature loss, which keeps
+predicted features usable as the next step's input); one that reads fused
+layers has none (EAGLE-3). Each feature layer's output is RMS-normed before the
+fusion (``EagleHead.project``): raw residual streams carry a few dims of 10^4.
+Two things narrow the gap between training (real features in) and drafting
+(own predictions in): Gaussian noise on input features (EAGLE-1) and
+unrolled steps that read the head's own predictions as drafting does
 (EAGLE-3's "training-time test": step j at every position reads step j-1's
 prediction, and attends to the real entries before its chain and to the
 chain's own entries, through a block attention mask).
@@ -52,9 +56,12 @@ class TrainConfig:
     intermediate_size: the head's MLP width (None: the target's).
     loss_vocab: cross-entropy over this many most frequent label tokens (0: the full vocabulary).
     feature_weight: weight of the smooth-L1 feature loss (cross-entropy has weight 1).
-    noise: std of the Gaussian noise on input features, relative to their std.
+    noise: std of the Gaussian noise on input features: relative to their std (final-norm features), or on the
+        RMS-normed layer outputs (fused features: ``EagleHead.project``).
     unroll: training steps per position (EAGLE-3's "training-time test"): step 1 reads the target's
         features, step j > 1 the head's own step j-1 predictions, as drafted token j does; 1 to 8.
+    soft_labels: cross-entropy against the target's whole distribution over the scored subset (EAGLE's loss:
+        softmax of its LM head over its final-norm output), else against its argmax only.
     precision: "auto" (bf16 autocast on CUDA and on CPUs that run bf16 natively, by
         ``lab.calibrate.host_float_precision``), "bf16" or "fp32". Master weights stay fp32.
     feature_layers: the target layers the head reads (``EagleHeadConfig.feature_layers``; the
@@ -67,12 +74,13 @@ class TrainConfig:
     epochs: int = 20
     lr: float = 1e-3
     weight_decay: float = 0.0
-    batch_tokens: int = 4096
+    batch_tokens: int = 512
     intermediate_size: int | None = 1024
-    loss_vocab: int = 8192
+    loss_vocab: int = 4096
     feature_weight: float = 0.5
     noise: float = 0.05
     unroll: int = 3
+    soft_labels: bool = True
     precision: str = "auto"
     feature_layers: tuple[int, ...] = ()
     seed: int = 0
@@ -92,11 +100,14 @@ class TrainConfig:
 @dataclass
 class Sample:
     """One training sequence. ids: [T] int64; features: [T, H] (final-norm output) or [T, n·H] (n feature
-    layers' outputs); labels: [T] int64 (the target's argmax at each position)."""
+    layers' outputs); labels: [T] int64 (the target's argmax at each position); final: [T, H] the final norm's
+    output where features are layers' outputs (what the target's LM head reads: its distribution, for soft
+    labels), None where features already are it."""
 
     ids: torch.Tensor
     features: torch.Tensor
     labels: torch.Tensor
+    final: torch.Tensor | None = None
 
 
 @dataclass
@@ -138,6 +149,8 @@ def collect_samples(
     recorder = TargetFeatures(model, feature_layers)
     samples: list[Sample] = []
     config = DecodeConfig(max_new_tokens=max_new_tokens)
+    final: list[torch.Tensor] = []
+    norm_hook = model.model.norm.register_forward_hook(lambda module, args, output: final.append(output))
     try:
         for start in range(0, len(prompt_ids), batch_size):
             chunk = [list(p) for p in prompt_ids[start : start + batch_size]]
@@ -145,11 +158,14 @@ def collect_samples(
             for prompt, answer in zip(chunk, answers):
                 ids = torch.tensor(prompt + answer, dtype=torch.long)
                 recorder.attach(1)
+                final.clear()
                 logits = model(ids[None].to(device)).logits[0]  # [T, V]
-                samples.append(Sample(ids, recorder.feats[0].float().cpu(), logits.argmax(-1).cpu()))
+                kept = final[-1][0].float().cpu() if feature_layers else None  # [T, H]
+                samples.append(Sample(ids, recorder.feats[0].float().cpu(), logits.argmax(-1).cpu(), kept))
             if progress is not None:
                 progress(min(start + batch_size, len(prompt_ids)), len(prompt_ids))
     finally:
+        norm_hook.remove()
         recorder.detach()
     return samples
 
@@ -204,7 +220,6 @@ def train_head(
     remap[subset] = torch.arange(subset.numel())
     weight = lm_weight.detach()[subset.to(lm_weight.device)].float().to(device)  # [N, H]
     remap = remap.to(device)
-    feature_std = float(torch.cat([s.features[:64] for s in usable[:64]]).std())
     batches = _length_buckets(usable, config.batch_tokens)
     use_bf16 = _use_bf16(config.precision, device)
 
@@ -223,7 +238,7 @@ def train_head(
             for group in optimiser.param_groups:
                 group["lr"] = config.lr * cosine * min(1.0, (step + 1) / warmup)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = _batch_loss(head, embed, weight, remap, [usable[i] for i in batch], config, feature_std, device)
+                loss = _batch_loss(head, embed, weight, remap, [usable[i] for i in batch], config, device)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -265,26 +280,40 @@ def _length_buckets(samples: Sequence[Sample], batch_tokens: int) -> list[list[i
     return batches + [current]
 
 
-def _batch_loss(head, embed, weight, remap, batch: Sequence[Sample], config: TrainConfig, feature_std: float, device) -> torch.Tensor:
+def _batch_loss(head, embed, weight, remap, batch: Sequence[Sample], config: TrainConfig, device) -> torch.Tensor:
     """Loss of a right-padded batch (module docstring): step j reads (f or predicted f at t+j-1, x_{t+j}) -> f_{t+j}, y_{t+j}."""
     length = max(s.ids.numel() for s in batch)
     hidden = batch[0].features.shape[1]
     ids = torch.zeros(len(batch), length, dtype=torch.long)
     labels = torch.full((len(batch), length), -100, dtype=torch.long)
+    real = torch.zeros(len(batch), length, dtype=torch.bool)
     features = torch.zeros(len(batch), length, hidden)
+    final = torch.zeros(len(batch), length, weight.shape[1]) if config.soft_labels and head.fuse is not None else None
     for b, s in enumerate(batch):
         n = s.ids.numel()
         ids[b, :n], labels[b, :n], features[b, :n] = s.ids, remap[s.labels.to(remap.device)].cpu(), s.features
-    ids, labels, features = ids.to(device), labels.to(device), features.to(device)  # [B, T], [B, T], [B, T, H]
+        real[b, :n] = True
+        if final is not None:
+            if s.final is None:
+                raise ValueError("soft labels require the samples' final-norm outputs: collect them with collect_samples")
+            final[b, :n] = s.final
+    ids, labels, real, features = ids.to(device), labels.to(device), real.to(device), features.to(device)  # [B, T] x3, [B, T, H]
+    teacher = None
+    if config.soft_labels:
+        with torch.no_grad():  # the target's distribution over the subset at t+1: what step j's prediction is scored on
+            read = features if final is None else final.to(device)
+            teacher = torch.log_softmax((read[:, 1:] @ weight.T.to(read.dtype)).float(), dim=-1)  # [B, T-1, N]
     with torch.no_grad():
         token_embeds = embed(ids).float()  # [B, T, H]
-    inputs = head.project(features[:, :-1] + config.noise * feature_std * torch.randn_like(features[:, :-1]))
+    inputs = head.project(features[:, :-1], noise=config.noise)
     regress_to = features[:, 1:] if head.fuse is None else None  # fused features have no H-wide target
     total = features.new_zeros(())
     for j, predicted in enumerate(unrolled_predictions(head, inputs, token_embeds[:, 1:], config.unroll), start=1):
         chained = labels[:, 1:].clone()
+        valid = real[:, 1:].clone()
         chained[:, : j - 1] = -100  # entries whose chain would start before the first position
-        total = total + _step_loss(predicted, regress_to, chained, weight, config)
+        valid[:, : j - 1] = False
+        total = total + _step_loss(predicted, regress_to, chained if teacher is None else valid, weight, config, teacher)
     return total / config.unroll
 
 
@@ -321,14 +350,21 @@ def _chain_mask(entries: int, step: int, device) -> torch.Tensor:
     return torch.cat(blocks, dim=1)[None, None]
 
 
-def _step_loss(predicted, features, labels, weight, config: TrainConfig) -> torch.Tensor:
-    """Cross-entropy of LM_head(predicted) against labels (-100: padding or outside the subset) + smooth L1 to features
-    (None: no regression)."""
-    valid = labels != -100  # [B, T]
+def _step_loss(predicted, features, labels, weight, config: TrainConfig, teacher=None) -> torch.Tensor:
+    """Cross-entropy of LM_head(predicted) [B, T, H] against labels + smooth L1 to features [B, T, H] (None: no regression).
+
+    labels: [B, T] int64 subset columns (-100: padding or outside the subset); with ``teacher`` [B, T, N] (the
+    target's log-probabilities over the subset) labels is a [B, T] bool mask of the entries to score instead.
+    """
+    valid = labels if teacher is not None else labels != -100  # [B, T]
     if not bool(valid.any()):
         return predicted.sum() * 0.0
     chosen = predicted[valid]  # [n, H]
-    ce = torch.nn.functional.cross_entropy((chosen @ weight.T.to(chosen.dtype)).float(), labels[valid])
+    logits = (chosen @ weight.T.to(chosen.dtype)).float()  # [n, N]
+    if teacher is not None:
+        ce = -(teacher[valid].exp() * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+    else:
+        ce = torch.nn.functional.cross_entropy(logits, labels[valid])
     if features is None or config.feature_weight == 0:
         return ce
     regression = torch.nn.functional.smooth_l1_loss(chosen.float(), features[valid])

@@ -3,6 +3,9 @@ a head cache that rolls back exactly, and a save/load round trip guarded by a ch
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
 
@@ -183,6 +186,38 @@ def test_head_save_load_round_trip_and_checksum(tiny_target, tmp_path, layers):
         load_head(tmp_path / "h")
     with pytest.raises(FileNotFoundError, match="train-head"):
         load_head(tmp_path / "absent")
+
+
+def test_a_head_saved_before_its_feature_norms_is_refused_with_the_command_to_retrain(tiny_target, tmp_path):
+    from safetensors.torch import save_file
+
+    head = tiny_head(tiny_target.model, layers=FUSED)
+    save_head(head, tmp_path / "h", dtype=torch.float32)
+    old = {k: v for k, v in head.state_dict().items() if not k.startswith("feature_norms.")}  # the earlier layout
+    save_file(old, str(tmp_path / "h" / "head.safetensors"))
+    record = json.loads((tmp_path / "h" / "head.json").read_text())
+    record["sha256"] = hashlib.sha256((tmp_path / "h" / "head.safetensors").read_bytes()).hexdigest()
+    (tmp_path / "h" / "head.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="older version of the lab.*train-head"):
+        load_head(tmp_path / "h")
+
+
+def test_fused_features_are_normed_per_layer_before_the_fusion(tiny_target):
+    """Raw decoder-layer outputs carry a few huge "massive activation" dims: each layer's part is RMS-normed, so
+    scaling one layer's output (or one token's) leaves the fused input unchanged, and noise is relative to the norm."""
+    head = tiny_head(tiny_target.model, layers=FUSED)
+    with torch.no_grad():
+        for norm in head.feature_norms:
+            norm.weight.uniform_(0.5, 1.5)
+    features = torch.randn(2, 5, 2 * head.config.hidden_size)
+    scaled = features.clone()
+    scaled[..., : head.config.hidden_size] *= 1000.0  # layer 0's output, a thousand times larger
+    scaled[1, 2] *= 0.1  # one token's, ten times smaller
+    torch.testing.assert_close(head.project(scaled), head.project(features), rtol=1e-3, atol=1e-3)
+    torch.manual_seed(0)
+    noisy = head.project(scaled, noise=0.05)
+    change = (noisy - head.project(features)).abs().mean() / head.project(features).abs().mean()
+    assert 0.005 < float(change) < 0.2  # a few percent: the noise does not scale with the 1000x layer
 
 
 def test_make_drafter_eagle_and_width_check(tiny_target, tiny_draft):

@@ -156,12 +156,26 @@ class EagleHead(torch.nn.Module):
         self.fc = torch.nn.Linear(2 * h, h, bias=False)
         self.decoder = LlamaModel(config.llama_config())
         self.fuse = torch.nn.Linear(len(config.feature_layers) * h, h, bias=False) if config.feature_layers else None
+        # Decoder layers' outputs are raw residual streams: a few "massive activation" dims reach 10^4 while most
+        # stay near 1, so each layer's output is RMS-normed (as the target's next layer would) before the fusion.
+        self.feature_norms = torch.nn.ModuleList(
+            LlamaRMSNorm(h, eps=config.rms_norm_eps) for _ in config.feature_layers
+        )
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        """The target's recorded features [..., n·H] fused to [..., H] (identity without feature layers)."""
+    def project(self, features: torch.Tensor, noise: float = 0.0) -> torch.Tensor:
+        """The target's recorded features [..., n·H] fused to [..., H] (identity without feature layers).
+
+        noise: std of Gaussian noise added to the normed features before the fusion (training only; EAGLE-1's
+        feature noise); without feature layers it is added to the features, relative to their std.
+        """
         if self.fuse is None:
-            return features
-        return self.fuse(features.to(self.fuse.weight.dtype))
+            return features if not noise else features + noise * features.std() * torch.randn_like(features)
+        dtype = self.fuse.weight.dtype
+        parts = features.to(dtype).chunk(len(self.feature_norms), dim=-1)
+        normed = torch.cat([norm(part) for norm, part in zip(self.feature_norms, parts)], dim=-1)
+        if noise:
+            normed = normed + noise * torch.randn_like(normed)
+        return self.fuse(normed)
 
     def forward(
         self,
@@ -247,7 +261,14 @@ def load_head(folder: Path, device: torch.device | str = "cpu") -> tuple[EagleHe
             "retrain it with `python -m lab train-head`."
         )
     head = EagleHead(EagleHeadConfig(**record["config"]))
-    head.load_state_dict({k: v.float() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()})
+    weights = {k: v.float() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
+    missing = sorted(set(head.state_dict()) - set(weights))
+    if missing:
+        raise ValueError(
+            f"The EAGLE head in {folder} was saved by an older version of the lab (it lacks {missing[0]}): "
+            "retrain it with `python -m lab train-head`."
+        )
+    head.load_state_dict(weights)
     return head.to(device).eval().requires_grad_(False), record.get("meta", {})
 
 
