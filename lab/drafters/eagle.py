@@ -144,8 +144,9 @@ class EagleHead(torch.nn.Module):
     The target's LM head reads the result (EAGLE-1's layout; the output norm makes
     it live on the scale of the target's final-norm output). With
     ``config.feature_layers`` the target's recorded features are [B, T, n·H]
-    (n layers' outputs side by side) and ``project`` fuses them to H first
-    (EAGLE-3); the head's own predictions are fed back as they are.
+    (n layers' outputs side by side) and ``project`` RMS-norms each layer's
+    part and fuses them to H first (EAGLE-3); the head's own predictions are
+    fed back as they are.
     """
 
     def __init__(self, config: EagleHeadConfig) -> None:
