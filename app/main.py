@@ -75,7 +75,8 @@ def sidebar_runtime() -> None:
         st.selectbox("Device", DEVICE_CHOICES, key=state.widget_key("device"))
         st.selectbox("Target precision", PRECISION_CHOICES, key=state.widget_key("dtype"), help=PRECISION_HELP)
         st.selectbox("Draft precision", (state.SAME_AS_TARGET, *PRECISION_CHOICES), key=state.widget_key("draft_dtype"),
-                     help="The draft model's precision. A quantised draft costs less memory and time per token and "
+                     help="The draft model's precision (the draft-model drafter only: an EAGLE head runs in fp32 "
+                          "with the target's own LM head). A quantised draft costs less memory and time per token and "
                           "never changes the output; it may be accepted less often.")
         st.selectbox("Engine", ENGINE_CHOICES, key=state.widget_key("engine"), help=ENGINE_HELP)
         try:

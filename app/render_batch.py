@@ -249,8 +249,11 @@ def headline(sweep: dict) -> str:
         lines.append(f"It shortened the median request at every batch size measured (up to {results[-1]['batch_size']}).")
     else:
         at = next(r for r in results if int(r["batch_size"]) == latency_at)
-        lines.append(f"From batch size {latency_at} on it made the median request slower "
-                     f"({number(at.get('latency_speedup')):.2f}×).")
+        if latency_at == int(first["batch_size"]):  # the first sentence gave the figure already
+            lines.append(f"So speculation did not pay for latency even at batch size {latency_at}.")
+        else:
+            lines.append(f"From batch size {latency_at} on it made the median request slower "
+                         f"({number(at.get('latency_speedup')):.2f}×).")
         throughput = number(at.get("throughput_speedup"))
         if throughput >= 1.0:
             lines.append(f"Throughput there still looked like a gain ({throughput:.2f}×): measured in tokens per "

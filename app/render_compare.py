@@ -299,7 +299,7 @@ def per_position_figure(summary: pd.DataFrame, k: int | None = None) -> go.Figur
         )
     figure.update_layout(
         title="Per-position acceptance",
-        xaxis=dict(title="draft position", tickmode="linear", dtick=1, rangemode="tozero"),
+        xaxis=dict(title="draft position", tickmode="linear", tick0=1, dtick=1),  # positions start at 1, as on Live
         yaxis=dict(title="drafts accepted up to here", range=[0, 1.05], tickformat=".0%"),
         height=420,
         margin=FIGURE_MARGIN,

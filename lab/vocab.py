@@ -119,6 +119,17 @@ def frequency_path(target_name: str) -> Path:
     return cache_dir() / VOCAB_FOLDER / f"{safe}.json"
 
 
+def find_frequencies(target_name: str) -> Path:
+    """The frequency table to use for a target: the model cache's, else one shipped in ``assets/vocab/``
+    (beside the head shipped in ``assets/heads/``). Returns the cache path (which may not exist) when neither
+    holds one, so ``load_frequencies`` can say how to build it."""
+    from lab.prompts import REPO_ROOT
+
+    cached = frequency_path(target_name)
+    shipped = REPO_ROOT / "assets" / VOCAB_FOLDER / cached.name
+    return shipped if not cached.exists() and shipped.exists() else cached
+
+
 def save_frequencies(counts: torch.Tensor, path: Path, meta: dict | None = None) -> Path:
     """Write counts (sparse: id -> count) with a sha256 of them; returns path."""
     nonzero = counts.nonzero().flatten().tolist()
@@ -140,7 +151,7 @@ def load_frequencies(path: Path) -> torch.Tensor:
     """
     if not path.exists():
         raise FileNotFoundError(
-            f"No token frequency table at {path}: build it with `python -m lab token-freq --target <name>`."
+            f"No token frequency table at {path}: build it with `python -m lab token-freq --target {path.stem}`."
         )
     record = json.loads(path.read_text())
     body = json.dumps(record["counts"], sort_keys=True)

@@ -92,6 +92,13 @@ def test_no_crossover_when_speculation_pays_at_every_batch_size():
     assert "at every batch size measured (up to 8)" in render_batch.headline(sweep)
 
 
+def test_a_crossover_at_the_first_batch_size_is_said_once():
+    sweep = hand_sweep(latency=[0.75, 0.6, 0.5, 0.4], throughput=[0.7, 0.6, 0.5, 0.4])
+    headline = render_batch.headline(sweep)
+    assert "0.75× as fast" in headline and "did not pay for latency even at batch size 1" in headline
+    assert "From batch size 1 on" not in headline and headline.count("0.75") == 1
+
+
 def test_throughput_crossover_elsewhere_gets_its_own_dotted_line():
     sweep = hand_sweep(latency=[1.5, 0.95, 0.8, 0.7], throughput=[1.4, 1.1, 0.9, 0.8])
     figure = render_batch.speedup_figure(sweep)

@@ -210,6 +210,7 @@ def test_comparison_figures_and_tables(tiny_comparison):
     curves = render_compare.per_position_figure(summary)
     assert [t.name for t in curves.data] == [f"{d} (K=3)" for d in drafters]  # one per drafter, its largest K
     assert all(list(t.x) == list(range(1, len(t.y) + 1)) for t in curves.data)
+    assert curves.layout.xaxis.tick0 == 1 and curves.layout.xaxis.rangemode != "tozero"  # no empty position-0 tick
     bars = render_compare.speedup_figure(summary)
     assert [t.name for t in bars.data] == drafters and all(list(t.x) == ["K=1", "K=3"] for t in bars.data)
     table = render_compare.summary_table(summary)

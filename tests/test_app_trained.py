@@ -97,6 +97,7 @@ def test_step_through_the_head(tiny_models, trained_cache):
     assert not at.exception and not at.error, [e.value for e in at.error]
     session = at.session_state["step:session"]
     assert len(session.steps) == 3 and all(step.drafted for step in session.steps)
+    assert any("Head: reads the final norm (EAGLE-1)" in c.value for c in at.caption)  # as on Live and Batch
 
 
 def test_compare_plan_counts_the_trimmed_variants(tiny_models):

@@ -67,6 +67,22 @@ def test_frequency_table_round_trip_and_checksum(tmp_path):
         load_frequencies(tmp_path / "absent.json")
 
 
+def test_a_fresh_cache_uses_the_table_shipped_beside_the_shipped_head(tmp_path, monkeypatch):
+    """assets/vocab/smollm2-135m.json ships with assets/heads/smollm2-135m: a trimmed head works on a fresh machine."""
+    from lab.vocab import find_frequencies, frequency_path
+
+    monkeypatch.setenv("LAB_CACHE_DIR", str(tmp_path))
+    shipped = find_frequencies("smollm2-135m")
+    assert shipped.parent.name == "vocab" and shipped.parent.parent.name == "assets"
+    counts = load_frequencies(shipped)
+    assert counts.numel() == 49152 and int(counts.sum()) == 129_491  # SmolLM2's argmax over its training data
+    save_frequencies(torch.tensor([0, 5, 1]), frequency_path("smollm2-135m"))
+    assert find_frequencies("smollm2-135m") == frequency_path("smollm2-135m")  # a table built here wins
+    missing = find_frequencies("qwen2.5-coder-1.5b")  # none shipped: the cache path, and how to build it
+    with pytest.raises(FileNotFoundError, match="token-freq --target qwen2.5-coder-1.5b"):
+        load_frequencies(missing)
+
+
 @pytest.mark.parametrize("prompt", PROMPTS)
 @pytest.mark.parametrize("k", [1, 4])
 def test_trimmed_draft_greedy_equals_target_alone(tiny_target, tiny_draft, prompt, k):

@@ -213,6 +213,8 @@ with st.container(border=True):
         draft_choice = widgets.draft_select("step", target_choice) if drafter_name == "draft-model" else None
         if drafter_name in ("draft-model", "eagle"):
             widgets.draft_vocab_select("step")
+        if drafter_name == "eagle":
+            widgets.eagle_note(target_choice)
     with right:
         k_col, tokens_col = st.columns(2)
         k_col.slider("K (draft tokens per step)", 1, K_MAX, key=key("step.k"))

@@ -33,7 +33,7 @@ def make_drafter(
     exit_layer: layer-skip's exit; default a quarter of the target's layers.
     draft_vocab: N, trim the draft model's / the EAGLE head's vocabulary to the
         target's N most frequent tokens (``lab.vocab``; the table cached by
-        ``python -m lab token-freq``); None: the full vocabulary.
+        ``python -m lab token-freq``, else one shipped in ``assets/vocab/``); None: the full vocabulary.
     vocab_subset: [N] int64 token ids to trim to, in place of draft_vocab.
     head: the EAGLE head; default the one trained for the target
         (``python -m lab train-head``), loaded from the model cache or ``assets/heads/``.
@@ -43,9 +43,9 @@ def make_drafter(
     the draft's tokenizer is not the target's.
     """
     if vocab_subset is None and draft_vocab is not None and name in ("draft-model", "eagle"):
-        from lab.vocab import frequency_path, load_frequencies, top_tokens
+        from lab.vocab import find_frequencies, load_frequencies, top_tokens
 
-        counts = load_frequencies(frequency_path(target.name))
+        counts = load_frequencies(find_frequencies(target.name))
         vocab_subset = top_tokens(counts, draft_vocab, always=target.eos_token_ids)
     if name == "none":
         return None

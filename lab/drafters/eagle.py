@@ -252,7 +252,7 @@ def load_head(folder: Path, device: torch.device | str = "cpu") -> tuple[EagleHe
     folder = Path(folder)
     if not (folder / CONFIG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
         raise FileNotFoundError(
-            f"No EAGLE head in {folder}: train one with `python -m lab train-head --target <name>`."
+            f"No EAGLE head in {folder}: train one with `python -m lab train-head --target {folder.name}`."
         )
     record = json.loads((folder / CONFIG_FILE).read_text())
     digest = hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()
