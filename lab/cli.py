@@ -305,7 +305,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True) ->
     parser.add_argument("--target", required=True, help="a preset name (see `python -m lab models`) or a model folder")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp16", "fp32"),
-                        help="compute dtype of both models (default auto: bf16); fp32 is the exactness reference")
+                        help="compute dtype of both models (default auto: a cached calibration's choice, else bf16 where "
+                             "a timing probe finds this machine runs it fast, else fp32); fp32 is the exactness reference")
     parser.add_argument("--target-quant", default=None, choices=PRECISIONS,
                         help="the target's weight precision (int8/nf4/fp4 through bitsandbytes; default: --dtype)")
     if draft:
