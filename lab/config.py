@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from lab.runner import CompileBackend, EngineMode
+from lab.kv import CompileBackend, EngineMode
 from lab.sampling import SamplingParams
 
 GrammarMode = Literal["exact", "naive"]
@@ -29,7 +29,7 @@ class DecodeConfig:
         under the grammar with rollback; "naive" is the broken way some engines
         shipped (drafts and verification without masks, the matcher advanced over
         every drafted token and never rolled back), for teaching only.
-    engine_mode: how the model passes run (``lab.runner``): "eager" (a growing
+    engine_mode: how the model passes run (``lab.kv``): "eager" (a growing
         cache), "static" (a fixed-size cache, fixed-width passes), "compiled"
         (static, each width captured once by torch.compile; CUDA graphs on a
         GPU), or "auto" (compiled on CUDA, eager elsewhere).

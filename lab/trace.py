@@ -1,5 +1,9 @@
 """Frozen trace events: the one record of a decode that everything else reads.
 
+The decode loop yields batch events (``BatchPrefilled``, ``BatchStep``,
+``BatchFinished``), each carrying per-request ``Prefilled`` / ``Step`` /
+``Finished`` events; at B = 1 ``lab.decode.decode`` yields those directly.
+
 The engine yields them; the app renders them, metrics count them, the CLI prints
 them and tests assert on them. Token classes, as coloured in the app:
 
@@ -16,6 +20,7 @@ them and tests assert on them. Token classes, as coloured in the app:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -110,3 +115,80 @@ class Finished:
 
 
 TraceEvent = Prefilled | Step | Finished
+
+
+@dataclass(frozen=True)
+class BatchPrefilled:
+    """The target has read every prompt in one padded pass.
+
+    prefilled: per request, in request order, the single-row ``Prefilled``
+        (each carries the whole batch's prefill time: every row waited for it).
+    """
+
+    prefilled: tuple[Prefilled, ...]
+    prefill_ms: float
+
+    def row_events(self) -> Iterator[tuple[int, Prefilled]]:
+        """(request, event) pairs for per-request consumers (``SpecDecodingStats``)."""
+        return iter(enumerate(self.prefilled))
+
+
+@dataclass(frozen=True)
+class RowFinished:
+    """One request is done (it leaves the batch).
+
+    finished: its single-row ``Finished``; ``wall_s`` is its latency, from the
+        batch's submission to its last token.
+    first_token_s: from submission to its first emitted token.
+    """
+
+    request: int
+    finished: Finished
+    first_token_s: float
+
+
+@dataclass(frozen=True)
+class BatchStep:
+    """One draft-verify cycle of the whole batch.
+
+    requests: the request index of each row in the batch at this step (batch order).
+    steps: per row, the single-row ``Step`` (the B = 1 event, as ``lab.decode.decode`` yields it:
+        ``index`` counts that request's steps, ``target_cache_len`` its own tokens
+        in the cache, holes excluded; draft_ms/verify_ms are the batch's, which
+        each row waited for).
+    finished: the requests that finished at this step.
+    width: tokens per row in the verify pass (1 + the longest draft).
+    target_cache_slots: slots of the target's cache after rollback, holes included.
+    time_s: seconds from submission to the end of this step.
+    """
+
+    index: int
+    requests: tuple[int, ...]
+    steps: tuple[Step, ...]
+    finished: tuple[RowFinished, ...]
+    draft_ms: float
+    verify_ms: float
+    width: int
+    target_cache_slots: int
+    time_s: float
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.requests)
+
+    def row_events(self) -> Iterator[tuple[int, Step | Finished]]:
+        """(request, event) pairs: each row's Step, then the Finished of rows that ended."""
+        yield from zip(self.requests, self.steps)
+        for row in self.finished:
+            yield row.request, row.finished
+
+
+@dataclass(frozen=True)
+class BatchFinished:
+    """Every request is done. rows: per request, in request order. wall_s: submission to the last token of all."""
+
+    rows: tuple[RowFinished, ...]
+    wall_s: float
+
+
+BatchEvent = BatchPrefilled | BatchStep | BatchFinished

@@ -1,10 +1,11 @@
-"""Drafters behind one protocol (``base.Drafter``), and ``make_drafter`` to build one by name."""
+"""Drafters behind one batched protocol (``base.Drafter``; single-row ones through ``base.PerRowDrafter``),
+and ``make_drafter`` to build one by name."""
 
 from __future__ import annotations
 
 from typing import Literal, get_args
 
-from lab.drafters.base import Draft, DraftContext, Drafter
+from lab.drafters.base import Draft, DraftContext, Drafter, PerRowDrafter, RowDrafter, as_batch_drafter
 from lab.drafters.draft_model import DraftModelDrafter
 from lab.drafters.eagle import EagleDrafter, EagleHead, EagleHeadConfig
 from lab.drafters.layer_skip import LayerSkipDrafter, early_exit_view, num_layers
@@ -25,8 +26,11 @@ def make_drafter(
     draft_vocab: int | None = None,
     vocab_subset=None,
     head: EagleHead | None = None,
-) -> Drafter | None:
+) -> Drafter | RowDrafter | None:
     """Build a drafter by its standard name; None for "none" (the target alone).
+
+    Model drafters (draft-model, layer-skip, eagle) are batched ``Drafter`` s;
+    prompt lookup is a ``RowDrafter`` (the decode loop copies it per row).
 
     target, draft: ``lab.models.LoadedModel`` (draft only for "draft-model").
     min_n, max_n: prompt lookup's n-gram sizes.
@@ -80,6 +84,9 @@ __all__ = [
     "DraftContext",
     "DraftModelDrafter",
     "Drafter",
+    "PerRowDrafter",
+    "RowDrafter",
+    "as_batch_drafter",
     "EagleDrafter",
     "EagleHead",
     "EagleHeadConfig",

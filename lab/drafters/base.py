@@ -1,7 +1,9 @@
 """The drafter protocol: propose up to K new tokens, learn from how many matched.
 
 A drafter proposes only the new tokens, never prompt + draft, and says "no draft"
-with an empty proposal. Model drafters return the per-token distributions they
+with an empty proposal. The decode loop speaks one protocol, batched
+(``Drafter``); a drafter with nothing to batch is written for one row
+(``RowDrafter``) and reaches the loop through one adapter (``PerRowDrafter``). Model drafters return the per-token distributions they
 drew from; deterministic drafters (prompt lookup) return none, which verification
 treats as one-hot. Inputs travel in one ``DraftContext``: a new drafter's needs
 add a field there, not a keyword everywhere.
@@ -9,6 +11,8 @@ add a field there, not a keyword everywhere.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -74,7 +78,33 @@ class Draft:
 
 @runtime_checkable
 class Drafter(Protocol):
-    """A source of draft tokens (see module docstring)."""
+    """A draft source for a batch of rows: the one protocol the decode loop speaks.
+
+    Rows are numbered in batch order; at ``reset`` row i is request i. A context
+    with k == 0 asks for nothing from that row (return an empty draft). Model
+    drafters (draft model, layer skip, EAGLE head) implement it directly, each
+    drafting every row in batched passes; single-row drafters (``RowDrafter``:
+    prompt lookup, test oracles) reach it through ``PerRowDrafter``.
+    """
+
+    name: str
+
+    def reset(self, batch_size: int) -> None:
+        """Forget previous sequences; prepare for batch_size rows."""
+
+    def propose(self, contexts: Sequence[DraftContext]) -> list[Draft]:
+        """One draft per row, each of up to contexts[b].k tokens (ragged lengths allowed)."""
+
+    def observe(self, num_accepted: Sequence[int]) -> None:
+        """Learn how many leading tokens of each row's last draft were kept."""
+
+    def drop(self, keep: Sequence[int]) -> None:
+        """Only the rows ``keep`` (indices in the current batch, in order) go on."""
+
+
+@runtime_checkable
+class RowDrafter(Protocol):
+    """A draft source for one sequence, for drafters with nothing to batch (prompt lookup, test oracles)."""
 
     name: str
 
@@ -86,6 +116,48 @@ class Drafter(Protocol):
 
     def observe(self, num_accepted: int) -> None:
         """Learn that num_accepted leading tokens of the last draft were kept."""
+
+
+class PerRowDrafter:
+    """The one adapter from ``RowDrafter`` to ``Drafter``: a copy of the row drafter per row.
+
+    make: builds the drafter of request i (called at ``reset``).
+    """
+
+    def __init__(self, make: Callable[[int], RowDrafter], name: str | None = None) -> None:
+        self.make = make
+        self.name = name or getattr(make(0), "name", "per-row")
+        self.drafters: list[RowDrafter] = []
+
+    def reset(self, batch_size: int) -> None:
+        self.drafters = [self.make(i) for i in range(batch_size)]
+        for drafter in self.drafters:
+            drafter.reset()
+
+    def propose(self, contexts: Sequence[DraftContext]) -> list[Draft]:
+        return [d.propose(ctx) if ctx.k > 0 else Draft.empty() for d, ctx in zip(self.drafters, contexts)]
+
+    def observe(self, num_accepted: Sequence[int]) -> None:
+        for drafter, n in zip(self.drafters, num_accepted):
+            drafter.observe(n)
+
+    def drop(self, keep: Sequence[int]) -> None:
+        self.drafters = [self.drafters[i] for i in keep]
+
+
+def as_batch_drafter(drafter: "Drafter | RowDrafter | None") -> "Drafter | None":
+    """The drafter the decode loop drives: a ``Drafter`` as it is, a ``RowDrafter`` copied once per row
+    (``PerRowDrafter``), None (the target alone) as None."""
+    if drafter is None or hasattr(drafter, "drop"):
+        return drafter
+    return PerRowDrafter(lambda _: copy.deepcopy(drafter), drafter.name)
+
+
+def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Length of the longest common prefix of two [N] int64 tensors (any devices): where a cache's rollback ends."""
+    n = min(a.shape[0], b.shape[0])
+    mismatch = (a[:n] != b[:n].to(a.device)).nonzero()
+    return int(mismatch[0]) if mismatch.numel() else n
 
 
 def draft_token(logits: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor, bool]:

@@ -1,98 +1,145 @@
-"""A separate small draft model that shares the target's tokenizer.
+"""A separate small draft model that shares the target's tokenizer, drafting every row of a batch at once.
 
-The draft keeps its own KV cache across steps. Before drafting it compares the
-tokens its cache holds with the committed tokens, crops the cache to their
-common prefix (this is the rollback of rejected drafts) and feeds only what is
-new, usually the correction or bonus token, then drafts k tokens one forward
-pass each (Leviathan et al. 2023; transformers' AssistedCandidateGenerator does
-the same bookkeeping).
+The draft keeps its own KV cache across steps (``lab.kv``, in the engine's
+mode). Before drafting, each row compares the tokens its cache holds with its
+committed tokens, rolls its cache back to their common prefix (this is the
+rollback of rejected drafts) and feeds only what is new, usually the correction
+or bonus token; then k rounds of one batched forward each draft one token per
+row (Leviathan et al. 2023; transformers' AssistedCandidateGenerator does the
+same bookkeeping for one row). Rows that drafted enough feed nothing in later
+rounds. In the static and compiled modes a draft round is one pass of width 1
+(one captured graph per batch bucket) and a catch-up of two tokens one of width
+2; a longer catch-up (the prompt) runs eagerly. The drafted tokens come back to
+the host once per round.
 
-Its passes run through a ``lab.runner.KVRunner`` in the engine's mode: in the
-static and compiled modes every draft step is one pass of width 1 (one captured
-graph), and a catch-up of more than one new token runs eagerly. The drafted
-tokens come back to the host once per proposal.
+A row with a grammar drafts under its mask, stops once the grammar is
+complete, and leaves the matcher where it found it.
 """
 
 from __future__ import annotations
 
-import weakref
+from collections.abc import Sequence
 
 import torch
 
-from lab.drafters.base import Draft, DraftContext, draft_token
-from lab.runner import KVRunner, give_back, take_runner
+from lab.drafters.base import Draft, DraftContext, common_prefix_length
+from lab.kv import new_kv_cache
+from lab.sampling import logits_to_probs, sample
+
+CAPTURED_CATCH_UP = 2  # catch-ups up to this many tokens run at a declared width (a captured graph when compiled)
 
 
 class DraftModelDrafter:
     """Drafts with a causal LM (``transformers`` model) that shares the target's vocabulary.
 
-    model: a causal LM in eval mode; only read, never modified.
-    The caller checks the tokenizer match (``lab.models.check_same_tokenizer``).
+    model: a causal LM in eval mode (or the target's early exit, or a trimmed
+        view); only read, never modified. The caller checks the tokenizer match
+        (``lab.models.check_same_tokenizer``).
     """
 
     name = "draft-model"
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, name: str | None = None) -> None:
         self.model = model
-        self.device = next(model.parameters()).device
-        self.reset()
+        if name is not None:
+            self.name = name
+        self.reset(1)
 
-    def reset(self) -> None:
-        self._release()
-        self.runner: KVRunner | None = None  # taken on the first proposal, in the engine's mode
-        self._finalizer = None
-        self.cached_ids = torch.empty(0, dtype=torch.long)  # [C] tokens whose K/V the cache holds
-        self._num_committed = 0
+    def reset(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.cache = None  # made at the first proposal, in the engine's mode
+        self.cached_ids = [torch.empty(0, dtype=torch.long) for _ in range(batch_size)]  # [C_b] per row
+        self._num_committed: list[int | None] = [None] * batch_size
 
-    @property
-    def cache(self):
-        """The draft's KV cache (a transformers cache), or None before the first proposal."""
-        return None if self.runner is None else self.runner.cache
-
-    def propose(self, ctx: DraftContext) -> Draft:
-        if self.runner is None:
-            self.runner = take_runner(self.model, ctx.engine_mode, ctx.compile_backend)
-            self.runner.reset(max(ctx.max_length, ctx.token_ids.shape[0] + ctx.k + 1))
-            # A static cache goes back to the pool when this drafter is reset or dropped.
-            self._finalizer = weakref.finalize(self, give_back, self.runner)
-        runner = self.runner
-        token_ids = ctx.token_ids
-        keep = min(_common_prefix_length(self.cached_ids, token_ids), token_ids.shape[0] - 1)
-        runner.crop(keep)
-        inputs = token_ids[keep:].to(self.device)[None]  # [1, T-keep]
-        tokens, probs = [], []
-        for i in range(ctx.k):
-            # A single new token runs through the width-1 graph; a longer catch-up (the prompt) eagerly.
-            logits = runner.forward(inputs, width=1 if inputs.shape[1] == 1 else None, last_only=True)[0]  # [V]
-            token, dist, done = draft_token(logits, ctx)  # under the grammar, if any
-            tokens.append(token)
-            probs.append(dist)
-            if done:  # the grammar is complete: nothing can follow
+    def propose(self, contexts: Sequence[DraftContext]) -> list[Draft]:
+        rounds = max((ctx.k for ctx in contexts), default=0)
+        if rounds == 0:
+            self._num_committed = [None] * len(contexts)
+            return [Draft.empty() for _ in contexts]
+        if self.cache is None:
+            first = contexts[0]
+            longest = max(first.max_length, max(ctx.token_ids.shape[0] + ctx.k + 1 for ctx in contexts))
+            self.cache = new_kv_cache(self.model, len(contexts), first.engine_mode, longest, first.compile_backend)
+        greedy = contexts[0].sampling.is_greedy
+        keep, feeds = [], []
+        for b, ctx in enumerate(contexts):
+            held = min(common_prefix_length(self.cached_ids[b], ctx.token_ids), ctx.token_ids.shape[0] - 1)
+            keep.append(held)
+            feeds.append(ctx.token_ids[held:] if ctx.k > 0 else ctx.token_ids[:0])
+            self.cached_ids[b] = self.cached_ids[b][:held]
+        self.cache.keep(keep)
+        tokens: list[list[torch.Tensor]] = [[] for _ in contexts]
+        probs: list[list[torch.Tensor]] = [[] for _ in contexts]
+        wanted = [ctx.k for ctx in contexts]  # shrinks when a row's grammar completes
+        for i in range(rounds):
+            longest = max(int(feed.shape[0]) for feed in feeds)
+            width = longest if longest <= CAPTURED_CATCH_UP else None
+            logits = self.cache.forward(feeds, width=width, last_only=True)  # [B, V]
+            logits = _mask_by_grammar(logits, [ctx.grammar if i < n else None for ctx, n in zip(contexts, wanted)])
+            if greedy:
+                argmax = logits.argmax(-1).cpu()  # [B], one transfer a round
+                softmax = torch.softmax(logits.float(), -1)  # [B, V], for display only
+            for b, ctx in enumerate(contexts):
+                self.cached_ids[b] = torch.cat([self.cached_ids[b], feeds[b].cpu()])
+                if i < wanted[b]:
+                    if greedy:
+                        token, dist = argmax[b], softmax[b]
+                    else:
+                        dist = logits_to_probs(logits[b], ctx.sampling)
+                        token = sample(dist, ctx.generator)
+                    tokens[b].append(token)
+                    probs[b].append(dist)
+                    if ctx.grammar is not None:
+                        ctx.grammar.accept(int(token))
+                        if ctx.grammar.is_terminated:  # the output is complete: nothing can follow
+                            wanted[b] = i + 1
+            # Feed each row's newest token, unless that row has drafted enough (the last one is never fed).
+            feeds = [
+                tokens[b][-1].view(1).cpu() if i + 1 < wanted[b] else torch.empty(0, dtype=torch.long)
+                for b in range(len(contexts))
+            ]
+            if not any(feed.numel() for feed in feeds):
                 break
-            inputs = token.view(1, 1)
-        if ctx.grammar is not None:
-            ctx.grammar.rollback(len(tokens))
-        drafted = torch.stack(tokens).cpu()  # [k], the proposal's one host sync
-        # The last drafted token was never fed: the cache holds committed + drafted[:-1].
-        self.cached_ids = torch.cat([token_ids, drafted[:-1]])
-        self._num_committed = token_ids.shape[0]
-        return Draft(drafted, torch.stack(probs))
+        for ctx, drafted in zip(contexts, tokens):
+            if ctx.grammar is not None:
+                ctx.grammar.rollback(len(drafted))
+        self._num_committed = [ctx.token_ids.shape[0] if ctx.k > 0 else None for ctx in contexts]
+        return [Draft(torch.stack(t).cpu(), torch.stack(p)) if t else Draft.empty() for t, p in zip(tokens, probs)]
 
-    def observe(self, num_accepted: int) -> None:
-        """Roll the cache back now to the committed prefix it holds (committed + accepted drafts)."""
-        keep = min(self._num_committed + num_accepted, self.cached_ids.shape[0])
-        if self.runner is not None:
-            self.runner.crop(keep)
-        self.cached_ids = self.cached_ids[:keep]
+    def observe(self, num_accepted: Sequence[int]) -> None:
+        """Roll each row back now to its committed prefix (committed + accepted drafts)."""
+        if self.cache is None:
+            return
+        keep = []
+        for b, n in enumerate(num_accepted):
+            committed = self._num_committed[b]
+            held = self.cached_ids[b].shape[0]
+            if committed is not None:
+                held = min(committed + n, held)
+            self.cached_ids[b] = self.cached_ids[b][:held]
+            keep.append(held)
+        self.cache.keep(keep)
+        self.cache.trim()
+        self._num_committed = [None] * len(self._num_committed)  # observed: a repeat is a no-op
 
-    def _release(self) -> None:
-        finalizer = getattr(self, "_finalizer", None)
-        if finalizer is not None:
-            finalizer()  # gives the runner back (once)
+    def drop(self, keep: Sequence[int]) -> None:
+        if self.cache is not None:
+            self.cache.select(keep)
+        self.cached_ids = [self.cached_ids[i] for i in keep]
+        self._num_committed = [self._num_committed[i] for i in keep]
+
+    def cache_lengths(self) -> list[int | None]:
+        """Tokens each row's cache holds (host counts), None before the first proposal."""
+        return list(self.cache.lengths) if self.cache is not None else [None] * len(self.cached_ids)
 
 
-def _common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Length of the longest common prefix of two [N] int64 tensors."""
-    n = min(a.shape[0], b.shape[0])
-    mismatch = (a[:n] != b[:n]).nonzero()
-    return int(mismatch[0]) if mismatch.numel() else n
+def _mask_by_grammar(logits: torch.Tensor, grammars) -> torch.Tensor:
+    """logits: [B, V]; rows with a grammar get its next-token mask (forbidden at -inf).
+
+    Returns the logits unchanged when no row has a grammar, else float32 [B, V].
+    """
+    if all(grammar is None for grammar in grammars):
+        return logits
+    return torch.stack(
+        [row.float() if grammar is None else grammar.mask_next(row) for row, grammar in zip(logits, grammars)]
+    )

@@ -42,8 +42,8 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from lab.cache import crop_cache
-from lab.drafters.base import Draft, DraftContext, draft_token
+from lab.kv import crop_cache
+from lab.drafters.base import Draft, DraftContext, common_prefix_length, draft_token
 from lab.vocab import TrimmedLMHead
 
 HEADS_FOLDER = "heads"
@@ -283,8 +283,12 @@ class TargetFeatures:
     Hooks are registered by ``attach`` and removed by ``detach`` (or when this
     object is garbage collected). Only forwards run on the thread that called
     ``attach`` are recorded (a cached model may serve other sessions' threads).
-    A padded batch forward (``lab.batch``: left padding, attention mask over
-    cache + new slots) records only each row's valid new slots.
+    A padded eager batch forward (``lab.kv.RaggedCache``: a 2-D attention mask
+    over cache + new slots) records only each row's valid new slots. A static
+    cache's pass (a 4-D mask) records every column, padding included: a pad
+    sits at the row's next positions and attends to exactly the row's tokens
+    before it, so its features are those the same token would have there, and
+    ``keep_prefix`` drops it unless that token is in fact committed.
 
     ids[b]: [F_b] int64 CPU; feats[b]: [F_b, H] float32 on the model's device, or
     [F_b, n·H] with ``layers``: the outputs of those decoder layers side by side.
@@ -331,7 +335,7 @@ class TargetFeatures:
 
     def keep_prefix(self, row: int, token_ids: torch.Tensor) -> int:
         """Drop row's records past their longest common prefix with ``token_ids`` [T]; returns its length."""
-        keep = _common_prefix_length(self.ids[row], token_ids)
+        keep = common_prefix_length(self.ids[row], token_ids)
         self.ids[row] = self.ids[row][:keep]
         self.feats[row] = self.feats[row][:keep]
         return keep
@@ -359,9 +363,9 @@ class TargetFeatures:
         if self.layers:
             hidden = torch.cat([outputs[i] for i in self.layers], dim=-1)  # [B, W, n·H]
         input_ids, valid = pending  # [B, W], [B, W] or None
-        if input_ids.shape[0] != len(self.ids):
+        if input_ids.shape[0] < len(self.ids):
             return  # not a forward of the batch being drafted for
-        for b in range(input_ids.shape[0]):
+        for b in range(len(self.ids)):  # a static cache's bucket may hold idle rows past the batch
             ids, feats = input_ids[b], hidden[b]  # [W], [W, H]
             if valid is not None:
                 ids, feats = ids[valid[b]], feats[valid[b]]
@@ -404,12 +408,16 @@ class _HeadRow:
 
 
 class EagleDrafter:
-    """Drafts with an ``EagleHead`` over the target's hidden states (see module docstring).
+    """Drafts with an ``EagleHead`` over the target's hidden states, for every row of a batch (see module docstring).
 
     target_model: the target causal LM (hooks are added to it at ``reset``; its
         weights are only read). head: a trained (or untrained) ``EagleHead`` of
         the target's width. vocab_subset: [N] int64 token ids the head may
         propose (``lab.vocab``), or None for the full vocabulary.
+
+    One recorder serves the batch and each row has its own head cache; rows
+    draft one after another through the shared head (not in one padded pass):
+    exact and simple; batching the head's passes is not done yet.
 
     Raises ValueError when the head's width or vocabulary is not the target's.
     """
@@ -433,20 +441,23 @@ class EagleDrafter:
         self.features = TargetFeatures(target_model, head.config.feature_layers)
         self.rows: list[_HeadRow] = []
 
-    @property
-    def cache(self) -> DynamicCache | None:
-        """The head's KV cache (batch 1), for the engine's ``draft_cache_len``."""
-        return self.rows[0].cache if self.rows else None
+    def reset(self, batch_size: int) -> None:
+        self.features.attach(batch_size)
+        self.rows = [_HeadRow(self.head) for _ in range(batch_size)]
 
-    def reset(self) -> None:
-        self.features.attach(1)
-        self.rows = [_HeadRow(self.head)]
+    def propose(self, contexts: Sequence[DraftContext]) -> list[Draft]:
+        return [draft_row(self, b, ctx) for b, ctx in enumerate(contexts)]
 
-    def propose(self, ctx: DraftContext) -> Draft:
-        return draft_row(self, 0, ctx)
-
-    def observe(self, num_accepted: int) -> None:
+    def observe(self, num_accepted: Sequence[int]) -> None:
         """Nothing to do now: the next proposal keeps the features that match the committed tokens."""
+
+    def drop(self, keep: Sequence[int]) -> None:
+        self.features.select(keep)
+        self.rows = [self.rows[i] for i in keep]
+
+    def cache_lengths(self) -> list[int]:
+        """Entries each row's head cache holds."""
+        return [row.cache.get_seq_length() for row in self.rows]
 
 
 @torch.inference_mode()
@@ -489,39 +500,3 @@ def draft_row(drafter: EagleDrafter, row: int, ctx: DraftContext) -> Draft:
         ctx.grammar.rollback(len(tokens))
     crop_cache(state.cache, state.num_real)  # drafting entries came from predicted features: never kept
     return Draft(torch.stack(tokens).cpu(), torch.stack(probs))
-
-
-class BatchEagleDrafter:
-    """The batched ``EagleDrafter`` (``lab.batch.BatchDrafter``): one recorder for the batch, a head cache per row.
-
-    Rows draft one after another through the shared head (not in one padded
-    pass): exact and simple; batching the head's passes is not done yet.
-    """
-
-    def __init__(self, single: EagleDrafter) -> None:
-        self.single = single
-        self.name = single.name
-
-    def reset(self, batch_size: int) -> None:
-        self.single.features.attach(batch_size)
-        self.single.rows = [_HeadRow(self.single.head) for _ in range(batch_size)]
-
-    def propose(self, contexts: Sequence[DraftContext]) -> list[Draft]:
-        return [draft_row(self.single, b, ctx) for b, ctx in enumerate(contexts)]
-
-    def observe(self, num_accepted: Sequence[int]) -> None:
-        pass
-
-    def drop(self, keep: Sequence[int]) -> None:
-        self.single.features.select(keep)
-        self.single.rows = [self.single.rows[i] for i in keep]
-
-    def cache_lengths(self) -> list[int]:
-        return [row.cache.get_seq_length() for row in self.single.rows]
-
-
-def _common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Length of the longest common prefix of two [N] int64 tensors."""
-    n = min(a.shape[0], b.shape[0])
-    mismatch = (a[:n] != b[:n].to(a.device)).nonzero()
-    return int(mismatch[0]) if mismatch.numel() else n
