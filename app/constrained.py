@@ -21,7 +21,7 @@ import streamlit as st
 from app import render, state
 from lab.config import DecodeConfig
 from lab.constrained_bench import ExtractionItem, load_extraction_items
-from lab.engine import decode
+from lab.decode import decode
 from lab.grammar import Constraint, ConstraintSpec, first_invalid_token
 
 KINDS = ("off", "json_schema", "regex", "any_json")

@@ -18,7 +18,7 @@ import streamlit as st
 
 from app import render, resources, state
 from lab.config import DecodeConfig
-from lab.engine import decode
+from lab.decode import decode
 from lab.models import QUANTIZED_PRECISIONS, ModelError
 from lab.quant import MemoryUse, part_ways, run_memory as lab_run_memory
 

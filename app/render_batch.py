@@ -202,7 +202,7 @@ def peer_table(found: dict) -> pd.DataFrame:
     """Ours against transformers' assisted generation at batch 1: tokens/s alone and speculative, and the speedup
     of each over its own greedy decoding, one row per decoder."""
     return pd.DataFrame([
-        {"decoder": "ours (lab.engine)", "greedy tokens/s": number(found.get("ours_baseline_tokens_per_s")),
+        {"decoder": "ours (lab.decode)", "greedy tokens/s": number(found.get("ours_baseline_tokens_per_s")),
          "speculative tokens/s": number(found.get("ours_speculative_tokens_per_s")),
          "speedup over its own greedy": number(found.get("speedup")),
          "tokens per target pass": number(found.get("ours_tokens_per_target_pass"))},

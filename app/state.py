@@ -55,7 +55,7 @@ class Runtime:
     dtype: the target's precision, one of ``lab.models.PRECISIONS`` ("bf16",
         "fp32", "fp16", "int8", "nf4", "fp4"); pages that load every model alike use it.
     draft_dtype: the draft model's precision; None: the same as the target's.
-    engine: how passes run (``lab.runner``): "eager", "static" or "compiled" ("auto" resolved for the device).
+    engine: how passes run (``lab.kv``): "eager", "static" or "compiled" ("auto" resolved for the device).
     """
 
     device: str
@@ -83,7 +83,7 @@ def runtime(session: MutableMapping[str, Any]) -> Runtime:
     lacks) or ``lab.models.ModelError`` (int8/nf4/fp4 without bitsandbytes).
     """
     from lab.models import resolve_device, resolve_precision
-    from lab.runner import resolve_engine_mode
+    from lab.kv import resolve_engine_mode
 
     device = resolve_device(session.get(widget_key("device"), "auto"))
     target = resolve_precision(session.get(widget_key("dtype"), "auto"), device)

@@ -5,7 +5,7 @@ transformers' own assisted generation, on the same models, prompts and K.
 For every prompt it runs, in an order rotated from prompt to prompt so that
 noise from a shared CPU hits every method alike:
 
-- ``ours_baseline``: our loop with the target alone (``lab.engine.run``, no drafter);
+- ``ours_baseline``: our loop with the target alone (``lab.decode.run``, no drafter);
 - ``ours_speculative``: our loop with the drafter, once per K;
 - ``hf_greedy``: ``model.generate(do_sample=False)``;
 - ``hf_assisted``: ``model.generate(do_sample=False, ...)`` with transformers'
@@ -49,7 +49,7 @@ import torch
 
 from lab.config import DecodeConfig
 from lab.drafters import make_drafter, num_layers
-from lab.engine import run
+from lab.decode import run
 from lab.metrics import SpecDecodingStats
 from lab.models import encode_prompt
 from lab.prompts import Prompt

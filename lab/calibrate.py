@@ -203,7 +203,7 @@ def time_passes(
 ) -> dict[int, float]:
     """Median ms of one forward pass of each width after a cache of ``context_tokens`` random tokens.
 
-    model: a causal LM. mode: ``lab.runner``'s "eager" (DynamicCache), "static"
+    model: a causal LM. mode: ``lab.kv``'s "eager" (DynamicCache), "static"
     (StaticCache) or "compiled" (StaticCache, the pass through
     ``compiled_forward(model, backend)``: CUDA graphs on a GPU). batch_size: rows
     per pass, each with the same context. The cache is cropped back after every
@@ -213,9 +213,9 @@ def time_passes(
     """
     from transformers import DynamicCache, StaticCache
 
-    from lab.cache import keep_last
-    from lab.engine import sync_device
-    from lab.runner import STATIC_LENGTH_STEP, compiled_forward
+    from lab.kv import keep_last
+    from lab.decode import sync_device
+    from lab.kv import STATIC_LENGTH_STEP, compiled_forward
 
     if context_tokens < 1 or repeats < 1 or batch_size < 1 or any(w < 1 for w in widths):
         raise ValueError(f"time_passes requires context >= 1, repeats >= 1, batch >= 1, widths >= 1; got "

@@ -403,7 +403,7 @@ def _add_drafter_arguments(parser: argparse.ArgumentParser, choices: Sequence[st
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from lab.drafters import make_drafter
-    from lab.engine import decode, run
+    from lab.decode import decode, run
     from lab.metrics import SpecDecodingStats
     from lab.models import encode_prompt
     from lab.trace import Finished, Step
@@ -738,7 +738,7 @@ def _cmd_peer(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from lab.batch import make_batch_drafter
+    from lab.drafters import make_drafter
     from lab.models import encode_prompt
     from lab.prompts import load_prompt_sets
     from lab.grammar import Constraint
@@ -764,7 +764,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     progress = ProgressLine(sys.stderr, always=True)
     _checked_tokenizer(args, progress)
     target, draft = _load_models(args, progress)
-    drafter = make_batch_drafter(args.drafter, target, draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer)
+    drafter = make_drafter(args.drafter, target, draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer)
     constraint = None if spec is None else Constraint.for_model(spec, target)
     ids = [encode_prompt(target, p.text, chat_template=not args.raw) for p in prompts]
     sweep = run_sweep(target, ids, drafter, config, batch_sizes, progress=_log_line,

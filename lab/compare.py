@@ -43,10 +43,10 @@ from typing import Any
 import pandas as pd
 import torch
 
-from lab.cache import crop_cache, keep_last, new_cache
+from lab.kv import crop_cache, keep_last, new_cache
 from lab.config import DecodeConfig
 from lab.drafters import DRAFTER_NAMES, make_drafter
-from lab.engine import decode, sync_device
+from lab.decode import decode, sync_device
 from lab.metrics import SpecDecodingStats
 from lab.models import encode_prompt, model_precision
 from lab.theory import acceptance_from_mean_length, expected_speedup, expected_tokens_per_step

@@ -41,7 +41,7 @@ import torch
 
 from lab.bench import DrafterSpec
 from lab.config import DecodeConfig
-from lab.engine import run
+from lab.decode import run
 from lab.grammar import Constraint, ConstraintSpec, first_invalid_token
 from lab.metrics import SpecDecodingStats
 from lab.models import encode_prompt

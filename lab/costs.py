@@ -100,7 +100,7 @@ def measure_costs(
     after one untimed round at the first batch size.
     Raises ValueError for an empty prompt list, a batch size < 1 or K < 1.
     """
-    from lab.batch import BatchDraftModelDrafter
+    from lab.drafters import DraftModelDrafter
 
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("measure_costs requires at least one non-empty prompt")
@@ -109,9 +109,9 @@ def measure_costs(
     cost = CostModel()
     with torch.inference_mode():
         # Untimed warm-up: the first passes pay for kernel selection and clock ramp-up.
-        calibrate(target, BatchDraftModelDrafter(draft_model), prompts, batch_sizes[:1], k, repeats=1)
+        calibrate(target, DraftModelDrafter(draft_model), prompts, batch_sizes[:1], k, repeats=1)
         for batch_size in batch_sizes:  # one at a time: a large batch's cache is freed before the next
-            calibrate(target, BatchDraftModelDrafter(draft_model), prompts, [batch_size], k, repeats=repeats, cost=cost)
+            calibrate(target, DraftModelDrafter(draft_model), prompts, [batch_size], k, repeats=repeats, cost=cost)
     rows = [
         CostRow(
             batch_size=b,

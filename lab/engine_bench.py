@@ -1,7 +1,7 @@
 """Old engine and defaults against new ones, side by side on the same prompts (issue #12's measurement).
 
 An *arm* is one way to run speculation: a precision, an engine mode
-(``lab.runner``) and a K. Arms that share precision and engine mode share the
+(``lab.kv``) and a K. Arms that share precision and engine mode share the
 target-alone baseline, which runs through the same engine. Prompt by prompt,
 every group runs its baseline and then each of its arms, so a drift in the
 machine's speed hits every arm alike. Each group's runs pool into a

@@ -125,6 +125,11 @@ def keep_last(count: int, width: int, device: torch.device | str | None = None) 
     return torch.arange(width - count, width, device=device)
 
 
+def new_cache(model: torch.nn.Module) -> DynamicCache:
+    """An empty DynamicCache for a causal LM (batch 1 passes outside the decode loop: timing, training)."""
+    return DynamicCache(config=model.config)
+
+
 def crop_cache(cache: DynamicCache, length: int) -> None:
     """Keep the first ``length`` positions of every layer of a batch-1 DynamicCache (roll back the rest).
 
@@ -250,6 +255,7 @@ class RaggedCache:
         _check_full_attention(self.cache)
         self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=self.device)  # [B, S]
         self.lengths = [0] * batch_size
+        self.dense = True  # every slot valid (no holes, no padding): always so at B = 1 from the start
 
     @property
     def batch_size(self) -> int:
@@ -259,12 +265,17 @@ class RaggedCache:
     def num_slots(self) -> int:
         return self.valid.shape[1]
 
+    @property
+    def layers(self) -> list:
+        """transformers' per-layer caches (``.keys``, ``.values``: [B, heads, slots, head_dim]), for inspection."""
+        return self.cache.layers
+
     def forward(self, rows: Sequence[torch.Tensor], width: int | None = None, last_only: bool = False) -> torch.Tensor:
         if len(rows) != self.batch_size:
             raise ValueError(f"RaggedCache.forward requires {self.batch_size} rows; got {len(rows)}")
         width = max(1, max(int(r.shape[0]) for r in rows))  # eager: the pass's own width
         input_ids, counts = _right_padded(rows, self.batch_size, width)
-        dense = all(n == width for n in counts) and all(n == self.num_slots for n in self.lengths)
+        dense = self.dense and all(n == width for n in counts)
         keep = 0
         if last_only:
             columns, which = _last_columns(counts, self.device)
@@ -288,15 +299,17 @@ class RaggedCache:
             )
         self.valid = torch.cat([self.valid, new_valid], dim=1)
         self.lengths = [length + n for length, n in zip(self.lengths, counts)]
+        self.dense = dense
         return _pick_last(out.logits, which) if last_only else out.logits
 
     def keep(self, lengths: Sequence[int]) -> None:
         lengths = [int(n) for n in lengths]
         if any(not 0 <= n <= have for n, have in zip(lengths, self.lengths)) or len(lengths) != self.batch_size:
             raise ValueError(f"RaggedCache.keep requires 0 <= lengths[b] <= {self.lengths}; got {lengths}")
-        if self.batch_size == 1:
-            self._slice(0, lengths[0])  # one row never has holes: a crop
+        if self.dense and len(set(lengths)) == 1:
+            self._slice(0, lengths[0])  # no holes before, none after: a crop (always so at B = 1)
         else:
+            self.dense = False
             limit = torch.tensor(lengths, device=self.device)[:, None]  # [B, 1]
             self.valid = self.valid & (self.valid.long().cumsum(-1) <= limit)
         self.lengths = lengths
@@ -316,7 +329,7 @@ class RaggedCache:
         row's valid slots to the right end (order kept), so the cache shrinks to
         the longest row's token count.
         """
-        if self.num_slots == 0 or self.batch_size == 1:
+        if self.dense or self.num_slots == 0:
             return
         used = self.valid.any(0).nonzero().flatten()  # slots some row needs
         if used.numel() == 0:
@@ -329,6 +342,7 @@ class RaggedCache:
         wasted = self.num_slots - longest
         if wasted >= max(1, self.min_wasted_slots) and wasted > self.max_waste * self.num_slots:
             self._compact(longest)
+        self.dense = bool(self.valid.all())
 
     def _slice(self, first: int, last: int) -> None:
         for layer in self.cache.layers:
@@ -450,6 +464,11 @@ class StaticKVCache:
     @property
     def num_slots(self) -> int:
         return self.capacity
+
+    @property
+    def layers(self) -> list:
+        """transformers' per-layer caches (``.keys``, ``.values``: [bucket, heads, capacity, head_dim]), for inspection."""
+        return self.storage.layers
 
     def forward(self, rows: Sequence[torch.Tensor], width: int | None = None, last_only: bool = False) -> torch.Tensor:
         if len(rows) != self.batch_size:

@@ -479,7 +479,7 @@ def run_lab_reference(
     """
     from lab.config import DecodeConfig
     from lab.drafters import make_drafter
-    from lab.engine import run
+    from lab.decode import run
     from lab.metrics import SpecDecodingStats
     from lab.models import check_same_tokenizer, encode_prompt, load_model, model_precision
 

@@ -9,7 +9,7 @@ saves: the crossover.
 
 ``run_sweep`` measures it. For each batch size B, every request of the prompt
 list (cycled to fill at least one batch) is decoded in batches of B submitted
-at once, through ``lab.batch.run_batch``, in three modes:
+at once, through ``lab.decode.run_batch``, in three modes:
 
 - off: the target alone through the same batched loop (the baseline);
 - on: the drafter at the configured K;
@@ -32,7 +32,7 @@ hits them alike. Per mode and batch size it reports:
 - outputs that differ (greedy): speculative vs the target alone at this B, and
   each mode vs the target alone at batch 1 on the same prompt. Zero in fp32; in
   bf16/fp16 batched matrix products round differently and near-ties can flip
-  (see ``lab.batch``), which these counts measure.
+  (see ``lab.decode``), which these counts measure.
 
 Per batch size: latency_speedup = off latency p50 / on latency p50 (> 1: a user
 waits less), throughput_speedup = on tokens/s / off tokens/s; the two differ
@@ -51,7 +51,7 @@ time target(B, K+1) + K draft(B); it picks the K in 0..k_max with the most
 tokens per millisecond (K = 0: one token per target(B, 1)).
 
 Under a constraint (``lab.grammar``) every decode runs with it, each request
-with its own matcher (``lab.batch``); the settings record it, and each mode
+with its own matcher (``lab.decode``); the settings record it, and each mode
 counts its outputs that satisfy it (``outputs_valid``). The settings also record
 what was measured: each model's weight precision ("bf16", "int8", ...).
 """
@@ -70,18 +70,13 @@ from typing import Any
 
 import torch
 
-from lab.batch import (
-    BatchDrafter,
-    BatchResult,
-    BatchStep,
-    RaggedCache,
-    as_batch_drafter,
-    make_batch_drafter,
-    run_batch,
-)
+from lab.drafters import as_batch_drafter, make_drafter
+from lab.decode import BatchResult, run_batch
+from lab.trace import BatchStep
+from lab.kv import RaggedCache
 from lab.config import K_MAX, DecodeConfig
 from lab.drafters.base import DraftContext, Drafter
-from lab.engine import sync_device
+from lab.decode import sync_device
 from lab.grammar import Constraint, ConstraintSpec
 from lab.metrics import SpecDecodingStats
 from lab.models import dtype_precision, model_precision
@@ -168,7 +163,7 @@ def _monotone(points: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
 @torch.inference_mode()
 def calibrate(
     target,
-    drafter: BatchDrafter | Drafter | None,
+    drafter: Drafter | Drafter | None,
     prompts: Sequence[Sequence[int]],
     batch_sizes: Sequence[int],
     k_max: int,
@@ -196,7 +191,7 @@ def calibrate(
         rows = [torch.as_tensor(list(prompts[i % len(prompts)]), dtype=torch.long) for i in range(batch_size)]
         cache = RaggedCache(model, batch_size)
         cache.forward(rows)
-        lengths = cache.lengths.tolist()
+        lengths = list(cache.lengths)
         for width in range(1, k_max + 2):
             new_tokens = list(torch.randint(0, vocab, (batch_size, width), generator=generator))  # B x [w]
             for _ in range(repeats):
@@ -545,7 +540,7 @@ def format_sweep(sweep: SweepResult) -> str:
 def run_sweep(
     target,
     prompts: Sequence[Sequence[int]],
-    drafter: BatchDrafter | Drafter,
+    drafter: Drafter | Drafter,
     config: DecodeConfig,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     *,
@@ -692,7 +687,7 @@ def run_sweep(
     return SweepResult(getattr(drafter, "name", "drafter"), config.k, settings, results, cost)
 
 
-def _draft_precision(drafter: BatchDrafter, target, draft) -> str | None:
+def _draft_precision(drafter: Drafter, target, draft) -> str | None:
     """The draft side's weight precision: the draft model's, the target's for an early exit, None without a model."""
     if draft is not None:
         return model_precision(draft)
@@ -779,7 +774,7 @@ def run_sweep_by_name(
         raise ValueError(f"the prompt sets {list(prompts)} hold no prompts: choose others")
     loaded = load_model(target, device=device, dtype=dtype)
     draft_model = load_model(draft, device=device, dtype=dtype) if draft else None
-    batch_drafter = make_batch_drafter(drafter, loaded, draft_model, exit_layer=exit_layer)
+    batch_drafter = make_drafter(drafter, loaded, draft_model, exit_layer=exit_layer)
     if batch_drafter is None:
         raise ValueError("a sweep requires a drafter (the target alone always runs as the baseline); got 'none'")
     prompt_ids = [encode_prompt(loaded, text, chat_template=chat_template) for text in texts]

@@ -140,7 +140,7 @@ def collect_samples(
     forward pass over prompt + answer, recorded by the same hooks the drafter uses
     (``TargetFeatures``), kept in float32 on the CPU: [T, H] or [T, n·H].
     """
-    from lab.batch import run_batch
+    from lab.decode import run_batch
     from lab.config import DecodeConfig
     from lab.drafters.eagle import TargetFeatures
 
@@ -380,10 +380,10 @@ def _init_from_target(head: EagleHead, model: torch.nn.Module) -> None:
 
 
 def heldout_acceptance(target, head: EagleHead, prompt_ids: Sequence[Sequence[int]], k: int = 5, max_new_tokens: int = 64):
-    """Greedy decodes of the prompts with the head through ``lab.engine``; the pooled ``SpecDecodingStats``."""
+    """Greedy decodes of the prompts with the head through ``lab.decode``; the pooled ``SpecDecodingStats``."""
     from lab.config import DecodeConfig
     from lab.drafters import EagleDrafter
-    from lab.engine import run
+    from lab.decode import run
     from lab.metrics import SpecDecodingStats
 
     stats = SpecDecodingStats()

@@ -65,7 +65,7 @@ def trimmed_view(model: torch.nn.Module, subset: torch.Tensor) -> torch.nn.Modul
     subset: [N] int64 token ids the draft may propose.
     Returns a shallow copy whose logits are [B, T, V] with -inf outside the subset.
     One view per model and subset is made and then reused: the trimmed rows are
-    copied once, and a static or compiled engine (``lab.runner``) keeps its cache
+    copied once, and a static or compiled engine (``lab.kv``) keeps its cache
     and graphs across decodes.
     """
     subset = torch.as_tensor(subset, dtype=torch.long)
@@ -177,7 +177,7 @@ def build_token_frequencies(
     Returns ([V] int64 counts over the generated tokens, the generated token lists).
     Uses the lab's batched engine with the target alone.
     """
-    from lab.batch import run_batch
+    from lab.decode import run_batch
     from lab.config import DecodeConfig
     from lab.models import encode_prompt
 

@@ -9,7 +9,7 @@ only the architecture is read and the weights are random (weights cannot travel 
 a lent GPU): timings are the architecture's, acceptance is not. End to end, the
 target runs alone, with the random draft of the other architecture (acceptance
 near 0), and as its own draft (acceptance 100 %: the upper bound of what drafting
-can return), each in the eager and the compiled engine (``lab.runner``).
+can return), each in the eager and the compiled engine (``lab.kv``).
 Bars (issue #12): the captured draft step at least 3x faster than the eager one at
 batch 1; with the Qwen pair's architectures, c below 0.5 when captured.
 The compiled passes are compiled in the first, untimed round; a pass that would
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from lab.calibrate import time_passes  # noqa: E402
 from lab.config import DecodeConfig  # noqa: E402
 from lab.drafters import DraftModelDrafter  # noqa: E402
-from lab.engine import run  # noqa: E402
+from lab.decode import run  # noqa: E402
 from lab.models import resolve_device  # noqa: E402
 
 MODES = ("eager", "compiled")

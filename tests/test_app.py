@@ -29,7 +29,7 @@ from app_util import MAIN, TIMEOUT_S, app_on, click, html_of, key, live_app, sel
 from conftest import tiny_tokenizer  # noqa: E402
 from lab.config import DecodeConfig  # noqa: E402
 from lab.drafters import PromptLookupDrafter  # noqa: E402
-from lab.engine import decode, run  # noqa: E402
+from lab.decode import decode, run  # noqa: E402
 from lab.trace import Step  # noqa: E402
 
 PAGE_FILES = sorted(p.name for p in (ROOT / "app" / "app_pages").glob("*.py") if not p.name.startswith("_"))

@@ -446,7 +446,7 @@ PEER = {"k": 3, "num_prompts": 4, "ours_baseline_tokens_per_s": 10.0, "ours_spec
 
 def test_peer_table_and_identical_counts():
     table = render_batch.peer_table(PEER)
-    assert table["decoder"].tolist() == ["ours (lab.engine)", "transformers' assisted generation"]
+    assert table["decoder"].tolist() == ["ours (lab.decode)", "transformers' assisted generation"]
     assert table["speculative tokens/s"].tolist() == [18.0, 12.0]
     assert table["speedup over its own greedy"].tolist() == [1.8, 1.0]
     assert render_batch.peer_identical_text(PEER) == (

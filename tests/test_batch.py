@@ -8,21 +8,14 @@ import pytest
 import torch
 
 from conftest import OracleDrafter, TINY_VOCAB, TinyLM, reference_greedy, tiny_llama
-from lab.batch import (
-    BatchDraftModelDrafter,
-    BatchFinished,
-    BatchStep,
-    PerRowDrafter,
-    RaggedCache,
-    as_batch_drafter,
-    decode_batch,
-    make_batch_drafter,
-    run_batch,
-)
-from lab.cache import new_cache
+from lab.drafters import DraftModelDrafter, PerRowDrafter, as_batch_drafter, make_drafter
+from lab.trace import BatchFinished, BatchStep
+from lab.kv import RaggedCache
+from lab.decode import decode_batch, run_batch
+from lab.kv import new_cache
 from lab.config import DecodeConfig
 from lab.drafters import Draft, DraftContext, DraftModelDrafter, PromptLookupDrafter
-from lab.engine import run
+from lab.decode import run
 
 # Mixed lengths (1 to 12 tokens), some repetitive so prompt lookup finds matches.
 PROMPTS = [
@@ -68,7 +61,7 @@ def build_drafter(kind: str, target: TinyLM, draft: TinyLM, prompts, max_new_tok
         return oracles(target, prompts, False, max_new_tokens)
     # The draft shares the target's tokenizer, so also the EOS the test picked for the target.
     draft = TinyLM(draft.model, draft.tokenizer, target.eos_token_ids)
-    return make_batch_drafter(kind, target, draft, exit_layer=1)
+    return make_drafter(kind, target, draft, exit_layer=1)
 
 
 def with_eos(target: TinyLM, eos: int) -> TinyLM:
@@ -96,7 +89,7 @@ def eos_in_one_row(target: TinyLM, prompts, max_new_tokens: int = NEW_TOKENS) ->
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("compact", [False, True])
 def test_batched_forward_with_holes_equals_unbatched(compact, attention):
-    """Left padding, rejected-draft holes, a dropped row and compaction: each row's logits are its unbatched ones.
+    """Right padding, rejected-draft holes, a dropped row and compaction: each row's logits are its unbatched ones.
 
     Both attention implementations build their masks from our 2D mask (sdpa: boolean; eager: additive).
     """
@@ -112,7 +105,7 @@ def test_batched_forward_with_holes_equals_unbatched(compact, attention):
         kept = [1, 0, 2]
         cache.keep([len(p) + n for p, n in zip(prompts, kept)])
         rows = [p + d[:n].tolist() for p, d, n in zip(prompts, drafted, kept)]
-        assert cache.lengths.tolist() == [len(r) for r in rows]
+        assert cache.lengths == [len(r) for r in rows]
         # The row with the longest prompt leaves; holes are trimmed (and compacted).
         cache.select([1, 2])
         rows = rows[1:]
@@ -122,21 +115,22 @@ def test_batched_forward_with_holes_equals_unbatched(compact, attention):
         logits = cache.forward([torch.tensor([9, 10, 11]), torch.tensor([12])])  # [2, 3, V]
         for b, (row, fed) in enumerate(zip(rows, [[9, 10, 11], [12]])):
             expected = model(torch.tensor([row + fed])).logits[0, -len(fed) :]  # [n, V]
-            torch.testing.assert_close(logits[b, -len(fed) :], expected, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits[b, : len(fed)], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_keep_and_trim_drop_only_holes(tiny_target):
     cache = RaggedCache(tiny_target.model, 2, min_wasted_slots=10**6)  # never compacts
     with torch.inference_mode():
-        cache.forward([torch.tensor([5, 6, 7]), torch.tensor([8])])  # slots: [5 6 7], [_ _ 8]
-        cache.forward([torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])])
+        cache.forward([torch.tensor([5, 6, 7]), torch.tensor([8])])  # slots: [5 6 7], [8 _ _]
+        cache.forward([torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])])  # [5 6 7 1 2 3], [8 _ _ 4 5 6]
     cache.keep([4, 1])  # row 0 keeps one new token, row 1 none
-    assert cache.valid.tolist() == [[True] * 4 + [False, False], [False, False, True, False, False, False]]
+    assert cache.valid.tolist() == [[True] * 4 + [False, False], [True] + [False] * 5]
+    assert cache.lengths == [4, 1]
     cache.trim()  # only all-hole trailing slots go
     assert cache.num_slots == 4
     assert cache.cache.layers[0].keys.shape[2] == 4
     cache.select([1])
-    cache.trim()  # the leading holes of the dropped row go too
+    cache.trim()  # the dropped row's slots go too
     assert cache.valid.tolist() == [[True]]
 
 
@@ -161,7 +155,7 @@ def test_ragged_greedy_equals_each_prompt_alone(tiny_target, tiny_draft, kind, b
 
 @pytest.mark.parametrize("k", [1, 3, 7])
 def test_each_row_steps_as_the_single_row_engine(tiny_target, tiny_draft, k):
-    """Per request: the same drafts, acceptances and emitted tokens as ``lab.engine.run``, so the same stats."""
+    """Per request: the same drafts, acceptances and emitted tokens as ``lab.decode.run``, so the same stats."""
     prompts = PROMPTS[:5]
     config = DecodeConfig(k=k, max_new_tokens=NEW_TOKENS)
     for single in (PromptLookupDrafter(1, 3), DraftModelDrafter(tiny_draft.model)):
@@ -334,17 +328,17 @@ def test_record_details_per_row(tiny_target, tiny_draft):
 
 def test_as_batch_drafter_picks_the_batched_form(tiny_target, tiny_draft):
     assert as_batch_drafter(None) is None
-    assert isinstance(as_batch_drafter(DraftModelDrafter(tiny_draft.model)), BatchDraftModelDrafter)
+    assert isinstance(as_batch_drafter(DraftModelDrafter(tiny_draft.model)), DraftModelDrafter)
     assert isinstance(as_batch_drafter(PromptLookupDrafter()), PerRowDrafter)
-    layer_skip = make_batch_drafter("layer-skip", tiny_target, exit_layer=1)
-    assert isinstance(layer_skip, BatchDraftModelDrafter) and layer_skip.name == "layer-skip"
-    assert make_batch_drafter("none", tiny_target) is None
+    layer_skip = make_drafter("layer-skip", tiny_target, exit_layer=1)
+    assert isinstance(layer_skip, DraftModelDrafter) and layer_skip.name == "layer-skip"
+    assert make_drafter("none", tiny_target) is None
 
 
 def test_bad_policies_and_caches_are_refused(tiny_target):
     with pytest.raises(ValueError, match="k_policy requires an integer K in 0..16; got 17"):
         run_batch(tiny_target, PROMPTS[:2], PromptLookupDrafter(), DecodeConfig(), k_policy=lambda b: 17)
-    with pytest.raises(ValueError, match="empty RaggedCache of 2 rows; got 3"):
+    with pytest.raises(ValueError, match="empty cache of 2 rows"):
         list(decode_batch(tiny_target, PROMPTS[:2], None, DecodeConfig(), target_cache=RaggedCache(tiny_target.model, 3)))
 
 

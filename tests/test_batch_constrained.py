@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 
-from lab.batch import BatchDraftModelDrafter, run_batch
+from lab.drafters import DraftModelDrafter
+from lab.decode import run_batch
 from lab.config import DecodeConfig
 from lab.drafters import DraftContext, DraftModelDrafter, make_drafter
-from lab.engine import run
+from lab.decode import run
 from lab.grammar import Constraint, ConstraintSpec, first_invalid_token
 from lab.models import is_prepared
 from lab.sampling import SamplingParams
@@ -79,7 +80,7 @@ def _counters(stats) -> tuple:
 @pytest.mark.parametrize("drafter_name", ["draft-model", "prompt-lookup", "layer-skip"])
 @pytest.mark.parametrize("spec_name", list(SPECS))
 def test_each_constrained_row_equals_its_prompt_decoded_alone(models, prompts, constraints, spec_name, drafter_name, k):
-    """Tokens, stop reason, drafts and acceptances of ``lab.engine.run`` under the same constraint; valid output."""
+    """Tokens, stop reason, drafts and acceptances of ``lab.decode.run`` under the same constraint; valid output."""
     target, draft = models
     constraint = constraints[spec_name]
     config = DecodeConfig(k=k, max_new_tokens=NEW_TOKENS)
@@ -168,7 +169,7 @@ def test_batch_draft_model_drafts_under_each_rows_grammar_and_rolls_it_back(mode
     sampling = SamplingParams()
     contexts = [DraftContext(ids, len(p), 3, sampling, grammar=s) for ids, p, s in zip(committed, prompts, states)]
     allowed_before = [s.allowed() for s in states]
-    batched = BatchDraftModelDrafter(draft.model)
+    batched = DraftModelDrafter(draft.model)
     batched.reset(len(prompts))
     drafts = batched.propose(contexts)
     for b, (ctx, drafted) in enumerate(zip(contexts, drafts)):

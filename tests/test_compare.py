@@ -9,7 +9,7 @@ import pytest
 from lab.compare import BASELINE, Comparison, DrafterSpec, measure_verify_cost, run_comparison
 from lab.config import DecodeConfig
 from lab.drafters import PromptLookupDrafter
-from lab.engine import run
+from lab.decode import run
 from lab.models import encode_prompt
 from lab.theory import expected_tokens_per_step
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import TINY_VOCAB, TinyLM, reference_greedy, tiny_llama, tiny_tokenizer
-from lab.batch import run_batch
+from lab.decode import run_batch
 from lab.config import DecodeConfig
 from lab.drafters import EagleDrafter, EagleHead, EagleHeadConfig, make_drafter
-from lab.drafters.eagle import BatchEagleDrafter, load_head, save_head
-from lab.engine import run
-from lab.batch import as_batch_drafter
+from lab.drafters.eagle import load_head, save_head
+from lab.decode import run
+from lab.drafters import as_batch_drafter
 
 PROMPTS = [[5, 9, 12, 5, 9, 30, 7], [3], [11, 12, 13, 14, 11, 12, 13, 14, 11, 12], [40, 2], [21, 22, 23, 24, 25]]
 SUBSET = torch.arange(0, TINY_VOCAB, 2)
@@ -44,17 +44,17 @@ class CheckingEagle(EagleDrafter):
 
     checked = 0
 
-    def propose(self, ctx):
-        draft = super().propose(ctx)
-        committed = ctx.token_ids.tolist()
+    def propose(self, contexts):
+        drafts = super().propose(contexts)
+        committed = contexts[0].token_ids.tolist()
         if len(committed) > 1:
             assert self.features.ids[0].tolist() == committed[:-1]
             expected = fresh_features(self.target_model, committed[:-1], self.head.config.feature_layers)
             torch.testing.assert_close(self.features.feats[0], expected, rtol=1e-4, atol=1e-4)
             # Exact rollback: the head's cache holds its real entries only, one per known feature.
-            assert self.cache.get_seq_length() == len(committed) - 1
+            assert self.cache_lengths() == [len(committed) - 1]
         CheckingEagle.checked += 1
-        return draft
+        return drafts
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -112,7 +112,7 @@ def test_eagle_ragged_batch_equals_each_prompt_alone(tiny_target, batch_size, su
     eos = next((t for t in references[0][1:5] if all(t not in r for r in references[1:])), None)
     target = TinyLM(tiny_target.model, tiny_target.tokenizer, (eos,) if eos is not None else ())
     drafter = as_batch_drafter(EagleDrafter(tiny_target.model, tiny_head(tiny_target.model, layers=layers), subset))
-    assert isinstance(drafter, BatchEagleDrafter)
+    assert isinstance(drafter, EagleDrafter)  # batched itself: no adapter
     seen = []
     original = drafter.propose
 
@@ -121,9 +121,9 @@ def test_eagle_ragged_batch_equals_each_prompt_alone(tiny_target, batch_size, su
         for b, ctx in enumerate(contexts):
             committed = ctx.token_ids.tolist()
             if len(committed) > 1:
-                assert drafter.single.features.ids[b].tolist() == committed[:-1]
+                assert drafter.features.ids[b].tolist() == committed[:-1]
                 expected = fresh_features(tiny_target.model, committed[:-1], layers)
-                torch.testing.assert_close(drafter.single.features.feats[b], expected, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(drafter.features.feats[b], expected, rtol=1e-4, atol=1e-4)
                 seen.append(b)
         return drafts
 
@@ -286,7 +286,8 @@ def test_a_decode_resumed_on_other_threads_keeps_drafting_exactly(tiny_target):
     thread, so the head keeps its features (it crashed on the third cycle when it recorded only the first thread)."""
     import threading
 
-    from lab.engine import Finished, Step, decode
+    from lab.trace import Finished, Step
+    from lab.decode import decode
 
     prompt = PROMPTS[0]
     reference = reference_greedy(tiny_target.model, prompt, 16)

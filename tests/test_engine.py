@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import OracleDrafter, TINY_VOCAB, TinyLM, reference_greedy
-from lab.cache import new_cache
+from lab.kv import new_cache
 from lab.config import DecodeConfig
 from lab.drafters import Draft, DraftModelDrafter, PromptLookupDrafter
-from lab.engine import decode, run
-from lab.runner import KVRunner
+from lab.decode import decode, run
+from lab.kv import new_kv_cache
 from lab.trace import Finished, Prefilled, Step
 
 PROMPTS = [
@@ -94,17 +94,16 @@ def test_target_cache_equals_fresh_prefill(tiny_target, k, mode):
     """After many steps with rollbacks, the cached K/V equal a fresh prefill of the same tokens."""
     prompt = PROMPTS[0]
     reference = reference_greedy(tiny_target.model, prompt, 30)
-    runner = KVRunner(tiny_target.model, mode)
+    cache = new_kv_cache(tiny_target.model, 1, mode, max_length=len(prompt) + 30 + k + 1)
     config = DecodeConfig(k=k, max_new_tokens=30, engine_mode=mode)
-    events = list(decode(tiny_target, prompt, NoisyOracle(reference, len(prompt)), config, runner))
-    cache = runner.cache
+    events = list(decode(tiny_target, prompt, NoisyOracle(reference, len(prompt)), config, target_cache=cache))
     steps = [e for e in events if isinstance(e, Step)]
     assert any(0 < s.num_accepted < len(s.drafted) for s in steps), "want partial acceptances to exercise rollback"
     assert any(s.num_accepted == len(s.drafted) > 0 for s in steps), "want full acceptances too"
     committed = list(prompt) + list(events[-1].token_ids)
     assert committed[len(prompt):] == reference
     # The engine's invariant: the cache holds every committed token but the last.
-    assert cache.get_seq_length() == runner.length == len(committed) - 1
+    assert cache.lengths == [len(committed) - 1]
     fresh = new_cache(tiny_target.model)
     with torch.inference_mode():
         tiny_target.model(torch.tensor([committed[:-1]], device=tiny_target.model.device), cache=fresh, use_cache=True)

@@ -9,7 +9,7 @@ import torch
 
 from lab.config import DecodeConfig
 from lab.drafters import DraftContext, make_drafter
-from lab.engine import run
+from lab.decode import run
 from lab.grammar import Constraint, ConstraintSpec, GrammarError, first_invalid_token
 from lab.sampling import SamplingParams
 

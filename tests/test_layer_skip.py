@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import reference_greedy
-from lab.cache import new_cache
+from lab.kv import new_cache
 from lab.config import DecodeConfig
 from lab.drafters import LayerSkipDrafter, early_exit_view, make_drafter
-from lab.engine import decode, run
+from lab.decode import decode, run
 from lab.trace import Step
 
 
@@ -45,8 +45,8 @@ def test_layer_skip_cache_equals_fresh_prefill(tiny_target, exit_layer):
     events = list(decode(tiny_target, prompt, drafter, DecodeConfig(k=3, max_new_tokens=16)))
     committed = prompt + list(events[-1].token_ids)
     steps = [e for e in events if isinstance(e, Step)]
-    assert drafter.cache.get_seq_length() == steps[-1].draft_cache_len
-    held = drafter.cached_ids.tolist()
+    assert drafter.cache.lengths == [steps[-1].draft_cache_len]
+    held = drafter.cached_ids[0].tolist()
     assert held == committed[: len(held)]
     fresh = new_cache(drafter.model)
     with torch.inference_mode():

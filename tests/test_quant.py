@@ -27,8 +27,8 @@ from lab.compare import DrafterSpec, run_comparison
 from lab.config import DecodeConfig
 from lab.drafters import make_drafter
 from lab.calibrate import host_float_precision
-from lab.runner import KVRunner
-from lab.engine import decode, run
+from lab.kv import RaggedCache
+from lab.decode import decode, run
 from lab.models import (
     PRECISIONS,
     LoadedModel,
@@ -175,9 +175,9 @@ def test_weight_bytes_counts_quantisation_scales(tiny_loaded, precision):
 
 def test_kv_cache_bytes_matches_a_real_cache(tiny_loaded):
     target = tiny_loaded("target", "nf4")
-    runner = KVRunner(target.model, "eager")
-    events = list(decode(target, PROMPT, None, DecodeConfig(max_new_tokens=6), runner))
-    cache = runner.cache
+    ragged = RaggedCache(target.model, 1)
+    events = list(decode(target, PROMPT, None, DecodeConfig(max_new_tokens=6), target_cache=ragged))
+    cache = ragged.cache
     assert isinstance(events[-1], Finished)
     assert cache.get_seq_length() > 0
     assert cache_bytes(cache) == kv_cache_bytes(target.model, cache.get_seq_length())

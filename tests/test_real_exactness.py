@@ -13,7 +13,7 @@ import torch
 from lab.config import DecodeConfig
 from lab.drafters import DraftModelDrafter, EagleDrafter, EagleHead, EagleHeadConfig, make_drafter
 from lab.drafters.eagle import find_head, load_head
-from lab.engine import run
+from lab.decode import run
 from lab.models import encode_prompt, load_model
 from lab.vocab import trimmed_view
 

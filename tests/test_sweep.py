@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import TINY_VOCAB, reference_greedy
-from lab.batch import PerRowDrafter, run_batch
+from lab.drafters import PerRowDrafter
+from lab.decode import run_batch
 from lab.config import DecodeConfig
 from lab.drafters import Draft, DraftContext, PromptLookupDrafter
 from lab.metrics import SpecDecodingStats

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from conftest import TINY_VOCAB, TinyLM, reference_greedy, tiny_llama, tiny_tokenizer
-from lab.batch import BatchDraftModelDrafter, make_batch_drafter, run_batch
+from lab.drafters import DraftModelDrafter, make_drafter
+from lab.decode import run_batch
 from lab.config import DecodeConfig
 from lab.drafters import DraftModelDrafter, make_drafter
-from lab.engine import run
+from lab.decode import run
 from lab.vocab import (
     TrimmedLMHead,
     count_tokens,
@@ -106,8 +107,8 @@ def test_tokens_outside_the_subset_still_appear_greedy(tiny_target, tiny_draft):
 @pytest.mark.parametrize("batch_size", [1, 3, 4])
 def test_trimmed_draft_ragged_batch_equals_each_prompt_alone(tiny_target, tiny_draft, batch_size):
     prompts = PROMPTS[:batch_size]
-    drafter = make_batch_drafter("draft-model", tiny_target, tiny_draft, vocab_subset=SUBSET)
-    assert isinstance(drafter, BatchDraftModelDrafter)
+    drafter = make_drafter("draft-model", tiny_target, tiny_draft, vocab_subset=SUBSET)
+    assert isinstance(drafter, DraftModelDrafter)
     result = run_batch(tiny_target, prompts, drafter, DecodeConfig(k=4, max_new_tokens=16))
     for prompt, row in zip(prompts, result.rows):
         assert row.token_ids == reference_greedy(tiny_target.model, prompt, 16)

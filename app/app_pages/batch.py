@@ -35,7 +35,7 @@ from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlExcepti
 
 from app import inflight, render, render_batch, resources, state, widgets
 from lab import bench
-from lab.batch import make_batch_drafter
+from lab.drafters import make_drafter
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
 from lab.models import ModelError, check_same_tokenizer, encode_prompt
 from lab.prompts import Prompt
@@ -261,7 +261,7 @@ def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime
         check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(draft_name))
     target = resources.load_for_role(target_name, "target", runtime, slots["progress"])
     draft_model = resources.load_for_role(draft_name, "draft", runtime, slots["progress"]) if draft_name else None
-    drafter = make_batch_drafter(drafter_name, target, draft_model, exit_layer=exit_layer, draft_vocab=trimmed)
+    drafter = make_drafter(drafter_name, target, draft_model, exit_layer=exit_layer, draft_vocab=trimmed)
     chat_template = not s[key("batch.raw")]
     prompt_ids = [encode_prompt(target, text, chat_template=chat_template) for text in prompts]
 

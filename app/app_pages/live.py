@@ -16,7 +16,7 @@ from streamlit.delta_generator import DeltaGenerator
 from app import calibration, constrained, precision, render, resources, state, widgets
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
 from lab.drafters import DRAFTER_NAMES, make_drafter
-from lab.engine import decode
+from lab.decode import decode
 from lab.models import ModelError, check_same_tokenizer, encode_prompt
 
 RESULT_KEY = "live:result"

@@ -1,6 +1,6 @@
 """Step-through page: one draft-verify cycle at a time, for teaching.
 
-Start builds a drafter and a ``lab.engine.decode`` generator with
+Start builds a drafter and a ``lab.decode.decode`` generator with
 ``DecodeConfig(record_details=True)`` and keeps it in ``st.session_state``: the
 generator holds its own KV caches, so each "Next cycle" click resumes it for
 exactly one ``Step`` event. Each cycle shows the drafted tokens with the draft's
@@ -21,7 +21,7 @@ import torch
 from app import render, render_compare, resources, state, widgets
 from lab.config import K_MAX, DecodeConfig
 from lab.drafters import make_drafter
-from lab.engine import decode
+from lab.decode import decode
 from lab.metrics import SpecDecodingStats
 from lab.models import ModelError, check_same_tokenizer, encode_prompt
 from lab.trace import Finished, Prefilled, Step

@@ -37,7 +37,7 @@ class DraftContext:
         A drafter may advance it while drafting but must roll it back to where
         it found it before returning.
     engine_mode, compile_backend: how a model drafter runs its passes
-        (``lab.runner``: "eager", "static" or "compiled"; the engine resolves "auto").
+        (``lab.kv``: "eager", "static" or "compiled"; the engine resolves "auto").
     max_length: the most tokens a model drafter's cache must hold for this
         sequence (prompt + budget + K + 1), to size a static cache.
     """

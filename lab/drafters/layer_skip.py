@@ -56,7 +56,7 @@ def _shallow_module_copy(module: torch.nn.Module) -> torch.nn.Module:
     return clone
 
 
-# target -> {exit layer: view}: one view per exit, so a compiled view (lab.runner) is compiled once.
+# target -> {exit layer: view}: one view per exit, so a compiled view (lab.kv) is compiled once.
 _VIEWS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, torch.nn.Module]]" = weakref.WeakKeyDictionary()
 
 
