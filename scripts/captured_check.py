@@ -1,4 +1,4 @@
-"""Eager against captured steps on this device: per-pass ms, c and v(K), and end-to-end tokens/s (issue #12).
+"""Eager against captured steps on this device: per-pass ms, c and v(K), and end-to-end tokens/s by batch size.
 
     python scripts/captured_check.py --target FOLDER --draft FOLDER --device cuda --k 4 \\
         --batch-sizes 1 4 16 --budget-s 300 --out captured.json
@@ -6,8 +6,8 @@
 
 FOLDER holds a Hugging Face config (a prepared preset: ``lab.models.prepared_dir``);
 only the architecture is read and the weights are random (weights cannot travel to
-a lent GPU): timings are the architecture's, acceptance is not. End to end, the
-target runs alone, with the random draft of the other architecture (acceptance
+a lent GPU): timings are the architecture's, acceptance is not. End to end, at each
+batch size through the one decode loop (``lab.decode.run_batch``), the target runs alone, with the random draft of the other architecture (acceptance
 near 0), and as its own draft (acceptance 100 %: the upper bound of what drafting
 can return), each in the eager and the compiled engine (``lab.kv``).
 Bars (issue #12): the captured draft step at least 3x faster than the eager one at
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from lab.calibrate import time_passes  # noqa: E402
 from lab.config import DecodeConfig  # noqa: E402
 from lab.drafters import DraftModelDrafter  # noqa: E402
-from lab.decode import run  # noqa: E402
+from lab.decode import run_batch  # noqa: E402
 from lab.models import resolve_device  # noqa: E402
 
 MODES = ("eager", "compiled")
@@ -68,31 +68,36 @@ def measure_passes(target, draft, k, batch_sizes, repeats, backend, deadline) ->
     return rows, skipped
 
 
-def end_to_end(target, draft, k, new_tokens, backend, prompts) -> list[dict]:
+def end_to_end(target, draft, k, new_tokens, backend, prompts, batch_sizes) -> list[dict]:
+    """Tokens/s of the one decode loop per (batch size, engine mode, draft), greedy; outputs checked identical."""
     lm = SimpleNamespace(model=target, tokenizer=None, eos_token_ids=())
     rows = []
-    for mode in MODES:
-        for label, drafter_model in (("target alone", None), ("random draft", draft), ("target as its own draft", target)):
-            config = DecodeConfig(k=k, max_new_tokens=new_tokens, engine_mode=mode, compile_backend=backend)
-            for warm in (True, False):  # the first pass compiles; only the second is timed
-                outputs, start, steps, accepted, drafted = [], time.perf_counter(), 0, 0, 0
-                for prompt in prompts[:1] if warm else prompts:
+    for batch_size in batch_sizes:
+        batch = [prompts[i % len(prompts)] for i in range(batch_size)]
+        for mode in MODES:
+            for label, drafter_model in (("target alone", None), ("random draft", draft), ("target as its own draft", target)):
+                config = DecodeConfig(k=k, max_new_tokens=new_tokens, engine_mode=mode, compile_backend=backend)
+                for warm in (True, False):  # the first run compiles (this bucket's graphs); only the second is timed
                     drafter = None if drafter_model is None else DraftModelDrafter(drafter_model)
-                    result = run(lm, prompt, drafter, config)
-                    outputs.append(result.token_ids)
-                    steps += result.stats.target_forward_passes
-                    accepted += result.stats.num_accepted_tokens
-                    drafted += result.stats.num_draft_tokens
-                wall_s = time.perf_counter() - start
-            tokens = sum(len(o) for o in outputs)
-            rows.append({"mode": mode, "run": label, "tokens_per_s": tokens / wall_s,
-                         "acceptance_rate": accepted / drafted if drafted else None, "target_passes": steps,
-                         "outputs": outputs})
-            print(f"{mode:>8} {label:>24}: {tokens / wall_s:8.1f} tokens/s  "
-                  f"acceptance {'-' if not drafted else f'{accepted / drafted:.0%}'}", flush=True)
-    alone = {r["mode"]: r["outputs"] for r in rows if r["run"] == "target alone"}
+                    start = time.perf_counter()
+                    result = run_batch(lm, batch, drafter, config)
+                    wall_s = time.perf_counter() - start
+                stats = result.pooled_stats()
+                drafted = stats.num_draft_tokens
+                rows.append({"batch_size": batch_size, "mode": mode, "run": label,
+                             "tokens_per_s": result.num_output_tokens / wall_s,
+                             "acceptance_rate": stats.num_accepted_tokens / drafted if drafted else None,
+                             "steps": len(result.steps), "outputs": result.token_ids})
+                print(f"B={batch_size:>3} {mode:>8} {label:>24}: {rows[-1]['tokens_per_s']:8.1f} tokens/s  "
+                      f"acceptance {'-' if not drafted else f'{stats.num_accepted_tokens / drafted:.0%}'}", flush=True)
+    alone = {(r["batch_size"], r["mode"]): r["outputs"] for r in rows if r["run"] == "target alone"}
     for r in rows:  # greedy: every run must emit the target alone's tokens, in both engines
-        r["identical_to_target_alone"] = r.pop("outputs") == alone["eager"]
+        r["identical_to_target_alone"] = r.pop("outputs") == alone[(r["batch_size"], "eager")]
+    by = {(r["batch_size"], r["mode"], r["run"]): r["tokens_per_s"] for r in rows}
+    for batch_size in batch_sizes:
+        ratios = "  ".join(f"{label}: {by[(batch_size, 'compiled', label)] / by[(batch_size, 'eager', label)]:.2f}x"
+                           for label in ("target alone", "random draft", "target as its own draft"))
+        print(f"B={batch_size:>3} captured / eager tokens/s  {ratios}", flush=True)
     return rows
 
 
@@ -127,7 +132,7 @@ def main(argv=None) -> dict:
     generator = torch.Generator().manual_seed(0)
     vocab = min(target.config.vocab_size, draft.config.vocab_size)
     prompts = [torch.randint(vocab, (64 + 16 * i,), generator=generator).tolist() for i in range(args.prompts)]
-    e2e = end_to_end(target, draft, args.k, args.new_tokens, args.backend, prompts)
+    e2e = end_to_end(target, draft, args.k, args.new_tokens, args.backend, prompts, args.batch_sizes)
     by = {(r["batch_size"], r["mode"]): r for r in rows}
     bars = {}
     if (1, "eager") in by and (1, "compiled") in by:

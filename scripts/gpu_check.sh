@@ -3,8 +3,8 @@
 #   1. the exactness suite with the shared tiny fixtures on the GPU (LAB_TEST_DEVICE=cuda);
 #   2. c(B) and v(K, B) of the Qwen pair's architectures by batch size, and the speedup
 #      they predict with the acceptance measured on the trained pair (scripts/device_costs.py);
-#   3. eager against captured (static cache + torch.compile, CUDA graphs) passes at batch 1, 4, 16:
-#      c, v(K), the bars of issue #12, and end-to-end tokens/s (scripts/captured_check.py);
+#   3. eager against captured (static cache in batch buckets + torch.compile, CUDA graphs) at batch 1, 4, 16:
+#      c, v(K), the bars of issue #12, and end-to-end tokens/s of the one decode loop (scripts/captured_check.py);
 #   4. the command line end to end on the GPU: bench (batch sizes, the peer) and quantised
 #      generate, over random-weight copies of the Qwen pair (timings real, outputs meaningless).
 # usage: scripts/gpu_check.sh OUT_DIR [MODELS_DIR]
@@ -28,9 +28,9 @@ $py -c "import torch; from importlib.metadata import version as v; print('torch'
 step "1. exactness suite on $device"
 LAB_TEST_DEVICE=$device timeout 300 $py -m pytest -q -p no:cacheprovider -m "not real_model and not browser" \
     --junitxml="$out/pytest_cuda.xml" -o junit_family=xunit1 \
-    tests/test_engine.py tests/test_batch.py tests/test_layer_skip.py tests/test_cache.py tests/test_verify.py \
+    tests/test_decode.py tests/test_decode_batch.py tests/test_exactness.py tests/test_layer_skip.py tests/test_kv.py tests/test_verify.py \
     tests/test_grammar.py tests/test_batch_constrained.py tests/test_quant.py tests/test_costs.py \
-    tests/test_compare.py tests/test_sweep.py tests/test_theory.py tests/test_runner.py 2>&1 | tail -40
+    tests/test_compare.py tests/test_sweep.py tests/test_theory.py tests/test_eagle.py 2>&1 | tail -40
 
 step "2. costs by batch size (random weights of the Qwen pair's architectures, bf16)"
 $py scripts/device_costs.py --target "$models/qwen2.5-coder-1.5b" --draft "$models/qwen2.5-coder-0.5b" \

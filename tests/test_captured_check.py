@@ -20,8 +20,11 @@ def test_captured_check_reports_passes_bars_and_exact_end_to_end(tmp_path):
     assert [(r["batch_size"], r["mode"]) for r in result["passes"]] == [(1, "eager"), (1, "compiled"), (2, "eager"),
                                                                        (2, "compiled")]
     assert all(r["target_step_ms"] > 0 and r["c"] > 0 for r in result["passes"])
-    runs = {(r["mode"], r["run"]): r for r in result["end_to_end"]}
-    assert runs[("eager", "target as its own draft")]["acceptance_rate"] == 1.0
-    assert runs[("compiled", "target as its own draft")]["acceptance_rate"] == 1.0
-    assert all(r["identical_to_target_alone"] for r in result["end_to_end"])  # fp32 greedy: exact in both engines
+    runs = {(r["batch_size"], r["mode"], r["run"]): r for r in result["end_to_end"]}
+    assert set(runs) == {(b, m, r) for b in (1, 2) for m in ("eager", "compiled")
+                         for r in ("target alone", "random draft", "target as its own draft")}
+    for batch_size in (1, 2):
+        assert runs[(batch_size, "eager", "target as its own draft")]["acceptance_rate"] == 1.0
+        assert runs[(batch_size, "compiled", "target as its own draft")]["acceptance_rate"] == 1.0
+    assert all(r["identical_to_target_alone"] for r in result["end_to_end"])  # fp32 greedy: exact in both engines, B = 1 and 2
     assert set(result["bars"]) == {"draft_step_speedup_b1", "captured_c_b1", "draft_step_3x", "c_below_half"}
