@@ -26,8 +26,7 @@ from lab.drafters.eagle import eagle3_layers
 from lab.grammar import Constraint, ConstraintSpec
 
 # The engine under test, imported in this one place (the two loops are merging into lab.decode, same names).
-from lab.batch import run_batch
-from lab.engine import run
+from lab.decode import run, run_batch
 
 K = 3
 NEW_TOKENS = 16
@@ -67,17 +66,7 @@ def matrix():
                 for batch_size in (1, 3):
                     for constraint in ("none", "json"):
                         name = "-".join([drafter] + ([vocab] if vocab else []) + [mode, f"B{batch_size}", constraint])
-                        marks = ()
-                        if drafter == "eagle" and mode == "compiled" and batch_size > 1:
-                            # Only "DID NOT RAISE" is expected to fail, and strictly: the cell turns red once the
-                            # refusal arrives, so that the mark is removed with it.
-                            marks = pytest.mark.xfail(
-                                raises=pytest.fail.Exception,
-                                strict=True,
-                                reason="lab.batch.run_batch ignores engine_mode and runs the head eagerly instead of "
-                                       "refusing; remove this mark once run_batch honours engine_mode (lab.decode)",
-                            )
-                        yield pytest.param(drafter, vocab, mode, batch_size, constraint, id=name, marks=marks)
+                        yield pytest.param(drafter, vocab, mode, batch_size, constraint, id=name)
 
 
 def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos: tuple[int, ...],

@@ -168,9 +168,11 @@ def draft_token(logits: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, 
     (``lab.sampling``, the run's own temperature / top-k / top-p); the grammar is
     then advanced over the token (the drafter rolls it back after its proposal).
 
-    Returns (token: int64 scalar on the logits' device; dist: [V] float32, the
-    distribution it was drawn from, or for greedy the softmax at temperature 1,
-    for display; done: the grammar is complete, so nothing may follow).
+    Returns (token: int64 scalar on the logits' device, or None when the grammar
+    refuses every token the drafter may propose (a trimmed vocabulary without the
+    one token the grammar forces): the draft ends before it; dist: [V] float32,
+    the distribution it was drawn from, or for greedy the softmax at temperature
+    1, for display; done: nothing may follow, the grammar being complete or refusing).
     """
     if ctx.grammar is not None:
         logits = ctx.grammar.mask_next(logits)
@@ -182,6 +184,7 @@ def draft_token(logits: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, 
         token = sample(dist, ctx.generator)
     done = False
     if ctx.grammar is not None:
-        ctx.grammar.accept(int(token))
+        if not ctx.grammar.accept(int(token)):
+            return None, dist, True  # nothing this drafter may propose is allowed here
         done = ctx.grammar.is_terminated
     return token, dist, done

@@ -87,12 +87,13 @@ class DraftModelDrafter:
                     else:
                         dist = logits_to_probs(logits[b], ctx.sampling)
                         token = sample(dist, ctx.generator)
+                    if ctx.grammar is not None and not ctx.grammar.accept(int(token)):
+                        wanted[b] = i  # every token this draft may propose is refused here: the draft ends
+                        continue
                     tokens[b].append(token)
                     probs[b].append(dist)
-                    if ctx.grammar is not None:
-                        ctx.grammar.accept(int(token))
-                        if ctx.grammar.is_terminated:  # the output is complete: nothing can follow
-                            wanted[b] = i + 1
+                    if ctx.grammar is not None and ctx.grammar.is_terminated:  # complete: nothing can follow
+                        wanted[b] = i + 1
             # Feed each row's newest token, unless that row has drafted enough (the last one is never fed).
             feeds = [
                 tokens[b][-1].view(1).cpu() if i + 1 < wanted[b] else torch.empty(0, dtype=torch.long)

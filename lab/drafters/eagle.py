@@ -490,8 +490,9 @@ def draft_row(drafter: EagleDrafter, row: int, ctx: DraftContext) -> Draft:
     for i in range(ctx.k):
         logits = drafter.lm_head(predicted.to(drafter.lm_head.weight.dtype))  # [V]
         token, dist, done = draft_token(logits, ctx)  # under the grammar, if any
-        tokens.append(token)
-        probs.append(dist)
+        if token is not None:
+            tokens.append(token)
+            probs.append(dist)
         if done:
             break
         if i + 1 < ctx.k:
@@ -499,4 +500,4 @@ def draft_row(drafter: EagleDrafter, row: int, ctx: DraftContext) -> Draft:
     if ctx.grammar is not None:
         ctx.grammar.rollback(len(tokens))
     crop_cache(state.cache, state.num_real)  # drafting entries came from predicted features: never kept
-    return Draft(torch.stack(tokens).cpu(), torch.stack(probs))
+    return Draft(torch.stack(tokens).cpu(), torch.stack(probs)) if tokens else Draft.empty()
