@@ -174,7 +174,9 @@ def test_batch_draft_model_drafts_under_each_rows_grammar_and_rolls_it_back(mode
     drafts = batched.propose(contexts)
     for b, (ctx, drafted) in enumerate(zip(contexts, drafts)):
         assert torch.equal(states[b].allowed(), allowed_before[b]), "the matcher is back at the committed output"
-        alone = DraftModelDrafter(draft.model).propose(ctx)
+        single = DraftModelDrafter(draft.model)
+        single.reset(1)
+        alone = single.propose([ctx])[0]
         assert drafted.tokens.tolist() == alone.tokens.tolist()
         output = (prefix if b == 1 else []) + drafted.tokens.tolist()
         assert first_invalid_token(constraint, output) is None
@@ -191,10 +193,14 @@ def test_seeded_sampling_under_a_constraint_samples_each_row_as_alone(models, pr
         assert first_invalid_token(constraint, row.token_ids) is None
 
 
-def test_naive_grammar_mode_is_refused_in_batches(models, prompts, constraints):
+def test_naive_grammar_mode_in_a_batch_breaks_each_row_as_it_does_alone(models, prompts, constraints):
+    """The teaching switch runs in the one loop at any batch size: each row is what the naive mode gives alone."""
     target, draft = models
-    config = DecodeConfig(k=3, max_new_tokens=8, grammar_mode="naive")
-    with pytest.raises(ValueError, match="requires grammar_mode 'exact' .*; got 'naive'"):
-        run_batch(target, prompts, DraftModelDrafter(draft.model), config, constraint=constraints["date"])
-    # Without a constraint the grammar mode means nothing and is not refused.
+    config = DecodeConfig(k=3, max_new_tokens=16, grammar_mode="naive")
+    constraint = constraints["date"]
+    batched = run_batch(target, prompts, DraftModelDrafter(draft.model), config, constraint=constraint)
+    for prompt, row in zip(prompts, batched.rows):
+        alone = run(target, prompt, DraftModelDrafter(draft.model), config, constraint=constraint)
+        assert row.token_ids == alone.token_ids
+    # Without a constraint the grammar mode means nothing.
     assert len(run_batch(target, prompts[:2], None, config).rows) == 2

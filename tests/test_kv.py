@@ -130,6 +130,41 @@ def test_graph_count_stays_fixed_across_acceptance_patterns(tiny_target, tiny_dr
     assert unique_graphs() - before <= 3  # widths 5, 1 and 2: nothing else, whatever was accepted
 
 
+def test_graph_count_stays_fixed_across_acceptance_patterns_at_batch_3(tiny_target):
+    """At B > 1 too: one graph per (width, bucket). Rows that accept different numbers of tokens, rows that leave
+    (the bucket shrinks from 4) and new batches add no graph once each (width, bucket) has been seen."""
+    from lab.drafters import PerRowDrafter
+
+    config = DecodeConfig(k=3, max_new_tokens=12, **COMPILED)
+    model_target = tiny_llama(seed=0, layers=3, hidden=56)  # shapes of its own: its graphs are made here
+    model_draft = tiny_llama(seed=1, layers=1, hidden=8)
+    plain = [reference_greedy(model_target, p, 12) for p in PROMPTS]
+    eos = (plain[0][3],)  # row 0 stops at its 4th token: it leaves the batch while the others go on
+    target = TinyLM(model_target, tiny_target.tokenizer, eos)
+    references = [reference_greedy(model_target, p, 12, eos) for p in PROMPTS]
+    assert len({len(r) for r in references}) > 1, "want rows that finish at different steps"
+
+    def runs(seed):
+        accepted, shrank = set(), False
+        for drafter in (PerRowDrafter(lambda i: CoinFlipOracle(plain[i], len(PROMPTS[i]), seed + i)),
+                        DraftModelDrafter(model_draft)):
+            result = run_batch(target, PROMPTS, drafter, config)
+            assert result.token_ids == references
+            accepted |= {s.num_accepted for step in result.steps for s in step.steps}
+            shrank |= len(set(result.batch_sizes)) > 1
+        assert shrank
+        return accepted
+
+    before = unique_graphs()
+    seen = runs(0)
+    made = unique_graphs() - before
+    assert 0 < made <= 9  # verify (width 4), draft step (1), catch-up (2), in buckets 4, 2 and 1
+    for seed in (10, 20, 30):
+        seen |= runs(seed)
+    assert seen >= {0, 1, 2, 3}, "want every acceptance pattern"
+    assert unique_graphs() - before == made
+
+
 def test_graphs_are_one_per_width(tiny_target):
     """The target's verify pass (width K+1) and the draft's step (width 1): two graphs, three with a catch-up.
 
