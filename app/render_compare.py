@@ -1,6 +1,6 @@
 """Figures, tables and HTML for the Compare, Theory and Step-through pages. Pure functions, no streamlit.
 
-Inputs are ``lab`` objects: a ``lab.compare.Comparison`` (its ``summary()`` has
+Inputs are ``lab`` objects: a ``lab.studies.compare.Comparison`` (its ``summary()`` has
 one row per drafter x K), ``lab.trace.Step`` events with their
 ``PositionDetail`` rows, and the Leviathan formulas of ``lab.theory``. Words
 follow the lab's vocabulary: draft / target, accepted, rejected, corrected,
@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from app.render import KIND_COLOURS, count, format_number, token_text
-from lab.compare import BASELINE, Comparison
+from lab.studies.compare import BASELINE, Comparison
 from lab.drafters import num_layers
 from lab.theory import expected_speedup, expected_tokens_per_step
 from lab.trace import PositionDetail, Step
@@ -105,7 +105,7 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
 
     Rates stay fractions (the page formats them as percentages); "identical to
     target" becomes text (``identical_text``); the best K per drafter (highest
-    speedup) is starred where its speedup is at least 1. The verify-cost columns (``lab.compare``'s module
+    speedup) is starred where its speedup is at least 1. The verify-cost columns (``lab.studies.compare``'s module
     docstring) read "n/a" for a comparison that did not measure v(K).
     """
     if summary.empty:
@@ -248,7 +248,7 @@ def cost_rows(drafter_costs: dict[str, dict], summary: pd.DataFrame) -> list[dic
     drafter_costs: ``{label: {"parameters": int | None, "weight_bytes": int | None,
     "note": str}}`` as the Compare page records it in ``Comparison.settings``.
     c = draft time per drafted token / the target alone's time per decode step
-    (``lab.compare``); a drafter's c can differ with K.
+    (``lab.studies.compare``); a drafter's c can differ with K.
     """
     rows = []
     labels = list(dict.fromkeys(list(drafter_costs) + (list(summary["drafter"]) if not summary.empty else [])))
@@ -472,7 +472,7 @@ class MeasuredPoint:
     efficiency = measured / predicted.
     verify_cost: v(K), a bare forward pass over K+1 tokens in plain steps;
     draft_rate: r, the share of steps at which the drafter proposed anything;
-    predicted_v: the model with that v(K) and r (``lab.compare``);
+    predicted_v: the model with that v(K) and r (``lab.studies.compare``);
     efficiency_v = measured / predicted_v. NaN where the comparison did not
     measure v(K) (a results file written before it did).
     """

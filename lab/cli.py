@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_input_error(error: Exception) -> bool:
     from lab.models import ModelError
-    from lab.serving import ServeError
+    from lab.serving.client import ServeError
 
     return isinstance(error, (UsageError, ValueError, ModelError, FileNotFoundError, ServeError))
 
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     peer = commands.add_parser("peer", help="compare with transformers' assisted generation, side by side")
     _add_model_arguments(peer)
-    from lab.bench import PEER_DRAFTERS
+    from lab.studies.peer import PEER_DRAFTERS
 
     _add_drafter_arguments(peer, choices=PEER_DRAFTERS, default=None)
     peer.add_argument("--k", type=int, nargs="+", default=[4], help="one or more K (default 4)")
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True) -> None:
     """--target, --device, --dtype, --target-quant and (when the command can load a draft model) --draft-quant."""
-    from lab.models import PRECISIONS
+    from lab.hardware import PRECISIONS
 
     parser.add_argument("--target", required=True, help="a preset name (see `python -m lab models`) or a model folder")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
@@ -335,7 +335,7 @@ def _auto_from_calibration(args: argparse.Namespace, progress) -> str | None:
     --k auto measures the pair once if needed (cached). --dtype auto uses a
     cached calibration of the pair when there is one, else the bf16/fp32 probe.
     """
-    from lab.calibrate import cached_calibration, calibrate
+    from lab.studies.calibrate import cached_calibration, calibrate
 
     drafter = {"draft-model": "draft-model", "prompt-lookup": "prompt-lookup"}.get(args.drafter)
     wants_k = getattr(args, "k", None) == "auto"
@@ -661,7 +661,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from lab.calibrate import DEFAULT_KS, calibrate
+    from lab.studies.calibrate import DEFAULT_KS, calibrate
 
     progress = ProgressLine(sys.stderr, always=True)
     calibration = calibrate(args.target, args.draft, device=args.device or "auto", precisions=args.precisions,
@@ -673,9 +673,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_engine_bench(args: argparse.Namespace) -> int:
-    from lab.calibrate import calibrate
-    from lab.compare import DrafterSpec
-    from lab.engine_bench import Arm, format_engine_bench, run_engine_bench
+    from lab.studies.calibrate import calibrate
+    from lab.studies.compare import DrafterSpec
+    from lab.studies.engine_modes import Arm, format_engine_bench, run_engine_bench
     from lab.prompts import load_prompt_sets
 
     _check_drafter_arguments(args)
@@ -712,7 +712,7 @@ def _cmd_engine_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_peer(args: argparse.Namespace) -> int:
-    from lab.bench import DrafterSpec, run_peer_comparison
+    from lab.studies.peer import DrafterSpec, run_peer_comparison
     from lab.prompts import load_prompt_sets
 
     _check_drafter_arguments(args)
@@ -742,7 +742,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from lab.models import encode_prompt
     from lab.prompts import load_prompt_sets
     from lab.grammar import Constraint
-    from lab.sweep import format_sweep, run_sweep
+    from lab.studies.batch_sweep import format_sweep, run_sweep
 
     _check_drafter_arguments(args)
     if args.naive_grammar:
@@ -779,8 +779,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_peer(args: argparse.Namespace, target, draft, prompts, spec) -> dict | None:
-    """transformers' assisted generation at batch 1 on the bench's models and prompts (``lab.bench``), or why not."""
-    from lab.bench import PEER_DRAFTERS, DrafterSpec, run_peer_comparison
+    """transformers' assisted generation at batch 1 on the bench's models and prompts (``lab.studies.peer``), or why not."""
+    from lab.studies.peer import PEER_DRAFTERS, DrafterSpec, run_peer_comparison
 
     if args.no_peer:
         return None
@@ -795,7 +795,7 @@ def _bench_peer(args: argparse.Namespace, target, draft, prompts, spec) -> dict 
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from lab.compare import DrafterSpec, run_comparison
+    from lab.studies.compare import DrafterSpec, run_comparison
     from lab.models import check_same_tokenizer, load_model, load_tokenizer
     from lab.prompts import load_prompt_sets
 
@@ -838,8 +838,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_serve_bench(args: argparse.Namespace) -> int:
     from lab.prompts import load_prompt_sets
-    from lab.serve_bench import format_serve_bench, run_lab_reference, run_serve_bench
-    from lab.serving import Endpoint, RequestSettings
+    from lab.studies.serve_bench import format_serve_bench, run_lab_reference, run_serve_bench
+    from lab.serving.client import Endpoint, RequestSettings
 
     try:
         levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -893,7 +893,7 @@ def _cmd_serve_bench(args: argparse.Namespace) -> int:
 
 def _start_llama_servers(args: argparse.Namespace, max_level: int, stack: contextlib.ExitStack) -> tuple[str, str]:
     """Start llama-server twice on 127.0.0.1 (target + draft: on; target alone: off); stopped when ``stack`` closes."""
-    from lab.llama_server import LlamaServer, gguf_path
+    from lab.serving.llama_server import LlamaServer, gguf_path
 
     target, draft = gguf_path(args.llama_target), gguf_path(args.llama_draft)
     parallel = args.llama_parallel or max_level
@@ -908,7 +908,7 @@ def _start_llama_servers(args: argparse.Namespace, max_level: int, stack: contex
 
 
 def _llama_version() -> str:
-    from lab.llama_server import LLAMA_CPP_PYTHON_VERSION
+    from lab.serving.llama_server import LLAMA_CPP_PYTHON_VERSION
 
     return LLAMA_CPP_PYTHON_VERSION
 
@@ -1024,7 +1024,7 @@ def _training_prompts(target, count: int, max_tokens: int = 768) -> list[list[in
     never the held-out measurement prompts; each cut to its last ``max_tokens`` tokens."""
     from lab.models import encode_prompt
     from lab.prompts import load_prompt_sets, load_prompts
-    from lab.train_head import HELD_OUT_SOURCE, TRAIN_SOURCES
+    from lab.studies.train_head import HELD_OUT_SOURCE, TRAIN_SOURCES
 
     held_out = {p.id for p in load_prompts(HELD_OUT_SOURCE)}
     prompts = [p for p in load_prompt_sets(TRAIN_SOURCES) if p.id not in held_out]
@@ -1036,14 +1036,15 @@ def _training_prompts(target, count: int, max_tokens: int = 768) -> list[list[in
 
 def _cmd_token_freq(args: argparse.Namespace) -> int:
     from lab.models import load_model
-    from lab.vocab import count_tokens, frequency_path, save_frequencies
+    from lab.studies.token_frequencies import count_tokens
+    from lab.vocab import frequency_path, save_frequencies
 
     progress = ProgressLine(sys.stderr, always=True)
     target = load_model(args.target, device=args.device, dtype=args.dtype, progress=progress, precision=args.target_quant)
     progress.done()
     prompts = _training_prompts(target, args.num_prompts, args.max_prompt_tokens)
     start = time.perf_counter()
-    from lab.train_head import collect_samples
+    from lab.studies.train_head import collect_samples
 
     # The target's own next-token choice at every position: over its answers and over the prompts it read.
     samples = collect_samples(target, prompts, args.max_new_tokens, args.batch_size,
@@ -1084,8 +1085,9 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
     from lab.drafters.eagle import head_dir, save_head
     from lab.models import encode_prompt, load_model
     from lab.prompts import load_prompts
-    from lab.train_head import HELD_OUT_SOURCE, TrainConfig, collect_samples, heldout_acceptance, train_head
-    from lab.vocab import count_tokens, frequency_path, load_frequencies, save_frequencies
+    from lab.studies.train_head import HELD_OUT_SOURCE, TrainConfig, collect_samples, heldout_acceptance, train_head
+    from lab.studies.token_frequencies import count_tokens
+    from lab.vocab import frequency_path, load_frequencies, save_frequencies
 
     progress = ProgressLine(sys.stderr, always=True)
     target = load_model(args.target, device=args.device, dtype=args.dtype, progress=progress, precision=args.target_quant)

@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the app is not an installed package; its modules import as app.*
     sys.path.insert(0, str(ROOT))
 
-import lab.compare  # noqa: E402
+import lab.studies.compare  # noqa: E402
 import lab.models  # noqa: E402
 from app import render, render_compare, widgets  # noqa: E402
 from app_util import app_on, click, html_of, key, tiny_loaded, tiny_models  # noqa: E402, F401
 from conftest import tiny_tokenizer  # noqa: E402
-from lab.compare import BASELINE, Comparison, DrafterSpec, run_comparison  # noqa: E402
+from lab.studies.compare import BASELINE, Comparison, DrafterSpec, run_comparison  # noqa: E402
 from lab.config import DecodeConfig  # noqa: E402
 from lab.theory import expected_speedup  # noqa: E402
 from lab.trace import PositionDetail, Step  # noqa: E402
@@ -449,7 +449,7 @@ def test_compare_errors_are_shown(tiny_models, widgets, message):
 
 def test_cancel_keeps_the_runs_that_finished(tiny_models, monkeypatch):
     # The Cancel button's callback sets this flag; here the third decode sets it after its first step.
-    real_decode = lab.compare.decode
+    real_decode = lab.studies.compare.decode
     calls = []
 
     def decode_then_cancel(*args, **kwargs):
@@ -459,7 +459,7 @@ def test_cancel_keeps_the_runs_that_finished(tiny_models, monkeypatch):
                 st.session_state["compare:cancel_requested"] = True
             yield event
 
-    monkeypatch.setattr(lab.compare, "decode", decode_then_cancel)
+    monkeypatch.setattr(lab.studies.compare, "decode", decode_then_cancel)
     at = click(compare_app(), "Run comparison")
     assert not at.exception and not at.error
     assert any("Cancelled after 2 of 10 runs" in w.value for w in at.warning), [w.value for w in at.warning]

@@ -10,9 +10,9 @@ from lab.batch import BatchDraftModelDrafter, make_batch_drafter, run_batch
 from lab.config import DecodeConfig
 from lab.drafters import DraftModelDrafter, make_drafter
 from lab.engine import run
+from lab.studies.token_frequencies import count_tokens
 from lab.vocab import (
     TrimmedLMHead,
-    count_tokens,
     load_frequencies,
     save_frequencies,
     top_tokens,

@@ -5,7 +5,7 @@ of a verify pass over K+1 tokens in plain steps, is 1 in Leviathan's model).
 Measured points come from the last comparison in ``st.session_state`` (run on
 the Compare page, or a results file loaded there or here), each beside two
 predictions: Leviathan's (v = 1, every step drafted) and the one with the
-run's measured v(K) and draft rate r (``lab.compare``'s module docstring).
+run's measured v(K) and draft rate r (``lab.studies.compare``'s module docstring).
 Without a comparison the page shows the curves only.
 """
 

@@ -26,10 +26,7 @@ and why it chose.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lab.hardware import machine_info, machine_key, resolve_device
 from lab.theory import expected_tokens_per_step
 
 DEFAULT_PRECISIONS = ("bf16", "fp32")
@@ -46,39 +44,8 @@ DEFAULT_KS = (1, 2, 3, 4, 6, 8)
 # Qwen2.5-Coder 0.5B -> 1.5B pair accepts 72 % of drafted tokens at K=2 (a ~ 0.8), prompt lookup on SmolLM2
 # 30 % (a ~ 0.4), layer skip under 1 %.
 PRIOR_ACCEPTANCE = {"draft-model": 0.8, "prompt-lookup": 0.4, "layer-skip": 0.02}
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 Progress = Callable[[float, str], None]
-
-
-def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """What decides pass costs here: CPU model and its bf16-relevant flags, torch, threads, GPU name."""
-    device = torch.device(device)
-    flags: list[str] = []
-    cpu = platform.processor() or platform.machine()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                present = set(line.split(":", 1)[1].split())
-                flags = [f for f in CPU_FLAGS if f in present]
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_flags": flags,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-    }
-
-
-def machine_key(info: dict[str, Any]) -> str:
-    """A short stable name for a machine (hash of ``machine_info``)."""
-    return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -295,7 +262,8 @@ def calibrate(
     Raises ValueError for bad K, acceptance or precision; ``lab.models.ModelError``
     when a model cannot be loaded.
     """
-    from lab.models import _stage, load_model, resolve_device
+    from lab.models import load_model
+    from lab.models.presets import _stage
 
     drafter = drafter or ("draft-model" if draft is not None else "prompt-lookup")
     if drafter == "draft-model" and draft is None:
@@ -345,8 +313,6 @@ def calibrate(
 def cached_calibration(target: str, draft: str | None = None, drafter: str | None = None,
                        device: str | torch.device = "auto") -> Calibration | None:
     """The calibration cached for this machine and pair, or None (nothing is timed)."""
-    from lab.models import resolve_device
-
     drafter = drafter or ("draft-model" if draft is not None else "prompt-lookup")
     return _read(calibration_path(str(target), None if draft is None else str(draft), drafter,
                                   machine_info(resolve_device(device))))
@@ -358,55 +324,3 @@ def _read(path: Path) -> Calibration | None:
         return Calibration.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-# The host probe's shape: a Qwen2.5-1.5B MLP projection read by 1 and by 5 token rows.
-PROBE_IN, PROBE_OUT, PROBE_ROWS = 1536, 8960, (1, 5)
-
-
-def probe_float_precision(device: str | torch.device = "cpu", repeats: int = 15) -> dict[str, Any]:
-    """Which float precision decodes faster on this host, from a one-second matmul probe (no model needed).
-
-    Times ``x @ W.T`` with W [8960, 1536] (a 1.5B model's MLP projection) for 1
-    and 5 rows of x, in bf16 and fp32, medians of ``repeats``. A pass of a real
-    model is dominated by such products, so the probe tells whether bf16 runs
-    natively (cheaper than fp32: half the bytes read) or is emulated (dearer).
-    Returns {"precision": the faster at 5 rows, "ms": {precision: {rows: ms}}}.
-    On CUDA the answer is bf16 where supported, else fp16, without timing.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return {"precision": "bf16" if torch.cuda.is_bf16_supported() else "fp16", "ms": {}}
-    generator = torch.Generator().manual_seed(0)
-    weight32 = torch.randn(PROBE_OUT, PROBE_IN, generator=generator)
-    ms: dict[str, dict[int, float]] = {}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        weight = weight32.to(dtype)
-        ms[name] = {}
-        for rows in PROBE_ROWS:
-            x = torch.randn(rows, PROBE_IN, generator=generator).to(dtype)
-            times = []
-            for i in range(repeats + 1):
-                start = time.perf_counter()
-                torch.nn.functional.linear(x, weight)
-                if i:
-                    times.append((time.perf_counter() - start) * 1e3)
-            ms[name][rows] = statistics.median(times)
-    rows = PROBE_ROWS[-1]
-    return {"precision": min(ms, key=lambda name: ms[name][rows]), "ms": ms}
-
-
-_PROBED: dict[str, dict[str, Any]] = {}
-
-
-def host_probe(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """``probe_float_precision(device)``, measured once per process and device."""
-    key = str(torch.device(device))
-    if key not in _PROBED:
-        _PROBED[key] = probe_float_precision(device)
-    return _PROBED[key]
-
-
-def host_float_precision(device: str | torch.device = "cpu") -> str:
-    """The float precision the host probe found faster (see :func:`probe_float_precision`)."""
-    return host_probe(device)["precision"]

@@ -9,7 +9,7 @@ requests were sent or ``max_level_s`` passed (no request starts after that; each
 is bounded by its own timeout). Prompts are cycled in order. Endpoints run one
 at a time, alternating which goes first from level to level, so drift on a
 shared machine hits both alike; ``/metrics`` is scraped before and after each
-run and the speculation counters diffed (``lab.serving``).
+run and the speculation counters diffed (``lab.serving.client``).
 
 Per endpoint and level (:func:`summarize`), named as ``vllm bench serve`` names
 them: completed, failed, duration (s), total_input_tokens,
@@ -29,7 +29,7 @@ Per level, comparing the first endpoint (on) with the second (off):
 latency_speedup = off median e2el / on median e2el (> 1: a user waits less with
 speculation), throughput_speedup = on output_throughput / off output_throughput.
 The crossover is the smallest concurrency whose latency speedup is below 1, as
-on the Batch page (``lab.sweep``); the throughput crossover likewise.
+on the Batch page (``lab.studies.batch_sweep``); the throughput crossover likewise.
 
 A level where every request of one endpoint failed stops the sweep
 (``stopped`` says why); finished levels are kept. ``should_stop()`` is polled
@@ -51,8 +51,8 @@ from typing import Any
 import httpx
 
 from lab.prompts import Prompt
-from lab.sweep import percentile  # the Batch page's percentile: the same numbers both ways
-from lab.serving import (
+from lab.studies.batch_sweep import percentile  # the Batch page's percentile: the same numbers both ways
+from lab.serving.client import (
     Endpoint,
     EndpointInfo,
     MetricsSnapshot,
@@ -326,7 +326,7 @@ def run_serve_bench(
 
     Raises:
         ValueError: no endpoints, no prompts, a level < 1, rounds < 1, max_level_s <= 0.
-        lab.serving.ServeError: an endpoint cannot be reached, answers /v1/models
+        lab.serving.client.ServeError: an endpoint cannot be reached, answers /v1/models
             with an error, or does not serve the model asked for (checked first;
             nothing is sent then).
     """
@@ -481,7 +481,8 @@ def run_lab_reference(
     from lab.drafters import make_drafter
     from lab.engine import run
     from lab.metrics import SpecDecodingStats
-    from lab.models import check_same_tokenizer, encode_prompt, load_model, model_precision
+    from lab.hardware import model_precision
+    from lab.models import check_same_tokenizer, encode_prompt, load_model
 
     report = progress or (lambda fraction, message: None)
     report(0.0, f"loading {target} and {draft}")

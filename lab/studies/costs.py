@@ -4,7 +4,7 @@ The batch-size trap of the article, as numbers: at batch 1 a GPU step is bound
 by reading the weights, so a verify pass over K+1 tokens costs about one plain
 step (v ~ 1) and a small draft is cheap; as the batch grows the step becomes
 compute bound, v grows towards K+1 and the gain goes. ``measure_costs`` times
-the passes (through :func:`lab.sweep.calibrate`, the same timings Auto-K uses)
+the passes (through :func:`lab.studies.batch_sweep.calibrate`, the same timings Auto-K uses)
 and :meth:`CostTable.predicted_speedup` puts them into Leviathan et al.'s formula
 with a given acceptance. The timings do not depend on the weights' values, so
 random weights of a model's architecture give its costs where the trained
@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from lab.sweep import CostModel, calibrate
+from lab.studies.batch_sweep import CostModel, calibrate
 from lab.theory import acceptance_from_mean_length, expected_speedup
 
 
@@ -96,7 +96,7 @@ def measure_costs(
     target: anything with ``.model`` (a causal LM); draft_model: the draft's causal
     LM on the same device. prompts: token-id lists, cycled to fill each batch.
     batch_sizes: >= 1 each; k: >= 1. Each figure is the median of ``repeats``
-    timed passes after the cache is filled (see :func:`lab.sweep.calibrate`),
+    timed passes after the cache is filled (see :func:`lab.studies.batch_sweep.calibrate`),
     after one untimed round at the first batch size.
     Raises ValueError for an empty prompt list, a batch size < 1 or K < 1.
     """
@@ -131,7 +131,7 @@ def measure_costs(
 
 
 def from_calibration(calibration, k: int | None = None, precision: str | None = None) -> CostTable:
-    """The batch-1 row of a ``lab.calibrate.Calibration`` as a ``CostTable``: the same measured c and v(K).
+    """The batch-1 row of a ``lab.studies.calibrate.Calibration`` as a ``CostTable``: the same measured c and v(K).
 
     k, precision: default the calibration's choice. The draft's cost per token is
     its one-token step (0 for prompt lookup). Raises KeyError for a K or

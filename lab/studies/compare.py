@@ -48,7 +48,8 @@ from lab.config import DecodeConfig
 from lab.drafters import DRAFTER_NAMES, make_drafter
 from lab.engine import decode, sync_device
 from lab.metrics import SpecDecodingStats
-from lab.models import encode_prompt, model_precision
+from lab.hardware import model_precision
+from lab.models import encode_prompt
 from lab.theory import acceptance_from_mean_length, expected_speedup, expected_tokens_per_step
 from lab.trace import Finished, Step
 

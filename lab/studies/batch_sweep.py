@@ -84,7 +84,7 @@ from lab.drafters.base import DraftContext, Drafter
 from lab.engine import sync_device
 from lab.grammar import Constraint, ConstraintSpec
 from lab.metrics import SpecDecodingStats
-from lab.models import dtype_precision, model_precision
+from lab.hardware import dtype_precision, model_precision
 from lab.theory import acceptance_from_mean_length, expected_tokens_per_step
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
@@ -443,7 +443,7 @@ class SweepResult:
     settings: dict[str, Any]
     results: list[BatchSizeResult]
     cost: CostModel
-    peer: dict[str, Any] | None = None  # transformers' assisted generation at batch 1 (``lab.bench``), if run
+    peer: dict[str, Any] | None = None  # transformers' assisted generation at batch 1 (``lab.studies.peer``), if run
 
     @property
     def batch_sizes(self) -> list[int]:
