@@ -224,7 +224,7 @@ def peer_prompts(texts: list[str]) -> list[Prompt]:
 def run_peer(target, draft_model, drafter_name: str, exit_layer: int | None, prompts: list[str], config: DecodeConfig,
              chat_template: bool, watch: SweepWatch) -> dict:
     """transformers' assisted generation at batch 1 on the sweep's models and prompts, as ``python -m lab bench``
-    runs it (``lab.cli._bench_peer``): the summary for K with the peer's settings, or {"skipped": why}."""
+    runs it (``lab.cli.measure._bench_peer``): the summary for K with the peer's settings, or {"skipped": why}."""
     if drafter_name not in peer.PEER_DRAFTERS:
         return {"skipped": f"drafter {drafter_name} has no counterpart in transformers"}
     spec = peer.DrafterSpec(drafter_name, draft=draft_model, exit_layer=exit_layer)
