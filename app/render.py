@@ -251,3 +251,21 @@ def steps_rows(steps: Iterable[Step], tokenizer, prompt_ids: Sequence[int] = ())
         rows.append(row)
         committed = (committed + [int(i) for i in step.emitted])[-CONTEXT_TOKENS:]
     return rows
+
+
+# ---------------------------------------------------------------- figures shared by the pages
+
+
+DRAFTER_PALETTE = ("#3a78c9", "#e0912f", "#2e9d5b", "#9b59b6", "#d0473f", "#17a2b8", "#8c564b", "#e377c2")
+
+
+FIGURE_MARGIN = dict(l=10, r=10, t=50, b=10)
+
+
+def drafter_colours(drafters: Sequence[str]) -> dict[str, str]:
+    """One colour per drafter label, stable in the order given."""
+    return {name: DRAFTER_PALETTE[i % len(DRAFTER_PALETTE)] for i, name in enumerate(dict.fromkeys(drafters))}
+
+
+def figure_note(figure: go.Figure, text: str) -> None:
+    figure.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")

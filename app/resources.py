@@ -118,10 +118,23 @@ def load_tokenizer(name_or_path: str):
     return models.load_tokenizer(name_or_path)
 
 
+@st.cache_resource(show_spinner=False)
+def eagle_head(target_name: str):
+    """The target's trained EAGLE-style head (``lab.drafters.eagle``), loaded once per process and never mutated.
+
+    Raises FileNotFoundError (from ``lab.drafters.eagle.find_head``) when no head was trained for the target.
+    """
+    from lab.drafters.eagle import find_head, load_head
+
+    head, _ = load_head(find_head(target_name))
+    return head
+
+
 def free_models() -> None:
-    """Drop every loaded model and tokenizer (sessions still decoding keep theirs until they finish)."""
+    """Drop every loaded model, tokenizer and head (sessions still decoding keep theirs until they finish)."""
     model_store().clear()
     load_tokenizer.clear()
+    eagle_head.clear()
 
 
 def load_with_progress(name: str, device: str, precision: str, slot, what: str) -> LoadedModel:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lab  # noqa: F401,E402  (first: OpenMP's wait policy)
 import torch  # noqa: E402
 
-from lab.studies.calibrate import time_passes  # noqa: E402
+from lab.studies.passes import time_passes  # noqa: E402
 from lab.config import DecodeConfig  # noqa: E402
 from lab.drafters import DraftModelDrafter  # noqa: E402
 from lab.engine import run  # noqa: E402

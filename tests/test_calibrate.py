@@ -15,8 +15,8 @@ from lab.studies.calibrate import (
     cached_calibration,
     calibrate,
     calibration_path,
-    time_passes,
 )
+from lab.studies.passes import time_passes
 from lab.hardware import machine_info, machine_key, probe_float_precision
 from lab.theory import expected_tokens_per_step
 

@@ -451,7 +451,8 @@ def test_cli_serve_bench_names_a_server_that_is_not_there(capsys):
 
 
 def test_lab_reference_runs_the_labs_engine_on_the_same_prompts(tiny_models):
-    from lab.studies.serve_bench import engine_reference, run_lab_reference
+    from lab.studies.serve_bench import engine_reference
+    from lab.studies.serve_reference import run_lab_reference
 
     prompts = [Prompt("q/1", "t", "q3 q4 q5 q6"), Prompt("q/2", "t", "q7 q8 q9")]
     lab = run_lab_reference("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", prompts, k=3, max_new_tokens=8,

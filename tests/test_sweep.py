@@ -13,7 +13,8 @@ from lab.batch import PerRowDrafter, run_batch
 from lab.config import DecodeConfig
 from lab.drafters import Draft, DraftContext, PromptLookupDrafter
 from lab.metrics import SpecDecodingStats
-from lab.studies.batch_sweep import AutoK, CostModel, _interpolate, format_sweep, percentile, run_sweep
+from lab.studies.auto_k import AutoK, CostModel, _interpolate
+from lab.studies.batch_sweep import format_sweep, percentile, run_sweep
 
 PROMPTS = [[8, 8, 8, 8, 8], [5, 9, 12, 5, 9, 30, 7], [3], [11, 12, 13, 14, 11, 12, 13, 14, 11, 12]]
 NEW_TOKENS = 8

@@ -220,8 +220,9 @@ def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks
             "draft_precision": runtime.precision("draft") if drafts else None,
             "target_parameters": target.num_parameters,
             "target_weight_bytes": target.weight_bytes,
-            "drafter_costs": {spec.label: render_compare.drafter_cost(spec.name, target, drafts.get(spec.draft),
-                                                                      spec.exit_layer, spec.draft_vocab) for spec in specs},
+            "drafter_costs": {spec.label: render_compare.drafter_cost(
+                spec.name, target, drafts.get(spec.draft), spec.exit_layer, spec.draft_vocab,
+                head=resources.eagle_head(target.name) if spec.name == "eagle" else None) for spec in specs},
         }
         flight.result = comparison
     finally:

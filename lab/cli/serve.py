@@ -48,7 +48,8 @@ def add_serve_bench(commands) -> None:
 
 def _cmd_serve_bench(args: argparse.Namespace) -> int:
     from lab.prompts import load_prompt_sets
-    from lab.studies.serve_bench import format_serve_bench, run_lab_reference, run_serve_bench
+    from lab.studies.serve_bench import format_serve_bench, run_serve_bench
+    from lab.studies.serve_reference import run_lab_reference
     from lab.serving.client import Endpoint, RequestSettings
 
     try:

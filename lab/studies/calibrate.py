@@ -27,7 +27,6 @@ and why it chose.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lab.hardware import machine_info, machine_key, resolve_device
-from lab.theory import expected_tokens_per_step
+from lab.studies.passes import PassCosts, time_passes
 
 DEFAULT_PRECISIONS = ("bf16", "fp32")
 DEFAULT_KS = (1, 2, 3, 4, 6, 8)
@@ -50,25 +49,30 @@ Progress = Callable[[float, str], None]
 
 @dataclass
 class PrecisionTimings:
-    """Measured at one precision. Times in ms (medians); v(K) and c in target steps."""
+    """Measured at one precision. Times in ms (medians); v(K) and c in target steps (``lab.studies.passes.PassCosts``)."""
 
     precision: str
     target_step_ms: float
     verify_ms: dict[int, float]  # K -> one target pass over K+1 tokens
     draft_step_ms: float | None = None  # one draft pass over 1 token; None: no draft model (c = 0)
 
+    @property
+    def costs(self) -> PassCosts:
+        """These timings in the lab's one cost vocabulary (batch 1: the draft's step is its cost per token)."""
+        return PassCosts(self.target_step_ms, self.verify_ms, self.draft_step_ms)
+
     def v(self, k: int) -> float:
         """Verify cost in target steps: verify_ms[K] / target_step_ms."""
-        return self.verify_ms[k] / self.target_step_ms
+        return self.costs.v(k)
 
     @property
     def c(self) -> float:
         """The draft's cost per drafted token in target steps (0 without a draft model)."""
-        return 0.0 if self.draft_step_ms is None else self.draft_step_ms / self.target_step_ms
+        return self.costs.c
 
     def ms_per_token(self, k: int, acceptance: float) -> float:
         """Predicted ms per generated token of speculation at K: step x (K c + v(K)) / E[tokens per step]."""
-        return self.target_step_ms * (k * self.c + self.v(k)) / expected_tokens_per_step(acceptance, k)
+        return self.costs.ms_per_token(k, acceptance)
 
 
 @dataclass
@@ -159,68 +163,9 @@ class Calibration:
                            data.get("wall_s", 0.0))
 
 
-def time_passes(
-    model: torch.nn.Module,
-    widths: Sequence[int],
-    context_tokens: int = 128,
-    repeats: int = 5,
-    mode: str = "eager",
-    batch_size: int = 1,
-    backend: str = "inductor",
-) -> dict[int, float]:
-    """Median ms of one forward pass of each width after a cache of ``context_tokens`` random tokens.
-
-    model: a causal LM. mode: ``lab.runner``'s "eager" (DynamicCache), "static"
-    (StaticCache) or "compiled" (StaticCache, the pass through
-    ``compiled_forward(model, backend)``: CUDA graphs on a GPU). batch_size: rows
-    per pass, each with the same context. The cache is cropped back after every
-    pass, so each pass sees the same context; one untimed round first (it
-    compiles, in the compiled mode). Returns {width: ms}.
-    Raises ValueError for widths < 1, repeats < 1, an empty context or an unknown mode.
-    """
-    from transformers import DynamicCache, StaticCache
-
-    from lab.cache import keep_last
-    from lab.engine import sync_device
-    from lab.runner import STATIC_LENGTH_STEP, compiled_forward
-
-    if context_tokens < 1 or repeats < 1 or batch_size < 1 or any(w < 1 for w in widths):
-        raise ValueError(f"time_passes requires context >= 1, repeats >= 1, batch >= 1, widths >= 1; got "
-                         f"{context_tokens}, {repeats}, {batch_size}, {list(widths)}")
-    if mode not in ("eager", "static", "compiled"):
-        raise ValueError(f"time_passes requires mode 'eager', 'static' or 'compiled'; got {mode!r}")
-    device = next(model.parameters()).device
-    if mode == "eager":
-        cache = DynamicCache(config=model.config)
-    else:
-        length = -(-(context_tokens + max(widths)) // STATIC_LENGTH_STEP) * STATIC_LENGTH_STEP
-        cache = StaticCache(config=model.config, max_cache_len=length)
-    forward = compiled_forward(model, backend) if mode == "compiled" else model.forward
-    graphs = mode == "compiled" and device.type == "cuda"
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    with torch.inference_mode():
-        context = torch.randint(vocab, (1, context_tokens), generator=generator).repeat(batch_size, 1).to(device)
-        model(context, cache=cache, use_cache=True, logits_to_keep=keep_last(1, context_tokens, device))
-        timings: dict[int, list[float]] = {w: [] for w in widths}
-        for round_ in range(repeats + 1):  # round 0 warms up (and compiles)
-            for w in widths:  # interleaved: a drift of the machine's speed hits every width alike
-                tokens = torch.randint(vocab, (batch_size, w), generator=generator).to(device)
-                sync_device(device)
-                start = time.perf_counter()
-                if graphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                forward(tokens, cache=cache, use_cache=True)
-                sync_device(device)
-                if round_:
-                    timings[w].append((time.perf_counter() - start) * 1e3)
-                cache.crop(-w)
-    return {w: statistics.median(ts) for w, ts in timings.items()}
-
-
 def measure_precision(target_model, draft_model, precision: str, ks: Sequence[int],
                       context_tokens: int, repeats: int) -> PrecisionTimings:
-    """``PrecisionTimings`` for already loaded models in one precision (see :func:`time_passes`)."""
+    """``PrecisionTimings`` for already loaded models in one precision (see ``lab.studies.passes.time_passes``)."""
     widths = sorted({1, *(k + 1 for k in ks)})
     target_ms = time_passes(target_model, widths, context_tokens, repeats)
     draft_ms = None if draft_model is None else time_passes(draft_model, [1], context_tokens, repeats)[1]

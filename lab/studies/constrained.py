@@ -34,7 +34,6 @@ import os
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -45,8 +44,9 @@ from lab.engine import run
 from lab.grammar import Constraint, ConstraintSpec, first_invalid_token
 from lab.metrics import SpecDecodingStats
 from lab.models import encode_prompt
+from lab.prompts import REPO_ROOT
 
-EXTRACTION_PATH = Path(__file__).resolve().parent.parent / "assets" / "extraction.jsonl"
+EXTRACTION_PATH = REPO_ROOT / "assets" / "extraction.jsonl"
 Setting = Literal["constrained", "free"]
 SETTINGS: tuple[Setting, ...] = ("constrained", "free")
 TARGET_ALONE = "target alone"
