@@ -268,4 +268,5 @@ def drafter_colours(drafters: Sequence[str]) -> dict[str, str]:
 
 
 def figure_note(figure: go.Figure, text: str) -> None:
+    """Write ``text`` in the middle of an empty figure (nothing to plot yet)."""
     figure.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")

@@ -56,12 +56,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True) -> 
 
 
 def add_engine_argument(parser: argparse.ArgumentParser) -> None:
+    """--engine: how passes run (``lab.runner``'s eager, static, compiled, or auto)."""
     parser.add_argument("--engine", default="auto", choices=("auto", "eager", "static", "compiled"),
                         help="how passes run: eager (growing cache), static (fixed cache, fixed-width passes), "
                         "compiled (static + torch.compile, CUDA graphs on a GPU); auto: compiled on CUDA, else eager")
 
 
 def add_constraint_arguments(parser: argparse.ArgumentParser) -> None:
+    """--json-schema | --regex | --any-json (one of them), and the teaching switch --naive-grammar."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--json-schema", type=Path, metavar="FILE", help="constrain the output to this JSON schema")
     group.add_argument("--regex", metavar="PATTERN", help="constrain the output to match this regular expression")
@@ -88,6 +90,7 @@ def constraint_spec(args: argparse.Namespace):
 
 
 def add_drafter_arguments(parser: argparse.ArgumentParser, choices: Sequence[str], default: str | None) -> None:
+    """--drafter (from ``choices``), --draft, --exit-layer, --min-n, --max-n and --draft-vocab."""
     parser.add_argument("--drafter", choices=choices, default=default, required=default is None,
                         help=f"draft source (default {default})" if default else "draft source")
     parser.add_argument("--draft", help="draft model for --drafter draft-model (a preset or a folder)")
@@ -102,6 +105,7 @@ def add_drafter_arguments(parser: argparse.ArgumentParser, choices: Sequence[str
 
 
 def check_drafter_arguments(args: argparse.Namespace) -> None:
+    """Refuse drafter flags that do not fit the drafter (a usage error, before anything loads)."""
     if args.drafter == "draft-model" and not args.draft:
         raise UsageError("--drafter draft-model requires --draft NAME (e.g. --draft qwen2.5-coder-0.5b)")
     if args.draft and args.drafter != "draft-model":
@@ -124,6 +128,7 @@ def checked_tokenizer(args: argparse.Namespace, progress):
 
 
 def load_models(args: argparse.Namespace, progress):
+    """The target and (for --drafter draft-model) the draft, loaded as the flags say; returns (target, draft or None)."""
     from transformers.utils import logging
 
     from lab.models import load_model

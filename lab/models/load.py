@@ -151,8 +151,8 @@ def load_model(
     Args:
         name_or_path: a preset name (see ``PRESETS``), a :class:`ModelPreset`, or
             a folder holding config.json, weights and tokenizer files.
-        device: see :func:`resolve_device` (default: CUDA if available, else CPU).
-        dtype: see :func:`resolve_dtype` (default ``"auto"``: bf16). With a
+        device: see ``lab.hardware.resolve_device`` (default: CUDA if available, else CPU).
+        dtype: see ``lab.hardware.resolve_dtype`` (default ``"auto"``: bf16). With a
             quantised ``precision`` it is the compute dtype (``bnb_4bit_compute_dtype``,
             and the dtype of the layers left unquantised).
         progress: optional ``progress(fraction, message)``; preparation, when
