@@ -1,6 +1,6 @@
-"""The Theory page's "This machine" section: calibrate a pair here (``lab.calibrate``), show what was measured and why.
+"""The Theory page's "This machine" section: calibrate a pair here (``lab.studies.calibrate``), show what was measured and why.
 
-The measurement and the choice live in ``lab.calibrate``; this module only picks
+The measurement and the choice live in ``lab.studies.calibrate``; this module only picks
 the pair, runs it with a progress bar, draws v(K) and the predicted time per
 token per precision, and can put the measured c, v(K), K and the prior a on the
 Theory sliders.
@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import state
-from lab.calibrate import Calibration, cached_calibration, calibrate
+from lab.studies.calibrate import Calibration, cached_calibration, calibrate
 from lab.models import PRESETS, ModelError
 
 key = state.widget_key

@@ -20,7 +20,7 @@ import streamlit as st
 
 from app import render, state
 from lab.config import DecodeConfig
-from lab.constrained_bench import ExtractionItem, load_extraction_items
+from lab.studies.constrained import ExtractionItem, load_extraction_items
 from lab.decode import decode
 from lab.grammar import Constraint, ConstraintSpec, first_invalid_token
 

@@ -55,8 +55,8 @@ ENGINE_HELP = (
 
 
 def auto_precision_reason(device: str) -> str:
-    """Why "auto" resolved as it did: the host probe's own timings (``lab.calibrate.host_probe``)."""
-    from lab.calibrate import host_probe
+    """Why "auto" resolved as it did: the host probe's own timings (``lab.hardware.host_probe``)."""
+    from lab.hardware import host_probe
 
     probe = host_probe(device)
     if not probe["ms"]:

@@ -19,8 +19,9 @@ import streamlit as st
 from app import render, resources, state
 from lab.config import DecodeConfig
 from lab.decode import decode
-from lab.models import QUANTIZED_PRECISIONS, ModelError
-from lab.quant import MemoryUse, part_ways, run_memory as lab_run_memory
+from lab.hardware import QUANTIZED_PRECISIONS
+from lab.models import ModelError
+from lab.studies.precision import MemoryUse, part_ways, run_memory as lab_run_memory
 
 REFERENCE_CHOICES = ("bf16", "fp32")
 FULL_PRECISION = "fp32"

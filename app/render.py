@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import plotly.graph_objects as go
 
+from lab.display import CONTEXT_TOKENS, token_text
 from lab.trace import Step
 
 TOKEN_KINDS: tuple[str, ...] = ("accepted", "rejected", "corrected", "bonus", "target", "cut")
@@ -50,10 +51,6 @@ KIND_COLOURS: dict[str, str] = {  # keep in step with assets/app.css
     "cut": "#8e5bb5",
 }
 
-CONTEXT_TOKENS = 4
-"""Committed tokens decoded before a token to get its text: enough for a split UTF-8 character
-(up to 4 bytes) and for tokenizers that drop a leading space at the start of a decode."""
-
 NEWLINE_MARK = "↵"
 TAB_MARK = "⇥"
 
@@ -72,25 +69,6 @@ class TokenPiece:
     def committed(self) -> bool:
         """Part of the output (not a rejected or cut proposal)."""
         return self.kind not in UNCOMMITTED_KINDS
-
-
-def token_text(tokenizer, context_ids: Sequence[int], token_id: int) -> str:
-    """The text ``token_id`` adds after ``context_ids`` (only the last ``CONTEXT_TOKENS`` are read).
-
-    Decoding in context keeps leading spaces and joins multi-byte characters
-    split across tokens: the token that completes a character gets it, a token
-    holding only part of one shows as U+FFFD. Special tokens keep their text
-    (e.g. ``<|im_end|>``).
-    """
-    context = [int(i) for i in context_ids[-CONTEXT_TOKENS:]]
-    before = tokenizer.decode(context, skip_special_tokens=False) if context else ""
-    after = tokenizer.decode(context + [int(token_id)], skip_special_tokens=False)
-    if after.startswith(before):
-        return after[len(before) :]
-    stripped = before.rstrip("\ufffd")  # the context ended inside a character this token completes
-    if after.startswith(stripped):
-        return after[len(stripped) :]
-    return tokenizer.decode([int(token_id)], skip_special_tokens=False)
 
 
 def step_pieces(step: Step, context_ids: Sequence[int], tokenizer) -> list[TokenPiece]:
@@ -273,3 +251,22 @@ def steps_rows(steps: Iterable[Step], tokenizer, prompt_ids: Sequence[int] = ())
         rows.append(row)
         committed = (committed + [int(i) for i in step.emitted])[-CONTEXT_TOKENS:]
     return rows
+
+
+# ---------------------------------------------------------------- figures shared by the pages
+
+
+DRAFTER_PALETTE = ("#3a78c9", "#e0912f", "#2e9d5b", "#9b59b6", "#d0473f", "#17a2b8", "#8c564b", "#e377c2")
+
+
+FIGURE_MARGIN = dict(l=10, r=10, t=50, b=10)
+
+
+def drafter_colours(drafters: Sequence[str]) -> dict[str, str]:
+    """One colour per drafter label, stable in the order given."""
+    return {name: DRAFTER_PALETTE[i % len(DRAFTER_PALETTE)] for i, name in enumerate(dict.fromkeys(drafters))}
+
+
+def figure_note(figure: go.Figure, text: str) -> None:
+    """Write ``text`` in the middle of an empty figure (nothing to plot yet)."""
+    figure.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")

@@ -1,6 +1,6 @@
 """Figures and tables of the Batch page: speculation against batch size. Pure functions, no streamlit.
 
-Input is a batch-size sweep as its JSON dict: ``lab.sweep.SweepResult.as_dict()``,
+Input is a batch-size sweep as its JSON dict: ``lab.studies.batch_sweep.SweepResult.as_dict()``,
 which is also what ``SweepResult.to_json()`` and ``python -m lab bench --out F``
 write, so a fresh run and a loaded file draw through the same code. In that
 dict missing numbers (NaN: nothing drafted, no time measured) are None.
@@ -18,7 +18,7 @@ button) or "stopped" (the page reran while sweeping) and
 settings["batch_sizes_planned"] lists what was asked for; ``results`` holds
 the batch sizes that finished. It may carry ``peer_batch_1``: transformers'
 assisted generation at batch 1 on the same models and prompts
-(``lab.bench.PeerReport.summary``), or {"skipped": why}. Under a constraint
+(``lab.studies.peer.PeerReport.summary``), or {"skipped": why}. Under a constraint
 settings["constraint"] names it and each mode counts its ``outputs_valid``.
 
 Batch sizes go on a log2 axis drawn as plain numbers: x = log2(B), ticks
@@ -193,7 +193,7 @@ def outputs_valid(sweep: dict) -> dict[str, tuple[int, int]] | None:
 
 
 def peer(sweep: dict) -> dict | None:
-    """The peer at batch 1 (``peer_batch_1``): a ``lab.bench.PeerReport.summary`` or {"skipped": why}; None: absent."""
+    """The peer at batch 1 (``peer_batch_1``): a ``lab.studies.peer.PeerReport.summary`` or {"skipped": why}; None: absent."""
     found = sweep.get("peer_batch_1")
     return found if isinstance(found, dict) else None
 

@@ -1,6 +1,6 @@
 """Figures and tables of the Serve page: a real engine at rising concurrency. Pure functions, no streamlit.
 
-Input is a serve bench as its JSON dict: ``lab.serve_bench.ServeBench.as_dict()``,
+Input is a serve bench as its JSON dict: ``lab.studies.serve_bench.ServeBench.as_dict()``,
 which is also what ``python -m lab serve-bench --out F`` writes, so a fresh run
 and a loaded file draw through the same code. Missing numbers are None.
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import streamlit as st
 import torch
 
-from lab import models
+from lab import hardware, models
 from lab.models import LoadedModel, Progress
 
 WARM_UP_TOKENS = 8
@@ -34,7 +34,7 @@ class LoadedInfo:
 class ModelStore:
     """The models this process holds, one per (model, device, precision), loaded once and shared by every session.
 
-    A precision is one of ``lab.models.PRECISIONS``: "bf16", "fp32", "fp16"
+    A precision is one of ``lab.hardware.PRECISIONS``: "bf16", "fp32", "fp16"
     (a dtype) or "int8", "nf4", "fp4" (bitsandbytes). The same model in two
     precisions is two entries: a quantised target and its full-precision
     reference can be held side by side.
@@ -91,7 +91,7 @@ class ModelStore:
 def _load(name_or_path: str, device: str, precision: str, progress: Progress | None) -> LoadedModel:
     """``lab.models.load_model`` in ``precision``: a float precision goes in as the dtype it is, so the call
     stays the original four-argument one for every model that is not quantised."""
-    if precision in models.QUANTIZED_PRECISIONS:
+    if precision in hardware.QUANTIZED_PRECISIONS:
         return models.load_model(name_or_path, device=device, progress=progress, precision=precision)
     return models.load_model(name_or_path, device=device, dtype=precision, progress=progress)
 
@@ -118,10 +118,23 @@ def load_tokenizer(name_or_path: str):
     return models.load_tokenizer(name_or_path)
 
 
+@st.cache_resource(show_spinner=False)
+def eagle_head(target_name: str):
+    """The target's trained EAGLE-style head (``lab.drafters.eagle``), loaded once per process and never mutated.
+
+    Raises FileNotFoundError (from ``lab.drafters.eagle.find_head``) when no head was trained for the target.
+    """
+    from lab.drafters.eagle import find_head, load_head
+
+    head, _ = load_head(find_head(target_name))
+    return head
+
+
 def free_models() -> None:
-    """Drop every loaded model and tokenizer (sessions still decoding keep theirs until they finish)."""
+    """Drop every loaded model, tokenizer and head (sessions still decoding keep theirs until they finish)."""
     model_store().clear()
     load_tokenizer.clear()
+    eagle_head.clear()
 
 
 def load_with_progress(name: str, device: str, precision: str, slot, what: str) -> LoadedModel:

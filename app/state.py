@@ -19,7 +19,7 @@ from typing import Any
 
 from app.render import TokenPiece, step_pieces
 from lab.metrics import SpecDecodingStats
-from lab.quant import MemoryUse, Parting
+from lab.studies.precision import MemoryUse, Parting
 from lab.trace import Finished, Prefilled, Step, TraceEvent
 
 WIDGET_PREFIX = "w:"
@@ -52,7 +52,7 @@ class Runtime:
     """Where models run and in what precision, as the sidebar chose them, resolved.
 
     device: "cpu" or "cuda".
-    dtype: the target's precision, one of ``lab.models.PRECISIONS`` ("bf16",
+    dtype: the target's precision, one of ``lab.hardware.PRECISIONS`` ("bf16",
         "fp32", "fp16", "int8", "nf4", "fp4"); pages that load every model alike use it.
     draft_dtype: the draft model's precision; None: the same as the target's.
     engine: how passes run (``lab.kv``): "eager", "static" or "compiled" ("auto" resolved for the device).
@@ -82,7 +82,7 @@ def runtime(session: MutableMapping[str, Any]) -> Runtime:
     Raises ValueError (CUDA asked for and none present, a dtype the device
     lacks) or ``lab.models.ModelError`` (int8/nf4/fp4 without bitsandbytes).
     """
-    from lab.models import resolve_device, resolve_precision
+    from lab.hardware import resolve_device, resolve_precision
     from lab.kv import resolve_engine_mode
 
     device = resolve_device(session.get(widget_key("device"), "auto"))
@@ -185,7 +185,7 @@ class ReferenceRun:
     record: the reference run. precision: its precision. target_precision: the
     precision of the target as loaded. compared_label: which run of that target
     it is held against ("target alone", or the speculative run's label).
-    parting: where the two outputs part (``lab.quant.Parting``), None when identical.
+    parting: where the two outputs part (``lab.studies.precision.Parting``), None when identical.
     """
 
     record: RunRecord
@@ -199,7 +199,7 @@ class ReferenceRun:
 class LiveResult:
     """What the Live page shows after a run: the speculative run, optionally the target alone, the settings
     it ran with, the rows of its steps table (``app.render.steps_rows``), under a constraint its outcome, the
-    target in a reference precision when asked for, and the memory of the run's models (``lab.quant.MemoryUse``)."""
+    target in a reference precision when asked for, and the memory of the run's models (``lab.studies.precision.MemoryUse``)."""
 
     speculative: RunRecord
     baseline: RunRecord | None

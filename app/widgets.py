@@ -20,7 +20,7 @@ from typing import Any
 import streamlit as st
 
 from app import render_compare, state
-from lab import compare
+from lab.studies import compare
 from lab.models import PRESETS
 from lab.prompts import load_prompt_sets, load_prompts, preset_names, spec_bench_categories
 

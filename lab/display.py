@@ -33,8 +33,8 @@ KIND_NOTES: dict[str, str] = {
 }
 
 CONTEXT_TOKENS = 4
-"""Committed tokens decoded before a token to get its text: enough for a split UTF-8
-character and for tokenizers that drop a leading space at the start of a decode."""
+"""Committed tokens decoded before a token to get its text: enough for a split UTF-8 character
+(up to 4 bytes) and for tokenizers that drop a leading space at the start of a decode."""
 
 
 @dataclass(frozen=True)
@@ -48,12 +48,21 @@ class ShownToken:
 
 
 def token_text(tokenizer, context_ids: Sequence[int], token_id: int) -> str:
-    """The text ``token_id`` adds after ``context_ids`` (only the last few are read)."""
+    """The text ``token_id`` adds after ``context_ids`` (only the last ``CONTEXT_TOKENS`` are read).
+
+    Decoding in context keeps leading spaces and joins multi-byte characters
+    split across tokens: the token that completes a character gets it, a token
+    holding only part of one shows as U+FFFD. Special tokens keep their text
+    (e.g. ``<|im_end|>``). The app and the notebooks both show tokens through this.
+    """
     context = [int(i) for i in context_ids[-CONTEXT_TOKENS:]]
     before = tokenizer.decode(context, skip_special_tokens=False) if context else ""
     after = tokenizer.decode(context + [int(token_id)], skip_special_tokens=False)
     if after.startswith(before):
         return after[len(before) :]
+    stripped = before.rstrip("\ufffd")  # the context ended inside a character this token completes
+    if after.startswith(stripped):
+        return after[len(stripped) :]
     return tokenizer.decode([int(token_id)], skip_special_tokens=False)
 
 

@@ -17,7 +17,7 @@ Leviathan's model takes one verify pass over K+1 tokens to cost one plain
 decode step. Where it costs more (v > 1: a CPU, or a GPU at large batch), the
 measured speedup falls short of the model even for a perfect engine; the lab
 therefore also measures v and reports the part of the gap that is the engine's
-own overhead (``lab.compare``: efficiency_v).
+own overhead (``lab.studies.compare``: efficiency_v).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def expected_speedup(acceptance: float, k: int, cost_ratio: float, verify_cost: 
         steps. Leviathan et al. take v = 1 (the default): true where a step is
         bound by reading the weights (a GPU at small batch). On a CPU, or at a
         large batch, the pass is compute bound and v grows with K, which lowers
-        the speedup; ``lab.compare.measure_verify_cost`` measures it.
+        the speedup; ``lab.studies.compare.measure_verify_cost`` measures it.
 
     Raises ValueError for a, K, c or v out of range.
     """
@@ -86,7 +86,7 @@ def best_k(
 
     verify_cost: v, one value for every K (Leviathan: 1). A measured v(K) grows
     with K, so a single v flatters large K; it is a what-if, not a fit.
-    verify_costs: {K: v(K)} measured per K (``lab.calibrate``); then only those
+    verify_costs: {K: v(K)} measured per K (``lab.studies.calibrate``); then only those
     K are considered, each with its own v, and verify_cost is ignored.
     """
     costs = verify_costs or {k: verify_cost for k in range(1, k_max + 1)}

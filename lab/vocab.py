@@ -15,8 +15,9 @@ verifies over its full vocabulary, so nothing about exactness changes:
   on tokens outside the subset: they are emitted as recovered tokens.
 
 The frequency table counts the tokens of target-generated text
-(``build_token_frequencies``; ``python -m lab token-freq``) and is cached next
-to the prepared models, under ``cache_dir() / vocab / <target>.json``.
+(``lab.studies.token_frequencies``; ``python -m lab token-freq``) and is cached
+next to the prepared models, under ``cache_dir() / vocab / <target>.json``;
+this module reads and writes it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import copy
 import hashlib
 import json
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -102,15 +103,6 @@ def top_tokens(counts: torch.Tensor, n: int, always: Sequence[int] = ()) -> torc
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
-def count_tokens(sequences: Sequence[Sequence[int]], vocab_size: int) -> torch.Tensor:
-    """[V] int64 occurrences of each token id in ``sequences``."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for seq in sequences:
-        if len(seq):
-            counts += torch.bincount(torch.as_tensor(list(seq), dtype=torch.long), minlength=vocab_size)[:vocab_size]
-    return counts
-
-
 def frequency_path(target_name: str) -> Path:
     """Where a target's frequency table is cached: ``cache_dir() / vocab / <name>.json``."""
     from lab.models import cache_dir
@@ -161,32 +153,3 @@ def load_frequencies(path: Path) -> torch.Tensor:
     for token, count in record["counts"].items():
         counts[int(token)] = count
     return counts
-
-
-def build_token_frequencies(
-    target,
-    prompts: Sequence[str],
-    max_new_tokens: int = 128,
-    batch_size: int = 8,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[torch.Tensor, list[list[int]]]:
-    """Count the tokens the target itself generates (greedy) for ``prompts``.
-
-    target: ``lab.models.LoadedModel``-like (``.model``, ``.tokenizer``, ``.eos_token_ids``).
-    prompts: user messages; the chat template is applied (``lab.prompts.encode_prompt``).
-    Returns ([V] int64 counts over the generated tokens, the generated token lists).
-    Uses the lab's batched engine with the target alone.
-    """
-    from lab.decode import run_batch
-    from lab.config import DecodeConfig
-    from lab.models import encode_prompt
-
-    vocab_size = int(target.model.config.get_text_config().vocab_size)
-    generated: list[list[int]] = []
-    config = DecodeConfig(max_new_tokens=max_new_tokens)
-    for start in range(0, len(prompts), batch_size):
-        chunk = [encode_prompt(target, p, True) for p in prompts[start : start + batch_size]]
-        generated += run_batch(target, chunk, None, config).token_ids
-        if progress is not None:
-            progress(min(start + batch_size, len(prompts)), len(prompts))
-    return count_tokens(generated, vocab_size), generated

@@ -5,10 +5,10 @@
 #
 #   $LAB_CACHE_DIR/llama-server-<version>/bin/llama-server
 #
-# LAB_CACHE_DIR defaults to ~/.cache/speculative-decoding-lab (as in lab/models.py).
+# LAB_CACHE_DIR defaults to ~/.cache/speculative-decoding-lab (as in lab/models/presets.py).
 # Safe to run again: a cached binary that answers --version returns at once.
 # About 15-20 minutes on 2 cores (15 measured at nice 19 beside other jobs); run it with `nice -n 19` beside other work.
-# Keep LLAMA_CPP_PYTHON_VERSION equal to lab/serving.py's LLAMA_CPP_PYTHON_VERSION.
+# Keep LLAMA_CPP_PYTHON_VERSION equal to lab/serving/llama_server.py's LLAMA_CPP_PYTHON_VERSION.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

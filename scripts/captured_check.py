@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lab  # noqa: F401,E402  (first: OpenMP's wait policy)
 import torch  # noqa: E402
 
-from lab.calibrate import time_passes  # noqa: E402
+from lab.studies.passes import time_passes  # noqa: E402
 from lab.config import DecodeConfig  # noqa: E402
 from lab.drafters import DraftModelDrafter  # noqa: E402
 from lab.decode import run_batch  # noqa: E402
-from lab.models import resolve_device  # noqa: E402
+from lab.hardware import resolve_device  # noqa: E402
 
 MODES = ("eager", "compiled")
 
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
     if args.tiny:
         target, draft = tiny_pair(device, dtype)
     else:
-        from lab.costs import random_model
+        from lab.studies.costs import random_model
 
         target, draft = random_model(args.target, device, dtype), random_model(args.draft, device, dtype)
     deadline = time.perf_counter() + args.budget_s

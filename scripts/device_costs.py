@@ -6,7 +6,7 @@
 FOLDER holds a Hugging Face model (a prepared preset: ``lab.models.prepared_dir``).
 With --random-weights only its config.json is read and the weights are random:
 the timings are the architecture's, the acceptance must come from a run with the
-trained models (``python -m lab compare``). See ``lab.costs``.
+trained models (``python -m lab compare``). See ``lab.studies.costs``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lab  # noqa: F401,E402  (first: OpenMP's wait policy)
 import torch  # noqa: E402
 
-from lab.costs import measure_costs, random_model  # noqa: E402
-from lab.models import load_model, resolve_device  # noqa: E402
+from lab.studies.costs import measure_costs, random_model  # noqa: E402
+from lab.hardware import resolve_device  # noqa: E402
+from lab.models import load_model  # noqa: E402
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ import shutil, sys
 from pathlib import Path
 import lab  # noqa: F401
 import torch
-from lab.costs import random_model
+from lab.studies.costs import random_model
 models, rand = Path(sys.argv[1]), Path(sys.argv[2])
 for name in ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"):
     dst = rand / name

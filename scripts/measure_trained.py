@@ -1,7 +1,7 @@
 """Measure trained drafters on the held-out Spec-Bench prompts (README, "Measured").
 
-Runs ``lab.compare.run_comparison`` (greedy, the target alone on every prompt as the
-baseline) for the chosen drafters on ``lab.train_head.HELD_OUT_SOURCE`` and prints,
+Runs ``lab.studies.compare.run_comparison`` (greedy, the target alone on every prompt as the
+baseline) for the chosen drafters on ``lab.studies.train_head.HELD_OUT_SOURCE`` and prints,
 pooled and per Spec-Bench category: acceptance per position, mean acceptance length,
 c (draft time per drafted token over a target step) and speedup over the target alone.
 
@@ -19,11 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lab  # noqa: E402,F401
-from lab.compare import Comparison, DrafterSpec, run_comparison  # noqa: E402
+from lab.studies.compare import Comparison, DrafterSpec, run_comparison  # noqa: E402
 from lab.config import DecodeConfig  # noqa: E402
 from lab.models import load_model  # noqa: E402
 from lab.prompts import load_prompts  # noqa: E402
-from lab.train_head import HELD_OUT_SOURCE  # noqa: E402
+from lab.studies.train_head import HELD_OUT_SOURCE  # noqa: E402
 
 
 def main() -> None:

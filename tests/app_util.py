@@ -50,7 +50,7 @@ def tiny_loaded(name: str) -> lab.models.LoadedModel:
 def tiny_models(monkeypatch, tmp_path):
     """Presets load as tiny random models; the list of preset loads is yielded.
 
-    Calibrations (``lab.calibrate``, cached per machine) go to an empty cache folder, so a page reads none
+    Calibrations (``lab.studies.calibrate``, cached per machine) go to an empty cache folder, so a page reads none
     that this machine made with the real models.
     """
     monkeypatch.setenv("LAB_CACHE_DIR", str(tmp_path / "lab_cache"))

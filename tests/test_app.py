@@ -28,6 +28,7 @@ from app import render, state, widgets  # noqa: E402
 from app_util import MAIN, TIMEOUT_S, app_on, click, html_of, key, live_app, selectbox_labels, tiny_models  # noqa: E402, F401
 from conftest import tiny_tokenizer  # noqa: E402
 from lab.config import DecodeConfig  # noqa: E402
+from lab.display import token_text  # noqa: E402
 from lab.drafters import PromptLookupDrafter  # noqa: E402
 from lab.decode import decode, run  # noqa: E402
 from lab.trace import Step  # noqa: E402
@@ -49,14 +50,15 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def test_token_text_keeps_leading_space_and_joins_split_characters():
+    # lab.display.token_text: the one copy the app and the notebooks both show tokens through.
     tokenizer = byte_level_tokenizer()
     ids = tokenizer("a é")["input_ids"]  # 'a', ' ', then the two bytes of 'é'
     assert len(ids) == 4
-    texts = [render.token_text(tokenizer, ids[:i], ids[i]) for i in range(len(ids))]
+    texts = [token_text(tokenizer, ids[:i], ids[i]) for i in range(len(ids))]
     assert texts[:2] == ["a", " "]
     assert texts[2] == "\ufffd"  # half a character: shown as the replacement mark
     assert texts[3] == "é"  # the completing byte carries the character
-    assert render.token_text(tokenizer, [], ids[0]) == "a"
+    assert token_text(tokenizer, [], ids[0]) == "a"
 
 
 def step(drafted, num_accepted, emitted, final_kind, index=0) -> Step:

@@ -17,13 +17,13 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-import lab.bench
-import lab.sweep
+import lab.studies.peer
+import lab.studies.batch_sweep
 from app import render_batch
 from app_util import app_on, click, key, tiny_models  # noqa: F401 (tiny_models: a fixture)
 from lab.config import DecodeConfig
 from lab.drafters import PromptLookupDrafter
-from lab.sweep import run_sweep
+from lab.studies.batch_sweep import run_sweep
 
 RESULT_KEY = "batch:sweep"
 CANCEL_KEY = "batch:cancel_requested"
@@ -302,7 +302,7 @@ def cancel_during_run_batch(monkeypatch):
     Yields (choose, calls): ``choose(predicate)`` picks the call, ``predicate(calls)`` seeing the number of prompt
     rows of every call so far (the warm-up's two calls first); calls is that list.
     """
-    real_run_batch = lab.sweep.run_batch
+    real_run_batch = lab.studies.batch_sweep.run_batch
     calls, chosen = [], [lambda rows: False]
 
     def run_batch_then_cancel(target, prompts, *args, **kwargs):
@@ -311,7 +311,7 @@ def cancel_during_run_batch(monkeypatch):
             st.session_state[CANCEL_KEY] = True  # what the Cancel button's callback does
         return real_run_batch(target, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(lab.sweep, "run_batch", run_batch_then_cancel)
+    monkeypatch.setattr(lab.studies.batch_sweep, "run_batch", run_batch_then_cancel)
     yield lambda predicate: chosen.__setitem__(0, predicate), calls
 
 
@@ -503,13 +503,13 @@ def test_the_page_runs_the_peer_on_request(tiny_models):
 
 
 def test_cancel_during_the_peer_keeps_the_sweep(tiny_models, monkeypatch):
-    real_peer = lab.bench.run_peer_comparison
+    real_peer = lab.studies.peer.run_peer_comparison
 
     def peer_then_cancel(*args, **kwargs):
         st.session_state[CANCEL_KEY] = True  # clicked once the sweep had finished, while the peer ran
         return real_peer(*args, **kwargs)
 
-    monkeypatch.setattr(lab.bench, "run_peer_comparison", peer_then_cancel)
+    monkeypatch.setattr(lab.studies.peer, "run_peer_comparison", peer_then_cancel)
     at = run_clicked(batch_app(batch_sizes=[1, 2], peer=True))
     assert not at.exception and not at.error
     sweep = at.session_state[RESULT_KEY]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app_util import app_on, click, key, tiny_models  # noqa: F401 (a fixture)
-from lab.calibrate import cached_calibration
+from lab.studies.calibrate import cached_calibration
 
 PAIR = "smollm2-135m with prompt lookup"
 
@@ -57,7 +57,7 @@ def test_a_new_acceptance_rescores_without_timing_again(tiny_models):
 
 
 def test_sidebar_says_why_auto_chose_its_precision(tiny_models):
-    from lab.calibrate import host_probe
+    from lab.hardware import host_probe
 
     at = app_on("theory")
     probe = host_probe("cpu")

@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the app is not an installed package; its modules import as app.*
     sys.path.insert(0, str(ROOT))
 
-import lab.compare  # noqa: E402
+import lab.studies.compare  # noqa: E402
 import lab.models  # noqa: E402
-from app import render, render_compare, widgets  # noqa: E402
+from app import render, render_compare, render_step, render_theory, widgets  # noqa: E402
 from app_util import app_on, click, html_of, key, tiny_loaded, tiny_models  # noqa: E402, F401
 from conftest import tiny_tokenizer  # noqa: E402
-from lab.compare import BASELINE, Comparison, DrafterSpec, run_comparison  # noqa: E402
+from lab.studies.compare import BASELINE, Comparison, DrafterSpec, run_comparison  # noqa: E402
 from lab.config import DecodeConfig  # noqa: E402
 from lab.theory import expected_speedup  # noqa: E402
 from lab.trace import PositionDetail, Step  # noqa: E402
@@ -74,24 +74,24 @@ def test_format_count(value, text):
 @pytest.mark.parametrize("cost_ratio", [0.0, 0.1, 0.35, 0.9])
 def test_break_even_is_a_equals_c_for_k_1(cost_ratio):
     # Leviathan: with K = 1 the speedup (1 + a) / (1 + c) is 1 exactly at a = c
-    assert render_compare.break_even_acceptance(1, cost_ratio) == pytest.approx(cost_ratio, abs=1e-9)
+    assert render_theory.break_even_acceptance(1, cost_ratio) == pytest.approx(cost_ratio, abs=1e-9)
 
 
 @pytest.mark.parametrize("k, cost_ratio", [(2, 0.2), (4, 0.1), (8, 0.3)])
 def test_break_even_gives_speedup_one(k, cost_ratio):
-    a = render_compare.break_even_acceptance(k, cost_ratio)
+    a = render_theory.break_even_acceptance(k, cost_ratio)
     assert expected_speedup(a, k, cost_ratio) == pytest.approx(1.0, abs=1e-9)
     assert a > cost_ratio  # for K > 1 every drafted token costs c but later ones are accepted less often
 
 
 def test_break_even_none_when_the_draft_costs_more_than_the_target():
-    assert render_compare.break_even_acceptance(3, 1.2) is None
+    assert render_theory.break_even_acceptance(3, 1.2) is None
 
 
 @pytest.mark.parametrize("cost_ratio, verify_cost", [(0.1, 1.3), (0.0, 1.5), (0.2, 1.0), (0.05, 1.8)])
 def test_break_even_for_k_1_is_a_equals_c_plus_v_minus_1(cost_ratio, verify_cost):
     # (1 + a) / (c + v) = 1 at a = c + v - 1: a verify pass dearer than a step needs more acceptance to repay
-    assert render_compare.break_even_acceptance(1, cost_ratio, verify_cost) == pytest.approx(
+    assert render_theory.break_even_acceptance(1, cost_ratio, verify_cost) == pytest.approx(
         cost_ratio + verify_cost - 1, abs=1e-9)
 
 
@@ -101,7 +101,7 @@ def test_break_even_for_k_1_is_a_equals_c_plus_v_minus_1(cost_ratio, verify_cost
      (4, 0.0, 0.5, 0.0)],  # v < 1, a corner of the slider: a free draft pays 2x even at a = 0
 )
 def test_break_even_at_the_edges_of_v(k, cost_ratio, verify_cost, even):
-    assert render_compare.break_even_acceptance(k, cost_ratio, verify_cost) == even
+    assert render_theory.break_even_acceptance(k, cost_ratio, verify_cost) == even
 
 
 def summary_frame(rows: list[dict]) -> pd.DataFrame:
@@ -142,26 +142,26 @@ def test_measured_points_carry_the_prediction_for_their_own_k_and_c():
         dict(drafter="a", k=4, fitted_acceptance=0.7, cost_ratio=0.2, decode_speedup=1.4),
         dict(drafter="b", k=2, fitted_acceptance=math.nan),  # nothing drafted: left out
     ])
-    (point,) = render_compare.measured_points(summary)
+    (point,) = render_theory.measured_points(summary)
     assert point.predicted == pytest.approx(expected_speedup(0.7, 4, 0.2))
     assert point.efficiency == pytest.approx(1.4 / point.predicted)
-    figure = render_compare.speedup_theory_figure(4, 0.1, [point], acceptance=0.5, own_curves=True)
+    figure = render_theory.speedup_theory_figure(4, 0.1, [point], acceptance=0.5, own_curves=True)
     measured = [t for t in figure.data if t.name == "a, K=4"]
     assert len(measured) == 1 and measured[0].y[0] == pytest.approx(1.4)
     (band,) = figure.layout.shapes[:1]
-    assert band.x1 == pytest.approx(render_compare.break_even_acceptance(4, 0.1))  # the "slower" region
-    assert render_compare.points_table([point])["a < c"].tolist() == [""]
+    assert band.x1 == pytest.approx(render_theory.break_even_acceptance(4, 0.1))  # the "slower" region
+    assert render_theory.points_table([point])["a < c"].tolist() == [""]
 
 
 def test_measured_points_carry_the_verify_cost_and_efficiency_v():
     summary = summary_frame([dict(drafter="a", k=4, fitted_acceptance=0.7, cost_ratio=0.2, decode_speedup=1.2,
                                   bare_verify_cost=1.6, draft_rate=0.8, predicted_speedup_v=1.5)])
-    (point,) = render_compare.measured_points(summary)
+    (point,) = render_theory.measured_points(summary)
     assert (point.verify_cost, point.draft_rate, point.predicted_v) == (1.6, 0.8, 1.5)
     assert point.efficiency_v == pytest.approx(1.2 / 1.5) and point.efficiency == pytest.approx(1.2 / point.predicted)
-    table = render_compare.points_table([point])
+    table = render_theory.points_table([point])
     assert table["v(K), bare"].tolist() == [1.6] and table["efficiency_v"].tolist() == [pytest.approx(0.8)]
-    figure = render_compare.speedup_theory_figure(4, 0.2, [point], verify_cost=1.6)
+    figure = render_theory.speedup_theory_figure(4, 0.2, [point], verify_cost=1.6)
     curve = [t for t in figure.data if t.name == "predicted, K=4, c=0.20, v=1.60"][0]
     assert curve.y[-1] == pytest.approx(expected_speedup(1.0, 4, 0.2, 1.6))  # the curve follows the v slider
     (dash,) = [t for t in figure.data if t.name == "a, K=4: predicted with v, r"]
@@ -174,20 +174,20 @@ def test_measured_points_carry_the_verify_cost_and_efficiency_v():
 def test_an_older_summary_without_verify_costs_reads_n_a():
     # a results file written before the lab timed bare verify passes: its summary has NaN (or no column at all)
     summary = summary_frame([dict(drafter="a", k=4, fitted_acceptance=0.7, cost_ratio=0.2, decode_speedup=1.2)])
-    (point,) = render_compare.measured_points(summary)
+    (point,) = render_theory.measured_points(summary)
     assert math.isnan(point.verify_cost) and math.isnan(point.efficiency_v)
-    table = render_compare.points_table([point])
+    table = render_theory.points_table([point])
     assert [table[c].tolist() for c in render_compare.VERIFY_COST_COLUMNS] == [["n/a"]] * 3
     assert table["efficiency"].tolist() == [pytest.approx(point.efficiency)]  # Leviathan's stays a number
     full = render_compare.summary_table(summary)
     assert [full[c].tolist() for c in render_compare.VERIFY_COST_COLUMNS] == [["n/a"]] * 3
     assert math.isnan(full["tokens per pass"].iloc[0])  # absent column, not a verify cost: left empty
-    figure = render_compare.speedup_theory_figure(4, 0.2, [point])
+    figure = render_theory.speedup_theory_figure(4, 0.2, [point])
     assert not any("dash" in str(t.name) for t in figure.data)
 
 
 def test_tokens_per_step_figure_draws_the_chosen_k_last_and_bold():
-    figure = render_compare.tokens_per_step_figure(4, acceptance=0.5)
+    figure = render_theory.tokens_per_step_figure(4, acceptance=0.5)
     curve = [t for t in figure.data if t.name == "K=4"][0]
     assert curve.y[0] == pytest.approx(1.0) and curve.y[-1] == pytest.approx(5.0)  # a = 0 and a = 1
     assert curve.line.width == 3
@@ -272,7 +272,7 @@ def detail(token, accepted, draft_prob=None, target_prob=0.5, top=((5, 0.5), (9,
     ],
 )
 def test_decision_reason(position, greedy, words):
-    reason = render_compare.decision_reason(position, greedy, f" t{position.draft_token}", " t5")
+    reason = render_step.decision_reason(position, greedy, f" t{position.draft_token}", " t5")
     for word in words:
         assert word in reason
 
@@ -281,11 +281,11 @@ def test_step_cards_show_each_position_and_the_final_token():
     # 3 drafted: the first accepted, the second rejected (so the third was never checked), then the correction
     step = Step(0, (5, 6, 7), 1, (5, 9), "corrected", 1.0, 10.0, 12, 11,
                 details=(detail(5, True), detail(6, False, target_prob=0.1, acceptance=0.0)))
-    cards = render_compare.step_cards_html(step, tiny_tokenizer(), [3, 4], greedy=True)
+    cards = render_step.step_cards_html(step, tiny_tokenizer(), [3, 4], greedy=True)
     assert [c.split('"')[0] for c in cards.split('class="sd-card sd-')[1:]] == ["accepted", "rejected", "unchecked", "corrected"]
     assert "not checked" in cards and "replaces the drafted one" in cards
     assert "␣t5" in cards and "␣t9" in cards  # token text with its leading space marked
-    assert "<script" not in render_compare.step_cards_html(
+    assert "<script" not in render_step.step_cards_html(
         Step(0, (), 0, (1,), "target", 0.0, 1.0, 3), SimpleNamespace(decode=lambda ids, **_: "<script>"), [], True
     )
 
@@ -300,12 +300,12 @@ def test_step_cards_show_each_position_and_the_final_token():
 )
 def test_final_token_note(step, words):
     for word in words:
-        assert word in render_compare.final_token_note(step, greedy=True)
+        assert word in render_step.final_token_note(step, greedy=True)
 
 
 def test_newline_token_in_a_reason_is_shown_as_a_return_mark():
     # the reason used to show a newline token as a blank: “\n” read as “ ” on the page
-    reason = render_compare.decision_reason(detail(5, True), True, "\n", "\n")
+    reason = render_step.decision_reason(detail(5, True), True, "\n", "\n")
     assert "“↵”" in reason and "\n" not in reason
 
 
@@ -314,11 +314,11 @@ def test_eos_inside_the_accepted_draft_keeps_only_the_tokens_up_to_it():
     # t6 was verified and counts as accepted (lab.metrics, like vLLM) but is never emitted
     step = Step(4, (1, 6, 7), 2, (1,), "corrected", 1.0, 10.0, 30, None,
                 details=(detail(1, True), detail(6, True), detail(7, False, target_prob=0.1, acceptance=0.0)))
-    headline = render_compare.step_headline(step, eos_token_ids=(1,))
+    headline = render_step.step_headline(step, eos_token_ids=(1,))
     assert headline == ("Step 5: drafted 3, accepted 2 (1 emitted, 1 verified after the end of text), "
                         "cut at the end of text: 1 token in one target pass")
     assert ", (" not in headline
-    cards = render_compare.step_cards_html(step, tiny_tokenizer(), [3, 4], greedy=True, eos_token_ids=(1,))
+    cards = render_step.step_cards_html(step, tiny_tokenizer(), [3, 4], greedy=True, eos_token_ids=(1,))
     kinds = [c.split('"')[0] for c in cards.split('class="sd-card sd-')[1:]]
     assert kinds == ["accepted", "not-emitted", "rejected", "unchecked"]
     assert "verified, not emitted (after end of text)" in cards
@@ -328,16 +328,16 @@ def test_eos_inside_the_accepted_draft_keeps_only_the_tokens_up_to_it():
 def test_probability_bars_are_sized_within_their_cell():
     # bars were 4.5 rem x probability wide and ran into the next card for probabilities near 1
     step = Step(0, (5,), 1, (5, 9), "bonus", 1.0, 10.0, 12, None, details=(detail(5, True, top=((5, 0.995), (9, 0.005))),))
-    cards = render_compare.step_cards_html(step, tiny_tokenizer(), [3, 4], greedy=True)
+    cards = render_step.step_cards_html(step, tiny_tokenizer(), [3, 4], greedy=True)
     assert "width:100%" in cards and "width:1%" in cards and "px" not in cards.split("sd-bar")[1][:60]
-    assert "table-layout: fixed" in render_compare.STEP_CSS
+    assert "table-layout: fixed" in render_step.STEP_CSS
 
 
 def test_cache_note_and_headline():
     step = Step(2, (5, 6, 7), 1, (5, 9), "corrected", 1.0, 10.0, 41, 40)
-    assert "holds 41 tokens: all 42 committed" in render_compare.cache_note(step, 42)
-    assert "draft's cache holds 40" in render_compare.cache_note(step, 42)
-    assert render_compare.step_headline(step).startswith("Step 3: drafted 3, accepted 1, then a corrected token")
+    assert "holds 41 tokens: all 42 committed" in render_step.cache_note(step, 42)
+    assert "draft's cache holds 40" in render_step.cache_note(step, 42)
+    assert render_step.step_headline(step).startswith("Step 3: drafted 3, accepted 1, then a corrected token")
 
 
 # ---------------------------------------------------------------- AppTest with tiny models
@@ -449,7 +449,7 @@ def test_compare_errors_are_shown(tiny_models, widgets, message):
 
 def test_cancel_keeps_the_runs_that_finished(tiny_models, monkeypatch):
     # The Cancel button's callback sets this flag; here the third decode sets it after its first step.
-    real_decode = lab.compare.decode
+    real_decode = lab.studies.compare.decode
     calls = []
 
     def decode_then_cancel(*args, **kwargs):
@@ -459,7 +459,7 @@ def test_cancel_keeps_the_runs_that_finished(tiny_models, monkeypatch):
                 st.session_state["compare:cancel_requested"] = True
             yield event
 
-    monkeypatch.setattr(lab.compare, "decode", decode_then_cancel)
+    monkeypatch.setattr(lab.studies.compare, "decode", decode_then_cancel)
     at = click(compare_app(), "Run comparison")
     assert not at.exception and not at.error
     assert any("Cancelled after 2 of 10 runs" in w.value for w in at.warning), [w.value for w in at.warning]
@@ -575,7 +575,7 @@ def test_theory_page_places_measured_runs(tiny_models):
     at = click(compare_app(), "Run comparison")
     at.switch_page("app_pages/theory.py").run()
     assert not at.exception and not at.error
-    points = render_compare.measured_points(at.session_state["compare:comparison"].summary())
+    points = render_theory.measured_points(at.session_state["compare:comparison"].summary())
     assert points and len(at.dataframe[0].value) == len(points)
     assert any("(accepted / drafted, as vLLM reports it) is a different quantity" in c.value for c in at.caption)
     point = points[-1]

@@ -23,8 +23,8 @@ if str(ROOT) not in sys.path:  # the app is not an installed package; its module
 from app import precision, resources, state, widgets  # noqa: E402
 from app_util import MAIN, TIMEOUT_S, click, key  # noqa: E402
 from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
-from lab.calibrate import host_float_precision  # noqa: E402
-from lab.quant import MemoryUse  # noqa: E402
+from lab.hardware import host_float_precision  # noqa: E402
+from lab.studies.precision import MemoryUse  # noqa: E402
 
 LOCAL_FOLDER = widgets.LOCAL_FOLDER
 HOST = host_float_precision("cpu")  # what "auto" resolves to here: measured, bf16 or fp32

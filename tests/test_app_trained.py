@@ -13,10 +13,11 @@ if str(ROOT) not in sys.path:  # the app is not an installed package; its module
     sys.path.insert(0, str(ROOT))
 
 from app_util import app_on, click, html_of, key, live_app, tiny_loaded, tiny_models  # noqa: E402, F401
-from lab.compare import BASELINE  # noqa: E402
+from lab.studies.compare import BASELINE  # noqa: E402
 from lab.drafters import EagleHead, EagleHeadConfig  # noqa: E402
 from lab.drafters.eagle import head_dir, save_head  # noqa: E402
-from lab.vocab import count_tokens, frequency_path, save_frequencies  # noqa: E402
+from lab.studies.token_frequencies import count_tokens  # noqa: E402
+from lab.vocab import frequency_path, save_frequencies  # noqa: E402
 
 PROMPT = "t3 t4 t5 t6 t3 t4 t5 t6 t3 t4"
 

@@ -8,11 +8,9 @@ import json
 import pytest
 import torch
 
-from lab.drafters import DraftModelDrafter
-from lab.decode import run_batch
+from lab.drafters import DraftModelDrafter, DraftContext, make_drafter
+from lab.decode import run_batch, run
 from lab.config import DecodeConfig
-from lab.drafters import DraftContext, DraftModelDrafter, make_drafter
-from lab.decode import run
 from lab.grammar import Constraint, ConstraintSpec, first_invalid_token
 from lab.models import is_prepared
 from lab.sampling import SamplingParams

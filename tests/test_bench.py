@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_llama, tiny_tokenizer
 from lab import prompts as prompt_sets
-from lab.bench import DrafterSpec, first_difference, run_peer_comparison
+from lab.studies.peer import DrafterSpec, first_difference, run_peer_comparison
 from lab.models import load_model
 from lab.prompts import Prompt, load_prompt_sets, load_prompts, preset_names
 

@@ -12,7 +12,7 @@ from lab.config import DecodeConfig
 from lab.drafters import PromptLookupDrafter
 from lab.grammar import ConstraintSpec
 from lab.models import is_prepared, load_model
-from lab.sweep import format_sweep, run_sweep, run_sweep_by_name
+from lab.studies.batch_sweep import format_sweep, run_sweep, run_sweep_by_name
 
 pytestmark = pytest.mark.skipif(not is_prepared("smollm2-135m"), reason="needs SmolLM2's tokenizer (prepared preset)")
 

@@ -1,4 +1,4 @@
-"""Host-adaptive defaults (lab.calibrate): measured pass costs, the cost model's choice, the per-machine cache."""
+"""Host-adaptive defaults (lab.studies.calibrate): measured pass costs, the cost model's choice, the per-machine cache."""
 
 from __future__ import annotations
 
@@ -9,17 +9,15 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_tokenizer
-from lab.calibrate import (
+from lab.studies.calibrate import (
     Calibration,
     PrecisionTimings,
     cached_calibration,
     calibrate,
     calibration_path,
-    machine_info,
-    machine_key,
-    probe_float_precision,
-    time_passes,
 )
+from lab.studies.passes import time_passes
+from lab.hardware import machine_info, machine_key, probe_float_precision
 from lab.theory import expected_tokens_per_step
 
 
@@ -143,7 +141,7 @@ def test_a_corrupt_cache_file_is_ignored(tiny_folders):
 
 
 def test_cost_table_from_a_calibration_uses_the_same_c_and_v():
-    from lab.costs import from_calibration
+    from lab.studies.costs import from_calibration
 
     bf16 = timings("bf16", 50.0, {1: 50.0, 2: 55.0, 4: 60.0}, draft_ms=20.0)
     cal = calibration([bf16], acceptance=0.8)

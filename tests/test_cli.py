@@ -209,7 +209,7 @@ def test_bench_json_holds_every_batch_size(tiny_dirs, capsys):
 
 
 def test_compare_writes_a_reloadable_results_file(tiny_dirs, tmp_path, capsys):
-    from lab.compare import Comparison
+    from lab.studies.compare import Comparison
 
     out = tmp_path / "compare.json"
     argv = ["compare", "--target", tiny_dirs["target"], "--dtype", "fp32", "--device", "cpu",

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lab.compare import BASELINE, Comparison, DrafterSpec, measure_verify_cost, run_comparison
+from lab.studies.compare import BASELINE, Comparison, DrafterSpec, measure_verify_cost, run_comparison
 from lab.config import DecodeConfig
 from lab.drafters import PromptLookupDrafter
 from lab.decode import run

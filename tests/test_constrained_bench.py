@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lab.bench import DrafterSpec
-from lab.constrained_bench import (
+from lab.studies.peer import DrafterSpec
+from lab.studies.constrained import (
     SETTINGS,
     TARGET_ALONE,
     ExtractionItem,

@@ -1,4 +1,4 @@
-"""lab.costs: c(B) and v(K, B) measured by batch size, and the speedup they predict."""
+"""lab.studies.costs: c(B) and v(K, B) measured by batch size, and the speedup they predict."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from lab.costs import CostRow, CostTable, measure_costs, random_model
+from lab.studies.costs import CostRow, CostTable, measure_costs, random_model
 from lab.theory import acceptance_from_mean_length, expected_speedup
 
 

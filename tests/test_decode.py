@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from conftest import OracleDrafter, TINY_VOCAB, TinyLM, reference_greedy
-from lab.kv import new_cache
+from lab.kv import new_cache, new_kv_cache
 from lab.config import DecodeConfig
 from lab.drafters import Draft, DraftModelDrafter, PromptLookupDrafter
 from lab.decode import decode, run
-from lab.kv import new_kv_cache
 from lab.trace import Finished, Prefilled, Step
 
 PROMPTS = [

@@ -8,14 +8,11 @@ import pytest
 import torch
 
 from conftest import OracleDrafter, TINY_VOCAB, TinyLM, reference_greedy, tiny_llama
-from lab.drafters import DraftModelDrafter, PerRowDrafter, as_batch_drafter, make_drafter
+from lab.drafters import DraftModelDrafter, PerRowDrafter, as_batch_drafter, make_drafter, Draft, DraftContext, PromptLookupDrafter
 from lab.trace import BatchFinished, BatchStep
-from lab.kv import RaggedCache
-from lab.decode import decode_batch, run_batch
-from lab.kv import new_cache
+from lab.kv import RaggedCache, new_cache
+from lab.decode import decode_batch, run_batch, run
 from lab.config import DecodeConfig
-from lab.drafters import Draft, DraftContext, DraftModelDrafter, PromptLookupDrafter
-from lab.decode import run
 
 # Mixed lengths (1 to 12 tokens), some repetitive so prompt lookup finds matches.
 PROMPTS = [

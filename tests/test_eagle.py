@@ -10,12 +10,10 @@ import pytest
 import torch
 
 from conftest import TINY_VOCAB, TinyLM, reference_greedy, tiny_llama, tiny_tokenizer
-from lab.decode import run_batch
+from lab.decode import run_batch, run
 from lab.config import DecodeConfig
-from lab.drafters import EagleDrafter, EagleHead, EagleHeadConfig, make_drafter
+from lab.drafters import EagleDrafter, EagleHead, EagleHeadConfig, make_drafter, as_batch_drafter
 from lab.drafters.eagle import load_head, save_head
-from lab.decode import run
-from lab.drafters import as_batch_drafter
 
 PROMPTS = [[5, 9, 12, 5, 9, 30, 7], [3], [11, 12, 13, 14, 11, 12, 13, 14, 11, 12], [40, 2], [21, 22, 23, 24, 25]]
 SUBSET = torch.arange(0, TINY_VOCAB, 2)

@@ -32,9 +32,8 @@ from lab.models import (
     prepare,
     prepare_all,
     prepared_dir,
-    resolve_device,
-    resolve_dtype,
 )
+from lab.hardware import resolve_device, resolve_dtype
 
 WORDS = ("the", "cat", "sat", "on", "mat", "a", "dog", "ran", "hello", "world")
 

@@ -1,4 +1,4 @@
-"""Tests of precisions and quantisation: lab.models' precision argument and memory helpers, lab.quant.
+"""Tests of precisions and quantisation: lab.models' precision argument and memory helpers, lab.studies.precision.
 
 Tiny random Llamas are saved as bf16 folders and loaded through
 ``load_model(folder, precision=...)`` exactly as a preset would be, so every
@@ -22,25 +22,23 @@ import pytest
 import torch
 
 from conftest import TEST_DEVICE, tiny_llama, tiny_tokenizer
-from lab import models
-from lab.compare import DrafterSpec, run_comparison
+from lab import hardware, models
+from lab.studies.compare import DrafterSpec, run_comparison
 from lab.config import DecodeConfig
 from lab.drafters import make_drafter
-from lab.calibrate import host_float_precision
 from lab.kv import RaggedCache
 from lab.decode import decode, run
+from lab.hardware import PRECISIONS, host_float_precision, resolve_precision
 from lab.models import (
-    PRECISIONS,
     LoadedModel,
     ModelError,
     cache_bytes,
     kv_cache_bytes,
     kv_cache_bytes_per_token,
     load_model,
-    resolve_precision,
     weight_bytes,
 )
-from lab.quant import PrecisionStudy, first_divergence, model_ref, parse_model_ref, part_ways, run_memory, run_precision_study
+from lab.studies.precision import PrecisionStudy, first_divergence, model_ref, parse_model_ref, part_ways, run_memory, run_precision_study
 from lab.trace import Finished, Step
 
 PROMPT = [3, 7, 9, 3, 7, 12, 5, 3, 7, 9]  # repeats "3 7" so prompt lookup drafts something
@@ -113,7 +111,7 @@ def test_unknown_precision_lists_the_accepted_ones(asked):
 
 def test_a_dtype_the_device_cannot_compute_in_is_refused(monkeypatch):
     # Stands in for a GPU without fp16/bf16 kernels: the probe matmul fails.
-    monkeypatch.setattr(models, "_computes_in", lambda dtype, device: dtype == torch.float32)
+    monkeypatch.setattr(hardware, "_computes_in", lambda dtype, device: dtype == torch.float32)
     with pytest.raises(ValueError, match="precision 'fp16' requires a device that computes in torch.float16"):
         resolve_precision("fp16", "cpu")
 

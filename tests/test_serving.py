@@ -20,8 +20,8 @@ import pytest
 
 from app_util import tiny_models  # noqa: F401 (a fixture)
 from lab.prompts import Prompt
-from lab.serve_bench import LevelRun, ServeBench, percentile, run_serve_bench, summarize
-from lab.serving import (
+from lab.studies.serve_bench import LevelRun, ServeBench, percentile, run_serve_bench, summarize
+from lab.serving.client import (
     Endpoint,
     RequestRecord,
     RequestSettings,
@@ -400,7 +400,7 @@ def test_sweep_stop_request_keeps_nothing_unfinished(failing_server):
 def test_llama_server_command_turns_speculation_on_only_with_a_draft(tmp_path):
     from pathlib import Path
 
-    from lab.llama_server import LlamaServer
+    from lab.serving.llama_server import LlamaServer
 
     on = LlamaServer(Path("t.gguf"), Path("d.gguf"), draft_max=5, parallel=8, ctx_per_slot=512).command(Path("srv"))
     assert on[:3] == ["srv", "--host", "127.0.0.1"] and "--metrics" in on
@@ -414,7 +414,7 @@ def test_llama_server_command_turns_speculation_on_only_with_a_draft(tmp_path):
 def test_llama_server_without_its_binary_says_how_to_build_it(monkeypatch, tmp_path):
     from pathlib import Path
 
-    from lab.llama_server import LlamaServer
+    from lab.serving.llama_server import LlamaServer
 
     monkeypatch.setenv("LAB_LLAMA_SERVER", str(tmp_path / "absent"))
     with pytest.raises(FileNotFoundError, match="run `bash scripts/build_llama_server.sh`"):
@@ -451,7 +451,8 @@ def test_cli_serve_bench_names_a_server_that_is_not_there(capsys):
 
 
 def test_lab_reference_runs_the_labs_engine_on_the_same_prompts(tiny_models):
-    from lab.serve_bench import engine_reference, run_lab_reference
+    from lab.studies.serve_bench import engine_reference
+    from lab.studies.serve_reference import run_lab_reference
 
     prompts = [Prompt("q/1", "t", "q3 q4 q5 q6"), Prompt("q/2", "t", "q7 q8 q9")]
     lab = run_lab_reference("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", prompts, k=3, max_new_tokens=8,
@@ -468,7 +469,7 @@ def test_lab_reference_runs_the_labs_engine_on_the_same_prompts(tiny_models):
     engine = engine_reference(bench)
     assert engine["speedup"] == 2.0 and engine["acceptance_rate"] == 0.5
     assert engine["per_position_acceptance"] == [0.75, 0.5, 0.25]
-    from lab.serve_bench import format_serve_bench
+    from lab.studies.serve_bench import format_serve_bench
 
     table = format_serve_bench(bench)
     assert "engine at concurrency 1" in table and "lab (fp32, K=3)" in table

@@ -19,10 +19,10 @@ import sys
 
 import pytest
 
-from lab.llama_server import BUILD_COMMAND, LlamaServer, find_server_binary, server_binary
+from lab.serving.llama_server import BUILD_COMMAND, LlamaServer, find_server_binary, server_binary
 from lab.prompts import Prompt
-from lab.serve_bench import run_serve_bench
-from lab.serving import Endpoint, RequestSettings, ServeError
+from lab.studies.serve_bench import run_serve_bench
+from lab.serving.client import Endpoint, RequestSettings, ServeError
 from tiny_gguf import write_tiny_gguf
 
 pytestmark = [
@@ -168,17 +168,17 @@ def test_cli_serve_bench_json(servers):
 def test_serve_page_runs_and_cancel_keeps_the_finished_levels(servers, monkeypatch):
     import streamlit as st
 
-    import lab.serve_bench
+    import lab.studies.serve_bench
     from app_util import app_on, click
 
-    real_run_level = lab.serve_bench.run_level
+    real_run_level = lab.studies.serve_bench.run_level
 
     async def run_level_then_cancel(client, endpoint, model, prompts, concurrency, *args, **kwargs):
         if concurrency == 2:
             st.session_state["serve:cancel_requested"] = True  # what the Cancel button's callback does
         return await real_run_level(client, endpoint, model, prompts, concurrency, *args, **kwargs)
 
-    monkeypatch.setattr(lab.serve_bench, "run_level", run_level_then_cancel)
+    monkeypatch.setattr(lab.studies.serve_bench, "run_level", run_level_then_cancel)
     at = app_on("serve", on_url=servers["same"].url, off_url=servers["off"].url, levels=[1, 2, 4], max_tokens=8,
                 rounds=1)
     at = click(at, "Run sweep")

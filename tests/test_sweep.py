@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conftest import TINY_VOCAB, reference_greedy
-from lab.drafters import PerRowDrafter
+from lab.drafters import PerRowDrafter, Draft, DraftContext, PromptLookupDrafter
 from lab.decode import run_batch
 from lab.config import DecodeConfig
-from lab.drafters import Draft, DraftContext, PromptLookupDrafter
 from lab.metrics import SpecDecodingStats
-from lab.sweep import AutoK, CostModel, _interpolate, format_sweep, percentile, run_sweep
+from lab.studies.auto_k import AutoK, CostModel, _interpolate
+from lab.studies.batch_sweep import format_sweep, percentile, run_sweep
 
 PROMPTS = [[8, 8, 8, 8, 8], [5, 9, 12, 5, 9, 30, 7], [3], [11, 12, 13, 14, 11, 12, 13, 14, 11, 12]]
 NEW_TOKENS = 8
@@ -212,7 +212,7 @@ def test_percentile(values, q, expected):
 @pytest.mark.real_model
 def test_smollm2_sweep_by_name_writes_json(tmp_path):
     from lab.models import is_prepared
-    from lab.sweep import run_sweep_by_name
+    from lab.studies.batch_sweep import run_sweep_by_name
 
     if not is_prepared("smollm2-135m"):
         pytest.skip("smollm2-135m is not prepared (scripts/setup.sh app prepares it)")

@@ -15,7 +15,7 @@ import torch
 
 from conftest import TINY_VOCAB
 from lab.drafters import EagleHead, EagleHeadConfig
-from lab.train_head import Sample, TrainConfig, _length_buckets, collect_samples, heldout_acceptance, train_head
+from lab.studies.train_head import Sample, TrainConfig, _length_buckets, collect_samples, heldout_acceptance, train_head
 
 
 def random_prompts(count: int, seed: int) -> list[list[int]]:
@@ -62,7 +62,7 @@ def _mean_entropy(target, samples) -> float:
 
 
 def test_soft_label_loss_of_a_one_hot_teacher_is_the_argmax_cross_entropy():
-    from lab.train_head import _step_loss
+    from lab.studies.train_head import _step_loss
 
     torch.manual_seed(0)
     predicted, weight = torch.randn(2, 5, 8), torch.randn(11, 8)
@@ -119,7 +119,7 @@ def test_unrolled_training_in_either_precision_lowers_the_loss(tiny_target, prec
 
 def test_unrolled_training_predictions_are_exactly_what_drafting_computes(tiny_target):
     """Step j of training at entry p equals the head's j-th draft when the real features end at entry p - j + 1."""
-    from lab.train_head import unrolled_predictions
+    from lab.studies.train_head import unrolled_predictions
 
     torch.manual_seed(0)
     head = EagleHead(EagleHeadConfig.for_target(tiny_target.model, 32)).eval().requires_grad_(False)

@@ -7,13 +7,11 @@ import torch
 
 from conftest import TINY_VOCAB, TinyLM, reference_greedy, tiny_llama, tiny_tokenizer
 from lab.drafters import DraftModelDrafter, make_drafter
-from lab.decode import run_batch
+from lab.decode import run_batch, run
 from lab.config import DecodeConfig
-from lab.drafters import DraftModelDrafter, make_drafter
-from lab.decode import run
+from lab.studies.token_frequencies import count_tokens
 from lab.vocab import (
     TrimmedLMHead,
-    count_tokens,
     load_frequencies,
     save_frequencies,
     top_tokens,

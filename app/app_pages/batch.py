@@ -1,6 +1,6 @@
 """Batch page: speedup against batch size, per-request latency and throughput as separate curves.
 
-Reads the widgets, runs ``lab.sweep.run_sweep`` with a progress bar, keeps the
+Reads the widgets, runs ``lab.studies.batch_sweep.run_sweep`` with a progress bar, keeps the
 sweep's JSON dict (``SweepResult.as_dict()``) in ``st.session_state`` and draws
 it with ``app.render_batch``. The same dict is what Download JSON writes and
 what ``python -m lab bench --out F`` writes, so either loads back here.
@@ -17,7 +17,7 @@ that there, the sweep ends as cancelled, and the next script run takes it over
 through ``app.inflight``.
 
 Peer: on request, after the sweep, transformers' assisted generation at batch 1
-on the same models, prompts and K (``lab.bench.run_peer_comparison``, as
+on the same models, prompts and K (``lab.studies.peer.run_peer_comparison``, as
 ``python -m lab bench`` runs it); its summary goes in the sweep's JSON as
 ``peer_batch_1``. It has no cancel hook: Cancel stops it at its next progress
 report and the sweep is kept without it.
@@ -34,12 +34,12 @@ import torch
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
 from app import inflight, render, render_batch, resources, state, widgets
-from lab import bench
+from lab.studies import peer
 from lab.drafters import make_drafter
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
 from lab.models import ModelError, check_same_tokenizer, encode_prompt
 from lab.prompts import Prompt
-from lab.sweep import DEFAULT_BATCH_SIZES, run_sweep
+from lab.studies.batch_sweep import DEFAULT_BATCH_SIZES, run_sweep
 
 RESULT_KEY = "batch:sweep"
 UPLOAD_KEY = "batch:upload"
@@ -133,7 +133,7 @@ def drafter_inputs(target: str) -> str | None:
 
 
 def work_caption(num_prompts: int, sizes: list[int]) -> str:
-    # as lab.sweep: each batch size decodes the prompts cycled to fill whole batches
+    # as lab.studies.batch_sweep: each batch size decodes the prompts cycled to fill whole batches
     requests = sum(math.ceil(max(num_prompts, b) / b) * b for b in sizes)
     return (f"{render.count(num_prompts, 'prompt')}, batch sizes {', '.join(map(str, sizes))}: "
             f"**{requests} requests per mode** "
@@ -224,12 +224,12 @@ def peer_prompts(texts: list[str]) -> list[Prompt]:
 def run_peer(target, draft_model, drafter_name: str, exit_layer: int | None, prompts: list[str], config: DecodeConfig,
              chat_template: bool, watch: SweepWatch) -> dict:
     """transformers' assisted generation at batch 1 on the sweep's models and prompts, as ``python -m lab bench``
-    runs it (``lab.cli._bench_peer``): the summary for K with the peer's settings, or {"skipped": why}."""
-    if drafter_name not in bench.PEER_DRAFTERS:
+    runs it (``lab.cli.measure._bench_peer``): the summary for K with the peer's settings, or {"skipped": why}."""
+    if drafter_name not in peer.PEER_DRAFTERS:
         return {"skipped": f"drafter {drafter_name} has no counterpart in transformers"}
-    spec = bench.DrafterSpec(drafter_name, draft=draft_model, exit_layer=exit_layer)
+    spec = peer.DrafterSpec(drafter_name, draft=draft_model, exit_layer=exit_layer)
     try:
-        report = bench.run_peer_comparison(target, spec, peer_prompts(prompts), k=config.k,
+        report = peer.run_peer_comparison(target, spec, peer_prompts(prompts), k=config.k,
                                            max_new_tokens=config.max_new_tokens, chat_template=chat_template,
                                            progress=watch.peer_progress)
     except PeerCancelled:

@@ -1,6 +1,6 @@
 """Compare page: every chosen drafter at every chosen K on the same prompts, against the target alone.
 
-Reads the widgets, calls ``lab.compare.run_comparison`` with a progress bar and
+Reads the widgets, calls ``lab.studies.compare.run_comparison`` with a progress bar and
 a Cancel button, keeps the ``Comparison`` in ``st.session_state`` (the Theory
 page reads it too) and renders it with ``app.render_compare``. Results export
 to CSV and JSON; a JSON file loads back.
@@ -24,7 +24,7 @@ import torch
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
 from app import inflight, render, render_compare, resources, state, widgets
-from lab import compare
+from lab.studies import compare
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
 from lab.models import ModelError, check_same_tokenizer
 
@@ -220,8 +220,9 @@ def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks
             "draft_precision": runtime.precision("draft") if drafts else None,
             "target_parameters": target.num_parameters,
             "target_weight_bytes": target.weight_bytes,
-            "drafter_costs": {spec.label: render_compare.drafter_cost(spec.name, target, drafts.get(spec.draft),
-                                                                      spec.exit_layer, spec.draft_vocab) for spec in specs},
+            "drafter_costs": {spec.label: render_compare.drafter_cost(
+                spec.name, target, drafts.get(spec.draft), spec.exit_layer, spec.draft_vocab,
+                head=resources.eagle_head(target.name) if spec.name == "eagle" else None) for spec in specs},
         }
         flight.result = comparison
     finally:

@@ -1,6 +1,6 @@
 """The Serve page: the Batch page's lesson measured on a real serving engine (vLLM, SGLang, llama.cpp).
 
-The page reads its widgets and calls ``lab.serve_bench.run_serve_bench`` against
+The page reads its widgets and calls ``lab.studies.serve_bench.run_serve_bench`` against
 the endpoint URLs given; figures come from ``app.render_serve`` on the result's
 JSON dict, so a run and a loaded file draw the same. Cancel works as on the
 Batch page (``app.inflight``): the sweep polls ``ServeWatch.should_stop`` before
@@ -22,8 +22,8 @@ from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlExcepti
 
 from app import inflight, render_serve, state, widgets
 from lab.prompts import Prompt, load_prompts
-from lab.serve_bench import run_serve_bench
-from lab.serving import Endpoint, RequestSettings, ServeError
+from lab.studies.serve_bench import run_serve_bench
+from lab.serving.client import Endpoint, RequestSettings, ServeError
 
 RESULT_KEY = "serve:bench"
 UPLOAD_KEY = "serve:upload"

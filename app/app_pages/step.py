@@ -18,7 +18,7 @@ from typing import Any
 import streamlit as st
 import torch
 
-from app import render, render_compare, resources, state, widgets
+from app import render, render_compare, render_step, resources, state, widgets
 from lab.config import K_MAX, DecodeConfig
 from lab.drafters import make_drafter
 from lab.decode import decode
@@ -180,10 +180,10 @@ def show_session(session: StepSession) -> None:
         index = 0
     step = session.steps[index]
     start_len = session.starts[index]
-    st.subheader(render_compare.step_headline(step, session.eos_token_ids))
-    st.html(render_compare.step_cards_html(step, session.tokenizer, session.committed[max(0, start_len - 8):start_len],
+    st.subheader(render_step.step_headline(step, session.eos_token_ids))
+    st.html(render_step.step_cards_html(step, session.tokenizer, session.committed[max(0, start_len - 8):start_len],
                                            session.greedy, session.eos_token_ids))
-    st.caption(render_compare.cache_note(step, start_len + len(step.emitted))
+    st.caption(render_step.cache_note(step, start_len + len(step.emitted))
                + f" Drafting took {step.draft_ms:.1f} ms, verifying {step.verify_ms:.1f} ms.")
     with st.expander(f"All cycles ({count}) and where the time went"):
         st.plotly_chart(render_compare.timeline_figure(
@@ -196,7 +196,7 @@ def show_session(session: StepSession) -> None:
 # ---------------------------------------------------------------- page
 
 state.set_defaults(st.session_state, DEFAULTS)
-st.html(f"<style>{render_compare.STEP_CSS}</style>")
+st.html(f"<style>{render_step.STEP_CSS}</style>")
 st.title("Step through speculative decoding")
 st.markdown(
     "Advance one **draft-verify cycle** at a time. The drafter proposes up to K tokens; the target reads them all "

@@ -5,7 +5,7 @@ of a verify pass over K+1 tokens in plain steps, is 1 in Leviathan's model).
 Measured points come from the last comparison in ``st.session_state`` (run on
 the Compare page, or a results file loaded there or here), each beside two
 predictions: Leviathan's (v = 1, every step drafted) and the one with the
-run's measured v(K) and draft rate r (``lab.compare``'s module docstring).
+run's measured v(K) and draft rate r (``lab.studies.compare``'s module docstring).
 Without a comparison the page shows the curves only.
 """
 
@@ -15,7 +15,7 @@ import math
 
 import streamlit as st
 
-from app import calibration, render_compare, state, widgets
+from app import calibration, render_theory, state, widgets
 from lab.config import K_MAX
 from lab.theory import best_k, expected_speedup, expected_tokens_per_step
 
@@ -57,7 +57,7 @@ V_HELP = ("What one verify pass over K+1 tokens costs, in plain one-token target
           "near 1. The Compare page measures it; a measured value below 1 (timing noise) is set here as 1.")
 
 
-def use_run(points: dict[str, render_compare.MeasuredPoint]) -> None:
+def use_run(points: dict[str, render_theory.MeasuredPoint]) -> None:
     """Select-box callback: put a measured run's K, c, bare v(K) (1 where not measured) and fitted a on the sliders."""
     s = st.session_state
     point = points.get(s[key("theory.run")])
@@ -84,7 +84,7 @@ st.latex(r"\text{walltime speedup} = \frac{1 - a^{K+1}}{(1 - a)(Kc + v)}")
 
 comparison = st.session_state.get(RESULT_KEY)
 summary = comparison.summary() if comparison is not None else None
-points = render_compare.measured_points(summary) if summary is not None else []
+points = render_theory.measured_points(summary) if summary is not None else []
 by_label = {point.label: point for point in points}
 
 with st.container(border=True):
@@ -104,7 +104,7 @@ with st.container(border=True):
                      on_change=use_run, args=(by_label,),
                      help="v becomes the run's bare v(K) where the comparison measured it, else 1.")
 
-even = render_compare.break_even_acceptance(k, c, v)
+even = render_theory.break_even_acceptance(k, c, v)
 # After "Put this K, c, v(K) and a on the sliders": each K with its own measured v(K), as the calibration chose,
 # while the v slider still shows the calibration's v at the slider's K (moving it returns to one v for every K).
 measured_v = st.session_state.get(calibration.MEASURED_V_KEY)
@@ -132,9 +132,9 @@ else:
     cards[3].metric("Best K", f"{best} ({best_speedup:.2f}×)", help=best_help)
 
 left, right = st.columns(2)
-left.plotly_chart(render_compare.tokens_per_step_figure(k, a), width="stretch")
+left.plotly_chart(render_theory.tokens_per_step_figure(k, a), width="stretch")
 own_curves = bool(st.session_state[key("theory.own_curves")]) and bool(points)
-right.plotly_chart(render_compare.speedup_theory_figure(k, c, points, a, own_curves=own_curves, verify_cost=v),
+right.plotly_chart(render_theory.speedup_theory_figure(k, c, points, a, own_curves=own_curves, verify_cost=v),
                    width="stretch")
 st.caption(
     "The shaded band is where speculation is slower than the target alone: a draft that costs c per token must be "
@@ -181,7 +181,7 @@ else:
         "step. The speedups here are decode speedups (prefill excluded), as the formula models them; the Compare "
         "table's speedup is end to end, so it reads a little lower."
     )
-    st.dataframe(render_compare.points_table(points), hide_index=True, width="stretch", column_config=POINT_COLUMNS)
+    st.dataframe(render_theory.points_table(points), hide_index=True, width="stretch", column_config=POINT_COLUMNS)
     slower = [p.label for p in points if p.acceptance < p.cost_ratio]
     if slower:
         st.warning("a < c for " + ", ".join(slower) + ": even a perfect engine, with a verify pass as cheap as one "

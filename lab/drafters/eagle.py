@@ -187,7 +187,7 @@ class EagleHead(torch.nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """position_ids [B or 1, T] and a boolean attention_mask [B or 1, 1, T, cache + T] (True: attend)
-        are for training's unrolled steps (``lab.train_head``); drafting leaves both None (causal, after the cache)."""
+        are for training's unrolled steps (``lab.studies.train_head``); drafting leaves both None (causal, after the cache)."""
         dtype = self.fc.weight.dtype
         x = self.fc(torch.cat([features.to(dtype), self.embed_norm(token_embeds.to(dtype))], dim=-1))  # [B, T, H]
         return self.decoder(inputs_embeds=x, cache=cache, use_cache=cache is not None, position_ids=position_ids,

@@ -4,9 +4,10 @@ The batch-size trap of the article, as numbers: at batch 1 a GPU step is bound
 by reading the weights, so a verify pass over K+1 tokens costs about one plain
 step (v ~ 1) and a small draft is cheap; as the batch grows the step becomes
 compute bound, v grows towards K+1 and the gain goes. ``measure_costs`` times
-the passes (through :func:`lab.sweep.calibrate`, the same timings Auto-K uses)
-and :meth:`CostTable.predicted_speedup` puts them into Leviathan et al.'s formula
-with a given acceptance. The timings do not depend on the weights' values, so
+the passes (through ``lab.studies.auto_k.time_batch_passes``, the same timings
+Auto-K uses) and :meth:`CostTable.predicted_speedup` puts them into Leviathan
+et al.'s formula with a given acceptance. c and v are the lab's one cost
+vocabulary, ``lab.studies.passes.PassCosts``. The timings do not depend on the weights' values, so
 random weights of a model's architecture give its costs where the trained
 weights are not at hand (``random_model``); acceptance must then come from a
 run with the trained models.
@@ -20,8 +21,9 @@ from typing import Any, Sequence
 
 import torch
 
-from lab.sweep import CostModel, calibrate
-from lab.theory import acceptance_from_mean_length, expected_speedup
+from lab.studies.auto_k import CostModel, time_batch_passes
+from lab.studies.passes import PassCosts, in_target_steps
+from lab.theory import acceptance_from_mean_length
 
 
 @dataclass
@@ -33,15 +35,19 @@ class CostRow:
     verify_ms: float  # one target pass, K+1 tokens per row
     draft_ms_per_token: float  # drafting, per drafted token (all rows together)
 
+    def costs(self, k: int) -> PassCosts:
+        """This row in the lab's one cost vocabulary, its verify pass being the one over K+1 tokens."""
+        return PassCosts(self.target_step_ms, {k: self.verify_ms}, self.draft_ms_per_token)
+
     @property
     def c(self) -> float:
         """The draft's cost per drafted token, in target steps: draft_ms_per_token / target_step_ms."""
-        return self.draft_ms_per_token / self.target_step_ms
+        return in_target_steps(self.draft_ms_per_token, self.target_step_ms)
 
     @property
     def v(self) -> float:
         """The verify pass's cost in target steps: verify_ms / target_step_ms."""
-        return self.verify_ms / self.target_step_ms
+        return in_target_steps(self.verify_ms, self.target_step_ms)
 
 
 @dataclass
@@ -60,7 +66,7 @@ class CostTable:
         Raises ValueError if it is out of range.
         """
         alpha = acceptance_from_mean_length(mean_acceptance_length, self.k)
-        return [expected_speedup(alpha, self.k, row.c, row.v) for row in self.rows]
+        return [row.costs(self.k).predicted_speedup(alpha, self.k) for row in self.rows]
 
     def as_dict(self, mean_acceptance_length: float | None = None) -> dict[str, Any]:
         predicted = None if mean_acceptance_length is None else self.predicted_speedup(mean_acceptance_length)
@@ -96,7 +102,7 @@ def measure_costs(
     target: anything with ``.model`` (a causal LM); draft_model: the draft's causal
     LM on the same device. prompts: token-id lists, cycled to fill each batch.
     batch_sizes: >= 1 each; k: >= 1. Each figure is the median of ``repeats``
-    timed passes after the cache is filled (see :func:`lab.sweep.calibrate`),
+    timed passes after the cache is filled (see ``lab.studies.auto_k.time_batch_passes``),
     after one untimed round at the first batch size.
     Raises ValueError for an empty prompt list, a batch size < 1 or K < 1.
     """
@@ -109,9 +115,10 @@ def measure_costs(
     cost = CostModel()
     with torch.inference_mode():
         # Untimed warm-up: the first passes pay for kernel selection and clock ramp-up.
-        calibrate(target, DraftModelDrafter(draft_model), prompts, batch_sizes[:1], k, repeats=1)
+        time_batch_passes(target, DraftModelDrafter(draft_model), prompts, batch_sizes[:1], k, repeats=1)
         for batch_size in batch_sizes:  # one at a time: a large batch's cache is freed before the next
-            calibrate(target, DraftModelDrafter(draft_model), prompts, [batch_size], k, repeats=repeats, cost=cost)
+            time_batch_passes(target, DraftModelDrafter(draft_model), prompts, [batch_size], k, repeats=repeats,
+                              cost=cost)
     rows = [
         CostRow(
             batch_size=b,
@@ -131,7 +138,7 @@ def measure_costs(
 
 
 def from_calibration(calibration, k: int | None = None, precision: str | None = None) -> CostTable:
-    """The batch-1 row of a ``lab.calibrate.Calibration`` as a ``CostTable``: the same measured c and v(K).
+    """The batch-1 row of a ``lab.studies.calibrate.Calibration`` as a ``CostTable``: the same measured c and v(K).
 
     k, precision: default the calibration's choice. The draft's cost per token is
     its one-token step (0 for prompt lookup). Raises KeyError for a K or

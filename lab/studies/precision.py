@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-from lab.compare import BASELINE, Comparison, DrafterSpec, RunRecord, run_comparison
+from lab.studies.compare import BASELINE, Comparison, DrafterSpec, RunRecord, run_comparison
 from lab.config import DecodeConfig
 from lab.models import LoadedModel, Progress, kv_cache_bytes, load_model
 
@@ -186,7 +186,7 @@ class ModelInfo:
 class PrecisionStudy:
     """Runs of one target at several precisions, each with its drafters, on the same prompts.
 
-    comparisons: one ``lab.compare.Comparison`` per target precision (its
+    comparisons: one ``lab.studies.compare.Comparison`` per target precision (its
     baseline is that target alone). models: every loaded model by its ref
     ("name@precision"). Per prompt, every target precision ran one after the
     other, so machine noise hits them alike.
@@ -330,7 +330,7 @@ def run_precision_study(
         precision (e.g. to save partial results of a long study).
 
     For each prompt, every target precision runs in turn (the target alone,
-    then its drafters; see ``lab.compare.run_comparison``).
+    then its drafters; see ``lab.studies.compare.run_comparison``).
 
     Raises ValueError for no prompts or no precisions, and whatever loading raises.
     """

@@ -63,7 +63,7 @@ class TrainConfig:
     soft_labels: cross-entropy against the target's whole distribution over the scored subset (EAGLE's loss:
         softmax of its LM head over its final-norm output), else against its argmax only.
     precision: "auto" (bf16 autocast on CUDA and on CPUs that run bf16 natively, by
-        ``lab.calibrate.host_float_precision``), "bf16" or "fp32". Master weights stay fp32.
+        ``lab.hardware.host_float_precision``), "bf16" or "fp32". Master weights stay fp32.
     feature_layers: the target layers the head reads (``EagleHeadConfig.feature_layers``; the
         samples must have been collected with the same); empty: the final norm's output. With
         feature layers there is no feature regression (EAGLE-3): ``feature_weight`` is ignored.
@@ -262,7 +262,7 @@ def train_head(
 def _use_bf16(precision: str, device: torch.device) -> bool:
     if precision != "auto":
         return precision == "bf16"
-    from lab.calibrate import host_float_precision
+    from lab.hardware import host_float_precision
 
     return host_float_precision(device) == "bf16"
 

@@ -34,21 +34,19 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pandas as pd
-import torch
 
-from lab.kv import crop_cache, keep_last, new_cache
 from lab.config import DecodeConfig
 from lab.drafters import DRAFTER_NAMES, make_drafter
-from lab.decode import decode, sync_device
+from lab.decode import decode
 from lab.metrics import SpecDecodingStats
-from lab.models import encode_prompt, model_precision
+from lab.hardware import model_precision
+from lab.models import encode_prompt
+from lab.studies.passes import time_passes
 from lab.theory import acceptance_from_mean_length, expected_speedup, expected_tokens_per_step
 from lab.trace import Finished, Step
 
@@ -309,7 +307,6 @@ def run_comparison(
     return comparison
 
 
-@torch.inference_mode()
 def measure_verify_cost(
     target,
     ks: list[int],
@@ -321,41 +318,21 @@ def measure_verify_cost(
     target: ``lab.models.LoadedModel`` (batch 1). ks: the K values; K=0 is the
     plain step itself. The cache holds ``context_tokens`` random tokens; each
     timing is the median of ``repeats`` passes after one warm-up, with the cache
-    cropped back between passes. No sampling, acceptance or bookkeeping: this is
-    what the hardware charges, to set beside the in-loop verify_cost_ratio.
+    cropped back between passes (``lab.studies.passes.time_passes``, the lab's one
+    pass timer). No sampling, acceptance or bookkeeping: this is what the hardware
+    charges, to set beside the in-loop verify_cost_ratio.
 
     Returns {K: v}, v = median time(K+1 tokens) / median time(1 token).
     Raises ValueError if a K is negative or context_tokens + K + 1 exceeds the
     context window.
     """
-    model = target.model
-    device = next(model.parameters()).device
     limit = _context_limit(target)
     if any(k < 0 for k in ks):
         raise ValueError(f"K requires K >= 0; got {ks}")
     if context_tokens < 1 or context_tokens + max(ks, default=0) + 1 > limit:
         raise ValueError(f"context_tokens + K + 1 must fit the context window ({limit}); got {context_tokens} and K up to {max(ks)}")
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    context = torch.randint(vocab, (1, context_tokens), generator=generator).to(device)
-    cache = new_cache(model)
-    model(context, cache=cache, use_cache=True, logits_to_keep=keep_last(1, context_tokens, device))
-
-    def median_ms(width: int) -> float:
-        tokens = torch.randint(vocab, (1, width), generator=generator).to(device)
-        times = []
-        for i in range(repeats + 1):
-            sync_device(device)
-            start = time.perf_counter()
-            model(tokens, cache=cache, use_cache=True)
-            sync_device(device)
-            if i:
-                times.append(time.perf_counter() - start)
-            crop_cache(cache, context_tokens)
-        return statistics.median(times)
-
-    step = median_ms(1)
-    return {k: median_ms(k + 1) / step if k else 1.0 for k in ks}  # K=0 is the step itself
+    ms = time_passes(target.model, sorted({1, *(k + 1 for k in ks)}), context_tokens, repeats)
+    return {k: ms[k + 1] / ms[1] if k else 1.0 for k in ks}  # K=0 is the step itself
 
 
 def _context_limit(target) -> int:

@@ -34,19 +34,19 @@ import os
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 
-from lab.bench import DrafterSpec
+from lab.studies.peer import DrafterSpec
 from lab.config import DecodeConfig
 from lab.decode import run
 from lab.grammar import Constraint, ConstraintSpec, first_invalid_token
 from lab.metrics import SpecDecodingStats
 from lab.models import encode_prompt
+from lab.prompts import REPO_ROOT
 
-EXTRACTION_PATH = Path(__file__).resolve().parent.parent / "assets" / "extraction.jsonl"
+EXTRACTION_PATH = REPO_ROOT / "assets" / "extraction.jsonl"
 Setting = Literal["constrained", "free"]
 SETTINGS: tuple[Setting, ...] = ("constrained", "free")
 TARGET_ALONE = "target alone"
@@ -235,7 +235,7 @@ def run_constrained_study(
 ) -> ConstrainedStudy:
     """Run the target alone and every drafter, with each item's schema and without, greedy (see module docstring).
 
-    target: ``lab.models.LoadedModel``. drafters: what drafts (``lab.bench.DrafterSpec``).
+    target: ``lab.models.LoadedModel``. drafters: what drafts (``lab.studies.peer.DrafterSpec``).
     items: extraction items (``load_extraction_items``). k, max_new_tokens: every run's K and budget.
     warmup: first run every method once on a short prompt, untimed.
     progress: ``progress(fraction, message)`` after each run.

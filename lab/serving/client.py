@@ -3,7 +3,7 @@
 The lab measures its own decoder; teams ship vLLM, SGLang or llama.cpp. This
 module talks to any OpenAI-compatible server and reads what that engine says
 about speculation, so a team's traffic can be measured on its own deployment
-(``lab.serve_bench`` drives the load).
+(``lab.studies.serve_bench`` drives the load).
 
 Requests (:func:`stream_request`): ``POST {base}/v1/completions`` (or
 ``/v1/chat/completions``) with ``stream: true`` and

@@ -40,15 +40,10 @@ because finished rows leave the batch at different times. The crossover batch
 size is the smallest B whose latency speedup is below 1 (None: speculation paid
 at every measured B).
 
-Cost model (``CostModel``): median milliseconds of one target verify pass by
-(rows B, tokens per row w), and of drafting per drafted token by B, from a
-short calibration (``calibrate``: timed passes over a synthetic context) and
-from every step the sweep runs; between measured points it interpolates
-linearly. Policy (``AutoK``): Leviathan et al.'s expected tokens per step
-(1 - a^(K+1)) / (1 - a), with a fitted from the measured mean acceptance length
-and scaled by how often the drafter proposes at all, over the predicted step
-time target(B, K+1) + K draft(B); it picks the K in 0..k_max with the most
-tokens per millisecond (K = 0: one token per target(B, 1)).
+The cost model and the auto-K policy live in ``lab.studies.auto_k``: before a
+batch size is run, its passes are timed over the real prompts
+(``time_batch_passes``), and every step the sweep runs adds to the same
+``CostModel``.
 
 Under a constraint (``lab.grammar``) every decode runs with it, each request
 with its own matcher (``lab.decode``); the settings record it, and each mode
@@ -60,227 +55,24 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
-import time
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lab.drafters import as_batch_drafter, make_drafter
+from lab.drafters import Drafter, as_batch_drafter, make_drafter
 from lab.decode import BatchResult, run_batch
-from lab.trace import BatchStep
-from lab.kv import RaggedCache
 from lab.config import K_MAX, DecodeConfig
-from lab.drafters.base import DraftContext, Drafter
-from lab.decode import sync_device
 from lab.grammar import Constraint, ConstraintSpec
+from lab.hardware import dtype_precision, model_precision
 from lab.metrics import SpecDecodingStats
-from lab.models import dtype_precision, model_precision
-from lab.theory import acceptance_from_mean_length, expected_tokens_per_step
+from lab.studies.auto_k import AutoK, CostModel, time_batch_passes
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
 OFF, ON, AUTO = "off", "on", "auto"
-CALIBRATION_REPEATS = 3
 WARMUP_NEW_TOKENS = 8
 
 Progress = Callable[[float, str], None]
-
-
-# ---------------------------------------------------------------- cost model
-
-
-@dataclass
-class CostModel:
-    """Measured step costs on this machine, in milliseconds.
-
-    target_ms: (batch size B, tokens per row w) -> samples of one target verify
-        pass (prefill excluded), acceptance and bookkeeping included.
-    draft_ms_per_token: B -> samples of drafting time per drafted token of a step.
-    """
-
-    target_ms: dict[tuple[int, int], list[float]] = field(default_factory=lambda: defaultdict(list))
-    draft_ms_per_token: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
-
-    def add_steps(self, steps: Iterable[BatchStep]) -> None:
-        """Learn from a decode's steps (their batch size, width, verify and draft times)."""
-        for step in steps:
-            self.target_ms[(step.batch_size, step.width)].append(step.verify_ms)
-            if step.width > 1:
-                self.draft_ms_per_token[step.batch_size].append(step.draft_ms / (step.width - 1))
-
-    def target(self, batch_size: int, width: int) -> float:
-        """Predicted ms of a verify pass of batch_size rows x width tokens (NaN with no data)."""
-        by_batch: dict[int, list[tuple[int, float]]] = defaultdict(list)
-        for (b, w), samples in self.target_ms.items():
-            by_batch[b].append((w, statistics.median(samples)))
-        at = {b: _interpolate(_monotone(sorted(points)), width) for b, points in by_batch.items()}
-        return _interpolate(sorted(at.items()), batch_size)
-
-    def draft(self, batch_size: int, k: int) -> float:
-        """Predicted ms of drafting k tokens for batch_size rows (0 when k == 0; NaN with no data)."""
-        if k == 0:
-            return 0.0
-        points = sorted((b, statistics.median(s)) for b, s in self.draft_ms_per_token.items() if s)
-        return k * _interpolate(points, batch_size)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "target_ms": {f"{b}x{w}": statistics.median(s) for (b, w), s in sorted(self.target_ms.items()) if s},
-            "draft_ms_per_token": {
-                str(b): statistics.median(s) for b, s in sorted(self.draft_ms_per_token.items()) if s
-            },
-        }
-
-
-def _interpolate(points: Sequence[tuple[int, float]], x: int) -> float:
-    """Piecewise-linear through (x, y) points sorted by x, extrapolated linearly beyond the ends (never below 0).
-
-    With one point, y is taken as proportional to x: the pessimistic guess (no
-    data about how cost grows must not make more work look free).
-    """
-    if not points:
-        return math.nan
-    if len(points) == 1:
-        return points[0][1] * x / points[0][0]
-    i = next((i for i in range(len(points) - 1) if x <= points[i + 1][0]), len(points) - 2)
-    (x0, y0), (x1, y1) = points[i], points[i + 1]
-    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
-
-
-def _monotone(points: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
-    """Running maximum of y over sorted x: more tokens per row never cost less (noise aside)."""
-    out, top = [], 0.0
-    for x, y in points:
-        top = max(top, y)
-        out.append((x, top))
-    return out
-
-
-@torch.inference_mode()
-def calibrate(
-    target,
-    drafter: Drafter | Drafter | None,
-    prompts: Sequence[Sequence[int]],
-    batch_sizes: Sequence[int],
-    k_max: int,
-    repeats: int = CALIBRATION_REPEATS,
-    cost: CostModel | None = None,
-    constraint: Constraint | None = None,
-) -> CostModel:
-    """Time target verify passes of B rows x w tokens (w = 1..k_max+1), and drafting, over the real prompts.
-
-    For each batch size the prompts (cycled to B rows) are prefilled; a pass of w
-    tokens per row is timed and rolled back (its slots become holes and are
-    cut), ``repeats`` times per (B, w). The drafter then proposes k_max tokens
-    per row from the same prompts, timed after one untimed proposal that fills
-    its cache; under a constraint each row drafts under its own fresh matcher.
-    Adds to ``cost`` (default a new CostModel) and returns it.
-    """
-    cost = CostModel() if cost is None else cost
-    model = target.model
-    device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    drafter = as_batch_drafter(drafter)
-    generator = torch.Generator().manual_seed(0)
-    sampling = DecodeConfig().sampling
-    for batch_size in batch_sizes:
-        rows = [torch.as_tensor(list(prompts[i % len(prompts)]), dtype=torch.long) for i in range(batch_size)]
-        cache = RaggedCache(model, batch_size)
-        cache.forward(rows)
-        lengths = list(cache.lengths)
-        for width in range(1, k_max + 2):
-            new_tokens = list(torch.randint(0, vocab, (batch_size, width), generator=generator))  # B x [w]
-            for _ in range(repeats):
-                start = time.perf_counter()
-                cache.forward(new_tokens)
-                sync_device(device)
-                cost.target_ms[(batch_size, width)].append((time.perf_counter() - start) * 1e3)
-                cache.keep(lengths)
-                cache.trim()
-        if drafter is not None and k_max > 0:
-            drafter.reset(batch_size)
-            grammars = [None if constraint is None else constraint.new_state() for _ in rows]
-            contexts = [DraftContext(row, row.shape[0], k_max, sampling, grammar=g) for row, g in zip(rows, grammars)]
-            drafter.propose(contexts)  # untimed: fills the draft's cache
-            for _ in range(repeats):
-                drafter.observe([0] * batch_size)
-                start = time.perf_counter()
-                drafter.propose(contexts)
-                sync_device(device)
-                cost.draft_ms_per_token[batch_size].append((time.perf_counter() - start) * 1e3 / k_max)
-    return cost
-
-
-# ---------------------------------------------------------------- policy
-
-
-@dataclass
-class AutoK:
-    """Picks K per batch size (0 = speculation off) from a cost model and measured acceptance.
-
-    acceptance: Leviathan's a (per drafted token), fitted from a measured mean
-        acceptance length; NaN when nothing was drafted yet (then K = 0).
-    draft_rate: fraction of steps at which the drafter proposes anything (prompt
-        lookup misses; model drafters 1.0).
-    k_max: the largest K considered.
-    min_gain: speculation is switched on only when predicted to pay by more than
-        this fraction, and a K other than k_max is taken only when predicted to
-        beat the current choice by as much (timing noise on a shared machine
-        must not switch it on or move it between near-equal Ks).
-
-    Callable: ``policy(batch_size) -> K``, usable as ``decode_batch(k_policy=...)``.
-    """
-
-    cost: CostModel
-    acceptance: float
-    draft_rate: float = 1.0
-    k_max: int = 4
-    min_gain: float = 0.05
-
-    @classmethod
-    def from_stats(cls, cost: CostModel, stats: SpecDecodingStats, k: int, k_max: int | None = None) -> "AutoK":
-        """Fit a from stats measured at K = k (mean acceptance length), and the draft rate."""
-        mean_length = stats.mean_acceptance_length
-        acceptance = math.nan if math.isnan(mean_length) else acceptance_from_mean_length(min(mean_length, k + 1), k)
-        draft_rate = stats.num_drafts / stats.target_forward_passes if stats.target_forward_passes else 1.0
-        return cls(cost, acceptance, draft_rate, k if k_max is None else k_max)
-
-    def expected_tokens_per_step(self, k: int) -> float:
-        if k == 0 or math.isnan(self.acceptance):
-            return 1.0
-        return self.draft_rate * expected_tokens_per_step(self.acceptance, k) + (1.0 - self.draft_rate)
-
-    def step_ms(self, batch_size: int, k: int) -> float:
-        return self.cost.target(batch_size, k + 1) + self.cost.draft(batch_size, k)
-
-    def predicted_speedup(self, batch_size: int, k: int) -> float:
-        """Predicted tokens per ms at K over tokens per ms with speculation off (NaN without costs)."""
-        off = 1.0 / self.step_ms(batch_size, 0)
-        return (self.expected_tokens_per_step(k) / self.step_ms(batch_size, k)) / off
-
-    def choose(self, batch_size: int) -> int:
-        """The K (0 = off) to run at this batch size, with hysteresis against a noisy cost model.
-
-        Speculation at the configured K (k_max) is switched on when predicted to
-        beat off by more than min_gain; any other K in 1..k_max is taken only when
-        predicted to beat the current choice by more than min_gain again. A small
-        calibration's noise then cannot move the choice between near-equal Ks
-        (measured: a noisy calibration once picked K=2 whose latency was 1.36x
-        that of K=4). Without data, 0.
-        """
-        preferred = self.predicted_speedup(batch_size, self.k_max)
-        best_k, best = (self.k_max, preferred) if preferred > 1.0 + self.min_gain else (0, 1.0)
-        for k in range(1, self.k_max + 1):
-            speedup = self.predicted_speedup(batch_size, k)
-            if not math.isnan(speedup) and speedup > best * (1.0 + self.min_gain):
-                best_k, best = k, speedup
-        return best_k
-
-    __call__ = choose
 
 
 # ---------------------------------------------------------------- results
@@ -438,7 +230,7 @@ class SweepResult:
     settings: dict[str, Any]
     results: list[BatchSizeResult]
     cost: CostModel
-    peer: dict[str, Any] | None = None  # transformers' assisted generation at batch 1 (``lab.bench``), if run
+    peer: dict[str, Any] | None = None  # transformers' assisted generation at batch 1 (``lab.studies.peer``), if run
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -559,7 +351,7 @@ def run_sweep(
     batch_sizes: ascending; each batch size decodes max(len(prompts), B)
         requests rounded up to whole batches, prompts cycled.
     k_max: largest K the policy may pick (default config.k).
-    calibration: time verify passes first (``calibrate``); without it the
+    calibration: time verify passes first (``lab.studies.auto_k.time_batch_passes``); without it the
         policy starts from the sweep's own steps only (and picks 0 at the first
         batch size, having no costs for K > 0 yet).
     warmup: run one small untimed batch first (kernels, allocator), whose
@@ -635,7 +427,7 @@ def run_sweep(
             if cancel():
                 return stopped()
             report(0.02, f"calibrating step costs at batch size {batch_size}")
-            calibrate(target, drafter, prompts, [batch_size], k_max, cost=cost, constraint=constraint)
+            time_batch_passes(target, drafter, prompts, [batch_size], k_max, cost=cost, constraint=constraint)
 
     greedy = config.sampling.is_greedy
     batch_1_outputs: dict[int, list[int]] = {}

@@ -26,11 +26,7 @@ and why it chose.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +34,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from lab.theory import expected_tokens_per_step
+from lab.hardware import machine_info, machine_key, resolve_device
+from lab.studies.passes import PassCosts, time_passes
 
 DEFAULT_PRECISIONS = ("bf16", "fp32")
 DEFAULT_KS = (1, 2, 3, 4, 6, 8)
@@ -46,62 +43,36 @@ DEFAULT_KS = (1, 2, 3, 4, 6, 8)
 # Qwen2.5-Coder 0.5B -> 1.5B pair accepts 72 % of drafted tokens at K=2 (a ~ 0.8), prompt lookup on SmolLM2
 # 30 % (a ~ 0.4), layer skip under 1 %.
 PRIOR_ACCEPTANCE = {"draft-model": 0.8, "prompt-lookup": 0.4, "layer-skip": 0.02}
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 Progress = Callable[[float, str], None]
 
 
-def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """What decides pass costs here: CPU model and its bf16-relevant flags, torch, threads, GPU name."""
-    device = torch.device(device)
-    flags: list[str] = []
-    cpu = platform.processor() or platform.machine()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                present = set(line.split(":", 1)[1].split())
-                flags = [f for f in CPU_FLAGS if f in present]
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_flags": flags,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-    }
-
-
-def machine_key(info: dict[str, Any]) -> str:
-    """A short stable name for a machine (hash of ``machine_info``)."""
-    return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
-
-
 @dataclass
 class PrecisionTimings:
-    """Measured at one precision. Times in ms (medians); v(K) and c in target steps."""
+    """Measured at one precision. Times in ms (medians); v(K) and c in target steps (``lab.studies.passes.PassCosts``)."""
 
     precision: str
     target_step_ms: float
     verify_ms: dict[int, float]  # K -> one target pass over K+1 tokens
     draft_step_ms: float | None = None  # one draft pass over 1 token; None: no draft model (c = 0)
 
+    @property
+    def costs(self) -> PassCosts:
+        """These timings in the lab's one cost vocabulary (batch 1: the draft's step is its cost per token)."""
+        return PassCosts(self.target_step_ms, self.verify_ms, self.draft_step_ms)
+
     def v(self, k: int) -> float:
         """Verify cost in target steps: verify_ms[K] / target_step_ms."""
-        return self.verify_ms[k] / self.target_step_ms
+        return self.costs.v(k)
 
     @property
     def c(self) -> float:
         """The draft's cost per drafted token in target steps (0 without a draft model)."""
-        return 0.0 if self.draft_step_ms is None else self.draft_step_ms / self.target_step_ms
+        return self.costs.c
 
     def ms_per_token(self, k: int, acceptance: float) -> float:
         """Predicted ms per generated token of speculation at K: step x (K c + v(K)) / E[tokens per step]."""
-        return self.target_step_ms * (k * self.c + self.v(k)) / expected_tokens_per_step(acceptance, k)
+        return self.costs.ms_per_token(k, acceptance)
 
 
 @dataclass
@@ -192,68 +163,9 @@ class Calibration:
                            data.get("wall_s", 0.0))
 
 
-def time_passes(
-    model: torch.nn.Module,
-    widths: Sequence[int],
-    context_tokens: int = 128,
-    repeats: int = 5,
-    mode: str = "eager",
-    batch_size: int = 1,
-    backend: str = "inductor",
-) -> dict[int, float]:
-    """Median ms of one forward pass of each width after a cache of ``context_tokens`` random tokens.
-
-    model: a causal LM. mode: ``lab.kv``'s "eager" (DynamicCache), "static"
-    (StaticCache) or "compiled" (StaticCache, the pass through
-    ``compiled_forward(model, backend)``: CUDA graphs on a GPU). batch_size: rows
-    per pass, each with the same context. The cache is cropped back after every
-    pass, so each pass sees the same context; one untimed round first (it
-    compiles, in the compiled mode). Returns {width: ms}.
-    Raises ValueError for widths < 1, repeats < 1, an empty context or an unknown mode.
-    """
-    from transformers import DynamicCache, StaticCache
-
-    from lab.kv import keep_last
-    from lab.decode import sync_device
-    from lab.kv import STATIC_LENGTH_STEP, compiled_forward
-
-    if context_tokens < 1 or repeats < 1 or batch_size < 1 or any(w < 1 for w in widths):
-        raise ValueError(f"time_passes requires context >= 1, repeats >= 1, batch >= 1, widths >= 1; got "
-                         f"{context_tokens}, {repeats}, {batch_size}, {list(widths)}")
-    if mode not in ("eager", "static", "compiled"):
-        raise ValueError(f"time_passes requires mode 'eager', 'static' or 'compiled'; got {mode!r}")
-    device = next(model.parameters()).device
-    if mode == "eager":
-        cache = DynamicCache(config=model.config)
-    else:
-        length = -(-(context_tokens + max(widths)) // STATIC_LENGTH_STEP) * STATIC_LENGTH_STEP
-        cache = StaticCache(config=model.config, max_cache_len=length)
-    forward = compiled_forward(model, backend) if mode == "compiled" else model.forward
-    graphs = mode == "compiled" and device.type == "cuda"
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    with torch.inference_mode():
-        context = torch.randint(vocab, (1, context_tokens), generator=generator).repeat(batch_size, 1).to(device)
-        model(context, cache=cache, use_cache=True, logits_to_keep=keep_last(1, context_tokens, device))
-        timings: dict[int, list[float]] = {w: [] for w in widths}
-        for round_ in range(repeats + 1):  # round 0 warms up (and compiles)
-            for w in widths:  # interleaved: a drift of the machine's speed hits every width alike
-                tokens = torch.randint(vocab, (batch_size, w), generator=generator).to(device)
-                sync_device(device)
-                start = time.perf_counter()
-                if graphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                forward(tokens, cache=cache, use_cache=True)
-                sync_device(device)
-                if round_:
-                    timings[w].append((time.perf_counter() - start) * 1e3)
-                cache.crop(-w)
-    return {w: statistics.median(ts) for w, ts in timings.items()}
-
-
 def measure_precision(target_model, draft_model, precision: str, ks: Sequence[int],
                       context_tokens: int, repeats: int) -> PrecisionTimings:
-    """``PrecisionTimings`` for already loaded models in one precision (see :func:`time_passes`)."""
+    """``PrecisionTimings`` for already loaded models in one precision (see ``lab.studies.passes.time_passes``)."""
     widths = sorted({1, *(k + 1 for k in ks)})
     target_ms = time_passes(target_model, widths, context_tokens, repeats)
     draft_ms = None if draft_model is None else time_passes(draft_model, [1], context_tokens, repeats)[1]
@@ -295,7 +207,8 @@ def calibrate(
     Raises ValueError for bad K, acceptance or precision; ``lab.models.ModelError``
     when a model cannot be loaded.
     """
-    from lab.models import _stage, load_model, resolve_device
+    from lab.models import load_model
+    from lab.models.presets import _stage
 
     drafter = drafter or ("draft-model" if draft is not None else "prompt-lookup")
     if drafter == "draft-model" and draft is None:
@@ -345,8 +258,6 @@ def calibrate(
 def cached_calibration(target: str, draft: str | None = None, drafter: str | None = None,
                        device: str | torch.device = "auto") -> Calibration | None:
     """The calibration cached for this machine and pair, or None (nothing is timed)."""
-    from lab.models import resolve_device
-
     drafter = drafter or ("draft-model" if draft is not None else "prompt-lookup")
     return _read(calibration_path(str(target), None if draft is None else str(draft), drafter,
                                   machine_info(resolve_device(device))))
@@ -358,55 +269,3 @@ def _read(path: Path) -> Calibration | None:
         return Calibration.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-# The host probe's shape: a Qwen2.5-1.5B MLP projection read by 1 and by 5 token rows.
-PROBE_IN, PROBE_OUT, PROBE_ROWS = 1536, 8960, (1, 5)
-
-
-def probe_float_precision(device: str | torch.device = "cpu", repeats: int = 15) -> dict[str, Any]:
-    """Which float precision decodes faster on this host, from a one-second matmul probe (no model needed).
-
-    Times ``x @ W.T`` with W [8960, 1536] (a 1.5B model's MLP projection) for 1
-    and 5 rows of x, in bf16 and fp32, medians of ``repeats``. A pass of a real
-    model is dominated by such products, so the probe tells whether bf16 runs
-    natively (cheaper than fp32: half the bytes read) or is emulated (dearer).
-    Returns {"precision": the faster at 5 rows, "ms": {precision: {rows: ms}}}.
-    On CUDA the answer is bf16 where supported, else fp16, without timing.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return {"precision": "bf16" if torch.cuda.is_bf16_supported() else "fp16", "ms": {}}
-    generator = torch.Generator().manual_seed(0)
-    weight32 = torch.randn(PROBE_OUT, PROBE_IN, generator=generator)
-    ms: dict[str, dict[int, float]] = {}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        weight = weight32.to(dtype)
-        ms[name] = {}
-        for rows in PROBE_ROWS:
-            x = torch.randn(rows, PROBE_IN, generator=generator).to(dtype)
-            times = []
-            for i in range(repeats + 1):
-                start = time.perf_counter()
-                torch.nn.functional.linear(x, weight)
-                if i:
-                    times.append((time.perf_counter() - start) * 1e3)
-            ms[name][rows] = statistics.median(times)
-    rows = PROBE_ROWS[-1]
-    return {"precision": min(ms, key=lambda name: ms[name][rows]), "ms": ms}
-
-
-_PROBED: dict[str, dict[str, Any]] = {}
-
-
-def host_probe(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """``probe_float_precision(device)``, measured once per process and device."""
-    key = str(torch.device(device))
-    if key not in _PROBED:
-        _PROBED[key] = probe_float_precision(device)
-    return _PROBED[key]
-
-
-def host_float_precision(device: str | torch.device = "cpu") -> str:
-    """The float precision the host probe found faster (see :func:`probe_float_precision`)."""
-    return host_probe(device)["precision"]

@@ -5,9 +5,9 @@ An *arm* is one way to run speculation: a precision, an engine mode
 target-alone baseline, which runs through the same engine. Prompt by prompt,
 every group runs its baseline and then each of its arms, so a drift in the
 machine's speed hits every arm alike. Each group's runs pool into a
-``lab.compare.Comparison``, whose summary gives acceptance, speedup, the draft
+``lab.studies.compare.Comparison``, whose summary gives acceptance, speedup, the draft
 cost c, the bare verify cost v(K), Leviathan's prediction from the measured a
-and c and the efficiency against it (see ``lab.compare``).
+and c and the efficiency against it (see ``lab.studies.compare``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from typing import Any
 
 import pandas as pd
 
-from lab.compare import BASELINE, Comparison, DrafterSpec, _compare_with_baseline, _one_run, measure_verify_cost
+from lab.studies.compare import BASELINE, Comparison, DrafterSpec, _compare_with_baseline, _one_run, measure_verify_cost
 from lab.config import DecodeConfig
 from lab.drafters import make_drafter
-from lab.models import encode_prompt, load_model, model_precision
+from lab.hardware import model_precision
+from lab.models import encode_prompt, load_model
 
 Progress = Callable[[float, str], None]
 

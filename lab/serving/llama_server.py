@@ -4,7 +4,7 @@
 llama.cpp source vendored in the pinned llama-cpp-python sdist and caches it
 at ``cache_dir() / llama-server-<version> / bin / llama-server``
 (``$LAB_LLAMA_SERVER`` points elsewhere). :class:`LlamaServer` starts it on
-127.0.0.1 at a free port with ``--metrics`` (so ``lab.serving`` can read its
+127.0.0.1 at a free port with ``--metrics`` (so ``lab.serving.client`` can read its
 ``llamacpp:spec_decode_*`` counters) and, given a draft, with speculation on:
 ``-md DRAFT --spec-type draft-simple --spec-draft-n-max K --spec-draft-p-min 0``
 (p-min 0: always draft K tokens, as the lab's engine does). Without a draft it
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import httpx
 
-from lab.models import ModelError, ModelPreset, PresetLike, _copy_and_hash, _exclusive, _stage, cache_dir, get_preset, package_file
+from lab.models.prepare import _copy_and_hash, _exclusive
+from lab.models.presets import ModelError, ModelPreset, PresetLike, _stage, cache_dir, get_preset, package_file
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # keep equal to scripts/build_llama_server.sh
 BUILD_COMMAND = "bash scripts/build_llama_server.sh"

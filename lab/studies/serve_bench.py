@@ -9,7 +9,7 @@ requests were sent or ``max_level_s`` passed (no request starts after that; each
 is bounded by its own timeout). Prompts are cycled in order. Endpoints run one
 at a time, alternating which goes first from level to level, so drift on a
 shared machine hits both alike; ``/metrics`` is scraped before and after each
-run and the speculation counters diffed (``lab.serving``).
+run and the speculation counters diffed (``lab.serving.client``).
 
 Per endpoint and level (:func:`summarize`), named as ``vllm bench serve`` names
 them: completed, failed, duration (s), total_input_tokens,
@@ -29,7 +29,7 @@ Per level, comparing the first endpoint (on) with the second (off):
 latency_speedup = off median e2el / on median e2el (> 1: a user waits less with
 speculation), throughput_speedup = on output_throughput / off output_throughput.
 The crossover is the smallest concurrency whose latency speedup is below 1, as
-on the Batch page (``lab.sweep``); the throughput crossover likewise.
+on the Batch page (``lab.studies.batch_sweep``); the throughput crossover likewise.
 
 A level where every request of one endpoint failed stops the sweep
 (``stopped`` says why); finished levels are kept. ``should_stop()`` is polled
@@ -51,8 +51,8 @@ from typing import Any
 import httpx
 
 from lab.prompts import Prompt
-from lab.sweep import percentile  # the Batch page's percentile: the same numbers both ways
-from lab.serving import (
+from lab.studies.batch_sweep import percentile  # the Batch page's percentile: the same numbers both ways
+from lab.serving.client import (
     Endpoint,
     EndpointInfo,
     MetricsSnapshot,
@@ -220,7 +220,7 @@ def acceptance(records: Sequence[RequestRecord], counters: SpecCounters | None, 
 class ServeBench:
     """A finished (or stopped) sweep. settings: what was asked; engines: label -> what each server said;
     runs: every finished (endpoint, level) run; stopped: why the sweep ended early ("" when it did not);
-    lab: the lab's own engine on the same prompts (``run_lab_reference``), when run."""
+    lab: the lab's own engine on the same prompts (``lab.studies.serve_reference.run_lab_reference``), when run."""
 
     settings: dict
     engines: dict[str, dict] = field(default_factory=dict)
@@ -326,7 +326,7 @@ def run_serve_bench(
 
     Raises:
         ValueError: no endpoints, no prompts, a level < 1, rounds < 1, max_level_s <= 0.
-        lab.serving.ServeError: an endpoint cannot be reached, answers /v1/models
+        lab.serving.client.ServeError: an endpoint cannot be reached, answers /v1/models
             with an error, or does not serve the model asked for (checked first;
             nothing is sent then).
     """
@@ -453,65 +453,7 @@ async def run_level(
                     counters=counters_between(before, after), gauges=dict(after.gauges) if after else {})
 
 
-# ---------------------------------------------------------------- the lab's own engine, same prompts
-
-
-def run_lab_reference(
-    target: str,
-    draft: str,
-    prompts: Sequence[Prompt],
-    k: int,
-    max_new_tokens: int,
-    chat_template: bool = True,
-    dtype: str | None = None,
-    progress: Progress | None = None,
-) -> dict:
-    """The lab's own decoder on the same prompts, target alone and with the draft model at K, greedy, batch 1.
-
-    target / draft: presets or model folders (``lab.models.load_model``).
-    Returns tokens_per_s for each (pooled: all tokens / all seconds), their
-    ratio as speedup, and acceptance (vLLM's conventions, ``lab.metrics``):
-    acceptance_rate (fraction), mean_acceptance_length, per_position_acceptance.
-    Each prompt runs once untimed first (warm-up), then off and on alternately.
-
-    Raises ``lab.models.ModelError`` for a model that cannot be loaded or a
-    draft whose tokenizer differs from the target's.
-    """
-    from lab.config import DecodeConfig
-    from lab.drafters import make_drafter
-    from lab.decode import run
-    from lab.metrics import SpecDecodingStats
-    from lab.models import check_same_tokenizer, encode_prompt, load_model, model_precision
-
-    report = progress or (lambda fraction, message: None)
-    report(0.0, f"loading {target} and {draft}")
-    target_model = load_model(target, dtype=dtype)
-    draft_model = load_model(draft, dtype=dtype)
-    check_same_tokenizer(target_model, draft_model)
-    config = DecodeConfig(k=k, max_new_tokens=max_new_tokens)
-    drafter = make_drafter("draft-model", target_model, draft=draft_model)
-    ids = [encode_prompt(target_model, p.text, chat_template) for p in prompts]
-    run(target_model, ids[0], drafter, DecodeConfig(k=k, max_new_tokens=4))  # warm-up
-    off, on = SpecDecodingStats(), SpecDecodingStats()
-    same = 0
-    for i, prompt_ids in enumerate(ids):
-        order = [(off, None), (on, drafter)] if i % 2 == 0 else [(on, drafter), (off, None)]
-        outputs = {}
-        for stats, source in order:
-            result = run(target_model, prompt_ids, source, config)
-            stats.merge(result.stats)
-            outputs[source is None] = result.token_ids
-        same += outputs[True] == outputs[False]
-        report((i + 1) / len(ids), f"lab engine: prompt {i + 1}/{len(ids)}")
-    return _clean({
-        "target": target, "draft": draft, "k": k, "max_new_tokens": max_new_tokens,
-        "precision": model_precision(target_model), "prompts": len(ids),
-        "tokens_per_s_off": off.tokens_per_s, "tokens_per_s_on": on.tokens_per_s,
-        "speedup": _ratio(on.tokens_per_s, off.tokens_per_s),
-        "acceptance_rate": on.acceptance_rate, "mean_acceptance_length": on.mean_acceptance_length,
-        "per_position_acceptance": on.per_position_acceptance_rate,
-        "outputs_identical": same,
-    })
+# ---------------------------------------------------------------- the engine's side of the lab comparison
 
 
 def engine_reference(bench: ServeBench, level: int = 1) -> dict | None:
