@@ -50,7 +50,8 @@ ENGINE_HELP = (
     "short draft is padded); rollback only moves the cache position. compiled: static, with each width captured "
     "once by torch.compile (CUDA graphs on a GPU, the GPU default: there the host, not the weights, sets an eager "
     "step, and a small draft costs as much as the target). The first compiled run compiles (tens of seconds). The "
-    "output is the same in every mode. The Batch page's batched engine always runs eagerly."
+    "output is the same in every mode. Every page runs the same loop in this mode, the Batch page at every batch size "
+    "(static and compiled keep batches in power-of-two buckets, one captured graph per width and bucket)."
 )
 
 

@@ -106,7 +106,7 @@ def decode_batch(
     naive = constraint is not None and config.grammar_mode == "naive"
     eos = set(target.eos_token_ids)
     drafter = as_batch_drafter(drafter)
-    mode = _engine_mode(config, device, drafter)
+    mode = loop_engine_mode(config, device, drafter)
     widest = (max(config.k, K_MAX if k_policy else 0) + 1) if drafter is not None else 1
     max_length = max(q.prompt.numel() + q.budget for q in requests) + widest  # what a static cache must hold
     if drafter is not None:
@@ -240,9 +240,14 @@ def decode(
             yield event.rows[0].finished
 
 
-def _engine_mode(config: DecodeConfig, device: torch.device, drafter: Drafter | None) -> str:
-    """The resolved engine mode; the compiled mode with a drafter that hooks the target's passes is refused
-    when asked for by name, and falls back to static under "auto"."""
+def loop_engine_mode(config: DecodeConfig, device: torch.device | str, drafter: Drafter | RowDrafter | None) -> str:
+    """The engine mode the loop runs in for this config, device and drafter ("eager", "static" or "compiled").
+
+    "auto" is compiled on CUDA and eager elsewhere; the compiled mode with a
+    drafter that hooks the target's passes (EAGLE) falls back to static under
+    "auto", and raises ValueError when asked for by name.
+    """
+    device = torch.device(device)
     mode = resolve_engine_mode(config.engine_mode, device)
     if mode == "compiled" and getattr(drafter, "reads_target_passes", False):
         # The drafter records the target's passes through forward hooks, which a captured pass does not run.

@@ -250,7 +250,8 @@ def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime
     sizes = sorted(int(b) for b in s[key("batch.batch_sizes")])
     if not sizes:
         raise ValueError("No batch sizes: pick at least one (1 and a few larger ones show the crossover).")
-    config = DecodeConfig(k=int(s[key("batch.k")]), max_new_tokens=int(s[key("batch.max_new_tokens")]))
+    config = DecodeConfig(k=int(s[key("batch.k")]), max_new_tokens=int(s[key("batch.max_new_tokens")]),
+                          engine_mode=runtime.engine)
     target_name, drafter_name = s[key("batch.target")], s[key("batch.drafter")]
     draft_name = widgets.checked_draft(target_name, draft) if drafter_name == "draft-model" else None
     exit_layer = s[key("batch.exit_layer")] if drafter_name == "layer-skip" else None
@@ -321,8 +322,8 @@ def describe(sweep: dict) -> str:
     constraint = render_batch.constraint_text(sweep)
     trimmed = f" (top {settings['draft_vocab']:,} tokens)" if settings.get("draft_vocab") else ""
     return (f"target `{settings.get('target')}`{draft} · {sweep.get('drafter')}{trimmed}, K={sweep.get('k')} · {precision} on "
-            f"{settings.get('device')} · up to {settings.get('max_new_tokens')} new tokens · "
-            f"{render.count(int(settings.get('num_prompts') or 0), 'prompt')}"
+            f"{settings.get('device')}, {settings.get('engine', 'eager')} engine · up to {settings.get('max_new_tokens')} "
+            f"new tokens · {render.count(int(settings.get('num_prompts') or 0), 'prompt')}"
             + (f" · constrained to {constraint}" if constraint else ""))
 
 

@@ -82,6 +82,7 @@ def add_bench(commands) -> None:
                        help="skip transformers' assisted generation at batch 1 on the same models and prompts "
                        "(run by default, after the sweep, as the peer)")
     add_constraint_arguments(bench)
+    add_engine_argument(bench)
     bench.set_defaults(handler=_cmd_bench)
 
 
@@ -215,7 +216,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-sizes requires comma-separated integers, e.g. 1,2,4,8; got {args.batch_sizes!r}") from None
     if not batch_sizes or min(batch_sizes) < 1:
         raise UsageError(f"--batch-sizes requires integers >= 1; got {args.batch_sizes!r}")
-    config = DecodeConfig(k=args.k, max_new_tokens=args.max_new_tokens)
+    config = DecodeConfig(k=args.k, max_new_tokens=args.max_new_tokens, engine_mode=args.engine)
     prompts = load_prompt_sets(args.prompts)[: args.n]
     if not prompts:
         raise UsageError(f"the prompt sets {' '.join(args.prompts)} hold no prompts: choose others")

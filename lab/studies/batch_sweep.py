@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.drafters import Drafter, as_batch_drafter, make_drafter
-from lab.decode import BatchResult, run_batch
+from lab.decode import BatchResult, loop_engine_mode, run_batch
 from lab.config import K_MAX, DecodeConfig
 from lab.grammar import Constraint, ConstraintSpec
 from lab.hardware import dtype_precision, model_precision
@@ -290,7 +290,8 @@ def format_sweep(sweep: SweepResult) -> str:
         precision += f", draft {settings['draft_precision']}"
     constraint = f", constrained to {settings['constraint']['kind']}" if settings.get("constraint") else ""
     lines = [
-        f"{sweep.drafter}, K={sweep.k}: batch-size sweep ({precision}, {settings.get('device')}{constraint})",
+        f"{sweep.drafter}, K={sweep.k}: batch-size sweep ({precision}, {settings.get('device')}, "
+        f"{settings.get('engine', 'eager')} engine{constraint})",
         f"{'B':>3} {'latency p50 off/on':>19} {'p95 off/on':>15} {'TTFT p50 off/on':>17} {'tokens/s off/on':>17} "
         f"{'latency x':>9} {'tput x':>6}  {'acceptance per position':<24} {'auto K':>6} {'auto/best':>9}",
     ]
@@ -348,6 +349,9 @@ def run_sweep(
 
     target: a loaded model; prompts: token-id lists (chat template applied);
     drafter: the speculative side (a batch drafter or a single-row one, wrapped).
+    config: K, budget, sampling, and the engine mode (``config.engine_mode``:
+        "auto" is compiled on CUDA, eager on a CPU) that every run and the
+        calibration use; the settings record the resolved one.
     batch_sizes: ascending; each batch size decodes max(len(prompts), B)
         requests rounded up to whole batches, prompts cycled.
     k_max: largest K the policy may pick (default config.k).
@@ -390,7 +394,9 @@ def run_sweep(
     report = progress or (lambda fraction, message: None)
     model = target.model
     param = next(model.parameters())
+    engine = loop_engine_mode(config, param.device, drafter)
     settings = {
+        "engine": engine,
         "dtype": str(param.dtype).removeprefix("torch."),
         "device": str(param.device),
         "max_new_tokens": config.max_new_tokens,
@@ -427,7 +433,8 @@ def run_sweep(
             if cancel():
                 return stopped()
             report(0.02, f"calibrating step costs at batch size {batch_size}")
-            time_batch_passes(target, drafter, prompts, [batch_size], k_max, cost=cost, constraint=constraint)
+            time_batch_passes(target, drafter, prompts, [batch_size], k_max, cost=cost, constraint=constraint,
+                              engine_mode=engine, backend=config.compile_backend)
 
     greedy = config.sampling.is_greedy
     batch_1_outputs: dict[int, list[int]] = {}
@@ -548,19 +555,21 @@ def run_sweep_by_name(
     constraint: ConstraintSpec | Constraint | None = None,
     out: str | Path | None = None,
     progress: Progress | None = None,
+    engine: str = "auto",
 ) -> SweepResult:
     """Load models and prompt sets by name, then ``run_sweep`` (what ``python -m lab bench`` runs).
 
     target, draft: presets or folders (``lab.models.load_model``); drafter: a
     name of ``lab.drafters.DRAFTER_NAMES`` other than "none"; prompts: sources of
     ``lab.prompts.load_prompt_sets``; constraint: constrain every output (a spec
-    is compiled for the target's tokenizer). Greedy decoding. Writes the JSON to
-    out when given.
+    is compiled for the target's tokenizer); engine: the engine mode (``lab.kv``;
+    "auto": compiled on CUDA, eager on a CPU). Greedy decoding. Writes the JSON
+    to out when given.
     """
     from lab.models import encode_prompt, load_model
     from lab.prompts import load_prompt_sets
 
-    config = DecodeConfig(k=k, max_new_tokens=max_new_tokens)
+    config = DecodeConfig(k=k, max_new_tokens=max_new_tokens, engine_mode=engine)
     texts = [p.text for p in load_prompt_sets(list(prompts))]
     if not texts:
         raise ValueError(f"the prompt sets {list(prompts)} hold no prompts: choose others")
