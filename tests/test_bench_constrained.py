@@ -66,7 +66,21 @@ def test_bench_table_names_the_constraint(tiny_dirs, capsys):
     argv = bench(tiny_dirs, "--drafter", "layer-skip", "--exit-layer", "1", "--any-json")
     assert main(argv) == 0
     header = capsys.readouterr().out.splitlines()[0]
-    assert header == "layer-skip, K=3: batch-size sweep (fp32, draft fp32, cpu, constrained to any_json)"
+    assert header == "layer-skip, K=3: batch-size sweep (fp32, draft fp32, cpu, eager engine, constrained to any_json)"
+
+
+@pytest.mark.parametrize("engine", ["static", "compiled"])
+def test_bench_runs_the_sweep_in_the_static_and_compiled_engines_exactly(tiny_dirs, capsys, engine):
+    """--engine reaches every run of the sweep and its calibration; fp32 greedy outputs stay the target alone's."""
+    argv = bench(tiny_dirs, "--drafter", "draft-model", "--draft", tiny_dirs["draft"], "--engine", engine, "--json",
+                 "--no-peer")
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["settings"]["engine"] == engine
+    for row in result["results"]:
+        assert row["outputs_differ_on_vs_off"] == 0
+        assert row["on"]["outputs_differ_from_batch_1"] == 0
+        assert row["on"]["stats"]["num_draft_tokens"] > 0
 
 
 @pytest.mark.parametrize(
@@ -106,7 +120,7 @@ def test_unconstrained_sweep_records_precisions_and_no_constraint(tiny_dirs):
     assert sweep.settings["precision"] == "fp32" and sweep.settings["draft_precision"] is None
     assert sweep.settings["constraint"] is None
     assert sweep.results[0].on.outputs_valid is None and sweep.as_dict()["results"][0]["on"]["outputs_valid"] is None
-    assert format_sweep(sweep).splitlines()[0] == "prompt-lookup, K=2: batch-size sweep (fp32, cpu)"
+    assert format_sweep(sweep).splitlines()[0] == "prompt-lookup, K=2: batch-size sweep (fp32, cpu, eager engine)"
 
 
 def test_sweep_refuses_a_naive_grammar_mode(tiny_dirs):
