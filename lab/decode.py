@@ -114,7 +114,9 @@ def decode_batch(
 
     start = time.perf_counter()
     # Prefill: every prompt token but the last, in one pass (the logits are not needed).
-    cache = target_cache or new_kv_cache(model, len(requests), mode, max_length, config.compile_backend)
+    cache = target_cache
+    if cache is None:
+        cache = new_kv_cache(model, len(requests), mode, max_length, config.compile_backend)
     if any(q.prompt.numel() > 1 for q in requests):
         cache.forward([q.prompt[:-1] for q in requests], last_only=True)
     sync_device(device)
@@ -131,8 +133,8 @@ def decode_batch(
         t0 = time.perf_counter()
         drafts = [Draft.empty() for _ in rows]
         if drafter is not None and k_step > 0 and any(q.remaining > 1 for q in rows):
-            contexts = [q.draft_context(k_step, sampling, naive, mode, config.compile_backend, max_length) for q in rows]
-            drafts = drafter.propose(contexts)
+            backend = config.compile_backend
+            drafts = drafter.propose([q.draft_context(k_step, sampling, naive, mode, backend, max_length) for q in rows])
         sync_device(device)
         t1 = time.perf_counter()
 
@@ -518,7 +520,8 @@ def run_batch(
     for event in decode_batch(target, prompts, drafter, config, k_policy=k_policy, constraint=constraint):
         if isinstance(event, BatchFinished):
             result.rows = [
-                DecodeResult(list(row.finished.token_ids), row.finished.text, row.finished.reason, steps_of[r], stats[r])
+                DecodeResult(list(row.finished.token_ids), row.finished.text, row.finished.reason,
+                             steps_of[r], stats[r])
                 for r, row in enumerate(event.rows)
             ]
             result.first_token_s = [row.first_token_s for row in event.rows]

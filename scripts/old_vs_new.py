@@ -37,6 +37,8 @@ def import_lab(root: Path) -> dict:
         else:
             api = {"run": importlib.import_module("lab.engine").run,
                    "run_batch": importlib.import_module("lab.batch").run_batch}
+        sweep = "lab.studies.batch_sweep" if (root / "lab" / "studies").exists() else "lab.sweep"
+        api["run_sweep"] = importlib.import_module(sweep).run_sweep
         drafters = importlib.import_module("lab.drafters")
         api["make_drafter"] = drafters.make_drafter
         api["DecodeConfig"] = importlib.import_module("lab.config").DecodeConfig
@@ -66,6 +68,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--prompts", default="spec_bench:mix:8")
     parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead: the Batch sweep's speedups (latency and throughput, on over off) per batch "
+                             "size, whole sweeps in the order old, new, new, old, ...")
     args = parser.parse_args()
 
     old = import_lab(args.old.resolve())
@@ -85,6 +90,9 @@ def main() -> None:
           f"{args.max_new_tokens} new tokens, {len(prompts)} prompts, eager, greedy", flush=True)
 
     arms = {"old": old, "new": new}
+    if args.sweep:
+        sweeps(arms, target, draft, drafter_name, prompts, args)
+        return
     results: dict[tuple[str, int], list[tuple[float, float, int]]] = {}
     for repeat in range(args.repeats):
         for batch_size in args.batch_sizes:
@@ -113,6 +121,29 @@ def main() -> None:
             row[arm] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
             print(f"{batch_size:5d}  {arm:4s}  {row[arm][0]:16.1f}  {row[arm][1]:17.1f}")
         print(f"{batch_size:5d}  new/old ms per step: {row['new'][0] / row['old'][0]:.3f}")
+
+
+def sweeps(arms: dict, target, draft, drafter_name: str, prompts, args) -> None:
+    """Whole batch sweeps (off and on at config.k; calibration and auto as each version does), ABBA order."""
+    found: dict[str, list] = {"old": [], "new": []}
+    for repeat in range(args.repeats):
+        order = ["old", "new"] if repeat % 2 == 0 else ["new", "old"]
+        for arm in order:
+            api = arms[arm]
+            config = api["DecodeConfig"](k=args.k, max_new_tokens=args.max_new_tokens, engine_mode="eager")
+            drafter = api["make_drafter"](drafter_name, target, draft)
+            start = time.perf_counter()
+            sweep = api["run_sweep"](target, prompts, drafter, config, args.batch_sizes, draft=draft)
+            rows = {r.batch_size: (r.latency_speedup, r.throughput_speedup) for r in sweep.results}
+            found[arm].append(rows)
+            print(f"  repeat {repeat + 1} {arm}: " + "  ".join(f"B={b} latency {lat:.2f}x tput {tput:.2f}x"
+                                                            for b, (lat, tput) in rows.items())
+                  + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+    print("\nbatch  arm   latency speedup (median)  throughput speedup (median)")
+    for b in args.batch_sizes:
+        for arm in arms:
+            print(f"{b:5d}  {arm:4s}  {statistics.median(r[b][0] for r in found[arm]):24.2f}  "
+                  f"{statistics.median(r[b][1] for r in found[arm]):27.2f}")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 A drafter proposes only the new tokens, never prompt + draft, and says "no draft"
 with an empty proposal. The decode loop speaks one protocol, batched
 (``Drafter``); a drafter with nothing to batch is written for one row
-(``RowDrafter``) and reaches the loop through one adapter (``PerRowDrafter``). Model drafters return the per-token distributions they
-drew from; deterministic drafters (prompt lookup) return none, which verification
-treats as one-hot. Inputs travel in one ``DraftContext``: a new drafter's needs
+(``RowDrafter``) and reaches the loop through one adapter (``PerRowDrafter``).
+Model drafters return the per-token distributions they drew from; deterministic
+drafters (prompt lookup) return none, which verification treats as one-hot. Inputs travel in one ``DraftContext``: a new drafter's needs
 add a field there, not a keyword everywhere.
 """
 
@@ -37,7 +37,7 @@ class DraftContext:
         A drafter may advance it while drafting but must roll it back to where
         it found it before returning.
     engine_mode, compile_backend: how a model drafter runs its passes
-        (``lab.kv``: "eager", "static" or "compiled"; the engine resolves "auto").
+        (``lab.kv``: "eager", "static" or "compiled"; the loop resolves "auto").
     max_length: the most tokens a model drafter's cache must hold for this
         sequence (prompt + budget + K + 1), to size a static cache.
     """
