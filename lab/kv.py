@@ -527,8 +527,9 @@ class StaticKVCache:
             for layer, source in zip(self.storage.layers, old.layers):
                 if not layer.is_initialized:
                     layer.lazy_initialization(source.keys[:bucket], source.values[:bucket])
-                layer.keys[: len(rows)].copy_(source.keys.index_select(0, index))
-                layer.values[: len(rows)].copy_(source.values.index_select(0, index))
+                held = source.keys.shape[2]  # a pooled storage may be longer than the old one
+                layer.keys[: len(rows), :, :held].copy_(source.keys.index_select(0, index))
+                layer.values[: len(rows), :, :held].copy_(source.values.index_select(0, index))
             _give_back(self.model, batch_bucket(len(self.lengths)), old)
         else:
             for layer in layers:

@@ -318,3 +318,20 @@ def test_crop_cache_rolls_back_and_refuses_bad_lengths(tiny_target):
     assert cache.get_seq_length() == 2
     with pytest.raises(ValueError, match="0 <= length <= 2"):
         crop_cache(cache, 3)
+
+
+def test_rows_leaving_into_a_longer_pooled_storage_keep_their_tokens(tiny_target):
+    """A smaller bucket may come from the pool with a larger capacity: the live rows' K/V are copied in place."""
+    model = tiny_llama(seed=5, layers=1)
+    longer = StaticKVCache(model, 1, 600)  # bucket 1, capacity 768: goes back to the pool
+    with torch.inference_mode():
+        longer.forward([torch.tensor([1])])
+    longer.release()
+    cache = StaticKVCache(model, 2, 10)  # bucket 2, capacity 256
+    with torch.inference_mode():
+        cache.forward([torch.tensor(PROMPTS[0]), torch.tensor(PROMPTS[2])])
+        cache.select([1])  # bucket 1: the pooled 768-slot storage
+        assert cache.bucket == 1 and cache.capacity == 768
+        logits = cache.forward([torch.tensor([4])])
+        alone = model(torch.tensor([PROMPTS[2] + [4]])).logits[0, -1]
+    torch.testing.assert_close(logits[0, 0], alone, rtol=1e-4, atol=1e-4)
