@@ -59,6 +59,7 @@ def test_compare_page_after_a_real_run(page, served, tmp_path):
     page.get_by_role("heading", name="What each drafter costs").wait_for()
     charts = page.locator('[data-testid="stPlotlyChart"]')
     charts.first.locator(".main-svg").first.wait_for()  # plotly draws after the element arrives
+    charts.nth(3).wait_for()  # the page draws its charts one after another: wait for the fourth, then count
     assert charts.count() >= 4  # acceptance curves, speedup, against K, timeline
     assert page.get_by_role("button", name="Download JSON").count() == 1
     save_screenshot(page, tmp_path, "compare_page.png")
