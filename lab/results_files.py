@@ -35,7 +35,8 @@ STRING_OR_NULL = {"type": ["string", "null"]}
 RUN_METRICS = {
     "type": "object",
     "required": ["num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_position",
-                 "target_forward_passes", "num_output_tokens", "prefill_s", "draft_s", "verify_s", "wall_s"],
+                 "target_forward_passes", "num_output_tokens", "prefill_s", "draft_s", "verify_s", "wall_s",
+                 "acceptance_rate", "mean_acceptance_length", "tokens_per_s"],  # runs_frame reads these too
     "properties": {
         "num_drafts": AMOUNT, "num_draft_tokens": AMOUNT, "num_accepted_tokens": AMOUNT,
         "accepted_per_position": {"type": "array", "items": AMOUNT}, "per_position_acceptance_rate": NUMBERS_OR_NULL,
