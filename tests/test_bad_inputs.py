@@ -90,6 +90,17 @@ def test_a_bad_comparison_file_is_refused_naming_the_field(text, words):
     assert words in str(refused.value)
 
 
+def test_a_hand_edited_comparison_with_inconsistent_counters_summarises_to_nan():
+    # more accepted tokens than K per draft: a mean acceptance length above K+1 raised in Leviathan's fit
+    data = valid_comparison()
+    data["runs"][1]["metrics"] |= {"num_accepted_tokens": 40}
+    data["settings"]["verify_cost"] = {"3": 0.0}
+    data["runs"][1]["metrics"] |= {"draft_s": 0.0}
+    row = Comparison.from_json(json.dumps(data)).summary().iloc[0]
+    assert row["fitted_acceptance"] != row["fitted_acceptance"]  # NaN
+    assert row["predicted_speedup"] != row["predicted_speedup"]
+
+
 @pytest.mark.parametrize(
     "kind, data, words",
     [
