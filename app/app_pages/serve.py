@@ -23,7 +23,7 @@ from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlExcepti
 from app import inflight, render_serve, state, widgets
 from lab.prompts import Prompt, load_prompts
 from lab.studies.serve_bench import run_serve_bench
-from lab.serving.client import Endpoint, RequestSettings, ServeError
+from lab.serving.client import Endpoint, RequestSettings, ServeError, URLError
 
 RESULT_KEY = "serve:bench"
 UPLOAD_KEY = "serve:upload"
@@ -100,7 +100,14 @@ def endpoints() -> list[Endpoint]:
     urls = [(s[key("serve.on_url")].strip(), "on"), (s[key("serve.off_url")].strip(), "off")]
     if not urls[0][0]:
         raise ValueError("The endpoint with speculation on needs a URL, e.g. http://127.0.0.1:8080.")
-    return [Endpoint(url, model, s[key("serve.api")], label) for url, label in urls if url]
+    chosen = []
+    for url, label in urls:
+        if url:
+            try:
+                chosen.append(Endpoint(url, model, s[key("serve.api")], label))
+            except URLError as error:  # which box, then what is wrong with it
+                raise ValueError(f"Endpoint with speculation {label}: {error}.") from None
+    return chosen
 
 
 def run_page_bench(prompts: list[Prompt], slots: dict) -> inflight.InFlight:

@@ -44,12 +44,15 @@ from collections.abc import Sequence
 
 from lab.cli import generate, heads, measure, presets, serve
 from lab.cli.common import (
+    EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     ProgressLine,
     UsageError,
     _is_input_error,
+    _is_memory_error,
+    _memory_message,
     _one_line,
     _Parser,
 )
@@ -75,7 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except MemoryError as error:
+        print(f"error: {_memory_message(error)}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as error:  # noqa: BLE001 - only input errors are turned into exit 2
+        if _is_memory_error(error):
+            print(f"error: {_memory_message(error)}", file=sys.stderr)
+            return EXIT_FAILED
         if not _is_input_error(error):
             raise
         print(f"error: {_one_line(error)}", file=sys.stderr)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TextIO
 
 
-EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class UsageError(Exception):
@@ -30,6 +30,18 @@ def _is_input_error(error: Exception) -> bool:
     from lab.serving.client import ServeError
 
     return isinstance(error, (UsageError, ValueError, ModelError, FileNotFoundError, ServeError))
+
+
+def _is_memory_error(error: BaseException) -> bool:
+    """Out of memory on the host (MemoryError) or on the accelerator (``torch.OutOfMemoryError``)."""
+    import torch
+
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError))
+
+
+def _memory_message(error: BaseException) -> str:
+    return (f"out of memory ({type(error).__name__}): ask for fewer new tokens, a smaller batch or a smaller model "
+            "(or a quantised one: --target-quant nf4), or free the device, then run again")
 
 
 def _one_line(error: Exception) -> str:

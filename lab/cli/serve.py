@@ -50,8 +50,16 @@ def _cmd_serve_bench(args: argparse.Namespace) -> int:
     from lab.prompts import load_prompt_sets
     from lab.studies.serve_bench import format_serve_bench, run_serve_bench
     from lab.studies.serve_reference import run_lab_reference
-    from lab.serving.client import Endpoint, RequestSettings
+    from lab.serving.client import Endpoint, RequestSettings, URLError, check_url
 
+    for flag, url in (("--on", args.on), ("--off", args.off)):
+        if url is not None:
+            try:
+                check_url(url)
+            except URLError as error:
+                raise UsageError(f"{flag}: {error}") from None
+    if args.n is not None and args.n < 1:
+        raise UsageError(f"--n requires a number of prompts >= 1; got {args.n}")
     try:
         levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     except ValueError:

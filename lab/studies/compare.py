@@ -163,8 +163,8 @@ class Comparison:
             decode_speedup = _ratio(pooled["decode_tokens_per_s"], base_pooled["decode_tokens_per_s"])
             cost_ratio = _ratio(pooled["draft_s_per_draft_token"], base_pooled["verify_s_per_step"])
             verify_cost = _ratio(pooled["verify_s_per_step"], base_pooled["verify_s_per_step"])
-            alpha = acceptance_from_mean_length(pooled["mean_acceptance_length"], k) if not math.isnan(pooled["mean_acceptance_length"]) else math.nan
-            predicted = expected_speedup(alpha, k, cost_ratio) if not (math.isnan(alpha) or math.isnan(cost_ratio)) else math.nan
+            alpha = _fitted_acceptance(pooled["mean_acceptance_length"], k)
+            predicted = expected_speedup(alpha, k, cost_ratio) if not (math.isnan(alpha) or not cost_ratio >= 0) else math.nan
             draft_rate = _per(pooled["num_drafts"], pooled["target_forward_passes"])
             bare_v = float(self.settings.get("verify_cost", {}).get(str(k), math.nan))
             predicted_v = _predicted_with_verify_cost(alpha, k, cost_ratio, bare_v, draft_rate)
@@ -202,13 +202,14 @@ class Comparison:
 
     @staticmethod
     def from_json(text: str) -> "Comparison":
-        """Load a comparison saved by ``to_json``. Raises ValueError on a file that is not one."""
-        try:
-            data = json.loads(text)
-            runs = [RunRecord(**r) for r in data["runs"]]
-            return Comparison(data["settings"], list(data["prompts"]), runs)
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"This is not a comparison results file saved by the lab ({error}).") from error
+        """Load a comparison saved by ``to_json``, checked against its schema first (``lab.results_files``).
+
+        Raises ``lab.results_files.ResultsFileError`` (a ValueError) naming the first wrong field.
+        """
+        from lab.results_files import parse_results
+
+        data = parse_results(text, "comparison")
+        return Comparison(data["settings"], list(data["prompts"]), [RunRecord(**r) for r in data["runs"]])
 
     def to_csv(self) -> str:
         """The per-run table as CSV text; its ``prompt_index`` counts from 0, as in the JSON (the app shows 1-based)."""
@@ -386,12 +387,22 @@ def _pool(metrics: list[dict]) -> dict[str, Any]:
     }
 
 
+def _fitted_acceptance(mean_acceptance_length: float, k: int) -> float:
+    """The acceptance rate whose E(a, K) is the mean acceptance length; NaN when nothing was measured or the
+    length lies outside [1, K+1] (only a hand-edited results file has that)."""
+    if math.isnan(mean_acceptance_length) or not 1.0 <= mean_acceptance_length <= k + 1 + 1e-9:
+        return math.nan
+    return acceptance_from_mean_length(mean_acceptance_length, k)
+
+
 def _predicted_with_verify_cost(alpha: float, k: int, c: float, v: float, r: float) -> float:
-    """(r E(a, K) + 1 - r) / (r (K c + v) + 1 - r): Leviathan's speedup with a verify pass of v steps, drafting at a share r of steps."""
+    """(r E(a, K) + 1 - r) / (r (K c + v) + 1 - r): Leviathan's speedup with a verify pass of v steps, drafting at a
+    share r of steps; NaN when an input is missing or the cost is not positive."""
     if any(math.isnan(x) for x in (alpha, c, v, r)):
         return math.nan
     tokens = r * expected_tokens_per_step(alpha, k) + (1.0 - r)
-    return tokens / (r * (k * c + v) + (1.0 - r))
+    cost = r * (k * c + v) + (1.0 - r)
+    return tokens / cost if cost > 0 else math.nan
 
 
 def _decode_rate(m: dict) -> float:
