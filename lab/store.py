@@ -37,7 +37,7 @@ import math
 import os
 import re
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -360,6 +360,82 @@ class ResultsStore:
         if count == 0:
             raise KeyError(f"no stored run has id {run_id}")
         return count
+
+
+class RunSaver:
+    """One run being kept, as it goes: the way the CLI and the app save.
+
+    A short run calls ``finish(...)`` once. A long one calls ``begin()`` first
+    (the run is saved "partial" at once), ``part(...)`` for each finished part
+    (saved with parent_id = the run), and ``finish(...)`` at the end, which
+    sets its status, figures and payload; a run killed on the way stays
+    "partial" with the parts it finished.
+
+    store: None keeps nothing (``--no-save``). A store that fails (a corrupt
+    file, a full disk) never stops the run: ``on_error(message)`` is told once
+    and nothing more is saved.
+    """
+
+    def __init__(self, store: ResultsStore | None, kind: str, *, target: str | None = None, draft: str | None = None,
+                 device: str = "cpu", settings: dict[str, Any] | None = None,
+                 on_error: Callable[[str], None] | None = None) -> None:
+        _check_kind(kind)
+        self.store, self.kind, self.settings = store, kind, dict(settings or {})
+        self.models = {"target": target, "draft": draft}
+        self.device, self.on_error = device, on_error
+        self.id: int | None = None
+        self.part_ids: list[int] = []
+        self._machine: dict[str, Any] | None = None
+
+    def _try(self, action: Callable[[], Any]) -> Any:
+        if self.store is None:
+            return None
+        try:
+            return action()
+        except StoreError as error:
+            self.store = None  # told once; the run goes on unsaved
+            if self.on_error is not None:
+                self.on_error(str(error))
+            return None
+
+    def _fields(self) -> dict[str, Any]:
+        if self._machine is None:
+            from lab.hardware import machine_info
+
+            self._machine = machine_info(self.device)
+        return {"target": self.models["target"], "draft": self.models["draft"], "machine": self._machine}
+
+    def begin(self) -> int | None:
+        """Save the run as "partial" now (a long run, before its first part); returns its id."""
+        self.id = self._try(lambda: self.store.save_run(self.kind, settings=self.settings, status="partial",
+                                                        **self._fields()))
+        return self.id
+
+    def part(self, kind: str, figures: dict[str, Any], payload: Any = None,
+             settings: dict[str, Any] | None = None) -> int | None:
+        """Save one finished part of the run (kind e.g. "batch-size"), pointing at it; returns the part's id."""
+        if self.id is None and self.store is not None:
+            self.begin()
+        part_id = self._try(lambda: self.store.save_run(kind, settings=settings or self.settings, figures=figures,
+                                                        payload=payload, parent_id=self.id, **self._fields()))
+        if part_id is not None:
+            self.part_ids.append(part_id)
+        return part_id
+
+    def finish(self, figures: dict[str, Any], payload: Any = None, status: Status = "complete",
+               settings: dict[str, Any] | None = None, loaded: bool | None = None,
+               load_note: str | None = None) -> int | None:
+        """Save the finished run (or complete the one ``begin`` saved); returns its id (None: not saved)."""
+        if settings is not None:
+            self.settings = dict(settings)
+        if self.id is None:
+            self.id = self._try(lambda: self.store.save_run(
+                self.kind, settings=self.settings, figures=figures, payload=payload, status=status, loaded=loaded,
+                load_note=load_note, **self._fields()))
+        else:
+            self._try(lambda: self.store.update_run(self.id, status=status, settings=self.settings, figures=figures,
+                                                    payload=payload, loaded=loaded, load_note=load_note))
+        return self.id if self.store is not None else None
 
 
 # ---------------------------------------------------------------- module-level API on the default store

@@ -60,6 +60,20 @@ class TinyLM:
     name: str = "tiny"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def results_store_in_tmp(tmp_path_factory):
+    """Every test (and every process a test starts) keeps its runs in a session tmp store, never the user's own:
+    ``LAB_RESULTS_DB`` points there unless the environment already set it. A test that needs its own store sets it
+    again (monkeypatch) or passes ``path``."""
+    if "LAB_RESULTS_DB" in os.environ:
+        yield os.environ["LAB_RESULTS_DB"]
+        return
+    path = str(tmp_path_factory.mktemp("results") / "results.sqlite3")
+    os.environ["LAB_RESULTS_DB"] = path
+    yield path
+    os.environ.pop("LAB_RESULTS_DB", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_target() -> TinyLM:
     return TinyLM(tiny_llama(seed=0, layers=3).to(TEST_DEVICE), tiny_tokenizer())
