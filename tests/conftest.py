@@ -62,16 +62,17 @@ class TinyLM:
 
 @pytest.fixture(scope="session", autouse=True)
 def results_store_in_tmp(tmp_path_factory):
-    """Every test (and every process a test starts) keeps its runs in a session tmp store, never the user's own:
-    ``LAB_RESULTS_DB`` points there unless the environment already set it. A test that needs its own store sets it
-    again (monkeypatch) or passes ``path``."""
-    if "LAB_RESULTS_DB" in os.environ:
-        yield os.environ["LAB_RESULTS_DB"]
-        return
+    """Every test (and every process a test starts) keeps its runs in a session tmp store, never the user's own
+    (even when the user's environment sets ``LAB_RESULTS_DB``). A test that needs a store of its own sets the
+    variable again (monkeypatch) or passes ``path``."""
+    before = os.environ.get("LAB_RESULTS_DB")
     path = str(tmp_path_factory.mktemp("results") / "results.sqlite3")
     os.environ["LAB_RESULTS_DB"] = path
     yield path
-    os.environ.pop("LAB_RESULTS_DB", None)
+    if before is None:
+        os.environ.pop("LAB_RESULTS_DB", None)
+    else:
+        os.environ["LAB_RESULTS_DB"] = before
 
 
 @pytest.fixture(scope="session")
