@@ -51,7 +51,7 @@ def settings_summary(settings: dict[str, Any]) -> str:
         if value is None or isinstance(value, (dict,)) or name in ("target", "prompts", "machine"):
             continue
         text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-        if len(text) > 30:
+        if len(text) > 40:
             continue
         parts.append(f"{name} {text}")
         if sum(len(p) + 3 for p in parts) > SUMMARY_CHARS:

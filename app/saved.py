@@ -76,16 +76,22 @@ def keep_live(result, device: str) -> int | None:
         figures = headline.with_speedup(figures, stats.tokens_per_s, result.baseline.stats.tokens_per_s)
     draft = next((m.name for m in result.memory if m.role == "draft" and m.weight_bytes), None)
     settings = dict(result.settings) | {"prompt_tokens": len(result.speculative.prompt_ids)}
-    return saver("live", result.settings.get("target"), draft, device, settings).finish(
-        figures, payload=to_tree(result))
+    try:
+        payload = to_tree(result)
+    except TypeError:  # a field this module cannot write: keep the figures, the page cannot reopen it
+        payload = None
+    return saver("live", result.settings.get("target"), draft, device, settings).finish(figures, payload=payload)
 
 
 def keep_step(session) -> int | None:
     """Keep a finished step-through run (the page's ``StepSession``, without its generator and tokenizer)."""
     stats = session.stats
-    payload = {name: to_tree(getattr(session, name)) for name in (
-        "prompt_ids", "greedy", "settings", "prefill_ms", "steps", "pieces", "committed", "starts", "finished",
-        "eos_token_ids", "stats", "form")}
+    try:
+        payload = {name: to_tree(getattr(session, name)) for name in (
+            "prompt_ids", "greedy", "settings", "prefill_ms", "steps", "pieces", "committed", "starts", "finished",
+            "eos_token_ids", "stats", "form")}
+    except TypeError:
+        payload = None
     form = session.form
     draft = form.get("step.draft") if form.get("step.drafter") == "draft-model" else None
     return saver("step", session.settings.get("target"), draft, "cpu", session.settings).finish(

@@ -34,6 +34,8 @@ if (note := st.session_state.pop(DELETED_KEY, None)) is not None:
 every = store.list_runs(limit=MAX_RUNS)
 kinds = sorted({r.kind for r in every})
 model_names = sorted({name for r in every for name in r.models.values() if name})
+# a filter value that names a kind or model no longer kept (deleted, or another store) is dropped, not refused
+st.session_state[key("history.kinds")] = [k for k in st.session_state[key("history.kinds")] if k in kinds]
 filter_cols = st.columns([2, 2, 1])
 filter_cols[0].multiselect("Kind", kinds, key=key("history.kinds"), placeholder="every kind")
 if st.session_state[key("history.model")] not in ("any", *model_names):
@@ -87,7 +89,8 @@ if st.session_state.get(CONFIRM_KEY) == record.id:
         yes, no = st.columns(2)
         if yes.button("Yes, delete it", type="primary"):
             count = store.delete_run(record.id)
-            st.session_state.pop(CONFIRM_KEY, None)
+            for choice in (CONFIRM_KEY, "history:open", "history:a", "history:b"):  # they may name the deleted run
+                st.session_state.pop(choice, None)
             st.session_state[DELETED_KEY] = f"Deleted run #{record.id}" + (
                 f" and its {count - 1} parts." if count > 1 else ".")
             st.rerun()
