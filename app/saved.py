@@ -120,7 +120,10 @@ def sweep_part(run: RunSaver):
 
 
 def finish_sweep(run: RunSaver, sweep: dict) -> int | None:
-    """Complete a kept sweep with its JSON dict (cancelled or stopped: "cancelled")."""
+    """Complete a kept sweep with its JSON dict (cancelled or stopped: "cancelled"); one that finished no batch
+    size, and so kept no part, is not kept at all (the page shows a notice instead)."""
+    if not sweep.get("results") and run.id is None:
+        return None
     status = sweep.get("settings", {}).get("status")
     return run.finish(headline.from_sweep(sweep), payload=sweep, settings=sweep.get("settings"),
                       status="complete" if status in (None, "complete") else "cancelled")
