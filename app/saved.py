@@ -101,9 +101,10 @@ def keep_step(session) -> int | None:
 def keep_calibration(calibration) -> int | None:
     """Keep a calibration the Theory page measured (``lab.studies.calibrate.Calibration``)."""
     data = calibration.as_dict()
-    return saver("calibrate", calibration.target, calibration.draft, data["machine"].get("device", "cpu"),
-                 {"target": calibration.target, "draft": calibration.draft, "drafter": calibration.drafter,
-                  "acceptance": calibration.acceptance}).finish(headline.from_calibration(data), payload=data)
+    settings = {"target": calibration.target, "draft": calibration.draft, "drafter": calibration.drafter,
+                "acceptance": calibration.acceptance}
+    return RunSaver(store(), "calibrate", target=calibration.target, draft=calibration.draft, settings=settings,
+                    on_error=_warn, machine=data["machine"]).finish(headline.from_calibration(data), payload=data)
 
 
 def keep_serve(bench: dict) -> int | None:

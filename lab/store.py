@@ -371,6 +371,8 @@ class RunSaver:
     sets its status, figures and payload; a run killed on the way stays
     "partial" with the parts it finished.
 
+    machine: ``lab.hardware.machine_info`` as the run measured it (default: read
+    for ``device`` at the first save).
     store: None keeps nothing (``--no-save``). A store that fails (a corrupt
     file, a full disk) never stops the run: ``on_error(message)`` is told once
     and nothing more is saved.
@@ -378,14 +380,14 @@ class RunSaver:
 
     def __init__(self, store: ResultsStore | None, kind: str, *, target: str | None = None, draft: str | None = None,
                  device: str = "cpu", settings: dict[str, Any] | None = None,
-                 on_error: Callable[[str], None] | None = None) -> None:
+                 on_error: Callable[[str], None] | None = None, machine: dict[str, Any] | None = None) -> None:
         _check_kind(kind)
         self.store, self.kind, self.settings = store, kind, dict(settings or {})
         self.models = {"target": target, "draft": draft}
         self.device, self.on_error = device, on_error
         self.id: int | None = None
         self.part_ids: list[int] = []
-        self._machine: dict[str, Any] | None = None
+        self._machine = machine  # None: lab.hardware.machine_info(device), read at the first save
 
     def _try(self, action: Callable[[], Any]) -> Any:
         if self.store is None:

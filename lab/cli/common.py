@@ -194,7 +194,7 @@ def add_save_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def run_saver(args: argparse.Namespace, kind: str, *, target: str | None = None, draft: str | None = None,
-              device: str = "cpu", settings: dict | None = None):
+              device: str = "cpu", settings: dict | None = None, machine: dict | None = None):
     """A ``lab.store.RunSaver`` for this command's run: keeps nothing under --no-save; a store that cannot be
     opened or written prints one warning on stderr and the command goes on."""
     from lab.store import ResultsStore, RunSaver, StoreError
@@ -208,7 +208,8 @@ def run_saver(args: argparse.Namespace, kind: str, *, target: str | None = None,
             store = ResultsStore()
         except StoreError as error:
             warn(str(error))
-    return RunSaver(store, kind, target=target, draft=draft, device=str(device), settings=settings, on_error=warn)
+    return RunSaver(store, kind, target=target, draft=draft, device=str(device), settings=settings, on_error=warn,
+                    machine=machine)
 
 
 def finish_saved(saver, figures: dict, payload=None, status: str = "complete", settings: dict | None = None) -> None:

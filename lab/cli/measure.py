@@ -141,7 +141,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from lab.figures import from_calibration
 
     data = calibration.as_dict()
-    saver = run_saver(args, "calibrate", target=args.target, draft=args.draft, device=data["machine"].get("device", "cpu"),
+    saver = run_saver(args, "calibrate", target=args.target, draft=args.draft, machine=data["machine"],
                       settings={"target": args.target, "draft": args.draft, "drafter": calibration.drafter,
                                 "precisions": args.precisions, "acceptance": calibration.acceptance})
     finish_saved(saver, from_calibration(data), payload=data)
@@ -182,12 +182,19 @@ def _cmd_engine_bench(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(frame.to_json(orient="records", indent=1))
     rows = json.loads(frame.to_json(orient="records"))
-    saver = run_saver(args, "engine-bench", target=args.target, draft=args.draft, device=args.device or "cpu",
+    saver = run_saver(args, "engine-bench", target=args.target, draft=args.draft,
+                      device="cuda" if (args.device or "auto") in ("auto", "cuda") and _has_cuda() else "cpu",
                       settings={"target": args.target, "drafter": args.drafter, "draft": args.draft, "arms": args.arms,
                                 "max_new_tokens": args.max_new_tokens, "prompts": args.prompts})
     finish_saved(saver, _arm_figures(rows), payload=rows)
     print(format_engine_bench(frame))
     return EXIT_OK
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _arm_figures(rows: list[dict]) -> dict:
