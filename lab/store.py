@@ -244,7 +244,7 @@ class ResultsStore:
 
         kind: what made it (``KINDS``, or another lowercase name). settings,
         figures, payload: JSON-ready values (NaN and infinities are written as
-        null). machine: ``lab.hardware.machine_info(device)`` when not given.
+        null, except in the payload, which keeps them). machine: ``lab.hardware.machine_info(device)`` when not given.
         status: "complete", "partial" or "cancelled". parent_id: the run this is
         a part of (a sweep's batch size points at the sweep). loaded, load_note:
         whether the machine was busy (None: not measured).
@@ -264,7 +264,7 @@ class ResultsStore:
             "kind": kind, "created_at": created_at or now_utc(), "status": status, "parent_id": parent_id,
             "target": target, "draft": draft, "machine_key": machine_key(machine), "machine": _dumps(machine),
             "settings": _dumps(settings or {}), "figures": _dumps(figures or {}),
-            "payload": None if payload is None else _dumps(payload),
+            "payload": None if payload is None else _dumps(payload, exact=True),
             "loaded": None if loaded is None else int(bool(loaded)), "load_note": load_note,
         }
         names = ", ".join(row)
@@ -292,7 +292,7 @@ class ResultsStore:
             changes["status"] = status
         for name, value in (("settings", settings), ("figures", figures), ("payload", payload)):
             if value is not None:
-                changes[name] = _dumps(value)
+                changes[name] = _dumps(value, exact=name == "payload")
         if loaded is not None:
             changes["loaded"] = int(bool(loaded))
         if load_note is not None:
@@ -481,8 +481,8 @@ def export_runs(records: Iterable[RunRecord], format: Literal["csv", "json"] = "
     Raises ValueError for another format.
     """
     records = list(records)
-    if format == "json":
-        return json.dumps([r.as_dict(payload=True) for r in records], indent=2)
+    if format == "json":  # strict JSON: a payload's NaN becomes null here
+        return json.dumps([_finite(r.as_dict(payload=True)) for r in records], indent=2, allow_nan=False)
     if format != "csv":
         raise ValueError(f"export format requires 'csv' or 'json'; got {format!r}")
     figure_names = sorted({name for r in records for name, value in r.figures.items() if _is_scalar(value)})
@@ -522,7 +522,11 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _dumps(value: Any) -> str:
+def _dumps(value: Any, exact: bool = False) -> str:
+    """JSON text; NaN and infinities become null, except in a payload (``exact``), which keeps them as Python's
+    json writes them (NaN), so that a page reads back the very result it drew."""
+    if exact:
+        return json.dumps(value, default=str)
     return json.dumps(_finite(value), allow_nan=False, default=str)
 
 

@@ -41,6 +41,8 @@ def test_round_trip_keeps_every_field(store):
     assert record.models == {"target": "smollm2-135m", "draft": "tiny"}
     assert record.machine == MACHINE and len(record.machine_key) == 12
     assert record.payload == {"runs": [{"k": 2, "text": "é ok"}]}
+    nan_kept = store.get_run(keep(store, payload={"speedup": float("nan")})).payload["speedup"]
+    assert nan_kept != nan_kept  # a payload keeps NaN: a page reads back the very result it drew
     assert (record.loaded, record.load_note, record.parent_id) == (True, "2 other runs", None)
     assert record.created_at.endswith("+00:00")
 
