@@ -128,3 +128,38 @@ def test_live_results_survive_the_json_tree(tiny_models, store):
     assert type(back) is type(result) and back.speculative.steps == result.speculative.steps
     assert back.speculative.pieces == result.speculative.pieces and back.speculative.stats == result.speculative.stats
     assert json.dumps(saved.to_tree(back)) == text  # NaN-safe: every field, as written
+
+
+def test_a_batch_page_sweep_keeps_each_batch_size_and_reopens(tiny_models, store):
+    from app_util import app_on
+
+    at = app_on("batch", source="Paste prompts", pasted="t3 t4 t5 t3 t4 t5\nt7 t8 t7 t8", raw=True,
+                max_new_tokens=6, k=2, batch_sizes=[1, 2], peer=False)
+    at = click(at, "Run sweep")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    (sweep,) = store.list_runs(kind="batch")
+    assert sweep.status == "complete" and sweep.models["target"] == "smollm2-135m"
+    parts = store.list_runs(parent_id=sweep.id)
+    assert [p.kind for p in parts] == ["batch-size", "batch-size"]
+    assert sorted(p.figures["batch_size"] for p in parts) == [1, 2]
+    assert sweep.figures["batch_sizes"] == "1,2" and "latency_speedup" in sweep.figures
+
+    at = click(history(), "Open on its page")
+    assert not at.exception, at.exception
+    assert at.session_state["batch:sweep"]["batch_sizes"] == [1, 2]
+
+
+def test_a_finished_step_through_run_is_kept_and_reopens(tiny_models, store):
+    from app_util import app_on
+
+    at = app_on("step", prompt="t3 t4 t5 t6 t3 t4 t5 t6", raw=True, max_new_tokens=4, k=2)
+    at = click(at, "Start")
+    for _ in range(3):
+        if store.list_runs(kind="step"):
+            break
+        at = click(at, "Next 5 cycles")
+    (run,) = store.list_runs(kind="step")
+    assert run.figures["num_output_tokens"] == 4
+    at = click(history(), "Open on its page")
+    assert not at.exception, at.exception
+    assert any(s.value.startswith("Finished") for s in at.success)  # the page drew the kept session
