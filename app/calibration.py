@@ -11,7 +11,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import streamlit as st
 
-from app import state
+from app import saved, state
 from lab.studies.calibrate import Calibration, cached_calibration, calibrate
 from lab.models import PRESETS, ModelError
 
@@ -108,6 +108,7 @@ def section() -> None:
             st.error(f"Calibration failed: {error}")
             return
         bar.empty()
+        saved.keep_calibration(calibration)
     if calibration is None:
         st.info("Not calibrated on this machine yet: press **Calibrate**.", icon=":material/info:")
         return

@@ -33,7 +33,7 @@ import streamlit as st
 import torch
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from app import inflight, render, render_batch, resources, state, widgets
+from app import inflight, render, render_batch, resources, saved, state, widgets
 from lab.studies import peer
 from lab.drafters import make_drafter
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
@@ -274,8 +274,9 @@ def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime
                                     "are kept and shown as a partial sweep; the one under way is dropped.")
         watch = SweepWatch(slots["progress"].progress(0.0, text="Starting the sweep…"), flight)
         started_s = time.monotonic()
+        kept = saved.saver("batch", target_name, draft_name, runtime.device)
         sweep = run_sweep(target, prompt_ids, drafter, config, sizes, progress=watch.progress,
-                          should_cancel=watch.should_cancel, draft=draft_model)
+                          should_cancel=watch.should_cancel, draft=draft_model, on_part=saved.sweep_part(kept))
         if sweep.settings.get("status") == "cancelled":
             sweep.settings["status"] = "cancelled" if watch.cancel_seen else "stopped"
             sweep.peer = {"skipped": "the sweep was cut short before the peer's turn"} if with_peer else None
@@ -294,6 +295,7 @@ def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime
             "elapsed_s": time.monotonic() - started_s,
         }
         flight.result = json.loads(sweep.to_json())
+        saved.finish_sweep(kept, flight.result)
     finally:
         flight.done.set()
     if watch.interruption is not None:

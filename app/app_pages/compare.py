@@ -23,7 +23,7 @@ import streamlit as st
 import torch
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from app import inflight, render, render_compare, resources, state, widgets
+from app import inflight, render, render_compare, resources, saved, state, widgets
 from lab.studies import compare
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
 from lab.models import ModelError, check_same_tokenizer
@@ -208,9 +208,10 @@ def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks
                                help="Stop after the current step; the runs finished so far are kept.")
         watch = RunWatch(slots["progress"].progress(0.0, text=f"0/{total} runs"), slots["line"], total)
         started_s = time.monotonic()
+        kept = saved.saver("compare", target_name, next(iter(draft_names), None), runtime.device)
         comparison = compare.run_comparison(target, prompts, specs, ks, config, load_draft=drafts.__getitem__,
                                             chat_template=chat_template, progress=watch.progress,
-                                            should_cancel=watch.should_cancel)
+                                            should_cancel=watch.should_cancel, on_part=saved.compare_part(kept))
         finished = sum(1 for r in comparison.runs if not r.cancelled)
         comparison.settings |= {
             "status": "complete" if finished == total else ("cancelled" if watch.cancel_seen else "stopped"),
@@ -225,6 +226,7 @@ def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks
                 head=resources.eagle_head(target.name) if spec.name == "eagle" else None) for spec in specs},
         }
         flight.result = comparison
+        saved.finish_comparison(kept, comparison)
     finally:
         flight.done.set()
     if watch.interruption is not None:

@@ -13,7 +13,7 @@ import streamlit as st
 import torch
 from streamlit.delta_generator import DeltaGenerator
 
-from app import calibration, constrained, precision, render, resources, state, widgets
+from app import calibration, constrained, precision, render, resources, saved, state, widgets
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
 from lab.drafters import DRAFTER_NAMES, make_drafter
 from lab.decode import decode
@@ -292,6 +292,7 @@ if run_clicked:
     try:
         runtime = state.runtime(st.session_state)
         st.session_state[RESULT_KEY] = run_live(view, runtime, target_choice, draft_choice)
+        saved.keep_live(st.session_state[RESULT_KEY], runtime.device)
     except (ValueError, ModelError, FileNotFoundError) as error:
         failed = (str(error), ":material/error:")
     except MEMORY_ERRORS as error:

@@ -20,7 +20,7 @@ from pathlib import Path
 import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from app import inflight, render_serve, state, widgets
+from app import inflight, render_serve, saved, state, widgets
 from lab.prompts import Prompt, load_prompts
 from lab.studies.serve_bench import run_serve_bench
 from lab.serving.client import Endpoint, RequestSettings, ServeError, URLError
@@ -135,6 +135,8 @@ def run_page_bench(prompts: list[Prompt], slots: dict) -> inflight.InFlight:
                 bench.stopped.removeprefix("stopped")
         bench.settings["elapsed_s"] = time.monotonic() - started_s
         flight.result = bench.as_dict()
+        if flight.result.get("levels"):
+            saved.keep_serve(flight.result)
     finally:
         flight.done.set()
     if watch.interruption is not None:

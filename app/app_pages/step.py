@@ -18,7 +18,7 @@ from typing import Any
 import streamlit as st
 import torch
 
-from app import render, render_compare, render_step, resources, state, widgets
+from app import render, render_compare, render_step, resources, saved, state, widgets
 from lab.config import K_MAX, DecodeConfig
 from lab.drafters import make_drafter
 from lab.decode import decode
@@ -238,6 +238,9 @@ with st.container(border=True):
                                       icon=":material/fast_forward:")
     reset_clicked = buttons.button("Reset", disabled=session is None, icon=":material/close:")
 
+if (opened := st.session_state.pop(saved.STEP_REOPEN_KEY, None)) is not None:  # a kept run, from History
+    st.session_state[SESSION_KEY] = session = StepSession(
+        iter(()), resources.load_tokenizer(opened["settings"]["target"]), **opened)
 status_slot, error_slot = st.empty(), st.empty()
 try:
     if start_clicked:
@@ -250,6 +253,8 @@ try:
     elif (next_clicked or ahead_clicked) and session is not None:
         for _ in range(RUN_AHEAD_CYCLES if ahead_clicked else 1):
             session.next_cycle()
+        if session.finished is not None:
+            saved.keep_step(session)
         st.session_state[key("step.view")] = max(1, len(session.steps))
         st.rerun()
 except (ValueError, ModelError, FileNotFoundError) as error:

@@ -193,3 +193,40 @@ class ProgressLine:
 def log_line(fraction: float, message: str) -> None:
     """A ``progress`` sink writing every message on its own stderr line (long runs, logs)."""
     print(f"{time.strftime('%H:%M:%S')} {fraction:4.0%} {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- keeping runs (lab.store)
+
+
+def add_save_argument(parser: argparse.ArgumentParser) -> None:
+    """--no-save: do not keep this run in the results store (``python -m lab history`` lists what is kept)."""
+    parser.add_argument("--no-save", action="store_true",
+                        help="do not keep this run in the results store ($LAB_RESULTS_DB, else results.sqlite3 in "
+                             "the lab's cache folder; see `python -m lab history`)")
+
+
+def run_saver(args: argparse.Namespace, kind: str, *, target: str | None = None, draft: str | None = None,
+              device: str = "cpu", settings: dict | None = None, machine: dict | None = None):
+    """A ``lab.store.RunSaver`` for this command's run: keeps nothing under --no-save; a store that cannot be
+    opened or written prints one warning on stderr and the command goes on."""
+    from lab.store import ResultsStore, RunSaver, StoreError
+
+    def warn(message: str) -> None:
+        print(f"warning: this run is not saved: {_one_line(Exception(message))}", file=sys.stderr)
+
+    store = None
+    if not getattr(args, "no_save", False):
+        try:
+            store = ResultsStore()
+        except StoreError as error:
+            warn(str(error))
+    return RunSaver(store, kind, target=target, draft=draft, device=str(device), settings=settings, on_error=warn,
+                    machine=machine)
+
+
+def finish_saved(saver, figures: dict, payload=None, status: str = "complete", settings: dict | None = None) -> None:
+    """``saver.finish(...)``, then one stderr line saying where the run was kept (nothing under --no-save)."""
+    run_id = saver.finish(figures, payload, status=status, settings=settings)
+    if run_id is not None:
+        parts = f" with {len(saver.part_ids)} parts" if saver.part_ids else ""
+        print(f"saved run {run_id} ({saver.kind}{parts}) to {saver.store.path}", file=sys.stderr)

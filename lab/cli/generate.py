@@ -20,10 +20,13 @@ from lab.cli.common import (
     add_drafter_arguments,
     add_engine_argument,
     add_model_arguments,
+    add_save_argument,
     check_drafter_arguments,
     checked_tokenizer,
     constraint_spec,
+    finish_saved,
     load_models,
+    run_saver,
 )
 
 
@@ -62,6 +65,7 @@ def add_generate(commands) -> None:
                           help="colour tokens by class (default: when stdout is a terminal)")
     add_constraint_arguments(generate)
     add_engine_argument(generate)
+    add_save_argument(generate)
     generate.set_defaults(handler=_cmd_generate)
 
 
@@ -184,10 +188,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "draft_precision": draft.precision if draft is not None else None,
         "constraint": None if spec is None else {"kind": spec.kind, "source": spec.source, "mode": config.grammar_mode},
     }
+    report = generate_report(finished, stats, steps, settings, baseline)
+    if constraint is not None:
+        report["constraint_valid"] = constraint.is_valid(finished.text)
+    _save(args, report, target, draft)
     if args.json:
-        report = generate_report(finished, stats, steps, settings, baseline)
-        if constraint is not None:
-            report["constraint_valid"] = constraint.is_valid(finished.text)
         print(json.dumps(report))
     else:
         print(format_summary(finished, stats, settings, baseline, color=printer.color))
@@ -196,6 +201,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             note = "" if valid or finished.reason != "max_new_tokens" else " (a valid prefix, cut by the token budget: raise --max-new-tokens)"
             print(f"   constraint ({spec.kind}, {config.grammar_mode}): output {'valid' if valid else 'NOT valid'}{note}")
     return EXIT_OK
+
+
+def _save(args: argparse.Namespace, report: dict, target, draft) -> None:
+    """Keep the run in the results store (its figures, and the ``--json`` report as payload) unless --no-save."""
+    from lab.figures import from_stats
+
+    figures = from_stats(report["metrics"])
+    if "speedup" in report:
+        figures |= {"speedup": report["speedup"], "target_tokens_per_s": report["baseline"]["tokens_per_s"]}
+    saver = run_saver(args, "generate", target=target.name, draft=draft.name if draft is not None else None,
+                      device=target.device, settings=report["settings"])
+    finish_saved(saver, figures, payload=report)
 
 
 def _read_prompt(args: argparse.Namespace) -> str:

@@ -7,7 +7,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from lab.cli.common import EXIT_OK, UsageError, log_line
+from lab.cli.common import EXIT_OK, UsageError, add_save_argument, finish_saved, log_line, run_saver
 
 
 def add_serve_bench(commands) -> None:
@@ -43,6 +43,7 @@ def add_serve_bench(commands) -> None:
     serve.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     serve.add_argument("--out", type=Path, help="also write the JSON result (with per-request records) to this file")
     serve.add_argument("--csv", type=Path, help="also write one CSV row per endpoint and level to this file")
+    add_save_argument(serve)
     serve.set_defaults(handler=_cmd_serve_bench)
 
 
@@ -106,6 +107,12 @@ def _cmd_serve_bench(args: argparse.Namespace) -> int:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         args.csv.write_text(bench.to_csv())
         print(f"wrote {args.csv}", file=sys.stderr)
+    from lab.figures import from_serve_bench
+
+    data = bench.as_dict()
+    saver = run_saver(args, "serve", target=args.llama_target or args.model, draft=args.llama_draft,
+                      settings=data["settings"])
+    finish_saved(saver, from_serve_bench(data), payload=data, status="partial" if bench.stopped else "complete")
     print(bench.to_json(requests=False) if args.json else format_serve_bench(bench))
     return EXIT_OK
 

@@ -227,6 +227,7 @@ def run_comparison(
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     measure_verify: bool = True,
+    on_part: Callable[[dict[str, Any]], None] | None = None,
 ) -> Comparison:
     """Run every drafter at every K on every prompt, plus the target alone per prompt.
 
@@ -237,6 +238,9 @@ def run_comparison(
     is polled between steps, and a cancelled comparison keeps the runs finished
     so far. measure_verify: first time bare verify passes at every K
     (``measure_verify_cost``, a second or two) for the efficiency_v column.
+    on_part: called when a prompt's runs have all finished (the target alone
+    and every drafter at every K) with {"prompt_index", "prompt", "runs": [the
+    runs as dicts]}, so a results store keeps each finished prompt at once.
 
     Raises ValueError on empty prompts, no K or bad K, and
     ``lab.models.ModelError`` on a draft whose tokenizer differs from the target's.
@@ -305,6 +309,9 @@ def run_comparison(
                 _report(progress, done, total, f"prompt {index + 1}/{len(prompts)}: {spec.label}, K={k}")
                 if record.cancelled:
                     return comparison
+        if on_part is not None:
+            on_part({"prompt_index": index, "prompt": prompts[index],
+                     "runs": [asdict(r) for r in comparison.runs if r.prompt_index == index]})
     return comparison
 
 
