@@ -21,6 +21,7 @@ from lab.cli.common import (
     check_drafter_arguments,
     checked_tokenizer,
     constraint_spec,
+    holding_device,
     load_models,
     log_line,
 )
@@ -125,10 +126,13 @@ def add_engine_bench(commands) -> None:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from lab.studies.calibrate import DEFAULT_KS, calibrate
 
+    from lab.hardware import resolve_device
+
     progress = ProgressLine(sys.stderr, always=True)
-    calibration = calibrate(args.target, args.draft, device=args.device or "auto", precisions=args.precisions,
-                            ks=args.ks or DEFAULT_KS, acceptance=args.acceptance, refresh=args.refresh,
-                            progress=progress)
+    with holding_device(resolve_device(args.device or "auto"), "calibrate"):
+        calibration = calibrate(args.target, args.draft, device=args.device or "auto", precisions=args.precisions,
+                                ks=args.ks or DEFAULT_KS, acceptance=args.acceptance, refresh=args.refresh,
+                                progress=progress)
     progress.done()
     print(json.dumps(calibration.as_dict()) if args.json else calibration.explain().replace("**", ""))
     return EXIT_OK
@@ -226,9 +230,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     drafter = make_drafter(args.drafter, target, draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer)
     constraint = None if spec is None else Constraint.for_model(spec, target)
     ids = [encode_prompt(target, p.text, chat_template=not args.raw) for p in prompts]
-    sweep = run_sweep(target, ids, drafter, config, batch_sizes, progress=log_line,
-                      draft=draft, constraint=constraint)
-    sweep.peer = _bench_peer(args, target, draft, prompts, spec)
+    with holding_device(target.device, "bench") as meter:
+        sweep = run_sweep(target, ids, drafter, config, batch_sizes, progress=log_line,
+                          draft=draft, constraint=constraint)
+        sweep.peer = _bench_peer(args, target, draft, prompts, spec)
+    sweep.settings["load"] = meter.report.as_dict()
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         sweep.to_json(args.out)
@@ -281,8 +287,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     load_draft = lambda name: load_model(name, device=args.device, dtype=args.dtype, progress=progress,  # noqa: E731
                                          precision=args.draft_quant)
     progress.done()
-    comparison = run_comparison(target, prompts, specs, args.ks, config, load_draft=load_draft,
-                                chat_template=not args.raw, progress=log_line)
+    with holding_device(target.device, "compare"):  # each run's own load report lands in the comparison
+        comparison = run_comparison(target, prompts, specs, args.ks, config, load_draft=load_draft,
+                                    chat_template=not args.raw, progress=log_line)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(comparison.to_json())
