@@ -50,6 +50,7 @@ def start_and_interrupt(at):
     run.click()
     with pytest.raises(RuntimeError, match="timed out"):
         at.run(timeout=STOPPED_AFTER_S)
+    run.set_value(False)  # in the browser a click triggers one script run; AppTest keeps the stale tree's click
     job = at.session_state["live:job"]
     assert not job.done.is_set()
     return job
