@@ -60,27 +60,37 @@ def _warn(message: str) -> None:
     st.warning(f"This run is shown but not saved: {message}", icon=":material/database:")
 
 
-def saver(kind: str, target: str | None, draft: str | None, device: str, settings: dict | None = None) -> RunSaver:
-    """A ``RunSaver`` on the shared store; its errors become a warning on the page."""
-    return RunSaver(store(), kind, target=target, draft=draft, device=device, settings=settings, on_error=_warn)
+def saver(kind: str, target: str | None, draft: str | None, device: str, settings: dict | None = None,
+          on_error=None) -> RunSaver:
+    """A ``RunSaver`` on the shared store; its errors become a warning on the page, or go to ``on_error(message)``
+    (a run finishing in a worker thread, where no ``st`` call may be made)."""
+    if on_error is None:
+        return RunSaver(store(), kind, target=target, draft=draft, device=device, settings=settings, on_error=_warn)
+    try:
+        shared = ResultsStore()
+    except StoreError as error:
+        on_error(str(error))
+        shared = None
+    return RunSaver(shared, kind, target=target, draft=draft, device=device, settings=settings, on_error=on_error)
 
 
 # ---------------------------------------------------------------- what each page keeps
 
 
-def keep_live(result, device: str) -> int | None:
-    """Keep a Live run (``app.state.LiveResult``): figures of the speculative run, speedup when measured."""
+def keep_live(result, device: str, on_error=None) -> int | None:
+    """Keep a Live run (``app.state.LiveResult``): figures of the speculative run, speedup when measured (the
+    interleaved pairs' pooled tokens/s). on_error: see ``saver`` (the Live worker thread passes one)."""
     stats = result.speculative.stats
     figures = headline.from_stats(stats.as_dict())
     if result.baseline is not None:
-        figures = headline.with_speedup(figures, stats.tokens_per_s, result.baseline.stats.tokens_per_s)
+        figures = headline.with_speedup(figures, result.speculative_tokens_per_s, result.baseline_tokens_per_s)
     draft = next((m.name for m in result.memory if m.role == "draft" and m.weight_bytes), None)
     settings = dict(result.settings) | {"prompt_tokens": len(result.speculative.prompt_ids)}
     try:
         payload = to_tree(result)
     except TypeError:  # a field this module cannot write: keep the figures, the page cannot reopen it
         payload = None
-    return saver("live", result.settings.get("target"), draft, device, settings).finish(figures, payload=payload)
+    return saver("live", result.settings.get("target"), draft, device, settings, on_error).finish(figures, payload=payload)
 
 
 def keep_step(session) -> int | None:

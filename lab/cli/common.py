@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
@@ -230,3 +231,29 @@ def finish_saved(saver, figures: dict, payload=None, status: str = "complete", s
     if run_id is not None:
         parts = f" with {len(saver.part_ids)} parts" if saver.part_ids else ""
         print(f"saved run {run_id} ({saver.kind}{parts}) to {saver.store.path}", file=sys.stderr)
+# ---------------------------------------------------------------- timed work: one at a time, load noticed
+
+
+@contextmanager
+def holding_device(device, command: str, out: TextIO | None = None, watch_load: bool = True):
+    """Hold ``device`` in ``lab.device_queue`` for a measuring command and watch the machine's load (``lab.load``).
+
+    While another of the lab's timed runs holds the device (the app, another
+    command), it says on ``out`` (default stderr) whom it waits for and waits.
+    Yields the ``lab.load.LoadMeter`` (None without ``watch_load``: a command
+    whose own servers are other processes would read them as outside load);
+    after the block, a run taken under load from outside the lab says so on
+    ``out`` (its report is ``meter.report``).
+    """
+    from lab import device_queue
+    from lab.load import measure_load
+
+    out = out or sys.stderr
+    with device_queue.hold(device, f"python -m lab {command}", on_wait=device_queue.cli_waiting_printer(out)):
+        if not watch_load:
+            yield None
+            return
+        with measure_load() as meter:
+            yield meter
+    if meter.report.loaded:
+        print(f"warning: {meter.report.warning()}", file=out)

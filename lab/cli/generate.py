@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
@@ -25,6 +26,7 @@ from lab.cli.common import (
     checked_tokenizer,
     constraint_spec,
     finish_saved,
+    holding_device,
     load_models,
     run_saver,
 )
@@ -147,23 +149,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         constraint = Constraint.for_model(spec, target)
     stats, steps = SpecDecodingStats(), []
     printer = None if args.json else TokenPrinter(target.tokenizer, sys.stdout, _use_color(args.color, sys.stdout))
-    finished = None
-    for event in decode(target, prompt_ids, drafter, config, constraint=constraint):
-        stats.observe(event)
-        if isinstance(event, Step):
-            steps.append(event)
-            if printer is not None:
-                printer.step(event)
-        elif isinstance(event, Finished):
-            finished = event
-    if printer is not None:
-        printer.finish()
+    finished, baseline, meter = None, None, None
+    # a speedup is measured only with the device to itself (lab.device_queue) and the machine's load watched
+    with holding_device(target.device, "generate --compare-baseline") if args.compare_baseline else nullcontext() as meter:
+        for event in decode(target, prompt_ids, drafter, config, constraint=constraint):
+            stats.observe(event)
+            if isinstance(event, Step):
+                steps.append(event)
+                if printer is not None:
+                    printer.step(event)
+            elif isinstance(event, Finished):
+                finished = event
+        if printer is not None:
+            printer.finish()
 
-    baseline = None
-    if args.compare_baseline:
-        if not args.json:
-            print("running the target alone for comparison...", file=sys.stderr)
-        baseline = run(target, prompt_ids, None, replace(config, grammar_mode="exact"), constraint=constraint)
+        if args.compare_baseline:
+            if not args.json:
+                print("running the target alone for comparison...", file=sys.stderr)
+            baseline = run(target, prompt_ids, None, replace(config, grammar_mode="exact"), constraint=constraint)
 
     settings = {
         "target": target.name,
@@ -188,6 +191,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "draft_precision": draft.precision if draft is not None else None,
         "constraint": None if spec is None else {"kind": spec.kind, "source": spec.source, "mode": config.grammar_mode},
     }
+    if meter is not None:
+        settings["load"] = meter.report.as_dict()
     report = generate_report(finished, stats, steps, settings, baseline)
     if constraint is not None:
         report["constraint_valid"] = constraint.is_valid(finished.text)

@@ -23,6 +23,7 @@ from lab.cli.common import (
     finish_saved,
     checked_tokenizer,
     constraint_spec,
+    holding_device,
     load_models,
     log_line,
     run_saver,
@@ -133,10 +134,13 @@ def add_engine_bench(commands) -> None:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from lab.studies.calibrate import DEFAULT_KS, calibrate
 
+    from lab.hardware import resolve_device
+
     progress = ProgressLine(sys.stderr, always=True)
-    calibration = calibrate(args.target, args.draft, device=args.device or "auto", precisions=args.precisions,
-                            ks=args.ks or DEFAULT_KS, acceptance=args.acceptance, refresh=args.refresh,
-                            progress=progress)
+    with holding_device(resolve_device(args.device or "auto"), "calibrate"):
+        calibration = calibrate(args.target, args.draft, device=args.device or "auto", precisions=args.precisions,
+                                ks=args.ks or DEFAULT_KS, acceptance=args.acceptance, refresh=args.refresh,
+                                progress=progress)
     progress.done()
     from lab.figures import from_calibration
 
@@ -273,10 +277,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       device=target.device, settings={"drafter": args.drafter, "k": args.k, "batch_sizes": batch_sizes,
                                                       "max_new_tokens": args.max_new_tokens, "prompts": args.prompts})
     saver.begin()
-    sweep = run_sweep(target, ids, drafter, config, batch_sizes, progress=log_line,
-                      draft=draft, constraint=constraint,
-                      on_part=lambda part: saver.part("batch-size", figures.from_batch_size(part), payload=part))
-    sweep.peer = _bench_peer(args, target, draft, prompts, spec)
+    with holding_device(target.device, "bench") as meter:
+        sweep = run_sweep(target, ids, drafter, config, batch_sizes, progress=log_line,
+                          draft=draft, constraint=constraint,
+                          on_part=lambda part: saver.part("batch-size", figures.from_batch_size(part), payload=part))
+        sweep.peer = _bench_peer(args, target, draft, prompts, spec)
+    sweep.settings["load"] = meter.report.as_dict()
     data = sweep.as_dict()
     finish_saved(saver, figures.from_sweep(data), payload=data, settings=data["settings"] | {"prompts": args.prompts},
                  status="cancelled" if data["settings"].get("status") == "cancelled" else "complete")
@@ -338,9 +344,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                       settings={"drafters": args.drafters, "ks": args.ks, "max_new_tokens": args.max_new_tokens,
                                 "prompts": args.prompts})
     saver.begin()
-    comparison = run_comparison(
-        target, prompts, specs, args.ks, config, load_draft=load_draft, chat_template=not args.raw, progress=log_line,
-        on_part=lambda part: saver.part("compare-prompt", figures.from_compare_runs(part["runs"]), payload=part))
+    with holding_device(target.device, "compare"):  # each run's own load report lands in the comparison
+        comparison = run_comparison(
+            target, prompts, specs, args.ks, config, load_draft=load_draft, chat_template=not args.raw,
+            progress=log_line,
+            on_part=lambda part: saver.part("compare-prompt", figures.from_compare_runs(part["runs"]), payload=part))
     finish_saved(saver, figures.from_summary_rows(comparison.summary().to_dict("records")),
                  payload=json.loads(comparison.to_json()), settings=comparison.settings)
     if args.out is not None:

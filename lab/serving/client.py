@@ -732,3 +732,11 @@ def _float_or(value: Any, default: float | None) -> float | None:
         return float(value) if value is not None else default
     except (TypeError, ValueError):
         return default
+
+
+def is_local_url(url: str) -> bool:
+    """A server on this machine (localhost, 127.x, ::1, 0.0.0.0): its timings share the lab's cores."""
+    from urllib.parse import urlparse
+
+    host = (urlparse(url if "//" in url else f"http://{url}").hostname or "").lower()
+    return host in ("localhost", "::1", "0.0.0.0") or host.startswith("127.")
