@@ -160,8 +160,6 @@ def draft_vocab_select(page: str, where=st, label: str = "Draft vocabulary") -> 
 def eagle_note(target_name: str, where=st) -> None:
     """A caption on the head the eagle drafter will load for this target: what it reads, how long it trained,
     and the held-out acceptance it measured (from its head.json; the weights are not read)."""
-    import json
-
     from lab.drafters.eagle import CONFIG_FILE, find_head
 
     if not target_name:

@@ -300,11 +300,11 @@ def run_comparison(
             costs = measure_verify_cost(target, list(ks), context_tokens=max(context, 1))
             comparison.settings["verify_cost"] = {str(k): v for k, v in costs.items()}
         return _run_interleaved(comparison, target, encoded, drafters, ks, config, configs, drafts, heads, progress,
-                                should_cancel)
+                                should_cancel, on_part)
 
 
 def _run_interleaved(comparison, target, encoded, drafters, ks, config, configs, drafts, heads, progress,
-                     should_cancel) -> Comparison:
+                     should_cancel, on_part) -> Comparison:
     """Every prompt's runs in ``interleaved_arms`` order, appended to ``comparison.runs`` as they finish."""
     prompts = comparison.prompts
     total = len(prompts) * (1 + len(drafters) * len(ks))
