@@ -77,6 +77,7 @@ COMPARISON = {
                 "draft_ms": NUMBERS, "verify_ms": NUMBERS, "speedup": NUMBER_OR_NULL, "decode_speedup": NUMBER_OR_NULL,
                 "cost_ratio": NUMBER_OR_NULL, "identical_to_target": {"type": ["boolean", "null"]},
                 "cancelled": {"type": "boolean"},
+                "load": {"type": ["object", "null"]},  # lab.load.LoadReport.as_dict()
             },
         }},
     },

@@ -454,3 +454,14 @@ def test_out_of_memory_is_one_line_not_a_traceback(tiny_dirs, capsys, monkeypatc
     assert main(gen(tiny_dirs, "--prompt", PROMPT)) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: out of memory (OutOfMemoryError)") and err.count("\n") == 1
+
+
+def test_the_comparison_schema_names_every_field_a_run_record_writes():
+    """A field added to RunRecord must be added to the schema, or files the lab writes itself are refused."""
+    from dataclasses import fields
+
+    from lab.results_files import COMPARISON
+    from lab.studies.compare import RunRecord
+
+    properties = COMPARISON["properties"]["runs"]["items"]["properties"]
+    assert set(properties) == {f.name for f in fields(RunRecord)}
