@@ -11,7 +11,8 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import streamlit as st
 
-from app import state
+from app import background, saved, state
+from lab import device_queue
 from lab.studies.calibrate import Calibration, cached_calibration, calibrate
 from lab.models import PRESETS, ModelError
 
@@ -101,13 +102,18 @@ def section() -> None:
     if st.button(button, key="theory:calibrate", icon=":material/speed:"):
         bar = st.progress(0.0, text="Starting the calibration…")
         try:
-            calibration = calibrate(target, draft, device=device, acceptance=a, refresh=True,
-                                    progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message))
+            # one timed run per device: in line behind any other run of the lab (calibrate's own hold nests)
+            waiting = lambda ticket: bar.progress(0.0, text=f"Waiting for the {ticket.device} device: "  # noqa: E731
+                                                            f"{ticket.describe().removeprefix('waiting: ')}")
+            with device_queue.hold(device, background.session_holder("Theory calibration"), on_wait=waiting):
+                calibration = calibrate(target, draft, device=device, acceptance=a, refresh=True,
+                                        progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message))
         except (ModelError, ValueError, RuntimeError) as error:
             bar.empty()
             st.error(f"Calibration failed: {error}")
             return
         bar.empty()
+        saved.keep_calibration(calibration)
     if calibration is None:
         st.info("Not calibrated on this machine yet: press **Calibrate**.", icon=":material/info:")
         return

@@ -145,13 +145,16 @@ def settings(constraint: Constraint | None, drafter) -> dict[str, str]:
     return {} if constraint is None else {"constraint": describe(constraint, drafter).removeprefix(", ")}
 
 
-def extra_runs(slot, target, prompt_ids, drafter, config: DecodeConfig, constraint: Constraint | None,
-               speculative: state.RunRecord, label: str) -> state.ConstrainedOutcome | None:
-    """After the main run: validity, and the runs that explain it, streamed into ``slot``.
+def extra_runs(target, prompt_ids, drafter, config: DecodeConfig, constraint: Constraint | None,
+               speculative: state.RunRecord, label: str, unconstrained: bool,
+               on_step=None, events=lambda events: events) -> state.ConstrainedOutcome | None:
+    """After the main run: validity, and the runs that explain it. No ``st`` call: it runs in the Live page's worker.
 
     label: what drafts, e.g. "draft model, K=4" (without the constraint's suffix).
     Naive mode: the same drafter under the exact grammar handling (the correct run).
-    On request: the same drafter without the constraint (acceptance without it).
+    unconstrained (the page's "live.unconstrained" toggle): also the same drafter without the constraint.
+    on_step(record): called after each step of those runs (the page streams them); events: wraps each run's
+    event stream (the worker's cancel check).
     """
     if constraint is None:
         return None
@@ -159,13 +162,11 @@ def extra_runs(slot, target, prompt_ids, drafter, config: DecodeConfig, constrai
     exact_config = replace(config, grammar_mode="exact")
 
     def collect(run_label: str, run_constraint: Constraint | None) -> state.RunRecord:
-        events = decode(target, prompt_ids, drafter, exact_config, constraint=run_constraint)
-        return state.collect_run(run_label, events, target.tokenizer, prompt_ids,
-                                 on_step=lambda record: _stream(slot, record))
+        run_events = events(decode(target, prompt_ids, drafter, exact_config, constraint=run_constraint))
+        return state.collect_run(run_label, run_events, target.tokenizer, prompt_ids, on_step=on_step)
 
     exact = collect(f"{label}, {KIND_LABELS[constraint.spec.kind]}, exact", constraint) if naive else None
-    free = collect(f"{label}, no constraint", None) if st.session_state[key("live.unconstrained")] else None
-    slot.empty()
+    free = collect(f"{label}, no constraint", None) if unconstrained else None
     first_invalid = first_invalid_token(constraint, speculative.token_ids)
     return state.ConstrainedOutcome(
         kind=constraint.spec.kind,
@@ -180,12 +181,6 @@ def extra_runs(slot, target, prompt_ids, drafter, config: DecodeConfig, constrai
         free=free,
         free_valid=None if free is None else constraint.is_valid(free.text),
     )
-
-
-def _stream(slot, record: state.RunRecord) -> None:
-    with slot.container():
-        st.markdown(f"**{record.label}** · streaming…")
-        st.html(render.tokens_html(record.pieces, streaming=True))
 
 
 def _validity(what: str, valid: bool | None, incomplete: bool = False, first_invalid: int | None = None) -> str:

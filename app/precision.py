@@ -97,28 +97,31 @@ def rounding_note(settings: dict[str, str]) -> str:
             "one, so a near-tie between two tokens can flip. Choose fp32 in the sidebar for token-for-token equality.")
 
 
-def reference_run(slot, runtime: state.Runtime, target_name: str, target, prompt_ids: list[int], config: DecodeConfig,
-                  compared: state.RunRecord) -> state.ReferenceRun | None:
-    """The target alone in the reference precision, streamed into ``slot``; None when not asked for, the same
-    precision, or the target already in fp32.
+def reference_model(slot, runtime: state.Runtime, target_name: str, target):
+    """The target in the reference precision, loaded (progress in ``slot``) when the page asks for a reference run;
+    None when not asked for, the same precision, or the target already in fp32 (``section`` said why)."""
+    precision = st.session_state[key("live.reference_precision")]
+    if (not st.session_state[key("live.reference")] or precision == target.precision
+            or default_reference(target.precision) is None):
+        return None
+    return resources.load_with_progress(target_name, runtime.device, precision, slot, f"{precision} reference target")
+
+
+def reference_run(reference, target, prompt_ids: list[int], config: DecodeConfig, compared: state.RunRecord,
+                  on_step=None, events=lambda events: events) -> state.ReferenceRun | None:
+    """The target alone in the reference precision (``reference``, from ``reference_model``; None: no run).
+    No ``st`` call: it runs in the Live page's worker.
 
     compared: the output of the target as loaded that the reference is held
     against (the target alone when it ran, else the speculative run).
+    on_step(record) after each step (the page streams it); events wraps the event stream (the worker's cancel check).
     """
-    precision = st.session_state[key("live.reference_precision")]
-    if (not st.session_state[key("live.reference")] or precision == target.precision
-            or default_reference(target.precision) is None):  # section() said why
+    if reference is None:
         return None
-    reference = resources.load_with_progress(target_name, runtime.device, precision, slot, f"{precision} reference target")
-
-    def stream(record: state.RunRecord) -> None:
-        with slot.container():
-            st.markdown(f"**{record.label}** · streaming…")
-            st.html(render.tokens_html(record.pieces, streaming=True))
-
-    record = state.collect_run(f"{precision} target alone (reference)", decode(reference, prompt_ids, None, config),
-                               reference.tokenizer, prompt_ids, on_step=stream)
-    slot.empty()
+    precision = reference.precision
+    record = state.collect_run(f"{precision} target alone (reference)",
+                               events(decode(reference, prompt_ids, None, config)),
+                               reference.tokenizer, prompt_ids, on_step=on_step)
     return state.ReferenceRun(record=record, precision=precision, target_precision=target.precision,
                               compared_label=compared.label,
                               parting=part_ways(target.tokenizer, compared.token_ids, record.token_ids))

@@ -37,6 +37,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from app.render import format_number
+from lab.results_files import parse_results
 
 MODES = ("off", "on", "auto")
 MODE_COLOURS = {"off": "#8a8f98", "on": "#2e9d5b", "auto": "#3a78c9"}
@@ -57,21 +58,10 @@ LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.22)
 def load_sweep(text: str | bytes) -> dict[str, Any]:
     """A sweep's JSON text (Download JSON here, or ``python -m lab bench --out F``) as its dict.
 
-    Raises ValueError when the text is not JSON or not a batch-size sweep.
+    Raises ``lab.results_files.ResultsFileError`` (a ValueError) when the text is not JSON or not a
+    batch-size sweep, naming the first wrong field (``lab.results_files.SWEEP``).
     """
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"not JSON ({error})") from None
-    results = data.get("results") if isinstance(data, dict) else None
-    if not isinstance(results, list) or not results or not all(
-        isinstance(r, dict) and {"batch_size", "off", "on"} <= r.keys() for r in results
-    ):
-        raise ValueError(
-            "not a batch-size sweep results file: expected the JSON of Download JSON on this page or of "
-            "`python -m lab bench --out FILE` (a list of results per batch size)"
-        )
-    return data
+    return parse_results(text, "sweep")
 
 
 def number(value: Any) -> float:

@@ -14,7 +14,6 @@ plain numbers, as on the Batch page.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -23,6 +22,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from app.render import format_number
+from lab.results_files import parse_results
 from app.render_batch import (
     CROSSOVER_COLOUR,
     FIGURE_MARGIN,
@@ -38,17 +38,9 @@ LEVEL_PALETTE = ("#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b
 
 
 def load_bench(text: str | bytes) -> dict[str, Any]:
-    """A serve bench's JSON text as its dict. Raises ValueError when it is not JSON or not a serve bench."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"not JSON ({error})") from None
-    levels = data.get("levels") if isinstance(data, dict) else None
-    if not isinstance(levels, list) or not all(isinstance(r, dict) and {"label", "max_concurrency"} <= r.keys()
-                                               for r in levels):
-        raise ValueError("not a serve bench results file: expected the JSON of Download JSON on this page or of "
-                         "`python -m lab serve-bench --out FILE` (a list of levels per endpoint)")
-    return data
+    """A serve bench's JSON text as its dict. Raises ``lab.results_files.ResultsFileError`` (a ValueError) when it
+    is not JSON or not a serve bench, naming the first wrong field (``lab.results_files.SERVE_BENCH``)."""
+    return parse_results(text, "serve_bench")
 
 
 def labels(bench: dict) -> list[str]:

@@ -209,11 +209,28 @@ class LiveResult:
     constrained: ConstrainedOutcome | None = None
     reference: ReferenceRun | None = None
     memory: list[MemoryUse] = field(default_factory=list)
+    timing: dict | None = None  # the interleaved pairs' tokens/s (app_pages/live.py's paired_timing); None: one pair
+
+    @property
+    def speculative_tokens_per_s(self) -> float:
+        """The speculative arm's tokens/s: pooled over its interleaved runs when there were two, else its one run."""
+        if self.timing is not None:
+            return self.timing["speculative_pooled_tokens_per_s"]
+        return self.speculative.stats.tokens_per_s
+
+    @property
+    def baseline_tokens_per_s(self) -> float | None:
+        """The target alone's tokens/s, pooled the same way (None without a baseline)."""
+        if self.baseline is None:
+            return None
+        if self.timing is not None:
+            return self.timing["baseline_pooled_tokens_per_s"]
+        return self.baseline.stats.tokens_per_s
 
     @property
     def speedup(self) -> float | None:
-        """Speculative tokens/s over the target alone's (None without a baseline)."""
-        if self.baseline is None:
+        """Speculative tokens/s over the target alone's, each pooled over its interleaved runs (None without a baseline)."""
+        base = self.baseline_tokens_per_s
+        if base is None:
             return None
-        base = self.baseline.stats.tokens_per_s
-        return self.speculative.stats.tokens_per_s / base if base and base == base else None
+        return self.speculative_tokens_per_s / base if base and base == base else None

@@ -160,8 +160,6 @@ def draft_vocab_select(page: str, where=st, label: str = "Draft vocabulary") -> 
 def eagle_note(target_name: str, where=st) -> None:
     """A caption on the head the eagle drafter will load for this target: what it reads, how long it trained,
     and the held-out acceptance it measured (from its head.json; the weights are not read)."""
-    import json
-
     from lab.drafters.eagle import CONFIG_FILE, find_head
 
     if not target_name:
@@ -248,29 +246,16 @@ def prompt_inputs(page: str, sets_help: str) -> None:
 # ---------------------------------------------------------------- results files
 
 
-COMPARISON_FIELDS = {"runs": "list of runs", "settings": "settings", "prompts": "list of prompts"}
-
-
 def parse_comparison(text: str, file_name: str) -> compare.Comparison:
-    """A comparison saved by the Compare page, marked as loaded from ``file_name``. Raises ValueError, in words."""
-    try:
-        loaded = compare.Comparison.from_json(text)
-    except ValueError as error:
-        raise ValueError(comparison_refusal(error.__cause__)) from error
+    """A comparison saved by the Compare page, marked as loaded from ``file_name``.
+
+    Raises ``lab.results_files.ResultsFileError`` (a ValueError) naming the first wrong field, before anything
+    on the page is replaced.
+    """
+    loaded = compare.Comparison.from_json(text)
     loaded.settings.setdefault("status", "complete")
     loaded.settings["loaded_from"] = file_name
     return loaded
-
-
-def comparison_refusal(cause: BaseException | None) -> str:
-    """Why a text is not a comparison results file, in words: which field is missing, not a raw ``('runs')``."""
-    prefix = "This is not a comparison results file saved by the lab"
-    if isinstance(cause, KeyError) and cause.args:
-        field = str(cause.args[0])
-        return f"{prefix}: it has no {COMPARISON_FIELDS.get(field, 'field')} (the “{field}” field of Download JSON)."
-    if isinstance(cause, json.JSONDecodeError):
-        return f"{prefix}: it is not JSON ({cause.msg} at line {cause.lineno}, column {cause.colno})."
-    return f"{prefix}: its fields are not those Download JSON writes."
 
 
 def load_results_file(upload_key: str, error_key: str, result_key: str, parse: Callable[[str, str], Any]) -> None:

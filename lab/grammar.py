@@ -36,6 +36,13 @@ class GrammarError(ValueError):
     """A schema or regex that does not compile, in plain words."""
 
 
+class UnsatisfiableConstraint(GrammarError):
+    """A constraint that no output can satisfy (with this tokenizer); the message starts "No output can satisfy"."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"No output can satisfy this constraint: {why}. Change the constraint and run again.")
+
+
 @dataclass(frozen=True)
 class ConstraintSpec:
     """What the output must match.
@@ -88,6 +95,25 @@ class Constraint:
             # xgrammar's message ends in "." (e.g. "... is not closed."): no "..", then our sentence
             raise GrammarError(f"The {what} does not compile: {_plain(str(error)).rstrip('.')}. "
                                "Fix it and run again.") from error
+        self._check_satisfiable(tuple(stop_token_ids))
+
+    def _check_satisfiable(self, stop_token_ids: tuple[int, ...]) -> None:
+        """Refuse, before any decode, a constraint no output can satisfy (raises UnsatisfiableConstraint).
+
+        A schema whose types contradict each other (``schema_contradiction``),
+        or a grammar whose matcher at the start allows no token but the stop
+        tokens: nothing, or only the empty output, could ever be produced.
+        """
+        if self.spec.kind == "json_schema":
+            why = schema_contradiction(json.loads(self.spec.source))
+            if why:
+                raise UnsatisfiableConstraint(why)
+        allowed = self.new_state().allowed()  # [V] bool
+        if not allowed.any():
+            raise UnsatisfiableConstraint("no first token of this model's vocabulary can start an output that matches it")
+        stops = [t for t in stop_token_ids if 0 <= t < allowed.numel()]
+        if stops and not allowed.index_fill(0, torch.tensor(stops), False).any():
+            raise UnsatisfiableConstraint("it allows only the empty output (end-of-text at once)")
 
     @classmethod
     def for_model(cls, spec: ConstraintSpec, target) -> "Constraint":
@@ -186,6 +212,111 @@ class GrammarState:
         masked = _fit(logits.float(), self.vocab_size)
         self._xgr.apply_token_bitmask_inplace(masked, bitmask.to(masked.device))
         return masked[:, : logits.shape[-1]]
+
+
+JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+_MAX_DEPTH = 32  # deeper schemas are not checked statically (the matcher check still runs)
+
+
+def schema_contradiction(schema, where: str = "the schema", depth: int = 0) -> str | None:
+    """Why no JSON value can match ``schema``, from a cheap look at it; None when no contradiction is seen.
+
+    Seen: ``false``; ``not: {}``; an empty ``enum``; ``type`` and ``allOf``
+    branches' types with nothing in common (``allOf`` of string and integer);
+    ``const`` / ``enum`` values of none of the allowed types; min above max
+    (minimum/maximum, minLength/maxLength, minItems/maxItems,
+    minProperties/maxProperties); ``anyOf`` / ``oneOf`` whose every branch is
+    contradictory; and the same, recursively, in a required property's
+    schema, in ``allOf`` branches, and in the items of a list that must have
+    some. Anything else (``$ref``, patterns, formats) is left to the grammar.
+    """
+    if depth > _MAX_DEPTH:
+        return None
+    if schema is False:
+        return f"{where} is `false`, which no value matches"
+    if not isinstance(schema, dict):
+        return None
+    if schema.get("not") in ({}, True):
+        return f"{where} has `not: {{}}`, which no value matches"
+    if isinstance(schema.get("enum"), list) and not schema["enum"]:
+        return f"{where} has an empty `enum`"
+    all_of = schema["allOf"] if isinstance(schema.get("allOf"), list) else []
+    branches = [schema, *all_of]
+    types: set[str] | None = None
+    declared = []
+    for branch in branches:
+        if branch is False:
+            return f"an `allOf` branch of {where} is `false`"
+        named = _declared_types(branch)
+        if named is None:
+            continue
+        declared.append(named)
+        types = named if types is None else types & named
+    if types is not None and not types:
+        asked = " and ".join("/".join(sorted(d)) for d in declared)
+        return f"{where} must be {asked} at once (its `type` and `allOf` ask for types no value has together)"
+    for value_key in ("const", "enum"):
+        if value_key in schema and types is not None:
+            values = [schema["const"]] if value_key == "const" else schema["enum"]
+            if isinstance(values, list) and values and not any(_json_type(v) & types for v in values):
+                return f"{where} has a `{value_key}` of none of its allowed types ({'/'.join(sorted(types))})"
+    for low, high in (("minimum", "maximum"), ("minLength", "maxLength"), ("minItems", "maxItems"),
+                      ("minProperties", "maxProperties")):
+        a, b = schema.get(low), schema.get(high)
+        if _is_number(a) and _is_number(b) and a > b:
+            return f"{where} has {low} {a} above {high} {b}"
+    for branch in all_of:
+        why = schema_contradiction(branch, f"an `allOf` branch of {where}", depth + 1)
+        if why:
+            return why
+    for choice in ("anyOf", "oneOf"):
+        options = schema.get(choice)
+        if isinstance(options, list) and options:
+            reasons = [schema_contradiction(option, f"a `{choice}` branch of {where}", depth + 1) for option in options]
+            if all(reasons):
+                return f"every `{choice}` branch of {where} is impossible ({reasons[0]})"
+    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    required = schema.get("required") if isinstance(schema.get("required"), list) else []
+    if types is None or "object" in types:
+        for name in required:
+            if isinstance(name, str) and name in properties:
+                why = schema_contradiction(properties[name], f"the required property {name!r}", depth + 1)
+                if why:
+                    return why
+    min_items = schema.get("minItems")
+    if (types is None or "array" in types) and _is_number(min_items) and min_items >= 1 and "items" in schema:
+        why = schema_contradiction(schema["items"], f"the items of {where}", depth + 1)
+        if why:
+            return why
+    return None
+
+
+def _declared_types(schema) -> set[str] | None:
+    declared = schema.get("type") if isinstance(schema, dict) else None
+    if isinstance(declared, str):
+        declared = [declared]
+    if not isinstance(declared, list) or not all(isinstance(t, str) for t in declared):
+        return None
+    named = {t for t in declared if t in JSON_TYPES}
+    return named | ({"integer"} if "number" in named else set())  # every integer is a number
+
+
+def _json_type(value) -> set[str]:
+    if value is None:
+        return {"null"}
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return {"integer", "number"}
+    if isinstance(value, float):
+        return {"number"}
+    if isinstance(value, str):
+        return {"string"}
+    return {"array"} if isinstance(value, list) else {"object"}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def first_invalid_token(constraint: Constraint, token_ids: list[int]) -> int | None:

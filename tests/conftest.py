@@ -60,6 +60,21 @@ class TinyLM:
     name: str = "tiny"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def results_store_in_tmp(tmp_path_factory):
+    """Every test (and every process a test starts) keeps its runs in a session tmp store, never the user's own
+    (even when the user's environment sets ``LAB_RESULTS_DB``). A test that needs a store of its own sets the
+    variable again (monkeypatch) or passes ``path``."""
+    before = os.environ.get("LAB_RESULTS_DB")
+    path = str(tmp_path_factory.mktemp("results") / "results.sqlite3")
+    os.environ["LAB_RESULTS_DB"] = path
+    yield path
+    if before is None:
+        os.environ.pop("LAB_RESULTS_DB", None)
+    else:
+        os.environ["LAB_RESULTS_DB"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_target() -> TinyLM:
     return TinyLM(tiny_llama(seed=0, layers=3).to(TEST_DEVICE), tiny_tokenizer())

@@ -519,10 +519,10 @@ def test_results_uploader_takes_one_file_and_refuses_a_csv_in_words(tiny_models)
 @pytest.mark.parametrize(
     "text, words",
     [
-        (json.dumps({"hello": 1}), "it has no list of runs (the “runs” field of Download JSON)"),  # not "('runs')"
-        (json.dumps({"runs": [], "prompts": []}), "it has no settings"),
+        (json.dumps({"hello": 1}), "the field 'settings' is missing"),  # not "('settings')"
+        (json.dumps({"runs": [], "prompts": []}), "the field 'settings' is missing"),
         ("runs,k\n1,2", "it is not JSON (Expecting value at line 1, column 1)"),
-        (json.dumps([1, 2]), "its fields are not those Download JSON writes"),
+        (json.dumps([1, 2]), "the file must be an object; got a list"),
     ],
 )
 def test_a_refused_results_file_says_what_is_missing_in_words(text, words):

@@ -140,3 +140,29 @@ def test_drafter_spec_validation():
         DrafterSpec("draft-model")
     with pytest.raises(ValueError, match="requires one of draft-model, prompt-lookup, layer-skip, eagle; got 'none'"):
         DrafterSpec("none")
+
+
+def test_arms_are_interleaved_alternating_which_goes_first(tiny_target, monkeypatch):
+    # drift (a clock slowing, a neighbour starting) must hit the target alone and the drafters alike: record the
+    # order in which the engine is called and demand that the baseline goes first, then last, prompt by prompt
+    import lab.studies.compare as compare_module
+
+    calls = []
+    real_decode = compare_module.decode
+
+    def recording_decode(target, prompt_ids, drafter, config, **kwargs):
+        calls.append("target alone" if drafter is None else f"K={config.k}")
+        return real_decode(target, prompt_ids, drafter, config, **kwargs)
+
+    monkeypatch.setattr(compare_module, "decode", recording_decode)
+    prompts = PROMPTS + PROMPTS
+    result = run_comparison(tiny_target, prompts, [DrafterSpec("prompt-lookup")], [1, 3], DecodeConfig(max_new_tokens=6),
+                            chat_template=False, measure_verify=False)
+    forward, backward = ["target alone", "K=1", "K=3"], ["K=3", "K=1", "target alone"]
+    assert calls == forward + backward + forward + backward
+    assert [(r.prompt_index, r.k) for r in result.runs] == [(0, 0), (0, 1), (0, 3), (1, 3), (1, 1), (1, 0),
+                                                             (2, 0), (2, 1), (2, 3), (3, 3), (3, 1), (3, 0)]
+    # runs that went before their baseline still get their speedup and exactness check once it ran
+    assert all(r.identical_to_target and not math.isnan(r.speedup) for r in result.runs if r.k)
+    assert all(r.load is not None and "loaded" in r.load for r in result.runs)
+    assert result.settings["load"]["cores"] >= 1

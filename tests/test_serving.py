@@ -430,7 +430,7 @@ def test_llama_server_without_its_binary_says_how_to_build_it(monkeypatch, tmp_p
         (["--on", "http://127.0.0.1:1", "--concurrency", "1,x"], "--concurrency requires comma-separated integers"),
         (["--on", "http://127.0.0.1:1", "--concurrency", "0,1"], "--concurrency requires integers >= 1"),
         (["--on", "http://127.0.0.1:1", "--lab-target", "a"], "requires both --lab-target and --lab-draft"),
-        (["--on", "localhost:8080", "--prompts", "summarization:1"], "Endpoint requires an http(s) URL"),
+        (["--on", "localhost:8080", "--prompts", "summarization:1"], "--on: a URL requires http:// or https:// in front"),
     ],
 )
 def test_cli_serve_bench_refuses_bad_input_in_one_line(argv, message, capsys):

@@ -33,7 +33,9 @@ import streamlit as st
 import torch
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from app import inflight, render, render_batch, resources, state, widgets
+from app import background, inflight, render, render_batch, resources, saved, state, widgets
+from lab import device_queue
+from lab.load import measure_load
 from lab.studies import peer
 from lab.drafters import make_drafter
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
@@ -179,6 +181,13 @@ class SweepWatch(inflight.StopCatcher):
         self.stopping = self.interruption is not None or self.cancel_seen
         return self.stopping
 
+    def on_wait(self, ticket: device_queue.Ticket) -> None:
+        """While the sweep waits for its device: its place in line; Cancel (or a rerun) takes it out of the line."""
+        self._yield_point(lambda: self.bar.progress(0.0, text=f"Waiting for the {ticket.device} device: "
+                                                              f"{ticket.describe().removeprefix('waiting: ')}"))
+        if self.should_cancel():
+            ticket.cancel("you pressed Cancel" if self.cancel_seen else "the page reran")
+
     def peer_progress(self, fraction: float, message: str) -> None:
         self.flight.last_progress = f"transformers' assisted generation at batch 1: {message}"
         if self.should_cancel():
@@ -274,15 +283,23 @@ def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime
                                     "are kept and shown as a partial sweep; the one under way is dropped.")
         watch = SweepWatch(slots["progress"].progress(0.0, text="Starting the sweep…"), flight)
         started_s = time.monotonic()
-        sweep = run_sweep(target, prompt_ids, drafter, config, sizes, progress=watch.progress,
-                          should_cancel=watch.should_cancel, draft=draft_model)
+        kept = saved.saver("batch", target_name, draft_name, runtime.device)
+        # one timed run per device (lab.device_queue), the machine's load watched (lab.load)
+        with device_queue.join(target.device, background.session_holder("Batch"), on_wait=watch.on_wait), \
+                measure_load() as meter:
+            sweep = run_sweep(target, prompt_ids, drafter, config, sizes, progress=watch.progress,
+                              should_cancel=watch.should_cancel, draft=draft_model, on_part=saved.sweep_part(kept))
+            peer_run = with_peer and not trimmed and sweep.settings.get("status") != "cancelled"
+            peer_result = run_peer(target, draft_model, drafter_name, exit_layer, prompts, config, chat_template,
+                                   watch) if peer_run else None
+        sweep.settings["load"] = meter.report.as_dict()
         if sweep.settings.get("status") == "cancelled":
             sweep.settings["status"] = "cancelled" if watch.cancel_seen else "stopped"
             sweep.peer = {"skipped": "the sweep was cut short before the peer's turn"} if with_peer else None
         elif with_peer and trimmed:
             sweep.peer = {"skipped": "transformers' assisted generation has no trimmed draft vocabulary"}
         elif with_peer:
-            sweep.peer = run_peer(target, draft_model, drafter_name, exit_layer, prompts, config, chat_template, watch)
+            sweep.peer = peer_result
         sweep.settings |= {
             "target": target_name,
             "draft": draft_name,
@@ -294,6 +311,11 @@ def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime
             "elapsed_s": time.monotonic() - started_s,
         }
         flight.result = json.loads(sweep.to_json())
+        saved.finish_sweep(kept, flight.result)
+    except device_queue.Cancelled:
+        if watch.interruption is not None:
+            raise watch.interruption from None  # stopped while waiting in line: nothing to hand over
+        raise
     finally:
         flight.done.set()
     if watch.interruption is not None:
@@ -332,6 +354,10 @@ def show_status(sweep: dict) -> None:
     settings = sweep.get("settings") or {}
     sizes = ", ".join(map(str, render_batch.batch_sizes(sweep)))
     partial = render_batch.partial_text(sweep)
+    load = settings.get("load") or {}
+    if load.get("loaded"):  # beside the speedups below, before any of them is read
+        st.warning(f"Measured while the machine was busy: {load['reason']}; rerun for a clean figure.",
+                   icon=":material/speed:")
     if settings.get("loaded_from"):
         st.info(f"Loaded from **{settings['loaded_from']}**: batch sizes {sizes} · {describe(sweep)}",
                 icon=":material/upload_file:")
@@ -557,6 +583,10 @@ if run_clicked:
     st.session_state.pop(NOTICE_KEY, None)
     try:
         flight = run_page_sweep(prompts, draft_choice, state.runtime(st.session_state), slots)
+    except device_queue.Cancelled as cancelled:
+        st.session_state.pop(IN_FLIGHT_KEY, None)
+        error_slot.warning(f"Cancelled while waiting for the device, before any batch: {cancelled.reason}.",
+                           icon=":material/cancel:")
     except (ValueError, ModelError) as error:
         st.session_state.pop(IN_FLIGHT_KEY, None)  # a refused sweep hands nothing over
         error_slot.error(str(error), icon=":material/error:")

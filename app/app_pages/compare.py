@@ -23,7 +23,8 @@ import streamlit as st
 import torch
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from app import inflight, render, render_compare, resources, state, widgets
+from app import background, inflight, render, render_compare, resources, saved, state, widgets
+from lab import device_queue
 from lab.studies import compare
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
 from lab.models import ModelError, check_same_tokenizer
@@ -168,6 +169,15 @@ class RunWatch(inflight.StopCatcher):
         self.cancel_seen = self.cancel_seen or bool(self._yield_point(lambda: st.session_state.get(CANCEL_KEY)))
         return self.interruption is not None or self.cancel_seen
 
+    def on_wait(self, ticket: device_queue.Ticket) -> None:
+        """While the comparison waits for its device: its place in line; Cancel (or a rerun) takes it out of the line."""
+        self._yield_point(lambda: self.line.caption(f"Waiting for the {ticket.device} device: "
+                                                    f"{ticket.describe().removeprefix('waiting: ')}. Timings are never "
+                                                    "taken while another run of the lab shares it."))
+        self.cancel_seen = self.cancel_seen or bool(self._yield_point(lambda: st.session_state.get(CANCEL_KEY)))
+        if self.cancel_seen or self.interruption is not None:
+            ticket.cancel("you pressed Cancel" if self.cancel_seen else "the page reran")
+
 
 
 
@@ -208,9 +218,12 @@ def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks
                                help="Stop after the current step; the runs finished so far are kept.")
         watch = RunWatch(slots["progress"].progress(0.0, text=f"0/{total} runs"), slots["line"], total)
         started_s = time.monotonic()
-        comparison = compare.run_comparison(target, prompts, specs, ks, config, load_draft=drafts.__getitem__,
-                                            chat_template=chat_template, progress=watch.progress,
-                                            should_cancel=watch.should_cancel)
+        kept = saved.saver("compare", target_name, next(iter(draft_names), None), runtime.device)
+        # one timed run per device: wait here, in line, before anything is timed (run_comparison's own hold nests)
+        with device_queue.join(target.device, background.session_holder("Compare"), on_wait=watch.on_wait):
+            comparison = compare.run_comparison(target, prompts, specs, ks, config, load_draft=drafts.__getitem__,
+                                                chat_template=chat_template, progress=watch.progress,
+                                                should_cancel=watch.should_cancel, on_part=saved.compare_part(kept))
         finished = sum(1 for r in comparison.runs if not r.cancelled)
         comparison.settings |= {
             "status": "complete" if finished == total else ("cancelled" if watch.cancel_seen else "stopped"),
@@ -225,6 +238,11 @@ def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks
                 head=resources.eagle_head(target.name) if spec.name == "eagle" else None) for spec in specs},
         }
         flight.result = comparison
+        saved.finish_comparison(kept, comparison)
+    except device_queue.Cancelled:
+        if watch.interruption is not None:
+            raise watch.interruption from None  # stopped while waiting in line: nothing to hand over
+        raise
     finally:
         flight.done.set()
     if watch.interruption is not None:
@@ -259,6 +277,10 @@ def show_status(comparison: compare.Comparison) -> None:
     what = (f"target `{settings.get('target')}` · {precision} on "
             f"{settings.get('device')} · up to {settings.get('max_new_tokens')} new tokens · "
             + ("greedy" if settings.get("temperature") == 0 else f"temperature {settings.get('temperature')}"))
+    load = settings.get("load") or {}
+    if load.get("loaded"):  # beside the speedups below, before any of them is read
+        st.warning(f"Measured while the machine was busy: {load['reason']}; rerun for a clean figure.",
+                   icon=":material/speed:")
     if settings.get("loaded_from"):
         st.info(f"Loaded from **{settings['loaded_from']}**: {plural(finished, 'run')} on "
                 f"{plural(len(comparison.prompts), 'prompt')} · {what}",
@@ -460,6 +482,11 @@ if run_clicked:
                               temperature=float(s[key("compare.temperature")]), seed=int(s[key("compare.seed")]),
                               engine_mode=runtime.engine)
         run_page_comparison(prompts, chosen_specs(draft_choice), sorted(int(k) for k in s[key("compare.ks")]), config, runtime, slots)
+    except device_queue.Cancelled as cancelled:
+        clear_run_slots(*slots.values())
+        st.session_state.pop(IN_FLIGHT_KEY, None)
+        error_slot.warning(f"Cancelled while waiting for the device, before any run: {cancelled.reason}.",
+                           icon=":material/cancel:")
     except (ValueError, ModelError, FileNotFoundError) as error:
         clear_run_slots(*slots.values())
         error_slot.error(str(error), icon=":material/error:")

@@ -1,25 +1,35 @@
 """Live page: one prompt, one drafter, tokens coloured as the target commits them.
 
-Reads the widgets, builds a ``DecodeConfig``, calls ``lab``, renders the trace
-events with ``app.render``. The last run lives in ``st.session_state`` and is
+Reads the widgets, builds a ``DecodeConfig``, loads the models (``prepare_live``,
+in the script run: its errors show at once), then hands the decodes to a worker
+thread (``app.background``) that holds the device in ``lab.device_queue`` and
+collects the trace events into the session's job; the page draws the job while
+it runs. A slider moved or a page opened mid-run stops only the drawing: the run
+finishes, and the page shows it when it is next drawn. With the target alone to
+compare against, the arms run interleaved (speculative, target alone, target
+alone, speculative) and the speedup pools each arm's pair, so a drift of the
+machine's speed hits both. The last run lives in ``st.session_state`` and is
 drawn again on every rerun.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import streamlit as st
 import torch
 from streamlit.delta_generator import DeltaGenerator
 
-from app import calibration, constrained, precision, render, resources, state, widgets
+from app import background, calibration, constrained, precision, render, resources, saved, state, widgets
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
 from lab.drafters import DRAFTER_NAMES, make_drafter
 from lab.decode import decode
 from lab.models import ModelError, check_same_tokenizer, encode_prompt
 
 RESULT_KEY = "live:result"
+JOB_KEY = "live:job"  # an app.background.Job while a run is under way (or done and not yet shown)
+NOTICE_KEY = "live:notice"  # why the last run started did not finish (cancelled), shown until the next run
 METRIC_WIDTH_PX = 180  # the longest label, "Speedup vs target alone", with its help icon
 MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
 
@@ -98,12 +108,17 @@ def show_metrics(slot, result: state.LiveResult) -> None:
             if result.baseline is not None:
                 cards[4].metric("Speedup vs target alone", render.format_number(result.speedup, 2, "×"),
                                 help=f"Against the target alone on the same prompt: "
-                                     f"{render.format_number(result.baseline.stats.tokens_per_s, 1)} tokens/s. "
-                                     "Measured once on a possibly busy machine: noisy.")
+                                     f"{render.format_number(result.baseline_tokens_per_s, 1)} tokens/s. Both arms ran "
+                                     "twice, interleaved (speculative, target alone, target alone, speculative), "
+                                     "each pooled over its two runs; still one prompt: noisy.")
             elif result.settings["drafter"] == widgets.DRAFTER_LABELS["none"]:
                 cards[4].metric("Speedup vs target alone", "—", help="No drafter: this run is the target alone.")
             else:
                 cards[4].metric("Speedup vs target alone", "—", help="Switch on 'Compare with the target alone'.")
+        load = result.settings.get("load") or {}
+        if result.baseline is not None and load.get("loaded"):
+            st.warning(f"Measured while the machine was busy: {load['reason']}; rerun for a clean figure.",
+                       icon=":material/speed:")
         if result.baseline is not None:
             machine = "CPU" if result.settings.get("device") == "cpu" else "machine"
             sampled = "" if result.greedy else (
@@ -135,7 +150,7 @@ def show_check(slot, result: state.LiveResult) -> None:
 
 
 def show_result(view: LiveView, result: state.LiveResult) -> None:
-    view.status.caption("Last run: " + " · ".join(f"{k} {v}" for k, v in result.settings.items()))
+    view.status.caption("Last run: " + " · ".join(f"{k} {v}" for k, v in result.settings.items() if k != "load"))
     show_metrics(view.metrics, result)
     show_check(view.check, result)
     show_tokens(view.speculative, result.speculative)
@@ -166,10 +181,35 @@ def load(name: str, what: str, runtime: state.Runtime, slot):
     return resources.load_for_role(require_model(name, what), what, runtime, slot)
 
 
-def run_live(view: LiveView, runtime: state.Runtime, target_name: str, draft_name: str | None) -> state.LiveResult:
-    """Read the widgets, load models, decode (and the target alone), streaming tokens into ``view``.
+@dataclass
+class LivePlan:
+    """Everything a Live run needs, prepared in the script run; the worker thread decodes from it (no ``st`` call).
+
+    label: the drafter's name for the page ("prompt lookup, K=4"); run_label: the same with the constraint's.
+    compare: also run the target alone; unconstrained: also the drafter without the constraint;
+    reference: the target in a reference precision (``precision.reference_model``), or None.
+    """
+
+    target: Any
+    draft: Any
+    drafter: Any
+    config: DecodeConfig
+    constraint: Any
+    prompt_ids: list[int]
+    label: str
+    run_label: str
+    settings: dict
+    compare: bool
+    unconstrained: bool
+    reference: Any
+    device: str
+
+
+def prepare_live(view: LiveView, runtime: state.Runtime, target_name: str, draft_name: str | None) -> LivePlan:
+    """Read the widgets, validate, load the models (progress in ``view.status``): what the run needs.
 
     draft_name: what the draft select returned (a preset, a folder path, "" or None).
+    Raises ValueError, ``ModelError``, FileNotFoundError or a memory error: shown by the page.
     """
     s = st.session_state
     drafter_name = s[key("live.drafter")]
@@ -203,24 +243,115 @@ def run_live(view: LiveView, runtime: state.Runtime, target_name: str, draft_nam
     settings = {"target": target_name, "drafter": label, "temperature": config.temperature,
                 "max new tokens": config.max_new_tokens, "device": runtime.device, "engine": runtime.engine}
     settings |= precision.settings(runtime, drafter_name)
-    view.status.caption("Decoding…")
     settings |= constrained.settings(constraint, drafter)
-    speculative = state.collect_run(label + constrained.describe(constraint, drafter),
-                                    decode(target, prompt_ids, drafter, config, constraint=constraint), target.tokenizer,
-                                    prompt_ids, on_step=lambda record: show_tokens(view.speculative, record, streaming=True))
-    baseline = None
-    if s[key("live.compare")] and drafter is not None:
-        view.status.caption("Running the target alone on the same prompt, for comparison…")
-        baseline = state.collect_run("target alone", decode(target, prompt_ids, None, config, constraint=constraint),
-                                     target.tokenizer, prompt_ids,
-                                     on_step=lambda record: show_tokens(view.baseline, record, streaming=True))
-    outcome = constrained.extra_runs(view.details, target, prompt_ids, drafter, config, constraint, speculative, label)
-    reference = precision.reference_run(view.details, runtime, target_name, target, prompt_ids, config,
-                                        compared=baseline or speculative)
-    return state.LiveResult(speculative, baseline, greedy=config.sampling.is_greedy, settings=settings,
+    reference = precision.reference_model(view.details, runtime, target_name, target)
+    return LivePlan(target, draft, drafter, config, constraint, prompt_ids, label,
+                    label + constrained.describe(constraint, drafter), settings,
+                    compare=bool(s[key("live.compare")]) and drafter is not None,
+                    unconstrained=bool(s.get(key("live.unconstrained"))), reference=reference, device=runtime.device)
+
+
+def live_work(plan: LivePlan, job: background.Job) -> state.LiveResult:
+    """The run, in the worker thread: the speculative decode, the target alone interleaved with it, the extra runs.
+
+    Streams each record into ``job.partial`` ("speculative", "baseline", "extra") for the page to draw.
+    Raises ``background.JobCancelled`` when cancelled between steps.
+    """
+    target, prompt_ids, config, constraint = plan.target, plan.prompt_ids, plan.config, plan.constraint
+
+    def collect(label: str, drafter, slot: str | None, run_constraint=constraint, run_config=config) -> state.RunRecord:
+        events = job.cancellable(decode(target, prompt_ids, drafter, run_config, constraint=run_constraint))
+        on_step = None if slot is None else (lambda record: job.partial.__setitem__(slot, record))
+        return state.collect_run(label, events, target.tokenizer, prompt_ids, on_step=on_step)
+
+    job.progress = "Decoding…"
+    speculative = collect(plan.run_label, plan.drafter, "speculative")
+    baseline, timing = None, None
+    if plan.compare:
+        job.progress = "Running the target alone on the same prompt, for comparison…"
+        baseline = collect("target alone", None, "baseline")
+        job.progress = ("Timing a second pair in reverse order (target alone, then speculative), so that a drift of "
+                        "the machine's speed hits both arms…")
+        baseline_again = collect("target alone", None, None)
+        speculative_again = collect(plan.run_label, plan.drafter, None)
+        timing = paired_timing([speculative, speculative_again], [baseline, baseline_again])
+    job.progress = "Finishing…"
+    stream_extra = lambda record: job.partial.__setitem__("extra", record)  # noqa: E731
+    outcome = constrained.extra_runs(target, prompt_ids, plan.drafter, config, constraint, speculative, plan.label,
+                                     plan.unconstrained, on_step=stream_extra, events=job.cancellable)
+    reference = precision.reference_run(plan.reference, target, prompt_ids, config, compared=baseline or speculative,
+                                        on_step=stream_extra, events=job.cancellable)
+    return state.LiveResult(speculative, baseline, greedy=config.sampling.is_greedy, settings=dict(plan.settings),
                             step_rows=render.steps_rows(speculative.steps, target.tokenizer, prompt_ids),
                             constrained=outcome, reference=reference,
-                            memory=precision.run_memory(target, drafter, draft, speculative))
+                            memory=precision.run_memory(target, plan.drafter, plan.draft, speculative), timing=timing)
+
+
+def paired_timing(speculative: list[state.RunRecord], baseline: list[state.RunRecord]) -> dict:
+    """Each arm's tokens/s per run and pooled over its runs (total tokens / total wall time), with the order run."""
+    def pooled(records):
+        wall_s = sum(r.wall_s for r in records)
+        return sum(r.stats.num_output_tokens for r in records) / wall_s if wall_s > 0 else float("nan")
+
+    return {
+        "order": ["speculative", "target alone", "target alone", "speculative"],
+        "speculative_tokens_per_s": [r.stats.tokens_per_s for r in speculative],
+        "baseline_tokens_per_s": [r.stats.tokens_per_s for r in baseline],
+        "speculative_pooled_tokens_per_s": pooled(speculative),
+        "baseline_pooled_tokens_per_s": pooled(baseline),
+    }
+
+
+def draw_running(view: LiveView, job: background.Job, cancel_slot, drawn: dict) -> None:
+    """The job so far: where it stands, and its token streams (redrawn only when they grew)."""
+    view.status.caption(background.waiting_text(job))
+    for name, slot in (("speculative", view.speculative), ("baseline", view.baseline), ("extra", view.details)):
+        record = job.partial.get(name)
+        if record is not None and drawn.get(name) != len(record.pieces):
+            drawn[name] = len(record.pieces)
+            show_tokens(slot, record, streaming=True)
+    if job.done.is_set():
+        cancel_slot.empty()
+
+
+def keep_finished(job: background.Job) -> None:
+    """In the worker, the moment the run has finished: its load report into its settings, and the run into the
+    results store (``app.saved``), whether or not the user is still on the page."""
+    if job.load is not None:
+        job.result.settings["load"] = job.load.as_dict()
+    saved.keep_live(job.result, str(job.ticket.device),
+                    on_error=lambda message: job.partial.__setitem__("finish_error", message))
+
+
+def take_over(job: background.Job) -> tuple[str, str] | None:
+    """A finished job into session state: its result as the last run, or a notice of why it was cancelled.
+    Returns the error to show (message, icon) when it failed; re-raises what the page does not expect."""
+    s = st.session_state
+    del s[JOB_KEY]
+    if job.result is not None:
+        if job.load is not None:
+            job.result.settings["load"] = job.load.as_dict()
+        s[RESULT_KEY] = job.result
+        s.pop(NOTICE_KEY, None)
+        if job.partial.get("finish_error"):
+            st.warning(f"This run is shown but not saved: {job.partial['finish_error']}", icon=":material/database:")
+        return None
+    if job.cancelled is not None:
+        partial = job.partial.get("speculative")
+        done = f" after {partial.stats.num_output_tokens} tokens" if partial is not None else " before it started"
+        s[NOTICE_KEY] = f"The run you started was cancelled{done}: {job.cancelled}."
+        return None
+    return error_message(job.error)
+
+
+def error_message(error: BaseException) -> tuple[str, str]:
+    """What the page says about a failed run (message, icon); re-raises an error it does not expect."""
+    if isinstance(error, (ValueError, ModelError, FileNotFoundError)):
+        return str(error), ":material/error:"
+    if isinstance(error, MEMORY_ERRORS):
+        return (f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick a smaller target or "
+                "draft, or ask for fewer new tokens; then run again.", ":material/memory:")
+    raise error
 
 
 # ---------------------------------------------------------------- page
@@ -278,31 +409,53 @@ with st.container(border=True):
     seed_col.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key=key("live.seed"), disabled=greedy)
     st.text_area("Prompt", key=key("live.prompt"), height=140)
     constrained.section()
-    run_clicked = st.button("Run", type="primary", icon=":material/play_arrow:")
+    run_col, cancel_col, _ = st.columns([1, 1.3, 6])
+    run_clicked = run_col.button("Run", type="primary", icon=":material/play_arrow:")
+    cancel_slot = cancel_col.empty()
 
 error_slot = st.empty()
+notice_slot = st.empty()
 last = st.session_state.get(RESULT_KEY)
+running = st.session_state.get(JOB_KEY)
 side_by_side = (run_clicked and st.session_state[key("live.compare")] and drafter_name != "none") or (
-    not run_clicked and last is not None and last.baseline is not None
-)
+    not run_clicked and running is not None and running.partial.get("compare")) or (
+    not run_clicked and running is None and last is not None and last.baseline is not None)
 view = LiveView.create(side_by_side)
 
 failed = None
 if run_clicked:
     try:
         runtime = state.runtime(st.session_state)
-        st.session_state[RESULT_KEY] = run_live(view, runtime, target_choice, draft_choice)
-    except (ValueError, ModelError, FileNotFoundError) as error:
-        failed = (str(error), ":material/error:")
-    except MEMORY_ERRORS as error:
-        failed = (f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick a smaller target or "
-                  "draft, or ask for fewer new tokens; then run again.", ":material/memory:")
+        plan = prepare_live(view, runtime, target_choice, draft_choice)
+    except (ValueError, ModelError, FileNotFoundError, *MEMORY_ERRORS) as error:
+        failed = error_message(error)
+    else:
+        if running is not None:  # said, not dropped: its notice names the reason
+            running.cancel("you started a new run")
+        st.session_state.pop(NOTICE_KEY, None)
+        job = background.start(lambda job, plan=plan: live_work(plan, job), plan.device, background.session_holder("Live"),
+                               on_finish=keep_finished)
+        job.partial["compare"] = plan.compare
+        st.session_state[JOB_KEY] = job
+
+if (job := st.session_state.get(JOB_KEY)) is not None:
+    if not job.done.is_set():
+        background.cancel_button(cancel_slot, job, "live_cancel",
+                                 "Stop this run after its current step (or take it out of the line while it waits).")
+        drawn: dict = {}
+        background.follow(job, lambda job: draw_running(view, job, cancel_slot, drawn))
+    for slot in (view.status, view.speculative, view.baseline, view.details):
+        slot.empty()
+    failed = take_over(job) or failed
 
 if failed is not None:
     with error_slot.container():
         st.error(failed[0], icon=failed[1])
         if st.session_state.get(RESULT_KEY) is not None:  # kept, not lost; but it must not read as this run's
             st.caption("Below: the previous run, kept as it was. The run you just started did not happen.")
+elif (notice := st.session_state.get(NOTICE_KEY)) is not None:
+    notice_slot.warning(notice + (" Below: the previous run." if st.session_state.get(RESULT_KEY) is not None else ""),
+                        icon=":material/cancel:")
 
 if (result := st.session_state.get(RESULT_KEY)) is not None:
     show_result(view, result)

@@ -12,6 +12,7 @@ failures and a level where every request failed ends the sweep.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -20,10 +21,11 @@ from pathlib import Path
 import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from app import inflight, render_serve, state, widgets
+from app import background, inflight, render_serve, saved, state, widgets
+from lab import device_queue
 from lab.prompts import Prompt, load_prompts
 from lab.studies.serve_bench import run_serve_bench
-from lab.serving.client import Endpoint, RequestSettings, ServeError
+from lab.serving.client import Endpoint, RequestSettings, ServeError, URLError, is_local_url
 
 RESULT_KEY = "serve:bench"
 UPLOAD_KEY = "serve:upload"
@@ -82,6 +84,13 @@ class ServeWatch(inflight.StopCatcher):
         self.cancel_seen = self.cancel_seen or bool(self._yield_point(lambda: st.session_state.get(CANCEL_KEY)))
         return self.interruption is not None or self.cancel_seen
 
+    def on_wait(self, ticket: device_queue.Ticket) -> None:
+        """While a local server's sweep waits for the CPU: its place in line; Cancel (or a rerun) leaves the line."""
+        self._yield_point(lambda: self.bar.progress(0.0, text=f"Waiting for the CPU: "
+                                                              f"{ticket.describe().removeprefix('waiting: ')}"))
+        if self.should_stop():
+            ticket.cancel("you pressed Cancel" if self.cancel_seen else "the page reran")
+
 
 def chosen_prompts() -> list[Prompt]:
     """The prompts the widgets select, or those of an uploaded JSONL file. Raises ValueError / FileNotFoundError."""
@@ -100,7 +109,14 @@ def endpoints() -> list[Endpoint]:
     urls = [(s[key("serve.on_url")].strip(), "on"), (s[key("serve.off_url")].strip(), "off")]
     if not urls[0][0]:
         raise ValueError("The endpoint with speculation on needs a URL, e.g. http://127.0.0.1:8080.")
-    return [Endpoint(url, model, s[key("serve.api")], label) for url, label in urls if url]
+    chosen = []
+    for url, label in urls:
+        if url:
+            try:
+                chosen.append(Endpoint(url, model, s[key("serve.api")], label))
+            except URLError as error:  # which box, then what is wrong with it
+                raise ValueError(f"Endpoint with speculation {label}: {error}.") from None
+    return chosen
 
 
 def run_page_bench(prompts: list[Prompt], slots: dict) -> inflight.InFlight:
@@ -121,13 +137,23 @@ def run_page_bench(prompts: list[Prompt], slots: dict) -> inflight.InFlight:
                                                         "kept; the one under way is dropped.")
         watch = ServeWatch(slots["progress"].progress(0.0, text="Checking the endpoints…"), flight)
         started_s = time.monotonic()
-        bench = run_serve_bench(chosen, prompts, levels, settings, rounds=int(s[key("serve.rounds")]),
-                                progress=watch.progress, should_stop=watch.should_stop)
+        # a server on this machine shares the lab's cores: wait in the CPU's line (lab.device_queue) first
+        local = any(is_local_url(endpoint.url) for endpoint in chosen)
+        with device_queue.join("cpu", background.session_holder("Serve"), on_wait=watch.on_wait) if local \
+                else contextlib.nullcontext():
+            bench = run_serve_bench(chosen, prompts, levels, settings, rounds=int(s[key("serve.rounds")]),
+                                    progress=watch.progress, should_stop=watch.should_stop)
         if bench.stopped.startswith("stopped at"):
             bench.stopped = ("cancelled" if watch.cancel_seen else "stopped because the page reran") + \
                 bench.stopped.removeprefix("stopped")
         bench.settings["elapsed_s"] = time.monotonic() - started_s
         flight.result = bench.as_dict()
+        if flight.result.get("levels"):
+            saved.keep_serve(flight.result)
+    except device_queue.Cancelled:
+        if watch.interruption is not None:
+            raise watch.interruption from None
+        raise
     finally:
         flight.done.set()
     if watch.interruption is not None:
@@ -254,6 +280,10 @@ if run_clicked and not prompt_error:
     st.session_state.pop(NOTICE_KEY, None)
     try:
         flight = run_page_bench(prompts, slots)
+    except device_queue.Cancelled as cancelled:
+        st.session_state.pop(IN_FLIGHT_KEY, None)
+        error_slot.warning(f"Cancelled while waiting for the CPU, before any request: {cancelled.reason}.",
+                           icon=":material/cancel:")
     except (ValueError, ServeError) as error:
         st.session_state.pop(IN_FLIGHT_KEY, None)
         error_slot.error(str(error), icon=":material/error:")

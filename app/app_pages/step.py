@@ -3,7 +3,12 @@
 Start builds a drafter and a ``lab.decode.decode`` generator with
 ``DecodeConfig(record_details=True)`` and keeps it in ``st.session_state``: the
 generator holds its own KV caches, so each "Next cycle" click resumes it for
-exactly one ``Step`` event. Each cycle shows the drafted tokens with the draft's
+exactly one ``Step`` event. Each cycle (and the prefill) holds the device in
+``lab.device_queue`` while it runs, not the whole decode: a step-through
+lasts as long as the user reads (minutes), and holding the device that long
+would stall every other session's timed runs; the times a cycle shows are
+taken inside its own hold, so no other run of the lab shares the cores then.
+Each cycle shows the drafted tokens with the draft's
 probabilities, the target's top tokens at each position, the decision and its
 reason, the corrected or bonus token, and the caches' lengths after rollback.
 """
@@ -18,7 +23,8 @@ from typing import Any
 import streamlit as st
 import torch
 
-from app import render, render_compare, render_step, resources, state, widgets
+from app import background, render, render_compare, render_step, resources, saved, state, widgets
+from lab import device_queue
 from lab.config import K_MAX, DecodeConfig
 from lab.drafters import make_drafter
 from lab.decode import decode
@@ -79,12 +85,15 @@ class StepSession:
     stats: SpecDecodingStats = field(default_factory=SpecDecodingStats)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     form: dict[str, Any] = field(default_factory=dict)  # the form's values at Start (FORM_KEYS)
+    device: str = "cpu"
+    holder: str = "Step-through"  # who holds the device, as lab.device_queue shows it to others
 
     def advance(self) -> None:
-        """Resume the decode for one event: a Step, or Finished at the end."""
+        """Resume the decode for one event: a Step, or Finished at the end (holding the device meanwhile)."""
         if self.finished is not None:
             return
-        event = next(self.events)
+        with device_queue.hold(self.device, self.holder):
+            event = next(self.events)
         self.stats.observe(event)
         if isinstance(event, Prefilled):
             self.prefill_ms = event.prefill_ms
@@ -147,7 +156,8 @@ def start(runtime: state.Runtime, slot, draft_name: str | None) -> StepSession:
                 "precision": runtime.precision("target") + (f", draft {runtime.precision('draft')}" if draft else "")}
     session = StepSession(decode(target, prompt_ids, drafter, config), target.tokenizer, prompt_ids,
                           config.sampling.is_greedy, settings, committed=list(prompt_ids),
-                          eos_token_ids=tuple(target.eos_token_ids), form={k: s.get(key(k)) for k in FORM_KEYS})
+                          eos_token_ids=tuple(target.eos_token_ids), form={k: s.get(key(k)) for k in FORM_KEYS},
+                          device=str(target.device), holder=background.session_holder("Step-through"))
     session.advance()  # the prefill
     return session
 
@@ -238,6 +248,9 @@ with st.container(border=True):
                                       icon=":material/fast_forward:")
     reset_clicked = buttons.button("Reset", disabled=session is None, icon=":material/close:")
 
+if (opened := st.session_state.pop(saved.STEP_REOPEN_KEY, None)) is not None:  # a kept run, from History
+    st.session_state[SESSION_KEY] = session = StepSession(
+        iter(()), resources.load_tokenizer(opened["settings"]["target"]), **opened)
 status_slot, error_slot = st.empty(), st.empty()
 try:
     if start_clicked:
@@ -250,6 +263,8 @@ try:
     elif (next_clicked or ahead_clicked) and session is not None:
         for _ in range(RUN_AHEAD_CYCLES if ahead_clicked else 1):
             session.next_cycle()
+        if session.finished is not None:
+            saved.keep_step(session)
         st.session_state[key("step.view")] = max(1, len(session.steps))
         st.rerun()
 except (ValueError, ModelError, FileNotFoundError) as error:

@@ -1,10 +1,11 @@
 """The command line: ``python -m lab generate | prepare | models | calibrate | peer | compare | bench |
-engine-bench | serve-bench | token-freq | train-head``.
+engine-bench | serve-bench | token-freq | train-head | history``.
 
 One module per command group: ``generate``, ``presets`` (prepare, models),
 ``measure`` (calibrate, peer, bench, compare, engine-bench), ``serve``
-(serve-bench) and ``heads`` (token-freq, train-head); what they share lives in
-``common``. Each subcommand is registered by an ``add_<name>(commands)`` of its
+(serve-bench), ``heads`` (token-freq, train-head) and ``history`` (the kept
+runs); what they share lives in ``common``. Every command that measures keeps
+its run in the results store (``lab.store``) unless ``--no-save``. Each subcommand is registered by an ``add_<name>(commands)`` of its
 module, with its handler ``_cmd_<name>(args) -> int``; ``build_parser`` calls
 them in order and ``main(argv) -> int`` parses and dispatches, so tests call it
 directly. Bad input (an empty prompt, K out of range, an unknown model, a draft
@@ -35,6 +36,8 @@ Examples::
     python -m lab train-head --target smollm2-135m --minutes 15
     python -m lab compare --target qwen2.5-coder-1.5b --drafters draft-model eagle --draft qwen2.5-coder-0.5b \
         --draft-vocab 16384 --ks 4 --prompts spec_bench:mix:20
+    python -m lab history --kind bench compare --limit 10
+    python -m lab history --json --export csv runs.csv
 """
 
 from __future__ import annotations
@@ -42,14 +45,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from lab.cli import generate, heads, measure, presets, serve
+from lab.cli import generate, heads, history, measure, presets, serve
 from lab.cli.common import (
+    EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     ProgressLine,
     UsageError,
     _is_input_error,
+    _is_memory_error,
+    _memory_message,
     _one_line,
     _Parser,
 )
@@ -67,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             raise UsageError(
                 "a command is required: generate, calibrate, prepare, models, peer, compare, bench, engine-bench, "
-                "serve-bench, token-freq or train-head (see `python -m lab --help`)"
+                "serve-bench, token-freq, train-head or history (see `python -m lab --help`)"
             )
         return args.handler(args)
     except SystemExit as done:  # --help / --version
@@ -75,7 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except MemoryError as error:
+        print(f"error: {_memory_message(error)}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as error:  # noqa: BLE001 - only input errors are turned into exit 2
+        if _is_memory_error(error):
+            print(f"error: {_memory_message(error)}", file=sys.stderr)
+            return EXIT_FAILED
         if not _is_input_error(error):
             raise
         print(f"error: {_one_line(error)}", file=sys.stderr)
@@ -97,4 +109,5 @@ def build_parser() -> _Parser:
     serve.add_serve_bench(commands)
     heads.add_token_freq(commands)
     heads.add_train_head(commands)
+    history.add_history(commands)
     return parser

@@ -6,11 +6,12 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
 
-EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class UsageError(Exception):
@@ -30,6 +31,18 @@ def _is_input_error(error: Exception) -> bool:
     from lab.serving.client import ServeError
 
     return isinstance(error, (UsageError, ValueError, ModelError, FileNotFoundError, ServeError))
+
+
+def _is_memory_error(error: BaseException) -> bool:
+    """Out of memory on the host (MemoryError) or on the accelerator (``torch.OutOfMemoryError``)."""
+    import torch
+
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError))
+
+
+def _memory_message(error: BaseException) -> str:
+    return (f"out of memory ({type(error).__name__}): ask for fewer new tokens, a smaller batch or a smaller model "
+            "(or a quantised one: --target-quant nf4), or free the device, then run again")
 
 
 def _one_line(error: Exception) -> str:
@@ -181,3 +194,66 @@ class ProgressLine:
 def log_line(fraction: float, message: str) -> None:
     """A ``progress`` sink writing every message on its own stderr line (long runs, logs)."""
     print(f"{time.strftime('%H:%M:%S')} {fraction:4.0%} {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- keeping runs (lab.store)
+
+
+def add_save_argument(parser: argparse.ArgumentParser) -> None:
+    """--no-save: do not keep this run in the results store (``python -m lab history`` lists what is kept)."""
+    parser.add_argument("--no-save", action="store_true",
+                        help="do not keep this run in the results store ($LAB_RESULTS_DB, else results.sqlite3 in "
+                             "the lab's cache folder; see `python -m lab history`)")
+
+
+def run_saver(args: argparse.Namespace, kind: str, *, target: str | None = None, draft: str | None = None,
+              device: str = "cpu", settings: dict | None = None, machine: dict | None = None):
+    """A ``lab.store.RunSaver`` for this command's run: keeps nothing under --no-save; a store that cannot be
+    opened or written prints one warning on stderr and the command goes on."""
+    from lab.store import ResultsStore, RunSaver, StoreError
+
+    def warn(message: str) -> None:
+        print(f"warning: this run is not saved: {_one_line(Exception(message))}", file=sys.stderr)
+
+    store = None
+    if not getattr(args, "no_save", False):
+        try:
+            store = ResultsStore()
+        except StoreError as error:
+            warn(str(error))
+    return RunSaver(store, kind, target=target, draft=draft, device=str(device), settings=settings, on_error=warn,
+                    machine=machine)
+
+
+def finish_saved(saver, figures: dict, payload=None, status: str = "complete", settings: dict | None = None) -> None:
+    """``saver.finish(...)``, then one stderr line saying where the run was kept (nothing under --no-save)."""
+    run_id = saver.finish(figures, payload, status=status, settings=settings)
+    if run_id is not None:
+        parts = f" with {len(saver.part_ids)} parts" if saver.part_ids else ""
+        print(f"saved run {run_id} ({saver.kind}{parts}) to {saver.store.path}", file=sys.stderr)
+# ---------------------------------------------------------------- timed work: one at a time, load noticed
+
+
+@contextmanager
+def holding_device(device, command: str, out: TextIO | None = None, watch_load: bool = True):
+    """Hold ``device`` in ``lab.device_queue`` for a measuring command and watch the machine's load (``lab.load``).
+
+    While another of the lab's timed runs holds the device (the app, another
+    command), it says on ``out`` (default stderr) whom it waits for and waits.
+    Yields the ``lab.load.LoadMeter`` (None without ``watch_load``: a command
+    whose own servers are other processes would read them as outside load);
+    after the block, a run taken under load from outside the lab says so on
+    ``out`` (its report is ``meter.report``).
+    """
+    from lab import device_queue
+    from lab.load import measure_load
+
+    out = out or sys.stderr
+    with device_queue.hold(device, f"python -m lab {command}", on_wait=device_queue.cli_waiting_printer(out)):
+        if not watch_load:
+            yield None
+            return
+        with measure_load() as meter:
+            yield meter
+    if meter.report.loaded:
+        print(f"warning: {meter.report.warning()}", file=out)

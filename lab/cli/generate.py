@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
@@ -20,10 +21,14 @@ from lab.cli.common import (
     add_drafter_arguments,
     add_engine_argument,
     add_model_arguments,
+    add_save_argument,
     check_drafter_arguments,
     checked_tokenizer,
     constraint_spec,
+    finish_saved,
+    holding_device,
     load_models,
+    run_saver,
 )
 
 
@@ -62,6 +67,7 @@ def add_generate(commands) -> None:
                           help="colour tokens by class (default: when stdout is a terminal)")
     add_constraint_arguments(generate)
     add_engine_argument(generate)
+    add_save_argument(generate)
     generate.set_defaults(handler=_cmd_generate)
 
 
@@ -143,23 +149,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         constraint = Constraint.for_model(spec, target)
     stats, steps = SpecDecodingStats(), []
     printer = None if args.json else TokenPrinter(target.tokenizer, sys.stdout, _use_color(args.color, sys.stdout))
-    finished = None
-    for event in decode(target, prompt_ids, drafter, config, constraint=constraint):
-        stats.observe(event)
-        if isinstance(event, Step):
-            steps.append(event)
-            if printer is not None:
-                printer.step(event)
-        elif isinstance(event, Finished):
-            finished = event
-    if printer is not None:
-        printer.finish()
+    finished, baseline, meter = None, None, None
+    # a speedup is measured only with the device to itself (lab.device_queue) and the machine's load watched
+    with holding_device(target.device, "generate --compare-baseline") if args.compare_baseline else nullcontext() as meter:
+        for event in decode(target, prompt_ids, drafter, config, constraint=constraint):
+            stats.observe(event)
+            if isinstance(event, Step):
+                steps.append(event)
+                if printer is not None:
+                    printer.step(event)
+            elif isinstance(event, Finished):
+                finished = event
+        if printer is not None:
+            printer.finish()
 
-    baseline = None
-    if args.compare_baseline:
-        if not args.json:
-            print("running the target alone for comparison...", file=sys.stderr)
-        baseline = run(target, prompt_ids, None, replace(config, grammar_mode="exact"), constraint=constraint)
+        if args.compare_baseline:
+            if not args.json:
+                print("running the target alone for comparison...", file=sys.stderr)
+            baseline = run(target, prompt_ids, None, replace(config, grammar_mode="exact"), constraint=constraint)
 
     settings = {
         "target": target.name,
@@ -184,10 +191,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "draft_precision": draft.precision if draft is not None else None,
         "constraint": None if spec is None else {"kind": spec.kind, "source": spec.source, "mode": config.grammar_mode},
     }
+    if meter is not None:
+        settings["load"] = meter.report.as_dict()
+    report = generate_report(finished, stats, steps, settings, baseline)
+    if constraint is not None:
+        report["constraint_valid"] = constraint.is_valid(finished.text)
+    _save(args, report, target, draft)
     if args.json:
-        report = generate_report(finished, stats, steps, settings, baseline)
-        if constraint is not None:
-            report["constraint_valid"] = constraint.is_valid(finished.text)
         print(json.dumps(report))
     else:
         print(format_summary(finished, stats, settings, baseline, color=printer.color))
@@ -196,6 +206,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             note = "" if valid or finished.reason != "max_new_tokens" else " (a valid prefix, cut by the token budget: raise --max-new-tokens)"
             print(f"   constraint ({spec.kind}, {config.grammar_mode}): output {'valid' if valid else 'NOT valid'}{note}")
     return EXIT_OK
+
+
+def _save(args: argparse.Namespace, report: dict, target, draft) -> None:
+    """Keep the run in the results store (its figures, and the ``--json`` report as payload) unless --no-save."""
+    from lab.figures import from_stats
+
+    figures = from_stats(report["metrics"])
+    if "speedup" in report:
+        figures |= {"speedup": report["speedup"], "target_tokens_per_s": report["baseline"]["tokens_per_s"]}
+    saver = run_saver(args, "generate", target=target.name, draft=draft.name if draft is not None else None,
+                      device=target.device, settings=report["settings"])
+    finish_saved(saver, figures, payload=report)
 
 
 def _read_prompt(args: argparse.Namespace) -> str:

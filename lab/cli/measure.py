@@ -18,11 +18,15 @@ from lab.cli.common import (
     add_drafter_arguments,
     add_engine_argument,
     add_model_arguments,
+    add_save_argument,
     check_drafter_arguments,
+    finish_saved,
     checked_tokenizer,
     constraint_spec,
+    holding_device,
     load_models,
     log_line,
+    run_saver,
 )
 
 
@@ -40,6 +44,7 @@ def add_calibrate(commands) -> None:
                            "0.8 for a draft model, 0.4 for prompt lookup)")
     calibrate.add_argument("--refresh", action="store_true", help="time again even if this machine has a calibration")
     calibrate.add_argument("--json", action="store_true", help="print the calibration as JSON")
+    add_save_argument(calibrate)
     calibrate.set_defaults(handler=_cmd_calibrate)
 
 
@@ -59,6 +64,7 @@ def add_peer(commands) -> None:
     peer.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs")
     peer.add_argument("--json", action="store_true", help="print the full JSON report instead of the table")
     peer.add_argument("--out", type=Path, help="also write the JSON report to this file (rewritten after each prompt)")
+    add_save_argument(peer)
     peer.set_defaults(handler=_cmd_peer)
 
 
@@ -83,6 +89,7 @@ def add_bench(commands) -> None:
                        "(run by default, after the sweep, as the peer)")
     add_constraint_arguments(bench)
     add_engine_argument(bench)
+    add_save_argument(bench)
     bench.set_defaults(handler=_cmd_bench)
 
 
@@ -103,6 +110,7 @@ def add_compare(commands) -> None:
     compare.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                          help="also compare the draft model / EAGLE head trimmed to the N most frequent tokens")
     add_engine_argument(compare)
+    add_save_argument(compare)
     compare.set_defaults(handler=_cmd_compare)
 
 
@@ -119,18 +127,29 @@ def add_engine_bench(commands) -> None:
     engine.add_argument("--prompts", nargs="+", default=["spec_bench:mix:20"],
                         help="prompt sets, as for peer (default: spec_bench:mix:20)")
     engine.add_argument("--out", type=Path, help="also write the summary as JSON")
+    add_save_argument(engine)
     engine.set_defaults(handler=_cmd_engine_bench)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from lab.studies.calibrate import DEFAULT_KS, calibrate
 
+    from lab.hardware import resolve_device
+
     progress = ProgressLine(sys.stderr, always=True)
-    calibration = calibrate(args.target, args.draft, device=args.device or "auto", precisions=args.precisions,
-                            ks=args.ks or DEFAULT_KS, acceptance=args.acceptance, refresh=args.refresh,
-                            progress=progress)
+    with holding_device(resolve_device(args.device or "auto"), "calibrate"):
+        calibration = calibrate(args.target, args.draft, device=args.device or "auto", precisions=args.precisions,
+                                ks=args.ks or DEFAULT_KS, acceptance=args.acceptance, refresh=args.refresh,
+                                progress=progress)
     progress.done()
-    print(json.dumps(calibration.as_dict()) if args.json else calibration.explain().replace("**", ""))
+    from lab.figures import from_calibration
+
+    data = calibration.as_dict()
+    saver = run_saver(args, "calibrate", target=args.target, draft=args.draft, machine=data["machine"],
+                      settings={"target": args.target, "draft": args.draft, "drafter": calibration.drafter,
+                                "precisions": args.precisions, "acceptance": calibration.acceptance})
+    finish_saved(saver, from_calibration(data), payload=data)
+    print(json.dumps(data) if args.json else calibration.explain().replace("**", ""))
     return EXIT_OK
 
 
@@ -166,8 +185,29 @@ def _cmd_engine_bench(args: argparse.Namespace) -> int:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(frame.to_json(orient="records", indent=1))
+    rows = json.loads(frame.to_json(orient="records"))
+    saver = run_saver(args, "engine-bench", target=args.target, draft=args.draft,
+                      device="cuda" if (args.device or "auto") in ("auto", "cuda") and _has_cuda() else "cpu",
+                      settings={"target": args.target, "drafter": args.drafter, "draft": args.draft, "arms": args.arms,
+                                "max_new_tokens": args.max_new_tokens, "prompts": args.prompts})
+    finish_saved(saver, _arm_figures(rows), payload=rows)
     print(format_engine_bench(frame))
     return EXIT_OK
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _arm_figures(rows: list[dict]) -> dict:
+    """Engine-bench figures: the fastest arm's speedup and tokens/s, and its label."""
+    from lab.figures import from_summary_rows
+
+    figures = from_summary_rows(rows)
+    best = max(rows, key=lambda r: r.get("speedup") or 0.0, default={})
+    return figures | {"best_arm": best.get("label")}
 
 
 def _cmd_peer(args: argparse.Namespace) -> int:
@@ -192,6 +232,11 @@ def _cmd_peer(args: argparse.Namespace) -> int:
     data = report.as_dict()
     if args.out is not None:
         print(f"wrote {args.out}", file=sys.stderr)
+    summary = report.summary(args.k[0])
+    saver = run_saver(args, "peer", target=target.name, draft=draft.name if draft is not None else None,
+                      device=target.device, settings=data.get("settings"))
+    finish_saved(saver, {name: value for name, value in summary.items() if isinstance(value, (int, float, str))},
+                 payload=data)
     print(json.dumps(data) if args.json else report.format_table())
     return EXIT_OK
 
@@ -226,9 +271,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     drafter = make_drafter(args.drafter, target, draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer)
     constraint = None if spec is None else Constraint.for_model(spec, target)
     ids = [encode_prompt(target, p.text, chat_template=not args.raw) for p in prompts]
-    sweep = run_sweep(target, ids, drafter, config, batch_sizes, progress=log_line,
-                      draft=draft, constraint=constraint)
-    sweep.peer = _bench_peer(args, target, draft, prompts, spec)
+    from lab import figures
+
+    saver = run_saver(args, "bench", target=target.name, draft=draft.name if draft is not None else None,
+                      device=target.device, settings={"drafter": args.drafter, "k": args.k, "batch_sizes": batch_sizes,
+                                                      "max_new_tokens": args.max_new_tokens, "prompts": args.prompts})
+    saver.begin()
+    with holding_device(target.device, "bench") as meter:
+        sweep = run_sweep(target, ids, drafter, config, batch_sizes, progress=log_line,
+                          draft=draft, constraint=constraint,
+                          on_part=lambda part: saver.part("batch-size", figures.from_batch_size(part), payload=part))
+        sweep.peer = _bench_peer(args, target, draft, prompts, spec)
+    sweep.settings["load"] = meter.report.as_dict()
+    data = sweep.as_dict()
+    finish_saved(saver, figures.from_sweep(data), payload=data, settings=data["settings"] | {"prompts": args.prompts},
+                 status="cancelled" if data["settings"].get("status") == "cancelled" else "complete")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         sweep.to_json(args.out)
@@ -281,8 +338,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     load_draft = lambda name: load_model(name, device=args.device, dtype=args.dtype, progress=progress,  # noqa: E731
                                          precision=args.draft_quant)
     progress.done()
-    comparison = run_comparison(target, prompts, specs, args.ks, config, load_draft=load_draft,
-                                chat_template=not args.raw, progress=log_line)
+    from lab import figures
+
+    saver = run_saver(args, "compare", target=target.name, draft=args.draft, device=target.device,
+                      settings={"drafters": args.drafters, "ks": args.ks, "max_new_tokens": args.max_new_tokens,
+                                "prompts": args.prompts})
+    saver.begin()
+    with holding_device(target.device, "compare"):  # each run's own load report lands in the comparison
+        comparison = run_comparison(
+            target, prompts, specs, args.ks, config, load_draft=load_draft, chat_template=not args.raw,
+            progress=log_line,
+            on_part=lambda part: saver.part("compare-prompt", figures.from_compare_runs(part["runs"]), payload=part))
+    finish_saved(saver, figures.from_summary_rows(comparison.summary().to_dict("records")),
+                 payload=json.loads(comparison.to_json()), settings=comparison.settings)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(comparison.to_json())

@@ -7,7 +7,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from lab.cli.common import EXIT_OK, UsageError, log_line
+from lab.cli.common import EXIT_OK, UsageError, add_save_argument, finish_saved, holding_device, log_line, run_saver
 
 
 def add_serve_bench(commands) -> None:
@@ -43,6 +43,7 @@ def add_serve_bench(commands) -> None:
     serve.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     serve.add_argument("--out", type=Path, help="also write the JSON result (with per-request records) to this file")
     serve.add_argument("--csv", type=Path, help="also write one CSV row per endpoint and level to this file")
+    add_save_argument(serve)
     serve.set_defaults(handler=_cmd_serve_bench)
 
 
@@ -50,8 +51,16 @@ def _cmd_serve_bench(args: argparse.Namespace) -> int:
     from lab.prompts import load_prompt_sets
     from lab.studies.serve_bench import format_serve_bench, run_serve_bench
     from lab.studies.serve_reference import run_lab_reference
-    from lab.serving.client import Endpoint, RequestSettings
+    from lab.serving.client import Endpoint, RequestSettings, URLError, check_url, is_local_url
 
+    for flag, url in (("--on", args.on), ("--off", args.off)):
+        if url is not None:
+            try:
+                check_url(url)
+            except URLError as error:
+                raise UsageError(f"{flag}: {error}") from None
+    if args.n is not None and args.n < 1:
+        raise UsageError(f"--n requires a number of prompts >= 1; got {args.n}")
     try:
         levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     except ValueError:
@@ -73,23 +82,27 @@ def _cmd_serve_bench(args: argparse.Namespace) -> int:
     prompts = load_prompt_sets(args.prompts)[: args.n]
     if not prompts:
         raise UsageError(f"the prompt sets {' '.join(args.prompts)} hold no prompts: choose others")
-    with contextlib.ExitStack() as servers:
-        if launch:
-            on_url, off_url = _start_llama_servers(args, max(levels), servers)
-        else:
-            on_url, off_url = args.on, args.off
-        endpoints = [Endpoint(on_url, args.model, args.api, "on")]
-        if off_url:
-            endpoints.append(Endpoint(off_url, args.model, args.api, "off"))
-        bench = run_serve_bench(endpoints, prompts, levels, settings, rounds=args.rounds,
-                                max_level_s=args.max_level_s, progress=log_line)
-        if launch:
-            bench.settings["llama_server"] = {"target": args.llama_target, "draft": args.llama_draft,
-                                              "k": args.llama_k, "parallel": args.llama_parallel or max(levels),
-                                              "threads": args.llama_threads, "llama_cpp_python": _llama_version()}
-    if args.lab_target:
-        bench.lab = run_lab_reference(args.lab_target, args.lab_draft, prompts, args.lab_k, args.max_tokens,
-                                      chat_template=args.api == "chat", progress=log_line)
+    # llama-server started here, the lab's own reference engine, or a server on this machine share its cores:
+    # hold the CPU in lab.device_queue, as every timed run of the lab does
+    local = launch or bool(args.lab_target) or any(is_local_url(u) for u in (args.on, args.off) if u)
+    with holding_device("cpu", "serve-bench", watch_load=False) if local else contextlib.nullcontext():
+        with contextlib.ExitStack() as servers:
+            if launch:
+                on_url, off_url = _start_llama_servers(args, max(levels), servers)
+            else:
+                on_url, off_url = args.on, args.off
+            endpoints = [Endpoint(on_url, args.model, args.api, "on")]
+            if off_url:
+                endpoints.append(Endpoint(off_url, args.model, args.api, "off"))
+            bench = run_serve_bench(endpoints, prompts, levels, settings, rounds=args.rounds,
+                                    max_level_s=args.max_level_s, progress=log_line)
+            if launch:
+                bench.settings["llama_server"] = {"target": args.llama_target, "draft": args.llama_draft,
+                                                  "k": args.llama_k, "parallel": args.llama_parallel or max(levels),
+                                                  "threads": args.llama_threads, "llama_cpp_python": _llama_version()}
+        if args.lab_target:
+            bench.lab = run_lab_reference(args.lab_target, args.lab_draft, prompts, args.lab_k, args.max_tokens,
+                                          chat_template=args.api == "chat", progress=log_line)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(bench.to_json())
@@ -98,6 +111,12 @@ def _cmd_serve_bench(args: argparse.Namespace) -> int:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         args.csv.write_text(bench.to_csv())
         print(f"wrote {args.csv}", file=sys.stderr)
+    from lab.figures import from_serve_bench
+
+    data = bench.as_dict()
+    saver = run_saver(args, "serve", target=args.llama_target or args.model, draft=args.llama_draft,
+                      settings=data["settings"])
+    finish_saved(saver, from_serve_bench(data), payload=data, status="partial" if bench.stopped else "complete")
     print(bench.to_json(requests=False) if args.json else format_serve_bench(bench))
     return EXIT_OK
 

@@ -50,7 +50,10 @@ model the server does not serve (:func:`check_endpoint`, from ``/v1/models``).
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -76,6 +79,92 @@ class ServeError(RuntimeError):
     """A serving endpoint cannot be used; the message says which and why (refused, timeout, HTTP status, model)."""
 
 
+class URLError(ValueError):
+    """A server URL the client cannot use; the message says what is wrong with it and shows a good one."""
+
+
+URL_EXAMPLE = "http://127.0.0.1:8080"
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def check_url(url: str) -> str:
+    """A server's base URL checked and normalised; raises :class:`URLError` naming what is wrong.
+
+    Accepted: ``http://`` or ``https://``, a host (a name, an IPv4 address, or
+    an IPv6 address in brackets: ``http://[::1]:8080``), an optional port in
+    1..65535 and an optional path (``/v1``). Refused, in words: no scheme or
+    another one, no host, an unclosed or bare IPv6 address, a port that is not
+    a number or out of range, spaces, user:password@, a ?query or #fragment.
+    Returned: scheme and host lower-cased, the path without a trailing slash,
+    surrounding spaces stripped; ``httpx.URL`` accepts it.
+    """
+    text = url.strip() if isinstance(url, str) else ""
+    if not text:
+        raise URLError(f"a server URL is required, e.g. {URL_EXAMPLE}; got none")
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise URLError(f"a URL holds no spaces or control characters; got {url!r}")
+    scheme, separator, rest = text.partition("://")
+    if not separator:
+        raise URLError(f"a URL requires http:// or https:// in front, e.g. {URL_EXAMPLE}; got {url!r}")
+    if scheme.lower() not in ("http", "https"):
+        raise URLError(f"a server URL requires http:// or https://; got {scheme}:// in {url!r}")
+    if "?" in rest or "#" in rest:
+        raise URLError(f"a server's base URL has no ?query or #fragment, e.g. {URL_EXAMPLE}; got {url!r}")
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        raise URLError(f"a user or password in the URL (user@host) is not supported: give the host only; got {url!r}")
+    host, port = _split_host_port(authority, url)
+    normalised = f"{scheme.lower()}://{host}" + (f":{port}" if port is not None else "") + (slash + path).rstrip("/")
+    try:
+        httpx.URL(normalised)
+    except Exception as error:  # noqa: BLE001 - any refusal of httpx becomes ours, in words
+        raise URLError(f"{url!r} is not a URL the HTTP client can use ({error})") from None
+    return normalised
+
+
+def _split_host_port(authority: str, url: str) -> tuple[str, int | None]:
+    """``host[:port]`` or ``[v6][:port]`` -> (host as it goes in a URL, port or None); raises URLError."""
+    if authority.startswith("["):
+        end = authority.find("]")
+        if end < 0:
+            raise URLError(f"an IPv6 address must be closed with ']', e.g. http://[::1]:8080; got {url!r}")
+        address, after = authority[1:end], authority[end + 1:]
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            raise URLError(f"{address!r} in brackets is not an IPv6 address (e.g. http://[::1]:8080); got {url!r}") from None
+        if after and not after.startswith(":"):
+            raise URLError(f"after an IPv6 address's ']' comes ':PORT' or nothing, e.g. http://[::1]:8080; got {url!r}")
+        host, port_text = f"[{address.lower()}]", (after[1:] if after else None)
+    else:
+        if authority.count(":") > 1:
+            raise URLError(f"an IPv6 address goes in brackets, e.g. http://[::1]:8080; got {url!r}")
+        name, colon, port_text = authority.partition(":")
+        port_text = port_text if colon else None
+        if not name:
+            raise URLError(f"a URL requires a host, e.g. {URL_EXAMPLE}; got {url!r}")
+        if not name.isascii():
+            raise URLError(f"a host name must be ASCII (an international name in its xn-- form); got {name!r}")
+        labels = name.removesuffix(".").split(".")
+        if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+            raise URLError(f"{name!r} is not a host name (letters, digits, '-' and '.'), e.g. {URL_EXAMPLE}; got {url!r}")
+        if all(label.isdigit() for label in labels):
+            try:
+                ipaddress.IPv4Address(name)
+            except ValueError:
+                hint = f" (did you mean http://127.0.0.1:{name}?)" if len(labels) == 1 else ""
+                raise URLError(f"{name!r} is not an IPv4 address{hint}; got {url!r}") from None
+        host = name.lower()
+    if port_text is None:
+        return host, None
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise URLError(f"the port must be a number in 1..65535; got {port_text!r} in {url!r}")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise URLError(f"the port must be in 1..65535; got {port} in {url!r}")
+    return host, port
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """An OpenAI-compatible server.
@@ -87,7 +176,7 @@ class Endpoint:
         the server applies its chat template).
     label: a name for tables and plots ("on", "off", ...).
 
-    Raises ValueError for a URL that is not http(s) or an unknown api.
+    Raises URLError (a ValueError) for a URL :func:`check_url` refuses, ValueError for an unknown api.
     """
 
     url: str
@@ -96,9 +185,7 @@ class Endpoint:
     label: str = ""
 
     def __post_init__(self) -> None:
-        parsed = httpx.URL(self.url) if self.url else None
-        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
-            raise ValueError(f"Endpoint requires an http(s) URL such as http://127.0.0.1:8080; got {self.url!r}")
+        object.__setattr__(self, "url", check_url(self.url))  # normalised (a frozen dataclass sets it this way)
         if self.api not in API_NAMES:
             raise ValueError(f"Endpoint api requires one of {', '.join(API_NAMES)}; got {self.api!r}")
 
@@ -372,8 +459,25 @@ async def stream_request(
     run's start, for ``start_s``. A refused connection, a timeout, an HTTP error
     status (with the server's message) or a malformed stream gives a record with
     ``ok=False`` and ``error`` saying which.
+
+    ``settings.timeout_s`` bounds the whole request, not only each connect, read,
+    write and pool wait (httpx's own timeouts, also set): a server that trickles
+    bytes slower than that is cut off at the deadline.
     """
     record = RequestRecord(prompt_id=prompt_id)
+    url = endpoint.base + endpoint.request_path
+    try:
+        await asyncio.wait_for(_stream_into(record, client, endpoint, model, prompt, settings, started_at),
+                               settings.timeout_s)
+    except (asyncio.TimeoutError, httpx.TimeoutException):
+        record.ok = False
+        record.error = f"{url}: no answer within {settings.timeout_s:g} s (timeout)"
+    return record
+
+
+async def _stream_into(record: RequestRecord, client: httpx.AsyncClient, endpoint: Endpoint, model: str | None,
+                       prompt: str, settings: RequestSettings, started_at: float) -> None:
+    """The body of :func:`stream_request`: fills ``record`` (timeouts are the caller's)."""
     sent = time.perf_counter()
     record.start_s = sent - started_at if started_at else 0.0
     last_text_at: float | None = None
@@ -382,11 +486,11 @@ async def stream_request(
     url = endpoint.base + endpoint.request_path
     try:
         async with client.stream("POST", url, json=request_body(endpoint, model, prompt, settings),
-                                 timeout=settings.timeout_s) as response:
+                                 timeout=httpx.Timeout(settings.timeout_s)) as response:
             if response.status_code != 200:
                 await response.aread()
                 record.error = http_error_message(url, response.status_code, response.text)
-                return record
+                return
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -398,7 +502,7 @@ async def stream_request(
                     raise ValueError(f"a data line holds {type(chunk).__name__}, not an object")
                 if "error" in chunk:
                     record.error = f"{url}: the server reported an error mid-stream: {_error_text(chunk)}"
-                    return record
+                    return
                 now = time.perf_counter()
                 text = chunk_text(chunk)
                 if text:
@@ -412,25 +516,23 @@ async def stream_request(
                 read_spec_fields(chunk, record)
     except httpx.ConnectError as error:
         record.error = f"{endpoint.base}: cannot connect ({_reason(error)}); is the server running at this address?"
-        return record
+        return
     except httpx.TimeoutException:
-        record.error = f"{url}: no answer within {settings.timeout_s:g} s (timeout)"
-        return record
+        raise
     except httpx.HTTPError as error:
         record.error = f"{url}: {type(error).__name__}: {_reason(error)}"
-        return record
-    except (ValueError, json.JSONDecodeError) as error:
+        return
+    except (ValueError, TypeError, AttributeError, json.JSONDecodeError) as error:
         record.error = f"{url}: the stream is not OpenAI-style server-sent events ({error})"
-        return record
+        return
     record.e2el_ms = (time.perf_counter() - sent) * 1e3
     record.text = "".join(pieces)
     if record.output_tokens is None:
         record.output_tokens = text_events
     if record.ttft_ms is None:
         record.error = f"{url}: the stream ended without any generated text"
-        return record
+        return
     record.ok = True
-    return record
 
 
 def http_error_message(url: str, status: int, body: str) -> str:
@@ -458,52 +560,141 @@ class EndpointInfo:
 
 
 async def check_endpoint(client: httpx.AsyncClient, endpoint: Endpoint, timeout_s: float = 10.0) -> EndpointInfo:
-    """Ask ``/v1/models`` and ``/metrics`` before a run.
+    """Ask ``/v1/models``, send a one-token completion, and read ``/metrics``, before a run.
 
     Returns the engine name ("" when unknown), the models served, the model to
     send (``endpoint.model``, else the first one served) and whether
-    ``/metrics`` answered.
+    ``/metrics`` answered. Each request is bounded by ``timeout_s`` overall.
 
     Raises:
         ServeError: the server refuses the connection or times out, answers
-            ``/v1/models`` with an error, or does not serve ``endpoint.model``.
+            ``/v1/models`` with an error, is not an OpenAI-compatible engine
+            (``/v1/models`` is not ``{"data": [{"id": ...}, ...]}``, or the
+            completion path is missing or answers in another shape), serves no
+            model, or does not serve ``endpoint.model``.
     """
     url = endpoint.base + "/v1/models"
-    try:
-        response = await client.get(url, timeout=timeout_s)
-    except httpx.ConnectError as error:
-        raise ServeError(f"{endpoint.base}: cannot connect ({_reason(error)}); is the server running at this address?") from error
-    except httpx.TimeoutException as error:
-        raise ServeError(f"{url}: no answer within {timeout_s:g} s (timeout)") from error
-    except httpx.HTTPError as error:
-        raise ServeError(f"{url}: {type(error).__name__}: {_reason(error)}") from error
+    response = await _get(client, url, endpoint, timeout_s)
     if response.status_code != 200:
         raise ServeError(http_error_message(url, response.status_code, response.text))
-    try:
-        data = response.json().get("data") or []
-    except (ValueError, AttributeError):
-        data = []
-    models = tuple(str(item.get("id")) for item in data if isinstance(item, Mapping) and item.get("id"))
+    models = _model_ids(response)
+    if models is None:
+        raise ServeError(f"{endpoint.base} is not an OpenAI-compatible engine: GET /v1/models answered "
+                         f"{_describe_body(response)}, not a list of models ({{\"data\": [{{\"id\": ...}}]}}). "
+                         "Give the URL of a vLLM, SGLang or llama.cpp server.")
+    if not models:
+        raise ServeError(f"{endpoint.base} serves no model: GET /v1/models answered an empty list. Start the server "
+                         "with a model loaded.")
+    data = response.json()["data"]
     engine = next((OWNED_BY_ENGINES[str(item.get("owned_by", "")).lower()] for item in data
-                   if isinstance(item, Mapping) and str(item.get("owned_by", "")).lower() in OWNED_BY_ENGINES), "")
-    if endpoint.model and models and endpoint.model not in models:
+                   if str(item.get("owned_by", "")).lower() in OWNED_BY_ENGINES), "")
+    if endpoint.model and endpoint.model not in models:
         raise ServeError(f"{endpoint.base} does not serve the model {endpoint.model!r}: it serves {', '.join(models)}")
+    model = endpoint.model or models[0]
+    await probe_completion(client, endpoint, model, timeout_s)
     snapshot = await scrape_metrics(client, endpoint, timeout_s)
     if snapshot is not None and snapshot.engine:
         engine = engine or snapshot.engine
-    return EndpointInfo(engine=engine, models=models, model=endpoint.model or (models[0] if models else None),
-                        metrics=snapshot is not None)
+    return EndpointInfo(engine=engine, models=models, model=model, metrics=snapshot is not None)
+
+
+async def probe_completion(client: httpx.AsyncClient, endpoint: Endpoint, model: str | None, timeout_s: float) -> None:
+    """Send a one-token streamed completion; raise ServeError if the answer is not an OpenAI-compatible one.
+
+    Refused: the path is missing (HTTP 404, 405, 501), or HTTP 200 whose first
+    server-sent ``data:`` line is not a JSON object with ``choices`` (or
+    ``error``), or no ``data:`` line at all. Other statuses (an engine's own
+    400 or 500) pass: they are the engine speaking, and the sweep reports them
+    per request. A timeout or a refused connection is a ServeError too.
+    """
+    url = endpoint.base + endpoint.request_path
+    body = request_body(endpoint, model, "Hi", RequestSettings(max_tokens=1, timeout_s=timeout_s))
+    not_engine = f"{endpoint.base} is not an OpenAI-compatible engine: POST {endpoint.request_path} answered"
+
+    async def probe() -> None:
+        async with client.stream("POST", url, json=body, timeout=httpx.Timeout(timeout_s)) as response:
+            if response.status_code in (404, 405, 501):
+                await response.aread()
+                raise ServeError(f"{not_engine} HTTP {response.status_code} ({_describe_body(response)}): it has no "
+                                 f"{endpoint.request_path}. Check the URL, or try the other API (chat / completions).")
+            if response.status_code != 200:
+                return
+            seen = []
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    data = line[len("data:"):].strip()
+                    try:
+                        chunk = json.loads(data) if data != "[DONE]" else {"choices": []}
+                    except ValueError:
+                        chunk = None
+                    if not (isinstance(chunk, Mapping) and (isinstance(chunk.get("choices"), list) or "error" in chunk)):
+                        raise ServeError(f"{not_engine} a stream whose data is {_snippet(data)}, not an OpenAI "
+                                         "completion chunk ({\"choices\": [...]}).")
+                    return
+                seen.append(line)
+                if len(seen) > 50 or sum(map(len, seen)) > 4000:
+                    break
+            kind = response.headers.get("content-type", "no content type").split(";")[0]
+            raise ServeError(f"{not_engine} {kind} {_snippet(' '.join(seen))}, not server-sent events of an "
+                             "OpenAI completion.")
+
+    try:
+        await asyncio.wait_for(probe(), timeout_s)
+    except (asyncio.TimeoutError, httpx.TimeoutException) as error:
+        raise ServeError(f"{url}: no answer to a one-token completion within {timeout_s:g} s (timeout)") from error
+    except httpx.ConnectError as error:
+        raise ServeError(f"{endpoint.base}: cannot connect ({_reason(error)}); is the server running at this address?") from error
+    except httpx.HTTPError as error:
+        raise ServeError(f"{url}: {type(error).__name__}: {_reason(error)}") from error
 
 
 async def scrape_metrics(client: httpx.AsyncClient, endpoint: Endpoint, timeout_s: float = 10.0) -> MetricsSnapshot | None:
-    """``GET {base}/metrics`` parsed (:func:`parse_metrics`); None when the server has none or it fails to parse."""
+    """``GET {base}/metrics`` parsed (:func:`parse_metrics`); None when the server has none, it fails to parse, or
+    no answer comes within ``timeout_s``."""
     try:
-        response = await client.get(endpoint.base + "/metrics", timeout=timeout_s)
+        response = await asyncio.wait_for(client.get(endpoint.base + "/metrics", timeout=httpx.Timeout(timeout_s)),
+                                          timeout_s)
         if response.status_code != 200:
             return None
         return parse_metrics(response.text)
-    except (httpx.HTTPError, ValueError):
+    except (httpx.HTTPError, ValueError, asyncio.TimeoutError):
         return None
+
+
+async def _get(client: httpx.AsyncClient, url: str, endpoint: Endpoint, timeout_s: float) -> httpx.Response:
+    """GET ``url`` within ``timeout_s`` overall; connection trouble and timeouts as ServeError."""
+    try:
+        return await asyncio.wait_for(client.get(url, timeout=httpx.Timeout(timeout_s)), timeout_s)
+    except httpx.ConnectError as error:
+        raise ServeError(f"{endpoint.base}: cannot connect ({_reason(error)}); is the server running at this address?") from error
+    except (asyncio.TimeoutError, httpx.TimeoutException) as error:
+        raise ServeError(f"{url}: no answer within {timeout_s:g} s (timeout)") from error
+    except httpx.HTTPError as error:
+        raise ServeError(f"{url}: {type(error).__name__}: {_reason(error)}") from error
+
+
+def _model_ids(response: httpx.Response) -> tuple[str, ...] | None:
+    """The ids of an OpenAI ``/v1/models`` answer; None when it is not that shape."""
+    try:
+        payload = response.json()
+    except ValueError:
+        return None
+    data = payload.get("data") if isinstance(payload, Mapping) else None
+    if not isinstance(data, list) or not all(isinstance(item, Mapping) and isinstance(item.get("id"), str)
+                                             and item["id"] for item in data):
+        return None
+    return tuple(item["id"] for item in data)
+
+
+def _describe_body(response: httpx.Response) -> str:
+    """What a response held, for a person: its content type and the start of its text."""
+    kind = response.headers.get("content-type", "no content type").split(";")[0]
+    return f"{kind} {_snippet(response.text)}"
+
+
+def _snippet(text: str, width: int = 80) -> str:
+    flat = " ".join(str(text).split())
+    return repr(flat[:width] + ("…" if len(flat) > width else "")) if flat else "(empty)"
 
 
 # ---------------------------------------------------------------- helpers
@@ -541,3 +732,11 @@ def _float_or(value: Any, default: float | None) -> float | None:
         return float(value) if value is not None else default
     except (TypeError, ValueError):
         return default
+
+
+def is_local_url(url: str) -> bool:
+    """A server on this machine (localhost, 127.x, ::1, 0.0.0.0): its timings share the lab's cores."""
+    from urllib.parse import urlparse
+
+    host = (urlparse(url if "//" in url else f"http://{url}").hostname or "").lower()
+    return host in ("localhost", "::1", "0.0.0.0") or host.startswith("127.")

@@ -344,6 +344,7 @@ def run_sweep(
     draft=None,
     constraint: Constraint | ConstraintSpec | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    on_part: Callable[[dict[str, Any]], None] | None = None,
 ) -> SweepResult:
     """Decode the prompts at each batch size with speculation off, on (config.k) and auto; see the module docstring.
 
@@ -369,6 +370,9 @@ def run_sweep(
         calibration; once it returns True the sweep stops and returns the batch
         sizes finished so far, with settings["status"] = "cancelled" (else
         "complete") and settings["batch_sizes_planned"].
+    on_part: called with each finished batch size's ``BatchSizeResult.as_dict()``
+        the moment it finishes (a results store keeps it there, so a sweep cut
+        short, or killed, keeps its finished parts).
 
     Raises ValueError for no prompts, no drafter, a non-positive batch size,
     k_max out of 1..16, or a constraint with ``config.grammar_mode`` "naive";
@@ -482,6 +486,8 @@ def run_sweep(
         auto = replace(auto, mode=AUTO)
         differ = sum(a != b for a, b in zip(modes[ON].outputs, modes[OFF].outputs)) if greedy else None
         results.append(BatchSizeResult(batch_size, modes[OFF], modes[ON], auto, auto_k, predicted, differ))
+        if on_part is not None:
+            on_part(results[-1].as_dict())
     report(1.0, "done")
     return SweepResult(getattr(drafter, "name", "drafter"), config.k, settings, results, cost)
 

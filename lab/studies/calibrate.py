@@ -35,6 +35,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lab.hardware import machine_info, machine_key, resolve_device
+from lab import device_queue
+from lab.load import measure_load, worst
 from lab.studies.passes import PassCosts, time_passes
 
 DEFAULT_PRECISIONS = ("bf16", "fp32")
@@ -95,6 +97,7 @@ class Calibration:
     repeats: int
     measured_at: str = ""
     wall_s: float = 0.0
+    load: dict | None = None  # lab.load.LoadReport.as_dict() over the timed passes (None: cached before it existed)
     precision: str = field(init=False, default="")
     k: int = field(init=False, default=0)
 
@@ -147,6 +150,10 @@ class Calibration:
         if self.predicted_speedup < 1:
             lines.append("")
             lines.append("Speculation is predicted to lose here at this acceptance: the target alone is faster.")
+        if self.load and self.load.get("loaded"):
+            lines.append("")
+            lines.append(f"Measured while the machine was busy: {self.load['reason']}; rerun for a clean figure "
+                         "(calibrate again with refresh).")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -160,7 +167,7 @@ class Calibration:
                                     t.get("draft_step_ms")) for t in data["timings"]]
         return Calibration(data["target"], data.get("draft"), data["drafter"], data["machine"], timings,
                            data["acceptance"], data["context_tokens"], data["repeats"], data.get("measured_at", ""),
-                           data.get("wall_s", 0.0))
+                           data.get("wall_s", 0.0), data.get("load"))
 
 
 def measure_precision(target_model, draft_model, precision: str, ks: Sequence[int],
@@ -232,7 +239,7 @@ def calibrate(
             return cached
     report = progress or (lambda fraction, message: None)
     start = time.perf_counter()
-    timings = []
+    timings, loads = [], []
     for i, precision in enumerate(precisions):
         share = 1.0 / len(precisions)
         start_at = i * share
@@ -244,11 +251,15 @@ def calibrate(
                                      progress=_stage(report, start_at + 0.2 * share, start_at + 0.4 * share,
                                                      f"{precision}: ")).model
         report(i * share + 0.4 * share, f"timing {precision} passes of 1..{max(ks) + 1} tokens")
-        timings.append(measure_precision(target_model, draft_model, precision, ks, context_tokens, repeats))
+        # the device is held only while passes are timed, not while models load (nested in a caller's hold)
+        with device_queue.hold(device, "calibrate"), measure_load() as meter:
+            timings.append(measure_precision(target_model, draft_model, precision, ks, context_tokens, repeats))
+        loads.append(meter.report)
         del target_model, draft_model
+    busiest = worst(loads)
     calibration = Calibration(str(target), None if draft is None else str(draft), drafter, info, timings, a,
                               context_tokens, repeats, time.strftime("%Y-%m-%d %H:%M:%S"),
-                              time.perf_counter() - start)
+                              time.perf_counter() - start, None if busiest is None else busiest.as_dict())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(calibration.as_dict(), indent=1))
     report(1.0, f"calibrated in {calibration.wall_s:.0f} s: {calibration.precision}, K={calibration.k}")

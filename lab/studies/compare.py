@@ -1,8 +1,17 @@
 """Compare drafters and K values on the same prompts, against the target alone.
 
 Every (drafter, K) combination runs on every prompt; the target alone runs once
-per prompt through the same engine as the baseline. Runs of one prompt follow
-each other, so machine noise hits the baseline and the speculative runs alike.
+per prompt through the same engine as the baseline. The two arms are
+interleaved: runs of one prompt follow each other, and the order alternates
+from prompt to prompt (even prompts: target alone first, then every drafter x
+K; odd prompts: the drafter x K runs in reverse order, then the target alone),
+so a drift of the machine's speed (a clock slowing, a neighbour starting) hits
+the baseline and the speculative runs alike instead of only the arm that ran
+late. ``Comparison.runs`` lists the runs in the order they ran. The whole
+comparison holds its device in ``lab.device_queue`` (no other timed run of the
+lab shares the cores meanwhile), and each run carries a ``lab.load`` report
+(``RunRecord.load``; the first loaded one, else the longest, in
+settings["load"]) saying whether anything outside the lab was busy meanwhile.
 Results export to JSON (complete, reloadable) and CSV (one row per run).
 
 Speedup conventions:
@@ -40,11 +49,13 @@ from typing import Any
 
 import pandas as pd
 
+from lab import device_queue
 from lab.config import DecodeConfig
 from lab.drafters import DRAFTER_NAMES, make_drafter
 from lab.decode import decode
 from lab.metrics import SpecDecodingStats
 from lab.hardware import model_precision
+from lab.load import LoadReport, measure_load, worst
 from lab.models import encode_prompt
 from lab.studies.passes import time_passes
 from lab.theory import acceptance_from_mean_length, expected_speedup, expected_tokens_per_step
@@ -114,6 +125,7 @@ class RunRecord:
     cost_ratio: float = math.nan
     identical_to_target: bool | None = None
     cancelled: bool = False
+    load: dict | None = None  # lab.load.LoadReport.as_dict() of this run (None: files from before it existed)
 
 
 @dataclass
@@ -163,8 +175,8 @@ class Comparison:
             decode_speedup = _ratio(pooled["decode_tokens_per_s"], base_pooled["decode_tokens_per_s"])
             cost_ratio = _ratio(pooled["draft_s_per_draft_token"], base_pooled["verify_s_per_step"])
             verify_cost = _ratio(pooled["verify_s_per_step"], base_pooled["verify_s_per_step"])
-            alpha = acceptance_from_mean_length(pooled["mean_acceptance_length"], k) if not math.isnan(pooled["mean_acceptance_length"]) else math.nan
-            predicted = expected_speedup(alpha, k, cost_ratio) if not (math.isnan(alpha) or math.isnan(cost_ratio)) else math.nan
+            alpha = _fitted_acceptance(pooled["mean_acceptance_length"], k)
+            predicted = expected_speedup(alpha, k, cost_ratio) if not (math.isnan(alpha) or not cost_ratio >= 0) else math.nan
             draft_rate = _per(pooled["num_drafts"], pooled["target_forward_passes"])
             bare_v = float(self.settings.get("verify_cost", {}).get(str(k), math.nan))
             predicted_v = _predicted_with_verify_cost(alpha, k, cost_ratio, bare_v, draft_rate)
@@ -202,13 +214,14 @@ class Comparison:
 
     @staticmethod
     def from_json(text: str) -> "Comparison":
-        """Load a comparison saved by ``to_json``. Raises ValueError on a file that is not one."""
-        try:
-            data = json.loads(text)
-            runs = [RunRecord(**r) for r in data["runs"]]
-            return Comparison(data["settings"], list(data["prompts"]), runs)
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"This is not a comparison results file saved by the lab ({error}).") from error
+        """Load a comparison saved by ``to_json``, checked against its schema first (``lab.results_files``).
+
+        Raises ``lab.results_files.ResultsFileError`` (a ValueError) naming the first wrong field.
+        """
+        from lab.results_files import parse_results
+
+        data = parse_results(text, "comparison")
+        return Comparison(data["settings"], list(data["prompts"]), [RunRecord(**r) for r in data["runs"]])
 
     def to_csv(self) -> str:
         """The per-run table as CSV text; its ``prompt_index`` counts from 0, as in the JSON (the app shows 1-based)."""
@@ -226,6 +239,7 @@ def run_comparison(
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     measure_verify: bool = True,
+    on_part: Callable[[dict[str, Any]], None] | None = None,
 ) -> Comparison:
     """Run every drafter at every K on every prompt, plus the target alone per prompt.
 
@@ -236,6 +250,9 @@ def run_comparison(
     is polled between steps, and a cancelled comparison keeps the runs finished
     so far. measure_verify: first time bare verify passes at every K
     (``measure_verify_cost``, a second or two) for the efficiency_v column.
+    on_part: called when a prompt's runs have all finished (the target alone
+    and every drafter at every K) with {"prompt_index", "prompt", "runs": [the
+    runs as dicts]}, so a results store keeps each finished prompt at once.
 
     Raises ValueError on empty prompts, no K or bad K, and
     ``lab.models.ModelError`` on a draft whose tokenizer differs from the target's.
@@ -276,35 +293,70 @@ def run_comparison(
         },
         prompts=prompts,
     )
-    if measure_verify:
-        context = min(max(len(ids) for ids in encoded), _context_limit(target) - max(ks) - 1)
-        _report(progress, 0, 1, "timing bare verify passes")
-        costs = measure_verify_cost(target, list(ks), context_tokens=max(context, 1))
-        comparison.settings["verify_cost"] = {str(k): v for k, v in costs.items()}
+    with device_queue.hold(device_queue.device_of(target), "compare"):  # nested in the caller's hold, if any
+        if measure_verify:
+            context = min(max(len(ids) for ids in encoded), _context_limit(target) - max(ks) - 1)
+            _report(progress, 0, 1, "timing bare verify passes")
+            costs = measure_verify_cost(target, list(ks), context_tokens=max(context, 1))
+            comparison.settings["verify_cost"] = {str(k): v for k, v in costs.items()}
+        return _run_interleaved(comparison, target, encoded, drafters, ks, config, configs, drafts, heads, progress,
+                                should_cancel, on_part)
+
+
+def _run_interleaved(comparison, target, encoded, drafters, ks, config, configs, drafts, heads, progress,
+                     should_cancel, on_part) -> Comparison:
+    """Every prompt's runs in ``interleaved_arms`` order, appended to ``comparison.runs`` as they finish."""
+    prompts = comparison.prompts
     total = len(prompts) * (1 + len(drafters) * len(ks))
-    done = 0
     cancel = should_cancel or (lambda: False)
-    for index, prompt_ids in enumerate(encoded):
-        baseline = _one_run(target, prompt_ids, None, config, index, BASELINE, 0, cancel)
-        comparison.runs.append(baseline)
-        done += 1
-        _report(progress, done, total, f"prompt {index + 1}/{len(prompts)}: target alone")
-        if baseline.cancelled:
-            return comparison
-        for spec in drafters:
-            for k in ks:
-                drafter = make_drafter(
-                    spec.name, target, drafts.get(spec.draft), min_n=spec.min_n, max_n=spec.max_n, exit_layer=spec.exit_layer,
-                    draft_vocab=spec.draft_vocab, head=heads.get(spec.name),
-                )
-                record = _one_run(target, prompt_ids, drafter, configs[k], index, spec.label, k, cancel)
-                _compare_with_baseline(record, baseline, greedy=config.temperature == 0)
+    greedy = config.temperature == 0
+    reports: list[LoadReport] = []
+
+    def one_run(index, prompt_ids, arm) -> RunRecord:
+        if arm is None:
+            return _one_run(target, prompt_ids, None, config, index, BASELINE, 0, cancel, reports)
+        spec, k = arm
+        drafter = make_drafter(
+            spec.name, target, drafts.get(spec.draft), min_n=spec.min_n, max_n=spec.max_n, exit_layer=spec.exit_layer,
+            draft_vocab=spec.draft_vocab, head=heads.get(spec.name),
+        )
+        return _one_run(target, prompt_ids, drafter, configs[k], index, spec.label, k, cancel, reports)
+
+    try:
+        for index, prompt_ids in enumerate(encoded):
+            baseline, waiting = None, []  # waiting: this prompt's runs that ran before its baseline
+            for arm in interleaved_arms(index, drafters, ks):
+                record = one_run(index, prompt_ids, arm)
                 comparison.runs.append(record)
-                done += 1
-                _report(progress, done, total, f"prompt {index + 1}/{len(prompts)}: {spec.label}, K={k}")
+                if arm is None:
+                    baseline = record
+                    for earlier in ([] if record.cancelled else waiting):
+                        _compare_with_baseline(earlier, baseline, greedy)
+                elif baseline is not None:
+                    _compare_with_baseline(record, baseline, greedy)
+                else:
+                    waiting.append(record)
+                what = BASELINE if arm is None else f"{arm[0].label}, K={arm[1]}"
+                _report(progress, len(comparison.runs), total, f"prompt {index + 1}/{len(prompts)}: {what}")
                 if record.cancelled:
                     return comparison
+            if on_part is not None:
+                on_part({"prompt_index": index, "prompt": prompts[index],
+                         "runs": [asdict(r) for r in comparison.runs if r.prompt_index == index]})
+    finally:
+        report = worst(reports)
+        comparison.settings["load"] = None if report is None else report.as_dict()
     return comparison
+
+
+def interleaved_arms(index: int, drafters: list[DrafterSpec], ks: list[int]) -> list[tuple[DrafterSpec, int] | None]:
+    """The order of prompt ``index``'s runs: None is the target alone, (spec, K) a drafter at K.
+
+    Even prompts: the target alone, then every drafter x K; odd prompts: the
+    same reversed, so each arm runs early on one prompt and late on the next.
+    """
+    arms: list[tuple[DrafterSpec, int] | None] = [None] + [(spec, k) for spec in drafters for k in ks]
+    return arms[::-1] if index % 2 else arms
 
 
 def measure_verify_cost(
@@ -339,7 +391,16 @@ def _context_limit(target) -> int:
     return getattr(target.model.config, "max_position_embeddings", None) or 1 << 30
 
 
-def _one_run(target, prompt_ids, drafter, config, index, label, k, cancel) -> RunRecord:
+def _one_run(target, prompt_ids, drafter, config, index, label, k, cancel, reports: list[LoadReport]) -> RunRecord:
+    """One decode, under ``lab.load``'s meter (its report appended to ``reports`` and kept on the record)."""
+    with measure_load() as meter:
+        record = _decode_run(target, prompt_ids, drafter, config, index, label, k, cancel)
+    reports.append(meter.report)
+    record.load = meter.report.as_dict()
+    return record
+
+
+def _decode_run(target, prompt_ids, drafter, config, index, label, k, cancel) -> RunRecord:
     stats = SpecDecodingStats()
     draft_ms, verify_ms = [], []
     events = decode(target, prompt_ids, drafter, config)
@@ -386,12 +447,22 @@ def _pool(metrics: list[dict]) -> dict[str, Any]:
     }
 
 
+def _fitted_acceptance(mean_acceptance_length: float, k: int) -> float:
+    """The acceptance rate whose E(a, K) is the mean acceptance length; NaN when nothing was measured or the
+    length lies outside [1, K+1] (only a hand-edited results file has that)."""
+    if math.isnan(mean_acceptance_length) or not 1.0 <= mean_acceptance_length <= k + 1 + 1e-9:
+        return math.nan
+    return acceptance_from_mean_length(mean_acceptance_length, k)
+
+
 def _predicted_with_verify_cost(alpha: float, k: int, c: float, v: float, r: float) -> float:
-    """(r E(a, K) + 1 - r) / (r (K c + v) + 1 - r): Leviathan's speedup with a verify pass of v steps, drafting at a share r of steps."""
+    """(r E(a, K) + 1 - r) / (r (K c + v) + 1 - r): Leviathan's speedup with a verify pass of v steps, drafting at a
+    share r of steps; NaN when an input is missing or the cost is not positive."""
     if any(math.isnan(x) for x in (alpha, c, v, r)):
         return math.nan
     tokens = r * expected_tokens_per_step(alpha, k) + (1.0 - r)
-    return tokens / (r * (k * c + v) + (1.0 - r))
+    cost = r * (k * c + v) + (1.0 - r)
+    return tokens / cost if cost > 0 else math.nan
 
 
 def _decode_rate(m: dict) -> float:

@@ -370,7 +370,7 @@ async def serve_bench_async(
     async with httpx.AsyncClient(limits=limits, timeout=settings.timeout_s) as client:
         infos: dict[str, EndpointInfo] = {}
         for endpoint in endpoints:
-            infos[endpoint.label] = info = await check_endpoint(client, endpoint)
+            infos[endpoint.label] = info = await check_endpoint(client, endpoint, settings.timeout_s)
             bench.engines[endpoint.label] = {"engine": info.engine or "unknown", "models": list(info.models),
                                              "model": info.model, "metrics": info.metrics}
         total = sum(num_requests(level, len(prompts), rounds) for level in levels) * len(endpoints)
@@ -422,7 +422,7 @@ async def run_level(
     abandoned), else the run with the counter diff from ``/metrics``.
     """
     stop = should_stop or (lambda: False)
-    before: MetricsSnapshot | None = await scrape_metrics(client, endpoint)
+    before: MetricsSnapshot | None = await scrape_metrics(client, endpoint, settings.timeout_s)
     records: list[RequestRecord] = []
     next_index = 0
     stopped = False
@@ -448,7 +448,7 @@ async def run_level(
     duration_s = time.perf_counter() - started
     if stopped:
         return None
-    after = await scrape_metrics(client, endpoint)
+    after = await scrape_metrics(client, endpoint, settings.timeout_s)
     return LevelRun(label=endpoint.label, concurrency=concurrency, records=records, duration_s=duration_s,
                     counters=counters_between(before, after), gauges=dict(after.gauges) if after else {})
 
