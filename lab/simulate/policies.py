@@ -195,20 +195,30 @@ class Cascade:
 
     def choose(self, rows: Sequence[Row], context: Context) -> list[int]:
         b = len(rows)
-        costs = context.costs
-        base = costs.step_ms(b, 0)
-        ratios = [base / costs.step_ms(b, k) for k in range(self.k_max + 1)]
-        gains = []
+        ratios = context.memo.get(("ratios", self.k_max, b))
+        if ratios is None:  # a step at K in units of the plain step's time, inverted
+            base = context.costs.step_ms(b, 0)
+            ratios = context.memo[("ratios", self.k_max, b)] = [base / context.costs.step_ms(b, k)
+                                                                for k in range(self.k_max + 1)]
+        ks = range(1, self.k_max + 1)
+        on, weight = [], {}  # weight: per category, the summed acceptance factors of the rows that draft
         for row in rows:
-            factor = (row.accepted + PRIOR_TOKENS) / (row.expected + PRIOR_TOKENS)
-            expected = context.expected[row.category]
-            own = [min(k + 1.0, 1.0 + factor * (expected[k] - 1.0)) for k in range(self.k_max + 1)]
-            pays = max(own[k] * ratios[k] for k in range(1, self.k_max + 1)) > 1.0 + self.margin
-            gains.append(own if pays or row.off_steps >= self.retest_steps else None)
-        if not any(gains):
+            factor = round((row.accepted + PRIOR_TOKENS) / (row.expected + PRIOR_TOKENS), 2)
+            key = ("pays", self.k_max, b, row.category, factor)
+            pays = context.memo.get(key)
+            if pays is None:
+                expected = context.expected[row.category]
+                pays = context.memo[key] = max((1.0 + factor * (expected[k] - 1.0)) * ratios[k] for k in ks) \
+                    > 1.0 + self.margin
+            drafts = pays or row.off_steps >= self.retest_steps
+            on.append(drafts)
+            if drafts:
+                weight[row.category] = weight.get(row.category, 0.0) + factor
+        if not weight:
             return [0] * b
-        k = max(range(1, self.k_max + 1), key=lambda k: sum(g[k] if g else 1.0 for g in gains) * ratios[k])
-        return [k if g else 0 for g in gains]
+        # Tokens of the step at K: one per row, plus each drafting row's factor x its category's expected accepted.
+        k = max(ks, key=lambda k: (b + sum(f * (context.expected[c][k] - 1.0) for c, f in weight.items())) * ratios[k])
+        return [k if drafts else 0 for drafts in on]
 
     @property
     def label(self) -> str:
