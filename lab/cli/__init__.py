@@ -1,9 +1,9 @@
 """The command line: ``python -m lab generate | prepare | models | calibrate | peer | compare | bench |
-engine-bench | serve-bench | token-freq | train-head``.
+engine-bench | serve-bench | token-freq | train-head | workload``.
 
 One module per command group: ``generate``, ``presets`` (prepare, models),
 ``measure`` (calibrate, peer, bench, compare, engine-bench), ``serve``
-(serve-bench) and ``heads`` (token-freq, train-head); what they share lives in
+(serve-bench), ``heads`` (token-freq, train-head) and ``workload`` (workload); what they share lives in
 ``common``. Each subcommand is registered by an ``add_<name>(commands)`` of its
 module, with its handler ``_cmd_<name>(args) -> int``; ``build_parser`` calls
 them in order and ``main(argv) -> int`` parses and dispatches, so tests call it
@@ -42,7 +42,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from lab.cli import generate, heads, measure, presets, serve
+from lab.cli import generate, heads, measure, presets, serve, workload
 from lab.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             raise UsageError(
                 "a command is required: generate, calibrate, prepare, models, peer, compare, bench, engine-bench, "
-                "serve-bench, token-freq or train-head (see `python -m lab --help`)"
+                "serve-bench, token-freq, train-head or workload (see `python -m lab --help`)"
             )
         return args.handler(args)
     except SystemExit as done:  # --help / --version
@@ -97,4 +97,5 @@ def build_parser() -> _Parser:
     serve.add_serve_bench(commands)
     heads.add_token_freq(commands)
     heads.add_train_head(commands)
+    workload.add_workload(commands)
     return parser

@@ -101,7 +101,8 @@ class WorkloadMap:
         for level in self.levels:
             off = brief(level.off)
             off.pop("policy"), off.pop("k")
-            levels.append({self.load_kind: level.load, "off": off, "best": brief(level.best),
+            load = int(level.load) if self.load_kind == "concurrency" else level.load
+            levels.append({self.load_kind: load, "off": off, "best": brief(level.best),
                            "runs": [_clean(r.as_dict()) for r in level.runs]})
         return {"load_kind": self.load_kind, "batching": self.batching, "levels": levels,
                 "break_even_load": self.break_even_load, "break_even_policy": self.static_label,
