@@ -47,7 +47,9 @@ class Traffic:
         (poisson, closed; a trace has its own). prompt_tokens, output_tokens:
         mean lengths in tokens. length_spread: each length is drawn uniformly
         in mean x [1 - s, 1 + s] (0 <= s < 1). mix: {category: weight} the
-        categories are drawn from. requests: a trace's requests, by arrival.
+        categories are drawn from. requests: a trace's requests, by arrival; or,
+        for a closed loop, the exact requests its clients send, in order (their
+        arrival_s ignored; num_requests, lengths and mix are then unused).
 
     Raises ValueError on a negative or zero rate, concurrency < 1, no requests,
     lengths < 1, a spread outside [0, 1) or an empty mix.
@@ -94,7 +96,7 @@ class Traffic:
 
     @property
     def categories(self) -> set[str]:
-        return {r.category for r in self.requests} if self.kind == "trace" else set(self.mix)
+        return {r.category for r in self.requests} if self.requests else set(self.mix)
 
     def at_load(self, load: float) -> "Traffic":
         """The same traffic at another load: a rate (poisson), a concurrency (closed), or the trace's arrival
@@ -110,7 +112,7 @@ class Traffic:
 
     def draw(self, rng: random.Random) -> list[Request]:
         """The requests, in arrival order (a closed loop's arrival_s are all 0: the engine sets them)."""
-        if self.kind == "trace":
+        if self.requests:
             return list(self.requests)
         names = list(self.mix)
         weights = [self.mix[n] for n in names]
