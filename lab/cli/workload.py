@@ -93,7 +93,8 @@ def _cmd_workload(args: argparse.Namespace) -> int:
 
         top = int(max(loads)) if traffic.kind == "closed" else (args.max_batch or 16)
         batch_sizes = sorted({1, 2, 4, 8, top} & set(range(1, top + 1)) | {top})
-        costs = machine_costs(args.target, args.drafter, args.draft, batch_sizes, args.k_max, progress=progress)
+        costs = machine_costs(args.target, args.drafter, args.draft, batch_sizes, args.k_max, refresh=args.refresh,
+                              progress=progress)
     result = map_workload(traffic, loads, acceptance, costs, batching=args.batching, k_max=args.k_max, seed=args.seed,
                           max_batch=args.max_batch, drafter=args.drafter, draft=args.draft, progress=progress)
     progress.done()

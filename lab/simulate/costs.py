@@ -8,7 +8,8 @@ with w the verify width: K+1 for every row in a padded engine (the lab's, and
 llama.cpp's slots: ``width_rule`` "max", the widest row sets the pass) or the
 mean width over rows in a token-flattening engine (vLLM: "mean"). A row that
 drafted nothing counts as width 1. target(B, w) and draft(B) interpolate
-linearly between measured points and extrapolate linearly beyond them (with
+linearly between measured points (more rows or more tokens per row never cost
+less: a running maximum evens out timing noise) and extrapolate linearly beyond them (with
 one measured batch size, proportionally to B: the pessimistic guess, as
 ``lab.studies.auto_k`` makes it). Prefill of n prompt tokens costs
 prefill_fixed_ms + prefill_ms_per_token x n, and yields the first token.
@@ -78,7 +79,7 @@ class StepCosts:
                 by_batch.setdefault(b, []).append((w, ms))
             at = [(b, _interpolate(_monotone(sorted(points)), width, proportional=False))
                   for b, points in sorted(by_batch.items())]
-            self._memo[key] = _interpolate(at, batch_size)
+            self._memo[key] = _interpolate(_monotone(at), batch_size)
         return self._memo[key]
 
     def draft(self, batch_size: int, k: int) -> float:

@@ -69,6 +69,7 @@ def machine_costs(target: str, drafter: str, draft: str | None = None, batch_siz
     draft_model = load_model(draft, device=None if device == "auto" else device) if draft else None
     batch_drafter = make_drafter(drafter, loaded, draft_model)
     prompt_ids = [encode_prompt(loaded, p.text) for p in load_prompt_sets(list(prompts))]
+    time_batch_passes(loaded, batch_drafter, prompt_ids, [1], k_max, repeats=1)  # untimed: a cold first pass is slow
     cost = None
     for i, b in enumerate(sorted(set(batch_sizes))):
         report(0.1 + 0.8 * i / len(batch_sizes), f"timing passes at batch size {b}")
