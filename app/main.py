@@ -29,6 +29,7 @@ PAGES = [
     st.Page("app_pages/step.py", title="Step-through", icon=":material/footprint:"),
     st.Page("app_pages/batch.py", title="Batch", icon=":material/stacked_line_chart:"),
     st.Page("app_pages/serve.py", title="Serve", icon=":material/dns:"),
+    st.Page("app_pages/workload.py", title="Workload", icon=":material/query_stats:"),
     st.Page("app_pages/history.py", title="History", icon=":material/history:"),
 ]
 

@@ -63,6 +63,7 @@ def test_every_lesson_has_its_notebook():
         "05_structured_output",
         "06_quantised_drafts",
         "07_trained_heads",
+        "08_map_your_workload",
     ]
 
 

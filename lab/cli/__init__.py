@@ -1,11 +1,12 @@
 """The command line: ``python -m lab generate | prepare | models | calibrate | peer | compare | bench |
-engine-bench | serve-bench | token-freq | train-head | history``.
+engine-bench | serve-bench | token-freq | train-head | workload | history``.
 
 One module per command group: ``generate``, ``presets`` (prepare, models),
 ``measure`` (calibrate, peer, bench, compare, engine-bench), ``serve``
-(serve-bench), ``heads`` (token-freq, train-head) and ``history`` (the kept
-runs); what they share lives in ``common``. Every command that measures keeps
-its run in the results store (``lab.store``) unless ``--no-save``. Each subcommand is registered by an ``add_<name>(commands)`` of its
+(serve-bench), ``heads`` (token-freq, train-head), ``workload`` (the traffic
+simulator) and ``history`` (the kept runs); what they share lives in
+``common``. Every command that measures keeps its run in the results store
+(``lab.store``) unless ``--no-save``. Each subcommand is registered by an ``add_<name>(commands)`` of its
 module, with its handler ``_cmd_<name>(args) -> int``; ``build_parser`` calls
 them in order and ``main(argv) -> int`` parses and dispatches, so tests call it
 directly. Bad input (an empty prompt, K out of range, an unknown model, a draft
@@ -45,7 +46,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from lab.cli import generate, heads, history, measure, presets, serve
+from lab.cli import generate, heads, history, measure, presets, serve, workload
 from lab.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -73,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             raise UsageError(
                 "a command is required: generate, calibrate, prepare, models, peer, compare, bench, engine-bench, "
-                "serve-bench, token-freq, train-head or history (see `python -m lab --help`)"
+                "serve-bench, token-freq, train-head, workload or history (see `python -m lab --help`)"
             )
         return args.handler(args)
     except SystemExit as done:  # --help / --version
@@ -110,4 +111,5 @@ def build_parser() -> _Parser:
     heads.add_token_freq(commands)
     heads.add_train_head(commands)
     history.add_history(commands)
+    workload.add_workload(commands)
     return parser

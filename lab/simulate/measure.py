@@ -1,0 +1,89 @@
+"""This machine's step costs for the simulator: the Batch sweep's pass timings by batch size, plus prefill, cached.
+
+``machine_costs`` times, over real prompts, target verify passes of B rows x w
+tokens (w = 1..k_max+1) and drafting per token for every B asked
+(``lab.studies.auto_k.time_batch_passes``, the lab's one pass timer), and a
+prefill of the prompts at batch 1 for prefill_ms_per_token. The result is
+cached per machine, target and drafter as the simulator's costs JSON under
+``lab.models.cache_dir() / "calibration"`` (beside ``lab.studies.calibrate``'s),
+and reused when it covers the batch sizes and K asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from lab.simulate.costs import StepCosts, costs_from_dict
+
+DEFAULT_PROMPTS = ("json_extraction:2", "summarization:2", "open_qa:2", "code_editing:2")
+Progress = Callable[[float, str], None]
+
+
+def costs_path(target: str, drafter: str, draft: str | None, device: str = "auto") -> Path:
+    from lab.hardware import machine_info, machine_key, resolve_device
+    from lab.models import cache_dir
+
+    name = f"workload__{target}__{draft or drafter}.json".replace("/", "_")
+    return cache_dir() / "calibration" / machine_key(machine_info(resolve_device(device))) / name
+
+
+def cached_costs(target: str, drafter: str, draft: str | None = None, device: str = "auto") -> StepCosts | None:
+    """The cached machine costs of this target and drafter, or None (nothing is timed)."""
+    try:
+        return costs_from_dict(json.loads(costs_path(target, drafter, draft, device).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def machine_costs(target: str, drafter: str, draft: str | None = None, batch_sizes: Sequence[int] = (1, 2, 4, 8),
+                  k_max: int = 8, prompts: Sequence[str] = DEFAULT_PROMPTS, device: str = "auto",
+                  refresh: bool = False, repeats: int = 3, progress: Progress | None = None) -> StepCosts:
+    """Time (or read the cached timing of) a target and drafter here at each batch size (see the module docstring).
+
+    target, draft: presets or folders; drafter: a name of ``lab.drafters.DRAFTER_NAMES``.
+    Raises ValueError for no batch sizes or K out of 1..16; ``lab.models.ModelError`` when a model cannot load.
+    """
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"machine costs require batch sizes >= 1; got {list(batch_sizes)}")
+    if not 1 <= k_max <= 16:
+        raise ValueError(f"machine costs require k_max in 1..16; got {k_max}")
+    report = progress or (lambda fraction, message: None)
+    cached = None if refresh else cached_costs(target, drafter, draft, device)
+    if cached is not None and set(batch_sizes) <= set(cached.batch_sizes) and \
+            all((b, k_max + 1) in cached.target_ms for b in batch_sizes):
+        report(1.0, f"reusing the cached costs at {costs_path(target, drafter, draft, device)}")
+        return cached
+    from lab.drafters import make_drafter
+    from lab.models import encode_prompt, load_model
+    from lab.prompts import load_prompt_sets
+    from lab.studies.auto_k import time_batch_passes
+    from lab.studies.passes import time_passes
+
+    start = time.perf_counter()
+    report(0.0, f"loading {target}")
+    loaded = load_model(target, device=None if device == "auto" else device)
+    draft_model = load_model(draft, device=None if device == "auto" else device) if draft else None
+    batch_drafter = make_drafter(drafter, loaded, draft_model)
+    prompt_ids = [encode_prompt(loaded, p.text) for p in load_prompt_sets(list(prompts))]
+    time_batch_passes(loaded, batch_drafter, prompt_ids, [1], k_max, repeats=1)  # untimed: a cold first pass is slow
+    cost = None
+    for i, b in enumerate(sorted(set(batch_sizes))):
+        report(0.1 + 0.8 * i / len(batch_sizes), f"timing passes at batch size {b}")
+        cost = time_batch_passes(loaded, batch_drafter, prompt_ids, [b], k_max, repeats=repeats, cost=cost)
+    length = int(statistics.median(len(p) for p in prompt_ids))
+    report(0.9, f"timing a prefill of {length} tokens")
+    prefill_ms = time_passes(loaded.model, [length], context_tokens=1, repeats=repeats)[length]
+    from lab.simulate.costs import costs_from_cost_model
+
+    costs = costs_from_cost_model(cost, prefill_ms_per_token=prefill_ms / length, model=str(target),
+                                  drafter=str(draft or drafter))
+    path = costs_path(target, drafter, draft, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(costs.as_dict() | {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                  "wall_s": time.perf_counter() - start}, indent=1))
+    report(1.0, f"timed in {time.perf_counter() - start:.0f} s")
+    return costs

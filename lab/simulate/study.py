@@ -1,0 +1,293 @@
+"""Map a workload: every policy at every load, the break-even load, the recommendation and its configuration.
+
+``map_workload`` simulates the traffic at each load (a concurrency, a rate,
+or a trace's arrivals rescaled) under every policy, on the same requests (one
+seed). Per load it keeps each policy's :class:`~lab.simulate.engine.Summary`
+and names the best: the least p50 latency (ties: more tokens/s).
+
+- break-even load: where the best static K at the lowest load stops
+  shortening the p50 latency against speculation off (linear between the two
+  loads around the crossing; None when it pays at every load, the lowest load
+  when it never pays). Static K is what a team ships by default, so it is the
+  one whose limit matters.
+- recommended policy: the one whose p50 latency is, at its worst load, the
+  least above the best there (least maximum regret); among near-equals
+  (within ``TIE``) the simplest (off, static, table, goodput, cascade), since
+  what an engine cannot express must be approximated when shipped.
+- configuration: the flags that realise it on vLLM, SGLang and llama.cpp
+  (:func:`engine_configs`); goodput and Cascade are not options of those
+  engines, so for them the fitted K-by-batch table is exported and the text says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+
+from lab.simulate.acceptance import AcceptanceProfile
+from lab.simulate.costs import StepCosts
+from lab.simulate.engine import Batching, Summary, simulate
+from lab.simulate.policies import Context, KByBatch, Off, StaticK, default_policies
+from lab.simulate.traffic import Traffic
+
+TIE = 0.02  # p50 latencies within 2 % count as equal: the simulator is not more exact than that
+SIMPLICITY = ("off", "static", "k-by-batch", "goodput", "cascade")
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class PolicyRun:
+    """One policy at one load: its label, kind (``Policy.name``), K (a static K, or the largest it may pick),
+    mean K over row-steps, and the figures (seconds, tokens/s)."""
+
+    label: str
+    kind: str
+    k: int
+    mean_k: float
+    summary: Summary
+
+    def as_dict(self) -> dict:
+        return {"policy": self.label, "kind": self.kind, "k": self.k, "mean_k": self.mean_k} | asdict(self.summary)
+
+
+@dataclass(frozen=True)
+class LoadLevel:
+    """Every policy at one load (a concurrency, or requests/s), and the best of them."""
+
+    load: float
+    runs: tuple[PolicyRun, ...]
+
+    @property
+    def off(self) -> PolicyRun:
+        return next(r for r in self.runs if r.kind == "off")
+
+    @property
+    def best(self) -> PolicyRun:
+        return min(self.runs, key=lambda r: (r.summary.latency_p50_s, -r.summary.tokens_per_s))
+
+    def run(self, label: str) -> PolicyRun:
+        return next(r for r in self.runs if r.label == label)
+
+
+@dataclass(frozen=True)
+class WorkloadMap:
+    """The map: levels by load, the break-even load, the recommendation, its configuration and the decision in words.
+
+    load_kind: "concurrency" or "rate" (requests/s). static_label: the static K the
+    break-even is measured for. table: the K-by-batch table fitted on the costs.
+    """
+
+    load_kind: str
+    levels: tuple[LoadLevel, ...]
+    break_even_load: float | None
+    static_label: str
+    recommended: str
+    recommended_kind: str
+    table: dict[int, int]
+    configs: dict[str, str]
+    decision: str
+    batching: str
+
+    def as_dict(self) -> dict:
+        """The CLI's JSON: per level, off and the best (policy, k, p50, p99, tokens/s), and every run."""
+        def brief(run: PolicyRun) -> dict:
+            s = run.summary
+            return _clean({"policy": run.label, "k": run.k, "latency_p50_s": s.latency_p50_s,
+                           "latency_p99_s": s.latency_p99_s, "tokens_per_s": s.tokens_per_s})
+        levels = []
+        for level in self.levels:
+            off = brief(level.off)
+            off.pop("policy"), off.pop("k")
+            load = int(level.load) if self.load_kind == "concurrency" else level.load
+            levels.append({self.load_kind: load, "off": off, "best": brief(level.best),
+                           "runs": [_clean(r.as_dict()) for r in level.runs]})
+        return {"load_kind": self.load_kind, "batching": self.batching, "levels": levels,
+                "break_even_load": self.break_even_load, "break_even_policy": self.static_label,
+                "recommended": self.recommended, "k_by_batch_size": {str(b): k for b, k in self.table.items()},
+                "configs": self.configs, "decision": self.decision}
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=1)
+
+
+def map_workload(traffic: Traffic, loads: Sequence[float], acceptance: AcceptanceProfile, costs: StepCosts,
+                 policies: Sequence | None = None, batching: Batching = "continuous", k_max: int = 8,
+                 seed: int = 0, max_batch: int | None = None, drafter: str = "", draft: str | None = None,
+                 progress: Progress | None = None) -> WorkloadMap:
+    """Simulate every policy at every load (see the module docstring).
+
+    traffic: the load's shape; each of ``loads`` replaces its rate or concurrency
+    (``Traffic.at_load``). policies: default :func:`~lab.simulate.policies.default_policies`
+    (its table fitted for batch sizes up to the largest load). drafter, draft:
+    for the exported configuration. progress(fraction, message) after each run.
+    Raises ValueError on no loads, a load <= 0, and what ``simulate`` raises.
+    """
+    if not loads or min(loads) <= 0:
+        raise ValueError(f"a workload map requires loads > 0; got {list(loads)}")
+    acceptance.check_categories(traffic.categories)
+    costs.check_model(acceptance.model)
+    context = Context.of(costs, acceptance, max(k_max, 1))
+    batch_sizes = _table_batch_sizes(traffic, loads, max_batch)
+    policies = list(policies or default_policies(context, traffic.mix, batch_sizes, k_max))
+    if not any(p.name == "off" for p in policies):
+        policies.insert(0, Off())
+    report = progress or (lambda fraction, message: None)
+    levels = []
+    total, done = len(loads) * len(policies), 0
+    for load in sorted(loads):
+        at = traffic.at_load(load)
+        runs = []
+        for policy in policies:
+            result = simulate(at, acceptance, costs, policy, batching, max_batch, seed, context)
+            runs.append(PolicyRun(policy.label, policy.name, policy.k_max, result.mean_k, result.summary()))
+            done += 1
+            report(done / total, f"load {load:g}: {policy.label}")
+        levels.append(LoadLevel(float(load), tuple(runs)))
+    table = next((p.table for p in policies if isinstance(p, KByBatch)),
+                 KByBatch.fit(context, traffic.mix, batch_sizes, k_max).table)
+    static_label, break_even = _break_even(levels)
+    recommended = _recommend(levels)
+    kind = next(r.kind for r in levels[0].runs if r.label == recommended)
+    k = next(r.k for r in levels[0].runs if r.label == recommended)
+    configs = engine_configs(kind, k, table, drafter or acceptance.drafter, draft)
+    load_kind = "concurrency" if traffic.kind == "closed" else "rate"
+    decision = _decision(levels, recommended, kind, static_label, break_even, load_kind)
+    return WorkloadMap(load_kind, tuple(levels), break_even, static_label, recommended, kind, table, configs,
+                       decision, batching)
+
+
+def sensitivity(traffic: Traffic, load: float, acceptance: AcceptanceProfile, costs: StepCosts,
+                batching: Batching = "continuous", k_max: int = 8, seed: int = 0,
+                factors: Sequence[float] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5),
+                load_factors: Sequence[float] = (0.5, 1.0, 2.0, 4.0)) -> dict:
+    """Which input would flip the on/off decision at ``load``: acceptance scaled, then the load scaled.
+
+    For each factor, whether the best static K (1..k_max) beats speculation off
+    on p50 latency. Returns {"acceptance": [(factor, pays, speedup)], "load":
+    [(load, pays, speedup)], "flip": a sentence}; speedup = off p50 / best static p50.
+    """
+    def pays(acc: AcceptanceProfile, at: float) -> tuple[bool, float]:
+        ctx = Context.of(costs, acc, k_max)
+        t = traffic.at_load(at)
+        off = simulate(t, acc, costs, Off(), batching, None, seed, ctx).summary().latency_p50_s
+        best = min(simulate(t, acc, costs, StaticK(k), batching, None, seed, ctx).summary().latency_p50_s
+                   for k in sorted({1, 2, 4, min(8, k_max)}) if k <= k_max)
+        return best < off, off / best
+    by_acceptance = [(f, *pays(acceptance.scaled(f), load)) for f in factors]
+    by_load = [(load * f, *pays(acceptance, load * f)) for f in load_factors]
+    now = dict((f, p) for f, p, _ in by_acceptance).get(1.0, pays(acceptance, load)[0])
+    flips = [f for f, p, _ in by_acceptance if p != now]
+    loads = [x for x, p, _ in by_load if p != now]
+    words = []
+    if flips:
+        f = min(flips, key=lambda f: abs(math.log(f)))
+        words.append(f"acceptance x{f:g} (per-position rates {'lower' if f < 1 else 'higher'})")
+    if loads:
+        words.append(f"a load of {min(loads, key=lambda x: abs(math.log(x / load))):g}")
+    state = "pays" if now else "does not pay"
+    flip = (f"At load {load:g} speculation {state}; " + (" or ".join(words) + " would flip that." if words else
+            "no acceptance from x0.25 to x1.5 and no load from x0.5 to x4 flips it."))
+    return {"acceptance": by_acceptance, "load": by_load, "flip": flip}
+
+
+def engine_configs(kind: str, k: int, table: dict[int, int], drafter: str, draft: str | None = None) -> dict[str, str]:
+    """The flags that realise a policy on vLLM, SGLang and llama.cpp.
+
+    kind: the policy's name ("off", "static", "k-by-batch", "goodput", "cascade").
+    k: the static K (or the largest K). table: {batch size: K} for vLLM's
+    ``num_speculative_tokens_per_batch_size`` (used for k-by-batch, goodput, cascade).
+    drafter: "prompt-lookup" (n-gram) or a draft model; draft: its name or path.
+    """
+    if kind == "off":
+        return {"vllm": "(no --speculative-config: speculation off)", "sglang": "(no --speculative-* flags)",
+                "llama.cpp": "(no -md / --spec-* flags)", "note": "speculation off"}
+    ngram = drafter.startswith("prompt-lookup") or drafter == "ngram"
+    top = max(table.values()) if kind != "static" else k
+    config: dict = ({"method": "ngram", "num_speculative_tokens": top, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+                    if ngram else {"model": draft or "DRAFT_MODEL", "num_speculative_tokens": top})
+    note = ""
+    if kind != "static":
+        config["num_speculative_tokens_per_batch_size"] = {str(b): kk for b, kk in sorted(table.items())}
+        if kind in ("goodput", "cascade"):
+            note = (f"{kind} is not an option of these engines: the K-by-batch-size table fitted on the same costs "
+                    "approximates it (vLLM); SGLang and llama.cpp take one K, the table's largest")
+    if ngram:
+        sglang = f"--speculative-algorithm NGRAM --speculative-num-draft-tokens {top + 1}"
+        llama = f"--spec-type ngram-simple --spec-draft-n-max {top} --spec-draft-n-min 0"
+    else:
+        sglang = (f"--speculative-algorithm STANDALONE --speculative-draft-model-path {draft or 'DRAFT_MODEL'} "
+                  f"--speculative-num-steps {top} --speculative-eagle-topk 1 --speculative-num-draft-tokens {top + 1}")
+        llama = (f"-md {draft or 'DRAFT.gguf'} --spec-type draft-simple --spec-draft-n-max {top} "
+                 "--spec-draft-n-min 0 --spec-draft-p-min 0")
+    return {"vllm": f"--speculative-config '{json.dumps(config)}'", "sglang": sglang, "llama.cpp": llama,
+            "note": note}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _table_batch_sizes(traffic: Traffic, loads: Sequence[float], max_batch: int | None) -> list[int]:
+    top = max_batch or (int(max(loads)) if traffic.kind == "closed" else 64)
+    sizes, b = [], 1
+    while b < top:
+        sizes.append(b)
+        b *= 2
+    return sizes + [top]
+
+
+def _break_even(levels: list[LoadLevel]) -> tuple[str, float | None]:
+    statics = [r for r in levels[0].runs if r.kind == "static"]
+    if not statics:
+        return "", None
+    chosen = min(statics, key=lambda r: r.summary.latency_p50_s).label
+    ratios = [(lv.load, lv.run(chosen).summary.latency_p50_s / lv.off.summary.latency_p50_s) for lv in levels]
+    if ratios[0][1] >= 1.0:
+        return chosen, ratios[0][0]
+    for (x0, y0), (x1, y1) in zip(ratios, ratios[1:]):
+        if y1 >= 1.0:
+            return chosen, x0 + (1.0 - y0) * (x1 - x0) / (y1 - y0) if y1 != y0 else x1
+    return chosen, None
+
+
+def _recommend(levels: list[LoadLevel]) -> str:
+    labels = [r.label for r in levels[0].runs]
+    regret = {label: max(lv.run(label).summary.latency_p50_s / lv.best.summary.latency_p50_s for lv in levels)
+              for label in labels}
+    least = min(regret.values())
+    near = [r for r in levels[0].runs if regret[r.label] <= least * (1 + TIE)]
+    return min(near, key=lambda r: (SIMPLICITY.index(r.kind) if r.kind in SIMPLICITY else 99, regret[r.label])).label
+
+
+def _decision(levels, recommended: str, kind: str, static_label: str, break_even: float | None, load_kind: str) -> str:
+    unit = "concurrent requests" if load_kind == "concurrency" else "requests/s"
+    low, high = levels[0], levels[-1]
+    def change(level: LoadLevel) -> str:
+        ratio = level.run(recommended).summary.latency_p50_s / level.off.summary.latency_p50_s
+        return f"{(1 - ratio) * 100:.0f} % lower p50 latency" if ratio <= 1 else f"{(ratio - 1) * 100:.0f} % higher p50 latency"
+    if kind == "off":
+        text = "Leave speculation off: no policy shortens the p50 latency enough at these loads"
+    else:
+        text = (f"Turn speculation on with {recommended}: {change(low)} "
+                f"at {low.load:g} {unit}, {change(high)} at {high.load:g}")
+    if static_label:
+        if break_even is None:
+            text += f"; {static_label} still pays at {high.load:g} {unit}"
+        else:
+            text += f"; {static_label} stops paying from about {break_even:.3g} {unit}"
+    return text + "."
+
+
+def _clean(value):
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+def with_drafter(profile: AcceptanceProfile, drafter: str) -> AcceptanceProfile:
+    """The profile relabelled with a drafter name (for configurations)."""
+    return replace(profile, drafter=drafter)

@@ -1,0 +1,46 @@
+"""The Workload page: an AppTest run on sliders and the example costs (nothing loads, nothing is timed),
+and its figures on a hand-made map."""
+
+from __future__ import annotations
+
+import json
+
+from app import render_workload
+from app_util import app_on, click
+from lab.simulate import AcceptanceProfile, StepCosts, Traffic, map_workload
+
+COSTS = StepCosts({(1, 1): 20.0, (1, 5): 22.0, (16, 1): 40.0, (16, 5): 160.0}, {1: 0.2, 16: 0.4})
+
+
+def small_map() -> dict:
+    return map_workload(Traffic("closed", num_requests=40, output_tokens=16), [1, 4, 16],
+                        AcceptanceProfile.uniform(0.6), COSTS, drafter="prompt-lookup").as_dict()
+
+
+def test_figures_draw_every_policy_and_mark_the_break_even():
+    data = small_map()
+    figure = render_workload.latency_figure(data)
+    assert {trace.name for trace in figure.data} == {run["policy"] for run in data["levels"][0]["runs"]}
+    assert data["break_even_load"] is not None
+    assert any("break-even" in (a.text or "") for a in figure.layout.annotations)
+    assert len(render_workload.level_rows(data)) == 3
+    assert len(render_workload.throughput_figure(data).data) == len(figure.data)
+
+
+def test_the_page_simulates_and_shows_the_decision_and_the_configuration():
+    at = app_on("workload", loads="1,4,16", requests=40, output_tokens=16)
+    assert not at.exception, at.exception
+    at = click(at, "Simulate")
+    assert not at.exception, at.exception
+    decision = [s.value for s in at.success]
+    assert decision and decision[0].endswith(".")
+    assert any("would flip" in m.value or "flips it" in m.value or "flip" in m.value for m in at.markdown)
+    codes = [c.value for c in at.code]
+    assert any("--speculative-config" in c or "no --speculative-config" in c for c in codes)
+    assert len(at.get("plotly_chart")) == 3
+
+
+def test_bad_loads_are_said_in_words():
+    at = app_on("workload", loads="1,-4")
+    assert not at.exception
+    assert any("loads require values > 0" in e.value for e in at.error)
