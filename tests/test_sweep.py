@@ -240,3 +240,15 @@ def test_sweep_refuses_bad_settings(tiny_target, kwargs, message):
     k_max = arguments.pop("k_max", None)
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         run_sweep(tiny_target, config=DecodeConfig(k=2, max_new_tokens=2), k_max=k_max, **arguments)
+
+
+def test_a_step_timed_at_zero_ms_predicts_nothing_instead_of_dividing_by_zero():
+    """A cost model fed only by a sweep's own steps can hold a 0 ms pass (notebook 08's small mode divided by zero)."""
+    from lab.studies.auto_k import AutoK, CostModel
+
+    cost = CostModel()
+    cost.target_ms[(1, 1)].append(0.0)
+    cost.target_ms[(1, 5)].append(0.0)
+    policy = AutoK(cost, acceptance=0.6, k_max=4)
+    assert math.isnan(policy.predicted_speedup(1, 4))
+    assert policy.choose(1) == 0

@@ -209,9 +209,12 @@ class AutoK:
         return self.cost.target(batch_size, k + 1) + self.cost.draft(batch_size, k)
 
     def predicted_speedup(self, batch_size: int, k: int) -> float:
-        """Predicted tokens per ms at K over tokens per ms with speculation off (NaN without costs)."""
-        off = 1.0 / self.step_ms(batch_size, 0)
-        return (self.expected_tokens_per_step(k) / self.step_ms(batch_size, k)) / off
+        """Predicted tokens per ms at K over tokens per ms with speculation off (NaN without costs, or with a
+        step timed at 0 ms: a cost model fed only by the sweep's own steps can hold no pass of a width yet)."""
+        off_ms, on_ms = self.step_ms(batch_size, 0), self.step_ms(batch_size, k)
+        if not (off_ms > 0 and on_ms > 0):
+            return math.nan
+        return (self.expected_tokens_per_step(k) / on_ms) * off_ms
 
     def choose(self, batch_size: int) -> int:
         """The K (0 = off) to run at this batch size, with hysteresis against a noisy cost model.
