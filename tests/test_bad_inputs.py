@@ -22,7 +22,8 @@ from lab.cli import main
 from lab.grammar import Constraint, ConstraintSpec, UnsatisfiableConstraint, schema_contradiction
 from lab.prompts import Prompt
 from lab.results_files import ResultsFileError, parse_results
-from lab.serving.client import Endpoint, RequestSettings, ServeError, URLError, check_url, stream_request
+from lab.serving.client import Endpoint, RequestSettings, ServeError, stream_request
+from lab.serving.urls import URLError, check_url
 from lab.studies.compare import Comparison
 from lab.studies.serve_bench import run_serve_bench
 

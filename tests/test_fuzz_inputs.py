@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from conftest import tiny_llama, tiny_tokenizer
 from lab.cli import main
 from lab.results_files import ResultsFileError, parse_results
-from lab.serving.client import Endpoint, URLError, check_url
+from lab.serving.client import Endpoint
+from lab.serving.urls import URLError, check_url
 from lab.studies.compare import Comparison
 from test_bad_inputs import valid_comparison
 

@@ -21,17 +21,15 @@ import pytest
 from app_util import tiny_models  # noqa: F401 (a fixture)
 from lab.prompts import Prompt
 from lab.studies.serve_bench import LevelRun, ServeBench, percentile, run_serve_bench, summarize
+from lab.serving.counters import SpecCounters, counters_between, parse_metrics
 from lab.serving.client import (
     Endpoint,
     RequestRecord,
     RequestSettings,
     ServeError,
-    SpecCounters,
     accepted_per_position_from_histogram,
     chunk_text,
-    counters_between,
     http_error_message,
-    parse_metrics,
     read_spec_fields,
     request_body,
     stream_request,

@@ -24,7 +24,7 @@ RESULT_KEY = "serve:bench"
 def run(label: str, concurrency: int, e2el_ms: float, tokens: int, per_position=(0.9, 0.7)) -> LevelRun:
     records = [RequestRecord(f"p{i}", ok=True, ttft_ms=50, e2el_ms=e2el_ms, itl_ms=[10, 12], input_tokens=9,
                              output_tokens=tokens) for i in range(2)]
-    from lab.serving.client import SpecCounters
+    from lab.serving.counters import SpecCounters
 
     counters = None if label == "off" else SpecCounters("llama.cpp", num_drafts=10, num_draft_tokens=30,
                                                         num_accepted_tokens=16,

@@ -25,7 +25,8 @@ from app import background, inflight, render_serve, saved, state, widgets
 from lab import device_queue
 from lab.prompts import Prompt, load_prompts
 from lab.studies.serve_bench import run_serve_bench
-from lab.serving.client import Endpoint, RequestSettings, ServeError, URLError, is_local_url
+from lab.serving.client import Endpoint, RequestSettings, ServeError
+from lab.serving.urls import URLError, is_local_url
 
 RESULT_KEY = "serve:bench"
 UPLOAD_KEY = "serve:upload"

@@ -51,7 +51,8 @@ def _cmd_serve_bench(args: argparse.Namespace) -> int:
     from lab.prompts import load_prompt_sets
     from lab.studies.serve_bench import format_serve_bench, run_serve_bench
     from lab.studies.serve_reference import run_lab_reference
-    from lab.serving.client import Endpoint, RequestSettings, URLError, check_url, is_local_url
+    from lab.serving.client import Endpoint, RequestSettings
+    from lab.serving.urls import URLError, check_url, is_local_url
 
     for flag, url in (("--on", args.on), ("--off", args.off)):
         if url is not None:

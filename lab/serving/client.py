@@ -27,16 +27,9 @@ Per-request speculation, where the engine reports it:
   when the server runs with ``--per-request-spec-decode-metrics summary``;
 - SGLang: ``meta_info.spec_verify_ct`` (verify steps) where the response has it.
 
-Engine-wide counters (:func:`parse_metrics` on ``GET {base}/metrics``, parsed
-with ``prometheus_client``): vLLM's ``vllm:spec_decode_num_drafts``,
-``..._num_draft_tokens``, ``..._num_accepted_tokens`` and
-``..._num_accepted_tokens_per_pos{position}`` (all ``_total`` counters);
-llama.cpp's same names under ``llamacpp:`` (``llama-server --metrics``);
-SGLang's gauges ``sglang:spec_accept_length`` / ``sglang:spec_accept_rate``
-(a recent average, not a counter: it cannot be diffed). Counters are summed
-over every other label (model, engine, rank) and diffed before and after a run
-(:class:`SpecCounters`); they count every request the server saw meanwhile,
-so a shared server's other traffic is in them.
+Engine-wide counters: ``lab.serving.counters`` reads ``GET {base}/metrics``
+(:func:`scrape_metrics` here fetches it). Server URLs are checked first
+(``lab.serving.urls.check_url``).
 
 Conventions are vLLM's (``lab.metrics``): acceptance rate = accepted / drafted
 tokens; mean acceptance length = 1 + accepted / drafts (counts the target's own
@@ -51,9 +44,7 @@ model the server does not serve (:func:`check_endpoint`, from ``/v1/models``).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -61,108 +52,16 @@ from typing import Any, Literal
 
 import httpx
 
-from lab.metrics import AcceptanceRates
+from lab.serving.counters import MetricsSnapshot, parse_metrics
+from lab.serving.urls import check_url
 
 API_NAMES = ("completions", "chat")
 Api = Literal["completions", "chat"]
-ENGINE_PREFIXES = {"vllm:": "vllm", "llamacpp:": "llama.cpp", "sglang:": "sglang"}
 OWNED_BY_ENGINES = {"vllm": "vllm", "llamacpp": "llama.cpp", "sglang": "sglang"}
-_COUNTER_NAMES = {
-    "spec_decode_num_drafts": "num_drafts",
-    "spec_decode_num_draft_tokens": "num_draft_tokens",
-    "spec_decode_num_accepted_tokens": "num_accepted_tokens",
-}
-_PER_POSITION_NAME = "spec_decode_num_accepted_tokens_per_pos"
 
 
 class ServeError(RuntimeError):
     """A serving endpoint cannot be used; the message says which and why (refused, timeout, HTTP status, model)."""
-
-
-class URLError(ValueError):
-    """A server URL the client cannot use; the message says what is wrong with it and shows a good one."""
-
-
-URL_EXAMPLE = "http://127.0.0.1:8080"
-_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
-
-
-def check_url(url: str) -> str:
-    """A server's base URL checked and normalised; raises :class:`URLError` naming what is wrong.
-
-    Accepted: ``http://`` or ``https://``, a host (a name, an IPv4 address, or
-    an IPv6 address in brackets: ``http://[::1]:8080``), an optional port in
-    1..65535 and an optional path (``/v1``). Refused, in words: no scheme or
-    another one, no host, an unclosed or bare IPv6 address, a port that is not
-    a number or out of range, spaces, user:password@, a ?query or #fragment.
-    Returned: scheme and host lower-cased, the path without a trailing slash,
-    surrounding spaces stripped; ``httpx.URL`` accepts it.
-    """
-    text = url.strip() if isinstance(url, str) else ""
-    if not text:
-        raise URLError(f"a server URL is required, e.g. {URL_EXAMPLE}; got none")
-    if any(c.isspace() or not c.isprintable() for c in text):
-        raise URLError(f"a URL holds no spaces or control characters; got {url!r}")
-    scheme, separator, rest = text.partition("://")
-    if not separator:
-        raise URLError(f"a URL requires http:// or https:// in front, e.g. {URL_EXAMPLE}; got {url!r}")
-    if scheme.lower() not in ("http", "https"):
-        raise URLError(f"a server URL requires http:// or https://; got {scheme}:// in {url!r}")
-    if "?" in rest or "#" in rest:
-        raise URLError(f"a server's base URL has no ?query or #fragment, e.g. {URL_EXAMPLE}; got {url!r}")
-    authority, slash, path = rest.partition("/")
-    if "@" in authority:
-        raise URLError(f"a user or password in the URL (user@host) is not supported: give the host only; got {url!r}")
-    host, port = _split_host_port(authority, url)
-    normalised = f"{scheme.lower()}://{host}" + (f":{port}" if port is not None else "") + (slash + path).rstrip("/")
-    try:
-        httpx.URL(normalised)
-    except Exception as error:  # noqa: BLE001 - any refusal of httpx becomes ours, in words
-        raise URLError(f"{url!r} is not a URL the HTTP client can use ({error})") from None
-    return normalised
-
-
-def _split_host_port(authority: str, url: str) -> tuple[str, int | None]:
-    """``host[:port]`` or ``[v6][:port]`` -> (host as it goes in a URL, port or None); raises URLError."""
-    if authority.startswith("["):
-        end = authority.find("]")
-        if end < 0:
-            raise URLError(f"an IPv6 address must be closed with ']', e.g. http://[::1]:8080; got {url!r}")
-        address, after = authority[1:end], authority[end + 1:]
-        try:
-            ipaddress.IPv6Address(address)
-        except ValueError:
-            raise URLError(f"{address!r} in brackets is not an IPv6 address (e.g. http://[::1]:8080); got {url!r}") from None
-        if after and not after.startswith(":"):
-            raise URLError(f"after an IPv6 address's ']' comes ':PORT' or nothing, e.g. http://[::1]:8080; got {url!r}")
-        host, port_text = f"[{address.lower()}]", (after[1:] if after else None)
-    else:
-        if authority.count(":") > 1:
-            raise URLError(f"an IPv6 address goes in brackets, e.g. http://[::1]:8080; got {url!r}")
-        name, colon, port_text = authority.partition(":")
-        port_text = port_text if colon else None
-        if not name:
-            raise URLError(f"a URL requires a host, e.g. {URL_EXAMPLE}; got {url!r}")
-        if not name.isascii():
-            raise URLError(f"a host name must be ASCII (an international name in its xn-- form); got {name!r}")
-        labels = name.removesuffix(".").split(".")
-        if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
-            raise URLError(f"{name!r} is not a host name (letters, digits, '-' and '.'), e.g. {URL_EXAMPLE}; got {url!r}")
-        if all(label.isdigit() for label in labels):
-            try:
-                ipaddress.IPv4Address(name)
-            except ValueError:
-                hint = f" (did you mean http://127.0.0.1:{name}?)" if len(labels) == 1 else ""
-                raise URLError(f"{name!r} is not an IPv4 address{hint}; got {url!r}") from None
-        host = name.lower()
-    if port_text is None:
-        return host, None
-    if not (port_text.isascii() and port_text.isdigit()):
-        raise URLError(f"the port must be a number in 1..65535; got {port_text!r} in {url!r}")
-    port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise URLError(f"the port must be in 1..65535; got {port} in {url!r}")
-    return host, port
 
 
 @dataclass(frozen=True)
@@ -200,113 +99,6 @@ class Endpoint:
 
 
 # ---------------------------------------------------------------- engine counters
-
-
-@dataclass(frozen=True)
-class SpecCounters(AcceptanceRates):
-    """An engine's speculation counters (totals since it started, or a difference of two snapshots).
-
-    The rates (acceptance rate, mean acceptance length, per-position acceptance) follow ``lab.metrics``.
-
-    engine: "vllm" or "llama.cpp". num_drafts: verify steps with a draft;
-    num_draft_tokens / num_accepted_tokens: drafted / accepted tokens;
-    accepted_per_position[i]: drafts whose token i was accepted.
-    """
-
-    engine: str
-    num_drafts: float = 0.0
-    num_draft_tokens: float = 0.0
-    num_accepted_tokens: float = 0.0
-    accepted_per_position: tuple[float, ...] = ()
-
-    def __sub__(self, before: "SpecCounters") -> "SpecCounters":
-        """The counts between the snapshot ``before`` and this one (positions aligned at 0)."""
-        width = max(len(self.accepted_per_position), len(before.accepted_per_position))
-        pad = lambda xs: tuple(xs) + (0.0,) * (width - len(xs))  # noqa: E731
-        return SpecCounters(
-            engine=self.engine,
-            num_drafts=self.num_drafts - before.num_drafts,
-            num_draft_tokens=self.num_draft_tokens - before.num_draft_tokens,
-            num_accepted_tokens=self.num_accepted_tokens - before.num_accepted_tokens,
-            accepted_per_position=tuple(a - b for a, b in zip(pad(self.accepted_per_position), pad(before.accepted_per_position))),
-        )
-
-    @property
-    def per_position_acceptance(self) -> list[float]:
-        """accepted_per_position[i] / num_drafts (``per_position_acceptance_rate``); empty when nothing was drafted."""
-        return self.per_position_acceptance_rate
-
-
-@dataclass(frozen=True)
-class MetricsSnapshot:
-    """What one scrape of ``/metrics`` said about speculation.
-
-    engine: "vllm", "llama.cpp", "sglang", or "" when no known prefix appeared.
-    counters: the spec-decode counters (vLLM, llama.cpp); None when absent
-        (speculation off, or an engine without them).
-    gauges: SGLang's ``spec_accept_length`` / ``spec_accept_rate`` when present.
-    """
-
-    engine: str
-    counters: SpecCounters | None
-    gauges: Mapping[str, float] = field(default_factory=dict)
-
-
-def parse_metrics(text: str) -> MetricsSnapshot:
-    """Parse a Prometheus text exposition into a :class:`MetricsSnapshot`.
-
-    Samples are summed over labels other than ``position`` (several models,
-    ranks or engines behind one server add up). ``_created`` samples are ignored.
-
-    Raises:
-        ValueError: the text is not Prometheus' text format.
-    """
-    from prometheus_client.parser import text_string_to_metric_families
-
-    engine = ""
-    totals: dict[str, float] = {}
-    per_position: dict[int, float] = {}
-    gauges: dict[str, float] = {}
-    seen_counter = False
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            prefix = next((p for p in ENGINE_PREFIXES if sample.name.startswith(p)), None)
-            if prefix is None:
-                continue
-            engine = engine or ENGINE_PREFIXES[prefix]
-            name = sample.name[len(prefix):]
-            if name.endswith("_created"):
-                continue
-            name = name.removesuffix("_total")
-            if name in _COUNTER_NAMES:
-                totals[name] = totals.get(name, 0.0) + sample.value
-                seen_counter = True
-            elif name == _PER_POSITION_NAME and "position" in sample.labels:
-                position = int(sample.labels["position"])
-                per_position[position] = per_position.get(position, 0.0) + sample.value
-            elif prefix == "sglang:" and name in ("spec_accept_length", "spec_accept_rate"):
-                gauges[name] = gauges.get(name, 0.0) + sample.value
-    counters = None
-    if seen_counter:
-        width = max(per_position) + 1 if per_position else 0
-        counters = SpecCounters(
-            engine=engine,
-            num_drafts=totals.get("spec_decode_num_drafts", 0.0),
-            num_draft_tokens=totals.get("spec_decode_num_draft_tokens", 0.0),
-            num_accepted_tokens=totals.get("spec_decode_num_accepted_tokens", 0.0),
-            accepted_per_position=tuple(per_position.get(i, 0.0) for i in range(width)),
-        )
-    return MetricsSnapshot(engine=engine, counters=counters, gauges=gauges)
-
-
-def counters_between(before: MetricsSnapshot | None, after: MetricsSnapshot | None) -> SpecCounters | None:
-    """The spec-decode counts a run added (after - before), or None when either scrape lacks counters."""
-    if before is None or after is None or before.counters is None or after.counters is None:
-        return None
-    return after.counters - before.counters
-
-
-# ---------------------------------------------------------------- one request
 
 
 @dataclass
@@ -732,11 +524,3 @@ def _float_or(value: Any, default: float | None) -> float | None:
         return float(value) if value is not None else default
     except (TypeError, ValueError):
         return default
-
-
-def is_local_url(url: str) -> bool:
-    """A server on this machine (localhost, 127.x, ::1, 0.0.0.0): its timings share the lab's cores."""
-    from urllib.parse import urlparse
-
-    host = (urlparse(url if "//" in url else f"http://{url}").hostname or "").lower()
-    return host in ("localhost", "::1", "0.0.0.0") or host.startswith("127.")

@@ -52,15 +52,13 @@ import httpx
 
 from lab.prompts import Prompt
 from lab.studies.batch_sweep import percentile  # the Batch page's percentile: the same numbers both ways
+from lab.serving.counters import MetricsSnapshot, SpecCounters, counters_between
 from lab.serving.client import (
     Endpoint,
     EndpointInfo,
-    MetricsSnapshot,
     RequestRecord,
     RequestSettings,
-    SpecCounters,
     check_endpoint,
-    counters_between,
     scrape_metrics,
     stream_request,
 )
