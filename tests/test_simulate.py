@@ -232,11 +232,13 @@ def test_malformed_acceptance_is_refused(data, message):
 
 
 def test_acceptance_reads_a_compare_result_and_a_serve_bench_result():
-    stats = {"num_drafts": 10, "accepted_per_position": [6, 3], "target_forward_passes": 20, "num_draft_tokens": 20,
-             "num_accepted_tokens": 9}
+    # a run's metrics as the lab writes them (SpecDecodingStats.as_dict(), checked by lab.results_files)
+    metrics = {"num_drafts": 10, "accepted_per_position": [6, 3], "target_forward_passes": 20, "num_draft_tokens": 20,
+               "num_accepted_tokens": 9, "num_output_tokens": 29, "prefill_s": 0.01, "draft_s": 0.1, "verify_s": 1.0,
+               "wall_s": 1.2, "acceptance_rate": 0.45, "mean_acceptance_length": 1.9, "tokens_per_s": 24.2}
     compare = {"settings": {"target": "smollm2-135m"}, "prompts": ["a"], "runs": [
         {"prompt_index": 0, "drafter": "prompt-lookup (n 1-3)", "k": 2, "token_ids": [], "text": "",
-         "metrics": {"mean_acceptance_length": 1.9, "stats": stats}}]}
+         "metrics": metrics}]}
     profile = acceptance_from_data(compare)
     assert profile.categories["all"].per_position == (0.6, 0.3)
     assert profile.categories["all"].draft_rate == 0.5

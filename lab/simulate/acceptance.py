@@ -169,7 +169,7 @@ def acceptance_from_comparison(comparison, drafter: str | None = None, k: int | 
     names = categories or {int(i): c for i, c in (comparison.settings.get("categories") or {}).items()} or {}
     pooled: dict[str, list[dict]] = {}
     for r in chosen:
-        pooled.setdefault(names.get(r.prompt_index, "all"), []).append(r.metrics.get("stats", r.metrics))
+        pooled.setdefault(names.get(r.prompt_index, "all"), []).append(r.metrics)
     return AcceptanceProfile({c: _pool_counts(ms) for c, ms in pooled.items()},
                              comparison.settings.get("target", ""), f"{drafter} K={k}", "Compare result")
 
