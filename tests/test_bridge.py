@@ -237,3 +237,51 @@ def test_smollm2_drafts_for_qwen_through_the_text_bridge():
         assert sum(rates["ids"]) < sum(rates["text"]) / 2, rates
     finally:
         torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def pair_dirs(random_pair, tmp_path_factory):
+    """The random pair saved as model folders (Qwen's tokenizer with the target, SmolLM2's with the draft)."""
+    root = tmp_path_factory.mktemp("bridge_cli")
+    folders = {}
+    for name, lm in zip(("target", "draft"), random_pair):
+        lm.model.save_pretrained(root / name)
+        lm.tokenizer.save_pretrained(root / name)
+        folders[name] = str(root / name)
+    return folders
+
+
+def cli_generate(pair_dirs, *extra: str) -> list[str]:
+    return ["generate", "--target", pair_dirs["target"], "--dtype", "fp32", "--device", "cpu", "--max-new-tokens", "8",
+            "--prompt", PROMPTS[1], "--drafter", "draft-model", "--draft", pair_dirs["draft"], "--no-save", *extra]
+
+
+def test_cli_generate_through_the_text_bridge(pair_dirs, capsys):
+    from lab.cli import main
+
+    assert main(cli_generate(pair_dirs, "--vocab-bridge", "text", "--k", "3", "--json", "--compare-baseline")) == 0
+    report = __import__("json").loads(capsys.readouterr().out)
+    assert report["identical_to_baseline"] is True
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((), "--vocab-bridge text"),
+    (("--vocab-bridge", "text", "--temperature", "0.7"), "the text bridge is exact for greedy decoding only"),
+    (("--vocab-bridge", "bytes"), "invalid choice: 'bytes'"),
+])
+def test_cli_refusals(pair_dirs, capsys, extra, message):
+    from lab.cli import main
+
+    assert main(cli_generate(pair_dirs, *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_bridge_requires_a_draft_model(capsys):
+    from lab.cli import main
+
+    argv = ["generate", "--target", "x", "--drafter", "prompt-lookup", "--vocab-bridge", "ids", "--prompt", "hi"]
+    assert main(argv) == 2
+    assert "--vocab-bridge ids requires --drafter draft-model" in capsys.readouterr().err
