@@ -44,6 +44,8 @@ DEFAULTS = {
     "compare.draft": "qwen2.5-coder-0.5b",
     "compare.exit_layer": None,
     "compare.draft_vocab": 0,
+    "compare.vocab_bridge": "none",
+    "compare.bridged_draft": "smollm2-135m",
     "compare.min_n": 1,
     "compare.max_n": 3,
     "compare.ks": [2, 4],
@@ -122,6 +124,9 @@ def chosen_specs(draft: str | None) -> list[compare.DrafterSpec]:
     trimmed = s.get(key("compare.draft_vocab"))
     if trimmed:  # the trimmed variants run beside the full-vocabulary ones
         specs += [replace(spec, draft_vocab=int(trimmed)) for spec in specs if spec.name in ("draft-model", "eagle")]
+    bridge = widgets.vocab_bridge("compare")
+    if "draft-model" in s[key("compare.drafters")] and bridge != "none":  # a draft of another tokenizer races too
+        specs.append(compare.DrafterSpec("draft-model", draft=s[key("compare.bridged_draft")], vocab_bridge=bridge))
     return specs
 
 
@@ -138,6 +143,8 @@ def drafter_inputs(target: str) -> str | None:
         widgets.exit_layer_input("compare", options[2])
     if "draft-model" in chosen or "eagle" in chosen:
         widgets.draft_vocab_select("compare", label="Also with a trimmed vocabulary")
+    if "draft-model" in chosen:
+        widgets.bridged_draft_inputs("compare", target)
     st.multiselect("K values (draft tokens per step)", list(range(1, K_MAX + 1)), key=key("compare.ks"))
     return draft
 
@@ -205,7 +212,8 @@ def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks
     chat_template = not s[key("compare.raw")]
     target_name = s[key("compare.target")]
     draft_names = {spec.draft for spec in specs if spec.draft}
-    for draft_name in draft_names:  # compare tokenizers before spending seconds on weights
+    for draft_name in {spec.draft for spec in specs if spec.draft and spec.vocab_bridge == "none"}:
+        # compare tokenizers before spending seconds on weights (a bridged draft has another tokenizer on purpose)
         check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(draft_name))
     target = resources.load_for_role(target_name, "target", runtime, slots["progress"])
     drafts = {name: resources.load_for_role(name, "draft", runtime, slots["progress"]) for name in draft_names}
@@ -427,6 +435,7 @@ st.markdown(
 
 widgets.results_file_section("A JSON file saved with Download JSON", UPLOAD_KEY, LOAD_ERROR_KEY, RESULT_KEY,
                              widgets.parse_comparison)
+widgets.compare_presets("compare")
 
 with st.container(border=True):
     left, right = st.columns(2)
@@ -454,7 +463,8 @@ with st.container(border=True):
     chosen = st.session_state[key("compare.drafters")]
     # the trimmed vocabulary runs a second variant of the draft model and the head
     trims = sum(name in ("draft-model", "eagle") for name in chosen) if st.session_state.get(key("compare.draft_vocab")) else 0
-    n_drafters, n_ks = len(chosen) + trims, len(st.session_state[key("compare.ks")])
+    bridged = int("draft-model" in chosen and widgets.vocab_bridge("compare") != "none")  # the bridged draft races too
+    n_drafters, n_ks = len(chosen) + trims + bridged, len(st.session_state[key("compare.ks")])
     if prompt_error:
         st.error(prompt_error, icon=":material/error:")
     else:

@@ -90,6 +90,21 @@ class BridgedDraft:
     target_pieces: tuple[str, ...]
     note: str = ""
 
+    def rows(self, num_accepted: int | None = None) -> list[dict]:
+        """One row per token, the draft's then the target's, for a table (the Step-through page, notebook 03).
+
+        num_accepted: how many target tokens the target kept (None: not verified
+        yet). Greedy: the first refused one is "rejected", those after it are "not checked".
+        """
+        rows = [{"vocabulary": "draft", "position": i + 1, "token id": token, "text": piece, "decision": ""}
+                for i, (token, piece) in enumerate(zip(self.draft_tokens, self.draft_pieces))]
+        for i, (token, piece) in enumerate(zip(self.target_tokens, self.target_pieces)):
+            decision = "" if num_accepted is None else (
+                "accepted" if i < num_accepted else "rejected" if i == num_accepted else "not checked")
+            rows.append({"vocabulary": "target", "position": i + 1, "token id": token, "text": piece,
+                         "decision": decision})
+        return rows
+
 
 class VocabBridgeDrafter:
     """A draft-vocabulary ``Drafter`` made to propose target tokens ("text": exactly; "ids": the trap).
