@@ -52,7 +52,9 @@ IDS_TRAP_WARNING = ("**The ids trap.** The draft's token ids go to the target as
                     "vocabulary mean other text. Nothing errors: the output stays the target's (it rejects every "
                     "wrong token), but acceptance falls near 0 and speculation runs slower than the target alone. "
                     "Pick *text* to bridge the vocabularies exactly.")
-TARGET_HELP = "SmolLM2 is quick on CPU; the Qwen pair shows a real draft model (the smaller Qwen drafts for the larger)."
+TARGET_HELP = ("SmolLM2 is quick on CPU; the Qwen pair shows a real draft model (the smaller Qwen drafts for the larger). "
+               "The weights ship as quantised GGUF files (Q4_1, Q4_K_M), dequantised once to bf16: a model runs in "
+               "bf16, or in the precision the sidebar sets.")
 PROMPT_SOURCES = ("Preset prompt sets", "Spec-Bench category", "Paste prompts")
 PASTE_PLACEHOLDER = "Summarize this text: …\n---\nTranslate into French: …"
 
@@ -63,7 +65,7 @@ key = state.widget_key
 
 
 def model_title(name: str) -> str:
-    """A preset's upstream name ("SmolLM2-135M-Instruct (Q4_1)"); anything else as it is."""
+    """A preset's upstream name ("SmolLM2-135M-Instruct": what runs, no GGUF quantisation); anything else as it is."""
     return PRESETS[name].title if name in PRESETS else name
 
 

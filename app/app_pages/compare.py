@@ -62,8 +62,8 @@ PROMPT_SETS_HELP = ("Shipped in assets/prompts/: chosen to show high acceptance 
                     "summarization copy from the prompt) and low (creative writing, open QA).")
 PERCENT = st.column_config.NumberColumn(format="percent")
 SUMMARY_COLUMNS = {
-    "acceptance rate": PERCENT,
-    "mean acceptance length": st.column_config.NumberColumn(format="%.2f"),
+    "acceptance rate": st.column_config.NumberColumn(format="percent", help=render.ACCEPTANCE_RATE_HELP),
+    "mean acceptance length": st.column_config.NumberColumn(format="%.2f", help=render.MEAN_LENGTH_HELP),
     "tokens/s": st.column_config.NumberColumn(format="%.1f"),
     "target tokens/s": st.column_config.NumberColumn(format="%.1f", help="The target alone on the same prompts."),
     "speedup": st.column_config.NumberColumn(format="%.2f×", help="Tokens/s over the target alone's on the same prompts, prefill included."),
@@ -312,8 +312,10 @@ def show_summary(comparison: compare.Comparison, summary) -> None:
     st.dataframe(render_compare.compact_summary_table(summary), hide_index=True, width="stretch",
                  column_config=COMPACT_COLUMNS)
     st.caption(
-        "Acceptance rate: accepted / drafted tokens. Mean acceptance length: tokens per target pass on drafted steps, "
-        "the target's own token included. Speedup: tokens/s over the target alone on the same prompts, prefill "
+        "Acceptance rate: accepted / drafted tokens (vLLM's; not Leviathan's per-token a, which the Theory page "
+        "fits from the mean acceptance length). Mean acceptance length = 1 + accepted / drafts: tokens per target "
+        "pass on drafted steps, the target's own token included; with K drafted every step it is 1 + K × the "
+        "acceptance rate. Speedup: tokens/s over the target alone on the same prompts, prefill "
         "included. ★: each drafter's best K by speedup, where it beats the target alone. One run each on a shared machine: timings are noisy."
     )
     with st.expander("All columns"):
@@ -358,6 +360,7 @@ def show_charts(summary) -> None:
                 st.session_state[key("compare.curve_k")] = ks[-1]
             curve_k = st.select_slider("K of the acceptance curves", ks, key=key("compare.curve_k"))
         chart.plotly_chart(render_compare.per_position_figure(summary, curve_k), width="stretch")
+        st.caption(render.PER_POSITION_WHY)
     bars.plotly_chart(render_compare.speedup_figure(summary), width="stretch")
     against_k.plotly_chart(render_compare.acceptance_vs_k_figure(summary), width="stretch")
 

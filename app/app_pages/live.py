@@ -99,9 +99,9 @@ def show_metrics(slot, result: state.LiveResult) -> None:
         with st.container(horizontal=True, gap="medium"):
             cards = [st.container(width=METRIC_WIDTH_PX) for _ in range(5)]
             cards[0].metric("Acceptance rate", render.format_rate(stats.acceptance_rate),
-                            help="Accepted draft tokens / drafted tokens (— when nothing was drafted).")
+                            help=render.ACCEPTANCE_RATE_HELP)
             cards[1].metric("Mean acceptance length", render.format_number(stats.mean_acceptance_length),
-                            help="Tokens committed per target pass on steps with a draft, the target's own token included.")
+                            help=render.MEAN_LENGTH_HELP)
             cards[2].metric("Tokens/s", render.format_number(stats.tokens_per_s, 1),
                             help="Output tokens / wall time, prefill included.")
             cards[3].metric("Target forward passes", f"{stats.target_forward_passes}",
@@ -165,6 +165,7 @@ def show_result(view: LiveView, result: state.LiveResult) -> None:
         precision.show(result)
         if spec.stats.num_drafts:
             st.plotly_chart(render.acceptance_figure(spec.stats.per_position_acceptance_rate), width="stretch")
+            st.caption(render.PER_POSITION_WHY)
         with st.expander(f"Steps ({len(spec.steps)})"):
             st.dataframe(result.step_rows, hide_index=True, width="stretch")
         with st.expander("Output text"):
