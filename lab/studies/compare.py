@@ -136,6 +136,8 @@ class RunRecord:
     identical_to_target: bool | None = None
     cancelled: bool = False
     load: dict | None = None  # lab.load.LoadReport.as_dict() of this run (None: files from before it existed)
+    bridge_ms: list[float] = field(default_factory=list)  # per drafting step: a vocabulary bridge's tokenizer work,
+    # already inside draft_ms (so inside c); empty without a bridge
 
 
 @dataclass
@@ -428,7 +430,9 @@ def _decode_run(target, prompt_ids, drafter, config, index, label, k, cancel) ->
                 events.close()
                 return RunRecord(index, label, k, [], "", stats.as_dict(), draft_ms, verify_ms, cancelled=True)
         elif isinstance(event, Finished):
-            return RunRecord(index, label, k, list(event.token_ids), event.text, stats.as_dict(), draft_ms, verify_ms)
+            record = RunRecord(index, label, k, list(event.token_ids), event.text, stats.as_dict(), draft_ms, verify_ms)
+            record.bridge_ms = list(getattr(drafter, "bridge_ms", []))
+            return record
     raise RuntimeError("decode ended without a Finished event")
 
 
