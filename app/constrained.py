@@ -202,10 +202,19 @@ def show(outcome: state.ConstrainedOutcome | None, speculative: state.RunRecord)
     if outcome.num_cut_tokens:
         st.caption(f"The grammar cut {outcome.num_cut_tokens} proposed tokens before verification "
                    "(shown dashed); they cost no target work.")
+    # The token view interleaves struck-through and dashed tokens with the output: the committed text alone reads
+    # as what the user receives.
+    committed_text(speculative, outcome.kind, "The committed text alone (what the user receives)")
     if outcome.exact is not None:
         _show_naive_vs_exact(outcome, speculative, what)
     if outcome.free is not None:
         _show_acceptance(outcome, speculative, what)
+
+
+def committed_text(record: state.RunRecord, kind: str, label: str) -> None:
+    """A run's committed text, without the rejected or cut tokens the token view shows (JSON highlighted)."""
+    st.markdown(f"**{label}**")
+    st.code(record.text or " ", language="json" if kind in ("json_schema", "any_json") else None, wrap_lines=True)
 
 
 def _show_naive_vs_exact(outcome: state.ConstrainedOutcome, naive: state.RunRecord, what: str) -> None:
@@ -233,9 +242,11 @@ def _show_naive_vs_exact(outcome: state.ConstrainedOutcome, naive: state.RunReco
     with left:
         st.markdown(f"**{naive.label}** · {_validity(what, outcome.valid, outcome.incomplete, outcome.first_invalid)}")
         st.html(render.tokens_html(naive.pieces, marks=naive_marks))
+        committed_text(naive, outcome.kind, "Its committed text")
     with right:
         st.markdown(f"**{outcome.exact.label}** · {_validity(what, outcome.exact_valid)}")
         st.html(render.tokens_html(outcome.exact.pieces, marks=exact_marks))
+        committed_text(outcome.exact, outcome.kind, "Its committed text")
 
 
 def _show_acceptance(outcome: state.ConstrainedOutcome, speculative: state.RunRecord, what: str) -> None:

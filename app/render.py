@@ -51,6 +51,15 @@ KIND_COLOURS: dict[str, str] = {  # keep in step with assets/app.css
     "cut": "#8e5bb5",
 }
 
+# Two "acceptance rates" meet in the lab: say which one each number is, wherever either appears.
+ACCEPTANCE_RATE_HELP = ("Accepted draft tokens / drafted tokens (vLLM's acceptance rate; — when nothing was drafted). "
+                        "Not Leviathan's per-token a on the Theory page, which is fitted from the mean acceptance "
+                        "length. With K tokens drafted every step, mean acceptance length = 1 + K × this rate.")
+MEAN_LENGTH_HELP = ("1 + accepted / drafts: tokens committed per target pass on steps with a draft, the target's own "
+                    "token included. Leviathan's model predicts (1 − a^(K+1)) / (1 − a) for a per-token a.")
+PER_POSITION_WHY = ("Why the bars fall: a drafted token at position i is accepted only if every earlier position was "
+                    "kept too (the first refusal ends the step), so position i's rate can never exceed position "
+                    "i − 1's.")
 NEWLINE_MARK = "↵"
 TAB_MARK = "⇥"
 

@@ -8,7 +8,8 @@ A draft model must share the target's tokenizer exactly (its proposals are token
 ids). The pages offer only draft models that do, known without loading anything:
 presets of one tokenizer family share their tokenizer (``tokenizer_family``).
 Runs still call ``lab.models.check_same_tokenizer`` before loading weights, which
-also covers local model folders.
+also covers local model folders. With a vocabulary bridge (``lab.drafters.bridge``:
+"text" exact, "ids" the trap) every other model is offered.
 """
 
 from __future__ import annotations
@@ -38,7 +39,22 @@ DRAFT_VOCAB_CHOICES = (0, 8192, 16384, 32768)  # 0: the full vocabulary (None wo
 DRAFT_VOCAB_HELP = ("Score only the target's N most frequent tokens (FR-Spec / VocabTrim): the draft's LM head shrinks, "
                     "the target still verifies over its full vocabulary, so the output stays exact. Needs the table "
                     "from `python -m lab token-freq --target NAME` (or `train-head`).")
-TARGET_HELP = "SmolLM2 is quick on CPU; the Qwen pair shows a real draft model (the smaller Qwen drafts for the larger)."
+VOCAB_BRIDGE_LABELS = {
+    "none": "none (same tokenizer only)",
+    "text": "text (exact: decode, re-encode)",
+    "ids": "ids: THE TRAP (raw ids, no error)",
+}
+VOCAB_BRIDGE_HELP = ("How a draft with another tokenizer reaches the target. none: only same-tokenizer drafts. "
+                     "text: the draft's tokens become text, the text becomes the target's tokens, the target verifies "
+                     "them (Universal Assisted Decoding; greedy stays token for token the target's; temperature 0 "
+                     "only). ids: the draft's token ids are sent as they are, as a misconfigured system would.")
+IDS_TRAP_WARNING = ("**The ids trap.** The draft's token ids go to the target as they are, and ids from another "
+                    "vocabulary mean other text. Nothing errors: the output stays the target's (it rejects every "
+                    "wrong token), but acceptance falls near 0 and speculation runs slower than the target alone. "
+                    "Pick *text* to bridge the vocabularies exactly.")
+TARGET_HELP = ("SmolLM2 is quick on CPU; the Qwen pair shows a real draft model (the smaller Qwen drafts for the larger). "
+               "The weights ship as quantised GGUF files (Q4_1, Q4_K_M), dequantised once to bf16: a model runs in "
+               "bf16, or in the precision the sidebar sets.")
 PROMPT_SOURCES = ("Preset prompt sets", "Spec-Bench category", "Paste prompts")
 PASTE_PLACEHOLDER = "Summarize this text: …\n---\nTranslate into French: …"
 
@@ -49,7 +65,7 @@ key = state.widget_key
 
 
 def model_title(name: str) -> str:
-    """A preset's upstream name ("SmolLM2-135M-Instruct (Q4_1)"); anything else as it is."""
+    """A preset's upstream name ("SmolLM2-135M-Instruct": what runs, no GGUF quantisation); anything else as it is."""
     return PRESETS[name].title if name in PRESETS else name
 
 
@@ -90,20 +106,27 @@ def no_draft_message(target: str) -> str:
             f"(prompt lookup or layer skip, which need no second model), or a target that has a draft model{targets}.")
 
 
-def checked_draft(target: str, draft: str | None) -> str:
+def draft_options(target: str, vocab_bridge: str = "none") -> list[str]:
+    """The presets offered as ``target``'s draft: its tokenizer family, or with a bridge every other preset."""
+    if vocab_bridge != "none":
+        return [name for name in PRESETS if name != target]
+    return compatible_drafts(target)
+
+
+def checked_draft(target: str, draft: str | None, vocab_bridge: str = "none") -> str:
     """``draft`` if it can draft for ``target``; raises ValueError saying what to pick instead.
 
     ``draft`` is what the page's draft select returned: a preset, a folder, or
     None when nothing fits. A stale preset in session state (the select was not
     drawn because nothing fits) is refused here as well.
     """
-    options = compatible_drafts(target)
+    options = draft_options(target, vocab_bridge)
     if draft is None or (draft in PRESETS and draft not in options):
         # the draft select already shows no_draft_message in full; the error only points to it
         raise ValueError(f"No draft model shares the tokenizer of {model_title(target)} (see the note above): pick "
                          "prompt lookup or layer skip, or another target." if not options else
                          f"{model_title(draft or '')} cannot draft for {model_title(target)}: their tokenizers differ. "
-                         f"Pick one of {', '.join(map(model_title, options))}.")
+                         f"Pick one of {', '.join(map(model_title, options))}, or the vocabulary bridge *text*.")
     return draft
 
 
@@ -121,8 +144,22 @@ def target_select(page: str, *, local_folder: bool = False, help: str | None = T
     return _folder_input("Target", page, "target") if choice == LOCAL_FOLDER else choice
 
 
-def draft_select(page: str, target: str, *, local_folder: bool = False) -> str | None:
-    """The draft-model select, offering only the presets that share ``target``'s tokenizer.
+def vocab_bridge_select(page: str, where=st) -> str:
+    """The vocabulary bridge select ("none", "text", "ids"); the ids trap comes with a warning saying what it shows."""
+    bridge = where.selectbox("Vocabulary bridge", tuple(VOCAB_BRIDGE_LABELS), key=key(f"{page}.vocab_bridge"),
+                             format_func=VOCAB_BRIDGE_LABELS.get, help=VOCAB_BRIDGE_HELP)
+    if bridge == "ids":
+        where.warning(IDS_TRAP_WARNING, icon=":material/warning:")
+    return bridge
+
+
+def vocab_bridge(page: str) -> str:
+    """The page's vocabulary bridge as its select left it ("none" before it was drawn)."""
+    return st.session_state.get(key(f"{page}.vocab_bridge"), "none")
+
+
+def draft_select(page: str, target: str, *, local_folder: bool = False, vocab_bridge: str = "none") -> str | None:
+    """The draft-model select, offering only the presets that share ``target``'s tokenizer (with a bridge: all).
 
     A stale choice (the target changed) moves to the first that fits. When none
     fits, an info says what to do instead of a select with nothing to pick;
@@ -130,7 +167,7 @@ def draft_select(page: str, target: str, *, local_folder: bool = False) -> str |
     preset, the typed path ("" when "local folder…" is chosen and none typed),
     or None when nothing is chosen.
     """
-    options = compatible_drafts(target)
+    options = draft_options(target, vocab_bridge)
     if not options:
         folder_hint = " Or type the folder of a local model that shares its tokenizer:" if local_folder else ""
         st.info(no_draft_message(target) + folder_hint, icon=":material/info:")
@@ -141,10 +178,57 @@ def draft_select(page: str, target: str, *, local_folder: bool = False) -> str |
         st.session_state[draft_key] = options[0]
     family = tokenizer_family(target)
     shares = f"the {family} family's tokenizer" if family else "the target's tokenizer"
-    choice = st.selectbox("Draft model", options, key=draft_key, format_func=model_title,
-                          help=f"Only models that share {shares} are offered: a draft proposes token ids, and ids "
-                               "from another vocabulary mean other text.")
+    help = (f"Only models that share {shares} are offered: a draft proposes token ids, and ids from another "
+            "vocabulary mean other text (a vocabulary bridge offers every model)." if vocab_bridge == "none" else
+            f"Every model is offered: the {vocab_bridge} bridge carries a draft of another tokenizer to the target.")
+    choice = st.selectbox("Draft model", options, key=draft_key, format_func=model_title, help=help)
     return _folder_input("Draft model", page, "draft") if choice == LOCAL_FOLDER else choice
+
+
+def bridged_draft_inputs(page: str, target: str) -> None:
+    """Compare's racer of another tokenizer: a bridge (none: no racer) and a draft model the bridge carries."""
+    bridge = vocab_bridge_select(page)
+    if bridge == "none":
+        return
+    family = tokenizer_family(target)
+    options = [name for name in PRESETS if name != target and (family is None or tokenizer_family(name) != family)]
+    options = options or [name for name in PRESETS if name != target]
+    draft_key = key(f"{page}.bridged_draft")
+    if st.session_state.get(draft_key) not in options:
+        st.session_state[draft_key] = options[0]
+    st.selectbox(f"Also race, through the {bridge} bridge", options, key=draft_key, format_func=model_title,
+                 help="A draft model of another tokenizer, run beside the draft model above on the same prompts.")
+
+
+# One click sets a comparison that teaches something on its own (run it with Run comparison).
+COMPARE_PRESETS = {
+    "The K trade-off": (
+        "Qwen 1.5B target, the Qwen 0.5B draft at K 1, 2, 4 and 8: a draft that costs a third of the target makes a "
+        "larger K pay less and less, then cost more than it saves.",
+        {"target": "qwen2.5-coder-1.5b", "drafters": ["draft-model"], "draft": "qwen2.5-coder-0.5b",
+         "vocab_bridge": "none", "ks": [1, 2, 4, 8]},
+    ),
+    "Race a draft of another tokenizer": (
+        "Qwen 1.5B target: prompt lookup, the Qwen 0.5B draft, and SmolLM2 (another tokenizer) through the text "
+        "bridge, at K 2 and 4.",
+        {"target": "qwen2.5-coder-1.5b", "drafters": ["prompt-lookup", "draft-model"], "draft": "qwen2.5-coder-0.5b",
+         "vocab_bridge": "text", "bridged_draft": "smollm2-135m", "ks": [2, 4]},
+    ),
+}
+
+
+def compare_presets(page: str) -> None:
+    """One button per ``COMPARE_PRESETS`` entry: sets the page's choices (nothing runs until Run comparison)."""
+
+    def apply(values: dict) -> None:
+        for name, value in values.items():
+            st.session_state[key(f"{page}.{name}")] = value
+
+    with st.container(horizontal=True, gap="small"):
+        st.caption("Presets:")
+        for label, (why, values) in COMPARE_PRESETS.items():
+            st.button(label, key=f"{page}:preset:{label}", help=why, on_click=apply, args=(values,),
+                      icon=":material/tune:")
 
 
 def drafter_select(page: str, drafters: tuple[str, ...], help: str | None = None) -> str:

@@ -74,7 +74,7 @@ COMPARISON = {
             "properties": {
                 "prompt_index": COUNT, "drafter": {"type": "string"}, "k": COUNT,
                 "token_ids": {"type": "array", "items": COUNT}, "text": {"type": "string"}, "metrics": RUN_METRICS,
-                "draft_ms": NUMBERS, "verify_ms": NUMBERS, "speedup": NUMBER_OR_NULL, "decode_speedup": NUMBER_OR_NULL,
+                "draft_ms": NUMBERS, "verify_ms": NUMBERS, "bridge_ms": NUMBERS, "speedup": NUMBER_OR_NULL, "decode_speedup": NUMBER_OR_NULL,
                 "cost_ratio": NUMBER_OR_NULL, "identical_to_target": {"type": ["boolean", "null"]},
                 "cancelled": {"type": "boolean"},
                 "load": {"type": ["object", "null"]},  # lab.load.LoadReport.as_dict()

@@ -33,9 +33,9 @@ def test_live_page_streams_coloured_tokens(app_url, tmp_path):
         page.get_by_role("heading", name="Speculative Decoding Lab").wait_for(timeout=60_000)
 
         page.locator(".tok-legend .tok-accepted").wait_for()
-        choose(page, "Target", "SmolLM2-135M-Instruct (Q4_1)")
+        choose(page, "Target", "SmolLM2-135M-Instruct")
         choose(page, "Drafter", "draft-model (a smaller model)")  # no preset shares SmolLM2's tokenizer: said, not offered
-        page.get_by_text("No draft model shares the tokenizer of SmolLM2-135M-Instruct (Q4_1)").wait_for()
+        page.get_by_text("No draft model shares the tokenizer of SmolLM2-135M-Instruct").wait_for()
         assert page.get_by_role("combobox", name="Draft model", exact=True).count() == 0
         choose(page, "Drafter", "prompt-lookup (n-grams)")
         set_number(page, "Max new tokens", 32)

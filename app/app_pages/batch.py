@@ -481,6 +481,7 @@ def show_figures(sweep: dict) -> None:
     left, right = st.columns(2)
     with left:
         st.plotly_chart(render_batch.acceptance_figure(sweep), width="stretch")
+        st.caption(render.PER_POSITION_WHY)
         spread = render_batch.acceptance_spread(sweep)
         st.caption(
             "Acceptance should **not** change with batch size: greedy outputs do not depend on the batch, so the "

@@ -44,6 +44,8 @@ DEFAULTS = {
     "compare.draft": "qwen2.5-coder-0.5b",
     "compare.exit_layer": None,
     "compare.draft_vocab": 0,
+    "compare.vocab_bridge": "none",
+    "compare.bridged_draft": "smollm2-135m",
     "compare.min_n": 1,
     "compare.max_n": 3,
     "compare.ks": [2, 4],
@@ -60,8 +62,8 @@ PROMPT_SETS_HELP = ("Shipped in assets/prompts/: chosen to show high acceptance 
                     "summarization copy from the prompt) and low (creative writing, open QA).")
 PERCENT = st.column_config.NumberColumn(format="percent")
 SUMMARY_COLUMNS = {
-    "acceptance rate": PERCENT,
-    "mean acceptance length": st.column_config.NumberColumn(format="%.2f"),
+    "acceptance rate": st.column_config.NumberColumn(format="percent", help=render.ACCEPTANCE_RATE_HELP),
+    "mean acceptance length": st.column_config.NumberColumn(format="%.2f", help=render.MEAN_LENGTH_HELP),
     "tokens/s": st.column_config.NumberColumn(format="%.1f"),
     "target tokens/s": st.column_config.NumberColumn(format="%.1f", help="The target alone on the same prompts."),
     "speedup": st.column_config.NumberColumn(format="%.2f×", help="Tokens/s over the target alone's on the same prompts, prefill included."),
@@ -122,6 +124,9 @@ def chosen_specs(draft: str | None) -> list[compare.DrafterSpec]:
     trimmed = s.get(key("compare.draft_vocab"))
     if trimmed:  # the trimmed variants run beside the full-vocabulary ones
         specs += [replace(spec, draft_vocab=int(trimmed)) for spec in specs if spec.name in ("draft-model", "eagle")]
+    bridge = widgets.vocab_bridge("compare")
+    if "draft-model" in s[key("compare.drafters")] and bridge != "none":  # a draft of another tokenizer races too
+        specs.append(compare.DrafterSpec("draft-model", draft=s[key("compare.bridged_draft")], vocab_bridge=bridge))
     return specs
 
 
@@ -138,6 +143,8 @@ def drafter_inputs(target: str) -> str | None:
         widgets.exit_layer_input("compare", options[2])
     if "draft-model" in chosen or "eagle" in chosen:
         widgets.draft_vocab_select("compare", label="Also with a trimmed vocabulary")
+    if "draft-model" in chosen:
+        widgets.bridged_draft_inputs("compare", target)
     st.multiselect("K values (draft tokens per step)", list(range(1, K_MAX + 1)), key=key("compare.ks"))
     return draft
 
@@ -205,7 +212,8 @@ def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks
     chat_template = not s[key("compare.raw")]
     target_name = s[key("compare.target")]
     draft_names = {spec.draft for spec in specs if spec.draft}
-    for draft_name in draft_names:  # compare tokenizers before spending seconds on weights
+    for draft_name in {spec.draft for spec in specs if spec.draft and spec.vocab_bridge == "none"}:
+        # compare tokenizers before spending seconds on weights (a bridged draft has another tokenizer on purpose)
         check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(draft_name))
     target = resources.load_for_role(target_name, "target", runtime, slots["progress"])
     drafts = {name: resources.load_for_role(name, "draft", runtime, slots["progress"]) for name in draft_names}
@@ -304,8 +312,10 @@ def show_summary(comparison: compare.Comparison, summary) -> None:
     st.dataframe(render_compare.compact_summary_table(summary), hide_index=True, width="stretch",
                  column_config=COMPACT_COLUMNS)
     st.caption(
-        "Acceptance rate: accepted / drafted tokens. Mean acceptance length: tokens per target pass on drafted steps, "
-        "the target's own token included. Speedup: tokens/s over the target alone on the same prompts, prefill "
+        "Acceptance rate: accepted / drafted tokens (vLLM's; not Leviathan's per-token a, which the Theory page "
+        "fits from the mean acceptance length). Mean acceptance length = 1 + accepted / drafts: tokens per target "
+        "pass on drafted steps, the target's own token included; with K drafted every step it is 1 + K × the "
+        "acceptance rate. Speedup: tokens/s over the target alone on the same prompts, prefill "
         "included. ★: each drafter's best K by speedup, where it beats the target alone. One run each on a shared machine: timings are noisy."
     )
     with st.expander("All columns"):
@@ -350,6 +360,7 @@ def show_charts(summary) -> None:
                 st.session_state[key("compare.curve_k")] = ks[-1]
             curve_k = st.select_slider("K of the acceptance curves", ks, key=key("compare.curve_k"))
         chart.plotly_chart(render_compare.per_position_figure(summary, curve_k), width="stretch")
+        st.caption(render.PER_POSITION_WHY)
     bars.plotly_chart(render_compare.speedup_figure(summary), width="stretch")
     against_k.plotly_chart(render_compare.acceptance_vs_k_figure(summary), width="stretch")
 
@@ -427,6 +438,7 @@ st.markdown(
 
 widgets.results_file_section("A JSON file saved with Download JSON", UPLOAD_KEY, LOAD_ERROR_KEY, RESULT_KEY,
                              widgets.parse_comparison)
+widgets.compare_presets("compare")
 
 with st.container(border=True):
     left, right = st.columns(2)
@@ -454,7 +466,8 @@ with st.container(border=True):
     chosen = st.session_state[key("compare.drafters")]
     # the trimmed vocabulary runs a second variant of the draft model and the head
     trims = sum(name in ("draft-model", "eagle") for name in chosen) if st.session_state.get(key("compare.draft_vocab")) else 0
-    n_drafters, n_ks = len(chosen) + trims, len(st.session_state[key("compare.ks")])
+    bridged = int("draft-model" in chosen and widgets.vocab_bridge("compare") != "none")  # the bridged draft races too
+    n_drafters, n_ks = len(chosen) + trims + bridged, len(st.session_state[key("compare.ks")])
     if prompt_error:
         st.error(prompt_error, icon=":material/error:")
     else:

@@ -23,7 +23,7 @@ from streamlit.delta_generator import DeltaGenerator
 
 from app import background, calibration, constrained, precision, render, resources, saved, state, widgets
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
-from lab.drafters import DRAFTER_NAMES, make_drafter
+from lab.drafters import DRAFTER_NAMES, check_bridge_sampling, make_drafter
 from lab.decode import decode
 from lab.models import ModelError, check_same_tokenizer, encode_prompt
 
@@ -47,6 +47,7 @@ DEFAULTS = {
     "live.max_n": 3,
     "live.exit_layer": None,
     "live.draft_vocab": 0,
+    "live.vocab_bridge": "none",
     "live.k": 4,
     "live.max_new_tokens": 64,
     "live.temperature": 0.0,
@@ -98,9 +99,9 @@ def show_metrics(slot, result: state.LiveResult) -> None:
         with st.container(horizontal=True, gap="medium"):
             cards = [st.container(width=METRIC_WIDTH_PX) for _ in range(5)]
             cards[0].metric("Acceptance rate", render.format_rate(stats.acceptance_rate),
-                            help="Accepted draft tokens / drafted tokens (— when nothing was drafted).")
+                            help=render.ACCEPTANCE_RATE_HELP)
             cards[1].metric("Mean acceptance length", render.format_number(stats.mean_acceptance_length),
-                            help="Tokens committed per target pass on steps with a draft, the target's own token included.")
+                            help=render.MEAN_LENGTH_HELP)
             cards[2].metric("Tokens/s", render.format_number(stats.tokens_per_s, 1),
                             help="Output tokens / wall time, prefill included.")
             cards[3].metric("Target forward passes", f"{stats.target_forward_passes}",
@@ -164,6 +165,7 @@ def show_result(view: LiveView, result: state.LiveResult) -> None:
         precision.show(result)
         if spec.stats.num_drafts:
             st.plotly_chart(render.acceptance_figure(spec.stats.per_position_acceptance_rate), width="stretch")
+            st.caption(render.PER_POSITION_WHY)
         with st.expander(f"Steps ({len(spec.steps)})"):
             st.dataframe(result.step_rows, hide_index=True, width="stretch")
         with st.expander("Output text"):
@@ -219,26 +221,30 @@ def prepare_live(view: LiveView, runtime: state.Runtime, target_name: str, draft
     prompt = s[key("live.prompt")]
     if not prompt.strip():
         raise ValueError("The prompt is empty: type a question or some text for the model to continue.")
+    bridge = widgets.vocab_bridge("live") if drafter_name == "draft-model" else "none"
     if drafter_name == "draft-model":  # before any loading: a draft that cannot fit stops here
-        draft_name = widgets.checked_draft(target_name, draft_name)
+        draft_name = widgets.checked_draft(target_name, draft_name, bridge)
+        check_bridge_sampling(bridge, config.temperature)
     target = load(target_name, "target", runtime, view.status)
     prompt_ids = encode_prompt(target, prompt, chat_template=not s[key("live.raw")])
     constraint = constrained.build(target)  # before any decode: a schema that does not compile stops here
 
     draft = None
     if drafter_name == "draft-model":
-        # compare tokenizers before spending seconds on the draft's weights
-        check_same_tokenizer(target.tokenizer, resources.load_tokenizer(require_model(draft_name, "draft")))
+        # compare tokenizers before spending seconds on the draft's weights (a bridge is for other tokenizers)
+        if bridge == "none":
+            check_same_tokenizer(target.tokenizer, resources.load_tokenizer(require_model(draft_name, "draft")))
         draft = load(draft_name, "draft", runtime, view.status)
     exit_layer = s[key("live.exit_layer")]
     trimmed = (s.get(key("live.draft_vocab")) or None) if drafter_name in ("draft-model", "eagle") else None
     drafter = make_drafter(drafter_name, target, draft, min_n=int(s[key("live.min_n")]), max_n=int(s[key("live.max_n")]),
                            exit_layer=None if exit_layer is None else int(exit_layer),
-                           draft_vocab=trimmed)
+                           draft_vocab=trimmed, vocab_bridge=bridge)
     config = constrained.configured(config, constraint, drafter)
 
     # a trimmed draft vocabulary is part of what drafts: said in the run's name
     label = (widgets.DRAFTER_LABELS[drafter_name] + (f", top {trimmed:,} tokens" if trimmed else "")
+             + {"text": ", text bridge", "ids": ", ids trap"}.get(bridge, "")
              + (f", K={config.k}" if drafter is not None else ""))
     settings = {"target": target_name, "drafter": label, "temperature": config.temperature,
                 "max new tokens": config.max_new_tokens, "device": runtime.device, "engine": runtime.engine}
@@ -377,7 +383,8 @@ with st.container(border=True):
         drafter_name = widgets.drafter_select("live", DRAFTER_NAMES)
         draft_choice = None
         if drafter_name == "draft-model":
-            draft_choice = widgets.draft_select("live", target_choice, local_folder=True)
+            bridge = widgets.vocab_bridge_select("live")
+            draft_choice = widgets.draft_select("live", target_choice, local_folder=True, vocab_bridge=bridge)
             widgets.draft_vocab_select("live")
         elif drafter_name == "prompt-lookup":
             widgets.ngram_inputs("live", *st.columns(2))

@@ -21,7 +21,7 @@ from pathlib import Path
 import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from app import background, inflight, render_serve, saved, state, widgets
+from app import background, inflight, render, render_serve, saved, state, widgets
 from lab import device_queue
 from lab.prompts import Prompt, load_prompts
 from lab.studies.serve_bench import run_serve_bench
@@ -209,6 +209,7 @@ def show_result(bench: dict) -> None:
     st.plotly_chart(render_serve.latency_throughput_figure(bench), width="stretch")
     st.plotly_chart(render_serve.tradeoff_figure(bench), width="stretch")
     st.plotly_chart(render_serve.acceptance_figure(bench), width="stretch")
+    st.caption(render.PER_POSITION_WHY)
     lab = render_serve.lab_table(bench)
     if lab is not None:
         st.subheader("The lab's own engine on the same prompts")

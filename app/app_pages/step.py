@@ -26,7 +26,7 @@ import torch
 from app import background, render, render_compare, render_step, resources, saved, state, widgets
 from lab import device_queue
 from lab.config import K_MAX, DecodeConfig
-from lab.drafters import make_drafter
+from lab.drafters import check_bridge_sampling, make_drafter
 from lab.decode import decode
 from lab.metrics import SpecDecodingStats
 from lab.models import ModelError, check_same_tokenizer, encode_prompt
@@ -50,6 +50,7 @@ DEFAULTS = {
     "step.drafter": "prompt-lookup",
     "step.draft": "qwen2.5-coder-0.5b",
     "step.draft_vocab": 0,
+    "step.vocab_bridge": "none",
     "step.k": 4,
     "step.max_new_tokens": 48,
     "step.temperature": 0.0,
@@ -63,7 +64,8 @@ DEFAULTS = {
 key = state.widget_key
 # What Start reads: a session keeps these as they were, so a change shows a note until the next Start.
 FORM_KEYS = ("step.target", "step.drafter", "step.draft", "step.k", "step.max_new_tokens", "step.temperature",
-             "step.top_p", "step.seed", "step.raw", "step.prompt", "step.draft_vocab")
+             "step.top_p", "step.seed", "step.raw", "step.prompt", "step.draft_vocab",
+             "step.vocab_bridge")
 
 
 @dataclass
@@ -87,6 +89,8 @@ class StepSession:
     form: dict[str, Any] = field(default_factory=dict)  # the form's values at Start (FORM_KEYS)
     device: str = "cpu"
     holder: str = "Step-through"  # who holds the device, as lab.device_queue shows it to others
+    drafter: Any = None  # a vocabulary bridge's drafter, read after each step for its translation
+    bridged: list = field(default_factory=list)  # per step: the bridge's BridgedDraft, or None
 
     def advance(self) -> None:
         """Resume the decode for one event: a Step, or Finished at the end (holding the device meanwhile)."""
@@ -102,6 +106,10 @@ class StepSession:
             self.pieces += render.step_pieces(event, self.committed, self.tokenizer)
             self.steps.append(event)
             self.committed += event.emitted
+            if self.drafter is not None:  # the bridge's translation of this step's draft (none: it drafted nothing)
+                bridged = self.drafter.last_bridged[0]
+                same = bridged is not None and tuple(bridged.target_tokens) == tuple(event.drafted)
+                self.bridged.append(bridged if same and event.drafted else None)
         elif isinstance(event, Finished):
             self.finished = event
 
@@ -139,25 +147,29 @@ def start(runtime: state.Runtime, slot, draft_name: str | None) -> StepSession:
                           temperature=float(s[key("step.temperature")]), top_p=float(s[key("step.top_p")]),
                           seed=int(s[key("step.seed")]), record_details=True, engine_mode=runtime.engine)
     target_name, drafter_name = s[key("step.target")], s[key("step.drafter")]
+    bridge = widgets.vocab_bridge("step") if drafter_name == "draft-model" else "none"
     draft = None
     if drafter_name == "draft-model":
-        draft_name = widgets.checked_draft(target_name, draft_name)
-        check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(draft_name))
+        draft_name = widgets.checked_draft(target_name, draft_name, bridge)
+        check_bridge_sampling(bridge, config.temperature)
+        if bridge == "none":
+            check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(draft_name))
     target = resources.load_for_role(target_name, "target", runtime, slot)
     if drafter_name == "draft-model":
         draft = resources.load_for_role(draft_name, "draft", runtime, slot)
     prompt_ids = encode_prompt(target, prompt, chat_template=not s[key("step.raw")])
     trimmed = (s.get(key("step.draft_vocab")) or None) if drafter_name in ("draft-model", "eagle") else None
-    drafter = make_drafter(drafter_name, target, draft, draft_vocab=trimmed)
+    drafter = make_drafter(drafter_name, target, draft, draft_vocab=trimmed, vocab_bridge=bridge)
     settings = {"target": target_name, "drafter": widgets.DRAFTER_LABELS[drafter_name] + (f" ({draft.name})" if draft else "")
-                + (f", top {trimmed:,} tokens" if trimmed else ""),
+                + (f", top {trimmed:,} tokens" if trimmed else "") + {"text": ", text bridge", "ids": ", ids trap"}.get(bridge, ""),
                 "K": config.k, "max new tokens": config.max_new_tokens,
                 "sampling": "greedy" if config.sampling.is_greedy else f"temperature {config.temperature}, top-p {config.top_p}, seed {config.seed}",
                 "precision": runtime.precision("target") + (f", draft {runtime.precision('draft')}" if draft else "")}
     session = StepSession(decode(target, prompt_ids, drafter, config), target.tokenizer, prompt_ids,
                           config.sampling.is_greedy, settings, committed=list(prompt_ids),
                           eos_token_ids=tuple(target.eos_token_ids), form={k: s.get(key(k)) for k in FORM_KEYS},
-                          device=str(target.device), holder=background.session_holder("Step-through"))
+                          device=str(target.device), holder=background.session_holder("Step-through"),
+                          drafter=drafter if bridge != "none" else None)
     session.advance()  # the prefill
     return session
 
@@ -193,6 +205,8 @@ def show_session(session: StepSession) -> None:
     st.subheader(render_step.step_headline(step, session.eos_token_ids))
     st.html(render_step.step_cards_html(step, session.tokenizer, session.committed[max(0, start_len - 8):start_len],
                                            session.greedy, session.eos_token_ids))
+    if index < len(session.bridged) and session.bridged[index] is not None:
+        show_bridged(session.bridged[index], step)
     st.caption(render_step.cache_note(step, start_len + len(step.emitted))
                + f" Drafting took {step.draft_ms:.1f} ms, verifying {step.verify_ms:.1f} ms.")
     with st.expander(f"All cycles ({count}) and where the time went"):
@@ -201,6 +215,15 @@ def show_session(session: StepSession) -> None:
             accepted=[len(x.emitted) for x in session.steps]), width="stretch")
         st.dataframe(render.steps_rows(session.steps, session.tokenizer, session.prompt_ids), hide_index=True,
                      width="stretch")
+
+
+def show_bridged(bridged, step: Step) -> None:
+    """One bridged step: the draft's tokens (its vocabulary), their text, the target's tokens and the decisions."""
+    st.markdown(f"**Through the vocabulary bridge.** The draft wrote {render.count(len(bridged.draft_tokens), 'token')} "
+                f"in its own vocabulary, which read as the text `{bridged.text!r}`; re-encoded with the target's "
+                f"tokenizer that is {render.count(len(bridged.target_tokens), 'target token')}, of which the target "
+                f"kept {step.num_accepted}." + (f" ({bridged.note}.)" if bridged.note else ""))
+    st.dataframe(bridged.rows(step.num_accepted), hide_index=True, width="stretch")
 
 
 # ---------------------------------------------------------------- page
@@ -220,7 +243,9 @@ with st.container(border=True):
     with left:
         target_choice = widgets.target_select("step")
         drafter_name = widgets.drafter_select("step", DRAFTERS, help=DRAFTER_HELP)
-        draft_choice = widgets.draft_select("step", target_choice) if drafter_name == "draft-model" else None
+        bridge = widgets.vocab_bridge_select("step") if drafter_name == "draft-model" else "none"
+        draft_choice = (widgets.draft_select("step", target_choice, vocab_bridge=bridge)
+                        if drafter_name == "draft-model" else None)
         if drafter_name in ("draft-model", "eagle"):
             widgets.draft_vocab_select("step")
         if drafter_name == "eagle":

@@ -95,14 +95,22 @@ with st.container(border=True):
                      help="In target steps. 0: a free drafter (prompt lookup is close). A draft model a tenth of the target's size "
                           "costs roughly 0.1-0.4 on a memory-bound machine.")
     v = v_col.slider("v (verify cost)", V_MIN, V_MAX, step=0.05, key=key("theory.v"), help=V_HELP)
-    a = a_col.slider("a (acceptance rate)", 0.0, 1.0, step=0.01, key=key("theory.a"),
-                     help="Leviathan's per-token a, for the readouts below; the curves span every a.")
+    a = a_col.slider("a (Leviathan's per-token acceptance)", 0.0, 1.0, step=0.01, key=key("theory.a"),
+                     help="Leviathan's a: the chance each drafted token is accepted, independently. Not the lab's "
+                          "acceptance rate (accepted / drafted, on Live and Compare). A measured run converts through "
+                          "its mean acceptance length L = 1 + accepted / drafts: a is the value with "
+                          "(1 − a^(K+1)) / (1 − a) = L. For the readouts below; the curves span every a.")
     if points:
         if st.session_state[key("theory.run")] not in [NO_RUN, *by_label]:
             st.session_state[key("theory.run")] = NO_RUN
         st.selectbox("Set K, c, v and a from a measured run", [NO_RUN, *by_label], key=key("theory.run"),
                      on_change=use_run, args=(by_label,),
                      help="v becomes the run's bare v(K) where the comparison measured it, else 1.")
+        if (chosen := by_label.get(st.session_state[key("theory.run")])) is not None:
+            st.caption(f"{chosen.label}: acceptance rate {chosen.acceptance_rate:.0%} (accepted / drafted), mean "
+                       f"acceptance length {chosen.mean_acceptance_length:.2f} (1 + accepted / drafts), so "
+                       f"Leviathan's a = {chosen.acceptance:.2f}: the a with (1 − a^(K+1)) / (1 − a) = "
+                       f"{chosen.mean_acceptance_length:.2f} at K = {chosen.k}.")
 
 even = render_theory.break_even_acceptance(k, c, v)
 # After "Put this K, c, v(K) and a on the sliders": each K with its own measured v(K), as the calibration chose,

@@ -102,8 +102,9 @@ def constraint_spec(args: argparse.Namespace):
     return None
 
 
-def add_drafter_arguments(parser: argparse.ArgumentParser, choices: Sequence[str], default: str | None) -> None:
-    """--drafter (from ``choices``), --draft, --exit-layer, --min-n, --max-n and --draft-vocab."""
+def add_drafter_arguments(parser: argparse.ArgumentParser, choices: Sequence[str], default: str | None,
+                          bridge: bool = False) -> None:
+    """--drafter (from ``choices``), --draft, --exit-layer, --min-n, --max-n, --draft-vocab and (bridge) --vocab-bridge."""
     parser.add_argument("--drafter", choices=choices, default=default, required=default is None,
                         help=f"draft source (default {default})" if default else "draft source")
     parser.add_argument("--draft", help="draft model for --drafter draft-model (a preset or a folder)")
@@ -112,6 +113,18 @@ def add_drafter_arguments(parser: argparse.ArgumentParser, choices: Sequence[str
     parser.add_argument("--max-n", type=int, default=3, help="prompt lookup: largest n-gram (default 3)")
     parser.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                         help="draft-model / eagle: score only the target's N most frequent tokens (`token-freq` first)")
+    if bridge:
+        add_vocab_bridge_argument(parser)
+
+
+def add_vocab_bridge_argument(parser: argparse.ArgumentParser) -> None:
+    """--vocab-bridge none|ids|text (``lab.drafters.bridge``)."""
+    from lab.drafters.bridge import VOCAB_BRIDGES
+
+    parser.add_argument("--vocab-bridge", choices=VOCAB_BRIDGES, default="none",
+                        help="a draft model with another tokenizer than the target's: none refuses it (default); "
+                             "text bridges it exactly through text (greedy only); ids sends its token ids as they are, "
+                             "the trap a misconfigured system falls into (acceptance collapses)")
 
 
 # ---------------------------------------------------------------- shared steps
@@ -127,14 +140,27 @@ def check_drafter_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"prompt lookup requires 1 <= --min-n <= --max-n; got {args.min_n} and {args.max_n}")
     if args.exit_layer is not None and args.drafter != "layer-skip":
         raise UsageError(f"--exit-layer is only used with --drafter layer-skip; got --drafter {args.drafter}")
+    bridge = getattr(args, "vocab_bridge", "none")
+    if bridge != "none":
+        from lab.drafters.bridge import check_bridge_sampling
+
+        if args.drafter != "draft-model":
+            raise UsageError(f"--vocab-bridge {bridge} requires --drafter draft-model; got --drafter {args.drafter}")
+        if getattr(args, "draft_vocab", None) is not None:
+            raise UsageError(f"--draft-vocab requires --vocab-bridge none (it lists the target's ids); got {bridge}")
+        try:
+            check_bridge_sampling(bridge, getattr(args, "temperature", 0.0))
+        except ValueError as error:
+            raise UsageError(str(error)) from None
 
 
 def checked_tokenizer(args: argparse.Namespace, progress):
-    """The target's tokenizer; with a draft model, refuse a draft whose tokenizer differs (before loading weights)."""
+    """The target's tokenizer; with a draft model and no vocabulary bridge, refuse a draft whose tokenizer differs
+    (before loading weights)."""
     from lab.models import check_same_tokenizer, load_tokenizer
 
     tokenizer = load_tokenizer(args.target, progress)
-    if args.drafter == "draft-model":
+    if args.drafter == "draft-model" and getattr(args, "vocab_bridge", "none") == "none":
         check_same_tokenizer(tokenizer, load_tokenizer(args.draft, progress))
     progress.done()
     return tokenizer

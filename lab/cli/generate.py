@@ -47,7 +47,7 @@ def add_generate(commands) -> None:
     """Register ``python -m lab generate``."""
     generate = commands.add_parser("generate", help="decode one prompt, speculatively or with the target alone")
     add_model_arguments(generate)
-    add_drafter_arguments(generate, choices=DRAFTER_NAMES, default="none")
+    add_drafter_arguments(generate, choices=DRAFTER_NAMES, default="none", bridge=True)
     generate.add_argument("--k", type=_k_or_auto, default=4,
                           help=f"tokens drafted per step, 1..{K_MAX} (default 4), or 'auto': the K this machine's "
                           "calibration predicts fastest (measured once, then cached; see `calibrate`)")
@@ -141,7 +141,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     # 2. Load, build the drafter, decode.
     target, draft = load_models(args, progress)
     drafter = make_drafter(args.drafter, target, draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer,
-                           draft_vocab=args.draft_vocab)
+                           draft_vocab=args.draft_vocab, vocab_bridge=args.vocab_bridge)
     constraint = None
     if spec is not None:
         from lab.grammar import Constraint

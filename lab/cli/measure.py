@@ -17,6 +17,7 @@ from lab.cli.common import (
     add_constraint_arguments,
     add_drafter_arguments,
     add_engine_argument,
+    add_vocab_bridge_argument,
     add_model_arguments,
     add_save_argument,
     check_drafter_arguments,
@@ -72,7 +73,7 @@ def add_bench(commands) -> None:
     """Register ``python -m lab bench``."""
     bench = commands.add_parser("bench", help="batch-size sweep: latency and throughput with speculation off, on and auto")
     add_model_arguments(bench)
-    add_drafter_arguments(bench, [n for n in DRAFTER_NAMES if n != "none"], None)
+    add_drafter_arguments(bench, [n for n in DRAFTER_NAMES if n != "none"], None, bridge=True)
     bench.add_argument("--k", type=int, default=4, help="K of the 'on' mode (default 4)")
     bench.add_argument("--batch-sizes", default="1,2,4,8,16", help="comma-separated batch sizes (default 1,2,4,8,16)")
     bench.add_argument("--max-new-tokens", type=int, default=64, help="token budget per request (default 64)")
@@ -109,6 +110,7 @@ def add_compare(commands) -> None:
     compare.add_argument("--out", type=Path, help="also write the JSON results (loadable in the app's Compare page)")
     compare.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                          help="also compare the draft model / EAGLE head trimmed to the N most frequent tokens")
+    add_vocab_bridge_argument(compare)
     add_engine_argument(compare)
     add_save_argument(compare)
     compare.set_defaults(handler=_cmd_compare)
@@ -268,7 +270,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     progress = ProgressLine(sys.stderr, always=True)
     checked_tokenizer(args, progress)
     target, draft = load_models(args, progress)
-    drafter = make_drafter(args.drafter, target, draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer)
+    drafter = make_drafter(args.drafter, target, draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer,
+                           vocab_bridge=args.vocab_bridge)
     constraint = None if spec is None else Constraint.for_model(spec, target)
     ids = [encode_prompt(target, p.text, chat_template=not args.raw) for p in prompts]
     from lab import figures
@@ -304,6 +307,8 @@ def _bench_peer(args: argparse.Namespace, target, draft, prompts, spec) -> dict 
         return {"skipped": f"drafter {args.drafter} has no counterpart in transformers"}
     if spec is not None:
         return {"skipped": "transformers' assisted generation is not run under a grammar here"}
+    if args.vocab_bridge != "none":
+        return {"skipped": f"the lab's peer comparison runs same-vocabulary drafts only; got --vocab-bridge {args.vocab_bridge}"}
     peer = DrafterSpec(args.drafter, draft=draft, min_n=args.min_n, max_n=args.max_n, exit_layer=args.exit_layer)
     report = run_peer_comparison(target, peer, prompts, k=args.k, max_new_tokens=args.max_new_tokens,
                                  chat_template=not args.raw, progress=log_line)
@@ -319,9 +324,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise UsageError("--drafters draft-model requires --draft NAME (e.g. --draft qwen2.5-coder-0.5b)")
     specs = [
         DrafterSpec(name, draft=args.draft if name == "draft-model" else None,
-                    exit_layer=args.exit_layer if name == "layer-skip" else None)
+                    exit_layer=args.exit_layer if name == "layer-skip" else None,
+                    vocab_bridge=args.vocab_bridge if name == "draft-model" else "none")
         for name in args.drafters
     ]
+    if args.vocab_bridge != "none" and args.draft_vocab:
+        raise UsageError(f"--draft-vocab requires --vocab-bridge none (it lists the target's ids); got {args.vocab_bridge}")
     if args.draft_vocab:
         specs += [
             DrafterSpec(name, draft=args.draft if name == "draft-model" else None, draft_vocab=args.draft_vocab)
@@ -332,7 +340,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         replace(config, k=k)  # refuse a bad K before loading anything
     prompts = [p.text for p in load_prompt_sets(args.prompts)]
     progress = ProgressLine(sys.stderr, always=True)
-    if args.draft:
+    if args.draft and args.vocab_bridge == "none":
         check_same_tokenizer(load_tokenizer(args.target, progress), load_tokenizer(args.draft, progress))
     target = load_model(args.target, device=args.device, dtype=args.dtype, progress=progress, precision=args.target_quant)
     load_draft = lambda name: load_model(name, device=args.device, dtype=args.dtype, progress=progress,  # noqa: E731

