@@ -60,8 +60,10 @@ def settings_summary(settings: dict[str, Any]) -> str:
 
 
 def label(record: RunRecord) -> str:
-    """One line naming a run in a select box."""
-    return f"#{record.id} {record.kind} · {when(record.created_at)} · {models(record)}"
+    """One line naming a run in a select box; a run that is not complete says so ("#3 batch (partial) · ...": a
+    sweep still running, or cut short, whose finished parts are kept)."""
+    status = "" if record.status == "complete" else f" ({record.status})"
+    return f"#{record.id} {record.kind}{status} · {when(record.created_at)} · {models(record)}"
 
 
 def runs_frame(records: list[RunRecord]) -> pd.DataFrame:

@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:  # the app is not an installed package; its module
     sys.path.insert(0, str(ROOT))
 
 import lab.models  # noqa: E402
-from app import state  # noqa: E402
+from app import background, state  # noqa: E402
 from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
 
 MAIN = str(ROOT / "app" / "main.py")
@@ -75,6 +75,24 @@ def tiny_models(monkeypatch, tmp_path):
     st.cache_resource.clear()
     yield loads
     st.cache_resource.clear()  # never leave tiny models cached under preset names
+
+
+@pytest.fixture
+def started_jobs(monkeypatch):
+    """The ``app.background`` jobs the pages start, in order; each is listed by its worker before its work begins,
+    so a patched study can cancel the job it runs in (``started_jobs[-1].cancel(...)``), as the Cancel button does."""
+    jobs: list[background.Job] = []
+    real_start = background.start
+
+    def recording_start(work, *args, **kwargs):
+        def listed_work(job):
+            jobs.append(job)
+            return work(job)
+
+        return real_start(listed_work, *args, **kwargs)
+
+    monkeypatch.setattr(background, "start", recording_start)
+    return jobs
 
 
 def live_app(**widgets) -> AppTest:

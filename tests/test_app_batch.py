@@ -14,20 +14,18 @@ import threading
 from types import SimpleNamespace
 
 import pytest
-import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 import lab.studies.peer
 import lab.studies.batch_sweep
 from app import render_batch
-from app_util import app_on, click, key, tiny_models  # noqa: F401 (tiny_models: a fixture)
+from app_util import app_on, click, key, started_jobs, tiny_models  # noqa: F401 (fixtures)
 from lab.config import DecodeConfig
 from lab.drafters import PromptLookupDrafter
 from lab.studies.batch_sweep import run_sweep
 
 RESULT_KEY = "batch:sweep"
-CANCEL_KEY = "batch:cancel_requested"
-IN_FLIGHT_KEY = "batch:in_flight"
+JOB_KEY = "batch:job"
 TINY_PROMPTS = "t3 t4 t5 t6 t3 t4 t5 t6 t3 t4\n---\nt7 t8 t9 t7 t8 t9 t7 t8"
 
 
@@ -296,8 +294,8 @@ def test_verify_costs_below_one_are_called_noise(tiny_models):
 
 
 @pytest.fixture
-def cancel_during_run_batch(monkeypatch):
-    """Set the Cancel button's flag while a chosen ``run_batch`` call of the sweep runs.
+def cancel_during_run_batch(monkeypatch, started_jobs):
+    """Cancel the page's job (as the Cancel button's on_click does) while a chosen ``run_batch`` call runs.
 
     Yields (choose, calls): ``choose(predicate)`` picks the call, ``predicate(calls)`` seeing the number of prompt
     rows of every call so far (the warm-up's two calls first); calls is that list.
@@ -308,7 +306,7 @@ def cancel_during_run_batch(monkeypatch):
     def run_batch_then_cancel(target, prompts, *args, **kwargs):
         calls.append(len(prompts))
         if chosen[0](calls):
-            st.session_state[CANCEL_KEY] = True  # what the Cancel button's callback does
+            started_jobs[-1].cancel("you pressed Cancel")  # what the Cancel button's on_click does
         return real_run_batch(target, prompts, *args, **kwargs)
 
     monkeypatch.setattr(lab.studies.batch_sweep, "run_batch", run_batch_then_cancel)
@@ -339,7 +337,7 @@ def test_cancel_keeps_the_batch_sizes_that_finished(tiny_models, cancel_during_r
     assert not at.success  # not "Swept batch sizes …": it is labelled partial
     assert len(at.get("plotly_chart")) == 4 and at.dataframe[-1].value["batch size"].tolist() == [1, 2]
     assert [b.label for b in at.get("download_button")] == ["Download CSV", "Download JSON"]
-    assert IN_FLIGHT_KEY not in at.session_state and not [b for b in at.button if b.label == "Cancel"]
+    assert JOB_KEY not in at.session_state and not [b for b in at.button if b.label == "Cancel"]
 
     exported = render_batch.sweep_json(sweep)  # what Download JSON writes: it loads back, still marked partial
     at = upload(at, json.loads(exported))
@@ -356,7 +354,7 @@ def test_cancel_before_any_batch_size_finished_keeps_nothing(tiny_models, cancel
     assert warning.startswith("Cancelled during batch size 1: batch 1/2")
     assert "before any batch size finished: nothing to show" in warning and "Run again" in warning
     assert len(calls) <= 2 + 3  # the warm-up and one batch in each mode (off, on, maybe auto): no second batch
-    assert RESULT_KEY not in at.session_state and IN_FLIGHT_KEY not in at.session_state
+    assert RESULT_KEY not in at.session_state and JOB_KEY not in at.session_state
     assert not at.success and not at.get("plotly_chart")
     assert not any(c.value.startswith("No sweep yet") for c in at.caption)  # the notice says what to do instead
     assert not [b for b in at.button if b.label == "Cancel"]  # drawn only while sweeping
@@ -382,51 +380,49 @@ def test_a_sweep_cancelled_before_its_first_batch_size_leaves_the_previous_one_s
     assert at.session_state[RESULT_KEY] is previous and len(at.get("plotly_chart")) == 4
 
 
-def hand_over(at: AppTest, result: dict | None, cancelled: bool, where: str = "batch size 2: batch 1/1") -> AppTest:
-    """What a script run that a click stopped leaves: its ``app.inflight.InFlight``, done, and the Cancel flag."""
+def hand_over(at: AppTest, result: dict | None, cancelled: str | None,
+              where: str = "batch size 2: batch 1/1") -> AppTest:
+    """What a sweep that ended while nobody watched leaves: its ``app.background.Job``, done."""
     done = threading.Event()
     done.set()
-    at.session_state[IN_FLIGHT_KEY] = SimpleNamespace(done=done, result=result, last_progress=where)
-    at.session_state[CANCEL_KEY] = cancelled  # what the Cancel button's callback sets
+    at.session_state[JOB_KEY] = SimpleNamespace(done=done, result=result, cancelled=cancelled, error=None,
+                                                partial={"where": where}, load=None)
     return at.run()
 
 
 @pytest.mark.parametrize(
-    "cancelled, headline",
-    [(True, "Cancelled: a partial sweep"),
-     (False, "Stopped because the page reran while sweeping (an input changed): a partial sweep")],
+    "status, cancelled, headline",
+    [("cancelled", "you pressed Cancel", "Cancelled: a partial sweep"),
+     # a sweep kept before sweeps went on in the background, reopened: a rerun had stopped it
+     ("stopped", None, "Stopped because the page reran while sweeping (an input changed): a partial sweep")],
 )
-def test_a_stopped_sweep_hands_its_finished_batch_sizes_to_the_next_run(tiny_models, tiny_sweep, cancelled, headline):
-    # In the browser a Cancel click starts a new script run at once and stops the running one, which can no
-    # longer touch st.session_state: run_sweep saw a cancel, returned batch sizes 1 and 2, and the stopped run
-    # left them in the object it put there before starting, marked "stopped" (it cannot see the Cancel flag).
+def test_a_sweep_that_ended_unwatched_is_taken_over_with_its_finished_batch_sizes(tiny_models, tiny_sweep, status,
+                                                                                    cancelled, headline):
     partial = json.loads(tiny_sweep.to_json())
     partial["results"] = partial["results"][:2]
-    partial["settings"] |= {"status": "stopped"}
+    partial["settings"] |= {"status": status}
     at = hand_over(batch_app(), partial, cancelled)
     assert not at.exception and not at.error
-    assert at.session_state[RESULT_KEY] is partial and IN_FLIGHT_KEY not in at.session_state
-    assert partial["settings"]["status"] == ("cancelled" if cancelled else "stopped")
+    assert at.session_state[RESULT_KEY] is partial and JOB_KEY not in at.session_state
+    assert partial["settings"]["status"] == status
     assert any(w.value.startswith(f"{headline}. Batch sizes 1, 2 of 1, 2, 4 finished; 4 did not run.")
                for w in at.warning), [w.value for w in at.warning]
+    if cancelled:
+        assert any("It was cancelled because you pressed Cancel." in w.value for w in at.warning)
     assert at.dataframe[-1].value["batch size"].tolist() == [1, 2]
 
 
-@pytest.mark.parametrize(
-    "cancelled, headline",
-    [(True, "Cancelled during batch size 2: batch 1/1"), (False, "Stopped because the page reran while sweeping")],
-)
-def test_a_stopped_sweep_with_nothing_finished_tells_the_next_run_how_it_ended(tiny_models, cancelled, headline):
-    at = hand_over(batch_app(), None, cancelled, where="batch size 2: batch 1/1 (60 % of the sweep done)")
+def test_a_sweep_cancelled_with_nothing_finished_says_where_and_why(tiny_models):
+    at = hand_over(batch_app(), None, "you pressed Cancel", where="batch size 2: batch 1/1 (60 % of the sweep done)")
     assert not at.exception and not at.error
-    assert any(w.value.startswith(headline) and "nothing to show" in w.value for w in at.warning), \
-        [w.value for w in at.warning]
-    assert IN_FLIGHT_KEY not in at.session_state and RESULT_KEY not in at.session_state
+    assert any(w.value.startswith("Cancelled during batch size 2: batch 1/1") and "nothing to show" in w.value
+               and "because you pressed Cancel" in w.value for w in at.warning), [w.value for w in at.warning]
+    assert JOB_KEY not in at.session_state and RESULT_KEY not in at.session_state
 
 
 def test_a_sweep_that_finished_before_it_could_stop_is_kept(tiny_models, tiny_sweep):
     result = json.loads(tiny_sweep.to_json())
-    at = hand_over(batch_app(), result, cancelled=True, where="done")
+    at = hand_over(batch_app(), result, cancelled="you pressed Cancel", where="done")
     assert not at.exception and not at.error
     assert at.session_state[RESULT_KEY] is result and not at.warning
     assert any(s.value.startswith("Swept batch sizes 1, 2, 4") for s in at.success)
@@ -502,11 +498,11 @@ def test_the_page_runs_the_peer_on_request(tiny_models):
     assert any("transformers' assisted = its greedy: 2/2" in c.value for c in at.caption)
 
 
-def test_cancel_during_the_peer_keeps_the_sweep(tiny_models, monkeypatch):
+def test_cancel_during_the_peer_keeps_the_sweep(tiny_models, started_jobs, monkeypatch):
     real_peer = lab.studies.peer.run_peer_comparison
 
     def peer_then_cancel(*args, **kwargs):
-        st.session_state[CANCEL_KEY] = True  # clicked once the sweep had finished, while the peer ran
+        started_jobs[-1].cancel("you pressed Cancel")  # clicked once the sweep had finished, while the peer ran
         return real_peer(*args, **kwargs)
 
     monkeypatch.setattr(lab.studies.peer, "run_peer_comparison", peer_then_cancel)

@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:  # the app is not an installed package; its module
 import lab.studies.compare  # noqa: E402
 import lab.models  # noqa: E402
 from app import render, render_compare, render_step, render_theory, widgets  # noqa: E402
-from app_util import app_on, click, html_of, key, tiny_loaded, tiny_models  # noqa: E402, F401
+from app_util import app_on, click, html_of, key, started_jobs, tiny_loaded, tiny_models  # noqa: E402, F401
 from conftest import tiny_tokenizer  # noqa: E402
 from lab.studies.compare import BASELINE, Comparison, DrafterSpec, run_comparison  # noqa: E402
 from lab.config import DecodeConfig  # noqa: E402
@@ -447,8 +447,8 @@ def test_compare_errors_are_shown(tiny_models, widgets, message):
     assert any(message in e.value for e in at.error), [e.value for e in at.error]
 
 
-def test_cancel_keeps_the_runs_that_finished(tiny_models, monkeypatch):
-    # The Cancel button's callback sets this flag; here the third decode sets it after its first step.
+def test_cancel_keeps_the_runs_that_finished(tiny_models, started_jobs, monkeypatch):
+    # The Cancel button's on_click cancels the page's job; here the third decode does it after its first step.
     real_decode = lab.studies.compare.decode
     calls = []
 
@@ -456,34 +456,39 @@ def test_cancel_keeps_the_runs_that_finished(tiny_models, monkeypatch):
         calls.append(1)
         for number, event in enumerate(real_decode(*args, **kwargs)):
             if len(calls) == 3 and number == 2:  # Prefilled, then the first Step: the run is under way
-                st.session_state["compare:cancel_requested"] = True
+                started_jobs[-1].cancel("you pressed Cancel")
             yield event
 
     monkeypatch.setattr(lab.studies.compare, "decode", decode_then_cancel)
     at = click(compare_app(), "Run comparison")
     assert not at.exception and not at.error
-    assert any("Cancelled after 2 of 10 runs" in w.value for w in at.warning), [w.value for w in at.warning]
+    assert any("Cancelled after 2 of 10 runs: you pressed Cancel" in w.value for w in at.warning), \
+        [w.value for w in at.warning]
     comparison = at.session_state["compare:comparison"]
     assert [r.cancelled for r in comparison.runs] == [False, False, True]
     assert len(at.dataframe[0].value) == 1  # the one drafter x K that finished
     assert not [b for b in at.button if b.label == "Cancel"]  # drawn only while running
 
 
-def test_a_stopped_run_hands_its_partial_result_to_the_next_run(tiny_models, tiny_comparison):
-    # In the browser a Cancel click starts a new script run at once and stops the running one, which can no
-    # longer touch st.session_state: it leaves its partial result in the object it put there before starting.
-    partial = Comparison(tiny_comparison.settings | {"status": "stopped", "runs_planned": 10}, tiny_comparison.prompts,
-                         tiny_comparison.runs[:3])
-    at = compare_app()
+def finished_job(result, cancelled: str | None = None) -> SimpleNamespace:
+    """What a page finds of a job that ended while nobody watched (``app.background.Job``'s outcome fields)."""
     done = threading.Event()
     done.set()
-    at.session_state["compare:in_flight"] = SimpleNamespace(done=done, result=partial)
-    at.session_state["compare:cancel_requested"] = True  # what the Cancel button's callback sets
+    return SimpleNamespace(done=done, result=result, cancelled=cancelled, error=None, partial={}, load=None)
+
+
+def test_a_job_cancelled_while_nobody_watched_is_shown_cancelled(tiny_models, tiny_comparison):
+    # The Cancel click's on_click cancelled the job; it ended in its worker thread while the page drew something else.
+    partial = Comparison(tiny_comparison.settings | {"status": "cancelled", "runs_planned": 10}, tiny_comparison.prompts,
+                         tiny_comparison.runs[:3])
+    at = compare_app()
+    at.session_state["compare:job"] = finished_job(partial, cancelled="you pressed Cancel")
     at.run()
     assert not at.exception and not at.error
     assert at.session_state["compare:comparison"] is partial
-    assert "compare:in_flight" not in at.session_state
-    assert any("Cancelled after 3 of 10 runs" in w.value for w in at.warning), [w.value for w in at.warning]
+    assert "compare:job" not in at.session_state
+    assert any("Cancelled after 3 of 10 runs: you pressed Cancel" in w.value for w in at.warning), \
+        [w.value for w in at.warning]
 
 
 def test_results_file_loads_back(tiny_models, tiny_comparison):

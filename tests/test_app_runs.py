@@ -1,4 +1,5 @@
-"""A run the user started is never silently dropped: Live runs finish in a worker thread whatever the page does.
+"""A run the user started is never silently dropped: Live, Compare and Batch runs finish in a worker thread whatever
+the page does.
 
 The decode is held back by a gate (``lab.decode.decode`` patched: the page
 imports it on every script run), so the script run that started it times out
@@ -20,9 +21,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import lab.decode  # noqa: E402
+import lab.studies.batch_sweep  # noqa: E402
+import lab.studies.compare  # noqa: E402
 from app import background  # noqa: E402
-from app_util import click, html_of, key, live_app, tiny_models  # noqa: E402, F401
-from lab import device_queue, load  # noqa: E402
+from app_util import app_on, click, html_of, key, live_app, tiny_models  # noqa: E402, F401
+from lab import device_queue, load, store  # noqa: E402
 
 TINY_PROMPT = "t3 t4 t5 t6 t3 t4 t5 t6 t3 t4"
 STOPPED_AFTER_S = 3
@@ -123,3 +126,87 @@ def test_a_live_run_under_load_says_so_next_to_its_speedup(tiny_models, monkeypa
     assert any(w.value.startswith("Measured while the machine was busy: other processes kept 1.50 of 2 cores")
                and "rerun for a clean figure" in w.value for w in at.warning)
     assert at.session_state["live:result"].settings["load"]["loaded"] is True
+
+
+# ---------------------------------------------------------------- Compare and Batch: the same promise
+
+TINY_PROMPTS = "t3 t4 t5 t6 t3 t4 t5 t6 t3 t4\n---\nt7 t8 t9 t7 t8 t9 t7 t8"
+
+
+@pytest.fixture
+def study_gate(monkeypatch):
+    """Compare's decodes and the sweep's batches wait for the gate; set it to let them go."""
+    opened = threading.Event()
+    real_decode, real_run_batch = lab.studies.compare.decode, lab.studies.batch_sweep.run_batch
+
+    def gated_decode(*args, **kwargs):
+        for event in real_decode(*args, **kwargs):
+            assert opened.wait(60), "the test never opened the gate"
+            yield event
+
+    def gated_run_batch(*args, **kwargs):
+        assert opened.wait(60), "the test never opened the gate"
+        return real_run_batch(*args, **kwargs)
+
+    monkeypatch.setattr(lab.studies.compare, "decode", gated_decode)
+    monkeypatch.setattr(lab.studies.batch_sweep, "run_batch", gated_run_batch)
+    yield opened
+    opened.set()
+
+
+def start_study(at, label: str, job_key: str):
+    """Click ``label`` and let the script run be stopped mid-run (as a page switch stops it); returns the job."""
+    (run,) = [b for b in at.button if b.label == label]
+    run.click()
+    with pytest.raises(RuntimeError, match="timed out"):
+        at.run(timeout=STOPPED_AFTER_S)
+    run.set_value(False)
+    job = at.session_state[job_key]
+    assert not job.done.is_set()
+    return job
+
+
+STUDIES = {  # page, its Run button, its job's key, widget values for a tiny run
+    "compare": ("Run comparison", "compare:job", dict(source="Paste prompts", pasted=TINY_PROMPTS, raw=True,
+                                                     max_new_tokens=8, ks=[1, 3])),
+    "batch": ("Run sweep", "batch:job", dict(source="Paste prompts", pasted=TINY_PROMPTS, raw=True, max_new_tokens=8,
+                                             k=3, batch_sizes=[1, 2])),
+}
+COMPLETE = {"compare": "Complete: 10 runs on 2 prompts", "batch": "Swept batch sizes 1, 2"}
+
+
+@pytest.mark.parametrize("page", ["compare", "batch"])
+def test_a_study_interrupted_by_a_page_switch_is_shown_complete_on_return(tiny_models, study_gate, page):
+    label, job_key, widgets = STUDIES[page]
+    at = app_on(page, **widgets)
+    job = start_study(at, label, job_key)
+    at.switch_page("app_pages/live.py").run()  # away, and to a second page, while it runs
+    at.switch_page("app_pages/history.py").run()
+    assert not at.exception
+    study_gate.set()
+    assert job.done.wait(60) and job.error is None and job.cancelled is None
+    at.switch_page(f"app_pages/{page}.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any(s.value.startswith(COMPLETE[page]) for s in at.success), [s.value for s in at.success]
+    assert not any(w.value.startswith(("Stopped", "Cancelled")) for w in at.warning)
+    assert job_key not in at.session_state
+    kind = "compare" if page == "compare" else "batch"
+    (kept,) = store.list_runs(kind, top_level=True)  # kept by its worker, before anyone came back
+    assert kept.status == "complete"
+    at.run()  # a rerun keeps it and runs nothing again
+    assert any(s.value.startswith(COMPLETE[page]) for s in at.success)
+
+
+@pytest.mark.parametrize("page", ["compare", "batch"])
+def test_a_cancelled_study_says_so_and_why(tiny_models, study_gate, page):
+    label, job_key, widgets = STUDIES[page]
+    at = app_on(page, **widgets)
+    job = start_study(at, label, job_key)
+    job.cancel("you pressed Cancel")  # what the Cancel button's on_click does
+    study_gate.set()
+    assert job.done.wait(60)
+    at.run()
+    assert not at.exception and not at.error
+    warnings = [w.value for w in at.warning]
+    assert any(w.startswith("Cancelled") and "you pressed Cancel" in w for w in warnings), warnings
+    assert not at.success and job_key not in at.session_state

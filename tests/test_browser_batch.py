@@ -1,7 +1,8 @@
 """The Batch page in headless Chromium with SmolLM2: a sweep cancelled while it runs keeps what finished.
 
-In the browser a Cancel click reruns the page at once and stops the running
-script run (``app.inflight``), a path AppTest cannot take. Server and Chromium
+In the browser a Cancel click cancels the sweep's job (``app.background``) and
+reruns the page at once, which follows the job to its end: a path AppTest
+cannot take. Server and Chromium
 helpers: ``browser_util.py``. The screenshot is saved for a person to look at
 (``/tmp/batch_cancelled.png`` as well as the test's tmp folder).
 """

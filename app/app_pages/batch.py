@@ -5,16 +5,17 @@ sweep's JSON dict (``SweepResult.as_dict()``) in ``st.session_state`` and draws
 it with ``app.render_batch``. The same dict is what Download JSON writes and
 what ``python -m lab bench --out F`` writes, so either loads back here.
 
-Cancel: the Cancel button's callback sets a session flag that
-``SweepWatch.should_cancel`` reads; ``run_sweep`` polls it before each batch of
-requests and each batch size's calibration, and returns the batch sizes that
-finished, marked settings["status"] = "cancelled". The page keeps and shows
-them as a partial sweep (which batch sizes of which planned), exportable like
-a complete one; only a sweep cut before its first batch size finished leaves
-nothing but a notice. In the browser the click also reruns the page and stops
-the running script run, whose next ``st`` call raises: ``SweepWatch`` catches
-that there, the sweep ends as cancelled, and the next script run takes it over
-through ``app.inflight``.
+Running: the page validates and loads the models in the script run (errors show
+at once), then hands the sweep to a worker thread (``app.background``) that holds
+the device in ``lab.device_queue``, keeps each finished batch size in the results
+store and the whole sweep when it ends, whether or not anyone still watches. The
+page follows the job with a progress bar and a Cancel button; a rerun or another
+page stops only the drawing, and the page takes the finished sweep over when it
+is next drawn. Cancel (``Job.cancel``) is polled before each batch of requests
+and each batch size's calibration: ``run_sweep`` returns the batch sizes that
+finished, marked settings["status"] = "cancelled" with the reason, and the page
+shows them as a partial sweep, exportable like a complete one; only a sweep cut
+before its first batch size finished leaves nothing but a notice.
 
 Peer: on request, after the sweep, transformers' assisted generation at batch 1
 on the same models, prompts and K (``lab.studies.peer.run_peer_comparison``, as
@@ -28,14 +29,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import streamlit as st
 import torch
-from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from app import background, inflight, render, render_batch, resources, saved, state, widgets
-from lab import device_queue
-from lab.load import measure_load
+from app import background, render, render_batch, resources, saved, state, widgets
+from lab.store import RunSaver
 from lab.studies import peer
 from lab.drafters import make_drafter
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
@@ -46,8 +47,7 @@ from lab.studies.batch_sweep import DEFAULT_BATCH_SIZES, run_sweep
 RESULT_KEY = "batch:sweep"
 UPLOAD_KEY = "batch:upload"
 LOAD_ERROR_KEY = "batch:load_error"
-CANCEL_KEY = "batch:cancel_requested"
-IN_FLIGHT_KEY = "batch:in_flight"  # an app.inflight.InFlight while a sweep runs
+JOB_KEY = "batch:job"  # an app.background.Job while a sweep runs (or done and not yet shown)
 NOTICE_KEY = "batch:notice"  # how the last sweep ended when no batch size of it finished
 MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
 DRAFTERS = ("prompt-lookup", "draft-model", "layer-skip", "eagle")
@@ -92,7 +92,6 @@ PEER_HELP = ("After the sweep, decode every prompt one at a time with transforme
              "against a peer's on the same models and prompts. Slow: four more decodes of every prompt, after a "
              "warm-up.")
 PEER_CANCELLED = "cancelled before it finished (the sweep itself finished and is shown)"
-PEER_STOPPED = "stopped before it finished because the page reran (the sweep itself finished and is shown)"
 
 EXPLANATION = """
 **Throughput** is what a server counts: tokens generated per second, summed over every request in the batch.
@@ -150,109 +149,37 @@ def work_caption(num_prompts: int, sizes: list[int]) -> str:
 
 
 class PeerCancelled(Exception):
-    """The Cancel button was pressed (or the page reran) while the peer ran; the sweep before it is kept."""
+    """The job was cancelled while the peer ran; the sweep before it is kept."""
 
 
-class SweepWatch(inflight.StopCatcher):
-    """The sweep's progress bar, and where the sweep and its peer answer the Cancel button.
+@dataclass
+class SweepPlan:
+    """Everything a sweep needs, prepared in the script run; the worker thread runs it (no ``st`` call).
 
-    ``run_sweep`` polls ``should_cancel`` before each batch of requests and
-    each calibration. The peer has no cancel hook: ``peer_progress`` raises
-    ``PeerCancelled``. Every ``st`` call, session state included, is where
-    Streamlit delivers a stop or rerun (a click in the browser): caught there
-    once (a stopped run gets it again at every later call), it reads as a
-    cancel, so the sweep returns what finished and the stopped run hands it over.
+    settings: what the page adds to the sweep's own settings. kept: the run in the results store, made by the
+    worker when it starts.
     """
 
-    def __init__(self, bar, flight: inflight.InFlight) -> None:
-        self.bar, self.flight = bar, flight
-        self.interruption: ScriptControlException | None = None
-        self.cancel_seen = False
-        self.stopping = False
-
-    def progress(self, fraction: float, message: str) -> None:
-        fraction = min(max(fraction, 0.0), 1.0)
-        if not self.stopping:  # keep where it stood when the cancel came, not the sweep's "cancelled after …"
-            self.flight.last_progress = f"{message} ({100 * fraction:.0f} % of the sweep done)"  # before any st call
-        self._yield_point(lambda: self.bar.progress(fraction, text=message))
-
-    def should_cancel(self) -> bool:
-        self.cancel_seen = self.cancel_seen or bool(self._yield_point(lambda: st.session_state.get(CANCEL_KEY)))
-        self.stopping = self.interruption is not None or self.cancel_seen
-        return self.stopping
-
-    def on_wait(self, ticket: device_queue.Ticket) -> None:
-        """While the sweep waits for its device: its place in line; Cancel (or a rerun) takes it out of the line."""
-        self._yield_point(lambda: self.bar.progress(0.0, text=f"Waiting for the {ticket.device} device: "
-                                                              f"{ticket.describe().removeprefix('waiting: ')}"))
-        if self.should_cancel():
-            ticket.cancel("you pressed Cancel" if self.cancel_seen else "the page reran")
-
-    def peer_progress(self, fraction: float, message: str) -> None:
-        self.flight.last_progress = f"transformers' assisted generation at batch 1: {message}"
-        if self.should_cancel():
-            raise PeerCancelled(self.flight.last_progress)
-        self._yield_point(lambda: self.bar.progress(min(max(fraction, 0.0), 1.0), text=self.flight.last_progress))
+    target: Any
+    draft_model: Any
+    drafter: Any
+    drafter_name: str
+    exit_layer: int | None
+    trimmed: int | None
+    with_peer: bool
+    config: DecodeConfig
+    sizes: list[int]
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    chat_template: bool
+    device: str
+    settings: dict
+    kept: RunSaver | None = None
 
 
-
-
-def keep_sweep(result: dict | None, where: str) -> None:
-    """Keep what a sweep finished, complete or partial; one cut before its first batch size finished leaves a
-    notice instead (and the previous sweep, if any, stays shown).
-
-    A sweep stopped in a script run that a click ended says "stopped"; when the
-    Cancel button's flag is set that click was Cancel, and it says "cancelled".
-    """
-    s = st.session_state
-    cancel_clicked = bool(s.get(CANCEL_KEY))
-    if result is None or not result.get("results"):
-        s[NOTICE_KEY] = {"cancelled": cancel_clicked, "where": where}
-        return
-    settings = result.setdefault("settings", {})
-    if cancel_clicked and settings.get("status") == "stopped":
-        settings["status"] = "cancelled"
-    if cancel_clicked and result.get("peer_batch_1") == {"skipped": PEER_STOPPED}:
-        result["peer_batch_1"] = {"skipped": PEER_CANCELLED}
-    s[RESULT_KEY] = result
-    s.pop(NOTICE_KEY, None)
-
-
-def collect_stopped_sweep() -> None:
-    """Take over a sweep that the previous script run was stopped in (waiting for its next batch to end)."""
-    flight = inflight.take_over(IN_FLIGHT_KEY, "Stopping the sweep that was running (at its next batch); the batch "
-                                               "sizes that finished are kept…")
-    if flight is not None:
-        keep_sweep(flight.result, flight.last_progress)
-
-
-def peer_prompts(texts: list[str]) -> list[Prompt]:
-    return [Prompt(f"prompt/{i + 1}", "page", text) for i, text in enumerate(texts)]
-
-
-def run_peer(target, draft_model, drafter_name: str, exit_layer: int | None, prompts: list[str], config: DecodeConfig,
-             chat_template: bool, watch: SweepWatch) -> dict:
-    """transformers' assisted generation at batch 1 on the sweep's models and prompts, as ``python -m lab bench``
-    runs it (``lab.cli.measure._bench_peer``): the summary for K with the peer's settings, or {"skipped": why}."""
-    if drafter_name not in peer.PEER_DRAFTERS:
-        return {"skipped": f"drafter {drafter_name} has no counterpart in transformers"}
-    spec = peer.DrafterSpec(drafter_name, draft=draft_model, exit_layer=exit_layer)
-    try:
-        report = peer.run_peer_comparison(target, spec, peer_prompts(prompts), k=config.k,
-                                           max_new_tokens=config.max_new_tokens, chat_template=chat_template,
-                                           progress=watch.peer_progress)
-    except PeerCancelled:
-        return {"skipped": PEER_CANCELLED if watch.cancel_seen else PEER_STOPPED}
-    return report.summary(config.k) | {"settings": report.settings}
-
-
-def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime, slots: dict) -> inflight.InFlight:
-    """Load models, run the sweep (and on request the peer) with a progress bar and a Cancel button; return the
-    hand-over, whose result is the sweep's JSON dict with the page's settings (its finished batch sizes only when
-    cancelled) and whose last_progress says where it stood. ``draft`` is what the draft select returned.
-
-    A run stopped by a rerun hands over through ``app.inflight`` and ends with the stop.
-    """
+def prepare_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime, progress_slot) -> SweepPlan:
+    """Validate the inputs and load the models (progress in ``progress_slot``): what the worker needs.
+    ``draft`` is what the draft select returned. Raises ValueError, ``ModelError`` or a memory error."""
     s = st.session_state
     if not prompts:
         raise ValueError("No prompts to run: pick a prompt set, a Spec-Bench category, or paste prompts.")
@@ -266,62 +193,124 @@ def run_page_sweep(prompts: list[str], draft: str | None, runtime: state.Runtime
     exit_layer = s[key("batch.exit_layer")] if drafter_name == "layer-skip" else None
     exit_layer = None if exit_layer is None else int(exit_layer)
     trimmed = (s.get(key("batch.draft_vocab")) or None) if drafter_name in TRIMMABLE else None
-    with_peer = bool(s[key("batch.peer")])
     if draft_name:  # compare tokenizers before spending seconds on weights
         check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(draft_name))
-    target = resources.load_for_role(target_name, "target", runtime, slots["progress"])
-    draft_model = resources.load_for_role(draft_name, "draft", runtime, slots["progress"]) if draft_name else None
+    target = resources.load_for_role(target_name, "target", runtime, progress_slot)
+    draft_model = resources.load_for_role(draft_name, "draft", runtime, progress_slot) if draft_name else None
     drafter = make_drafter(drafter_name, target, draft_model, exit_layer=exit_layer, draft_vocab=trimmed)
     chat_template = not s[key("batch.raw")]
     prompt_ids = [encode_prompt(target, text, chat_template=chat_template) for text in prompts]
+    settings = {"target": target_name, "draft": draft_name, "exit_layer": exit_layer, "draft_vocab": trimmed,
+                "precision": runtime.precision("target"), "chat_template": chat_template, "prompts": prompts}
+    return SweepPlan(target, draft_model, drafter, drafter_name, exit_layer, trimmed, bool(s[key("batch.peer")]),
+                     config, sizes, prompts, prompt_ids, chat_template, str(target.device), settings)
 
-    flight = inflight.start(IN_FLIGHT_KEY)
-    s[CANCEL_KEY] = False
+
+def sweep_work(plan: SweepPlan, job: background.Job) -> dict:
+    """The sweep (and on request the peer), in the worker thread: progress into ``job`` ("fraction", "where"),
+    each finished batch size into the results store, cancelled through ``job`` before each batch of requests.
+    Returns the sweep's JSON dict with the page's settings (its finished batch sizes only when cancelled)."""
+    plan.kept = saved.saver("batch", plan.settings["target"], plan.settings["draft"], plan.device,
+                            on_error=lambda message: job.partial.__setitem__("finish_error", message))
+
+    def progress(fraction: float, message: str) -> None:
+        fraction = min(max(fraction, 0.0), 1.0)
+        if not job.should_cancel():  # keep where it stood when the cancel came, not the sweep's "cancelled after …"
+            job.partial["where"] = f"{message} ({100 * fraction:.0f} % of the sweep done)"
+        job.partial["fraction"], job.progress = fraction, message
+
+    def peer_progress(fraction: float, message: str) -> None:
+        job.partial["where"] = f"transformers' assisted generation at batch 1: {message}"
+        if job.should_cancel():
+            raise PeerCancelled(job.partial["where"])
+        job.partial["fraction"], job.progress = min(max(fraction, 0.0), 1.0), job.partial["where"]
+
+    job.progress = "Starting the sweep…"
+    started_s = time.monotonic()
+    sweep = run_sweep(plan.target, plan.prompt_ids, plan.drafter, plan.config, plan.sizes, progress=progress,
+                      should_cancel=job.should_cancel, draft=plan.draft_model, on_part=saved.sweep_part(plan.kept))
+    if sweep.settings.get("status") == "cancelled":
+        sweep.settings["cancelled_because"] = job.cancelled
+        sweep.peer = {"skipped": "the sweep was cut short before the peer's turn"} if plan.with_peer else None
+    elif plan.with_peer and plan.trimmed:
+        sweep.peer = {"skipped": "transformers' assisted generation has no trimmed draft vocabulary"}
+    elif plan.with_peer:
+        sweep.peer = run_peer(plan, peer_progress)
+    sweep.settings |= plan.settings | {"elapsed_s": time.monotonic() - started_s}
+    return json.loads(sweep.to_json())
+
+
+def keep_finished(plan: SweepPlan, job: background.Job) -> None:
+    """In the worker, the moment the sweep has finished: the machine's load into its settings, and the sweep into
+    the results store (``app.saved``), whether or not the user is still on the page."""
+    if job.load is not None:
+        job.result.setdefault("settings", {})["load"] = job.load.as_dict()
+    saved.finish_sweep(plan.kept, job.result)
+
+
+def peer_prompts(texts: list[str]) -> list[Prompt]:
+    return [Prompt(f"prompt/{i + 1}", "page", text) for i, text in enumerate(texts)]
+
+
+def run_peer(plan: SweepPlan, progress) -> dict:
+    """transformers' assisted generation at batch 1 on the sweep's models and prompts, as ``python -m lab bench``
+    runs it (``lab.cli.measure._bench_peer``): the summary for K with the peer's settings, or {"skipped": why}."""
+    if plan.drafter_name not in peer.PEER_DRAFTERS:
+        return {"skipped": f"drafter {plan.drafter_name} has no counterpart in transformers"}
+    spec = peer.DrafterSpec(plan.drafter_name, draft=plan.draft_model, exit_layer=plan.exit_layer)
+    k, max_new_tokens = plan.config.k, plan.config.max_new_tokens
     try:
-        slots["cancel"].button("Cancel", icon=":material/stop:", on_click=inflight.request_cancel, args=(CANCEL_KEY,), key="batch_cancel",
-                               help="Stop the sweep before its next batch of requests. The batch sizes that finished "
-                                    "are kept and shown as a partial sweep; the one under way is dropped.")
-        watch = SweepWatch(slots["progress"].progress(0.0, text="Starting the sweep…"), flight)
-        started_s = time.monotonic()
-        kept = saved.saver("batch", target_name, draft_name, runtime.device)
-        # one timed run per device (lab.device_queue), the machine's load watched (lab.load)
-        with device_queue.join(target.device, background.session_holder("Batch"), on_wait=watch.on_wait), \
-                measure_load() as meter:
-            sweep = run_sweep(target, prompt_ids, drafter, config, sizes, progress=watch.progress,
-                              should_cancel=watch.should_cancel, draft=draft_model, on_part=saved.sweep_part(kept))
-            peer_run = with_peer and not trimmed and sweep.settings.get("status") != "cancelled"
-            peer_result = run_peer(target, draft_model, drafter_name, exit_layer, prompts, config, chat_template,
-                                   watch) if peer_run else None
-        sweep.settings["load"] = meter.report.as_dict()
-        if sweep.settings.get("status") == "cancelled":
-            sweep.settings["status"] = "cancelled" if watch.cancel_seen else "stopped"
-            sweep.peer = {"skipped": "the sweep was cut short before the peer's turn"} if with_peer else None
-        elif with_peer and trimmed:
-            sweep.peer = {"skipped": "transformers' assisted generation has no trimmed draft vocabulary"}
-        elif with_peer:
-            sweep.peer = peer_result
-        sweep.settings |= {
-            "target": target_name,
-            "draft": draft_name,
-            "exit_layer": exit_layer,
-            "draft_vocab": trimmed,
-            "precision": runtime.precision("target"),
-            "chat_template": chat_template,
-            "prompts": prompts,
-            "elapsed_s": time.monotonic() - started_s,
-        }
-        flight.result = json.loads(sweep.to_json())
-        saved.finish_sweep(kept, flight.result)
-    except device_queue.Cancelled:
-        if watch.interruption is not None:
-            raise watch.interruption from None  # stopped while waiting in line: nothing to hand over
-        raise
-    finally:
-        flight.done.set()
-    if watch.interruption is not None:
-        raise watch.interruption  # the next script run takes flight.result over
-    del s[IN_FLIGHT_KEY]
-    return flight
+        report = peer.run_peer_comparison(plan.target, spec, peer_prompts(plan.prompts), k=k,
+                                           max_new_tokens=max_new_tokens, chat_template=plan.chat_template,
+                                           progress=progress)
+    except PeerCancelled:
+        return {"skipped": PEER_CANCELLED}
+    return report.summary(k) | {"settings": report.settings}
+
+
+def draw_running(job: background.Job, slots: dict) -> None:
+    """The job so far: its progress bar, or its place in the device's line while it waits."""
+    place = job.ticket.place
+    if place is not None and place > 0:
+        slots["progress"].progress(0.0, text=background.waiting_text(job))
+    else:
+        slots["progress"].progress(job.partial.get("fraction", 0.0), text=job.progress or "Starting the sweep…")
+
+
+def keep_sweep(result: dict | None, where: str, cancelled: str | None) -> None:
+    """Keep what a sweep finished, complete or partial; one cut before its first batch size finished leaves a
+    notice instead (and the previous sweep, if any, stays shown). cancelled: why it was cancelled, or None."""
+    s = st.session_state
+    if result is None or not result.get("results"):
+        s[NOTICE_KEY] = {"cancelled": cancelled is not None, "where": where, "why": cancelled}
+        return
+    settings = result.setdefault("settings", {})
+    if cancelled and settings.get("status") not in (None, "complete"):
+        settings |= {"status": "cancelled", "cancelled_because": cancelled}
+    s[RESULT_KEY] = result
+    s.pop(NOTICE_KEY, None)
+
+
+def take_over(job: background.Job) -> tuple[str, str] | None:
+    """A finished job into session state (``keep_sweep``); returns the error to show (message, icon) when it failed."""
+    del st.session_state[JOB_KEY]
+    if job.error is not None:
+        return error_message(job.error)
+    where = job.partial.get("where") or ("its wait for the device" if job.result is None else "")
+    keep_sweep(job.result, where, job.cancelled)
+    if job.partial.get("finish_error"):
+        st.warning(f"This sweep is shown but not saved: {job.partial['finish_error']}", icon=":material/database:")
+    return None
+
+
+def error_message(error: BaseException) -> tuple[str, str]:
+    """What the page says about a failed sweep (message, icon); re-raises an error it does not expect."""
+    if isinstance(error, (ValueError, ModelError, FileNotFoundError)):
+        return str(error), ":material/error:"
+    if isinstance(error, MEMORY_ERRORS):
+        return (f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick smaller batch sizes, "
+                "a smaller target or draft, or fewer new tokens; then run again.", ":material/memory:")
+    raise error
 
 
 def parse_sweep(text: str, file_name: str) -> dict:
@@ -366,7 +355,8 @@ def show_status(sweep: dict) -> None:
                    icon=":material/check_circle:")
     if partial is not None:
         ran = "" if settings.get("loaded_from") else f" · {settings.get('elapsed_s', 0):.0f} s · {describe(sweep)}"
-        st.warning(f"{partial} The figures, the table and the downloads below hold the finished batch sizes only "
+        why = f" It was cancelled because {settings['cancelled_because']}." if settings.get("cancelled_because") else ""
+        st.warning(f"{partial}{why} The figures, the table and the downloads below hold the finished batch sizes only "
                    f"(the crossover is looked for among them){ran}", icon=":material/cancel:")
 
 
@@ -528,12 +518,13 @@ def show_table_and_export(sweep: dict) -> None:
 
 
 def show_notice(notice: dict, previous: bool) -> None:
-    """How the last sweep ended when no batch size of it finished: cancelled, or stopped by a rerun."""
-    what = "Cancelled" if notice["cancelled"] else "Stopped because the page reran while sweeping (an input changed)"
+    """How the last sweep ended when no batch size of it finished: cancelled (and why)."""
+    what = "Cancelled" if notice["cancelled"] else "Ended"
+    why = f" It was cancelled because {notice['why']}." if notice.get("why") else ""
     after = ("The sweep shown below is the previous one." if previous else
              "Run again with fewer batch sizes, prompts or new tokens for a shorter sweep.")
-    st.warning(f"{what} during {notice['where'] or 'its start'}, before any batch size finished: nothing to show. "
-               + after, icon=":material/cancel:")
+    st.warning(f"{what} during {notice['where'] or 'its start'}, before any batch size finished: nothing to show."
+               f"{why} " + after, icon=":material/cancel:")
 
 
 def show_result(sweep: dict) -> None:
@@ -578,28 +569,32 @@ with st.container(border=True):
 
 slots = {"cancel": cancel_slot, "progress": st.empty()}
 error_slot = st.empty()
-collect_stopped_sweep()
+failed = None
 
 if run_clicked:
-    st.session_state.pop(NOTICE_KEY, None)
     try:
-        flight = run_page_sweep(prompts, draft_choice, state.runtime(st.session_state), slots)
-    except device_queue.Cancelled as cancelled:
-        st.session_state.pop(IN_FLIGHT_KEY, None)
-        error_slot.warning(f"Cancelled while waiting for the device, before any batch: {cancelled.reason}.",
-                           icon=":material/cancel:")
-    except (ValueError, ModelError) as error:
-        st.session_state.pop(IN_FLIGHT_KEY, None)  # a refused sweep hands nothing over
-        error_slot.error(str(error), icon=":material/error:")
-    except MEMORY_ERRORS as error:
-        st.session_state.pop(IN_FLIGHT_KEY, None)
-        error_slot.error(f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick smaller "
-                         "batch sizes, a smaller target or draft, or fewer new tokens; then run again.",
-                         icon=":material/memory:")
+        plan = prepare_sweep(prompts, draft_choice, state.runtime(st.session_state), slots["progress"])
+    except (ValueError, ModelError, FileNotFoundError, *MEMORY_ERRORS) as error:
+        failed = error_message(error)
     else:
-        keep_sweep(flight.result, flight.last_progress)
-    for slot in slots.values():
-        slot.empty()
+        if (running := st.session_state.get(JOB_KEY)) is not None:  # said, not dropped: kept as cancelled
+            running.cancel("you started a new sweep")
+        st.session_state.pop(NOTICE_KEY, None)
+        st.session_state[JOB_KEY] = background.start(
+            lambda job, plan=plan: sweep_work(plan, job), plan.device, background.session_holder("Batch"),
+            on_finish=lambda job, plan=plan: keep_finished(plan, job))
+
+if (job := st.session_state.get(JOB_KEY)) is not None:
+    if not job.done.is_set():
+        background.cancel_button(slots["cancel"], job, "batch_cancel",
+                                 "Stop the sweep before its next batch of requests. The batch sizes that finished "
+                                 "are kept and shown as a partial sweep; the one under way is dropped.")
+        background.follow(job, lambda job: draw_running(job, slots))
+    failed = take_over(job) or failed
+for slot in slots.values():
+    slot.empty()
+if failed is not None:
+    error_slot.error(failed[0], icon=failed[1])
 
 sweep = st.session_state.get(RESULT_KEY)
 if (notice := st.session_state.get(NOTICE_KEY)) is not None:

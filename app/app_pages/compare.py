@@ -5,38 +5,39 @@ a Cancel button, keeps the ``Comparison`` in ``st.session_state`` (the Theory
 page reads it too) and renders it with ``app.render_compare``. Results export
 to CSV and JSON; a JSON file loads back.
 
-Cancelling: the Cancel button's callback sets a session flag, read by
-``RunWatch.should_cancel`` between decode steps, so ``run_comparison`` returns
-the runs finished so far. In the browser the click also reruns the page and
-stops the running script run, whose next ``st`` call raises; ``RunWatch``
-catches that there too, and the stopped run hands its partial result to the
-next one through ``app.inflight``, which shows it as cancelled.
+Running: the page validates and loads the models in the script run (errors show
+at once), then hands the comparison to a worker thread (``app.background``) that
+holds the device in ``lab.device_queue``, keeps each finished prompt in the
+results store and the whole comparison when it ends, whether or not anyone still
+watches. The page follows the job with a progress bar and a Cancel button; a
+rerun or another page stops only the drawing, and the page takes the finished
+comparison over when it is next drawn. Cancel (``Job.cancel``, polled between
+decode steps) keeps the runs finished so far, and says why it stopped.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 import pandas as pd
 import streamlit as st
 import torch
-from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from app import background, inflight, render, render_compare, resources, saved, state, widgets
-from lab import device_queue
+from app import background, render, render_compare, resources, saved, state, widgets
+from lab.store import RunSaver
 from lab.studies import compare
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
 from lab.models import ModelError, check_same_tokenizer
 
 RESULT_KEY = "compare:comparison"
-CANCEL_KEY = "compare:cancel_requested"
-IN_FLIGHT_KEY = "compare:in_flight"  # an app.inflight.InFlight while a comparison runs
+JOB_KEY = "compare:job"  # an app.background.Job while a comparison runs (or done and not yet shown)
+NOTICE_KEY = "compare:notice"  # why the last comparison started ended before any run (cancelled while waiting)
 LOAD_ERROR_KEY = "compare:load_error"
 UPLOAD_KEY = "compare:upload"
 MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
 COMPARED_DRAFTERS = ("prompt-lookup", "layer-skip", "draft-model", "eagle")
-DRAW_EVERY_S = 0.25
 
 DEFAULTS = {
     "compare.target": "smollm2-135m",
@@ -152,55 +153,37 @@ def drafter_inputs(target: str) -> str | None:
 # ---------------------------------------------------------------- running
 
 
-class RunWatch(inflight.StopCatcher):
-    """Progress bar, a live line, and cancellation for one comparison (see the module docstring)."""
+@dataclass
+class ComparePlan:
+    """Everything a comparison needs, prepared in the script run; the worker thread runs it (no ``st`` call).
 
-    def __init__(self, bar, line, total_runs: int) -> None:
-        self.bar, self.line, self.total_runs = bar, line, total_runs
-        self.interruption: ScriptControlException | None = None
-        self.cancel_seen = False
-        self.runs_done = 0
-        self.steps = 0
-        self.last_draw_s = 0.0
+    settings: what the page adds to the comparison's own settings (precisions, sizes, drafter costs).
+    kept: the run in the results store, made by the worker when it starts.
+    """
 
-    def progress(self, fraction: float, message: str) -> None:
-        self.runs_done = round(fraction * self.total_runs)
-        self.steps = 0
-        self._yield_point(lambda: self.bar.progress(fraction, text=f"{self.runs_done}/{self.total_runs} runs · done: {message}"))
+    target: Any
+    drafts: dict
+    prompts: list[str]
+    specs: list[compare.DrafterSpec]
+    ks: list[int]
+    config: DecodeConfig
+    chat_template: bool
+    target_name: str
+    draft_name: str | None
+    device: str
+    settings: dict
+    kept: RunSaver | None = None
 
-    def should_cancel(self) -> bool:
-        self.steps += 1
-        if time.monotonic() - self.last_draw_s > DRAW_EVERY_S:
-            self.last_draw_s = time.monotonic()
-            self._yield_point(lambda: self.line.caption(f"Run {self.runs_done + 1} of {self.total_runs}: step {self.steps}…"))
-        self.cancel_seen = self.cancel_seen or bool(self._yield_point(lambda: st.session_state.get(CANCEL_KEY)))
-        return self.interruption is not None or self.cancel_seen
-
-    def on_wait(self, ticket: device_queue.Ticket) -> None:
-        """While the comparison waits for its device: its place in line; Cancel (or a rerun) takes it out of the line."""
-        self._yield_point(lambda: self.line.caption(f"Waiting for the {ticket.device} device: "
-                                                    f"{ticket.describe().removeprefix('waiting: ')}. Timings are never "
-                                                    "taken while another run of the lab shares it."))
-        self.cancel_seen = self.cancel_seen or bool(self._yield_point(lambda: st.session_state.get(CANCEL_KEY)))
-        if self.cancel_seen or self.interruption is not None:
-            ticket.cancel("you pressed Cancel" if self.cancel_seen else "the page reran")
+    @property
+    def total_runs(self) -> int:
+        return len(self.prompts) * (1 + len(self.specs) * len(self.ks))
 
 
+def prepare_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks: list[int], config: DecodeConfig,
+                       runtime: state.Runtime, progress_slot) -> ComparePlan:
+    """Validate the inputs and load the models (progress in ``progress_slot``): what the worker needs.
 
-
-def collect_stopped_run() -> None:
-    """Take over the result of a comparison that the previous script run was stopped in (waiting for its last step)."""
-    flight = inflight.take_over(IN_FLIGHT_KEY, "Stopping the comparison that was running; the runs that finished "
-                                               "are kept…")
-    if flight is not None and flight.result is not None:
-        st.session_state[RESULT_KEY] = flight.result
-
-
-def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks: list[int], config: DecodeConfig,
-                        runtime: state.Runtime, slots: dict) -> None:
-    """Load models, run the comparison with progress and cancel, and store it in session state.
-
-    A stopped run hands its partial result over through ``app.inflight`` and ends with the stop.
+    Raises ValueError, ``ModelError``, FileNotFoundError or a memory error: shown by the page at once.
     """
     s = st.session_state
     if not prompts:
@@ -209,55 +192,102 @@ def run_page_comparison(prompts: list[str], specs: list[compare.DrafterSpec], ks
         raise ValueError("No drafter chosen: pick at least one drafter (the target alone always runs as the baseline).")
     if not ks:
         raise ValueError("No K values: pick at least one K.")
-    chat_template = not s[key("compare.raw")]
     target_name = s[key("compare.target")]
     draft_names = {spec.draft for spec in specs if spec.draft}
     for draft_name in {spec.draft for spec in specs if spec.draft and spec.vocab_bridge == "none"}:
         # compare tokenizers before spending seconds on weights (a bridged draft has another tokenizer on purpose)
         check_same_tokenizer(resources.load_tokenizer(target_name), resources.load_tokenizer(draft_name))
-    target = resources.load_for_role(target_name, "target", runtime, slots["progress"])
-    drafts = {name: resources.load_for_role(name, "draft", runtime, slots["progress"]) for name in draft_names}
+    target = resources.load_for_role(target_name, "target", runtime, progress_slot)
+    drafts = {name: resources.load_for_role(name, "draft", runtime, progress_slot) for name in draft_names}
+    settings = {
+        "precision": runtime.precision("target"),
+        "draft_precision": runtime.precision("draft") if drafts else None,
+        "target_parameters": target.num_parameters,
+        "target_weight_bytes": target.weight_bytes,
+        "drafter_costs": {spec.label: render_compare.drafter_cost(
+            spec.name, target, drafts.get(spec.draft), spec.exit_layer, spec.draft_vocab,
+            head=resources.eagle_head(target.name) if spec.name == "eagle" else None) for spec in specs},
+    }
+    return ComparePlan(target, drafts, prompts, specs, ks, config, chat_template=not s[key("compare.raw")],
+                       target_name=target_name, draft_name=next(iter(draft_names), None),
+                       device=str(target.device), settings=settings)
 
-    total = len(prompts) * (1 + len(specs) * len(ks))
-    flight = inflight.start(IN_FLIGHT_KEY)
-    s[CANCEL_KEY] = False
-    try:
-        slots["cancel"].button("Cancel", icon=":material/stop:", on_click=inflight.request_cancel, args=(CANCEL_KEY,), key="compare_cancel",
-                               help="Stop after the current step; the runs finished so far are kept.")
-        watch = RunWatch(slots["progress"].progress(0.0, text=f"0/{total} runs"), slots["line"], total)
-        started_s = time.monotonic()
-        kept = saved.saver("compare", target_name, next(iter(draft_names), None), runtime.device)
-        # one timed run per device: wait here, in line, before anything is timed (run_comparison's own hold nests)
-        with device_queue.join(target.device, background.session_holder("Compare"), on_wait=watch.on_wait):
-            comparison = compare.run_comparison(target, prompts, specs, ks, config, load_draft=drafts.__getitem__,
-                                                chat_template=chat_template, progress=watch.progress,
-                                                should_cancel=watch.should_cancel, on_part=saved.compare_part(kept))
-        finished = sum(1 for r in comparison.runs if not r.cancelled)
-        comparison.settings |= {
-            "status": "complete" if finished == total else ("cancelled" if watch.cancel_seen else "stopped"),
-            "runs_planned": total,
-            "elapsed_s": time.monotonic() - started_s,
-            "precision": runtime.precision("target"),
-            "draft_precision": runtime.precision("draft") if drafts else None,
-            "target_parameters": target.num_parameters,
-            "target_weight_bytes": target.weight_bytes,
-            "drafter_costs": {spec.label: render_compare.drafter_cost(
-                spec.name, target, drafts.get(spec.draft), spec.exit_layer, spec.draft_vocab,
-                head=resources.eagle_head(target.name) if spec.name == "eagle" else None) for spec in specs},
-        }
-        flight.result = comparison
-        saved.finish_comparison(kept, comparison)
-    except device_queue.Cancelled:
-        if watch.interruption is not None:
-            raise watch.interruption from None  # stopped while waiting in line: nothing to hand over
-        raise
-    finally:
-        flight.done.set()
-    if watch.interruption is not None:
-        raise watch.interruption  # the next script run collects flight.result
+
+def compare_work(plan: ComparePlan, job: background.Job) -> compare.Comparison:
+    """The comparison, in the worker thread: progress into ``job`` ("fraction", "line"), each finished prompt into
+    the results store, cancelled through ``job`` (between decode steps: the runs that finished are returned)."""
+    total = plan.total_runs
+    counts = {"runs_done": 0, "steps": 0}
+    plan.kept = saved.saver("compare", plan.target_name, plan.draft_name, plan.device,
+                            on_error=lambda message: job.partial.__setitem__("finish_error", message))
+
+    def progress(fraction: float, message: str) -> None:
+        counts["runs_done"], counts["steps"] = round(fraction * total), 0
+        job.partial["fraction"] = fraction
+        job.progress = f"{counts['runs_done']}/{total} runs · done: {message}"
+
+    def should_cancel() -> bool:
+        counts["steps"] += 1
+        job.partial["line"] = f"Run {counts['runs_done'] + 1} of {total}: step {counts['steps']}…"
+        return job.should_cancel()
+
+    job.progress = f"0/{total} runs"
+    started_s = time.monotonic()
+    comparison = compare.run_comparison(plan.target, plan.prompts, plan.specs, plan.ks, plan.config,
+                                        load_draft=plan.drafts.__getitem__, chat_template=plan.chat_template,
+                                        progress=progress, should_cancel=should_cancel,
+                                        on_part=saved.compare_part(plan.kept))
+    finished = sum(1 for r in comparison.runs if not r.cancelled)
+    comparison.settings |= plan.settings | {
+        "status": "complete" if finished == total else "cancelled",
+        "cancelled_because": None if finished == total else job.cancelled,
+        "runs_planned": total,
+        "elapsed_s": time.monotonic() - started_s,
+    }
+    return comparison
+
+
+def keep_finished(plan: ComparePlan, job: background.Job) -> None:
+    """In the worker, the moment the comparison has finished: into the results store, watched or not."""
+    saved.finish_comparison(plan.kept, job.result)
+
+
+def draw_running(job: background.Job, slots: dict) -> None:
+    """The job so far: its progress bar and the line of the run under way (or its place in the device's line)."""
+    slots["progress"].progress(min(max(job.partial.get("fraction", 0.0), 0.0), 1.0), text=job.progress or "Starting…")
+    place = job.ticket.place
+    slots["line"].caption(background.waiting_text(job) if place is not None and place > 0
+                          else job.partial.get("line", ""))
+
+
+def take_over(job: background.Job) -> tuple[str, str] | None:
+    """A finished job into session state: its comparison (complete, or what finished before a cancel), or a notice
+    of why it was cancelled before any run. Returns the error to show (message, icon) when it failed."""
+    s = st.session_state
+    del s[JOB_KEY]
+    if job.error is not None:
+        return error_message(job.error)
+    comparison = job.result
+    if comparison is None:  # cancelled while it waited for the device
+        s[NOTICE_KEY] = f"Cancelled while waiting for the device, before any run: {job.cancelled}."
+        return None
+    if job.cancelled and comparison.settings.get("status") != "complete":
+        comparison.settings |= {"status": "cancelled", "cancelled_because": job.cancelled}
     s[RESULT_KEY] = comparison
-    del s[IN_FLIGHT_KEY]
-    clear_run_slots(*slots.values())
+    s.pop(NOTICE_KEY, None)
+    if job.partial.get("finish_error"):
+        st.warning(f"This comparison is shown but not saved: {job.partial['finish_error']}", icon=":material/database:")
+    return None
+
+
+def error_message(error: BaseException) -> tuple[str, str]:
+    """What the page says about a failed comparison (message, icon); re-raises an error it does not expect."""
+    if isinstance(error, (ValueError, ModelError, FileNotFoundError)):
+        return str(error), ":material/error:"
+    if isinstance(error, MEMORY_ERRORS):
+        return (f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick a smaller target or "
+                "draft, or ask for fewer new tokens; then run again.", ":material/memory:")
+    raise error
 
 
 def clear_run_slots(*slots) -> None:
@@ -276,8 +306,6 @@ def show_status(comparison: compare.Comparison) -> None:
     settings = comparison.settings
     finished = sum(1 for r in comparison.runs if not r.cancelled)
     planned = settings.get("runs_planned", len(comparison.runs))
-    if settings.get("status") == "stopped" and st.session_state.get(CANCEL_KEY):
-        settings["status"] = "cancelled"  # the Cancel button's callback ran at the start of this script run
     status = settings.get("status", "complete")
     precision = settings.get("precision") or settings.get("dtype", "").removeprefix("torch.")
     if settings.get("draft_precision"):
@@ -297,9 +325,10 @@ def show_status(comparison: compare.Comparison) -> None:
         st.success(f"Complete: {plural(finished, 'run')} on {plural(len(comparison.prompts), 'prompt')} in "
                    f"{settings.get('elapsed_s', 0):.0f} s · {what}", icon=":material/check_circle:")
     elif status == "cancelled":
-        st.warning(f"Cancelled after {finished} of {planned} runs. The tables and charts below show the runs that "
+        why = f": {settings['cancelled_because']}" if settings.get("cancelled_because") else ""
+        st.warning(f"Cancelled after {finished} of {planned} runs{why}. The tables and charts below show the runs that "
                    f"finished (a prompt counts once its target-alone baseline ran) · {what}", icon=":material/cancel:")
-    else:
+    else:  # a comparison kept before runs went on in the background: a rerun stopped it
         st.warning(f"Stopped after {finished} of {planned} runs because the page reran while comparing (an input "
                    f"changed). The runs that finished are shown · {what}", icon=":material/pause_circle:")
 
@@ -485,7 +514,7 @@ with st.container(border=True):
 
 slots = {"cancel": cancel_slot, "progress": st.empty(), "line": st.empty()}
 error_slot = st.empty()
-collect_stopped_run()
+failed = None
 
 if run_clicked:
     s = st.session_state
@@ -494,19 +523,31 @@ if run_clicked:
         config = DecodeConfig(max_new_tokens=int(s[key("compare.max_new_tokens")]),
                               temperature=float(s[key("compare.temperature")]), seed=int(s[key("compare.seed")]),
                               engine_mode=runtime.engine)
-        run_page_comparison(prompts, chosen_specs(draft_choice), sorted(int(k) for k in s[key("compare.ks")]), config, runtime, slots)
-    except device_queue.Cancelled as cancelled:
+        plan = prepare_comparison(prompts, chosen_specs(draft_choice), sorted(int(k) for k in s[key("compare.ks")]),
+                                  config, runtime, slots["progress"])
+    except (ValueError, ModelError, FileNotFoundError, *MEMORY_ERRORS) as error:
         clear_run_slots(*slots.values())
-        st.session_state.pop(IN_FLIGHT_KEY, None)
-        error_slot.warning(f"Cancelled while waiting for the device, before any run: {cancelled.reason}.",
-                           icon=":material/cancel:")
-    except (ValueError, ModelError, FileNotFoundError) as error:
-        clear_run_slots(*slots.values())
-        error_slot.error(str(error), icon=":material/error:")
-    except MEMORY_ERRORS as error:
-        clear_run_slots(*slots.values())
-        error_slot.error(f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick a smaller "
-                         "target or draft, or ask for fewer new tokens; then run again.", icon=":material/memory:")
+        failed = error_message(error)
+    else:
+        if (running := s.get(JOB_KEY)) is not None:  # said, not dropped: kept as cancelled, with the reason
+            running.cancel("you started a new comparison")
+        s.pop(NOTICE_KEY, None)
+        s[JOB_KEY] = background.start(lambda job, plan=plan: compare_work(plan, job), plan.device,
+                                      background.session_holder("Compare"),
+                                      on_finish=lambda job, plan=plan: keep_finished(plan, job))
+
+if (job := st.session_state.get(JOB_KEY)) is not None:
+    if not job.done.is_set():
+        background.cancel_button(slots["cancel"], job, "compare_cancel",
+                                 "Stop after the current step; the runs finished so far are kept.")
+        background.follow(job, lambda job: draw_running(job, slots))
+    clear_run_slots(*slots.values())
+    failed = take_over(job) or failed
+
+if failed is not None:
+    error_slot.error(failed[0], icon=failed[1])
+elif (notice := st.session_state.get(NOTICE_KEY)) is not None:
+    error_slot.warning(notice, icon=":material/cancel:")
 
 if (result := st.session_state.get(RESULT_KEY)) is not None:
     show_result(result)

@@ -2,8 +2,8 @@
 
 The page reads its widgets and calls ``lab.studies.serve_bench.run_serve_bench`` against
 the endpoint URLs given; figures come from ``app.render_serve`` on the result's
-JSON dict, so a run and a loaded file draw the same. Cancel works as on the
-Batch page (``app.inflight``): the sweep polls ``ServeWatch.should_stop`` before
+JSON dict, so a run and a loaded file draw the same. Cancel works as the
+Batch page once did (``app.inflight``): the sweep polls ``ServeWatch.should_stop`` before
 each request; the levels that finished are kept, the one under way is dropped.
 Server trouble (refused, 4xx/5xx, timeout, a model the server does not serve)
 is shown in words: before the run it stops it, during it the level shows its
