@@ -176,7 +176,9 @@ COMPLETE = {"compare": "Complete: 10 runs on 2 prompts", "batch": "Swept batch s
 
 
 @pytest.mark.parametrize("page", ["compare", "batch"])
-def test_a_study_interrupted_by_a_page_switch_is_shown_complete_on_return(tiny_models, study_gate, page):
+def test_a_study_interrupted_by_a_page_switch_is_shown_complete_on_return(tiny_models, study_gate, page, monkeypatch,
+                                                                           tmp_path):
+    monkeypatch.setenv("LAB_RESULTS_DB", str(tmp_path / "runs.sqlite3"))  # a store of its own: only this run in it
     label, job_key, widgets = STUDIES[page]
     at = app_on(page, **widgets)
     job = start_study(at, label, job_key)

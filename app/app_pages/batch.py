@@ -35,7 +35,7 @@ from typing import Any
 import streamlit as st
 import torch
 
-from app import background, render, render_batch, resources, saved, state, widgets
+from app import background, batch_peer, render, render_batch, resources, saved, state, widgets
 from lab.store import RunSaver
 from lab.studies import peer
 from lab.drafters import make_drafter
@@ -81,10 +81,6 @@ TABLE_COLUMNS = {
     **{f"tokens/s {m}": RATE for m in render_batch.MODES},
     "acceptance rate": SHARE, "auto latency, share of best": SHARE, "auto throughput, share of best": SHARE,
     "mean acceptance length": st.column_config.NumberColumn(format="%.2f"),
-}
-PEER_COLUMNS = {
-    "greedy tokens/s": RATE, "speculative tokens/s": RATE, "speedup over its own greedy": SPEEDUP,
-    "tokens per target pass": st.column_config.NumberColumn(format="%.2f"),
 }
 PEER_LABEL = "Also run transformers' assisted generation (batch 1)"
 PEER_HELP = ("After the sweep, decode every prompt one at a time with transformers' `generate`, greedy and assisted "
@@ -418,45 +414,6 @@ def show_constraint(sweep: dict) -> None:
                  "agree, since the grammar masks drafted and verified positions alike.")
 
 
-def show_peer(sweep: dict) -> None:
-    """Ours against transformers' assisted generation at batch 1 (``peer_batch_1``), when the sweep holds it."""
-    found = render_batch.peer(sweep)
-    if found is None:
-        return
-    st.subheader("Against transformers' assisted generation at batch 1")
-    if found.get("skipped"):
-        st.info(f"The peer was not run: {found['skipped']}.", icon=":material/info:")
-        return
-    table = render_batch.peer_table(found)
-    ours, theirs = table["speculative tokens/s"].tolist()
-    ours_speedup, their_speedup = table["speedup over its own greedy"].tolist()
-    cards = st.columns(3)
-    cards[0].metric("Ours, speculative", render.format_number(ours, 1, " tokens/s"),
-                    help=f"{render.format_number(ours_speedup, 2, '×')} the tokens/s of our engine's greedy decoding "
-                         "(the target alone), one request at a time.")
-    cards[1].metric("transformers' assisted generation", render.format_number(theirs, 1, " tokens/s"),
-                    help=f"{render.format_number(their_speedup, 2, '×')} the tokens/s of its own greedy `generate`, "
-                         "one request at a time.")
-    cards[2].metric("Ours / theirs", render.format_number(render_batch.number(found.get("ratio_ours_vs_hf_assisted")),
-                                                          2, "×"),
-                    help="Our speculative tokens/s over transformers' assisted tokens/s, pooled over the prompts. "
-                         "Median of the per-prompt ratios: "
-                         + render.format_number(render_batch.number(found.get("ratio_ours_vs_hf_assisted_median")), 2,
-                                                "×") + ".")
-    st.dataframe(table, hide_index=True, width="stretch", column_config=PEER_COLUMNS)
-    settings = found.get("settings") or {}
-    mismatches = render_batch.peer_mismatch_text(found)
-    st.caption(
-        f"{render.count(int(found.get('num_prompts') or 0), 'prompt')}, one at a time, K={found.get('k')}, "
-        f"{settings.get('drafter') or sweep.get('drafter')}, greedy, prefill included, on the sweep's target, draft "
-        f"and prompts ({settings.get('dtype', '?')}, {render.count(settings['torch_threads'], 'torch thread') if 'torch_threads' in settings else '? torch threads'}). Each "
-        "speedup is over that decoder's own greedy decoding, so each engine is measured against itself. Greedy "
-        f"outputs identical: {render_batch.peer_identical_text(found)}."
-        + (f" Differ: {mismatches}. Below fp32 a pass over K+1 tokens rounds differently from a pass over one, so a "
-           "near-tie can flip." if mismatches else "")
-    )
-
-
 def show_figures(sweep: dict) -> None:
     st.plotly_chart(render_batch.speedup_figure(sweep), width="stretch")
     st.caption("Both curves are speculation on over off at the same batch size. Latency: the median request's wait, "
@@ -533,7 +490,7 @@ def show_result(sweep: dict) -> None:
     show_figures(sweep)
     show_exactness(sweep)
     show_constraint(sweep)
-    show_peer(sweep)
+    batch_peer.show_peer(sweep)
     show_table_and_export(sweep)
 
 
