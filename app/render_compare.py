@@ -168,11 +168,14 @@ RUN_COLUMN_NAMES = {
 
 
 def runs_table(comparison: Comparison) -> pd.DataFrame:
-    """The per-prompt breakdown: ``Comparison.runs_frame()`` with each prompt's start and a cancelled column."""
+    """The per-prompt breakdown: ``Comparison.runs_frame()`` with each prompt's category (``settings["categories"]``:
+    prompt index -> category, as the Compare page records it), its start, and a cancelled column."""
     frame = comparison.runs_frame()
     if frame.empty:
         return frame
     texts = [preview(comparison.prompts[i]) for i in frame["prompt"]]
+    categories = comparison.settings.get("categories") or {}
+    frame.insert(1, "category", [categories.get(str(i), "") for i in frame["prompt"]])  # results from before: ""
     frame["prompt"] = frame["prompt"] + 1
     frame["cancelled"] = [r.cancelled for r in comparison.runs]
     frame["prompt text"] = texts  # the numbers first (they fit without a sideways scroll), the prompt's start last

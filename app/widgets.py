@@ -23,7 +23,7 @@ import streamlit as st
 from app import render_compare, state
 from lab.studies import compare
 from lab.models import PRESETS
-from lab.prompts import load_prompt_sets, load_prompts, preset_names, spec_bench_categories
+from lab.prompts import Prompt, load_prompt_sets, load_prompts, preset_names, spec_bench_categories
 
 LOCAL_FOLDER = "local folder…"
 FOLDER_PLACEHOLDER = "/path/to/a/hugging-face/model (holding config.json)"
@@ -291,17 +291,25 @@ def prompt_defaults(page: str, presets: list[str], spec_count: int) -> dict[str,
 
 def chosen_prompts(page: str) -> list[str]:
     """The prompts the page's prompt widgets select. Raises ValueError / FileNotFoundError with a message."""
+    return [p.text for p in chosen_prompt_items(page)]
+
+
+def chosen_prompt_items(page: str) -> list[Prompt]:
+    """The selected prompts with their ids and categories (pasted ones: category "pasted").
+
+    Raises ValueError / FileNotFoundError with a message."""
     s = st.session_state
     source = s[key(f"{page}.source")]
     if source == PROMPT_SOURCES[0]:
         sets = [f"{name}:{int(s[key(f'{page}.per_set')])}" for name in s[key(f"{page}.presets")]]
-        return [p.text for p in load_prompt_sets(sets)]
+        return load_prompt_sets(sets)
     if source == PROMPT_SOURCES[1]:
         category = s[key(f"{page}.spec_category")]
         if not category:
             return []
-        return [p.text for p in load_prompts(f"spec_bench:{category}:{int(s[key(f'{page}.spec_count')])}")]
-    return render_compare.split_prompts(s[key(f"{page}.pasted")])
+        return load_prompts(f"spec_bench:{category}:{int(s[key(f'{page}.spec_count')])}")
+    texts = render_compare.split_prompts(s[key(f"{page}.pasted")])
+    return [Prompt(f"pasted/{i}", "pasted", text) for i, text in enumerate(texts)]
 
 
 def prompt_inputs(page: str, sets_help: str) -> None:

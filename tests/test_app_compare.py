@@ -217,7 +217,8 @@ def test_comparison_figures_and_tables(tiny_comparison):
     assert len(table) == 4 and set(table["identical to target"]) == {"yes (2/2)"}  # fp32 greedy: exact
     runs = render_compare.runs_table(tiny_comparison)
     assert len(runs) == 10 and sorted(set(runs["prompt"])) == [1, 2] and not runs["cancelled"].any()
-    assert list(runs.columns)[:3] == ["prompt", "drafter", "k"] and list(runs.columns)[-1] == "prompt text"
+    assert list(runs.columns)[:4] == ["prompt", "category", "drafter", "k"] and list(runs.columns)[-1] == "prompt text"
+    assert set(runs["category"]) == {""}  # a comparison made outside the page records no categories
     assert "acceptance rate" in runs.columns and "acceptance_rate" not in runs.columns
     assert render_compare.run_label(tiny_comparison, 0) == f"prompt 1 · {BASELINE}"
 
@@ -393,7 +394,11 @@ def test_compare_run_shows_table_costs_charts_timeline_and_exports(tiny_models):
     costs = at.table[0].value  # a static table: its cells wrap, so "c, measured" stays on the page
     assert list(costs["parameters added"]) == ["none", "none"]
     assert list(costs.columns)[-1] == "c, measured"
-    assert {s.value for s in at.subheader} >= {"Per drafter and K", "What each drafter costs", "Timeline of a run"}
+    assert {s.value for s in at.subheader} >= {"Per drafter and K", "What each drafter costs", "Timeline of a run",
+                                             "Per prompt: 2 prompts, 10 runs"}
+    (per_prompt,) = [d.value for d in at.dataframe if "category" in d.value.columns]  # not behind an expander
+    assert set(per_prompt["category"]) == {"pasted"} and len(per_prompt) == 10
+    assert comparison.settings["categories"] == {"0": "pasted", "1": "pasted"}
     assert len(at.get("plotly_chart")) == 4
     assert [b.label for b in at.get("download_button")] == ["Download CSV", "Download JSON"]
     assert tiny_models == ["smollm2-135m"]

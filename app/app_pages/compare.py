@@ -395,8 +395,11 @@ def show_charts(summary) -> None:
 
 
 def show_runs(comparison: compare.Comparison) -> None:
-    with st.expander(f"Per prompt ({len(comparison.prompts)} prompts, {len(comparison.runs)} runs)"):
-        st.dataframe(render_compare.runs_table(comparison), hide_index=True, width="stretch", column_config=RUN_COLUMNS)
+    st.subheader(f"Per prompt: {len(comparison.prompts)} prompts, {len(comparison.runs)} runs")
+    st.caption("The evidence behind the table above: one row per run, with its prompt's category and start. Click a "
+               "column's header to sort by it (speedup, acceptance, category, ...).")
+    st.dataframe(render_compare.runs_table(comparison), hide_index=True, width="stretch", column_config=RUN_COLUMNS)
+    with st.expander("The prompts in full"):
         for i, prompt in enumerate(comparison.prompts):
             st.markdown(f"**Prompt {i + 1}.** {render_compare.preview(prompt, 300)}")
 
@@ -486,12 +489,13 @@ with st.container(border=True):
     raw_col.toggle("Raw completion", key=key("compare.raw"), help="Off: prompts go through the chat template.")
 
     try:
-        prompts = widgets.chosen_prompts("compare")
+        items = widgets.chosen_prompt_items("compare")
         prompt_error = None
     except FileNotFoundError:  # the Spec-Bench file is absent: widgets.prompt_inputs said so
-        prompts, prompt_error = [], None
+        items, prompt_error = [], None
     except ValueError as error:
-        prompts, prompt_error = [], str(error)
+        items, prompt_error = [], str(error)
+    prompts = [item.text for item in items]
     chosen = st.session_state[key("compare.drafters")]
     # the trimmed vocabulary runs a second variant of the draft model and the head
     trims = sum(name in ("draft-model", "eagle") for name in chosen) if st.session_state.get(key("compare.draft_vocab")) else 0
@@ -525,6 +529,7 @@ if run_clicked:
                               engine_mode=runtime.engine)
         plan = prepare_comparison(prompts, chosen_specs(draft_choice), sorted(int(k) for k in s[key("compare.ks")]),
                                   config, runtime, slots["progress"])
+        plan.settings["categories"] = {str(i): item.category for i, item in enumerate(items)}
     except (ValueError, ModelError, FileNotFoundError, *MEMORY_ERRORS) as error:
         clear_run_slots(*slots.values())
         failed = error_message(error)
