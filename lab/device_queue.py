@@ -79,10 +79,14 @@ def device_name(device: Any) -> str:
 
 
 def lock_path(device: Any) -> Path:
-    """The file whose flock the processes of this machine share for ``device``."""
-    from lab.models.presets import cache_dir  # lazy: lab.models loads transformers
+    """The file whose flock the processes of this machine share for ``device``: in ``$LAB_LOCK_DIR`` when set
+    (the test suite sets its own, so tests never wait behind a real measurement), else the cache folder's locks/."""
+    folder = os.environ.get("LAB_LOCK_DIR")
+    if not folder:
+        from lab.models.presets import cache_dir  # lazy: lab.models loads transformers
 
-    return cache_dir() / LOCK_FOLDER / (device_name(device).replace(":", "-") + ".lock")
+        folder = cache_dir() / LOCK_FOLDER
+    return Path(folder) / (device_name(device).replace(":", "-") + ".lock")
 
 
 class Ticket:

@@ -75,6 +75,20 @@ def results_store_in_tmp(tmp_path_factory):
         os.environ["LAB_RESULTS_DB"] = before
 
 
+@pytest.fixture(scope="session", autouse=True)
+def device_locks_in_tmp(tmp_path_factory):
+    """The suite's timed runs queue among themselves (``lab.device_queue``), never behind a real measurement
+    running on the machine (a 20-minute benchmark would time out every AppTest): locks in a session tmp folder,
+    inherited by the processes a test starts."""
+    before = os.environ.get("LAB_LOCK_DIR")
+    os.environ["LAB_LOCK_DIR"] = str(tmp_path_factory.mktemp("locks"))
+    yield os.environ["LAB_LOCK_DIR"]
+    if before is None:
+        os.environ.pop("LAB_LOCK_DIR", None)
+    else:
+        os.environ["LAB_LOCK_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_target() -> TinyLM:
     return TinyLM(tiny_llama(seed=0, layers=3).to(TEST_DEVICE), tiny_tokenizer())

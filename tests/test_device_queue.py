@@ -153,3 +153,11 @@ def test_a_process_and_a_thread_exclude_each_other(own_cache):
 @pytest.mark.parametrize("n, text", [(1, "1st"), (2, "2nd"), (3, "3rd"), (4, "4th"), (11, "11th"), (22, "22nd")])
 def test_ordinal(n, text):
     assert device_queue.ordinal(n) == text
+
+
+def test_the_lock_folder_follows_lab_lock_dir(tmp_path, monkeypatch):
+    """The suite (conftest) and a user can move the cross-process locks out of the cache folder."""
+    monkeypatch.setenv("LAB_LOCK_DIR", str(tmp_path))
+    assert device_queue.lock_path("cuda") == tmp_path / "cuda-0.lock"
+    monkeypatch.delenv("LAB_LOCK_DIR")
+    assert device_queue.lock_path("cpu").parent.name == "locks"
