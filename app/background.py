@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import streamlit as st
+import torch
 
 from lab import device_queue
 from lab.load import LoadReport, measure_load
@@ -176,3 +177,22 @@ def drop_finished(key: str) -> Job | None:
         return None
     del st.session_state[key]
     return job
+
+
+MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
+
+
+def error_message(error: BaseException, smaller: str = "a smaller target or draft, or fewer new tokens"
+                  ) -> tuple[str, str]:
+    """What a page says about a failed run (message, icon); re-raises an error it does not expect.
+
+    smaller: what to shrink after running out of memory (the Batch page adds its batch sizes).
+    """
+    from lab.models import ModelError
+
+    if isinstance(error, (ValueError, ModelError, FileNotFoundError)):
+        return str(error), ":material/error:"
+    if isinstance(error, MEMORY_ERRORS):
+        return (f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick {smaller}; then "
+                "run again.", ":material/memory:")
+    raise error

@@ -24,6 +24,7 @@ Definitions (vLLM v1 ``spec_decode/metrics.py``):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lab.trace import Finished, Prefilled, Step, TraceEvent
@@ -125,3 +126,15 @@ class SpecDecodingStats(AcceptanceRates):
             "wall_s": self.wall_s,
             "tokens_per_s": clean(self.tokens_per_s),
         }
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) of ``values``, linear between order statistics (numpy's default); NaN for no
+    values. The one percentile of the Batch sweep, serve bench and workload simulator: the same numbers everywhere."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)

@@ -20,7 +20,8 @@ import pytest
 
 from app_util import tiny_models  # noqa: F401 (a fixture)
 from lab.prompts import Prompt
-from lab.studies.serve_bench import LevelRun, ServeBench, percentile, run_serve_bench, summarize
+from lab.metrics import percentile
+from lab.studies.serve_bench import LevelRun, ServeBench, run_serve_bench, summarize
 from lab.serving.counters import SpecCounters, counters_between, parse_metrics
 from lab.serving.client import (
     Endpoint,

@@ -14,7 +14,8 @@ from lab.decode import run_batch
 from lab.config import DecodeConfig
 from lab.metrics import SpecDecodingStats
 from lab.studies.auto_k import AutoK, CostModel, _interpolate
-from lab.studies.batch_sweep import format_sweep, percentile, run_sweep
+from lab.metrics import percentile
+from lab.studies.batch_sweep import format_sweep, run_sweep
 
 PROMPTS = [[8, 8, 8, 8, 8], [5, 9, 12, 5, 9, 30, 7], [3], [11, 12, 13, 14, 11, 12, 13, 14, 11, 12]]
 NEW_TOKENS = 8

@@ -291,22 +291,12 @@ def take_over(job: background.Job) -> tuple[str, str] | None:
     """A finished job into session state (``keep_sweep``); returns the error to show (message, icon) when it failed."""
     del st.session_state[JOB_KEY]
     if job.error is not None:
-        return error_message(job.error)
+        return background.error_message(job.error, "smaller batch sizes, a smaller target or draft, or fewer new tokens")
     where = job.partial.get("where") or ("its wait for the device" if job.result is None else "")
     keep_sweep(job.result, where, job.cancelled)
     if job.partial.get("finish_error"):
         st.warning(f"This sweep is shown but not saved: {job.partial['finish_error']}", icon=":material/database:")
     return None
-
-
-def error_message(error: BaseException) -> tuple[str, str]:
-    """What the page says about a failed sweep (message, icon); re-raises an error it does not expect."""
-    if isinstance(error, (ValueError, ModelError, FileNotFoundError)):
-        return str(error), ":material/error:"
-    if isinstance(error, MEMORY_ERRORS):
-        return (f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick smaller batch sizes, "
-                "a smaller target or draft, or fewer new tokens; then run again.", ":material/memory:")
-    raise error
 
 
 def parse_sweep(text: str, file_name: str) -> dict:
@@ -532,7 +522,7 @@ if run_clicked:
     try:
         plan = prepare_sweep(prompts, draft_choice, state.runtime(st.session_state), slots["progress"])
     except (ValueError, ModelError, FileNotFoundError, *MEMORY_ERRORS) as error:
-        failed = error_message(error)
+        failed = background.error_message(error, "smaller batch sizes, a smaller target or draft, or fewer new tokens")
     else:
         if (running := st.session_state.get(JOB_KEY)) is not None:  # said, not dropped: kept as cancelled
             running.cancel("you started a new sweep")

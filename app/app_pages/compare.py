@@ -266,7 +266,7 @@ def take_over(job: background.Job) -> tuple[str, str] | None:
     s = st.session_state
     del s[JOB_KEY]
     if job.error is not None:
-        return error_message(job.error)
+        return background.error_message(job.error)
     comparison = job.result
     if comparison is None:  # cancelled while it waited for the device
         s[NOTICE_KEY] = f"Cancelled while waiting for the device, before any run: {job.cancelled}."
@@ -278,16 +278,6 @@ def take_over(job: background.Job) -> tuple[str, str] | None:
     if job.partial.get("finish_error"):
         st.warning(f"This comparison is shown but not saved: {job.partial['finish_error']}", icon=":material/database:")
     return None
-
-
-def error_message(error: BaseException) -> tuple[str, str]:
-    """What the page says about a failed comparison (message, icon); re-raises an error it does not expect."""
-    if isinstance(error, (ValueError, ModelError, FileNotFoundError)):
-        return str(error), ":material/error:"
-    if isinstance(error, MEMORY_ERRORS):
-        return (f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick a smaller target or "
-                "draft, or ask for fewer new tokens; then run again.", ":material/memory:")
-    raise error
 
 
 def clear_run_slots(*slots) -> None:
@@ -532,7 +522,7 @@ if run_clicked:
         plan.settings["categories"] = {str(i): item.category for i, item in enumerate(items)}
     except (ValueError, ModelError, FileNotFoundError, *MEMORY_ERRORS) as error:
         clear_run_slots(*slots.values())
-        failed = error_message(error)
+        failed = background.error_message(error)
     else:
         if (running := s.get(JOB_KEY)) is not None:  # said, not dropped: kept as cancelled, with the reason
             running.cancel("you started a new comparison")

@@ -347,17 +347,7 @@ def take_over(job: background.Job) -> tuple[str, str] | None:
         done = f" after {partial.stats.num_output_tokens} tokens" if partial is not None else " before it started"
         s[NOTICE_KEY] = f"The run you started was cancelled{done}: {job.cancelled}."
         return None
-    return error_message(job.error)
-
-
-def error_message(error: BaseException) -> tuple[str, str]:
-    """What the page says about a failed run (message, icon); re-raises an error it does not expect."""
-    if isinstance(error, (ValueError, ModelError, FileNotFoundError)):
-        return str(error), ":material/error:"
-    if isinstance(error, MEMORY_ERRORS):
-        return (f"Out of memory ({type(error).__name__}). Free loaded models in the sidebar, pick a smaller target or "
-                "draft, or ask for fewer new tokens; then run again.", ":material/memory:")
-    raise error
+    return background.error_message(job.error)
 
 
 # ---------------------------------------------------------------- page
@@ -435,7 +425,7 @@ if run_clicked:
         runtime = state.runtime(st.session_state)
         plan = prepare_live(view, runtime, target_choice, draft_choice)
     except (ValueError, ModelError, FileNotFoundError, *MEMORY_ERRORS) as error:
-        failed = error_message(error)
+        failed = background.error_message(error)
     else:
         if running is not None:  # said, not dropped: its notice names the reason
             running.cancel("you started a new run")

@@ -26,9 +26,10 @@ import math
 import random
 from bisect import bisect_right
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
+from lab.metrics import percentile
 from lab.simulate.acceptance import AcceptanceProfile
 from lab.simulate.costs import StepCosts
 from lab.simulate.policies import Context, Policy
@@ -243,13 +244,3 @@ def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, 
     return SimResult(policy.label, batching, traffic.load, tuple(arrival), tuple(first), tuple(finish), tuple(made),
                      steps, n + steps + n, k_steps, busy)
 
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100), linear between order statistics; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)

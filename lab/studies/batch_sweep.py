@@ -65,7 +65,7 @@ from lab.decode import BatchResult, loop_engine_mode, run_batch
 from lab.config import K_MAX, DecodeConfig
 from lab.grammar import Constraint, ConstraintSpec
 from lab.hardware import dtype_precision, model_precision
-from lab.metrics import SpecDecodingStats
+from lab.metrics import SpecDecodingStats, percentile
 from lab.studies.auto_k import AutoK, CostModel, time_batch_passes
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
@@ -515,17 +515,6 @@ def _requests(num_prompts: int, batch_size: int) -> list[int]:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100), linear between order statistics; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def _ratio(a: float, b: float) -> float:

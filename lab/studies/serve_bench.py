@@ -51,7 +51,7 @@ from typing import Any
 import httpx
 
 from lab.prompts import Prompt
-from lab.studies.batch_sweep import percentile  # the Batch page's percentile: the same numbers both ways
+from lab.metrics import percentile  # the Batch page's percentile: the same numbers both ways
 from lab.serving.counters import MetricsSnapshot, SpecCounters, counters_between
 from lab.serving.client import (
     Endpoint,
