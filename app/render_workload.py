@@ -6,6 +6,8 @@ result draw the same.
 
 from __future__ import annotations
 
+import math
+
 import plotly.graph_objects as go
 
 OFF_STYLE = {"color": "#444", "dash": "dot"}
@@ -26,9 +28,16 @@ def _axis(data: dict) -> str:
 
 
 def _mark_break_even(figure: go.Figure, data: dict) -> None:
-    if data.get("break_even_load") is not None:
-        figure.add_vline(x=data["break_even_load"], line_dash="dash", line_color="#c0392b",
-                         annotation_text=f"break-even ({data['break_even_policy']})", annotation_position="top left")
+    """A dashed line at the break-even load, labelled. On the log axis of a concurrency sweep a plotly annotation
+    takes log10(x) while a shape takes x (one call giving both put the label, and the axis's range, near 10^x)."""
+    load = data.get("break_even_load")
+    if load is None:
+        return
+    figure.add_vline(x=load, line_dash="dash", line_color="#c0392b")
+    log_axis = data["load_kind"] == "concurrency" and load > 0
+    figure.add_annotation(x=math.log10(load) if log_axis else load, y=1, yref="paper", yanchor="bottom",
+                          xanchor="right", showarrow=False, text=f"break-even ({data['break_even_policy']})",
+                          font={"color": "#c0392b"})
 
 
 def latency_figure(data: dict, percentile: str = "p50") -> go.Figure:

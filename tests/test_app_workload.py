@@ -3,6 +3,10 @@ and its figures on a hand-made map."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
+
 import json
 
 from app import render_workload
@@ -22,7 +26,9 @@ def test_figures_draw_every_policy_and_mark_the_break_even():
     figure = render_workload.latency_figure(data)
     assert {trace.name for trace in figure.data} == {run["policy"] for run in data["levels"][0]["runs"]}
     assert data["break_even_load"] is not None
-    assert any("break-even" in (a.text or "") for a in figure.layout.annotations)
+    (label,) = [a for a in figure.layout.annotations if "break-even" in (a.text or "")]
+    # a concurrency sweep's axis is log: the label sits at log10 of the load, inside the loads' range (1..16)
+    assert label.x == pytest.approx(math.log10(data["break_even_load"])) and 0 <= label.x <= math.log10(16)
     assert len(render_workload.level_rows(data)) == 3
     assert len(render_workload.throughput_figure(data).data) == len(figure.data)
 

@@ -17,6 +17,8 @@ decode steps) keeps the runs finished so far, and says why it stopped.
 
 from __future__ import annotations
 
+import math
+
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -417,9 +419,16 @@ def show_timeline(comparison: compare.Comparison) -> None:
             f"decode time), verifying {split.verify_ms:.0f} ms ({render.format_number(split.verify_ms_per_step, 1)} ms "
             f"per step); prefill {1e3 * (record.metrics.get('prefill_s') or 0):.0f} ms.")
     if base_split is not None and record is not baseline:
-        line += (f" The target alone took {render.format_number(base_split.verify_ms_per_step, 1)} ms per step: a "
-                 "verify pass over K+1 tokens costs about as much as one over a single token when decoding is "
-                 "memory-bound.")
+        ratio = split.verify_ms_per_step / base_split.verify_ms_per_step if base_split.verify_ms_per_step else math.nan
+        line += (f" The target alone took {render.format_number(base_split.verify_ms_per_step, 1)} ms per step, so "
+                 f"a verify pass over K+1 tokens cost {render.format_number(ratio, 2, '×')} a one-token step here")
+        if 0.8 <= ratio <= 1.25:
+            line += ": about the same, as when decoding is memory-bound."
+        elif ratio < 0.8:
+            line += (": less than a one-token step, which only timing noise or a busy machine explains (the two runs "
+                     "were not timed side by side); rerun for a clean figure.")
+        else:
+            line += ": more, as when a pass is compute-bound (a wide verify, a large batch, or fp32 on this CPU)."
     st.caption(line)
     with st.expander("Output text of this run"):
         if record.identical_to_target is not None:

@@ -359,7 +359,8 @@ st.title("Speculative Decoding Lab")
 st.markdown(
     "A **drafter** proposes up to K tokens; the **target** checks them all in one forward pass, keeps the longest "
     "prefix it agrees with and adds one token of its own. With temperature 0 (greedy) the output is the target "
-    "alone's output, token for token; with sampling it follows the same distribution. Colours:"
+    "alone's output, token for token in fp32 (in bf16 a near-tie can round the other way: the check below says "
+    "when); with sampling it follows the same distribution. Colours:"
 )
 # "cut" exists only under a grammar: listed once constrained output is on.
 constraint_on = st.session_state.get(state.widget_key("live.constraint"), "off") != "off"

@@ -64,7 +64,7 @@ past some point speculation makes each request slower while the server may still
 Here the same picture is measured on **your serving engine**: give the URL of a server with speculation **on** and
 one of the same model with it **off** (any OpenAI-compatible server: vLLM, SGLang, llama.cpp's `llama-server`).
 Each concurrency level sends your prompts through a closed loop of that many concurrent streams to each server in
-turn, and reads the engine's own acceptance counters from `/metrics` before and after. The README lists the server
+turn, and reads the engine's own acceptance counters from `/metrics` before and after. docs/serving-engines.md lists the server
 flags for speculation on and off.
 """
 
@@ -301,5 +301,5 @@ if (notice := st.session_state.get(NOTICE_KEY)) is not None:
 if bench is not None:
     show_result(bench)
 elif not run_clicked and notice is None:
-    st.caption("No sweep yet: start two servers (see the README's \"Serving engines\" section), give their URLs, "
+    st.caption("No sweep yet: start two servers (docs/serving-engines.md says how), give their URLs, "
                "then Run sweep.")

@@ -270,8 +270,11 @@ def _decision(levels, recommended: str, kind: str, static_label: str, break_even
     if kind == "off":
         text = "Leave speculation off: no policy shortens the p50 latency enough at these loads"
     else:
+        worst = max(level.run(recommended).summary.latency_p50_s / level.best.summary.latency_p50_s for level in levels)
         text = (f"Turn speculation on with {recommended}: {change(low)} "
-                f"at {low.load:g} {unit}, {change(high)} at {high.load:g}")
+                f"at {low.load:g} {unit}, {change(high)} at {high.load:g}. It is the one policy never far from the "
+                f"best at any load (at worst {(worst - 1) * 100:.0f} % slower p50 than that load's best, shown per "
+                f"load in the table), preferring the simplest when several are that close")
     if static_label:
         if break_even is None:
             text += f"; {static_label} still pays at {high.load:g} {unit}"
