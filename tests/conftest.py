@@ -139,6 +139,23 @@ class OracleDrafter:
         pass
 
 
+class NoisyOracle(OracleDrafter):
+    """Agrees with the target except at one drafted position that moves each step (from ``phase``): partial
+    acceptances of every length, for rollback tests."""
+
+    def __init__(self, reference: list[int], num_prompt_tokens: int, phase: int = 0) -> None:
+        super().__init__(reference, num_prompt_tokens, agree=True)
+        self.calls = phase
+
+    def propose(self, ctx: DraftContext) -> Draft:
+        tokens = super().propose(ctx).tokens.clone()
+        wrong_at = self.calls % (ctx.k + 1)
+        self.calls += 1
+        if wrong_at < tokens.shape[0]:
+            tokens[wrong_at] = (tokens[wrong_at] + 1) % TINY_VOCAB
+        return Draft(tokens)
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """SmolLM2's real tokenizer (xgrammar needs real token strings); the preset must be prepared."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import OracleDrafter, TINY_VOCAB, TinyLM, reference_greedy
+from conftest import NoisyOracle, OracleDrafter, TinyLM, reference_greedy
 from lab.kv import new_cache, new_kv_cache
 from lab.config import DecodeConfig
-from lab.drafters import Draft, DraftModelDrafter, PromptLookupDrafter
+from lab.drafters import DraftModelDrafter, PromptLookupDrafter
 from lab.decode import decode, run
 from lab.trace import Finished, Prefilled, Step
 
@@ -70,21 +70,6 @@ def test_target_alone_steps_are_plain_decode_steps(tiny_target):
     assert result.stats.num_drafts == 0
     assert result.stats.target_forward_passes == 6
 
-
-class NoisyOracle(OracleDrafter):
-    """Agrees with the target except at one drafted position that moves each step: partial acceptances."""
-
-    def __init__(self, reference, num_prompt_tokens):
-        super().__init__(reference, num_prompt_tokens, agree=True)
-        self.calls = 0
-
-    def propose(self, ctx):
-        tokens = super().propose(ctx).tokens.clone()
-        wrong_at = self.calls % (ctx.k + 1)
-        self.calls += 1
-        if wrong_at < tokens.shape[0]:
-            tokens[wrong_at] = (tokens[wrong_at] + 1) % TINY_VOCAB
-        return Draft(tokens)
 
 
 @pytest.mark.parametrize("mode", ["eager", "static"])

@@ -7,8 +7,8 @@ import functools
 import pytest
 import torch
 
-from conftest import OracleDrafter, TINY_VOCAB, TinyLM, reference_greedy, tiny_llama
-from lab.drafters import DraftModelDrafter, PerRowDrafter, as_batch_drafter, make_drafter, Draft, DraftContext, PromptLookupDrafter
+from conftest import NoisyOracle, OracleDrafter, TinyLM, reference_greedy, tiny_llama
+from lab.drafters import DraftModelDrafter, PerRowDrafter, as_batch_drafter, make_drafter, PromptLookupDrafter
 from lab.trace import BatchFinished, BatchStep
 from lab.kv import RaggedCache, new_cache
 from lab.decode import decode_batch, run_batch, run
@@ -214,24 +214,6 @@ def test_finished_rows_leave_the_batch_and_emit_nothing_more(tiny_target):
     assert sizes[0] == len(prompts) and sizes[-1] < len(prompts) - 1
     assert sizes == sorted(sizes, reverse=True)
 
-
-class NoisyOracle(OracleDrafter):
-    """Agrees with the target except at one drafted position that moves each step: partial acceptances.
-
-    phase: where the wrong position starts, so rows of a batch accept different counts at the same step.
-    """
-
-    def __init__(self, reference: list[int], num_prompt_tokens: int, phase: int = 0) -> None:
-        super().__init__(reference, num_prompt_tokens, agree=True)
-        self.calls = phase
-
-    def propose(self, ctx: DraftContext) -> Draft:
-        tokens = super().propose(ctx).tokens.clone()
-        wrong_at = self.calls % (ctx.k + 1)
-        self.calls += 1
-        if wrong_at < tokens.shape[0]:
-            tokens[wrong_at] = (tokens[wrong_at] + 1) % TINY_VOCAB
-        return Draft(tokens)
 
 
 @pytest.mark.parametrize("compaction", ["every step", "never"])
