@@ -35,8 +35,10 @@ import io
 import json
 import math
 import os
+import random
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -176,8 +178,7 @@ class ResultsStore:
                     f"this lab reads schema {SCHEMA_VERSION} and older). Update the lab, or set {ENV_VAR} to another "
                     "file to keep this one as it is."
                 )
-            if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                connection.execute("PRAGMA journal_mode = WAL")  # persistent: set once per file
+            self._use_wal(connection)
             if version < SCHEMA_VERSION:
                 connection.execute("BEGIN IMMEDIATE")  # one writer creates it; a second finds it made
                 for statement in filter(str.strip, _SCHEMA.split(";")):
@@ -188,6 +189,24 @@ class ResultsStore:
             raise self._explain(error) from error
         finally:
             connection.close()
+
+    def _use_wal(self, connection: sqlite3.Connection) -> None:
+        """Switch the file to WAL (persistent: once per file), retrying while another process holds it.
+
+        SQLite answers ``database is locked`` at once, without its busy handler, when a
+        second connection changes the journal mode while the first creates the schema;
+        so two processes opening a new store together retry here until ``timeout_s``.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    connection.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) and "busy" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.01, 0.05))
 
     def _run(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple]:
         """One statement in its own connection and transaction.
