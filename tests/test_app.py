@@ -415,3 +415,19 @@ def test_live_page_with_smollm2_and_prompt_lookup():
         assert at.success or any("rounding near-tie, not a flaw" in i.value for i in at.info)
     finally:
         st.cache_resource.clear()
+
+
+def test_live_says_why_speculation_lost_in_the_drafters_terms():
+    from types import SimpleNamespace
+
+    from app.app_pages.live import loss_hint
+
+    def result(drafter: str, speedup: float | None, baseline: object = object()):
+        return SimpleNamespace(baseline=baseline, speedup=speedup, settings={"drafter": widgets.DRAFTER_LABELS[drafter]})
+
+    hint = loss_hint(result("layer-skip", 0.62))
+    assert hint.startswith("Speculation lost here (0.62×).") and "Layer skip" in hint
+    assert "break-even" in loss_hint(result("draft-model", 0.9))
+    assert loss_hint(result("layer-skip", 1.3)) is None  # it paid
+    assert loss_hint(result("layer-skip", None, baseline=None)) is None  # no baseline: nothing to say
+    assert loss_hint(result("none", 0.9)) is None  # the target alone has nothing to lose

@@ -30,7 +30,7 @@ from lab.models import ModelError, check_same_tokenizer, encode_prompt
 RESULT_KEY = "live:result"
 JOB_KEY = "live:job"  # an app.background.Job while a run is under way (or done and not yet shown)
 NOTICE_KEY = "live:notice"  # why the last run started did not finish (cancelled), shown until the next run
-METRIC_WIDTH_PX = 180  # the longest label, "Speedup vs target alone", with its help icon
+METRIC_WIDTH_PX = 170  # five in one row at 1400 px with the sidebar open; the longest label, "Speedup vs target alone", with its help icon
 MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
 
 EXAMPLE_PROMPT = """Fix the spelling mistakes in this text and return the corrected text only:
@@ -120,6 +120,9 @@ def show_metrics(slot, result: state.LiveResult) -> None:
         if result.baseline is not None and load.get("loaded"):
             st.warning(f"Measured while the machine was busy: {load['reason']}; rerun for a clean figure.",
                        icon=":material/speed:")
+        hint = loss_hint(result)
+        if hint:
+            st.info(hint, icon=":material/trending_down:")
         if result.baseline is not None:
             machine = "CPU" if result.settings.get("device") == "cpu" else "machine"
             sampled = "" if result.greedy else (
@@ -127,6 +130,32 @@ def show_metrics(slot, result: state.LiveResult) -> None:
                 "well) can flatter the speedup; compare at temperature 0 for like with like.")
             st.caption(f"Speedup: one short run on a shared {machine} is noisy (run it again and it can move by a "
                        f"third either way); use Compare over several prompts to decide.{sampled}")
+
+
+LOSS_HINTS = {
+    "layer-skip": "Layer skip drafts with the target's own first layers, untrained: each draft token costs a "
+                  "sizeable share of a target pass, and the early exit rarely agrees with the full model, so the "
+                  "verify passes keep too few tokens to pay for the drafting. It needs a target with many layers, "
+                  "or an exit trained for it (LayerSkip); try prompt lookup on text that repeats its prompt, or a "
+                  "draft model.",
+    "prompt-lookup": "Prompt lookup only proposes when the output repeats an n-gram of the prompt (code edits, "
+                     "summaries, retrieval); here it proposed little that the target kept. The Theory page shows "
+                     "the acceptance this drafter would need to break even.",
+    "draft-model": "The draft model costs too much per token for the acceptance it got on this prompt: below the "
+                   "break-even acceptance (Theory page) every rejected token is a wasted draft pass. Try a smaller "
+                   "draft, a smaller K, or a trimmed draft vocabulary.",
+    "eagle": "The trained head's acceptance on this prompt was below break-even (Theory page); heads trained on "
+             "little data accept well only near their training text. Try a smaller K.",
+}
+
+
+def loss_hint(result: state.LiveResult) -> str | None:
+    """Why speculation lost on this run, in the drafter's terms; None when it did not lose (or no baseline ran)."""
+    if result.baseline is None or result.speedup is None or result.speedup >= 1.0:
+        return None
+    name = next((n for n, label in widgets.DRAFTER_LABELS.items() if label == result.settings.get("drafter")), None)
+    hint = LOSS_HINTS.get(name)
+    return None if hint is None else f"Speculation lost here ({render.format_number(result.speedup, 2, '×')}). {hint}"
 
 
 def show_check(slot, result: state.LiveResult) -> None:
