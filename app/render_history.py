@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
@@ -23,6 +24,19 @@ FIGURE_COLUMNS = {
 SUMMARY_FIRST = ("drafter", "k", "K", "ks", "drafters", "batch_sizes", "max_new_tokens", "max new tokens",
                  "temperature", "engine", "precision", "device")
 SUMMARY_CHARS = 90
+
+
+# the "When" filter of the History page: label -> how far back it reaches (None: no limit)
+WINDOWS = {"any time": None, "last hour": timedelta(hours=1), "last 24 hours": timedelta(days=1),
+           "last 7 days": timedelta(days=7)}
+
+
+def within(runs: list[RunRecord], window: str, now: datetime) -> list[RunRecord]:
+    """The runs kept no earlier than ``now`` minus the window named in ``WINDOWS``; KeyError for another name."""
+    reach = WINDOWS[window]
+    if reach is None:
+        return runs
+    return [r for r in runs if datetime.fromisoformat(r.created_at) >= now - reach]
 
 
 def when(created_at: str) -> str:

@@ -4,6 +4,8 @@ delete with a confirmation; a corrupt store leaves the app running. Tiny models 
 from __future__ import annotations
 
 import json
+import sqlite3
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -67,6 +69,17 @@ def test_filters_by_kind_and_model(store):
     assert listed(history(kinds=["generate"])) == [c, b]
     assert listed(history(model="qwen2.5-coder-0.5b")) == [b]  # a draft counts as the run's model
     assert listed(history(kinds=["calibrate"], model="smollm2-135m")) == [a]
+
+
+def test_the_when_filter_keeps_only_the_runs_of_its_window(store):
+    old = store.save_run("generate", target="smollm2-135m", machine=MACHINE)
+    new = store.save_run("generate", target="smollm2-135m", machine=MACHINE)
+    three_days_ago = (datetime.now(timezone.utc) - timedelta(days=3)).isoformat(timespec="microseconds")
+    with sqlite3.connect(store.path) as connection:
+        connection.execute("UPDATE runs SET created_at = ? WHERE id = ?", (three_days_ago, old))
+    assert listed(history()) == [new, old]
+    assert listed(history(window="last 24 hours")) == [new]
+    assert listed(history(window="last 7 days")) == [new, old]
 
 
 def test_two_runs_side_by_side_mark_what_differs(store):

@@ -1,12 +1,14 @@
 """History page: every kept run (``lab.store``), from every session and the command line.
 
-Lists runs with filters (kind, model), reopens one on its own page, sets two
+Lists runs with filters (kind, model, when), ticks rows to pick them, reopens one on its own page, sets two
 side by side, exports the list as CSV or JSON, and deletes a run after a
 confirmation. The store is a SQLite file on this machine, so runs outlive the
 tab, the browser and the server.
 """
 
 from __future__ import annotations
+
+from datetime import datetime, timezone
 
 import streamlit as st
 
@@ -18,7 +20,9 @@ CONFIRM_KEY = "history:confirm_delete"  # the id a Delete click asks to confirm
 DELETED_KEY = "history:deleted"  # what the last delete did, said once
 MAX_RUNS = 500
 
-state.set_defaults(st.session_state, {"history.kinds": [], "history.model": "any", "history.parts": False})
+PICKED_KEY = "history:picked"  # the table rows ticked at the last rerun, so only a new tick moves the pickers
+state.set_defaults(st.session_state, {"history.kinds": [], "history.model": "any", "history.parts": False,
+                                      "history.window": "any time"})
 st.title("History")
 st.markdown("Every finished run is kept here, from the app's pages (any session on this server) and from "
             "`python -m lab` commands: the store is one SQLite file on this machine.")
@@ -36,26 +40,38 @@ kinds = sorted({r.kind for r in every})
 model_names = sorted({name for r in every for name in r.models.values() if name})
 # a filter value that names a kind or model no longer kept (deleted, or another store) is dropped, not refused
 st.session_state[key("history.kinds")] = [k for k in st.session_state[key("history.kinds")] if k in kinds]
-filter_cols = st.columns([2, 2, 1])
+filter_cols = st.columns([2, 2, 1.3, 1])
 filter_cols[0].multiselect("Kind", kinds, key=key("history.kinds"), placeholder="every kind")
 if st.session_state[key("history.model")] not in ("any", *model_names):
     st.session_state[key("history.model")] = "any"
 filter_cols[1].selectbox("Model", ["any", *model_names], key=key("history.model"))
-filter_cols[2].toggle("Parts too", key=key("history.parts"),
+filter_cols[2].selectbox("When", list(render_history.WINDOWS), key=key("history.window"),
+                         help="Only the runs kept in this window (times are UTC).")
+filter_cols[3].toggle("Parts too", key=key("history.parts"),
                       help="Also list each finished part of a long run: a sweep's batch sizes, a comparison's prompts.")
 chosen_kinds = st.session_state[key("history.kinds")] or None
 chosen_model = st.session_state[key("history.model")]
 runs = store.list_runs(chosen_kinds, None if chosen_model == "any" else chosen_model, limit=MAX_RUNS,
                        top_level=not st.session_state[key("history.parts")])
+runs = render_history.within(runs, st.session_state[key("history.window")], datetime.now(timezone.utc))
 
 if not runs:
     st.info("No runs kept yet" + (" that match the filters." if every else ": run something on another page, or "
             "`python -m lab generate ...`."), icon=":material/history:")
     st.stop()
 
-st.dataframe(render_history.runs_frame(runs), hide_index=True, width="stretch")
 by_label = {render_history.label(r): r for r in runs}
 labels = list(by_label)
+table = st.dataframe(render_history.runs_frame(runs), hide_index=True, width="stretch", on_select="rerun",
+                     selection_mode="multi-row", key="history:table")
+picked = [labels[i] for i in table.selection.rows if i < len(labels)]
+if picked != st.session_state.get(PICKED_KEY, []):  # a new tick in the table moves the pickers below
+    st.session_state[PICKED_KEY] = picked
+    if picked:
+        st.session_state["history:open"] = picked[-1]
+    if len(picked) >= 2:
+        st.session_state["history:a"], st.session_state["history:b"] = picked[-2], picked[-1]
+st.caption("Tick a row to open it below; tick two to compare them side by side.")
 
 download_cols = st.columns(2)
 download_cols[0].download_button("Download CSV", export_runs(runs, "csv"), file_name="runs.csv", mime="text/csv",
