@@ -124,6 +124,24 @@ def test_a_kept_comparison_reopens_on_the_compare_page(tiny_target, store):
     assert store.get_run(run_id).kind == "compare"
 
 
+def test_theory_places_the_latest_kept_comparison_from_a_new_session(tiny_target, store):
+    from lab.config import DecodeConfig
+    from lab.studies.compare import DrafterSpec, run_comparison
+
+    comparison = run_comparison(tiny_target, ["t5 t6 t5 t6"], [DrafterSpec("prompt-lookup")], [2],
+                                DecodeConfig(max_new_tokens=6), chat_template=False, measure_verify=False)
+    run_id = store.save_run("compare", target="tiny", machine=MACHINE, payload=json.loads(comparison.to_json()))
+    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT_S)
+    at.run()
+    at.switch_page("app_pages/theory.py").run()
+    (button,) = [b for b in at.button if b.label.startswith("Place the latest kept comparison")]
+    assert f"#{run_id}" in button.label
+    at = button.click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["compare:comparison"].to_json() == comparison.to_json()
+    assert not [b for b in at.button if b.label.startswith("Place the latest")]  # placed: the offer is gone
+
+
 def test_a_corrupt_store_is_explained_and_the_app_keeps_running(tmp_path, monkeypatch):
     path = tmp_path / "broken.sqlite3"
     path.write_bytes(b"definitely not sqlite " * 200)

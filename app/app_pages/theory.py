@@ -15,8 +15,9 @@ import math
 
 import streamlit as st
 
-from app import calibration, render_theory, state, widgets
+from app import calibration, render_history, render_theory, saved, state, widgets
 from lab.config import K_MAX
+from lab.store import StoreError
 from lab.theory import best_k, expected_speedup, expected_tokens_per_step
 
 RESULT_KEY = "compare:comparison"  # written by the Compare page
@@ -155,6 +156,16 @@ st.subheader("Measured runs on the curve")
 if comparison is None:
     st.info("No comparison yet: run one on the Compare page (or load a results file below) to place measured runs "
             "on these curves.", icon=":material/info:")
+    kept = saved.store()
+    latest = kept.list_runs("compare", limit=1, top_level=True) if kept is not None else []
+    if latest and st.button(f"Place the latest kept comparison (#{latest[0].id}, {render_history.when(latest[0].created_at)}, "
+                            f"{render_history.models(latest[0])})", icon=":material/history:"):
+        try:
+            saved.reopen(kept.get_run(latest[0].id), kept)  # into the session key this page reads
+        except (ValueError, StoreError) as error:
+            st.error(f"That comparison cannot be placed: {error}", icon=":material/error:")
+        else:
+            st.rerun()
 elif not points:
     st.info("The last comparison has no drafter run with drafted tokens and a measured cost: nothing to place.")
 else:
