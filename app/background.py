@@ -35,6 +35,8 @@ from lab import device_queue
 from lab.load import LoadReport, measure_load
 
 FOLLOW_EVERY_S = 0.15
+_STARTED: list["Job"] = []  # every job this server process started, for a reloaded tab to find (``elsewhere``)
+_STARTED_LOCK = threading.Lock()
 
 
 class JobCancelled(Exception):
@@ -118,6 +120,8 @@ def start(work: Callable[[Job], Any], device: str, holder: str,
     What it raises is kept in ``job.partial["finish_error"]`` (the run itself stands).
     """
     job = Job(holder=holder, ticket=device_queue.join(device, holder))
+    with _STARTED_LOCK:
+        _STARTED[:] = [j for j in _STARTED if not j.done.is_set()] + [job]
     threading.Thread(target=_run, args=(job, work, on_finish), daemon=True, name=f"lab job: {holder}").start()
     return job
 
@@ -142,6 +146,29 @@ def _run(job: Job, work: Callable[[Job], Any], on_finish: Callable[[Job], None] 
         job.error = error
     finally:
         job.done.set()
+
+
+def elsewhere(page: str) -> list[Job]:
+    """The jobs of ``page`` still running that another browser session started (a tab since reloaded or closed)."""
+    mine = session_holder(page)
+    with _STARTED_LOCK:
+        return [j for j in _STARTED if not j.done.is_set() and j.holder.startswith(f"{page}, ") and j.holder != mine]
+
+
+def offer_elsewhere(page: str, job_key: str, what: str) -> None:
+    """Say which runs of ``page`` another session started are still running, each with a button to follow it here.
+
+    A reloaded tab is a new session, so the run it started is no longer in its session state; following it puts
+    the job under ``job_key``, and the page draws and takes it over as if it had started it.
+    """
+    for i, job in enumerate(elsewhere(page)):
+        with st.container(border=True):
+            st.info(f"A {what} started by {job.holder.removeprefix(page + ', ')} (another tab, or this one before a "
+                    f"reload) is running: {job.status()}. It is kept in History when it ends.",
+                    icon=":material/sync:")
+            if st.button("Follow it here", key=f"{job_key}:follow:{i}", icon=":material/visibility:"):
+                st.session_state[job_key] = job
+                st.rerun()
 
 
 def follow(job: Job, draw: Callable[[Job], None], every_s: float = FOLLOW_EVERY_S) -> None:

@@ -716,3 +716,27 @@ def test_count_puts_the_noun_in_its_number():
     assert render.count(1, "token") == "1 token"
     assert render.count(0, "token") == "0 tokens"
     assert render.count(3, "target pass", "target passes") == "3 target passes"
+
+
+def test_a_comparison_started_before_a_reload_can_be_followed_from_the_new_session(tiny_models, tiny_comparison):
+    from app import background
+
+    release = threading.Event()
+
+    def work(job):  # a comparison another session started, still running when this tab opens
+        release.wait(30)
+        return tiny_comparison
+
+    job = background.start(work, "cpu", "Compare, session zzzz")
+    try:
+        at = app_on("compare")
+        (offer,) = [i.value for i in at.info if "session zzzz" in i.value]
+        assert "is running" in offer and "kept in History" in offer
+        threading.Timer(1.0, release.set).start()  # it ends while this session follows it
+        at = [b for b in at.button if b.label == "Follow it here"][0].click().run()
+        assert job.done.is_set()
+        assert not at.exception, at.exception
+        assert at.session_state["compare:comparison"] is tiny_comparison  # taken over as if started here
+        assert not [i for i in at.info if "session zzzz" in i.value]  # done: no longer offered
+    finally:
+        release.set()

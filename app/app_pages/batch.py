@@ -531,6 +531,8 @@ if run_clicked:
             lambda job, plan=plan: sweep_work(plan, job), plan.device, background.session_holder("Batch"),
             on_finish=lambda job, plan=plan: keep_finished(plan, job))
 
+if st.session_state.get(JOB_KEY) is None and not run_clicked:
+    background.offer_elsewhere("Batch", JOB_KEY, "sweep")
 if (job := st.session_state.get(JOB_KEY)) is not None:
     if not job.done.is_set():
         background.cancel_button(slots["cancel"], job, "batch_cancel",

@@ -540,6 +540,8 @@ if run_clicked:
                                       background.session_holder("Compare"),
                                       on_finish=lambda job, plan=plan: keep_finished(plan, job))
 
+if st.session_state.get(JOB_KEY) is None and not run_clicked:
+    background.offer_elsewhere("Compare", JOB_KEY, "comparison")
 if (job := st.session_state.get(JOB_KEY)) is not None:
     if not job.done.is_set():
         background.cancel_button(slots["cancel"], job, "compare_cancel",
