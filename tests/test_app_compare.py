@@ -683,6 +683,18 @@ def test_step_through_sampling_explains_the_draw(tiny_models):
     assert "uniform draw u =" in html and "Target/draft" in html
 
 
+def test_step_through_takes_the_n_gram_range(tiny_models):
+    # the prompt repeats with period 4: 1-3-grams find a continuation, an 8-gram suffix occurs nowhere earlier
+    drafted = {}
+    for low, high in ((1, 3), (8, 8)):
+        at = click(click(step_app(min_n=low, max_n=high), "Start"), "Next cycle")
+        assert not at.exception and not at.error
+        session = at.session_state["step:session"]
+        assert f"n-grams {low}-{high}" in session.settings["drafter"]
+        drafted[low] = len(session.steps[0].drafted)
+    assert drafted == {1: 4, 8: 0}
+
+
 def test_step_through_errors_are_shown(tiny_models):
     at = click(step_app(prompt="   "), "Start")
     assert not at.exception

@@ -50,6 +50,9 @@ DEFAULTS = {
     "step.drafter": "prompt-lookup",
     "step.draft": "qwen2.5-coder-0.5b",
     "step.draft_vocab": 0,
+    "step.min_n": 1,
+    "step.max_n": 3,
+    "step.exit_layer": None,
     "step.vocab_bridge": "none",
     "step.k": 4,
     "step.max_new_tokens": 48,
@@ -65,7 +68,7 @@ key = state.widget_key
 # What Start reads: a session keeps these as they were, so a change shows a note until the next Start.
 FORM_KEYS = ("step.target", "step.drafter", "step.draft", "step.k", "step.max_new_tokens", "step.temperature",
              "step.top_p", "step.seed", "step.raw", "step.prompt", "step.draft_vocab",
-             "step.vocab_bridge")
+             "step.vocab_bridge", "step.min_n", "step.max_n", "step.exit_layer")
 
 
 @dataclass
@@ -159,8 +162,13 @@ def start(runtime: state.Runtime, slot, draft_name: str | None) -> StepSession:
         draft = resources.load_for_role(draft_name, "draft", runtime, slot)
     prompt_ids = encode_prompt(target, prompt, chat_template=not s[key("step.raw")])
     trimmed = (s.get(key("step.draft_vocab")) or None) if drafter_name in ("draft-model", "eagle") else None
-    drafter = make_drafter(drafter_name, target, draft, draft_vocab=trimmed, vocab_bridge=bridge)
+    exit_layer = s.get(key("step.exit_layer"))
+    drafter = make_drafter(drafter_name, target, draft, min_n=int(s[key("step.min_n")]), max_n=int(s[key("step.max_n")]),
+                           exit_layer=None if exit_layer is None else int(exit_layer), draft_vocab=trimmed,
+                           vocab_bridge=bridge)
     settings = {"target": target_name, "drafter": widgets.DRAFTER_LABELS[drafter_name] + (f" ({draft.name})" if draft else "")
+                + (f", n-grams {s[key('step.min_n')]}-{s[key('step.max_n')]}" if drafter_name == "prompt-lookup" else "")
+                + (f", exit layer {exit_layer}" if drafter_name == "layer-skip" and exit_layer is not None else "")
                 + (f", top {trimmed:,} tokens" if trimmed else "") + {"text": ", text bridge", "ids": ", ids trap"}.get(bridge, ""),
                 "K": config.k, "max new tokens": config.max_new_tokens,
                 "sampling": "greedy" if config.sampling.is_greedy else f"temperature {config.temperature}, top-p {config.top_p}, seed {config.seed}",
@@ -250,6 +258,10 @@ with st.container(border=True):
             widgets.draft_vocab_select("step")
         if drafter_name == "eagle":
             widgets.eagle_note(target_choice)
+        elif drafter_name == "prompt-lookup":
+            widgets.ngram_inputs("step", *st.columns(2))
+        elif drafter_name == "layer-skip":
+            widgets.exit_layer_input("step")
     with right:
         k_col, tokens_col = st.columns(2)
         k_col.slider("K (draft tokens per step)", 1, K_MAX, key=key("step.k"))
@@ -286,8 +298,11 @@ try:
         st.session_state.pop(SESSION_KEY, None)
         st.rerun()
     elif (next_clicked or ahead_clicked) and session is not None:
-        for _ in range(RUN_AHEAD_CYCLES if ahead_clicked else 1):
-            session.next_cycle()
+        cycles = RUN_AHEAD_CYCLES if ahead_clicked else 1
+        with status_slot.container(), st.spinner(f"Running {render.count(cycles, 'cycle')} (draft, then one verify "
+                                                 "pass each; waits its turn if another run holds the device)…"):
+            for _ in range(cycles):
+                session.next_cycle()
         if session.finished is not None:
             saved.keep_step(session)
         st.session_state[key("step.view")] = max(1, len(session.steps))
