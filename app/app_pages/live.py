@@ -96,7 +96,7 @@ def show_metrics(slot, result: state.LiveResult) -> None:
     # a wrapping row of fixed-width cards, not st.columns(5): at 900 px with the sidebar open five columns cut
     # values ("2.…") and labels ("Accept…"); here the cards move to a second line instead
     with slot.container():
-        with st.container(horizontal=True, gap="medium"):
+        with st.container(horizontal=True, gap="small"):
             cards = [st.container(width=METRIC_WIDTH_PX) for _ in range(5)]
             cards[0].metric("Acceptance rate", render.format_rate(stats.acceptance_rate),
                             help=render.ACCEPTANCE_RATE_HELP)
