@@ -3,11 +3,13 @@
     python scripts/check_workload.py [--target smollm2-135m] [--drafter prompt-lookup] [--k 4]
         [--prompts spec_bench:mix:8] [--max-new-tokens 32] [--batch-sizes 1,2,4,8] [--out check.json]
 
-1. Measure, before any sweep: this machine's pass costs at each batch size
-   (``lab.studies.auto_k.time_batch_passes``), a prefill, and one batch-1 run
-   of every prompt with the target alone and with the drafter at K: their
-   output lengths, their acceptance, and the engine's own per-step overhead
-   over the bare pass (the loop's bookkeeping), added to every step's cost.
+1. Measure, before any sweep: this machine's step costs, the one cost model
+   the CLI and the page use (``lab.simulate.measure.machine_costs``: bare pass
+   timings at each batch size plus the real decode loop's own work per step by
+   batch size, profiled on the lab's own prompt sets, not the prompts checked
+   here; timed afresh unless ``--reuse-costs``), and one batch-1 run of every
+   checked prompt with the target alone and with the drafter at K: their output
+   lengths and their acceptance (the traffic's inputs, not its timings).
 2. Predict with ``lab.simulate``: static batches, a closed loop of B clients
    (the Batch page's load), the same requests in the same order, speculation
    off and at static K.
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,12 +47,10 @@ from lab.simulate import (  # noqa: E402
     Request,
     StaticK,
     Traffic,
-    costs_from_cost_model,
     simulate,
 )
-from lab.studies.auto_k import time_batch_passes  # noqa: E402
+from lab.simulate.measure import machine_costs  # noqa: E402
 from lab.studies.batch_sweep import _requests, run_sweep  # noqa: E402
-from lab.studies.passes import time_passes  # noqa: E402
 
 
 def main() -> None:
@@ -65,6 +64,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", default="1,2,4,8")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--reuse-costs", action="store_true", help="use the cached machine costs when they cover this")
     args = parser.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     started = time.perf_counter()
@@ -78,28 +78,23 @@ def main() -> None:
           "NOTE: measured on a machine shared with other engineers' test runs, so timings are noisy", flush=True)
 
     # 1. measure
-    run_batch(target, prompt_ids[:2], None, DecodeConfig(k=args.k, max_new_tokens=8))  # warm-up
-    cost = time_batch_passes(target, drafter, prompt_ids, batch_sizes, args.k)
-    length = int(statistics.median(len(p) for p in prompt_ids))
-    prefill_ms = time_passes(target.model, [length], context_tokens=1, repeats=3)[length]
+    costs = machine_costs(args.target, args.drafter, args.draft, batch_sizes, args.k, refresh=not args.reuse_costs,
+                          loop_tokens=args.max_new_tokens, progress=lambda f, message: print(f"  costs: {message}",
+                                                                                              flush=True))
     alone = [run_batch(target, [p], None, config) for p in prompt_ids]
     spec = [run_batch(target, [p], drafter, config) for p in prompt_ids]
     stats = SpecDecodingStats()
     for r in spec:
         stats.merge(r.pooled_stats())
-    overhead_ms = statistics.median(s.verify_ms for r in alone for s in r.steps) - statistics.median(
-        cost.target_ms[(1, 1)])
-    costs = costs_from_cost_model(cost, prefill_ms_per_token=prefill_ms / length, model=args.target)
-    costs = type(costs)({key: ms + max(0.0, overhead_ms) for key, ms in costs.target_ms.items()},
-                        costs.draft_ms_per_token, costs.prefill_ms_per_token, model=args.target,
-                        source="this machine + engine overhead")
     rates = tuple(n / stats.num_drafts for n in stats.accepted_per_position) if stats.num_drafts else (0.0,)
     draft_rate = stats.num_drafts / stats.target_forward_passes if stats.target_forward_passes else 1.0
     acceptance = AcceptanceProfile({"all": CategoryAcceptance(rates, min(1.0, draft_rate))}, model=args.target)
     lengths = [len(r.rows[0].token_ids) for r in alone]
+    loop_ms = {b: round(costs.overhead(b, 0), 1) for b in batch_sizes}
+    spec_ms = {b: round(costs.overhead(b, args.k) - costs.overhead(b, 0), 1) for b in batch_sizes}
     print(f"measured: per-position acceptance {[round(r, 2) for r in rates]}, draft rate {draft_rate:.2f}, "
-          f"engine overhead {overhead_ms:.1f} ms/step, prefill {prefill_ms / length:.2f} ms/token, "
-          f"output lengths {lengths}", flush=True)
+          f"loop overhead ms/step by B {loop_ms} (+ speculating {spec_ms}), prefill "
+          f"{costs.prefill_ms_per_token:.2f} ms/token, output lengths {lengths}", flush=True)
 
     # 2. predict
     predicted = {}
@@ -135,7 +130,7 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows,
                                         "costs": costs.as_dict(), "acceptance": acceptance.as_dict(),
-                                        "overhead_ms": overhead_ms, "note": "shared machine: noisy timings"}, indent=1))
+                                        "note": "shared machine: noisy timings"}, indent=1))
 
 
 def _prompts(sources):

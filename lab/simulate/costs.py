@@ -2,7 +2,8 @@
 
 One decode step of a batch of B rows, K drafted tokens per row, costs
 
-    T = target(B, w) + K x draft(B) + context_ms_per_token x (tokens cached over the batch)
+    T = target(B, w) + K x draft(B) + loop(B) [+ spec_loop(B) when K > 0]
+        + context_ms_per_token x (tokens cached over the batch)
 
 with w the verify width: K+1 for every row in a padded engine (the lab's, and
 llama.cpp's slots: ``width_rule`` "max", the widest row sets the pass) or the
@@ -11,8 +12,12 @@ drafted nothing counts as width 1. target(B, w) and draft(B) interpolate
 linearly between measured points (more rows or more tokens per row never cost
 less: a running maximum evens out timing noise) and extrapolate linearly beyond them (with
 one measured batch size, proportionally to B: the pessimistic guess, as
-``lab.studies.auto_k`` makes it). Prefill of n prompt tokens costs
-prefill_fixed_ms + prefill_ms_per_token x n, and yields the first token.
+``lab.studies.auto_k`` makes it). loop(B) and spec_loop(B) are the real decode
+loop's own work per step beyond the bare passes (per row: the n-gram search's
+bookkeeping, rollback, the cut, the stop checks, Python), measured by batch size
+by :mod:`lab.simulate.profile` and interpolated the same way (0 when unmeasured).
+Prefill of n prompt tokens costs prefill_fixed_ms + prefill_ms_per_token x n,
+and yields the first token.
 
 Sources: the Batch sweep's ``CostModel`` (``lab.studies.auto_k``, measured
 over real prompts by batch size), a batch-1 calibration
@@ -40,6 +45,8 @@ class StepCosts:
     prefill_ms_per_token: ms per prompt token (all rows' tokens summed);
     prefill_fixed_ms: ms per prefill pass. context_ms_per_token: ms per cached
     token over the batch, per step (0: the calibration's context only).
+    overhead_ms: {batch size: ms of the loop's own work per step} (every step);
+    spec_overhead_ms: {batch size: ms} more on a step that drafts (K > 0).
     width_rule: "max" (padded) or "mean" (flattened). model: the target's name
     ("" unknown); drafter: the drafter's label; source: for a person.
 
@@ -55,7 +62,9 @@ class StepCosts:
     model: str = ""
     drafter: str = ""
     source: str = "by hand"
-    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+    overhead_ms: dict[int, float] = field(default_factory=dict)
+    spec_overhead_ms: dict[int, float] = field(default_factory=dict)
+    _memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.target_ms:
@@ -64,7 +73,12 @@ class StepCosts:
             raise ValueError(f"step costs require the one-token step (width 1) at some batch size; got the widths "
                              f"{sorted({w for _, w in self.target_ms})}")
         values = [*self.target_ms.values(), *self.draft_ms_per_token.values(), self.prefill_ms_per_token,
-                  self.prefill_fixed_ms, self.context_ms_per_token]
+                  self.prefill_fixed_ms, self.context_ms_per_token, *self.overhead_ms.values(),
+                  *self.spec_overhead_ms.values()]
+        if any(b < 1 for b in [*self.draft_ms_per_token, *self.overhead_ms, *self.spec_overhead_ms]) or \
+                any(b < 1 or w < 1 for b, w in self.target_ms):
+            raise ValueError("step costs require batch sizes and widths >= 1; got "
+                             f"{sorted(self.target_ms)} {sorted(self.overhead_ms)} {sorted(self.spec_overhead_ms)}")
         if any(not (v >= 0) for v in values):
             raise ValueError(f"step costs require times >= 0 ms; got {values}")
         if self.width_rule not in ("max", "mean"):
@@ -91,10 +105,21 @@ class StepCosts:
             self._memo[key] = _interpolate(sorted(self.draft_ms_per_token.items()), batch_size)
         return k * self._memo[key]
 
+    def overhead(self, batch_size: int, k: int) -> float:
+        """ms of the decode loop's own work in one step of batch_size rows (beyond the passes; 0 unmeasured)."""
+        key = ("overhead", batch_size, k > 0)
+        if key not in self._memo:
+            ms = _interpolate(sorted(self.overhead_ms.items()), batch_size) \
+                if self.overhead_ms else 0.0
+            if k > 0 and self.spec_overhead_ms:
+                ms += _interpolate(sorted(self.spec_overhead_ms.items()), batch_size)
+            self._memo[key] = ms
+        return self._memo[key]
+
     def step_ms(self, batch_size: int, k: int, width: float | None = None, context_tokens: int = 0) -> float:
-        """ms of one decode step: verify at ``width`` (default K+1), drafting K, and the context term."""
+        """ms of one decode step: verify at ``width`` (default K+1), drafting K, the loop's work, the context term."""
         return (self.target(batch_size, k + 1 if width is None else width) + self.draft(batch_size, k)
-                + self.context_ms_per_token * context_tokens)
+                + self.overhead(batch_size, k) + self.context_ms_per_token * context_tokens)
 
     def prefill_ms(self, prompt_tokens: int) -> float:
         """ms of one prefill pass over prompt_tokens tokens (all rows joining together)."""
@@ -115,7 +140,9 @@ class StepCosts:
                 "target_ms": {f"{b}x{w}": ms for (b, w), ms in sorted(self.target_ms.items())},
                 "draft_ms_per_token": {str(b): ms for b, ms in sorted(self.draft_ms_per_token.items())},
                 "prefill_ms_per_token": self.prefill_ms_per_token, "prefill_fixed_ms": self.prefill_fixed_ms,
-                "context_ms_per_token": self.context_ms_per_token, "width_rule": self.width_rule}
+                "context_ms_per_token": self.context_ms_per_token, "width_rule": self.width_rule,
+                "overhead_ms": {str(b): ms for b, ms in sorted(self.overhead_ms.items())},
+                "spec_overhead_ms": {str(b): ms for b, ms in sorted(self.spec_overhead_ms.items())}}
 
 
 def costs_from_dict(data: dict[str, Any], source: str = "file") -> StepCosts:
@@ -142,13 +169,15 @@ def costs_from_dict(data: dict[str, Any], source: str = "file") -> StepCosts:
     try:
         target = {_bxw(key): float(ms) for key, ms in data["target_ms"].items()}
         draft = {int(b): float(ms) for b, ms in (data.get("draft_ms_per_token") or {}).items()}
+        overhead = {int(b): float(ms) for b, ms in (data.get("overhead_ms") or {}).items()}
+        spec_overhead = {int(b): float(ms) for b, ms in (data.get("spec_overhead_ms") or {}).items()}
     except (TypeError, ValueError, AttributeError):
         raise ValueError("a costs file requires 'target_ms' as {'BxW': ms} and 'draft_ms_per_token' as {'B': ms}; "
                          f"got {str(data.get('target_ms'))[:80]}") from None
     return StepCosts(target, draft, float(data.get("prefill_ms_per_token", 0.0)),
                      float(data.get("prefill_fixed_ms", 0.0)), float(data.get("context_ms_per_token", 0.0)),
                      data.get("width_rule", "max"), data.get("model", "") or "", data.get("drafter", "") or "",
-                     data.get("source", source))
+                     data.get("source", source), overhead, spec_overhead)
 
 
 def read_costs(path: str | Path) -> StepCosts:
@@ -193,7 +222,8 @@ def costs_from_serve_bench(data: dict[str, Any]) -> StepCosts:
     the records carry no server timings.
     """
     endpoints = [e["label"] for e in data["settings"]["endpoints"]]
-    k = int(data["settings"].get("llama_k") or data["settings"].get("k") or 4)
+    llama = data["settings"].get("llama_server") or {}  # what serve-bench --llama-target records
+    k = int(llama.get("k") or data["settings"].get("llama_k") or data["settings"].get("k") or 4)
     target: dict[tuple[int, int], float] = {}
     prefill = []
     for level in data.get("levels", []):
@@ -220,8 +250,9 @@ def costs_from_serve_bench(data: dict[str, Any]) -> StepCosts:
                          "profile costs from llama-server, or give a costs file")
     settings = data["settings"]
     return StepCosts(target, {}, statistics.median(prefill) if prefill else 0.0, width_rule="max",
-                     model=str(settings.get("llama_target") or settings.get("model") or ""),
-                     drafter=str(settings.get("llama_draft") or endpoints[0]), source="serve-bench (server timings)")
+                     model=str(llama.get("target") or settings.get("llama_target") or settings.get("model") or ""),
+                     drafter=str(llama.get("draft") or settings.get("llama_draft") or endpoints[0]),
+                     source="serve-bench (server timings)")
 
 
 def _bxw(key: str) -> tuple[int, int]:

@@ -3,10 +3,15 @@
 ``machine_costs`` times, over real prompts, target verify passes of B rows x w
 tokens (w = 1..k_max+1) and drafting per token for every B asked
 (``lab.studies.auto_k.time_batch_passes``, the lab's one pass timer), and a
-prefill of the prompts at batch 1 for prefill_ms_per_token. The result is
+prefill of the prompts at batch 1; then runs the real decode loop at each B
+on the same prompts, off and at K = min(4, k_max), for the loop's own work per
+step beyond the bare passes and the batch's prefill (``lab.simulate.profile``).
+The prompts are the lab's own sets, not Spec-Bench's: a check against a run on
+Spec-Bench prompts predicts prompts the costs never saw. The result is
 cached per machine, target and drafter as the simulator's costs JSON under
 ``lab.models.cache_dir() / "calibration"`` (beside ``lab.studies.calibrate``'s),
-and reused when it covers the batch sizes and K asked for.
+and reused when it covers the batch sizes and K asked for and holds the loop
+profile (an older file without it is timed again).
 """
 
 from __future__ import annotations
@@ -41,10 +46,12 @@ def cached_costs(target: str, drafter: str, draft: str | None = None, device: st
 
 def machine_costs(target: str, drafter: str, draft: str | None = None, batch_sizes: Sequence[int] = (1, 2, 4, 8),
                   k_max: int = 8, prompts: Sequence[str] = DEFAULT_PROMPTS, device: str = "auto",
-                  refresh: bool = False, repeats: int = 3, progress: Progress | None = None) -> StepCosts:
+                  refresh: bool = False, repeats: int = 3, progress: Progress | None = None,
+                  loop_tokens: int = 24) -> StepCosts:
     """Time (or read the cached timing of) a target and drafter here at each batch size (see the module docstring).
 
     target, draft: presets or folders; drafter: a name of ``lab.drafters.DRAFTER_NAMES``.
+    loop_tokens: output tokens a request in the loop profile (more: steadier, slower).
     Raises ValueError for no batch sizes or K out of 1..16; ``lab.models.ModelError`` when a model cannot load.
     """
     if not batch_sizes or min(batch_sizes) < 1:
@@ -54,7 +61,8 @@ def machine_costs(target: str, drafter: str, draft: str | None = None, batch_siz
     report = progress or (lambda fraction, message: None)
     cached = None if refresh else cached_costs(target, drafter, draft, device)
     if cached is not None and set(batch_sizes) <= set(cached.batch_sizes) and \
-            all((b, k_max + 1) in cached.target_ms for b in batch_sizes):
+            all((b, k_max + 1) in cached.target_ms for b in batch_sizes) and \
+            set(batch_sizes) <= set(cached.overhead_ms):
         report(1.0, f"reusing the cached costs at {costs_path(target, drafter, draft, device)}")
         return cached
     from lab.drafters import make_drafter
@@ -72,15 +80,20 @@ def machine_costs(target: str, drafter: str, draft: str | None = None, batch_siz
     time_batch_passes(loaded, batch_drafter, prompt_ids, [1], k_max, repeats=1)  # untimed: a cold first pass is slow
     cost = None
     for i, b in enumerate(sorted(set(batch_sizes))):
-        report(0.1 + 0.8 * i / len(batch_sizes), f"timing passes at batch size {b}")
+        report(0.1 + 0.4 * i / len(batch_sizes), f"timing passes at batch size {b}")
         cost = time_batch_passes(loaded, batch_drafter, prompt_ids, [b], k_max, repeats=repeats, cost=cost)
     length = int(statistics.median(len(p) for p in prompt_ids))
-    report(0.9, f"timing a prefill of {length} tokens")
+    report(0.5, f"timing a prefill of {length} tokens")
     prefill_ms = time_passes(loaded.model, [length], context_tokens=1, repeats=repeats)[length]
     from lab.simulate.costs import costs_from_cost_model
+    from lab.simulate.profile import profile_loop, with_loop_profile
 
     costs = costs_from_cost_model(cost, prefill_ms_per_token=prefill_ms / length, model=str(target),
                                   drafter=str(draft or drafter))
+    k = min(4, k_max)
+    loop = profile_loop(loaded, batch_drafter, prompt_ids, batch_sizes, k, loop_tokens,
+                        progress=lambda f, message: report(0.55 + 0.4 * f, message))
+    costs = with_loop_profile(costs, *loop, k)
     path = costs_path(target, drafter, draft, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(costs.as_dict() | {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
