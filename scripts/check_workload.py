@@ -3,19 +3,20 @@
     python scripts/check_workload.py [--target smollm2-135m] [--drafter prompt-lookup] [--k 4]
         [--prompts spec_bench:mix:8] [--max-new-tokens 32] [--batch-sizes 1,2,4,8] [--out check.json]
 
-1. Measure, before any sweep: this machine's step costs, the one cost model
-   the CLI and the page use (``lab.simulate.measure.machine_costs``: bare pass
-   timings at each batch size plus the real decode loop's own work per step by
-   batch size, profiled on the lab's own prompt sets, not the prompts checked
-   here; timed afresh unless ``--reuse-costs``), and one batch-1 run of every
-   checked prompt with the target alone and with the drafter at K: their output
-   lengths and their acceptance (the traffic's inputs, not its timings).
-2. Predict with ``lab.simulate``: static batches, a closed loop of B clients
-   (the Batch page's load), the same requests in the same order, speculation
-   off and at static K.
-3. Run the Batch sweep (``lab.studies.batch_sweep.run_sweep``) on the same
-   prompts and print predicted against measured p50 / p95 latency and
-   throughput per batch size, with the error in percent.
+1. The traffic's inputs: one batch-1 run of every checked prompt with the
+   target alone and with the drafter at K: their output lengths and their
+   acceptance (not their timings).
+2. Per batch size B, ascending, interleaved so that the machine's drifting load
+   hits costs and check alike: time this machine's step costs at B with the one
+   cost model the CLI and the page use (``lab.simulate.measure.time_costs``:
+   bare passes plus the real decode loop's own work per step, profiled on the
+   lab's own prompt sets, never the prompts checked here); predict the level
+   with ``lab.simulate`` (static batches, a closed loop of B clients as the
+   Batch page loads it, the same requests in the same order, speculation off and
+   at static K); then run it (``lab.studies.batch_sweep.run_sweep`` at B) and
+   print predicted against measured p50 / p95 latency and throughput, with the
+   error in percent, the loop overhead charged, a probe of the machine's speed
+   (a bare one-token pass) before and after, and the load average.
 
 The goal: within 15 % on p50 latency and 25 % on p99 (with 8 requests a level,
 the sweep's p95 is its nearest figure). On a machine shared with other jobs the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,7 +51,8 @@ from lab.simulate import (  # noqa: E402
     Traffic,
     simulate,
 )
-from lab.simulate.measure import machine_costs  # noqa: E402
+from lab.simulate.measure import DEFAULT_PROMPTS, time_costs  # noqa: E402
+from lab.studies.passes import time_passes  # noqa: E402
 from lab.studies.batch_sweep import _requests, run_sweep  # noqa: E402
 
 
@@ -64,7 +67,6 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", default="1,2,4,8")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--reuse-costs", action="store_true", help="use the cached machine costs when they cover this")
     args = parser.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     started = time.perf_counter()
@@ -77,10 +79,7 @@ def main() -> None:
     print(f"{args.target} with {args.drafter}, K={args.k}, {len(prompts)} prompts, {args.max_new_tokens} tokens; "
           "NOTE: measured on a machine shared with other engineers' test runs, so timings are noisy", flush=True)
 
-    # 1. measure
-    costs = machine_costs(args.target, args.drafter, args.draft, batch_sizes, args.k, refresh=not args.reuse_costs,
-                          loop_tokens=args.max_new_tokens, progress=lambda f, message: print(f"  costs: {message}",
-                                                                                              flush=True))
+    # 1. the traffic's inputs: every checked prompt alone at batch 1, off and on (lengths, acceptance)
     alone = [run_batch(target, [p], None, config) for p in prompt_ids]
     spec = [run_batch(target, [p], drafter, config) for p in prompt_ids]
     stats = SpecDecodingStats()
@@ -90,47 +89,56 @@ def main() -> None:
     draft_rate = stats.num_drafts / stats.target_forward_passes if stats.target_forward_passes else 1.0
     acceptance = AcceptanceProfile({"all": CategoryAcceptance(rates, min(1.0, draft_rate))}, model=args.target)
     lengths = [len(r.rows[0].token_ids) for r in alone]
-    loop_ms = {b: round(costs.overhead(b, 0), 1) for b in batch_sizes}
-    spec_ms = {b: round(costs.overhead(b, args.k) - costs.overhead(b, 0), 1) for b in batch_sizes}
-    print(f"measured: per-position acceptance {[round(r, 2) for r in rates]}, draft rate {draft_rate:.2f}, "
-          f"loop overhead ms/step by B {loop_ms} (+ speculating {spec_ms}), prefill "
-          f"{costs.prefill_ms_per_token:.2f} ms/token, output lengths {lengths}", flush=True)
+    print(f"traffic: per-position acceptance {[round(r, 2) for r in rates]}, draft rate {draft_rate:.2f}, "
+          f"output lengths {lengths}", flush=True)
+    profile_ids = [encode_prompt(target, p.text) for p in load_prompt_sets(list(DEFAULT_PROMPTS))]
 
-    # 2. predict
-    predicted = {}
+    rows, costs = [], None
+    print(f"{'B':>3} {'mode':>4} {'p50 s pred/meas':>17} {'err':>6} {'p95 s pred/meas':>17} {'err':>6} "
+          f"{'tok/s pred/meas':>17} {'err':>6}  {'loop ms':>7} {'probe ms before/after':>21} {'load':>4}")
     for b in batch_sizes:
+        # 2. this level's costs, timed just before it (the machine's load drifts): the CLI's one cost model
+        probe_before = _probe(target)
+        level_costs = time_costs(target, drafter, profile_ids, [b], args.k, args.target, args.drafter,
+                                 loop_tokens=args.max_new_tokens)
+        costs = level_costs if costs is None else costs.merged(level_costs)
+        # 3. predict: static batches, a closed loop of B clients (the Batch page's load), the same requests in order
         requests = tuple(Request(0.0, len(prompt_ids[i]), lengths[i]) for i in _requests(len(prompt_ids), b))
         traffic = Traffic("closed", concurrency=b, requests=requests, num_requests=len(requests))
-        for name, policy in (("off", Off()), ("on", StaticK(args.k))):
-            predicted[(b, name)] = simulate(traffic, acceptance, costs, policy, "static", seed=0).summary()
-
-    # 3. run for real
-    sweep = run_sweep(target, prompt_ids, drafter, config, batch_sizes, calibration=False)
-    rows = []
-    print(f"{'B':>3} {'mode':>4} {'p50 s pred/meas':>17} {'err':>6} {'p95 s pred/meas':>17} {'err':>6} "
-          f"{'tok/s pred/meas':>17} {'err':>6}")
-    for result in sweep.results:
+        predicted = {name: simulate(traffic, acceptance, costs, policy, "static", seed=0).summary()
+                     for name, policy in (("off", Off()), ("on", StaticK(args.k)))}
+        # 4. run for real
+        result = run_sweep(target, prompt_ids, drafter, config, [b], calibration=False).results[0]
+        probe_after, load = _probe(target), os.getloadavg()[0]
         for name, run in (("off", result.off), ("on", result.on)):
-            p = predicted[(result.batch_size, name)]
-            row = {"batch_size": result.batch_size, "mode": name,
+            p = predicted[name]
+            row = {"batch_size": b, "mode": name,
                    "latency_p50_s": [p.latency_p50_s, run.latency_p50_s],
                    "latency_p95_s": [p.latency_p95_s, run.latency_p95_s],
-                   "tokens_per_s": [p.tokens_per_s, run.tokens_per_s]}
+                   "tokens_per_s": [p.tokens_per_s, run.tokens_per_s],
+                   "loop_overhead_ms": costs.overhead(b, args.k if name == "on" else 0),
+                   "probe_ms": [probe_before, probe_after], "load_average": load}
             row["errors_pct"] = {key: _error(*row[key]) for key in ("latency_p50_s", "latency_p95_s", "tokens_per_s")}
             rows.append(row)
             e = row["errors_pct"]
-            print(f"{result.batch_size:>3} {name:>4} {p.latency_p50_s:>8.3f}/{run.latency_p50_s:<8.3f} "
+            print(f"{b:>3} {name:>4} {p.latency_p50_s:>8.3f}/{run.latency_p50_s:<8.3f} "
                   f"{e['latency_p50_s']:>+5.0f}% {p.latency_p95_s:>8.3f}/{run.latency_p95_s:<8.3f} "
                   f"{e['latency_p95_s']:>+5.0f}% {p.tokens_per_s:>8.1f}/{run.tokens_per_s:<8.1f} "
-                  f"{e['tokens_per_s']:>+5.0f}%", flush=True)
+                  f"{e['tokens_per_s']:>+5.0f}%  {row['loop_overhead_ms']:>7.1f} {probe_before:>10.1f}/{probe_after:<10.1f}"
+                  f" {load:>4.1f}", flush=True)
     within = sum(abs(r["errors_pct"]["latency_p50_s"]) <= 15 for r in rows)
     tails = sum(abs(r["errors_pct"]["latency_p95_s"]) <= 25 for r in rows)
     print(f"p50 latency within 15 %: {within}/{len(rows)}; p95 within 25 %: {tails}/{len(rows)}; "
           f"{time.perf_counter() - started:.0f} s in all (shared, noisy machine)")
     if args.out:
         args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows,
-                                        "costs": costs.as_dict(), "acceptance": acceptance.as_dict(),
+                                        "costs": costs.as_dict(), "profile_prompts": list(DEFAULT_PROMPTS), "acceptance": acceptance.as_dict(),
                                         "note": "shared machine: noisy timings"}, indent=1))
+
+
+def _probe(target) -> float:
+    """Median ms of a bare one-token pass after 100 cached tokens: how fast the machine is right now."""
+    return time_passes(target.model, [1], context_tokens=100, repeats=5)[1]
 
 
 def _prompts(sources):

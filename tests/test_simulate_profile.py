@@ -51,17 +51,28 @@ def test_bad_overheads_are_refused(field, value, message):
 
 
 def test_loop_overheads_are_the_median_wall_time_beyond_the_bare_passes():
-    # off: steps at B = 8 take 26-28 ms (bare 20: overhead median 7), then two rows left at B = 1 (bare 10, +2)
-    off = fake_run([(8, 1, 27.0, 0.0), (8, 1, 26.0, 0.0), (8, 1, 28.0, 0.0), (1, 1, 12.0, 0.0), (1, 1, 12.0, 0.0)])
+    # off: steps at B = 8 take 26-28 ms (bare 20: overhead median 7); the run's tail at B = 1 is not a profile
+    # of B = 1 (too few steps) and is left out; a run that starts at B = 1 is (bare 10, +2)
+    off = fake_run([(8, 1, 27.0, 0.0), (8, 1, 26.0, 0.0), (8, 1, 28.0, 0.0), (1, 1, 99.0, 0.0), (1, 1, 99.0, 0.0)])
+    alone = fake_run([(1, 1, 12.0, 0.0), (1, 1, 12.5, 0.0), (1, 1, 11.5, 0.0)])
     # on: B = 8 at width 5: bare 40 + 4 drafts x 2 + overhead 7 = 55; measured 58 -> spec overhead 3;
     # a step where no row drafted (width 1) is still charged the drafts: 20 + 8 + 7 + 3 = 38
     on = fake_run([(8, 5, 58.0, 8.0), (8, 1, 38.0, 8.0), (8, 5, 58.0, 8.0)])
-    overhead, spec_overhead = loop_overheads([off], [on], BARE, k=4)
+    overhead, spec_overhead = loop_overheads([off, alone], [on], BARE, k=4)
     assert overhead == {8: pytest.approx(7.0), 1: pytest.approx(2.0)}
     assert spec_overhead == {8: pytest.approx(3.0)}
     # a step faster than its bare pass (noise) never makes a negative cost
     fast = fake_run([(1, 1, 8.0, 0.0)])
     assert loop_overheads([fast], [], BARE, k=4)[0] == {1: 0.0}
+
+
+def test_merged_costs_take_the_later_timings_where_both_have_one():
+    early = dataclasses.replace(BARE, overhead_ms={1: 1.0, 8: 8.0})
+    later = StepCosts({(8, 1): 25.0}, {8: 3.0}, prefill_ms_per_token=2.0, model="m", overhead_ms={8: 9.0})
+    both = early.merged(later)
+    assert both.target_ms[(8, 1)] == 25.0 and both.target_ms[(1, 5)] == 14.0
+    assert both.overhead_ms == {1: 1.0, 8: 9.0} and both.draft_ms_per_token == {1: 1.0, 8: 3.0}
+    assert both.prefill_ms_per_token == 2.0 and both.step_ms(8, 0) == pytest.approx(25.0 + 9.0)
 
 
 def test_the_first_steps_wall_time_starts_after_the_prefill():

@@ -28,6 +28,7 @@ llama.cpp's own timings, or the simulator's costs JSON (:meth:`StepCosts.as_dict
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -134,6 +135,13 @@ class StepCosts:
         if self.model and model and _short(self.model) != _short(model):
             raise ValueError(f"the step costs were measured on {self.model!r}; the workload is for {model!r}: "
                              "calibrate that model or give its costs")
+
+    def merged(self, later: "StepCosts") -> "StepCosts":
+        """These costs with ``later`` 's timings added (``later`` wins where both have one; its prefill and labels)."""
+        return dataclasses.replace(
+            later, target_ms=self.target_ms | later.target_ms,
+            draft_ms_per_token=self.draft_ms_per_token | later.draft_ms_per_token,
+            overhead_ms=self.overhead_ms | later.overhead_ms, spec_overhead_ms=self.spec_overhead_ms | later.spec_overhead_ms)
 
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "drafter": self.drafter, "source": self.source,

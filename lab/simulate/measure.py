@@ -68,8 +68,6 @@ def machine_costs(target: str, drafter: str, draft: str | None = None, batch_siz
     from lab.drafters import make_drafter
     from lab.models import encode_prompt, load_model
     from lab.prompts import load_prompt_sets
-    from lab.studies.auto_k import time_batch_passes
-    from lab.studies.passes import time_passes
 
     start = time.perf_counter()
     report(0.0, f"loading {target}")
@@ -77,6 +75,30 @@ def machine_costs(target: str, drafter: str, draft: str | None = None, batch_siz
     draft_model = load_model(draft, device=None if device == "auto" else device) if draft else None
     batch_drafter = make_drafter(drafter, loaded, draft_model)
     prompt_ids = [encode_prompt(loaded, p.text) for p in load_prompt_sets(list(prompts))]
+    costs = time_costs(loaded, batch_drafter, prompt_ids, batch_sizes, k_max, str(target), str(draft or drafter),
+                       repeats, loop_tokens, report)
+    path = costs_path(target, drafter, draft, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(costs.as_dict() | {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                  "wall_s": time.perf_counter() - start}, indent=1))
+    report(1.0, f"timed in {time.perf_counter() - start:.0f} s")
+    return costs
+
+
+def time_costs(loaded, batch_drafter, prompt_ids: Sequence[Sequence[int]], batch_sizes: Sequence[int], k_max: int,
+               model: str, drafter: str, repeats: int = 3, loop_tokens: int = 24,
+               progress: Progress | None = None) -> StepCosts:
+    """Time loaded models here (see the module docstring): bare passes, a prefill, the decode loop; nothing cached.
+
+    loaded: a ``lab.models`` target; batch_drafter: its drafter (``lab.drafters.make_drafter``);
+    prompt_ids: the profiling prompts' token ids; model, drafter: names the costs carry.
+    """
+    from lab.simulate.costs import costs_from_cost_model
+    from lab.simulate.profile import profile_loop, with_loop_profile
+    from lab.studies.auto_k import time_batch_passes
+    from lab.studies.passes import time_passes
+
+    report = progress or (lambda fraction, message: None)
     time_batch_passes(loaded, batch_drafter, prompt_ids, [1], k_max, repeats=1)  # untimed: a cold first pass is slow
     cost = None
     for i, b in enumerate(sorted(set(batch_sizes))):
@@ -85,18 +107,8 @@ def machine_costs(target: str, drafter: str, draft: str | None = None, batch_siz
     length = int(statistics.median(len(p) for p in prompt_ids))
     report(0.5, f"timing a prefill of {length} tokens")
     prefill_ms = time_passes(loaded.model, [length], context_tokens=1, repeats=repeats)[length]
-    from lab.simulate.costs import costs_from_cost_model
-    from lab.simulate.profile import profile_loop, with_loop_profile
-
-    costs = costs_from_cost_model(cost, prefill_ms_per_token=prefill_ms / length, model=str(target),
-                                  drafter=str(draft or drafter))
+    costs = costs_from_cost_model(cost, prefill_ms_per_token=prefill_ms / length, model=model, drafter=drafter)
     k = min(4, k_max)
     loop = profile_loop(loaded, batch_drafter, prompt_ids, batch_sizes, k, loop_tokens,
                         progress=lambda f, message: report(0.55 + 0.4 * f, message))
-    costs = with_loop_profile(costs, *loop, k)
-    path = costs_path(target, drafter, draft, device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(costs.as_dict() | {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                  "wall_s": time.perf_counter() - start}, indent=1))
-    report(1.0, f"timed in {time.perf_counter() - start:.0f} s")
-    return costs
+    return with_loop_profile(costs, *loop, k)

@@ -15,8 +15,8 @@ reads its ``BatchStep`` events: a step's wall time is the gap between its
     overhead(B)      = median over off steps of B rows of  wall - target(B, 1)
     spec_overhead(B) = median over speculating steps of B rows of  wall - target(B, width) - draft(B, K) - overhead(B)
 
-with target and draft the bare costs. Rows finish at different steps, so one
-run at B also gives steps at smaller batch sizes; every batch size seen counts.
+with target and draft the bare costs, over the steps at each run's own batch size
+(its first step's): the few steps a run takes after some rows finish are too few to count.
 A speculating step whose rows all found no draft (width 1) counts too: the
 simulator charges it the K drafts and width 1, as the loop spent the search.
 Negative medians (noise) become 0. The prefill is refitted from the same runs:
@@ -59,16 +59,18 @@ def loop_overheads(off_runs: Sequence, on_runs: Sequence, costs: StepCosts, k: i
     off: dict[int, list[float]] = {}
     for run in off_runs:
         for b, width, wall_ms, _ in step_walls_ms(run):
-            off.setdefault(b, []).append(wall_ms - costs.target(b, width))
+            if b == run.steps[0].batch_size:
+                off.setdefault(b, []).append(wall_ms - costs.target(b, width))
     if not off:
         raise ValueError("the loop profile requires steps of runs with speculation off; got none")
     overhead = {b: max(0.0, statistics.median(ms)) for b, ms in off.items()}
     with_overhead = dataclasses.replace(costs, overhead_ms=overhead, spec_overhead_ms={})
     on: dict[int, list[float]] = {}
     for run in on_runs:
-        for b, width, wall_ms, draft_ms in step_walls_ms(run):
-            on.setdefault(b, []).append(wall_ms - costs.target(b, width) - costs.draft(b, k)
-                                        - with_overhead.overhead(b, 0))
+        for b, width, wall_ms, _ in step_walls_ms(run):
+            if b == run.steps[0].batch_size:
+                on.setdefault(b, []).append(wall_ms - costs.target(b, width) - costs.draft(b, k)
+                                            - with_overhead.overhead(b, 0))
     return overhead, {b: max(0.0, statistics.median(ms)) for b, ms in on.items()}
 
 
