@@ -11,7 +11,8 @@
    step at each concurrency, ``prompt_ms`` per prompt token:
    ``lab.simulate.costs_from_serve_bench``), acceptance from its draft counters
    (``lab.simulate.acceptance_from_serve_bench``). Nothing of the checked run
-   goes into them.
+   goes into them. The prefill is each endpoint's own (the "on" server also
+   prefills the draft).
 3. Check: serve-bench over the checked prompts at the same levels.
 4. Predict each level with ``lab.simulate``: a closed loop of C clients,
    continuous batching (llama-server's slots), the same requests (their prompt
@@ -84,10 +85,11 @@ def main() -> None:
                                 progress=log)
     profile.settings["llama_server"] = check.settings["llama_server"] = llama
     profile_data, check_data = profile.as_dict(), check.as_dict()
-    costs = costs_from_serve_bench(profile_data)
+    costs = {mode: costs_from_serve_bench(profile_data, prefill_label=mode) for mode in ("on", "off")}
     acceptance = acceptance_from_serve_bench(profile_data)
-    print(f"profiled step ms {{(concurrency, width): ms}} {({k: round(v, 1) for k, v in costs.target_ms.items()})}, "
-          f"prefill {costs.prefill_ms_per_token:.2f} ms/token, per-position acceptance "
+    print(f"profiled step ms {{(concurrency, width): ms}} {({k: round(v, 1) for k, v in costs['on'].target_ms.items()})}, "
+          f"prefill ms/token on {costs['on'].prefill_ms_per_token:.2f}, off {costs['off'].prefill_ms_per_token:.2f}, "
+          "per-position acceptance "
           f"{[round(r, 2) for r in acceptance.categories['all'].per_position]}", flush=True)
 
     rows = []
@@ -101,7 +103,7 @@ def main() -> None:
         requests = tuple(Request(0.0, max(1, r["input_tokens"] or 1), max(1, r["output_tokens"] or 1)) for r in records)
         traffic = Traffic("closed", concurrency=c, requests=requests, num_requests=len(requests))
         policy = StaticK(args.k) if mode == "on" else Off()
-        p = simulate(traffic, acceptance, costs, policy, "continuous", seed=0).summary()
+        p = simulate(traffic, acceptance, costs[mode], policy, "continuous", seed=0).summary()
         measured = {"latency_p50_s": level["median_e2el_ms"] / 1e3, "latency_p99_s": level["p99_e2el_ms"] / 1e3,
                     "ttft_p50_s": level["median_ttft_ms"] / 1e3, "tokens_per_s": level["output_throughput"]}
         row = {"concurrency": c, "mode": mode, "requests": len(records)} | {
@@ -117,7 +119,7 @@ def main() -> None:
           f"{time.perf_counter() - started:.0f} s in all (shared, noisy machine)")
     if args.out:
         args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows,
-                                        "costs": costs.as_dict(), "acceptance": acceptance.as_dict(),
+                                        "costs": {mode: c.as_dict() for mode, c in costs.items()}, "acceptance": acceptance.as_dict(),
                                         "profile": profile_data, "check": check_data}, indent=1, default=str))
 
 

@@ -122,10 +122,13 @@ def test_serve_bench_costs_read_the_launched_servers_settings():
                           "llama_server": {"target": "qwen2.5-coder-1.5b", "draft": "qwen2.5-coder-0.5b", "k": 3}},
              "engines": {}, "levels": [
                  {"label": "on", "max_concurrency": 1, "requests": [record]},
-                 {"label": "off", "max_concurrency": 1, "requests": [record | {"server_predicted_ms": 155.0}]}]}
+                 {"label": "off", "max_concurrency": 1,
+                  "requests": [record | {"server_predicted_ms": 155.0, "server_prompt_ms": 40.0}]}]}
     costs = costs_from_serve_bench(bench)
     assert costs.model == "qwen2.5-coder-1.5b"
     assert costs.target_ms == {(1, 4): pytest.approx(31.0), (1, 1): pytest.approx(5.0)}
-    assert costs.prefill_ms_per_token == pytest.approx(2.0)
+    assert costs.prefill_ms_per_token == pytest.approx(1.5)  # both endpoints' (80 and 40 ms over 40 tokens)
+    assert costs_from_serve_bench(bench, prefill_label="on").prefill_ms_per_token == pytest.approx(2.0)
+    assert costs_from_serve_bench(bench, prefill_label="off").prefill_ms_per_token == pytest.approx(1.0)
     with pytest.raises(ValueError, match="measured on 'qwen2.5-coder-1.5b'"):
         costs.check_model("smollm2-135m")

@@ -219,15 +219,16 @@ def costs_from_calibration(calibration, precision: str | None = None) -> StepCos
                      source=f"calibration ({t.precision}, batch 1)")
 
 
-def costs_from_serve_bench(data: dict[str, Any]) -> StepCosts:
+def costs_from_serve_bench(data: dict[str, Any], prefill_label: str | None = None) -> StepCosts:
     """Per-concurrency step costs of a serving engine from its own per-request timings (llama.cpp's ``timings``).
 
     The "off" endpoint (the second): a request's predicted_ms / output tokens
     is one step at batch = concurrency, width 1. The "on" endpoint (the first):
     predicted_ms / its steps (output tokens / (1 + accepted / drafts)) is one
     speculative step at width K+1, the draft's time folded in (draft 0).
-    Prefill: prompt_ms / input tokens at concurrency 1. Raises ValueError when
-    the records carry no server timings.
+    Prefill: prompt_ms / input tokens at concurrency 1, over both endpoints or
+    only ``prefill_label`` 's ("on": the draft's prefill folded in; "off": the
+    target's alone). Raises ValueError when the records carry no server timings.
     """
     endpoints = [e["label"] for e in data["settings"]["endpoints"]]
     llama = data["settings"].get("llama_server") or {}  # what serve-bench --llama-target records
@@ -250,7 +251,7 @@ def costs_from_serve_bench(data: dict[str, Any]) -> StepCosts:
                                                            / max(1, r["draft_tokens"] / k)))
             per_step.append(r["server_predicted_ms"] / steps)
         target[(concurrency, k + 1 if on else 1)] = statistics.median(per_step)
-        if concurrency == 1:
+        if concurrency == 1 and prefill_label in (None, level["label"]):
             prefill += [r["server_prompt_ms"] / r["input_tokens"] for r in records
                         if r.get("server_prompt_ms") and r.get("input_tokens")]
     if not target:
