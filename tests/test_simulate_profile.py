@@ -132,3 +132,17 @@ def test_serve_bench_costs_read_the_launched_servers_settings():
     assert costs_from_serve_bench(bench, prefill_label="off").prefill_ms_per_token == pytest.approx(1.0)
     with pytest.raises(ValueError, match="measured on 'qwen2.5-coder-1.5b'"):
         costs.check_model("smollm2-135m")
+
+
+def test_cached_costs_without_the_loop_profile_count_as_none(tmp_path, monkeypatch):
+    """An older cached file (bare passes only) is timed again: it predicted a batch of 8 21-30 % too fast."""
+    import json
+
+    from lab.simulate import measure
+
+    path = tmp_path / "costs.json"
+    monkeypatch.setattr(measure, "costs_path", lambda *args, **kwargs: path)
+    path.write_text(json.dumps(BARE.as_dict()))
+    assert measure.cached_costs("m", "prompt-lookup") is None
+    path.write_text(json.dumps(dataclasses.replace(BARE, overhead_ms={1: 2.0}).as_dict()))
+    assert measure.cached_costs("m", "prompt-lookup").overhead_ms == {1: 2.0}
