@@ -146,3 +146,14 @@ def test_cached_costs_without_the_loop_profile_count_as_none(tmp_path, monkeypat
     assert measure.cached_costs("m", "prompt-lookup") is None
     path.write_text(json.dumps(dataclasses.replace(BARE, overhead_ms={1: 2.0}).as_dict()))
     assert measure.cached_costs("m", "prompt-lookup").overhead_ms == {1: 2.0}
+
+
+def test_the_prefill_yields_the_first_token_as_the_simulator_counts_it():
+    """The loop's first token costs its prefill and its first step: per prompt token plus a fixed first step."""
+    off = [fake_run([(1, 1, 12.0, 0.0), (1, 1, 12.0, 0.0)], prefill_ms=100.0),
+           fake_run([(8, 1, 30.0, 0.0), (8, 1, 27.0, 0.0)], prefill_ms=400.0)]
+    on = [fake_run([(1, 5, 20.0, 4.0)], prefill_ms=100.0), fake_run([(8, 5, 50.0, 8.0)], prefill_ms=400.0)]
+    costs = with_loop_profile(BARE, off, on, [50, 200], k=4)
+    assert costs.prefill_ms_per_token == pytest.approx(2.0)
+    assert costs.prefill_fixed_ms == pytest.approx(21.0)  # the median of the off runs' first steps, 12 and 30
+    assert costs.prefill_ms(50) == pytest.approx(121.0)

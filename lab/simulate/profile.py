@@ -20,7 +20,10 @@ with target and draft the bare costs, over the steps at each run's own batch siz
 A speculating step whose rows all found no draft (width 1) counts too: the
 simulator charges it the K drafts and width 1, as the loop spent the search.
 Negative medians (noise) become 0. The prefill is refitted from the same runs:
-ms per prompt token summed over the batch's rows, as the simulator charges it.
+ms per prompt token summed over the batch's rows, as the simulator charges it,
+plus a fixed part: the off runs' median first step. The simulator's prefill
+yields the first token (as vLLM's and llama.cpp's do); the lab's loop prefills
+all prompt tokens but the last and makes the first token in its first step.
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ def with_loop_profile(costs: StepCosts, off_runs: Sequence, on_runs: Sequence, p
     """``costs`` with the loop's overheads and prefill (see the module docstring), as ``profile_loop`` returns them."""
     overhead, spec_overhead = loop_overheads(off_runs, on_runs, costs, k)
     prefill = prefill_per_token_ms([*off_runs, *on_runs], [*prompt_tokens, *prompt_tokens])
+    first_steps = [step_walls_ms(run)[0][2] for run in off_runs if run.steps]
     return dataclasses.replace(costs, overhead_ms=overhead, spec_overhead_ms=spec_overhead,
-                               prefill_ms_per_token=prefill or costs.prefill_ms_per_token, prefill_fixed_ms=0.0,
+                               prefill_ms_per_token=prefill or costs.prefill_ms_per_token,
+                               prefill_fixed_ms=statistics.median(first_steps) if first_steps else 0.0,
                                source=f"{costs.source} + decode-loop profile")
