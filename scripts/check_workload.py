@@ -124,7 +124,8 @@ def main() -> None:
             print(f"{b:>3} {name:>4} {p.latency_p50_s:>8.3f}/{run.latency_p50_s:<8.3f} "
                   f"{e['latency_p50_s']:>+5.0f}% {p.latency_p95_s:>8.3f}/{run.latency_p95_s:<8.3f} "
                   f"{e['latency_p95_s']:>+5.0f}% {p.tokens_per_s:>8.1f}/{run.tokens_per_s:<8.1f} "
-                  f"{e['tokens_per_s']:>+5.0f}%  {row['loop_overhead_ms']:>7.1f} {probe_before:>10.1f}/{probe_after:<10.1f}"
+                  f"{e['tokens_per_s']:>+5.0f}%  {row['loop_overhead_ms']:>7.1f} "
+                  f"{probe_before:>10.1f}/{probe_after:<10.1f}"
                   f" {load:>4.1f}", flush=True)
     within = sum(abs(r["errors_pct"]["latency_p50_s"]) <= 15 for r in rows)
     tails = sum(abs(r["errors_pct"]["latency_p95_s"]) <= 25 for r in rows)
@@ -132,7 +133,8 @@ def main() -> None:
           f"{time.perf_counter() - started:.0f} s in all (shared, noisy machine)")
     if args.out:
         args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows,
-                                        "costs": costs.as_dict(), "profile_prompts": list(DEFAULT_PROMPTS), "acceptance": acceptance.as_dict(),
+                                        "costs": costs.as_dict(), "profile_prompts": list(DEFAULT_PROMPTS),
+                                        "acceptance": acceptance.as_dict(),
                                         "note": "shared machine: noisy timings"}, indent=1))
 
 

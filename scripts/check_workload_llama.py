@@ -87,7 +87,8 @@ def main() -> None:
     profile_data, check_data = profile.as_dict(), check.as_dict()
     costs = {mode: costs_from_serve_bench(profile_data, prefill_label=mode) for mode in ("on", "off")}
     acceptance = acceptance_from_serve_bench(profile_data)
-    print(f"profiled step ms {{(concurrency, width): ms}} {({k: round(v, 1) for k, v in costs['on'].target_ms.items()})}, "
+    steps = {key: round(ms, 1) for key, ms in costs["on"].target_ms.items()}
+    print(f"profiled step ms {{(concurrency, width): ms}} {steps}, "
           f"prefill ms/token on {costs['on'].prefill_ms_per_token:.2f}, off {costs['off'].prefill_ms_per_token:.2f}, "
           "per-position acceptance "
           f"{[round(r, 2) for r in acceptance.categories['all'].per_position]}", flush=True)
@@ -111,15 +112,16 @@ def main() -> None:
         row["errors_pct"] = {key: _error(*row[key]) for key in KEYS}
         rows.append(row)
         e = row["errors_pct"]
-        print(f"{c:>3} {mode:>4} " + " ".join(f"{row[key][0]:>8.3f}/{row[key][1]:<8.3f} {e[key]:>+5.0f}%" for key in KEYS),
-              flush=True)
+        cells = (f"{row[key][0]:>8.3f}/{row[key][1]:<8.3f} {e[key]:>+5.0f}%" for key in KEYS)
+        print(f"{c:>3} {mode:>4} " + " ".join(cells), flush=True)
     within = sum(abs(r["errors_pct"]["latency_p50_s"]) <= 15 for r in rows)
     tails = sum(abs(r["errors_pct"]["latency_p99_s"]) <= 25 for r in rows)
     print(f"p50 latency within 15 %: {within}/{len(rows)}; p99 within 25 %: {tails}/{len(rows)}; "
           f"{time.perf_counter() - started:.0f} s in all (shared, noisy machine)")
     if args.out:
         args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows,
-                                        "costs": {mode: c.as_dict() for mode, c in costs.items()}, "acceptance": acceptance.as_dict(),
+                                        "costs": {mode: c.as_dict() for mode, c in costs.items()},
+                                        "acceptance": acceptance.as_dict(),
                                         "profile": profile_data, "check": check_data}, indent=1, default=str))
 
 

@@ -255,7 +255,8 @@ def _pool_counts(stats: list[dict]) -> CategoryAcceptance:
 
 def _model(data: dict[str, Any]) -> str:
     settings = data.get("settings", {})
-    return (settings.get("llama_server") or {}).get("target") or settings.get("llama_target") or settings.get("model") or ""
+    llama = settings.get("llama_server") or {}  # serve-bench --llama-target's servers
+    return llama.get("target") or settings.get("llama_target") or settings.get("model") or ""
 
 
 def _non_increasing(rates: tuple[float, ...]) -> tuple[float, ...]:

@@ -141,7 +141,8 @@ class StepCosts:
         return dataclasses.replace(
             later, target_ms=self.target_ms | later.target_ms,
             draft_ms_per_token=self.draft_ms_per_token | later.draft_ms_per_token,
-            overhead_ms=self.overhead_ms | later.overhead_ms, spec_overhead_ms=self.spec_overhead_ms | later.spec_overhead_ms)
+            overhead_ms=self.overhead_ms | later.overhead_ms,
+            spec_overhead_ms=self.spec_overhead_ms | later.spec_overhead_ms)
 
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "drafter": self.drafter, "source": self.source,
