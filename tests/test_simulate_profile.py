@@ -14,12 +14,12 @@ from lab.simulate.profile import loop_overheads, prefill_per_token_ms, profile_l
 BARE = StepCosts({(1, 1): 10.0, (1, 5): 14.0, (8, 1): 20.0, (8, 5): 40.0}, {1: 1.0, 8: 2.0}, model="m")
 
 
-def fake_run(steps: list[tuple[int, int, float, float]], prefill_ms: float = 5.0) -> SimpleNamespace:
-    """A BatchResult-like run: steps as (batch size, width, wall ms, draft ms), their time_s accumulated."""
+def fake_run(steps: list[tuple[int, int, float, int]], prefill_ms: float = 5.0) -> SimpleNamespace:
+    """A BatchResult-like run: steps as (batch size, width, wall ms, cache slots per row), their time_s accumulated."""
     events, t_s = [], prefill_ms / 1e3
-    for b, width, wall_ms, draft_ms in steps:
+    for b, width, wall_ms, slots in steps:
         t_s += wall_ms / 1e3
-        events.append(SimpleNamespace(batch_size=b, width=width, time_s=t_s, draft_ms=draft_ms))
+        events.append(SimpleNamespace(batch_size=b, width=width, time_s=t_s, target_cache_slots=slots))
     return SimpleNamespace(prefill_ms=prefill_ms, steps=events)
 
 
@@ -157,3 +157,29 @@ def test_the_prefill_yields_the_first_token_as_the_simulator_counts_it():
     assert costs.prefill_ms_per_token == pytest.approx(2.0)
     assert costs.prefill_fixed_ms == pytest.approx(21.0)  # the median of the off runs' first steps, 12 and 30
     assert costs.prefill_ms(50) == pytest.approx(121.0)
+
+
+def test_the_context_term_counts_a_padded_batch_as_rows_times_the_longest_row():
+    """Two requests, prompts of 100 and 10 tokens, one step each: padded, the step reads 2 x 101 slots."""
+    from lab.simulate import Request
+
+    costs = StepCosts({(1, 1): 10.0, (2, 1): 10.0}, context_ms_per_token=0.01, model="m")
+    traffic = Traffic("closed", concurrency=2, requests=(Request(0.0, 100, 2), Request(0.0, 10, 2)), num_requests=2)
+    acceptance = AcceptanceProfile.uniform(0.5, model="m")
+    padded = simulate(traffic, acceptance, costs, Off(), "static", seed=0).summary()
+    flat = simulate(traffic, acceptance, dataclasses.replace(costs, width_rule="mean"), Off(), "static", seed=0).summary()
+    assert padded.latency_p50_s == pytest.approx((10.0 + 0.01 * 2 * 101) / 1e3)
+    assert flat.latency_p50_s == pytest.approx((10.0 + 0.01 * (101 + 11)) / 1e3)
+
+
+def test_loop_overheads_leave_the_context_term_to_the_context():
+    """A step of 8 rows x 100 slots at 0.01 ms a token: 8 ms of it is context, not the loop's own work."""
+    costs = dataclasses.replace(BARE, context_ms_per_token=0.01)
+    overhead, _ = loop_overheads([fake_run([(8, 1, 30.0, 100)] * 3)], [], costs, k=4)
+    assert overhead == {8: pytest.approx(30.0 - 20.0 - 8.0)}
+
+
+def test_the_context_slope_of_a_tiny_model_is_not_negative(tiny_target):
+    from lab.simulate.profile import context_ms_per_token
+
+    assert context_ms_per_token(tiny_target.model, 2, short=8, long=32, repeats=1) >= 0.0

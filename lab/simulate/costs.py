@@ -5,7 +5,9 @@ One decode step of a batch of B rows, K drafted tokens per row, costs
     T = target(B, w) + K x draft(B) + loop(B) [+ spec_loop(B) when K > 0]
         + context_ms_per_token x (tokens cached over the batch)
 
-with w the verify width: K+1 for every row in a padded engine (the lab's, and
+with the tokens cached over the batch counted as attention reads them: B x the
+longest row's context in a padded engine, the sum of the rows' in a flattened
+one; and w the verify width: K+1 for every row in a padded engine (the lab's, and
 llama.cpp's slots: ``width_rule`` "max", the widest row sets the pass) or the
 mean width over rows in a token-flattening engine (vLLM: "mean"). A row that
 drafted nothing counts as width 1. target(B, w) and draft(B) interpolate

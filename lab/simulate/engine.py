@@ -184,7 +184,10 @@ def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, 
             widths.append(k + 1)
             gains.append(accepted + 1)
         width = max(widths) if costs.width_rule == "max" else sum(widths) / b
-        cached = sum(row.context for row in running) if use_context else 0
+        cached = 0
+        if use_context:  # the tokens attention reads: a padded engine's rows are all as long as the longest
+            contexts = [row.context for row in running]
+            cached = b * max(contexts) if costs.width_rule == "max" else sum(contexts)
         ms = costs.step_ms(b, max(ks), width, cached)
         keep = []
         for row, gain in zip(running, gains):

@@ -5,7 +5,10 @@ tokens (w = 1..k_max+1) and drafting per token for every B asked
 (``lab.studies.auto_k.time_batch_passes``, the lab's one pass timer), and a
 prefill of the prompts at batch 1; then runs the real decode loop at each B
 on the same prompts, off and at K = min(4, k_max), for the loop's own work per
-step beyond the bare passes and the batch's prefill (``lab.simulate.profile``).
+step beyond the bare passes and the batch's prefill (``lab.simulate.profile``),
+and the cost of context: the slope of a one-token pass between 64 and 512
+cached tokens at the largest B (``context_ms_per_token``), the part of every
+pass timing it explains taken out of it.
 The prompts are the lab's own sets, not Spec-Bench's: a check against a run on
 Spec-Bench prompts predicts prompts the costs never saw. The result is
 cached per machine, target and drafter as the simulator's costs JSON under
@@ -16,6 +19,7 @@ profile (an older file without it is timed again).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -96,7 +100,7 @@ def time_costs(loaded, batch_drafter, prompt_ids: Sequence[Sequence[int]], batch
     prompt_ids: the profiling prompts' token ids; model, drafter: names the costs carry.
     """
     from lab.simulate.costs import costs_from_cost_model
-    from lab.simulate.profile import profile_loop, with_loop_profile
+    from lab.simulate.profile import context_ms_per_token, profile_loop, with_loop_profile
     from lab.studies.auto_k import time_batch_passes
     from lab.studies.passes import time_passes
 
@@ -110,6 +114,14 @@ def time_costs(loaded, batch_drafter, prompt_ids: Sequence[Sequence[int]], batch
     report(0.5, f"timing a prefill of {length} tokens")
     prefill_ms = time_passes(loaded.model, [length], context_tokens=1, repeats=repeats)[length]
     costs = costs_from_cost_model(cost, prefill_ms_per_token=prefill_ms / length, model=model, drafter=drafter)
+    # the context term: its slope, timed at the largest batch; the passes above ran at the prompts' own contexts
+    # (rows cycled over the prompts, padded to the longest), which the term now charges, so they lose that part
+    top = max(batch_sizes)
+    report(0.52, f"timing the context's cost at batch size {top}")
+    slope = context_ms_per_token(loaded.model, top, repeats=repeats)
+    slots = {b: b * max(len(prompt_ids[i % len(prompt_ids)]) for i in range(b)) for b in costs.batch_sizes}
+    bare = {(b, w): max(0.0, ms - slope * slots[b]) for (b, w), ms in costs.target_ms.items()}
+    costs = dataclasses.replace(costs, context_ms_per_token=slope, target_ms=bare)
     k = min(4, k_max)
     loop = profile_loop(loaded, batch_drafter, prompt_ids, batch_sizes, k, loop_tokens,
                         progress=lambda f, message: report(0.55 + 0.4 * f, message))

@@ -12,8 +12,12 @@ size on profiling prompts, speculation off and at K, and ``loop_overheads``
 reads its ``BatchStep`` events: a step's wall time is the gap between its
 ``time_s`` and the previous one's (the first: after the prefill), and
 
-    overhead(B)      = median over off steps of B rows of  wall - target(B, 1)
-    spec_overhead(B) = median over speculating steps of B rows of  wall - target(B, width) - draft(B, K) - overhead(B)
+    overhead(B)      = median over off steps of B rows of  wall - target(B, 1) - context(step)
+    spec_overhead(B) = median over speculating steps of B rows of
+                       wall - target(B, width) - draft(B, K) - overhead(B) - context(step)
+
+with context(step) = context_ms_per_token x B x the step's cache slots per row
+(the costs' own context term, as the simulator charges it; 0 without one)
 
 with target and draft the bare costs, over the steps at each run's own batch size
 (its first step's): the few steps a run takes after some rows finish are too few to count.
@@ -37,16 +41,29 @@ from lab.simulate.costs import StepCosts
 Progress = Callable[[float, str], None]
 
 
-def step_walls_ms(result) -> list[tuple[int, int, float, float]]:
-    """(batch size, width, wall ms, draft ms) of every step of a ``lab.decode.BatchResult``, in order.
+def step_walls_ms(result) -> list[tuple[int, int, float, int]]:
+    """(batch size, width, wall ms, cache slots per row) of every step of a ``lab.decode.BatchResult``, in order.
 
     wall: this step's ``time_s`` minus the previous step's (the first step: minus the prefill).
     """
     out, previous_s = [], result.prefill_ms / 1e3
     for step in result.steps:
-        out.append((step.batch_size, step.width, (step.time_s - previous_s) * 1e3, step.draft_ms))
+        out.append((step.batch_size, step.width, (step.time_s - previous_s) * 1e3, step.target_cache_slots))
         previous_s = step.time_s
     return out
+
+
+def context_ms_per_token(model, batch_size: int, short: int = 64, long: int = 512, repeats: int = 3) -> float:
+    """ms per cached token over the batch (rows x slots) of a one-token pass: the slope between two contexts.
+
+    Times bare passes of batch_size rows after ``short`` and after ``long`` cached tokens
+    (``lab.studies.passes.time_passes``); 0 when the longer one was not slower (noise).
+    """
+    from lab.studies.passes import time_passes
+
+    fast = time_passes(model, [1], context_tokens=short, repeats=repeats, batch_size=batch_size)[1]
+    slow = time_passes(model, [1], context_tokens=long, repeats=repeats, batch_size=batch_size)[1]
+    return max(0.0, (slow - fast) / (batch_size * (long - short)))
 
 
 def loop_overheads(off_runs: Sequence, on_runs: Sequence, costs: StepCosts, k: int) -> tuple[dict[int, float],
@@ -61,19 +78,19 @@ def loop_overheads(off_runs: Sequence, on_runs: Sequence, costs: StepCosts, k: i
         raise ValueError(f"the loop profile requires the runs' K >= 1; got {k}")
     off: dict[int, list[float]] = {}
     for run in off_runs:
-        for b, width, wall_ms, _ in step_walls_ms(run):
+        for b, width, wall_ms, slots in step_walls_ms(run):
             if b == run.steps[0].batch_size:
-                off.setdefault(b, []).append(wall_ms - costs.target(b, width))
+                off.setdefault(b, []).append(wall_ms - costs.target(b, width) - costs.context_ms_per_token * b * slots)
     if not off:
         raise ValueError("the loop profile requires steps of runs with speculation off; got none")
     overhead = {b: max(0.0, statistics.median(ms)) for b, ms in off.items()}
     with_overhead = dataclasses.replace(costs, overhead_ms=overhead, spec_overhead_ms={})
     on: dict[int, list[float]] = {}
     for run in on_runs:
-        for b, width, wall_ms, _ in step_walls_ms(run):
+        for b, width, wall_ms, slots in step_walls_ms(run):
             if b == run.steps[0].batch_size:
                 on.setdefault(b, []).append(wall_ms - costs.target(b, width) - costs.draft(b, k)
-                                            - with_overhead.overhead(b, 0))
+                                            - with_overhead.overhead(b, 0) - costs.context_ms_per_token * b * slots)
     return overhead, {b: max(0.0, statistics.median(ms)) for b, ms in on.items()}
 
 
