@@ -102,7 +102,7 @@ def test_a_real_loop_profile_on_a_tiny_model(tiny_target):
     drafter = make_drafter("prompt-lookup", tiny_target, None)
     prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10, 11, 12, 9, 10]]
     off_runs, on_runs, prompt_tokens = profile_loop(tiny_target, drafter, prompts, [1, 2], k=2, max_new_tokens=6)
-    assert prompt_tokens == [8, 14] and len(off_runs) == len(on_runs) == 2
+    assert prompt_tokens == [8, 16] and len(off_runs) == len(on_runs) == 2  # padded: 2 rows x 8
     bare = StepCosts({(1, 1): 0.0, (2, 1): 0.0, (2, 3): 0.0}, model="tiny")
     costs = with_loop_profile(bare, off_runs, on_runs, prompt_tokens, k=2)
     assert set(costs.overhead_ms) == {1, 2}  # zero bare cost: the whole wall time is the loop's
@@ -167,9 +167,14 @@ def test_the_context_term_counts_a_padded_batch_as_rows_times_the_longest_row():
     traffic = Traffic("closed", concurrency=2, requests=(Request(0.0, 100, 2), Request(0.0, 10, 2)), num_requests=2)
     acceptance = AcceptanceProfile.uniform(0.5, model="m")
     padded = simulate(traffic, acceptance, costs, Off(), "static", seed=0).summary()
-    flat = simulate(traffic, acceptance, dataclasses.replace(costs, width_rule="mean"), Off(), "static", seed=0).summary()
+    flat = simulate(traffic, acceptance, dataclasses.replace(costs, width_rule="mean"), Off(), "static").summary()
     assert padded.latency_p50_s == pytest.approx((10.0 + 0.01 * 2 * 101) / 1e3)
     assert flat.latency_p50_s == pytest.approx((10.0 + 0.01 * (101 + 11)) / 1e3)
+    # and the prefill pads the same way: 1 ms a token, 2 x 100 padded against 110 flattened
+    prefilled = dataclasses.replace(costs, prefill_ms_per_token=1.0, context_ms_per_token=0.0)
+    assert simulate(traffic, acceptance, prefilled, Off(), "static").summary().ttft_p50_s == pytest.approx(0.2)
+    assert simulate(traffic, acceptance, dataclasses.replace(prefilled, width_rule="mean"), Off(),
+                    "static").summary().ttft_p50_s == pytest.approx(0.11)
 
 
 def test_loop_overheads_leave_the_context_term_to_the_context():

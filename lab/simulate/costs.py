@@ -7,9 +7,10 @@ One decode step of a batch of B rows, K drafted tokens per row, costs
 
 with the tokens cached over the batch counted as attention reads them: B x the
 longest row's context in a padded engine, the sum of the rows' in a flattened
-one; and w the verify width: K+1 for every row in a padded engine (the lab's, and
-llama.cpp's slots: ``width_rule`` "max", the widest row sets the pass) or the
-mean width over rows in a token-flattening engine (vLLM: "mean"). A row that
+one; and w the verify width: K+1 for every row in a padded engine (the lab's:
+``width_rule`` "max", the widest row sets the pass) or the mean width over rows
+in a token-flattening engine (vLLM, llama.cpp's batch of all slots' tokens:
+"mean"). A row that
 drafted nothing counts as width 1. target(B, w) and draft(B) interpolate
 linearly between measured points (more rows or more tokens per row never cost
 less: a running maximum evens out timing noise) and extrapolate linearly beyond them (with
@@ -18,8 +19,9 @@ one measured batch size, proportionally to B: the pessimistic guess, as
 loop's own work per step beyond the bare passes (per row: the n-gram search's
 bookkeeping, rollback, the cut, the stop checks, Python), measured by batch size
 by :mod:`lab.simulate.profile` and interpolated the same way (0 when unmeasured).
-Prefill of n prompt tokens costs prefill_fixed_ms + prefill_ms_per_token x n,
-and yields the first token.
+Prefill of n prompt tokens costs prefill_fixed_ms + prefill_ms_per_token x n
+(n: the joiners' prompts, padded to the longest in a padded engine), and yields
+the first token.
 
 Sources: the Batch sweep's ``CostModel`` (``lab.studies.auto_k``, measured
 over real prompts by batch size), a batch-1 calibration
@@ -261,7 +263,7 @@ def costs_from_serve_bench(data: dict[str, Any], prefill_label: str | None = Non
         raise ValueError("the serve-bench result holds no per-request server timings (llama.cpp's 'timings'): "
                          "profile costs from llama-server, or give a costs file")
     settings = data["settings"]
-    return StepCosts(target, {}, statistics.median(prefill) if prefill else 0.0, width_rule="max",
+    return StepCosts(target, {}, statistics.median(prefill) if prefill else 0.0, width_rule="mean",
                      model=str(llama.get("target") or settings.get("llama_target") or settings.get("model") or ""),
                      drafter=str(llama.get("draft") or settings.get("llama_draft") or endpoints[0]),
                      source="serve-bench (server timings)")

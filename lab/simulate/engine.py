@@ -217,8 +217,9 @@ def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, 
                 joiners.append(waiting.popleft())
             if batching == "static" and joiners:
                 batch_members = len(joiners)
-        if joiners:
-            step_ms += costs.prefill_ms(sum(requests[i].prompt_tokens for i in joiners))
+        if joiners:  # one prefill pass: a padded engine pads the joiners to the longest prompt
+            lengths = [requests[i].prompt_tokens for i in joiners]
+            step_ms += costs.prefill_ms(len(lengths) * max(lengths) if costs.width_rule == "max" else sum(lengths))
         if running:
             step_ms += decode_step()
         t += step_ms / 1e3

@@ -24,7 +24,7 @@ with target and draft the bare costs, over the steps at each run's own batch siz
 A speculating step whose rows all found no draft (width 1) counts too: the
 simulator charges it the K drafts and width 1, as the loop spent the search.
 Negative medians (noise) become 0. The prefill is refitted from the same runs:
-ms per prompt token summed over the batch's rows, as the simulator charges it,
+ms per prompt token of the padded batch (rows x the longest prompt), as the simulator charges it,
 plus a fixed part: the off runs' median first step. The simulator's prefill
 yields the first token (as vLLM's and llama.cpp's do); the lab's loop prefills
 all prompt tokens but the last and makes the first token in its first step.
@@ -95,7 +95,7 @@ def loop_overheads(off_runs: Sequence, on_runs: Sequence, costs: StepCosts, k: i
 
 
 def prefill_per_token_ms(runs: Sequence, prompt_tokens: Sequence[int]) -> float:
-    """Median over runs of prefill ms / prompt tokens summed over the run's rows; 0 for none."""
+    """Median over runs of prefill ms / the run's prompt tokens (as ``profile_loop`` counts them); 0 for none."""
     per = [r.prefill_ms / n for r, n in zip(runs, prompt_tokens) if n > 0]
     return statistics.median(per) if per else 0.0
 
@@ -104,7 +104,7 @@ def profile_loop(target, drafter, prompt_ids: Sequence[Sequence[int]], batch_siz
                  max_new_tokens: int = 24, progress: Progress | None = None) -> tuple[list, list, list[int]]:
     """Run the real decode loop once per batch size, off and with the drafter at K.
 
-    Returns (off runs, on runs, prompt tokens summed over each run's rows), one of each per batch size.
+    Returns (off runs, on runs, prompt tokens of each run padded: rows x the longest), one of each per batch size.
 
     prompt_ids: the profiling prompts' token ids, cycled to B rows (use other prompts than
     the ones a prediction will be checked against). Greedy, ``max_new_tokens`` a request,
@@ -124,7 +124,7 @@ def profile_loop(target, drafter, prompt_ids: Sequence[Sequence[int]], batch_siz
         rows = [list(prompt_ids[j % len(prompt_ids)]) for j in range(b)]
         off_runs.append(run_batch(target, rows, None, config))
         on_runs.append(run_batch(target, rows, drafter, config))
-        prompt_tokens.append(sum(len(row) for row in rows))
+        prompt_tokens.append(b * max(len(row) for row in rows))  # the loop pads the prefill to the longest
     return off_runs, on_runs, prompt_tokens
 
 
