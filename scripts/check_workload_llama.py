@@ -18,7 +18,13 @@
    continuous batching (llama-server's slots), the same requests (their prompt
    and output token counts) in the order they were sent; then print predicted
    against measured p50 / p99 end-to-end latency, p50 TTFT and output
-   throughput, with the error in percent.
+   throughput, with the error in percent. A prompt the endpoint served before
+   in the run is predicted as cached (one token of prefill): llama-server's
+   prompt cache, which its own ``prompt_ms`` shows.
+
+``--replay FILE`` predicts again from a saved ``--out`` file;
+``--acceptance-from check`` takes acceptance from the checked run's own
+counters at the first level instead of the profiling prompts'.
 
 The goal: within 15 % on p50 latency and 25 % on p99. llama-server's threads
 and the client share this machine's cores with whatever else runs.
@@ -60,10 +66,46 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per worker per level in the checked run")
     parser.add_argument("--threads", type=int, default=1, help="llama-server threads (1: see serving-engines.md)")
     parser.add_argument("--api", choices=("completions", "chat"), default="chat")
+    parser.add_argument("--acceptance-from", choices=("profile", "check"), default="profile",
+                        help="profile: the profiling prompts' draft counters (a forecast); check: the checked run's "
+                        "own counters at concurrency 1 (what a Compare on your own prompts would give)")
+    parser.add_argument("--replay", type=Path, help="predict again from a saved --out file (no server is started)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    levels = [int(c) for c in args.concurrency.split(",")]
     started = time.perf_counter()
+    if args.replay:
+        saved = json.loads(args.replay.read_text())
+        profile_data, check_data, k = saved["profile"], saved["check"], saved["settings"]["k"]
+    else:
+        profile_data, check_data = _run(args)
+        k = args.k
+    costs = {mode: costs_from_serve_bench(profile_data, prefill_label=mode) for mode in ("on", "off")}
+    if args.acceptance_from == "profile":
+        acceptance = acceptance_from_serve_bench(profile_data)
+    else:
+        first = min(lv["max_concurrency"] for lv in check_data["levels"])
+        acceptance = acceptance_from_serve_bench(check_data | {"levels": [
+            lv for lv in check_data["levels"] if lv["max_concurrency"] == first]})
+    steps = {key: round(ms, 1) for key, ms in costs["on"].target_ms.items()}
+    print(f"profiled step ms {{(concurrency, width): ms}} {steps}, "
+          f"prefill ms/token on {costs['on'].prefill_ms_per_token:.2f}, off {costs['off'].prefill_ms_per_token:.2f}, "
+          f"per-position acceptance ({args.acceptance_from}) "
+          f"{[round(r, 2) for r in acceptance.categories['all'].per_position]}", flush=True)
+    rows = predict(check_data, costs, acceptance, k)
+    within = sum(abs(r["errors_pct"]["latency_p50_s"]) <= 15 for r in rows)
+    tails = sum(abs(r["errors_pct"]["latency_p99_s"]) <= 25 for r in rows)
+    print(f"p50 latency within 15 %: {within}/{len(rows)}; p99 within 25 %: {tails}/{len(rows)}; "
+          f"{time.perf_counter() - started:.0f} s in all (shared, noisy machine)")
+    if args.out:
+        args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out), "replay": str(args.replay)},
+                                        "rows": rows, "costs": {mode: c.as_dict() for mode, c in costs.items()},
+                                        "acceptance": acceptance.as_dict(),
+                                        "profile": profile_data, "check": check_data}, indent=1, default=str))
+
+
+def _run(args) -> tuple[dict, dict]:
+    """Start the two servers, profile on the profiling prompts, then run the checked load: (profile, check) dicts."""
+    levels = [int(c) for c in args.concurrency.split(",")]
     settings = RequestSettings(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True, timeout_s=300.0)
     llama = {"target": args.target, "draft": args.draft, "k": args.k, "parallel": max(levels), "threads": args.threads}
     print(f"llama-server {args.target} drafted by {args.draft}, K={args.k}, {args.max_tokens} tokens, levels {levels}; "
@@ -84,45 +126,44 @@ def main() -> None:
         check = run_serve_bench(endpoints, load_prompt_sets(args.prompts), levels, settings, rounds=args.rounds,
                                 progress=log)
     profile.settings["llama_server"] = check.settings["llama_server"] = llama
-    profile_data, check_data = profile.as_dict(), check.as_dict()
-    costs = {mode: costs_from_serve_bench(profile_data, prefill_label=mode) for mode in ("on", "off")}
-    acceptance = acceptance_from_serve_bench(profile_data)
-    steps = {key: round(ms, 1) for key, ms in costs["on"].target_ms.items()}
-    print(f"profiled step ms {{(concurrency, width): ms}} {steps}, "
-          f"prefill ms/token on {costs['on'].prefill_ms_per_token:.2f}, off {costs['off'].prefill_ms_per_token:.2f}, "
-          "per-position acceptance "
-          f"{[round(r, 2) for r in acceptance.categories['all'].per_position]}", flush=True)
+    return profile.as_dict(), check.as_dict()
 
-    rows = []
+
+def predict(check_data: dict, costs: dict, acceptance, k: int) -> list[dict]:
+    """Predicted against measured rows, one per endpoint and level, printed as they come.
+
+    llama-server keeps each slot's last prompt in its KV cache (``cache_prompt``) and
+    gives a request the slot holding the most of its prompt: a prompt this endpoint
+    served before in the run costs one token of prefill, as its ``timings.prompt_ms``
+    shows (tens of ms for 658 tokens where the first sending took 12.9 s).
+    """
+    rows, seen = [], {"on": set(), "off": set()}
     print(f"{'C':>3} {'mode':>4} {'p50 s pred/meas':>17} {'err':>6} {'p99 s pred/meas':>17} {'err':>6} "
-          f"{'TTFT p50 s':>15} {'err':>6} {'tok/s pred/meas':>15} {'err':>6}")
+          f"{'TTFT p50 s':>15} {'err':>6} {'tok/s pred/meas':>15} {'err':>6}  cached")
     for level in check_data["levels"]:
         records = sorted((r for r in level["requests"] if r["ok"]), key=lambda r: r["start_s"])
         if not records:
             continue
         c, mode = level["max_concurrency"], level["label"]
-        requests = tuple(Request(0.0, max(1, r["input_tokens"] or 1), max(1, r["output_tokens"] or 1)) for r in records)
-        traffic = Traffic("closed", concurrency=c, requests=requests, num_requests=len(requests))
-        policy = StaticK(args.k) if mode == "on" else Off()
+        requests, cached = [], 0
+        for r in records:
+            hit = r["prompt_id"] in seen[mode]
+            cached += hit
+            seen[mode].add(r["prompt_id"])
+            requests.append(Request(0.0, 1 if hit else max(1, r["input_tokens"] or 1), max(1, r["output_tokens"] or 1)))
+        traffic = Traffic("closed", concurrency=c, requests=tuple(requests), num_requests=len(requests))
+        policy = StaticK(k) if mode == "on" else Off()
         p = simulate(traffic, acceptance, costs[mode], policy, "continuous", seed=0).summary()
         measured = {"latency_p50_s": level["median_e2el_ms"] / 1e3, "latency_p99_s": level["p99_e2el_ms"] / 1e3,
                     "ttft_p50_s": level["median_ttft_ms"] / 1e3, "tokens_per_s": level["output_throughput"]}
-        row = {"concurrency": c, "mode": mode, "requests": len(records)} | {
+        row = {"concurrency": c, "mode": mode, "requests": len(records), "cached_prompts": cached} | {
             key: [getattr(p, key), measured[key]] for key in KEYS}
         row["errors_pct"] = {key: _error(*row[key]) for key in KEYS}
         rows.append(row)
         e = row["errors_pct"]
         cells = (f"{row[key][0]:>8.3f}/{row[key][1]:<8.3f} {e[key]:>+5.0f}%" for key in KEYS)
-        print(f"{c:>3} {mode:>4} " + " ".join(cells), flush=True)
-    within = sum(abs(r["errors_pct"]["latency_p50_s"]) <= 15 for r in rows)
-    tails = sum(abs(r["errors_pct"]["latency_p99_s"]) <= 25 for r in rows)
-    print(f"p50 latency within 15 %: {within}/{len(rows)}; p99 within 25 %: {tails}/{len(rows)}; "
-          f"{time.perf_counter() - started:.0f} s in all (shared, noisy machine)")
-    if args.out:
-        args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows,
-                                        "costs": {mode: c.as_dict() for mode, c in costs.items()},
-                                        "acceptance": acceptance.as_dict(),
-                                        "profile": profile_data, "check": check_data}, indent=1, default=str))
+        print(f"{c:>3} {mode:>4} " + " ".join(cells) + f"  {cached}/{len(records)}", flush=True)
+    return rows
 
 
 def _error(predicted: float, measured: float) -> float:
