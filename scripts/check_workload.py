@@ -3,17 +3,20 @@
     python scripts/check_workload.py [--target smollm2-135m] [--drafter prompt-lookup] [--k 4]
         [--prompts spec_bench:mix:8] [--max-new-tokens 32] [--batch-sizes 1,2,4,8] [--out check.json]
 
-1. Measure, before any sweep: this machine's pass costs at each batch size
-   (``lab.studies.auto_k.time_batch_passes``), a prefill, and one batch-1 run
-   of every prompt with the target alone and with the drafter at K: their
-   output lengths, their acceptance, and the engine's own per-step overhead
-   over the bare pass (the loop's bookkeeping), added to every step's cost.
-2. Predict with ``lab.simulate``: static batches, a closed loop of B clients
-   (the Batch page's load), the same requests in the same order, speculation
-   off and at static K.
-3. Run the Batch sweep (``lab.studies.batch_sweep.run_sweep``) on the same
-   prompts and print predicted against measured p50 / p95 latency and
-   throughput per batch size, with the error in percent.
+1. The traffic's inputs: one batch-1 run of every checked prompt with the
+   target alone and with the drafter at K: their output lengths and their
+   acceptance (not their timings).
+2. Per batch size B, ascending, interleaved so that the machine's drifting load
+   hits costs and check alike: time this machine's step costs at B with the one
+   cost model the CLI and the page use (``lab.simulate.measure.time_costs``:
+   bare passes plus the real decode loop's own work per step, profiled on the
+   lab's own prompt sets, never the prompts checked here); predict the level
+   with ``lab.simulate`` (static batches, a closed loop of B clients as the
+   Batch page loads it, the same requests in the same order, speculation off and
+   at static K); then run it (``lab.studies.batch_sweep.run_sweep`` at B) and
+   print predicted against measured p50 / p95 latency and throughput, with the
+   error in percent, the loop overhead charged, a probe of the machine's speed
+   (a bare one-token pass) before and after, and the load average.
 
 The goal: within 15 % on p50 latency and 25 % on p99 (with 8 requests a level,
 the sweep's p95 is its nearest figure). On a machine shared with other jobs the
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,12 +49,11 @@ from lab.simulate import (  # noqa: E402
     Request,
     StaticK,
     Traffic,
-    costs_from_cost_model,
     simulate,
 )
-from lab.studies.auto_k import time_batch_passes  # noqa: E402
-from lab.studies.batch_sweep import _requests, run_sweep  # noqa: E402
+from lab.simulate.measure import DEFAULT_PROMPTS, time_costs  # noqa: E402
 from lab.studies.passes import time_passes  # noqa: E402
+from lab.studies.batch_sweep import _requests, run_sweep  # noqa: E402
 
 
 def main() -> None:
@@ -77,65 +79,68 @@ def main() -> None:
     print(f"{args.target} with {args.drafter}, K={args.k}, {len(prompts)} prompts, {args.max_new_tokens} tokens; "
           "NOTE: measured on a machine shared with other engineers' test runs, so timings are noisy", flush=True)
 
-    # 1. measure
-    run_batch(target, prompt_ids[:2], None, DecodeConfig(k=args.k, max_new_tokens=8))  # warm-up
-    cost = time_batch_passes(target, drafter, prompt_ids, batch_sizes, args.k)
-    length = int(statistics.median(len(p) for p in prompt_ids))
-    prefill_ms = time_passes(target.model, [length], context_tokens=1, repeats=3)[length]
+    # 1. the traffic's inputs: every checked prompt alone at batch 1, off and on (lengths, acceptance)
     alone = [run_batch(target, [p], None, config) for p in prompt_ids]
     spec = [run_batch(target, [p], drafter, config) for p in prompt_ids]
     stats = SpecDecodingStats()
     for r in spec:
         stats.merge(r.pooled_stats())
-    overhead_ms = statistics.median(s.verify_ms for r in alone for s in r.steps) - statistics.median(
-        cost.target_ms[(1, 1)])
-    costs = costs_from_cost_model(cost, prefill_ms_per_token=prefill_ms / length, model=args.target)
-    costs = type(costs)({key: ms + max(0.0, overhead_ms) for key, ms in costs.target_ms.items()},
-                        costs.draft_ms_per_token, costs.prefill_ms_per_token, model=args.target,
-                        source="this machine + engine overhead")
     rates = tuple(n / stats.num_drafts for n in stats.accepted_per_position) if stats.num_drafts else (0.0,)
     draft_rate = stats.num_drafts / stats.target_forward_passes if stats.target_forward_passes else 1.0
     acceptance = AcceptanceProfile({"all": CategoryAcceptance(rates, min(1.0, draft_rate))}, model=args.target)
     lengths = [len(r.rows[0].token_ids) for r in alone]
-    print(f"measured: per-position acceptance {[round(r, 2) for r in rates]}, draft rate {draft_rate:.2f}, "
-          f"engine overhead {overhead_ms:.1f} ms/step, prefill {prefill_ms / length:.2f} ms/token, "
+    print(f"traffic: per-position acceptance {[round(r, 2) for r in rates]}, draft rate {draft_rate:.2f}, "
           f"output lengths {lengths}", flush=True)
+    profile_ids = [encode_prompt(target, p.text) for p in load_prompt_sets(list(DEFAULT_PROMPTS))]
 
-    # 2. predict
-    predicted = {}
+    rows, costs = [], None
+    print(f"{'B':>3} {'mode':>4} {'p50 s pred/meas':>17} {'err':>6} {'p95 s pred/meas':>17} {'err':>6} "
+          f"{'tok/s pred/meas':>17} {'err':>6}  {'loop ms':>7} {'probe ms before/after':>21} {'load':>4}")
     for b in batch_sizes:
+        # 2. this level's costs, timed just before it (the machine's load drifts): the CLI's one cost model
+        probe_before = _probe(target)
+        level_costs = time_costs(target, drafter, profile_ids, [b], args.k, args.target, args.drafter,
+                                 loop_tokens=args.max_new_tokens)
+        costs = level_costs if costs is None else costs.merged(level_costs)
+        # 3. predict: static batches, a closed loop of B clients (the Batch page's load), the same requests in order
         requests = tuple(Request(0.0, len(prompt_ids[i]), lengths[i]) for i in _requests(len(prompt_ids), b))
         traffic = Traffic("closed", concurrency=b, requests=requests, num_requests=len(requests))
-        for name, policy in (("off", Off()), ("on", StaticK(args.k))):
-            predicted[(b, name)] = simulate(traffic, acceptance, costs, policy, "static", seed=0).summary()
-
-    # 3. run for real
-    sweep = run_sweep(target, prompt_ids, drafter, config, batch_sizes, calibration=False)
-    rows = []
-    print(f"{'B':>3} {'mode':>4} {'p50 s pred/meas':>17} {'err':>6} {'p95 s pred/meas':>17} {'err':>6} "
-          f"{'tok/s pred/meas':>17} {'err':>6}")
-    for result in sweep.results:
+        predicted = {name: simulate(traffic, acceptance, costs, policy, "static", seed=0).summary()
+                     for name, policy in (("off", Off()), ("on", StaticK(args.k)))}
+        # 4. run for real
+        result = run_sweep(target, prompt_ids, drafter, config, [b], calibration=False).results[0]
+        probe_after, load = _probe(target), os.getloadavg()[0]
         for name, run in (("off", result.off), ("on", result.on)):
-            p = predicted[(result.batch_size, name)]
-            row = {"batch_size": result.batch_size, "mode": name,
+            p = predicted[name]
+            row = {"batch_size": b, "mode": name,
                    "latency_p50_s": [p.latency_p50_s, run.latency_p50_s],
                    "latency_p95_s": [p.latency_p95_s, run.latency_p95_s],
-                   "tokens_per_s": [p.tokens_per_s, run.tokens_per_s]}
+                   "tokens_per_s": [p.tokens_per_s, run.tokens_per_s],
+                   "loop_overhead_ms": costs.overhead(b, args.k if name == "on" else 0),
+                   "probe_ms": [probe_before, probe_after], "load_average": load}
             row["errors_pct"] = {key: _error(*row[key]) for key in ("latency_p50_s", "latency_p95_s", "tokens_per_s")}
             rows.append(row)
             e = row["errors_pct"]
-            print(f"{result.batch_size:>3} {name:>4} {p.latency_p50_s:>8.3f}/{run.latency_p50_s:<8.3f} "
+            print(f"{b:>3} {name:>4} {p.latency_p50_s:>8.3f}/{run.latency_p50_s:<8.3f} "
                   f"{e['latency_p50_s']:>+5.0f}% {p.latency_p95_s:>8.3f}/{run.latency_p95_s:<8.3f} "
                   f"{e['latency_p95_s']:>+5.0f}% {p.tokens_per_s:>8.1f}/{run.tokens_per_s:<8.1f} "
-                  f"{e['tokens_per_s']:>+5.0f}%", flush=True)
+                  f"{e['tokens_per_s']:>+5.0f}%  {row['loop_overhead_ms']:>7.1f} "
+                  f"{probe_before:>10.1f}/{probe_after:<10.1f}"
+                  f" {load:>4.1f}", flush=True)
     within = sum(abs(r["errors_pct"]["latency_p50_s"]) <= 15 for r in rows)
     tails = sum(abs(r["errors_pct"]["latency_p95_s"]) <= 25 for r in rows)
     print(f"p50 latency within 15 %: {within}/{len(rows)}; p95 within 25 %: {tails}/{len(rows)}; "
           f"{time.perf_counter() - started:.0f} s in all (shared, noisy machine)")
     if args.out:
         args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows,
-                                        "costs": costs.as_dict(), "acceptance": acceptance.as_dict(),
-                                        "overhead_ms": overhead_ms, "note": "shared machine: noisy timings"}, indent=1))
+                                        "costs": costs.as_dict(), "profile_prompts": list(DEFAULT_PROMPTS),
+                                        "acceptance": acceptance.as_dict(),
+                                        "note": "shared machine: noisy timings"}, indent=1))
+
+
+def _probe(target) -> float:
+    """Median ms of a bare one-token pass after 100 cached tokens: how fast the machine is right now."""
+    return time_passes(target.model, [1], context_tokens=100, repeats=5)[1]
 
 
 def _prompts(sources):

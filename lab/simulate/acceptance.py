@@ -198,7 +198,8 @@ def acceptance_from_serve_bench(data: dict[str, Any], label: str | None = None) 
                          "counters and no per-request counts): give acceptance by hand or from a Compare result")
     from lab.theory import acceptance_from_mean_length
 
-    k = int(data.get("settings", {}).get("llama_k") or 4)
+    settings = data.get("settings", {})
+    k = int((settings.get("llama_server") or {}).get("k") or settings.get("llama_k") or 4)
     a = acceptance_from_mean_length(min(sum(lengths) / len(lengths), k + 1), k)
     return replace(AcceptanceProfile.uniform(a), model=_model(data), drafter=label,
                    source="serve-bench result (mean acceptance length)")
@@ -254,7 +255,8 @@ def _pool_counts(stats: list[dict]) -> CategoryAcceptance:
 
 def _model(data: dict[str, Any]) -> str:
     settings = data.get("settings", {})
-    return settings.get("llama_target") or settings.get("model") or ""
+    llama = settings.get("llama_server") or {}  # serve-bench --llama-target's servers
+    return llama.get("target") or settings.get("llama_target") or settings.get("model") or ""
 
 
 def _non_increasing(rates: tuple[float, ...]) -> tuple[float, ...]:

@@ -184,7 +184,10 @@ def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, 
             widths.append(k + 1)
             gains.append(accepted + 1)
         width = max(widths) if costs.width_rule == "max" else sum(widths) / b
-        cached = sum(row.context for row in running) if use_context else 0
+        cached = 0
+        if use_context:  # the tokens attention reads: a padded engine's rows are all as long as the longest
+            contexts = [row.context for row in running]
+            cached = b * max(contexts) if costs.width_rule == "max" else sum(contexts)
         ms = costs.step_ms(b, max(ks), width, cached)
         keep = []
         for row, gain in zip(running, gains):
@@ -214,8 +217,9 @@ def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, 
                 joiners.append(waiting.popleft())
             if batching == "static" and joiners:
                 batch_members = len(joiners)
-        if joiners:
-            step_ms += costs.prefill_ms(sum(requests[i].prompt_tokens for i in joiners))
+        if joiners:  # one prefill pass: a padded engine pads the joiners to the longest prompt
+            lengths = [requests[i].prompt_tokens for i in joiners]
+            step_ms += costs.prefill_ms(len(lengths) * max(lengths) if costs.width_rule == "max" else sum(lengths))
         if running:
             step_ms += decode_step()
         t += step_ms / 1e3
