@@ -1,0 +1,222 @@
+"""Token trees (lab.tree): the mask against a hand-built reference, greedy exactness of every tree drafter in the
+one decode loop, the cache after a step, the sampling rule's output distribution, and bad budgets refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_VOCAB, OracleDrafter, reference_greedy
+from lab.config import DecodeConfig
+from lab.decode import decode_batch, run, run_batch
+from lab.drafters import make_drafter
+from lab.drafters.base import Draft, DraftContext
+from lab.drafters.draft_model import DraftModelDrafter
+from lab.drafters.prompt_lookup import find_ngram_trie
+from lab.kv import RaggedCache
+from lab.trace import BatchStep
+from lab.tree import (
+    DraftTree, accepted_slots, check_tree_budget, tree_attention_mask, tree_position_ids, verify_tree_greedy,
+    verify_tree_sampling,
+)
+
+NEG = torch.finfo(torch.float32).min
+
+
+def test_mask_matches_hand_built_reference():
+    # Root r; nodes 0 (a) and 1 (b) children of r; 2 (c) child of 0; 3 (d) child of 2; prefix of 2 cached tokens.
+    parents = torch.tensor([-1, -1, 0, 2])
+    #          p0 p1 r  a  b  c  d
+    visible = [[1, 1, 1, 0, 0, 0, 0],  # r
+               [1, 1, 1, 1, 0, 0, 0],  # a
+               [1, 1, 1, 0, 1, 0, 0],  # b
+               [1, 1, 1, 1, 0, 1, 0],  # c
+               [1, 1, 1, 1, 0, 1, 1]]  # d
+    expected = torch.where(torch.tensor(visible, dtype=torch.bool), 0.0, NEG)[None, None]
+    assert torch.equal(tree_attention_mask(parents, 2), expected)
+    assert tree_position_ids(parents, 2).tolist() == [[2, 3, 3, 4, 5]]
+    assert accepted_slots(2, [0, 2]) == [0, 1, 2, 3, 5]
+
+
+def test_greedy_verdict_takes_longest_matching_path_with_repeated_tokens():
+    # Target argmax after root: 5; after the second 5 (node 2): 7; after node 1 nothing matches.
+    tree = DraftTree(torch.tensor([4, 5, 5, 7]), torch.tensor([-1, -1, -1, 2]))
+    argmax = [5, 0, 9, 7, 3]  # columns: root, node 0..3
+    logits = torch.nn.functional.one_hot(torch.tensor(argmax), 10).float()
+    verdict = verify_tree_greedy(logits, tree)
+    assert verdict.path == (2, 3) and verdict.next_token == 3 and verdict.bonus
+    verdict = verify_tree_greedy(logits, DraftTree(torch.tensor([6]), torch.tensor([-1])))
+    assert verdict.path == () and verdict.next_token == 5 and not verdict.bonus
+
+
+class TreeOracle:
+    """Drafts a tree around the target's greedy continuation: a wrong first sibling, the right token twice (the
+    second copy carries the longer right path), or (single=True) one node, right or wrong in turn."""
+
+    name = "tree-oracle"
+    drafts_trees = True
+
+    def __init__(self, reference: list[int], num_prompt_tokens: int, single: bool = False) -> None:
+        self.reference, self.num_prompt_tokens, self.single, self.calls = reference, num_prompt_tokens, single, 0
+
+    def reset(self) -> None:
+        pass
+
+    def propose(self, ctx: DraftContext) -> Draft:
+        done = ctx.token_ids.shape[0] - self.num_prompt_tokens
+        right = self.reference[done : done + ctx.k]
+        self.calls += 1
+        if not right:
+            return Draft.empty()
+        wrong = (right[0] + 1) % TINY_VOCAB
+        if self.single:
+            token = right[0] if self.calls % 2 else wrong
+            return Draft.of_tree(DraftTree(torch.tensor([token]), torch.tensor([-1])))
+        tokens, parents = [wrong, right[0], right[0]], [-1, -1, -1]
+        for i, token in enumerate(right[1:]):
+            tokens.append(token)
+            parents.append(2 if i == 0 else len(tokens) - 2)
+        budget = max(1, min(ctx.tree_budget, len(tokens)))
+        return Draft.of_tree(DraftTree(torch.tensor(tokens[:budget]), torch.tensor(parents[:budget])))
+
+    def observe(self, num_accepted: int) -> None:
+        pass
+
+
+PROMPT = [5, 9, 12, 5, 9, 12, 5, 9, 3, 5, 9]
+
+
+@pytest.mark.parametrize("single", [False, True])
+def test_oracle_trees_are_exact(tiny_target, single):
+    reference = reference_greedy(tiny_target.model, PROMPT, 20)
+    config = DecodeConfig(k=3, max_new_tokens=20, engine_mode="eager", tree_budget=6)
+    result = run(tiny_target, PROMPT, TreeOracle(reference, len(PROMPT), single), config)
+    assert result.token_ids == reference
+    trees = [s for s in result.steps if s.tree is not None]
+    assert trees and all(s.tree_size == (1 if single else min(6, s.tree_size)) for s in trees)
+    if not single:  # the right path hides under the second copy of the right token
+        assert max(s.num_accepted for s in trees) == 3
+
+
+@pytest.mark.parametrize("budget", [1, 4, 16])
+def test_prompt_lookup_trie_is_exact(tiny_target, budget):
+    prompt = [int(t) for t in torch.randint(2, TINY_VOCAB, (40,), generator=torch.Generator().manual_seed(4))]
+    reference = reference_greedy(tiny_target.model, prompt, 24)
+    config = DecodeConfig(k=4, max_new_tokens=24, engine_mode="eager", tree_budget=budget)
+    result = run(tiny_target, prompt, make_drafter("prompt-lookup", tiny_target), config)
+    assert result.token_ids == reference
+    assert all(s.tree_size <= budget for s in result.steps)
+
+
+def test_ngram_trie_merges_continuations_and_keeps_the_chain_first():
+    ids = torch.tensor([1, 2, 3, 1, 2, 4, 9, 1, 2, 3, 7, 1, 2])
+    tree = find_ngram_trie(ids, 1, 2, depth=2, budget=8)
+    # "1 2" occurs at 7 (-> 3 7), 3 (-> 4 9), 0 (-> 3 1: shares the node 3); then "2" adds nothing new at depth 1.
+    assert tree.tokens.tolist()[:4] == [3, 7, 4, 9]
+    assert tree.parents.tolist()[:4] == [-1, 0, -1, 2]
+    assert tree.tokens.tolist()[4] == 1 and tree.parents.tolist()[4] == 0
+    assert find_ngram_trie(torch.tensor([1, 2, 3]), 1, 2, 2, 8) is None
+    assert len(find_ngram_trie(ids, 1, 2, depth=2, budget=1)) == 1
+
+
+def test_cache_holds_prompt_and_accepted_path_after_each_step(tiny_target):
+    reference = reference_greedy(tiny_target.model, PROMPT, 12)
+    cache = RaggedCache(tiny_target.model, 1)
+    config = DecodeConfig(k=3, max_new_tokens=12, engine_mode="eager", tree_budget=6)
+    committed = list(PROMPT)
+    for event in decode_batch(tiny_target, [PROMPT], TreeOracle(reference, len(PROMPT)), config, target_cache=cache):
+        if isinstance(event, BatchStep):
+            committed += list(event.steps[0].emitted)
+            if event.finished:
+                break
+            # The cache holds every committed token but the last: compare its K/V with a plain pass.
+            assert cache.lengths == [len(committed) - 1]
+            plain = tiny_target.model(torch.tensor([committed[:-1]]), use_cache=True).past_key_values
+            for ours, theirs in zip(cache.layers, plain.layers):
+                assert ours.keys.shape == theirs.keys.shape
+                torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(ours.values, theirs.values, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", ["dynamic", "static"])
+@pytest.mark.parametrize("budget", [1, 5, 12])
+def test_draft_model_trees_are_exact(tiny_target, tiny_draft, shape, budget):
+    prompt = [7, 3, 9, 11, 2, 30]
+    reference = reference_greedy(tiny_target.model, prompt, 24)
+    config = DecodeConfig(k=4, max_new_tokens=24, engine_mode="eager", tree_budget=budget)
+    drafter = DraftModelDrafter(tiny_draft.model, tree_topk=3, tree_shape=shape)
+    result = run(tiny_target, prompt, drafter, config)
+    assert result.token_ids == reference
+    assert all(1 <= s.tree_size <= budget for s in result.steps if s.drafted)
+    assert max(s.num_accepted for s in result.steps) >= 1
+
+
+def test_layer_skip_tree_is_exact(tiny_target):
+    prompt = [7, 3, 9, 11, 2, 30]
+    config = DecodeConfig(k=3, max_new_tokens=16, engine_mode="eager", tree_budget=8)
+    result = run(tiny_target, prompt, make_drafter("layer-skip", tiny_target), config)
+    assert result.token_ids == reference_greedy(tiny_target.model, prompt, 16)
+
+
+def test_tree_sampling_output_follows_target():
+    """SpecInfer's rule: the first emitted token's frequencies converge to the target's, for a deterministic tree
+    with a repeated token and for children drawn independently from the draft; top-k soft children are biased."""
+    g = torch.Generator().manual_seed(7)
+    target = torch.softmax(2 * torch.randn(8, generator=g), -1)
+    draft = torch.softmax(2 * torch.randn(8, generator=g), -1)
+    probs = torch.stack([target] + [target] * 3)  # [N + 1, V]; deeper columns do not matter for the first token
+
+    def tv(make_tree, samples=12000, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        counts = torch.zeros(8)
+        for _ in range(samples):
+            tree = make_tree(gen)
+            verdict = verify_tree_sampling(probs[: len(tree) + 1], tree, gen)
+            counts[tree.tokens[verdict.path[0]] if verdict.path else verdict.next_token] += 1
+        return 0.5 * float((counts / samples - target).abs().sum())
+
+    deterministic = DraftTree(torch.tensor([3, 5, 3]), torch.tensor([-1, -1, -1]))
+    assert tv(lambda gen: deterministic) < 0.02
+
+    def iid(gen):
+        tokens = torch.multinomial(draft, 3, replacement=True, generator=gen)
+        return DraftTree(tokens, torch.tensor([-1, -1, -1]), sampled_from=draft.expand(3, 8))
+
+    assert tv(iid, seed=1) < 0.02
+    top = torch.topk(draft, 3).indices
+    soft_top_k = DraftTree(top, torch.tensor([-1, -1, -1]), sampled_from=draft.expand(3, 8))
+    assert tv(lambda gen: soft_top_k, seed=2) > 0.05  # why model drafters build deterministic trees under sampling
+
+
+def test_sampled_tree_decode_is_reproducible(tiny_target):
+    config = DecodeConfig(k=3, max_new_tokens=12, engine_mode="eager", tree_budget=8, temperature=1.0, seed=3)
+    drafter = make_drafter("prompt-lookup", tiny_target)
+    first = run(tiny_target, PROMPT, drafter, config).token_ids
+    assert first == run(tiny_target, PROMPT, drafter, config).token_ids and len(first) == 12
+
+
+@pytest.mark.parametrize("budget", [-1, 65, 2.5, True])
+def test_bad_budgets_are_refused(budget):
+    with pytest.raises(ValueError, match="tree budget .*requires an integer 0 \\(a chain\\) or 1..64"):
+        DecodeConfig(tree_budget=budget)
+
+
+def test_zero_budget_refused_where_a_tree_is_required():
+    with pytest.raises(ValueError, match="requires an integer 1..64; got 0"):
+        check_tree_budget(0, allow_chain=False)
+
+
+@pytest.mark.parametrize(
+    "drafter, prompts, extra, message",
+    [
+        ("prompt-lookup", [PROMPT, PROMPT[:4]], {}, "token trees require batch size 1; got 2"),
+        ("prompt-lookup", [PROMPT], {"engine_mode": "static"}, "token trees require the eager engine"),
+        ("oracle", [PROMPT], {}, "the oracle drafter drafts chains only"),
+        ("none", [PROMPT], {}, "requires a drafter"),
+    ],
+)
+def test_trees_refused_clearly_where_unsupported(tiny_target, drafter, prompts, extra, message):
+    config = DecodeConfig(k=3, max_new_tokens=4, tree_budget=4, **({"engine_mode": "eager"} | extra))
+    with pytest.raises(ValueError, match=message):
+        chain = OracleDrafter(PROMPT, len(PROMPT), agree=True) if drafter == "oracle" else None
+        run_batch(tiny_target, prompts, chain or make_drafter(drafter, tiny_target), config)
