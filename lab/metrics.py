@@ -138,6 +138,7 @@ class SpecDecodingStats(AcceptanceRates):
             "acceptance_rate": clean(self.acceptance_rate),
             "mean_acceptance_length": clean(self.mean_acceptance_length),
             "num_tree_drafts": self.num_tree_drafts,
+            "num_tree_nodes": self.num_tree_nodes,
             "mean_tree_size": clean(self.mean_tree_size),
             "target_forward_passes": self.target_forward_passes,
             "num_output_tokens": self.num_output_tokens,

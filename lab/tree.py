@@ -291,13 +291,11 @@ def tree_verify_forward(cache, root_token: torch.Tensor, tree: DraftTree) -> tor
 def refuse_tree_decode(budget: int, batch_size: int, mode: str, drafter, constraint) -> None:
     """Raise ValueError, saying why and what to do, where the decode loop cannot verify trees.
 
-    Trees run at B = 1 in the eager engine, unconstrained, with a drafter that drafts trees.
+    Trees run at B = 1 in the eager engine, unconstrained, with a drafter that drafts trees. The target
+    alone (drafter None) ignores the budget, as it ignores K.
     """
-    if budget == 0:
-        return
-    if drafter is None:
-        raise ValueError("a tree budget requires a drafter (the target alone drafts nothing): pick a drafter "
-                         "or set the tree budget to 0")
+    if budget == 0 or drafter is None:
+        return  # the target alone drafts nothing, chain or tree
     if not getattr(drafter, "drafts_trees", False):
         raise ValueError(f"the {drafter.name} drafter drafts chains only: set the tree budget to 0, or pick "
                          "prompt-lookup or draft-model for a tree")

@@ -201,6 +201,11 @@ def test_bad_budgets_are_refused(budget):
         DecodeConfig(tree_budget=budget)
 
 
+def test_target_alone_ignores_the_tree_budget(tiny_target):
+    config = DecodeConfig(k=3, max_new_tokens=6, engine_mode="eager", tree_budget=8)
+    assert run(tiny_target, PROMPT, None, config).token_ids == reference_greedy(tiny_target.model, PROMPT, 6)
+
+
 def test_zero_budget_refused_where_a_tree_is_required():
     with pytest.raises(ValueError, match="requires an integer 1..64; got 0"):
         check_tree_budget(0, allow_chain=False)
@@ -212,7 +217,6 @@ def test_zero_budget_refused_where_a_tree_is_required():
         ("prompt-lookup", [PROMPT, PROMPT[:4]], {}, "token trees require batch size 1; got 2"),
         ("prompt-lookup", [PROMPT], {"engine_mode": "static"}, "token trees require the eager engine"),
         ("oracle", [PROMPT], {}, "the oracle drafter drafts chains only"),
-        ("none", [PROMPT], {}, "requires a drafter"),
     ],
 )
 def test_trees_refused_clearly_where_unsupported(tiny_target, drafter, prompts, extra, message):
