@@ -224,3 +224,19 @@ def test_trees_refused_clearly_where_unsupported(tiny_target, drafter, prompts, 
     with pytest.raises(ValueError, match=message):
         chain = OracleDrafter(PROMPT, len(PROMPT), agree=True) if drafter == "oracle" else None
         run_batch(tiny_target, prompts, chain or make_drafter(drafter, tiny_target), config)
+
+
+def test_tree_drawing_marks_the_accepted_path(tiny_target):
+    from app.render_tree import tree_figure
+    from lab.tree_view import tree_rows, tree_text
+
+    reference = reference_greedy(tiny_target.model, PROMPT, 6)
+    config = DecodeConfig(k=3, max_new_tokens=6, engine_mode="eager", tree_budget=6)
+    step = run(tiny_target, PROMPT, TreeOracle(reference, len(PROMPT)), config).steps[0]
+    rows = tree_rows(step, tiny_target.tokenizer, PROMPT)
+    assert [r.node for r in rows if r.status == "accepted"] == list(step.tree_path) == [2, 3, 4]
+    assert rows[0].status == "root" and rows[-1].status == step.final_kind == "bonus"
+    text = tree_text(step, tiny_target.tokenizer, PROMPT)
+    assert text.count("\n+ ") == 0 and text.count("+ ") == 3 and text.count("x ") == 2
+    figure = tree_figure(step, tiny_target.tokenizer, PROMPT)
+    assert {t.name for t in figure.data if t.name} == {"root", "accepted", "rejected", "bonus"}
