@@ -89,8 +89,9 @@ class SpecDecodingStats(AcceptanceRates):
                 self.num_drafts += 1
                 self.num_draft_tokens += len(event.drafted)
                 self.num_accepted_tokens += event.num_accepted
-                if len(self.accepted_per_position) < len(event.drafted):
-                    self.accepted_per_position += [0] * (len(event.drafted) - len(self.accepted_per_position))
+                positions = len(event.drafted) if event.tree is None else max(event.tree.depths)  # a tree: its depth
+                if len(self.accepted_per_position) < positions:
+                    self.accepted_per_position += [0] * (positions - len(self.accepted_per_position))
                 for i in range(event.num_accepted):
                     self.accepted_per_position[i] += 1
                 if event.tree is not None:

@@ -240,3 +240,24 @@ def test_tree_drawing_marks_the_accepted_path(tiny_target):
     assert text.count("\n+ ") == 0 and text.count("+ ") == 3 and text.count("x ") == 2
     figure = tree_figure(step, tiny_target.tokenizer, PROMPT)
     assert {t.name for t in figure.data if t.name} == {"root", "accepted", "rejected", "bonus"}
+
+
+@pytest.mark.parametrize("a, n", [(0.3, 1), (0.6, 4), (0.9, 8)])
+def test_tree_model_without_siblings_is_leviathans_chain(a, n):
+    from lab.theory import expected_tokens_per_step
+    from lab.tree_theory import best_tree
+
+    plan = best_tree(a, n, decay=0.0)
+    assert plan.parents == tuple(range(-1, n - 1))  # a chain
+    assert plan.expected_tokens == pytest.approx(expected_tokens_per_step(a, n))
+
+
+def test_tree_model_hand_computed_and_budget_choice():
+    from lab.tree_theory import best_tree, best_tree_budget
+
+    # a = 0.5, s = 0.5: root's first child 0.5, its child 0.25, the second root child 0.5 * 0.25 = 0.125.
+    plan = best_tree(0.5, 3, decay=0.5)
+    assert plan.parents == (-1, 0, -1) and plan.values == pytest.approx((0.5, 0.25, 0.125))
+    # Flat verify cost (a GPU at batch 1): the widest tree pays; a verify cost rising with N (this CPU): a small one.
+    assert best_tree_budget(0.4, 0.0, {4: 1.0, 16: 1.0, 64: 1.0})[0] == 64
+    assert best_tree_budget(0.4, 0.0, {4: 1.0, 16: 2.0, 64: 6.0})[0] == 4
