@@ -261,3 +261,52 @@ def test_tree_model_hand_computed_and_budget_choice():
     # Flat verify cost (a GPU at batch 1): the widest tree pays; a verify cost rising with N (this CPU): a small one.
     assert best_tree_budget(0.4, 0.0, {4: 1.0, 16: 1.0, 64: 1.0})[0] == 64
     assert best_tree_budget(0.4, 0.0, {4: 1.0, 16: 2.0, 64: 6.0})[0] == 4
+
+
+def _eagle(target):
+    from lab.drafters import EagleDrafter, EagleHead, EagleHeadConfig
+
+    torch.manual_seed(0)
+    config = EagleHeadConfig.for_target(target.model, intermediate_size=16, target="tiny")
+    return EagleDrafter(target.model, EagleHead(config).eval().requires_grad_(False))
+
+
+@pytest.mark.parametrize("which", ["draft-model", "eagle"])
+def test_a_one_wide_tree_drafts_what_the_chain_drafts(tiny_target, tiny_draft, which):
+    """A static tree with one child per node is the chain: same drafts at every step. For the EAGLE head this checks
+    the head's tree mask and positions, and the folding of the target's tree-pass features along the accepted path."""
+    def make():
+        drafter = DraftModelDrafter(tiny_draft.model) if which == "draft-model" else _eagle(tiny_target)
+        drafter.tree_topk, drafter.tree_shape = 1, "static"
+        return drafter
+
+    prompt = [7, 3, 9, 11, 2, 30, 7, 3, 9]
+    chain = run(tiny_target, prompt, make(), DecodeConfig(k=3, max_new_tokens=20, engine_mode="eager"))
+    tree = run(tiny_target, prompt, make(), DecodeConfig(k=3, max_new_tokens=20, engine_mode="eager", tree_budget=3))
+    assert [s.drafted for s in tree.steps] == [s.drafted for s in chain.steps]
+    assert all(s.tree is not None for s in tree.steps if s.drafted)
+    assert tree.token_ids == chain.token_ids == reference_greedy(tiny_target.model, prompt, 20)
+
+
+@pytest.mark.parametrize("budget", [1, 6, 16])
+def test_eagle_dynamic_tree_is_exact(tiny_target, budget):
+    prompt = [7, 3, 9, 11, 2, 30, 7, 3, 9]
+    config = DecodeConfig(k=4, max_new_tokens=20, engine_mode="eager", tree_budget=budget)
+    result = run(tiny_target, prompt, _eagle(tiny_target), config)
+    assert result.token_ids == reference_greedy(tiny_target.model, prompt, 20)
+    assert all(1 <= s.tree_size <= budget for s in result.steps if s.drafted)
+
+
+def test_tree_pass_features_fold_along_the_accepted_path():
+    from types import SimpleNamespace
+
+    from lab.drafters.eagle_tree import fold_tree_features
+
+    # recorded: 2 prefix tokens, the root, then the tree's 4 nodes in node order (features = their slot number)
+    ids = torch.tensor([40, 41, 42, 5, 6, 7, 8])
+    features = SimpleNamespace(ids=[ids], feats=[torch.arange(7.0)[:, None]])
+    tree = DraftTree(torch.tensor([5, 6, 7, 8]), torch.tensor([-1, -1, 1, 2]))
+    committed = torch.tensor([40, 41, 42, 6, 7, 9])  # path: node 1 (6), node 2 (7), then the target's 9
+    fold_tree_features(features, 0, committed, tree, base=3)
+    assert features.ids[0].tolist() == [40, 41, 42, 6, 7]
+    assert features.feats[0].flatten().tolist() == [0, 1, 2, 4, 5]
