@@ -273,7 +273,7 @@ def ngram_inputs(page: str, low=st, high=st) -> None:
 
 TREE_HELP = ("Token trees: draft up to N tokens per verify pass as a tree (several guesses at each position; "
              "K is its depth), verified exactly in one target pass. 0 = a chain of K tokens. Batch size 1, eager "
-             "engine, prompt lookup, draft model or layer skip; the cost model's choice is on the Theory page.")
+             "engine, any drafter but a vocabulary bridge; the cost model's choice is on the Theory page.")
 
 
 def tree_budget_input(page: str, where=st, disabled: bool = False) -> None:

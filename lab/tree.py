@@ -298,7 +298,7 @@ def refuse_tree_decode(budget: int, batch_size: int, mode: str, drafter, constra
         return  # the target alone drafts nothing, chain or tree
     if not getattr(drafter, "drafts_trees", False):
         raise ValueError(f"the {drafter.name} drafter drafts chains only: set the tree budget to 0, or pick "
-                         "prompt-lookup or draft-model for a tree")
+                         "prompt-lookup, draft-model, layer-skip or eagle for a tree")
     if batch_size > 1:
         raise ValueError(
             f"token trees require batch size 1; got {batch_size}. A tree widens every row's verify pass "

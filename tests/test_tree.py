@@ -310,3 +310,20 @@ def test_tree_pass_features_fold_along_the_accepted_path():
     fold_tree_features(features, 0, committed, tree, base=3)
     assert features.ids[0].tolist() == [40, 41, 42, 6, 7]
     assert features.feats[0].flatten().tolist() == [0, 1, 2, 4, 5]
+
+
+def test_compare_runs_a_tree_beside_its_chain(tiny_target):
+    from lab.studies.compare import DrafterSpec, run_comparison
+
+    specs = [DrafterSpec("prompt-lookup"), DrafterSpec("prompt-lookup", tree_budget=8)]
+    assert specs[1].label == "prompt-lookup (n 1-3, tree 8)"
+    comparison = run_comparison(tiny_target, ["t3 t4 t5 t6 t3 t4 t5 t7 t3 t4 t5 t6 t3 t4"], specs, [3],
+                                DecodeConfig(max_new_tokens=12, engine_mode="eager"), chat_template=False)
+    summary = comparison.summary().set_index("drafter")
+    assert set(comparison.settings["verify_cost"]) == {"3", "8"}  # v(K) for the chain, v(N) for the tree
+    tree = summary.loc["prompt-lookup (n 1-3, tree 8)"]
+    assert tree["tree_budget"] == 8 and 1 <= tree["mean_tree_size"] <= 8
+    assert tree["bare_verify_cost"] == comparison.settings["verify_cost"]["8"]
+    assert tree["identical_to_target"] == 1.0  # fp32: exact
+    with pytest.raises(ValueError, match="tree budget"):
+        DrafterSpec("prompt-lookup", tree_budget=65)

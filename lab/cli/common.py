@@ -84,7 +84,7 @@ def add_tree_argument(parser: argparse.ArgumentParser, many: bool = False) -> No
     else:
         parser.add_argument("--tree-budget", type=int, default=0, metavar="N",
                             help="draft a token tree of up to N nodes (1..64) per verify pass, K deep; 0 = a chain "
-                            "(default). Batch size 1, eager engine, prompt-lookup / draft-model / layer-skip")
+                            "(default). Batch size 1, eager engine; prompt-lookup, draft-model, layer-skip or eagle")
 
 
 def add_constraint_arguments(parser: argparse.ArgumentParser) -> None:
