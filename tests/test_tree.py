@@ -327,3 +327,15 @@ def test_compare_runs_a_tree_beside_its_chain(tiny_target):
     assert tree["identical_to_target"] == 1.0  # fp32: exact
     with pytest.raises(ValueError, match="tree budget"):
         DrafterSpec("prompt-lookup", tree_budget=65)
+
+
+def test_bench_sweep_runs_trees_at_batch_size_one_only(tiny_target):
+    from lab.drafters import PromptLookupDrafter
+    from lab.studies.batch_sweep import run_sweep
+
+    prompts = [PROMPT, PROMPT[2:]]
+    config = DecodeConfig(k=3, max_new_tokens=8, engine_mode="eager", tree_budget=6)
+    sweep = run_sweep(tiny_target, prompts, PromptLookupDrafter(), config, (1,))
+    assert [r.batch_size for r in sweep.results] == [1]
+    with pytest.raises(ValueError, match="token trees .*requires batch size 1 only|requires batch size 1 only"):
+        run_sweep(tiny_target, prompts, PromptLookupDrafter(), config, (1, 2))
