@@ -93,17 +93,28 @@ def best_tree(acceptance: float, budget: int, decay: float = DEFAULT_SIBLING_DEC
     return TreePlan(tuple(parents), tuple(values), tuple(depths))
 
 
-def tree_speedup(acceptance: float, budget: int, cost_ratio: float, verify_cost: float,
-                 decay: float = DEFAULT_SIBLING_DECAY) -> float:
-    """Predicted speedup of the best tree of ``budget`` nodes: tokens / (depth c + v(N)).
+MAX_DEPTH = 16  # as K_MAX: the deepest tree the drafters grow
 
+
+def best_tree_for_cost(acceptance: float, budget: int, cost_ratio: float, verify_cost: float,
+                       decay: float = DEFAULT_SIBLING_DECAY) -> tuple[TreePlan, float]:
+    """The best tree of ``budget`` nodes once the draft's cost is counted, and its speedup tokens / (depth c + v(N)).
+
+    A deeper tree costs a draft pass more per level, so the depth limit (1 .. 16) is chosen too.
     cost_ratio: c >= 0, the draft's time per draft pass in target steps (0: prompt lookup).
     verify_cost: v(N) > 0, one verify pass over N + 1 tokens in target steps.
+    Raises ValueError for c < 0 or v <= 0 (and as ``best_tree``).
     """
     if cost_ratio < 0 or not verify_cost > 0:
-        raise ValueError(f"tree_speedup requires c >= 0 and v > 0; got c={cost_ratio}, v={verify_cost}")
-    plan = best_tree(acceptance, budget, decay)
-    return plan.expected_tokens / (plan.depth * cost_ratio + verify_cost)
+        raise ValueError(f"a tree's speedup requires c >= 0 and v > 0; got c={cost_ratio}, v={verify_cost}")
+    plans = [best_tree(acceptance, budget, decay, max_depth=d) for d in range(1, min(max(budget, 1), MAX_DEPTH) + 1)]
+    return max(((p, p.expected_tokens / (p.depth * cost_ratio + verify_cost)) for p in plans), key=lambda ps: ps[1])
+
+
+def tree_speedup(acceptance: float, budget: int, cost_ratio: float, verify_cost: float,
+                 decay: float = DEFAULT_SIBLING_DECAY) -> float:
+    """Predicted speedup of the best tree of ``budget`` nodes at its best depth (``best_tree_for_cost``)."""
+    return best_tree_for_cost(acceptance, budget, cost_ratio, verify_cost, decay)[1]
 
 
 def best_tree_budget(acceptance: float, cost_ratio: float, verify_costs: Mapping[int, float],
