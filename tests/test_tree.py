@@ -339,3 +339,18 @@ def test_bench_sweep_runs_trees_at_batch_size_one_only(tiny_target):
     assert [r.batch_size for r in sweep.results] == [1]
     with pytest.raises(ValueError, match="token trees .*requires batch size 1 only|requires batch size 1 only"):
         run_sweep(tiny_target, prompts, PromptLookupDrafter(), config, (1, 2))
+
+
+@pytest.mark.parametrize("tree_ms, expected", [
+    ({8: 10.0, 16: 10.0, 32: 10.0, 64: 10.0}, 64),  # flat v(N) = 1 (a GPU at batch 1): the widest tree pays
+    ({8: 20.0, 16: 40.0, 32: 80.0, 64: 160.0}, 4),  # v(N) rising steeply: no wider than the cheap passes (4 nodes)
+])
+def test_calibration_picks_the_tree_budget_by_measured_v(tree_ms, expected):
+    from lab.studies.calibrate import Calibration, PrecisionTimings
+
+    timing = PrecisionTimings("bf16", 10.0, {k: 10.0 for k in (1, 2, 4)}, None, tree_ms)
+    machine = {"cpu": "test", "cpu_flags": [], "device": "cpu", "threads": 2, "torch": "x"}
+    calibration = Calibration("t", None, "prompt-lookup", machine, [timing], 0.4, 16, 1)
+    assert calibration.tree_budget == expected
+    assert f"N = {expected}" in calibration.explain()
+    assert Calibration.from_dict(calibration.as_dict()).timings[0].tree_verify_ms == tree_ms
