@@ -182,7 +182,7 @@ class Calibration:
         if any(t.tree_verify_ms for t in self.timings):
             lines.append("")
             budget = self.tree_budget
-            lines.append(f"Token trees (``--tree-budget``): the cost model picks **N = {budget}**" + (
+            lines.append(f"Token trees (`--tree-budget`): the cost model picks **N = {budget}**" + (
                 " (a chain): the wider verify pass costs more than the extra accepted tokens bring"
                 if budget == 0 else " nodes per verify pass, predicted faster than the best chain") + ".")
         if self.predicted_speedup < 1:
