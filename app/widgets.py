@@ -271,6 +271,19 @@ def ngram_inputs(page: str, low=st, high=st) -> None:
     high.number_input("Max n-gram", min_value=1, max_value=8, step=1, key=key(f"{page}.max_n"))
 
 
+TREE_HELP = ("Token trees: draft up to N tokens per verify pass as a tree (several guesses at each position; "
+             "K is its depth), verified exactly in one target pass. 0 = a chain of K tokens. Batch size 1, eager "
+             "engine, any drafter but a vocabulary bridge; the cost model's choice is on the Theory page.")
+
+
+def tree_budget_input(page: str, where=st, disabled: bool = False) -> None:
+    """The token-tree budget (nodes per verify pass, 0..64; 0 = a chain), in the container ``where``."""
+    from lab.tree import TREE_BUDGET_MAX
+
+    where.number_input("Tree budget (nodes; 0 = chain)", min_value=0, max_value=TREE_BUDGET_MAX, step=4,
+                       key=key(f"{page}.tree_budget"), disabled=disabled, help=TREE_HELP)
+
+
 def exit_layer_input(page: str, where=st) -> None:
     """Layer skip's exit layer (empty: a quarter of the target's layers), in the container ``where``."""
     where.number_input("Exit layer", min_value=1, max_value=64, step=1, key=key(f"{page}.exit_layer"),

@@ -7,6 +7,7 @@ from typing import Literal, get_args
 
 from lab.kv import CompileBackend, EngineMode
 from lab.sampling import SamplingParams
+from lab.tree import check_tree_budget
 
 GrammarMode = Literal["exact", "naive"]
 K_MAX = 16
@@ -35,6 +36,8 @@ class DecodeConfig:
         GPU), or "auto" (compiled on CUDA, eager elsewhere).
     compile_backend: torch.compile's backend in the compiled mode ("inductor";
         "eager" traces the graphs but runs them eagerly, for tests).
+    tree_budget: draft nodes per verify pass for a token tree (``lab.tree``,
+        1..64; k then bounds the tree's depth), or 0 for a chain of k tokens.
 
     Raises ValueError with what was expected and what came.
     """
@@ -50,6 +53,7 @@ class DecodeConfig:
     grammar_mode: GrammarMode = "exact"
     engine_mode: EngineMode = "auto"
     compile_backend: CompileBackend = "inductor"
+    tree_budget: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or not 1 <= self.k <= K_MAX:
@@ -68,6 +72,7 @@ class DecodeConfig:
             raise ValueError(
                 f"compile_backend requires one of {', '.join(get_args(CompileBackend))}; got {self.compile_backend!r}"
             )
+        check_tree_budget(self.tree_budget)
         self.sampling  # validates temperature, top_k, top_p
 
     @property

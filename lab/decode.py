@@ -62,6 +62,7 @@ from lab.trace import (
     BatchEvent, BatchFinished, BatchPrefilled, BatchStep, Finished, PositionDetail, Prefilled, RowFinished, Step,
     StopReason, TraceEvent,
 )
+from lab.tree import accepted_slots, refuse_tree_decode, tree_verify_forward, verify_tree_greedy, verify_tree_sampling
 from lab.verify import Verdict, verify_greedy_batch, verify_sampling_batch
 
 DETAIL_TOP = 5
@@ -107,6 +108,7 @@ def decode_batch(
     eos = set(target.eos_token_ids)
     drafter = as_batch_drafter(drafter)
     mode = loop_engine_mode(config, device, drafter)
+    refuse_tree_decode(config.tree_budget, len(requests), mode, drafter, constraint)
     widest = (max(config.k, K_MAX if k_policy else 0) + 1) if drafter is not None else 1
     max_length = max(q.prompt.numel() + q.budget for q in requests) + widest  # what a static cache must hold
     if drafter is not None:
@@ -134,21 +136,32 @@ def decode_batch(
         drafts = [Draft.empty() for _ in rows]
         if drafter is not None and k_step > 0 and any(q.remaining > 1 for q in rows):
             backend = config.compile_backend
-            drafts = drafter.propose([q.draft_context(k_step, sampling, naive, mode, backend, max_length) for q in rows])
+            drafts = drafter.propose([q.draft_context(k_step, sampling, naive, mode, backend, max_length,
+                                                      config.tree_budget) for q in rows])
         sync_device(device)
         t1 = time.perf_counter()
 
-        # 2. verify forward: per row [last committed] + draft -> K_b+1 distributions (right-padded).
+        # 2. verify forward: per row [last committed] + draft -> K_b+1 distributions (right-padded);
+        # a token tree (B = 1, eager): [last committed] + its N nodes under the tree's mask (lab.tree).
+        tree = drafts[0].tree
         width = k_step + 1 if drafter is not None else 1  # the static modes' fixed width
         inputs = [torch.cat([q.committed[-1:], d.tokens]) for q, d in zip(rows, drafts)]
-        logits = cache.forward(inputs, width=width)  # [B, W, V]
+        if tree is not None:
+            logits = tree_verify_forward(cache, rows[0].committed[-1:], tree)  # [1, N+1, V]
+        else:
+            logits = cache.forward(inputs, width=width)  # [B, W, V]
         if constraint is not None:
             logits = _grammar_masks(logits, rows, drafts, naive)
 
         # 3. accept, for the whole batch at once.
         target_probs = None
-        if sampling.is_greedy:
+        if tree is not None and sampling.is_greedy:
+            verdicts = [verify_tree_greedy(logits[0], tree)]
+        elif sampling.is_greedy:
             verdicts = verify_greedy_batch(logits, [d.tokens for d in drafts])
+        elif tree is not None:
+            target_probs = logits_to_probs(logits, sampling)  # [1, N+1, V]
+            verdicts = [verify_tree_sampling(target_probs[0], tree, rows[0].generator)]
         else:
             target_probs = logits_to_probs(logits, sampling)  # [B, W, V]
             verdicts = verify_sampling_batch(
@@ -156,7 +169,10 @@ def decode_batch(
             )
 
         # 4. commit and roll back: each row keeps K/V of all its committed tokens but the new last one.
-        cache.keep([q.committed.numel() + v.num_accepted for q, v in zip(rows, verdicts)])
+        if tree is not None:  # the accepted path's K/V gathered into place after the prefix and the root
+            cache.keep_slots(accepted_slots(rows[0].committed.numel() - 1, verdicts[0].path))
+        else:
+            cache.keep([q.committed.numel() + v.num_accepted for q, v in zip(rows, verdicts)])
         commits = [
             q.commit(d, v, eos, target.tokenizer, config.stop_strings, max_positions, naive)
             for q, d, v in zip(rows, drafts, verdicts)
@@ -171,7 +187,7 @@ def decode_batch(
         steps, finished = [], []
         for b, (q, draft, verdict, (emitted, reason)) in enumerate(zip(rows, drafts, verdicts, commits)):
             details = ()
-            if config.record_details and len(draft):
+            if config.record_details and len(draft) and draft.tree is None:
                 row_probs = None if target_probs is None else target_probs[b, : len(draft) + 1]
                 details = position_details(logits[b, : len(draft) + 1], row_probs, draft, verdict, sampling.is_greedy)
             steps.append(
@@ -187,6 +203,8 @@ def decode_batch(
                     draft_cache_len=draft_lengths[b],
                     details=details,
                     cut_by_grammar=draft.cut_by_grammar,
+                    tree=draft.tree,
+                    tree_path=getattr(verdict, "path", ()),
                 )
             )
             q.observe_step(t2 - start, emitted)
@@ -329,13 +347,15 @@ class _Request:
     def remaining(self) -> int:
         return self.budget - len(self.generated)
 
-    def draft_context(self, k: int, sampling, naive: bool, mode: str, backend: str, max_length: int) -> DraftContext:
-        """This row's drafter input; k shrinks to what the budget can take (0: draft nothing).
+    def draft_context(
+        self, k: int, sampling, naive: bool, mode: str, backend: str, max_length: int, tree_budget: int = 0
+    ) -> DraftContext:
+        """This row's drafter input; k (a tree's depth) shrinks to what the budget can take (0: draft nothing).
         A naive-mode drafter drafts without the grammar (the broken way being shown)."""
         k = max(0, min(k, self.remaining - 1))
         grammar = None if naive else self.grammar
         return DraftContext(self.committed, self.prompt.numel(), k, sampling, self.generator, grammar,
-                            mode, backend, max_length)
+                            mode, backend, max_length, tree_budget)
 
     def commit(
         self, draft: Draft, verdict: Verdict, eos: set[int], tokenizer, stop_strings: tuple[str, ...],
@@ -346,7 +366,8 @@ class _Request:
         Exact: the grammar advances over exactly what was emitted. Naive: it already
         took every drafted token; only the target's own token is added.
         """
-        new_tokens = draft.tokens[: verdict.num_accepted].tolist() + [verdict.next_token]
+        path = list(verdict.path) if draft.tree is not None else range(verdict.num_accepted)
+        new_tokens = draft.tokens[list(path)].tolist() + [verdict.next_token]
         emitted, reason = cut_emitted(new_tokens, self.generated, self.remaining, eos, tokenizer, stop_strings)
         if self.grammar is not None:
             for token in emitted[-1:] if naive else emitted:

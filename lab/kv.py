@@ -302,6 +302,37 @@ class RaggedCache:
         self.dense = dense
         return _pick_last(out.logits, which) if last_only else out.logits
 
+    def forward_tree(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """B = 1 without holes: feed tokens [n] int64 after the cached ones through a 4-D additive mask
+        ([1, 1, n, cached + n]) at the given position ids ([1, n]); returns logits [1, n, V] (``lab.tree``)."""
+        if self.batch_size != 1 or not self.dense:
+            raise ValueError(f"a tree pass requires a one-row cache without holes; got {self.batch_size} rows")
+        out = self.model(tokens[None].to(self.device), attention_mask=attention_mask.to(self.device),
+                         position_ids=position_ids.to(self.device), cache=self.cache, use_cache=True)
+        n = int(tokens.shape[0])
+        self.valid = torch.cat([self.valid, torch.ones(1, n, dtype=torch.bool, device=self.device)], dim=1)
+        self.lengths = [self.lengths[0] + n]
+        return out.logits
+
+    def keep_slots(self, slots: Sequence[int]) -> None:
+        """B = 1 without holes: keep only these slots, in this order (a tree's accepted path into place).
+
+        Copies the kept K/V of every layer (one gather); the row then holds len(slots) tokens.
+        """
+        if self.batch_size != 1 or not self.dense:
+            raise ValueError(f"keep_slots requires a one-row cache without holes; got {self.batch_size} rows")
+        slots = [int(s) for s in slots]
+        if slots == list(range(len(slots))):
+            self._slice(0, len(slots))  # the path already sits in place (a chain, or nothing accepted)
+        else:
+            index = torch.tensor(slots, dtype=torch.long, device=self.device)
+            for layer in self.cache.layers:
+                if getattr(layer, "is_initialized", False):
+                    layer.keys = layer.keys.index_select(2, index)
+                    layer.values = layer.values.index_select(2, index)
+            self.valid = self.valid[:, : len(slots)]
+        self.lengths = [len(slots)]
+
     def keep(self, lengths: Sequence[int]) -> None:
         lengths = [int(n) for n in lengths]
         if any(not 0 <= n <= have for n, have in zip(lengths, self.lengths)) or len(lengths) != self.batch_size:

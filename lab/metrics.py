@@ -16,6 +16,13 @@ Definitions (vLLM v1 ``spec_decode/metrics.py``):
 - mean acceptance length: 1 + num_accepted_tokens / num_drafts, so it counts the
   target's own (corrected or bonus) token: tokens per target step on drafted steps
   (NaN when nothing was drafted).
+- token trees (``lab.tree``): a tree step counts as one draft of N tokens (its
+  nodes) with its accepted depth as accepted tokens, so the mean acceptance
+  length stays 1 + mean accepted depth (tokens per target step) and
+  accepted_per_position[i] counts steps whose accepted depth exceeds i;
+  num_tree_drafts and num_tree_nodes give the mean tree size. The acceptance
+  rate (accepted / drafted) of a tree is low by construction: most nodes are
+  alternatives, never on the accepted path.
 - target_forward_passes: verify passes of the target after prefill (one per step).
 - num_output_tokens: tokens committed to the output.
 - wall_s: prefill plus all steps, seconds; tokens_per_s = num_output_tokens / wall_s.
@@ -60,6 +67,8 @@ class SpecDecodingStats(AcceptanceRates):
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    num_tree_drafts: int = 0
+    num_tree_nodes: int = 0
     target_forward_passes: int = 0
     num_output_tokens: int = 0
     prefill_s: float = 0.0
@@ -80,10 +89,14 @@ class SpecDecodingStats(AcceptanceRates):
                 self.num_drafts += 1
                 self.num_draft_tokens += len(event.drafted)
                 self.num_accepted_tokens += event.num_accepted
-                if len(self.accepted_per_position) < len(event.drafted):
-                    self.accepted_per_position += [0] * (len(event.drafted) - len(self.accepted_per_position))
+                positions = len(event.drafted) if event.tree is None else max(event.tree.depths)  # a tree: its depth
+                if len(self.accepted_per_position) < positions:
+                    self.accepted_per_position += [0] * (positions - len(self.accepted_per_position))
                 for i in range(event.num_accepted):
                     self.accepted_per_position[i] += 1
+                if event.tree is not None:
+                    self.num_tree_drafts += 1
+                    self.num_tree_nodes += event.tree_size
         elif isinstance(event, Finished):
             self.wall_s += event.wall_s
 
@@ -96,6 +109,8 @@ class SpecDecodingStats(AcceptanceRates):
             self.accepted_per_position += [0] * (len(other.accepted_per_position) - len(self.accepted_per_position))
         for i, n in enumerate(other.accepted_per_position):
             self.accepted_per_position[i] += n
+        self.num_tree_drafts += other.num_tree_drafts
+        self.num_tree_nodes += other.num_tree_nodes
         self.target_forward_passes += other.target_forward_passes
         self.num_output_tokens += other.num_output_tokens
         self.prefill_s += other.prefill_s
@@ -106,6 +121,11 @@ class SpecDecodingStats(AcceptanceRates):
     @property
     def tokens_per_s(self) -> float:
         return self.num_output_tokens / self.wall_s if self.wall_s > 0 else math.nan
+
+    @property
+    def mean_tree_size(self) -> float:
+        """Nodes per drafted tree (NaN without trees)."""
+        return self.num_tree_nodes / self.num_tree_drafts if self.num_tree_drafts else math.nan
 
     def as_dict(self) -> dict:
         """Plain numbers for JSON: the counters and the derived rates (NaN becomes None)."""
@@ -118,6 +138,9 @@ class SpecDecodingStats(AcceptanceRates):
             "per_position_acceptance_rate": self.per_position_acceptance_rate,
             "acceptance_rate": clean(self.acceptance_rate),
             "mean_acceptance_length": clean(self.mean_acceptance_length),
+            "num_tree_drafts": self.num_tree_drafts,
+            "num_tree_nodes": self.num_tree_nodes,
+            "mean_tree_size": clean(self.mean_tree_size),
             "target_forward_passes": self.target_forward_passes,
             "num_output_tokens": self.num_output_tokens,
             "prefill_s": self.prefill_s,

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from lab.tree import DraftTree
 
 FinalKind = Literal["corrected", "bonus", "target"]
 StopReason = Literal["eos", "stop_string", "max_new_tokens", "context_window"]
@@ -74,6 +77,9 @@ class Step:
         when the drafter keeps no cache).
     details: per checked position, when the run records details.
     cut_by_grammar: proposed tokens the grammar dropped before verification.
+    tree: the step's token tree (``lab.tree.DraftTree``) when the drafter drafted one: then
+        drafted is its N nodes' tokens (node order), num_accepted the accepted depth and
+        tree_path the accepted nodes, root's child first; None for a chain.
     """
 
     index: int
@@ -87,10 +93,26 @@ class Step:
     draft_cache_len: int | None = None
     details: tuple[PositionDetail, ...] = field(default=())
     cut_by_grammar: tuple[int, ...] = ()
+    tree: "DraftTree | None" = None
+    tree_path: tuple[int, ...] = ()
+
+    @property
+    def tree_size(self) -> int:
+        """Nodes of the step's tree (0 for a chain)."""
+        return 0 if self.tree is None else len(self.tree)
+
+    @property
+    def accepted_tokens(self) -> tuple[int, ...]:
+        """The drafted tokens the target kept, in order (a tree's accepted path)."""
+        if self.tree is not None:
+            return tuple(self.drafted[i] for i in self.tree_path)
+        return self.drafted[: self.num_accepted]
 
     @property
     def rejected(self) -> tuple[int, ...]:
-        """The drafted token the target refused (at most one is shown; the rest were never checked)."""
+        """The drafted token the target refused (at most one is shown; the rest were never checked; none for a tree)."""
+        if self.tree is not None:
+            return ()
         return self.drafted[self.num_accepted : self.num_accepted + 1]
 
     @property

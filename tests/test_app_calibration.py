@@ -23,14 +23,14 @@ def test_theory_page_calibrates_explains_and_fills_the_sliders(tiny_models):
     at = app_on("theory", pair=PAIR)
     assert not at.exception
     assert any("Not calibrated on this machine yet" in i.value for i in at.info)
-    assert len(at.get("plotly_chart")) == 2  # the theory curves only
+    assert len(at.get("plotly_chart")) == 3  # the theory curves only (Leviathan's two, chain or tree)
     at = click(at, "Calibrate")
     assert not at.exception and not at.error
     calibration = cached_calibration("smollm2-135m", device="cpu")
     assert calibration is not None and calibration.drafter == "prompt-lookup"
     text = "\n".join(m.value for m in at.markdown)
     assert "fastest speculation is" in text and f"K = {calibration.k}" in text
-    assert len(at.get("plotly_chart")) == 4  # + v(K) and the predicted time per token
+    assert len(at.get("plotly_chart")) == 5  # + v(K) and the predicted time per token
     at = click(at, "Put this K, c, v(K) and a on the sliders above")
     timing = calibration.by_precision(calibration.precision)
     assert at.slider(key=key("theory.k")).value == calibration.k

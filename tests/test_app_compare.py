@@ -547,7 +547,7 @@ def test_theory_page_without_a_comparison_shows_the_curves(tiny_models):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Tokens per target step"] == "2.77"  # (1 - 0.7^5) / 0.3 at the default K = 4, a = 0.7
     assert metrics["Expected speedup"] == "1.98×"  # ... / (4 * 0.1 + 1)
-    assert len(at.get("plotly_chart")) == 2
+    assert len(at.get("plotly_chart")) == 3  # Leviathan's two, then chain or tree (lab.tree_theory)
     assert any("No comparison yet" in i.value for i in at.info)
     at.slider(key=key("theory.k")).set_value(1).run()
     at.slider(key=key("theory.c")).set_value(0.3).run()

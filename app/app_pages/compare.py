@@ -31,6 +31,7 @@ from app import background, render, render_compare, resources, saved, state, wid
 from lab.store import RunSaver
 from lab.studies import compare
 from lab.config import K_MAX, MAX_NEW_TOKENS_MAX, DecodeConfig
+from lab.drafters import TREE_DRAFTERS
 from lab.models import ModelError, check_same_tokenizer
 
 RESULT_KEY = "compare:comparison"
@@ -52,6 +53,7 @@ DEFAULTS = {
     "compare.min_n": 1,
     "compare.max_n": 3,
     "compare.ks": [2, 4],
+    "compare.tree_budget": 0,
     "compare.max_new_tokens": 32,
     "compare.temperature": 0.0,
     "compare.seed": 0,
@@ -130,6 +132,10 @@ def chosen_specs(draft: str | None) -> list[compare.DrafterSpec]:
     bridge = widgets.vocab_bridge("compare")
     if "draft-model" in s[key("compare.drafters")] and bridge != "none":  # a draft of another tokenizer races too
         specs.append(compare.DrafterSpec("draft-model", draft=s[key("compare.bridged_draft")], vocab_bridge=bridge))
+    budget = int(s.get(key("compare.tree_budget")) or 0)
+    if budget:  # each drafter that drafts trees also runs as a tree, beside its chain
+        specs += [replace(spec, tree_budget=budget) for spec in specs
+                  if spec.name in TREE_DRAFTERS and spec.vocab_bridge == "none" and not spec.draft_vocab]
     return specs
 
 
@@ -149,6 +155,7 @@ def drafter_inputs(target: str) -> str | None:
     if "draft-model" in chosen:
         widgets.bridged_draft_inputs("compare", target)
     st.multiselect("K values (draft tokens per step)", list(range(1, K_MAX + 1)), key=key("compare.ks"))
+    widgets.tree_budget_input("compare", disabled=not any(n in TREE_DRAFTERS for n in chosen))
     return draft
 
 

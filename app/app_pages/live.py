@@ -49,6 +49,7 @@ DEFAULTS = {
     "live.draft_vocab": 0,
     "live.vocab_bridge": "none",
     "live.k": 4,
+    "live.tree_budget": 0,
     "live.max_new_tokens": 64,
     "live.temperature": 0.0,
     "live.top_p": 1.0,
@@ -116,6 +117,10 @@ def show_metrics(slot, result: state.LiveResult) -> None:
                 cards[4].metric("Speedup vs target alone", "—", help="No drafter: this run is the target alone.")
             else:
                 cards[4].metric("Speedup vs target alone", "—", help="Switch on 'Compare with the target alone'.")
+        if stats.num_tree_drafts:
+            st.caption(f"Token trees: {render.format_number(stats.mean_tree_size, 1)} nodes per verify pass on "
+                       f"average; mean accepted depth {render.format_number(stats.mean_acceptance_length - 1)} "
+                       "(the acceptance rate counts every node, so it is low by construction).")
         load = result.settings.get("load") or {}
         if result.baseline is not None and load.get("loaded"):
             st.warning(f"Measured while the machine was busy: {load['reason']}; rerun for a clean figure.",
@@ -246,7 +251,8 @@ def prepare_live(view: LiveView, runtime: state.Runtime, target_name: str, draft
     drafter_name = s[key("live.drafter")]
     config = DecodeConfig(k=int(s[key("live.k")]), max_new_tokens=int(s[key("live.max_new_tokens")]),
                           temperature=float(s[key("live.temperature")]), top_p=float(s[key("live.top_p")]),
-                          seed=int(s[key("live.seed")]), engine_mode=runtime.engine)
+                          seed=int(s[key("live.seed")]), engine_mode=runtime.engine,
+                          tree_budget=int(s[key("live.tree_budget")]) if drafter_name != "none" else 0)
     prompt = s[key("live.prompt")]
     if not prompt.strip():
         raise ValueError("The prompt is empty: type a question or some text for the model to continue.")
@@ -428,6 +434,7 @@ with st.container(border=True):
     k_col.slider("K (draft tokens per step)", 1, K_MAX, key=key("live.k"), disabled=drafter_name == "none")
     with k_col:
         calibration.k_hint("live", target_choice, drafter_name, draft_choice)
+    widgets.tree_budget_input("live", tokens_col, disabled=drafter_name == "none")
     tokens_col.number_input("Max new tokens", min_value=1, max_value=MAX_NEW_TOKENS_MAX, step=16,
                             key=key("live.max_new_tokens"))
     temp_col.slider("Temperature", 0.0, 2.0, step=0.05, key=key("live.temperature"), help="0 = greedy.")

@@ -23,7 +23,7 @@ from typing import Any
 import streamlit as st
 import torch
 
-from app import background, render, render_compare, render_step, resources, saved, state, widgets
+from app import background, render, render_compare, render_step, render_tree, resources, saved, state, widgets
 from lab import device_queue
 from lab.config import K_MAX, DecodeConfig
 from lab.drafters import check_bridge_sampling, make_drafter
@@ -55,6 +55,7 @@ DEFAULTS = {
     "step.exit_layer": None,
     "step.vocab_bridge": "none",
     "step.k": 4,
+    "step.tree_budget": 0,
     "step.max_new_tokens": 48,
     "step.temperature": 0.0,
     "step.top_p": 1.0,
@@ -68,7 +69,7 @@ key = state.widget_key
 # What Start reads: a session keeps these as they were, so a change shows a note until the next Start.
 FORM_KEYS = ("step.target", "step.drafter", "step.draft", "step.k", "step.max_new_tokens", "step.temperature",
              "step.top_p", "step.seed", "step.raw", "step.prompt", "step.draft_vocab",
-             "step.vocab_bridge", "step.min_n", "step.max_n", "step.exit_layer")
+             "step.vocab_bridge", "step.min_n", "step.max_n", "step.exit_layer", "step.tree_budget")
 
 
 @dataclass
@@ -148,7 +149,8 @@ def start(runtime: state.Runtime, slot, draft_name: str | None) -> StepSession:
         raise ValueError("The prompt is empty: type a question or some text for the model to continue.")
     config = DecodeConfig(k=int(s[key("step.k")]), max_new_tokens=int(s[key("step.max_new_tokens")]),
                           temperature=float(s[key("step.temperature")]), top_p=float(s[key("step.top_p")]),
-                          seed=int(s[key("step.seed")]), record_details=True, engine_mode=runtime.engine)
+                          seed=int(s[key("step.seed")]), record_details=True, engine_mode=runtime.engine,
+                          tree_budget=int(s[key("step.tree_budget")]))
     target_name, drafter_name = s[key("step.target")], s[key("step.drafter")]
     bridge = widgets.vocab_bridge("step") if drafter_name == "draft-model" else "none"
     draft = None
@@ -170,7 +172,10 @@ def start(runtime: state.Runtime, slot, draft_name: str | None) -> StepSession:
                 + (f", n-grams {s[key('step.min_n')]}-{s[key('step.max_n')]}" if drafter_name == "prompt-lookup" else "")
                 + (f", exit layer {exit_layer}" if drafter_name == "layer-skip" and exit_layer is not None else "")
                 + (f", top {trimmed:,} tokens" if trimmed else "") + {"text": ", text bridge", "ids": ", ids trap"}.get(bridge, ""),
-                "K": config.k, "max new tokens": config.max_new_tokens,
+                "K": config.k, "max new tokens": config.max_new_tokens}
+    if config.tree_budget:
+        settings["tree budget"] = config.tree_budget
+    settings |= {
                 "sampling": "greedy" if config.sampling.is_greedy else f"temperature {config.temperature}, top-p {config.top_p}, seed {config.seed}",
                 "precision": runtime.precision("target") + (f", draft {runtime.precision('draft')}" if draft else "")}
     session = StepSession(decode(target, prompt_ids, drafter, config), target.tokenizer, prompt_ids,
@@ -211,8 +216,15 @@ def show_session(session: StepSession) -> None:
     step = session.steps[index]
     start_len = session.starts[index]
     st.subheader(render_step.step_headline(step, session.eos_token_ids))
-    st.html(render_step.step_cards_html(step, session.tokenizer, session.committed[max(0, start_len - 8):start_len],
-                                           session.greedy, session.eos_token_ids))
+    if step.tree is not None:  # a token tree: drawn whole, the accepted path marked
+        st.plotly_chart(render_tree.tree_figure(step, session.tokenizer, session.committed[max(0, start_len - 8):start_len]),
+                        width="stretch")
+        st.caption("Each node is a drafted token; the target read them all in one pass, each seeing only its own "
+                   "ancestors. Green: the accepted path (the longest the target agreed with); red: nodes it refused "
+                   "or never reached; the last node is the target's own token. Hover for the draft probability.")
+    else:
+        st.html(render_step.step_cards_html(step, session.tokenizer, session.committed[max(0, start_len - 8):start_len],
+                                               session.greedy, session.eos_token_ids))
     if index < len(session.bridged) and session.bridged[index] is not None:
         show_bridged(session.bridged[index], step)
     st.caption(render_step.cache_note(step, start_len + len(step.emitted))
@@ -265,6 +277,7 @@ with st.container(border=True):
     with right:
         k_col, tokens_col = st.columns(2)
         k_col.slider("K (draft tokens per step)", 1, K_MAX, key=key("step.k"))
+        widgets.tree_budget_input("step", k_col)
         tokens_col.number_input("Max new tokens", min_value=1, max_value=512, step=8, key=key("step.max_new_tokens"))
     temp_col, top_p_col, seed_col = st.columns(3)  # full width: in the right half they were unreadable at 900 px
     temp_col.slider("Temperature", 0.0, 2.0, step=0.05, key=key("step.temperature"), help="0 = greedy.")

@@ -15,7 +15,7 @@ import math
 
 import streamlit as st
 
-from app import calibration, render_history, render_theory, saved, state, widgets
+from app import calibration, render_history, render_theory, render_tree_theory, saved, state, widgets
 from lab.config import K_MAX
 from lab.store import StoreError
 from lab.theory import best_k, expected_speedup, expected_tokens_per_step
@@ -28,7 +28,7 @@ METRIC_WIDTH_PX = 180  # four fit in a row at 1280 px, two at 900 px
 V_MIN, V_MAX = 1.0, 3.0  # a pass over K+1 tokens does at least one step's work; a bare v below 1 is timing noise
 
 DEFAULTS = {"theory.k": 4, "theory.c": 0.1, "theory.v": 1.0, "theory.a": 0.7, "theory.run": NO_RUN,
-            "theory.own_curves": True}
+            "theory.own_curves": True, "theory.decay": 0.5, "theory.v_slope": 0.03}
 
 key = state.widget_key
 PERCENT = st.column_config.NumberColumn(format="percent")
@@ -207,6 +207,25 @@ else:
                    "step (v = 1), would be slower than the target alone.")
     if comparison.settings.get("status") not in (None, "complete"):
         st.caption(f"This comparison is partial ({comparison.settings.get('status')}).")
+
+st.subheader("Chain or tree?")
+st.markdown(
+    "A **token tree** spends the verify pass's width on several guesses per position instead of one long bet "
+    "(`--tree-budget N`). Model (Sequoia's positional acceptance): the draft's i-th choice at a node is accepted "
+    "with probability a·s^(i−1) once the elder ones were refused; the best tree of N nodes is grown one most "
+    "probable node at a time (`lab.tree_theory`). It always expects more tokens per step than a chain of N; whether "
+    "that pays depends on v(N): flat on a GPU at batch 1, rising on a CPU once the pass is compute bound.")
+decay_col, slope_col = st.columns(2)
+decay_col.slider("Sibling decay s (how good second guesses are)", 0.0, 1.0, step=0.05, key=key("theory.decay"))
+slope_col.slider("v(N) slope: extra steps per verified token", 0.0, 0.2, step=0.005, key=key("theory.v_slope"),
+                 format="%.3f", help="v(N) = 1 + slope·N. About 0 on a GPU at batch 1; this lab's CPU measurement "
+                 "(docs/, token trees) is near 0.01 per token at first, steeper past 16 tokens.")
+st.plotly_chart(render_tree_theory.chain_tree_figure(a, c, float(st.session_state[key("theory.decay")]),
+                                                     render_tree_theory.linear_verify_cost(
+                                                         float(st.session_state[key("theory.v_slope")]))),
+                width="stretch")
+st.caption("At the a and c of the sliders above; the draft pays c once per depth of the tree (one pass per "
+           "level). `python -m lab calibrate` times v(N) out to N = 64 and names the budget the model picks.")
 
 calibration.section()
 

@@ -75,6 +75,18 @@ def add_engine_argument(parser: argparse.ArgumentParser) -> None:
                         "compiled (static + torch.compile, CUDA graphs on a GPU); auto: compiled on CUDA, else eager")
 
 
+def add_tree_argument(parser: argparse.ArgumentParser, many: bool = False) -> None:
+    """--tree-budget N (nodes per verify pass; 0 = a chain), or with many several N side by side (``lab.tree``)."""
+    if many:
+        parser.add_argument("--tree-budget", type=int, nargs="+", default=[0], metavar="N",
+                            help="token tree budgets to compare, nodes per verify pass (1..64; 0 = a chain, the "
+                            "default); each drafter that drafts trees runs at each, K being the tree's depth")
+    else:
+        parser.add_argument("--tree-budget", type=int, default=0, metavar="N",
+                            help="draft a token tree of up to N nodes (1..64) per verify pass, K deep; 0 = a chain "
+                            "(default). Batch size 1, eager engine; prompt-lookup, draft-model, layer-skip or eagle")
+
+
 def add_constraint_arguments(parser: argparse.ArgumentParser) -> None:
     """--json-schema | --regex | --any-json (one of them), and the teaching switch --naive-grammar."""
     group = parser.add_mutually_exclusive_group()

@@ -22,6 +22,7 @@ from lab.cli.common import (
     add_engine_argument,
     add_model_arguments,
     add_save_argument,
+    add_tree_argument,
     check_drafter_arguments,
     checked_tokenizer,
     constraint_spec,
@@ -67,6 +68,7 @@ def add_generate(commands) -> None:
                           help="colour tokens by class (default: when stdout is a terminal)")
     add_constraint_arguments(generate)
     add_engine_argument(generate)
+    add_tree_argument(generate)
     add_save_argument(generate)
     generate.set_defaults(handler=_cmd_generate)
 
@@ -125,7 +127,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     progress = ProgressLine(sys.stderr)
     checked_k = 4 if args.k == "auto" else args.k  # validated now; auto is resolved below, after the cheap checks
     DecodeConfig(k=checked_k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, tree_budget=args.tree_budget)
     spec = constraint_spec(args)
     note = _auto_from_calibration(args, progress)
     if note is not None:
@@ -134,6 +136,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         grammar_mode="naive" if args.naive_grammar else "exact", engine_mode=args.engine,
+        tree_budget=args.tree_budget,
     )
     tokenizer = checked_tokenizer(args, progress)
     prompt_ids = encode_prompt(tokenizer, text, chat_template=not args.raw)
@@ -174,6 +177,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "draft": draft.name if draft is not None else None,
         "draft_vocab": args.draft_vocab if args.drafter in ("draft-model", "eagle") else None,
         "k": config.k,
+        "tree_budget": config.tree_budget,
         "engine_mode": config.engine_mode,
         "min_n": args.min_n if args.drafter == "prompt-lookup" else None,
         "max_n": args.max_n if args.drafter == "prompt-lookup" else None,
@@ -245,7 +249,9 @@ def generate_report(finished, stats, steps, settings: dict, baseline=None) -> di
             {
                 "index": step.index,
                 "drafted": list(step.drafted),
-                "accepted": list(step.drafted[: step.num_accepted]),
+                "accepted": list(step.accepted_tokens),
+                "tree_parents": None if step.tree is None else step.tree.parents.tolist(),
+                "tree_path": list(step.tree_path),
                 "rejected": list(step.rejected),
                 "emitted": list(step.emitted),
                 "final_kind": step.final_kind,
@@ -285,6 +291,9 @@ def format_summary(finished, stats, settings: dict, baseline=None, color: bool =
                 f"{stats.num_accepted_tokens} accepted; acceptance rate {stats.acceptance_rate:.1%}, "
                 f"mean acceptance length {stats.mean_acceptance_length:.2f}; per position {per_position}"
             )
+            if stats.num_tree_drafts:
+                lines.append(f"   token trees: budget {settings['tree_budget']} nodes, mean tree size "
+                             f"{stats.mean_tree_size:.1f} nodes, mean accepted depth {stats.mean_acceptance_length - 1:.2f}")
         else:
             lines.append(f"   {name} K={settings['k']}: nothing was drafted")
         if color:

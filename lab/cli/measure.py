@@ -20,6 +20,7 @@ from lab.cli.common import (
     add_vocab_bridge_argument,
     add_model_arguments,
     add_save_argument,
+    add_tree_argument,
     check_drafter_arguments,
     finish_saved,
     checked_tokenizer,
@@ -90,6 +91,7 @@ def add_bench(commands) -> None:
                        "(run by default, after the sweep, as the peer)")
     add_constraint_arguments(bench)
     add_engine_argument(bench)
+    add_tree_argument(bench)
     add_save_argument(bench)
     bench.set_defaults(handler=_cmd_bench)
 
@@ -112,6 +114,7 @@ def add_compare(commands) -> None:
                          help="also compare the draft model / EAGLE head trimmed to the N most frequent tokens")
     add_vocab_bridge_argument(compare)
     add_engine_argument(compare)
+    add_tree_argument(compare, many=True)
     add_save_argument(compare)
     compare.set_defaults(handler=_cmd_compare)
 
@@ -263,7 +266,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-sizes requires comma-separated integers, e.g. 1,2,4,8; got {args.batch_sizes!r}") from None
     if not batch_sizes or min(batch_sizes) < 1:
         raise UsageError(f"--batch-sizes requires integers >= 1; got {args.batch_sizes!r}")
-    config = DecodeConfig(k=args.k, max_new_tokens=args.max_new_tokens, engine_mode=args.engine)
+    config = DecodeConfig(k=args.k, max_new_tokens=args.max_new_tokens, engine_mode=args.engine,
+                          tree_budget=args.tree_budget)
+    if config.tree_budget and batch_sizes != [1]:
+        raise UsageError(f"bench --tree-budget requires --batch-sizes 1 (token trees run at batch size 1); "
+                         f"got {args.batch_sizes}")
     prompts = load_prompt_sets(args.prompts)[: args.n]
     if not prompts:
         raise UsageError(f"the prompt sets {' '.join(args.prompts)} hold no prompts: choose others")
@@ -322,11 +329,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     if "draft-model" in args.drafters and not args.draft:
         raise UsageError("--drafters draft-model requires --draft NAME (e.g. --draft qwen2.5-coder-0.5b)")
+    from lab.drafters import TREE_DRAFTERS
+    from lab.tree import check_tree_budget
+
+    for budget in args.tree_budget:
+        check_tree_budget(budget)
+    if any(args.tree_budget) and not any(name in TREE_DRAFTERS for name in args.drafters):
+        raise UsageError(f"--tree-budget above 0 requires a drafter that drafts trees ({', '.join(TREE_DRAFTERS)}); "
+                         f"got {' '.join(args.drafters)}")
     specs = [
         DrafterSpec(name, draft=args.draft if name == "draft-model" else None,
                     exit_layer=args.exit_layer if name == "layer-skip" else None,
-                    vocab_bridge=args.vocab_bridge if name == "draft-model" else "none")
-        for name in args.drafters
+                    vocab_bridge=args.vocab_bridge if name == "draft-model" else "none", tree_budget=budget)
+        for name in args.drafters for budget in dict.fromkeys(args.tree_budget)
+        if budget == 0 or (name in TREE_DRAFTERS and (name != "draft-model" or args.vocab_bridge == "none"))
     ]
     if args.vocab_bridge != "none" and args.draft_vocab:
         raise UsageError(f"--draft-vocab requires --vocab-bridge none (it lists the target's ids); got {args.vocab_bridge}")
@@ -336,6 +352,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             for name in args.drafters if name in ("draft-model", "eagle")
         ]
     config = DecodeConfig(max_new_tokens=args.max_new_tokens, engine_mode=args.engine)
+    if any(args.tree_budget) and config.engine_mode not in ("auto", "eager"):
+        raise UsageError(f"--tree-budget above 0 requires --engine eager (or auto on a CPU); got {args.engine}")
     for k in args.ks:
         replace(config, k=k)  # refuse a bad K before loading anything
     prompts = [p.text for p in load_prompt_sets(args.prompts)]

@@ -14,6 +14,7 @@ from lab.drafters.prompt_lookup import PromptLookupDrafter
 
 DrafterName = Literal["none", "draft-model", "prompt-lookup", "layer-skip", "eagle"]
 DRAFTER_NAMES: tuple[str, ...] = get_args(DrafterName)
+TREE_DRAFTERS: tuple[str, ...] = ("prompt-lookup", "draft-model", "layer-skip", "eagle")  # those that draft token trees
 
 
 def make_drafter(
@@ -95,6 +96,7 @@ def make_drafter(
 
 __all__ = [
     "DRAFTER_NAMES",
+    "TREE_DRAFTERS",
     "VOCAB_BRIDGES",
     "BridgedDraft",
     "VocabBridge",

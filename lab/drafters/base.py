@@ -22,6 +22,7 @@ from lab.sampling import SamplingParams, logits_to_probs, sample
 
 if TYPE_CHECKING:
     from lab.grammar import GrammarState
+    from lab.tree import DraftTree
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class DraftContext:
         (``lab.kv``: "eager", "static" or "compiled"; the loop resolves "auto").
     max_length: the most tokens a model drafter's cache must hold for this
         sequence (prompt + budget + K + 1), to size a static cache.
+    tree_budget: a drafter that drafts trees (``drafts_trees``) proposes a
+        ``lab.tree.DraftTree`` of at most this many nodes and depth k; 0: a chain.
     """
 
     token_ids: torch.Tensor
@@ -51,6 +54,7 @@ class DraftContext:
     engine_mode: str = "eager"
     compile_backend: str = "inductor"
     max_length: int = 0
+    tree_budget: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,11 +66,19 @@ class Draft:
     for a deterministic drafter.
     cut_by_grammar: the proposed tokens dropped because the grammar forbids the
     first of them (prompt lookup under a constraint); not part of ``tokens``.
+    tree: a token tree (``lab.tree.DraftTree``) in place of a chain: then tokens
+    is tree.tokens (its N nodes) and probs is tree.sampled_from.
     """
 
     tokens: torch.Tensor
     probs: torch.Tensor | None = None
     cut_by_grammar: tuple[int, ...] = ()
+    tree: "DraftTree | None" = None
+
+    @staticmethod
+    def of_tree(tree: "DraftTree") -> "Draft":
+        """A tree proposal: its nodes as the tokens."""
+        return Draft(tree.tokens, tree.sampled_from, tree=tree)
 
     @staticmethod
     def empty() -> "Draft":
@@ -126,7 +138,9 @@ class PerRowDrafter:
 
     def __init__(self, make: Callable[[int], RowDrafter], name: str | None = None) -> None:
         self.make = make
-        self.name = name or getattr(make(0), "name", "per-row")
+        first = make(0)
+        self.name = name or getattr(first, "name", "per-row")
+        self.drafts_trees = getattr(first, "drafts_trees", False)
         self.drafters: list[RowDrafter] = []
 
     def reset(self, batch_size: int) -> None:

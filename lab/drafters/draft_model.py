@@ -14,6 +14,12 @@ the host once per round.
 
 A row with a grammar drafts under its mask, stops once the grammar is
 complete, and leaves the matcher where it found it.
+
+With a tree budget (one row, eager; ``lab.drafters.tree_grow``) it drafts a
+token tree instead: top-k expansion, EAGLE-2's dynamic tree (``tree_shape``
+"dynamic", the default) or a static one, each depth's expanded nodes fed in one
+pass under a tree mask; the nodes' K/V are dropped afterwards, so the cache again
+holds the committed tokens only.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from collections.abc import Sequence
 import torch
 
 from lab.drafters.base import Draft, DraftContext, common_prefix_length
-from lab.kv import new_kv_cache
+from lab.drafters.tree_grow import TREE_SHAPES, frontier_mask, grow_tree
+from lab.kv import RaggedCache, new_kv_cache
 from lab.sampling import logits_to_probs, sample
 
 CAPTURED_CATCH_UP = 2  # catch-ups up to this many tokens run at a declared width (a captured graph when compiled)
@@ -35,14 +42,22 @@ class DraftModelDrafter:
     model: a causal LM in eval mode (or the target's early exit, or a trimmed
         view); only read, never modified. The caller checks the tokenizer match
         (``lab.models.check_same_tokenizer``).
+    tree_topk: children per expanded node of a token tree (and, dynamic, nodes expanded per depth).
+    tree_shape: "dynamic" (EAGLE-2) or "static" (fixed top-k expansion). Raises ValueError for bad values.
     """
 
     name = "draft-model"
+    drafts_trees = True
 
-    def __init__(self, model: torch.nn.Module, name: str | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, name: str | None = None, tree_topk: int = 4,
+                 tree_shape: str = "dynamic") -> None:
         self.model = model
         if name is not None:
             self.name = name
+        if tree_shape not in TREE_SHAPES or tree_topk < 1:
+            raise ValueError(f"a draft tree requires tree_topk >= 1 and tree_shape in {TREE_SHAPES}; "
+                             f"got {tree_topk}, {tree_shape!r}")
+        self.tree_topk, self.tree_shape = tree_topk, tree_shape
         self.reset(1)
 
     def reset(self, batch_size: int) -> None:
@@ -56,6 +71,8 @@ class DraftModelDrafter:
         if rounds == 0:
             self._num_committed = [None] * len(contexts)
             return [Draft.empty() for _ in contexts]
+        if contexts[0].tree_budget > 0:
+            return [self._propose_tree(contexts[0])]
         if self.cache is None:
             first = contexts[0]
             longest = max(first.max_length, max(ctx.token_ids.shape[0] + ctx.k + 1 for ctx in contexts))
@@ -106,6 +123,30 @@ class DraftModelDrafter:
                 ctx.grammar.rollback(len(drafted))
         self._num_committed = [ctx.token_ids.shape[0] if ctx.k > 0 else None for ctx in contexts]
         return [Draft(torch.stack(t).cpu(), torch.stack(p)) if t else Draft.empty() for t, p in zip(tokens, probs)]
+
+    def _propose_tree(self, ctx: DraftContext) -> Draft:
+        """One row's token tree of at most ctx.tree_budget nodes and depth ctx.k (deterministic: top-k)."""
+        if ctx.grammar is not None:
+            raise ValueError("token trees under a grammar constraint are not supported: set the tree budget to 0")
+        if self.cache is None:
+            self.cache = RaggedCache(self.model, 1)
+        total = ctx.token_ids.shape[0]
+        held = min(common_prefix_length(self.cached_ids[0], ctx.token_ids), total - 1)
+        self.cache.keep([held])
+        root_logits = self.cache.forward([ctx.token_ids[held:]], last_only=True)[0]  # [V]
+        self.cached_ids[0] = ctx.token_ids.clone()
+        slot_of: dict[int, int] = {}
+        dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
+
+        def expand(frontier, cands) -> torch.Tensor:
+            mask, positions = frontier_mask(frontier, cands, slot_of, total, self.cache.lengths[0], dtype)
+            tokens = torch.tensor([cands.tokens[n] for n in frontier], dtype=torch.long)
+            return self.cache.forward_tree(tokens, mask, positions)[0]  # [F, V]
+
+        tree = grow_tree(root_logits, expand, ctx.k, ctx.tree_budget, self.tree_topk, self.tree_shape)
+        self.cache.keep([total])  # the nodes' K/V go; the committed tokens stay
+        self._num_committed = [None]
+        return Draft.of_tree(tree)
 
     def observe(self, num_accepted: Sequence[int]) -> None:
         """Roll each row back now to its committed prefix (committed + accepted drafts)."""

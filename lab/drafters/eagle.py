@@ -44,6 +44,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from lab.kv import crop_cache
 from lab.drafters.base import Draft, DraftContext, common_prefix_length, draft_token
+from lab.drafters.eagle_tree import draft_tree_row, fold_tree_features
+from lab.tree import DraftTree
 from lab.vocab import TrimmedLMHead
 
 HEADS_FOLDER = "heads"
@@ -424,6 +426,9 @@ class EagleDrafter:
 
     name = "eagle"
     reads_target_passes = True  # hooks on the target: the engine runs it eagerly or static, never compiled
+    drafts_trees = True  # one row (``lab.drafters.eagle_tree``): EAGLE-2's dynamic tree
+    tree_topk = 4
+    tree_shape = "dynamic"
 
     def __init__(self, target_model: torch.nn.Module, head: EagleHead, vocab_subset: torch.Tensor | None = None) -> None:
         config = target_model.config.get_text_config()
@@ -444,8 +449,17 @@ class EagleDrafter:
     def reset(self, batch_size: int) -> None:
         self.features.attach(batch_size)
         self.rows = [_HeadRow(self.head) for _ in range(batch_size)]
+        self._last_tree: tuple[DraftTree, int] | None = None  # the last tree proposed, and where its nodes were recorded
 
     def propose(self, contexts: Sequence[DraftContext]) -> list[Draft]:
+        if self._last_tree is not None:  # the target's tree pass recorded its nodes in node order: fold the path in
+            fold_tree_features(self.features, 0, contexts[0].token_ids, *self._last_tree)
+            self._last_tree = None
+        if contexts and contexts[0].tree_budget > 0:
+            draft = draft_tree_row(self, 0, contexts[0], self.tree_topk, self.tree_shape)
+            if draft.tree is not None:
+                self._last_tree = (draft.tree, contexts[0].token_ids.shape[0])
+            return [draft]
         return [draft_row(self, b, ctx) for b, ctx in enumerate(contexts)]
 
     def observe(self, num_accepted: Sequence[int]) -> None:

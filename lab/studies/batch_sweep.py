@@ -389,6 +389,9 @@ def run_sweep(
     drafter = as_batch_drafter(drafter)
     if drafter is None:
         raise ValueError("a batch-size sweep requires a drafter (the target alone always runs as the baseline); got none")
+    if config.tree_budget and batch_sizes != [1]:
+        raise ValueError(f"a sweep with token trees (tree budget {config.tree_budget}) requires batch size 1 only; "
+                         f"got {batch_sizes}: trees run at batch size 1 (pass --batch-sizes 1)")
     if constraint is not None and config.grammar_mode != "exact":
         raise ValueError(
             f"a batch-size sweep under a constraint requires grammar_mode 'exact'; got {config.grammar_mode!r}"
@@ -430,8 +433,9 @@ def run_sweep(
     if warmup:
         report(0.0, "warm-up")
         warm = replace(config, max_new_tokens=min(WARMUP_NEW_TOKENS, config.max_new_tokens))
-        run_batch(target, prompts[:2], None, warm, constraint=constraint)
-        seen.merge(run_batch(target, prompts[:2], drafter, warm, constraint=constraint).pooled_stats())
+        few = prompts[: 1 if config.tree_budget else 2]  # token trees run at batch size 1 only
+        run_batch(target, few, None, warm, constraint=constraint)
+        seen.merge(run_batch(target, few, drafter, warm, constraint=constraint).pooled_stats())
     if calibration:
         for batch_size in batch_sizes:
             if cancel():

@@ -22,6 +22,11 @@ chooses the fastest. The result is cached per machine (CPU model and its bf16
 flags, torch version, threads, GPU name) and model pair under
 ``lab.models.cache_dir() / "calibration"``, and says in words what it measured
 and why it chose.
+
+Token trees (``lab.tree``): the calibration also times verify passes over
+N + 1 tokens for N in ``TREE_BUDGETS`` (out to 64), so v(N) is known, and
+``lab.tree_theory`` picks the tree budget that pays at the same acceptance
+(``Calibration.tree_budget``; 0 when no tree beats the best chain).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from lab.studies.passes import PassCosts, time_passes
 
 DEFAULT_PRECISIONS = ("bf16", "fp32")
 DEFAULT_KS = (1, 2, 3, 4, 6, 8)
+TREE_BUDGETS = (8, 16, 32, 64)  # verify passes over N + 1 tokens timed for token trees
 # Per-token acceptance priors, near what the README's "Measured" tables show on Spec-Bench prompts: the
 # Qwen2.5-Coder 0.5B -> 1.5B pair accepts 72 % of drafted tokens at K=2 (a ~ 0.8), prompt lookup on SmolLM2
 # 30 % (a ~ 0.4), layer skip under 1 %.
@@ -57,6 +63,15 @@ class PrecisionTimings:
     target_step_ms: float
     verify_ms: dict[int, float]  # K -> one target pass over K+1 tokens
     draft_step_ms: float | None = None  # one draft pass over 1 token; None: no draft model (c = 0)
+    tree_verify_ms: dict[int, float] = field(default_factory=dict)  # N -> one target pass over N+1 tokens
+
+    def v_tree(self, budget: int) -> float:
+        """v(N): a verify pass over N + 1 tokens in target steps (a chain's K counts as N = K)."""
+        ms = self.tree_verify_ms.get(budget, self.verify_ms.get(budget))
+        if ms is None:
+            raise KeyError(f"no verify pass over {budget + 1} tokens was timed; timed: "
+                           f"{sorted(set(self.verify_ms) | set(self.tree_verify_ms))}")
+        return ms / self.target_step_ms
 
     @property
     def costs(self) -> PassCosts:
@@ -104,6 +119,21 @@ class Calibration:
     def __post_init__(self) -> None:
         self.precision, self.k = self.best()
 
+    @property
+    def tree_budget(self) -> int:
+        """The tree budget N the cost model picks at the chosen precision (``lab.tree_theory``), or 0 when the best
+        chain (K) is predicted faster or no tree passes were timed."""
+        from lab.theory import expected_speedup
+        from lab.tree_theory import best_tree_budget
+
+        t = self.by_precision(self.precision)
+        if not t.tree_verify_ms:
+            return 0
+        costs = {n: t.v_tree(n) for n in sorted(set(t.verify_ms) | set(t.tree_verify_ms))}
+        budget, tree = best_tree_budget(self.acceptance, t.c, costs)
+        chain = expected_speedup(self.acceptance, self.k, t.c, t.v(self.k))
+        return budget if tree > chain else 0
+
     def by_precision(self, precision: str) -> PrecisionTimings:
         for t in self.timings:
             if t.precision == precision:
@@ -137,8 +167,10 @@ class Calibration:
         for t in self.timings:
             draft = "" if t.draft_step_ms is None else f", draft step {t.draft_step_ms:.1f} ms (c = {t.c:.2f})"
             v = ", ".join(f"{t.v(k):.2f}" for k in sorted(t.verify_ms) if k in (1, 2, 4, 8))
+            tree_v = ", ".join(f"{t.v_tree(n):.2f}" for n in sorted(t.tree_verify_ms))
+            trees = f"; v(N={', '.join(map(str, sorted(t.tree_verify_ms)))}) = {tree_v}" if tree_v else ""
             lines.append(f"- **{t.precision}**: target step {t.target_step_ms:.1f} ms{draft}; "
-                         f"verify cost v(K=1, 2, 4, 8) = {v} steps.")
+                         f"verify cost v(K=1, 2, 4, 8) = {v} steps{trees}.")
         alone = min(self.timings, key=lambda t: t.target_step_ms)
         lines.append("")  # a paragraph of its own, not part of the last bullet
         lines.append(
@@ -147,6 +179,12 @@ class Calibration:
             f"{alone.target_step_ms:.1f} ms for the target alone ({alone.precision}), a predicted "
             f"{self.predicted_speedup:.2f}x."
         )
+        if any(t.tree_verify_ms for t in self.timings):
+            lines.append("")
+            budget = self.tree_budget
+            lines.append(f"Token trees (`--tree-budget`): the cost model picks **N = {budget}**" + (
+                " (a chain): the wider verify pass costs more than the extra accepted tokens bring"
+                if budget == 0 else " nodes per verify pass, predicted faster than the best chain") + ".")
         if self.predicted_speedup < 1:
             lines.append("")
             lines.append("Speculation is predicted to lose here at this acceptance: the target alone is faster.")
@@ -158,13 +196,16 @@ class Calibration:
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(precision=self.precision, k=self.k, predicted_speedup=self.predicted_speedup)
+        data.update(precision=self.precision, k=self.k, predicted_speedup=self.predicted_speedup,
+                    tree_budget=self.tree_budget)
         return data
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "Calibration":
         timings = [PrecisionTimings(t["precision"], t["target_step_ms"], {int(k): v for k, v in t["verify_ms"].items()},
-                                    t.get("draft_step_ms")) for t in data["timings"]]
+                                    t.get("draft_step_ms"),
+                                    {int(n): v for n, v in (t.get("tree_verify_ms") or {}).items()})
+                   for t in data["timings"]]
         return Calibration(data["target"], data.get("draft"), data["drafter"], data["machine"], timings,
                            data["acceptance"], data["context_tokens"], data["repeats"], data.get("measured_at", ""),
                            data.get("wall_s", 0.0), data.get("load"))
@@ -173,10 +214,11 @@ class Calibration:
 def measure_precision(target_model, draft_model, precision: str, ks: Sequence[int],
                       context_tokens: int, repeats: int) -> PrecisionTimings:
     """``PrecisionTimings`` for already loaded models in one precision (see ``lab.studies.passes.time_passes``)."""
-    widths = sorted({1, *(k + 1 for k in ks)})
+    widths = sorted({1, *(k + 1 for k in ks), *(n + 1 for n in TREE_BUDGETS)})
     target_ms = time_passes(target_model, widths, context_tokens, repeats)
     draft_ms = None if draft_model is None else time_passes(draft_model, [1], context_tokens, repeats)[1]
-    return PrecisionTimings(precision, target_ms[1], {k: target_ms[k + 1] for k in ks}, draft_ms)
+    return PrecisionTimings(precision, target_ms[1], {k: target_ms[k + 1] for k in ks}, draft_ms,
+                            {n: target_ms[n + 1] for n in TREE_BUDGETS})
 
 
 def calibration_path(target: str, draft: str | None, drafter: str, info: dict[str, Any]) -> Path:
@@ -233,7 +275,9 @@ def calibrate(
     path = calibration_path(str(target), None if draft is None else str(draft), drafter, info)
     cached = None if refresh else _read(path)
     if cached is not None:
-        if {t.precision for t in cached.timings} >= set(precisions) and set(ks) <= set(cached.timings[0].verify_ms):
+        timed = cached.timings[0]
+        if ({t.precision for t in cached.timings} >= set(precisions) and set(ks) <= set(timed.verify_ms)
+                and set(TREE_BUDGETS) <= set(timed.tree_verify_ms)):  # older calibrations lack the tree passes
             cached.acceptance = a
             cached.precision, cached.k = cached.best()
             return cached

@@ -37,6 +37,11 @@ Speedup conventions:
   efficiency_v = decode_speedup / predicted_speedup_v: what is left of the gap
   once the hardware's verify cost and the drafter's misses are counted, i.e.
   the engine's own overhead and timing noise (1.0: a perfect engine).
+- token trees (``DrafterSpec.tree_budget`` N > 0, ``lab.tree``): the row's K is
+  the tree's depth; its verify pass reads N + 1 tokens, so bare_verify_cost is
+  v at N (timed with the chains' K); mean_acceptance_length is 1 + the mean
+  accepted depth; the chain model's predictions (fitted_acceptance,
+  predicted_speedup*, efficiency*) do not apply and are NaN.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class DrafterSpec:
     vocab_bridge: draft-model: "none" (a draft of the target's tokenizer),
         "text" (a draft with another tokenizer, bridged exactly through text) or
         "ids" (the trap: its ids sent as they are); ``lab.drafters.bridge``.
+    tree_budget: draft a token tree of at most N nodes (1..64; ``lab.tree``) of depth K; 0: a chain.
 
     Raises ValueError on an unknown name or bridge, or a missing draft model.
     """
@@ -89,11 +95,14 @@ class DrafterSpec:
     max_n: int = 3
     draft_vocab: int | None = None
     vocab_bridge: str = "none"
+    tree_budget: int = 0
 
     def __post_init__(self) -> None:
         from lab.drafters.bridge import check_vocab_bridge
+        from lab.tree import check_tree_budget
 
         check_vocab_bridge(self.vocab_bridge)
+        check_tree_budget(self.tree_budget)
         if self.vocab_bridge != "none" and self.name != "draft-model":
             raise ValueError(f"a vocabulary bridge requires the draft-model drafter; got {self.name!r}")
         if self.name not in DRAFTER_NAMES or self.name == "none":
@@ -104,6 +113,12 @@ class DrafterSpec:
 
     @property
     def label(self) -> str:
+        base = self._chain_label
+        return f"{base[:-1]}, tree {self.tree_budget})" if base.endswith(")") and self.tree_budget else (
+            f"{base} (tree {self.tree_budget})" if self.tree_budget else base)
+
+    @property
+    def _chain_label(self) -> str:
         vocab = f", vocab {self.draft_vocab // 1024}k" if self.draft_vocab and self.draft_vocab >= 1024 else (
             f", vocab {self.draft_vocab}" if self.draft_vocab else "")
         if self.name == "draft-model":
@@ -175,6 +190,7 @@ class Comparison:
         """One row per (drafter, K), pooled over prompts; see the module docstring."""
         baselines = {r.prompt_index: r for r in self.runs if r.drafter == BASELINE and not r.cancelled}
         rows = []
+        trees = {spec["label"]: spec.get("tree_budget", 0) for spec in self.settings.get("drafters", [])}
         groups: dict[tuple[str, int], list[RunRecord]] = {}
         for r in self.runs:
             if r.drafter != BASELINE and not r.cancelled and r.prompt_index in baselines:
@@ -187,16 +203,20 @@ class Comparison:
             decode_speedup = _ratio(pooled["decode_tokens_per_s"], base_pooled["decode_tokens_per_s"])
             cost_ratio = _ratio(pooled["draft_s_per_draft_token"], base_pooled["verify_s_per_step"])
             verify_cost = _ratio(pooled["verify_s_per_step"], base_pooled["verify_s_per_step"])
-            alpha = _fitted_acceptance(pooled["mean_acceptance_length"], k)
+            tree = trees.get(drafter, 0)
+            alpha = math.nan if tree else _fitted_acceptance(pooled["mean_acceptance_length"], k)
             predicted = expected_speedup(alpha, k, cost_ratio) if not (math.isnan(alpha) or not cost_ratio >= 0) else math.nan
             draft_rate = _per(pooled["num_drafts"], pooled["target_forward_passes"])
-            bare_v = float(self.settings.get("verify_cost", {}).get(str(k), math.nan))
+            bare_v = float(self.settings.get("verify_cost", {}).get(str(tree or k), math.nan))
             predicted_v = _predicted_with_verify_cost(alpha, k, cost_ratio, bare_v, draft_rate)
             identical = [r.identical_to_target for r in runs if r.identical_to_target is not None]
             rows.append(
                 {
                     "drafter": drafter,
                     "k": k,
+                    "tree_budget": tree,
+                    "mean_tree_size": _per(sum(r.metrics.get("num_tree_nodes", 0) for r in runs),
+                                           sum(r.metrics.get("num_tree_drafts", 0) for r in runs)),
                     "prompts": len(runs),
                     "acceptance_rate": pooled["acceptance_rate"],
                     "mean_acceptance_length": pooled["mean_acceptance_length"],
@@ -312,9 +332,10 @@ def run_comparison(
     )
     with device_queue.hold(device_queue.device_of(target), "compare"):  # nested in the caller's hold, if any
         if measure_verify:
-            context = min(max(len(ids) for ids in encoded), _context_limit(target) - max(ks) - 1)
+            widths = sorted(set(ks) | {s.tree_budget for s in drafters if s.tree_budget})  # v(N) for trees too
+            context = min(max(len(ids) for ids in encoded), _context_limit(target) - max(widths) - 1)
             _report(progress, 0, 1, "timing bare verify passes")
-            costs = measure_verify_cost(target, list(ks), context_tokens=max(context, 1))
+            costs = measure_verify_cost(target, widths, context_tokens=max(context, 1))
             comparison.settings["verify_cost"] = {str(k): v for k, v in costs.items()}
         return _run_interleaved(comparison, target, encoded, drafters, ks, config, configs, drafts, heads, progress,
                                 should_cancel, on_part)
@@ -337,7 +358,8 @@ def _run_interleaved(comparison, target, encoded, drafters, ks, config, configs,
             spec.name, target, drafts.get(spec.draft), min_n=spec.min_n, max_n=spec.max_n, exit_layer=spec.exit_layer,
             draft_vocab=spec.draft_vocab, head=heads.get(spec.name), vocab_bridge=spec.vocab_bridge,
         )
-        return _one_run(target, prompt_ids, drafter, configs[k], index, spec.label, k, cancel, reports)
+        arm_config = replace(configs[k], tree_budget=spec.tree_budget)
+        return _one_run(target, prompt_ids, drafter, arm_config, index, spec.label, k, cancel, reports)
 
     try:
         for index, prompt_ids in enumerate(encoded):
