@@ -176,7 +176,7 @@ def smol_tiny_models(smol_tokenizer) -> tuple[TinyLM, TinyLM]:
 
 def tiny_moe(seed: int, vocab_size: int = TINY_VOCAB, layers: int = 2, hidden: int = 32,
              num_experts: int = 8, top_k: int = 2) -> torch.nn.Module:
-    """A random Qwen2-MoE (E experts, top k, no shared expert, eager experts backend) with peaked logits."""
+    """A random Qwen2-MoE (E experts, top k, no shared expert, grouped_mm experts backend) with peaked logits."""
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     config = Qwen2MoeConfig(
@@ -185,7 +185,7 @@ def tiny_moe(seed: int, vocab_size: int = TINY_VOCAB, layers: int = 2, hidden: i
         num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=hidden // 2,
         shared_expert_intermediate_size=0, tie_word_embeddings=False,
     )
-    config._experts_implementation = "eager"
+    config._experts_implementation = "grouped_mm"  # the backend the lab pins (lab.models.moefy)
     torch.manual_seed(seed)
     return Qwen2MoeForCausalLM(config).eval().requires_grad_(False)
 

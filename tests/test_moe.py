@@ -13,7 +13,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from conftest import tiny_moe
 from lab.models import ModelError, load_model
-from lab.models.moefy import balanced_kmeans, moefy
+from lab.models.moefy import EXPERTS_IMPLEMENTATION, balanced_kmeans, moefy
 from lab.routing import ExpertCounter, experts_modules, moe_shape, uniform_experts_touched, window_touched
 
 
@@ -34,7 +34,7 @@ def test_moefy_with_all_experts_reproduces_the_dense_model(dense):
     moe, stats = moefy(dense, CALIBRATION, num_experts=8, top_k=8)
     ids = torch.tensor([[5, 17, 250, 3, 99, 42, 42, 7]])
     dense_logits, moe_logits = dense(ids).logits, moe(ids).logits
-    assert type(moe).__name__ == "Qwen2MoeForCausalLM" and moe.config._experts_implementation == "eager"
+    assert type(moe).__name__ == "Qwen2MoeForCausalLM" and moe.config._experts_implementation == EXPERTS_IMPLEMENTATION
     torch.testing.assert_close(moe_logits, dense_logits, rtol=0, atol=2e-4 * dense_logits.abs().max().item())
     assert stats["routed_mass"] == pytest.approx([1.0, 1.0], abs=1e-5)
 
@@ -103,11 +103,11 @@ def test_an_architecture_transformers_lacks_gets_a_clear_message(tmp_path):
         load_model(tmp_path)
 
 
-def test_a_local_moe_folder_loads_with_the_eager_experts_backend(tmp_path, smol_tokenizer):
+def test_a_local_moe_folder_loads_with_the_pinned_experts_backend(tmp_path, smol_tokenizer):
     model = tiny_moe(seed=3, vocab_size=len(smol_tokenizer), layers=1)
     model.save_pretrained(tmp_path)
     smol_tokenizer.save_pretrained(tmp_path)
     loaded = load_model(tmp_path, dtype="fp32")
-    assert loaded.model.config._experts_implementation == "eager"
+    assert loaded.model.config._experts_implementation == EXPERTS_IMPLEMENTATION == "grouped_mm"
     ids = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits)

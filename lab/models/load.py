@@ -221,7 +221,7 @@ def load_model(
 
 
 def _experts_kwargs(folder: Path) -> dict[str, str]:
-    """``experts_implementation="eager"`` for a MoE folder (only the routed experts run; see ``lab.routing``).
+    """The pinned experts backend (``lab.models.moefy.EXPERTS_IMPLEMENTATION``) for a MoE folder, nothing for a dense one.
 
     Raises:
         ModelError: config.json names an architecture this transformers does not know.

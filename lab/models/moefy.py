@@ -45,9 +45,12 @@ from lab.models.presets import MARKER_FILE, ModelError, ModelPreset, Progress, _
 
 ROUTER_LOGIT_STD = 1e-4
 """Standard deviation of the built router's logits over the calibration tokens (see the module docstring)."""
-EXPERTS_IMPLEMENTATION = "eager"
-"""transformers' experts backend the lab pins for MoE models: its loop runs only the experts some token routes to
-(``grouped_mm`` also skips idle experts; ``batched_mm`` gathers one weight copy per token and hides the union)."""
+EXPERTS_IMPLEMENTATION = "grouped_mm"
+"""transformers' experts backend the lab pins for MoE models. ``grouped_mm`` sorts the (token, expert) pairs by
+expert and multiplies each expert's group once, skipping experts no token routes to, so a pass reads only the union
+of the routed experts; unlike ``eager`` (a Python loop over the hit experts, also routed-only) it is captured by
+``torch.compile`` with a static shape, so every engine mode runs it. ``batched_mm`` gathers one weight copy per
+(token, expert) pair and would hide the union; the lab never uses it."""
 CALIBRATION_TOKENS = 2048
 KMEANS_ITERATIONS = 12
 
