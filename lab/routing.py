@@ -28,6 +28,12 @@ import torch
 
 from lab.models.presets import ModelError
 
+EXPERTS_IMPLEMENTATION = "grouped_mm"
+"""transformers' experts backend the lab pins for MoE models. ``grouped_mm`` sorts the (token, expert) pairs by
+expert and multiplies each expert's group once, skipping experts no token routes to, so a pass reads only the union
+of the routed experts; unlike ``eager`` (a Python loop over the hit experts, also routed-only) it is captured by
+``torch.compile`` with a static shape, so every engine mode runs it. ``batched_mm`` gathers one weight copy per
+(token, expert) pair and would hide the union; the lab never uses it."""
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 

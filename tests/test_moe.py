@@ -13,7 +13,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from conftest import tiny_moe
 from lab.models import ModelError, load_model
-from lab.models.moefy import EXPERTS_IMPLEMENTATION, balanced_kmeans, moefy
+from lab.models.moefy import balanced_kmeans, moefy
+from lab.routing import EXPERTS_IMPLEMENTATION
 from lab.routing import ExpertCounter, experts_modules, moe_shape, uniform_experts_touched, window_touched
 
 

@@ -221,7 +221,7 @@ def load_model(
 
 
 def _experts_kwargs(folder: Path) -> dict[str, str]:
-    """The pinned experts backend (``lab.models.moefy.EXPERTS_IMPLEMENTATION``) for a MoE folder, nothing for a dense one.
+    """The pinned experts backend (``lab.routing.EXPERTS_IMPLEMENTATION``) for a MoE folder, nothing for a dense one.
 
     Raises:
         ModelError: config.json names an architecture this transformers does not know.
@@ -232,8 +232,7 @@ def _experts_kwargs(folder: Path) -> dict[str, str]:
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from lab.models.moefy import EXPERTS_IMPLEMENTATION
-    from lab.routing import moe_shape
+    from lab.routing import EXPERTS_IMPLEMENTATION, moe_shape
 
     try:
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")

@@ -42,15 +42,10 @@ from typing import Any
 import torch
 
 from lab.models.presets import MARKER_FILE, ModelError, ModelPreset, Progress, _stage, get_preset, prepared_dir
+from lab.routing import EXPERTS_IMPLEMENTATION
 
 ROUTER_LOGIT_STD = 1e-4
 """Standard deviation of the built router's logits over the calibration tokens (see the module docstring)."""
-EXPERTS_IMPLEMENTATION = "grouped_mm"
-"""transformers' experts backend the lab pins for MoE models. ``grouped_mm`` sorts the (token, expert) pairs by
-expert and multiplies each expert's group once, skipping experts no token routes to, so a pass reads only the union
-of the routed experts; unlike ``eager`` (a Python loop over the hit experts, also routed-only) it is captured by
-``torch.compile`` with a static shape, so every engine mode runs it. ``batched_mm`` gathers one weight copy per
-(token, expert) pair and would hide the union; the lab never uses it."""
 CALIBRATION_TOKENS = 2048
 KMEANS_ITERATIONS = 12
 
@@ -60,13 +55,14 @@ def calibration_prompt_ids(tokenizer: Any, tokens: int = CALIBRATION_TOKENS) -> 
 
     Prompts are taken spread over all categories (``spec_bench:mix``), each cut to 512 tokens.
     """
-    from lab.models.tokens import encode_prompt
     from lab.prompts import load_prompts
 
     held_out = [prompt.id for prompt in load_prompts("spec_bench:mix:20")]
     chosen, total = [], 0
     for prompt in load_prompts("spec_bench:mix", exclude=held_out)[::7]:
-        ids = encode_prompt(tokenizer, prompt.text)[:512]
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}], tokenize=False,
+                                                 add_generation_prompt=True)  # as lab.models.encode_prompt
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"][:512]
         chosen.append(ids)
         total += len(ids)
         if total >= tokens:
@@ -268,9 +264,10 @@ def moefy(dense: Any, prompts_ids: Sequence[Sequence[int]], num_experts: int = 1
 
 
 def _skip_random_init():
-    from lab.models.prepare import _skip_random_init as skip
+    """transformers' ``no_init_weights``: the weights are all copied in, so skip their random init."""
+    from transformers.initialization import no_init_weights
 
-    return skip()
+    return no_init_weights()
 
 
 def build_moe_preset(preset: ModelPreset, progress: Progress | None = None) -> Path:
