@@ -112,3 +112,30 @@ def test_a_local_moe_folder_loads_with_the_pinned_experts_backend(tmp_path, smol
     assert loaded.model.config._experts_implementation == EXPERTS_IMPLEMENTATION == "grouped_mm"
     ids = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["moe-cost", "--k", "1,x"], "--k requires comma-separated integers"),
+    (["moe-cost", "--k", "-1"], "--k requires comma-separated integers"),
+    (["moe-cost", "--target", "/no/such/moe", "--k", "1"], "--dense is required"),
+])
+def test_moe_cost_refuses_bad_input(capsys, argv, message):
+    from lab.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_moe_cost_measures_a_tiny_moe_against_a_dense_model(dense):
+    from types import SimpleNamespace
+
+    from lab.studies.moe import moe_cost
+
+    moe, _ = moefy(dense, CALIBRATION, num_experts=8, top_k=2)
+    result = moe_cost(SimpleNamespace(name="moe", model=moe), SimpleNamespace(name="dense", model=dense), [0, 1, 4],
+                      context_tokens=8, repeats=1, rounds=1).as_dict()
+    assert result["moe"]["v"][0] == result["dense"]["v"][0] == 1.0  # K = 0 is the one-token step itself
+    assert result["moe"]["experts_touched"][0] == 2.0  # one token: exactly k experts in every layer
+    assert 2.0 <= result["moe"]["experts_touched"][1] <= 4.0 and result["moe"]["experts_touched"][2] <= 8.0
+    assert result["moe"]["active_parameters"] < result["moe"]["total_parameters"]
+    assert result["settings"]["experts_implementation"] == "grouped_mm"
