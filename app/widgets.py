@@ -84,15 +84,17 @@ def tokenizer_family(name: str) -> str | None:
 
 
 def compatible_drafts(target: str) -> list[str]:
-    """The presets that can draft for ``target``: its tokenizer family, the target itself left out.
+    """The presets that can draft for ``target``: its tokenizer family, the target itself and MoE presets left out.
 
-    A target that is not a preset (a local folder) gets every preset: its
-    tokenizer is known only once loaded, and the run checks it.
+    A target that is not a preset (a local folder) gets every dense preset: its
+    tokenizer is known only once loaded, and the run checks it. A MoE preset
+    (``ModelPreset.moe``) is a target: a twin of a dense preset, never its draft.
     """
     family = tokenizer_family(target)
+    dense = [name for name in PRESETS if PRESETS[name].moe is None]
     if family is None:
-        return list(PRESETS)
-    return [name for name in PRESETS if name != target and tokenizer_family(name) == family]
+        return dense
+    return [name for name in dense if name != target and tokenizer_family(name) == family]
 
 
 def no_draft_message(target: str) -> str:

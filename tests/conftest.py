@@ -172,3 +172,27 @@ def smol_tiny_models(smol_tokenizer) -> tuple[TinyLM, TinyLM]:
     target = TinyLM(tiny_llama(seed=0, vocab_size=vocab, layers=3).to(TEST_DEVICE), smol_tokenizer, eos, name="tiny-target")
     draft = TinyLM(tiny_llama(seed=1, vocab_size=vocab, layers=1).to(TEST_DEVICE), smol_tokenizer, eos, name="tiny-draft")
     return target, draft
+
+
+def tiny_moe(seed: int, vocab_size: int = TINY_VOCAB, layers: int = 2, hidden: int = 32,
+             num_experts: int = 8, top_k: int = 2) -> torch.nn.Module:
+    """A random Qwen2-MoE (E experts, top k, no shared expert, grouped_mm experts backend) with peaked logits."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.3,
+        num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=hidden // 2,
+        shared_expert_intermediate_size=0, tie_word_embeddings=False,
+    )
+    config._experts_implementation = "grouped_mm"  # the backend the lab pins (lab.models.moefy)
+    torch.manual_seed(seed)
+    return Qwen2MoeForCausalLM(config).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def smol_tiny_moe(smol_tokenizer) -> TinyLM:
+    """A tiny random MoE target (3 layers, 8 experts, top 2) over SmolLM2's tokenizer."""
+    eos = (smol_tokenizer.eos_token_id,)
+    model = tiny_moe(seed=2, vocab_size=len(smol_tokenizer), layers=3).to(TEST_DEVICE)
+    return TinyLM(model, smol_tokenizer, eos, name="tiny-moe")

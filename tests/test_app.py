@@ -303,7 +303,8 @@ def test_errors_are_shown_and_the_app_keeps_running(tiny_models, widgets, messag
         ("qwen2.5-coder-1.5b", ["qwen2.5-coder-0.5b"]),
         ("qwen2.5-coder-0.5b", ["qwen2.5-coder-1.5b"]),  # offered (same tokenizer), though larger than the target
         ("smollm2-135m", []),  # no other SmolLM2 preset; the target itself never drafts for itself
-        ("/a/local/folder", list(lab.models.PRESETS)),  # its tokenizer is known only once loaded: the run checks it
+        ("qwen2.5-coder-1.5b-moe", ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]),  # a MoE twin is a target only
+        ("/a/local/folder", [n for n, p in lab.models.PRESETS.items() if p.moe is None]),  # checked at load
     ],
 )
 def test_compatible_drafts_share_the_target_tokenizer_family(target, drafts):

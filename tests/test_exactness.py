@@ -182,3 +182,43 @@ def test_speculative_greedy_equals_reference(models, prompts, head, subset, cons
         allowed = set(subset.tolist())
         assert drafted <= allowed, "a trimmed drafter proposes only tokens of its subset"
         assert emitted - allowed, "the target emits tokens outside the subset itself"
+
+
+def moe_matrix():
+    """Rows for a Mixture-of-Experts target (tiny random Qwen2-MoE, the pinned grouped_mm experts backend): every drafter and
+    engine mode at batch 1 and 3, unconstrained (the constraint is target-agnostic), named moe-drafter-mode-B<size>."""
+    for drafter, _ in DRAFTERS:
+        for mode in MODES:
+            for batch_size in (1, 3):
+                yield pytest.param(drafter, mode, batch_size, id=f"moe-{drafter}-{mode}-B{batch_size}")
+
+
+@pytest.fixture(scope="module")
+def moe_references(smol_tiny_moe, prompts) -> list[list[int]]:
+    return [reference_greedy(smol_tiny_moe.model, prompt, NEW_TOKENS, smol_tiny_moe.eos_token_ids, None)
+            for prompt in prompts]
+
+
+@pytest.mark.parametrize("drafter_name, mode, batch_size", list(moe_matrix()))
+def test_moe_target_speculative_greedy_equals_reference(smol_tiny_moe, models, prompts, moe_references,
+                                                         drafter_name, mode, batch_size):
+    target, draft = smol_tiny_moe, models[1]
+    head = None
+    if drafter_name == "eagle":
+        torch.manual_seed(0)
+        layers = eagle3_layers(len(target.model.model.layers))
+        config = EagleHeadConfig.for_target(target.model, intermediate_size=16, target="tiny-moe",
+                                            feature_layers=layers)
+        head = EagleHead(config).eval().requires_grad_(False).to(target.model.device)
+    drafter = make_drafter(drafter_name, target, draft, exit_layer=1, head=head)
+    config = DecodeConfig(k=K, max_new_tokens=NEW_TOKENS, **MODES[mode])
+    rows = range(batch_size)
+    if drafter_name == "eagle" and mode == "compiled":
+        with pytest.raises(ValueError, match=EAGLE_COMPILED_REFUSAL):
+            run_batch(target, [prompts[i] for i in rows], drafter, config)
+        return
+    batched = run_batch(target, [prompts[i] for i in rows], drafter, config)
+    for i, output in zip(rows, batched.rows):
+        assert output.token_ids == moe_references[i], f"row {i}"
+    stats = batched.pooled_stats()
+    assert stats.num_draft_tokens > stats.num_accepted_tokens, "some drafted tokens are rejected"

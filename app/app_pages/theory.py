@@ -15,7 +15,7 @@ import math
 
 import streamlit as st
 
-from app import calibration, render_history, render_theory, render_tree_theory, saved, state, widgets
+from app import calibration, moe_section, render_history, render_theory, render_tree_theory, saved, state, widgets
 from lab.config import K_MAX
 from lab.store import StoreError
 from lab.theory import best_k, expected_speedup, expected_tokens_per_step
@@ -28,7 +28,8 @@ METRIC_WIDTH_PX = 180  # four fit in a row at 1280 px, two at 900 px
 V_MIN, V_MAX = 1.0, 3.0  # a pass over K+1 tokens does at least one step's work; a bare v below 1 is timing noise
 
 DEFAULTS = {"theory.k": 4, "theory.c": 0.1, "theory.v": 1.0, "theory.a": 0.7, "theory.run": NO_RUN,
-            "theory.own_curves": True, "theory.decay": 0.5, "theory.v_slope": 0.03}
+            "theory.own_curves": True, "theory.decay": 0.5, "theory.v_slope": 0.03, "theory.moe": False,
+            "theory.moe_c": 0.0}
 
 key = state.widget_key
 PERCENT = st.column_config.NumberColumn(format="percent")
@@ -228,6 +229,7 @@ st.caption("At the a and c of the sliders above; the draft pays c once per depth
            "level). `python -m lab calibrate` times v(N) out to N = 64 and names the budget the model picks.")
 
 calibration.section()
+moe_section.section()
 
 widgets.results_file_section("A JSON file saved on the Compare page", UPLOAD_KEY, LOAD_ERROR_KEY, RESULT_KEY,
                              widgets.parse_comparison)

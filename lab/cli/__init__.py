@@ -46,7 +46,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from lab.cli import generate, heads, history, measure, presets, serve, workload
+from lab.cli import generate, heads, history, measure, moe, presets, serve, workload
 from lab.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             raise UsageError(
                 "a command is required: generate, calibrate, prepare, models, peer, compare, bench, engine-bench, "
-                "serve-bench, token-freq, train-head, workload or history (see `python -m lab --help`)"
+                "serve-bench, token-freq, train-head, workload, history or moe-cost (see `python -m lab --help`)"
             )
         return args.handler(args)
     except SystemExit as done:  # --help / --version
@@ -112,4 +112,5 @@ def build_parser() -> _Parser:
     heads.add_train_head(commands)
     history.add_history(commands)
     workload.add_workload(commands)
+    moe.add_moe_cost(commands)
     return parser

@@ -183,10 +183,12 @@ def load_model(
     quantized = precision in QUANTIZED_PRECISIONS
     _stage(progress, load_start, 1.0)(0.0, f"loading {name} ({precision} on {device})")
     started_s = time.perf_counter()
+    experts_kwargs = _experts_kwargs(folder)  # an architecture transformers lacks fails here, before the tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(
             folder,
+            **experts_kwargs,
             dtype=dtype,
             attn_implementation="sdpa",
             # bitsandbytes quantises while placing the weights, and a quantised model refuses .to()
@@ -216,6 +218,37 @@ def load_model(
     )
     _stage(progress, load_start, 1.0)(1.0, f"{name} loaded in {load_s:.1f} s")
     return loaded
+
+
+def _experts_kwargs(folder: Path) -> dict[str, str]:
+    """The pinned experts backend (``lab.routing.EXPERTS_IMPLEMENTATION``) for a MoE folder, nothing for a dense one.
+
+    Raises:
+        ModelError: config.json names an architecture this transformers does not know.
+    """
+    import json
+
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from lab.routing import EXPERTS_IMPLEMENTATION, moe_shape
+
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return {}  # the loader's own error says what is wrong with the folder
+    if model_type not in CONFIG_MAPPING:
+        raise ModelError(
+            f"The model in {folder} has the architecture model_type={model_type!r}, which transformers "
+            f"{transformers.__version__} does not know. The lab runs transformers causal LMs (for MoE: GraniteMoe, "
+            "OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE); convert the model to one of them or upgrade transformers."
+        )
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except _loading_errors():
+        return {}
+    return {"experts_implementation": EXPERTS_IMPLEMENTATION} if moe_shape(config) is not None else {}
 
 
 def _precision_and_dtype(

@@ -119,6 +119,8 @@ def prepare(name: PresetLike, progress: Progress | None = None) -> Path:
         report(1.0, f"{preset.name} is prepared")
         return prepared_dir(preset)
 
+    if preset.moe is not None:
+        return _prepare_moe(preset, progress)
     sources = [package_file(preset, part) for part in preset.parts]  # fail fast on a missing package
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
@@ -127,6 +129,20 @@ def prepare(name: PresetLike, progress: Progress | None = None) -> Path:
             report(1.0, f"{preset.name} is prepared")
             return prepared_dir(preset)
         return _prepare_locked(preset, sources, progress)
+
+
+def _prepare_moe(preset: ModelPreset, progress: Progress | None) -> Path:
+    """A MoE preset: its dense source prepared first (half the progress if needed), then MoEfied once."""
+    from lab.models.moefy import build_moe_preset
+
+    source_done = 0.0 if is_prepared(preset.moe.source) else 0.5
+    prepare(preset.moe.source, _stage(progress, 0.0, source_done))
+    with _exclusive(cache_dir() / f".{preset.name}.lock"):
+        if is_prepared(preset):
+            _stage(progress, 0.0, 1.0)(1.0, f"{preset.name} is prepared")
+            return prepared_dir(preset)
+        shutil.rmtree(prepared_dir(preset), ignore_errors=True)
+        return build_moe_preset(preset, _stage(progress, source_done, 1.0))
 
 
 def _prepare_locked(preset: ModelPreset, sources: list[Path], progress: Progress | None) -> Path:

@@ -16,7 +16,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Union
 
@@ -28,6 +28,23 @@ MARKER_FILE = "lab_prepared.json"
 
 class ModelError(RuntimeError):
     """A model cannot be prepared or loaded; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class MoeRecipe:
+    """How a MoE preset is built from a dense preset by MoEfication (``lab.models.moefy``).
+
+    Attributes:
+        source: the dense preset whose FFNs are split into experts.
+        num_experts: E, experts per layer.
+        top_k: k, experts each token routes to.
+        calibration_tokens: about how many calibration tokens (not the held-out prompts) the split uses.
+    """
+
+    source: str
+    num_experts: int = 16
+    top_k: int = 4
+    calibration_tokens: int = 2048
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,8 @@ class ModelPreset:
         tokenizer_family: presets of one family share a tokenizer (the same
             vocabulary and ids), so one can draft for another without loading
             anything to check; ``check_same_tokenizer`` is the full check.
+        moe: for a MoE built from a dense preset, its recipe; the packages,
+            parts and checksum are then the dense source's.
     """
 
     name: str
@@ -64,6 +83,7 @@ class ModelPreset:
     extra_eos_tokens: tuple[str, ...] = ()
     tokenizer_family: str = ""
     gguf_quant: str = ""
+    moe: MoeRecipe | None = None
 
     def __post_init__(self) -> None:
         if not self.parts:
@@ -122,6 +142,11 @@ PRESETS: dict[str, ModelPreset] = {
         ),
     )
 }
+PRESETS["qwen2.5-coder-1.5b-moe"] = replace(  # built from the dense 1.5B's prepared copy (lab.models.moefy)
+    PRESETS["qwen2.5-coder-1.5b"], name="qwen2.5-coder-1.5b-moe",
+    title="Qwen2.5-Coder-1.5B-Instruct MoEfied (16 experts, top 4; constructed, not trained)",
+    moe=MoeRecipe(source="qwen2.5-coder-1.5b", num_experts=16, top_k=4),
+)
 
 PresetLike = Union[str, ModelPreset]
 
