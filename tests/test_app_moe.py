@@ -20,9 +20,9 @@ def test_the_moe_section_draws_experts_verify_cost_and_break_even():
     at = AppTest.from_file(PAGE, default_timeout=60)
     at.session_state["theory:moe_cost"] = RESULT
     at.run()
-    assert len(at.get("plotly_chart")) == 2 and not at.exception  # hidden until asked for
+    assert len(at.get("plotly_chart")) == 3 and not at.exception  # the two curves and chain-or-tree; the MoE section hidden until asked for
     at.toggle(key=state.widget_key("theory.moe")).set_value(True).run()
-    assert len(at.get("plotly_chart")) == 5 and not at.exception
+    assert len(at.get("plotly_chart")) == 6 and not at.exception
 
 
 def test_break_even_moves_against_the_dense_target():
