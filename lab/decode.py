@@ -108,7 +108,7 @@ def decode_batch(
     eos = set(target.eos_token_ids)
     drafter = as_batch_drafter(drafter)
     mode = loop_engine_mode(config, device, drafter)
-    refuse_tree_decode(config.tree_budget, len(requests), mode, drafter, constraint)
+    refuse_tree_decode(config.tree_budget, len(requests), mode, drafter, constraint, naive)
     widest = (max(config.k, K_MAX if k_policy else 0) + 1) if drafter is not None else 1
     max_length = max(q.prompt.numel() + q.budget for q in requests) + widest  # what a static cache must hold
     if drafter is not None:
@@ -282,7 +282,8 @@ def _grammar_masks(logits: torch.Tensor, rows: list["_Request"], drafts: list[Dr
     """Each row's verified positions masked by its grammar: float32 [B, W, V].
 
     Exact: every position, correction and bonus included, under the matcher at
-    the committed prefix. Naive (teaching): the drafted positions unmasked, the
+    the committed prefix (a token tree's node rows under the matcher after the node's root path,
+    ``GrammarState.mask_tree_positions``). Naive (teaching): the drafted positions unmasked, the
     matcher advanced over every drafted token (refusals ignored, nothing rolled
     back), and only the target's own last position masked, from that corrupted state.
     """
@@ -293,6 +294,9 @@ def _grammar_masks(logits: torch.Tensor, rows: list["_Request"], drafts: list[Dr
             for token in draft.tokens.tolist():
                 q.grammar.accept(token)
             masked[b, n - 1] = q.grammar.mask_next(logits[b, n - 1])
+        elif draft.tree is not None:  # each node's row under the grammar state after its root path
+            masked[b, :n] = q.grammar.mask_tree_positions(logits[b, :n], draft.tree.tokens.tolist(),
+                                                          draft.tree.parents.tolist())
         else:
             masked[b, :n] = q.grammar.mask_draft_positions(logits[b, :n], draft.tokens)
     return masked

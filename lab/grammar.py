@@ -214,6 +214,70 @@ class GrammarState:
         return masked[:, : logits.shape[-1]]
 
 
+    def tree_bitmask(self, tokens: list[int], parents: list[int]) -> tuple[torch.Tensor, list[bool]]:
+        """The grammar's masks over a token tree's N + 1 verify positions; the matcher ends where it began.
+
+        tokens, parents: the tree's nodes as ``lab.tree.DraftTree`` holds them (parents[i] < i, -1: the root).
+        Row 0 is the mask at the committed prefix (after the root), row i + 1 the mask after the root path
+        to node i: the tree is walked depth-first, accepting a node's token, filling its row, recursing and
+        rolling back one token. A node the grammar refuses, and every node below it or below a node that
+        completed the output, is invalid and keeps its parent's row (its token has probability 0 there, so
+        it is never accepted). Returns (xgrammar bitmask [N + 1, ceil(V / 32)] int32, valid [N] bool).
+        """
+        n = len(tokens)
+        bitmask = self._xgr.allocate_token_bitmask(n + 1, self.vocab_size)
+        self.matcher.fill_next_token_bitmask(bitmask, 0)
+        kids: dict[int, list[int]] = {}
+        for i, p in enumerate(parents):
+            kids.setdefault(p, []).append(i)
+        valid = [False] * n
+
+        def visit(node: int, live: bool) -> None:  # live: the matcher stands after node, output not complete
+            for child in kids.get(node, []):
+                if live and self.accept(tokens[child]):
+                    valid[child] = True
+                    done = self.is_terminated
+                    if done:
+                        bitmask[child + 1] = bitmask[node + 1]
+                    else:
+                        self.matcher.fill_next_token_bitmask(bitmask, child + 1)
+                    visit(child, not done)
+                    self.rollback(1)
+                else:
+                    bitmask[child + 1] = bitmask[node + 1]
+                    visit(child, False)
+
+        visit(-1, not self.is_terminated)
+        return bitmask, valid
+
+    def mask_tree_positions(self, logits: torch.Tensor, tokens: list[int], parents: list[int]) -> torch.Tensor:
+        """Mask the target's logits over a token tree's verify positions (see ``tree_bitmask``).
+
+        logits: [N + 1, V] any float, row 0 after the root, row i + 1 after node i. Returns float32
+        [N + 1, V], each row masked by the grammar state after the root path to its node.
+        """
+        bitmask, _ = self.tree_bitmask(tokens, parents)
+        masked = _fit(logits.float(), self.vocab_size)
+        self._xgr.apply_token_bitmask_inplace(masked, bitmask.to(masked.device))
+        return masked[:, : logits.shape[-1]]
+
+    def mask_after(self, path: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """logits: [V] any float, the distribution after ``path`` (tokens past the committed prefix).
+
+        Returns float32 [V] masked by the grammar state after path; all -inf when the grammar refuses a
+        token of path or path completes the output (nothing may follow). The matcher ends where it began.
+        """
+        advanced = 0
+        for token in path:
+            if not self.accept(token):
+                break
+            advanced += 1
+        open_ = advanced == len(path) and not self.is_terminated
+        masked = self.mask_next(logits) if open_ else torch.full_like(logits, float("-inf"), dtype=torch.float32)
+        self.rollback(advanced)
+        return masked
+
+
 JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _MAX_DEPTH = 32  # deeper schemas are not checked statically (the matcher check still runs)
 

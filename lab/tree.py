@@ -118,6 +118,26 @@ class DraftTree:
         """The children of ``node`` (-1: the root), in order."""
         return [i for i, p in enumerate(self.parents.tolist()) if p == node]
 
+    def subtree(self, keep: Sequence[bool]) -> "DraftTree | None":
+        """The nodes with keep[i] True (each kept node's parent kept too), renumbered in order; None if none."""
+        index: dict[int, int] = {-1: -1}
+        for i, k in enumerate(keep):
+            if k:
+                index[i] = len(index) - 1
+        nodes = [i for i in index if i >= 0]
+        if not nodes:
+            return None
+        parents = self.parents.tolist()
+        if any(parents[i] not in index for i in nodes):
+            raise ValueError("a subtree requires each kept node's parent kept too")
+        pick = torch.tensor(nodes, dtype=torch.long)
+        return DraftTree(
+            self.tokens[pick],
+            torch.tensor([index[parents[i]] for i in nodes], dtype=torch.long),
+            None if self.draft_probs is None else self.draft_probs[pick],
+            None if self.sampled_from is None else self.sampled_from[pick],
+        )
+
     def path_to(self, node: int) -> list[int]:
         """The nodes from the root's child down to ``node``, inclusive."""
         parents = self.parents.tolist()
@@ -288,11 +308,12 @@ def tree_verify_forward(cache, root_token: torch.Tensor, tree: DraftTree) -> tor
     return cache.forward_tree(torch.cat([root_token.cpu(), tree.tokens]), mask, positions)
 
 
-def refuse_tree_decode(budget: int, batch_size: int, mode: str, drafter, constraint) -> None:
+def refuse_tree_decode(budget: int, batch_size: int, mode: str, drafter, constraint, naive: bool = False) -> None:
     """Raise ValueError, saying why and what to do, where the decode loop cannot verify trees.
 
-    Trees run at B = 1 in the eager engine, unconstrained, with a drafter that drafts trees. The target
-    alone (drafter None) ignores the budget, as it ignores K.
+    Trees run at B = 1 in the eager engine, with a drafter that drafts trees; under a grammar constraint in
+    the exact grammar mode only (the naive teaching mode shows a chain's mistakes). The target alone
+    (drafter None) ignores the budget, as it ignores K.
     """
     if budget == 0 or drafter is None:
         return  # the target alone drafts nothing, chain or tree
@@ -307,6 +328,6 @@ def refuse_tree_decode(budget: int, batch_size: int, mode: str, drafter, constra
     if mode != "eager":
         raise ValueError(f"token trees require the eager engine; got {mode!r}: a tree's mask and width change "
                          "every step, which a static or captured pass does not allow (set --engine-mode eager)")
-    if constraint is not None:
-        raise ValueError("token trees under a grammar constraint are not supported yet: set the tree budget "
-                         "to 0 for constrained output")
+    if constraint is not None and naive:
+        raise ValueError("the naive grammar mode (a teaching demo of a chain's mistakes) drafts chains only: "
+                         "set the tree budget to 0, or use the exact grammar mode for a tree")

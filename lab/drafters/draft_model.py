@@ -126,8 +126,6 @@ class DraftModelDrafter:
 
     def _propose_tree(self, ctx: DraftContext) -> Draft:
         """One row's token tree of at most ctx.tree_budget nodes and depth ctx.k (deterministic: top-k)."""
-        if ctx.grammar is not None:
-            raise ValueError("token trees under a grammar constraint are not supported: set the tree budget to 0")
         if self.cache is None:
             self.cache = RaggedCache(self.model, 1)
         total = ctx.token_ids.shape[0]
@@ -143,10 +141,10 @@ class DraftModelDrafter:
             tokens = torch.tensor([cands.tokens[n] for n in frontier], dtype=torch.long)
             return self.cache.forward_tree(tokens, mask, positions)[0]  # [F, V]
 
-        tree = grow_tree(root_logits, expand, ctx.k, ctx.tree_budget, self.tree_topk, self.tree_shape)
+        tree = grow_tree(root_logits, expand, ctx.k, ctx.tree_budget, self.tree_topk, self.tree_shape, ctx.grammar)
         self.cache.keep([total])  # the nodes' K/V go; the committed tokens stay
         self._num_committed = [None]
-        return Draft.of_tree(tree)
+        return Draft.empty() if tree is None else Draft.of_tree(tree)
 
     def observe(self, num_accepted: Sequence[int]) -> None:
         """Roll each row back now to its committed prefix (committed + accepted drafts)."""

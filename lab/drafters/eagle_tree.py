@@ -43,8 +43,6 @@ def fold_tree_features(features, row: int, token_ids: torch.Tensor, tree: DraftT
 @torch.inference_mode()
 def draft_tree_row(drafter, row: int, ctx: DraftContext, topk: int, shape: str) -> Draft:
     """One row's token tree from the EAGLE head: at most ctx.tree_budget nodes, ctx.k deep (deterministic)."""
-    if ctx.grammar is not None:
-        raise ValueError("token trees under a grammar constraint are not supported: set the tree budget to 0")
     state = drafter.rows[row]
     token_ids = ctx.token_ids
     drafter.features.follow_thread()
@@ -76,6 +74,6 @@ def draft_tree_row(drafter, row: int, ctx: DraftContext, topk: int, shape: str) 
             predicted[n] = out[j]
         return logits_of(out)  # [F', V]
 
-    tree = grow_tree(logits_of(root), expand, ctx.k, ctx.tree_budget, topk, shape)
+    tree = grow_tree(logits_of(root), expand, ctx.k, ctx.tree_budget, topk, shape, ctx.grammar)
     crop_cache(state.cache, state.num_real)  # drafting entries came from predicted features: never kept
-    return Draft.of_tree(tree)  # a trimmed head's logits already span the target's vocabulary (-inf outside)
+    return Draft.empty() if tree is None else Draft.of_tree(tree)  # a trimmed head's logits already span the target's vocabulary (-inf outside)

@@ -93,9 +93,9 @@ class PromptLookupDrafter:
 
     def propose(self, ctx: DraftContext) -> Draft:
         if ctx.tree_budget > 0:
-            if ctx.grammar is not None:
-                raise ValueError("token trees under a grammar constraint are not supported: set the tree budget to 0")
             tree = find_ngram_trie(ctx.token_ids, self.min_n, self.max_n, ctx.k, ctx.tree_budget)
+            if tree is not None and ctx.grammar is not None:  # drop the continuations the grammar refuses
+                tree = tree.subtree(ctx.grammar.tree_bitmask(tree.tokens.tolist(), tree.parents.tolist())[1])
             return Draft.empty() if tree is None else Draft.of_tree(tree)
         proposal = find_ngram_continuation(ctx.token_ids, self.min_n, self.max_n, ctx.k)
         if ctx.grammar is None:

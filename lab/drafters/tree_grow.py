@@ -16,6 +16,11 @@ The drafter supplies ``expand(nodes)``: the draft's next-token logits after each
 of those candidates ([F, V]), reading whatever cache it keeps. Nodes are chosen
 deterministically (top-k), so the tree is verified as one-hot drafts
 (``lab.tree``: exact under sampling too).
+
+Under a grammar constraint each candidate's children are drawn from the draft's
+logits masked by the grammar state after the candidate's root path
+(``GrammarState.mask_after``): a forbidden token is never proposed, and a
+candidate that completes the output gets no children.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ class Candidates:
         depth = self.depths[parent] + 1 if parent >= 0 else 1
         made = []
         for token, logprob in zip(top.indices.tolist(), top.values.tolist()):
+            if not logprob > float("-inf"):
+                break  # masked by the grammar: fewer than topk tokens allowed (NaN: none allowed)
             made.append(len(self.tokens))
             self.tokens.append(token)
             self.parents.append(parent)
@@ -65,6 +72,10 @@ class Candidates:
             if node >= 0:
                 out.append(node)
         return out
+
+    def path_tokens(self, node: int) -> list[int]:
+        """The tokens from the root's child down to ``node``, inclusive."""
+        return [self.tokens[a] for a in reversed(self.ancestors(node))] + [self.tokens[node]]
 
     def tree(self, kept: Sequence[int]) -> DraftTree:
         """The kept candidates (each with its parent kept) as a ``DraftTree`` in (depth, made) order."""
@@ -84,12 +95,15 @@ def grow_tree(
     budget: int,
     topk: int,
     shape: TreeShape = "dynamic",
-) -> DraftTree:
+    grammar=None,
+) -> DraftTree | None:
     """Grow a draft tree of at most ``budget`` nodes and ``depth`` levels (see the module docstring).
 
     root_logits: [V] the draft's logits after the last committed token.
     expand: (candidate indices, candidates) -> [F, V] logits after each of them.
     topk: children per expanded node (and, dynamic, nodes expanded per depth).
+    grammar: a ``lab.grammar.GrammarState`` at the committed prefix, or None: every node's children under
+        its mask (see the module docstring). Returns None when the grammar allows no first token.
     Raises ValueError for an unknown shape or depth, budget or topk below 1.
     """
     if shape not in TREE_SHAPES:
@@ -97,7 +111,17 @@ def grow_tree(
     if depth < 1 or budget < 1 or topk < 1:
         raise ValueError(f"growing a tree requires depth, budget and topk >= 1; got {depth}, {budget}, {topk}")
     cands = Candidates()
+    if grammar is not None:
+        root_logits = grammar.mask_next(root_logits)
+        unmasked = expand
+
+        def expand(frontier, cands):  # noqa: F811 (the drafter's expand, masked per candidate)
+            logits = unmasked(frontier, cands)  # [F, V]
+            return torch.stack([grammar.mask_after(cands.path_tokens(c), row) for c, row in zip(frontier, logits)])
+
     level = cands.add_children(-1, root_logits, min(topk, budget))
+    if not level:
+        return None
     for _ in range(depth - 1):
         if shape == "dynamic":
             frontier = sorted(level, key=lambda c: -cands.scores[c])[: min(topk, budget)]
