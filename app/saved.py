@@ -10,7 +10,8 @@ finishes. A store that cannot be used shows a warning and the page goes on.
 ``st.session_state`` and returns that page's path, for ``st.switch_page``.
 
 The Live page's result (``app.state.LiveResult``: runs, trace steps, token
-pieces, stats) is kept as a tagged JSON tree of its dataclasses
+pieces, stats) and a Step-through run (its token trees included) are kept as a tagged JSON tree of
+their dataclasses
 (``to_tree``/``from_tree``), read back only into the classes of ``TREE_MODULES``.
 """
 
@@ -23,13 +24,15 @@ from dataclasses import fields, is_dataclass
 from typing import Any
 
 import streamlit as st
+import torch
 
 from lab import figures as headline
 from lab.store import ResultsStore, RunRecord, RunSaver, StoreError
 
 ERROR_KEY = "history:store_error"  # the last store error this session saw (shown once as a warning)
 STEP_REOPEN_KEY = "step:reopen"  # a kept step-through run the Step-through page turns into its session
-TREE_MODULES = ("app.state", "app.render", "lab.trace", "lab.metrics", "lab.studies.precision")
+TREE_MODULES = ("app.state", "app.render", "lab.trace", "lab.metrics", "lab.studies.precision", "lab.tree")
+TENSOR_DTYPES = ("int64", "float32")  # a kept tensor (a step's token tree) is one of these, on the CPU
 
 # kind -> (page script, the session key its page reads its last result from)
 PAGES = {
@@ -216,7 +219,8 @@ def _from_parts(record: RunRecord, kept: ResultsStore) -> Any:
 
 
 def to_tree(value: Any) -> Any:
-    """A JSON-ready tree of ``value``: dataclasses tagged with their class, tuples, non-string keys and NaN kept."""
+    """A JSON-ready tree of ``value``: dataclasses tagged with their class, tuples, non-string keys and NaN kept;
+    int64 / float32 tensors (a step's ``lab.tree.DraftTree``) as their values, dtype and shape."""
     if is_dataclass(value) and not isinstance(value, type):
         cls = type(value)
         return {"__type__": f"{cls.__module__}:{cls.__qualname__}",
@@ -233,6 +237,11 @@ def to_tree(value: Any) -> Any:
         return {"__float__": repr(value)}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, torch.Tensor) and str(value.dtype).removeprefix("torch.") in TENSOR_DTYPES:
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise TypeError("a kept tensor holds finite values only")
+        return {"__tensor__": value.cpu().tolist(), "dtype": str(value.dtype).removeprefix("torch."),
+                "shape": list(value.shape)}
     raise TypeError(f"a kept result holds only dataclasses, containers and plain values; got {type(value).__name__}")
 
 
@@ -248,6 +257,10 @@ def from_tree(tree: Any) -> Any:
         return {from_tree(k): from_tree(v) for k, v in tree["__items__"]}
     if "__float__" in tree:
         return float(tree["__float__"])
+    if "__tensor__" in tree:
+        if tree.get("dtype") not in TENSOR_DTYPES:
+            raise ValueError(f"a kept tensor may only be of {', '.join(TENSOR_DTYPES)}; got {tree.get('dtype')}")
+        return torch.tensor(tree["__tensor__"], dtype=getattr(torch, tree["dtype"])).reshape(tree["shape"])
     if "__type__" in tree:
         module, _, name = tree["__type__"].partition(":")
         if module not in TREE_MODULES:

@@ -8,6 +8,7 @@ import sqlite3
 from datetime import datetime, timedelta, timezone
 
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
 from app_util import MAIN, TIMEOUT_S, click, html_of, key, live_app, tiny_models  # noqa: F401 (a fixture)
@@ -194,3 +195,42 @@ def test_a_finished_step_through_run_is_kept_and_reopens(tiny_models, store):
     at = click(history(), "Open on its page")
     assert not at.exception, at.exception
     assert any(s.value.startswith("Finished") for s in at.success)  # the page drew the kept session
+
+
+def _tree_spec(at: AppTest, step: int) -> str:
+    """The plotly spec of the tree the Step-through page draws for step index ``step`` (0-based)."""
+    at.slider(key=key("step.view")).set_value(step + 1).run()
+    (spec,) = [c.proto.spec for c in at.get("plotly_chart") if "a tree of" in c.proto.spec]
+    return spec
+
+
+def test_a_step_through_run_with_a_tree_is_kept_and_reopens_drawing_the_same_trees(tiny_models, store):
+    from app_util import app_on
+
+    at = app_on("step", prompt="t3 t4 t5 t6 t3 t4 t5 t7 t3 t4 t5 t6 t3 t4", raw=True, max_new_tokens=10,
+                tree_budget=8)
+    at = click(at, "Start")
+    for _ in range(4):
+        if store.list_runs(kind="step"):
+            break
+        at = click(at, "Next 5 cycles")
+    (run,) = store.list_runs(kind="step")
+    assert store.get_run(run.id).payload is not None, "the tree steps are kept"
+    steps = at.session_state["step:session"].steps
+    tree_steps = [i for i, s in enumerate(steps) if s.tree is not None]
+    assert tree_steps, "prompt lookup found no n-gram: the prompt repeats on purpose"
+    drawn = [_tree_spec(at, i) for i in tree_steps]
+
+    at = click(history(), "Open on its page")  # a fresh session: the run comes from the store
+    assert not at.exception and not at.error, at.exception
+    assert any(s.value.startswith("Finished") for s in at.success)  # the Step-through page drew the kept run
+    at.switch_page("app_pages/step.py")  # later reruns stay on the page it opened on (AppTest reruns its own page)
+    back = at.session_state["step:session"].steps
+    assert len(back) == len(steps)
+    for old, new in zip(steps, back):
+        assert (new.tree is None) == (old.tree is None) and new.tree_path == old.tree_path
+        if old.tree is not None:
+            assert torch.equal(new.tree.tokens, old.tree.tokens) and torch.equal(new.tree.parents, old.tree.parents)
+            assert torch.equal(new.tree.draft_probs, old.tree.draft_probs) if old.tree.draft_probs is not None \
+                else new.tree.draft_probs is None
+    assert [_tree_spec(at, i) for i in tree_steps] == drawn
