@@ -226,3 +226,18 @@ def test_also_run_without_the_constraint_shows_acceptance_with_and_without(tiny_
     assert {"Acceptance rate with the constraint", "Acceptance rate without it",
             "Mean acceptance length with", "Mean acceptance length without"} <= labels
     assert any(e.label.startswith("Output without the constraint") for e in at.expander)
+
+
+def test_live_constrained_output_with_a_tree_budget(tiny_models):
+    """Constrained output (a regex) with a tree: valid, identical to the target alone, the tree size reported."""
+    at = live_app(prompt="A date: 2024-01-31, 2024-01-30, 2024-", raw=True, constraint="regex",
+                  regex=r"\d{4}-\d{2}-\d{2}", max_new_tokens=16, k=3, tree_budget=8)
+    (button,) = [b for b in at.button if b.label == "Run"]
+    button.click()
+    at.run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert any("Valid for its regex: yes." in s for s in texts(at.success))
+    assert any("Identical to the target alone" in s for s in texts(at.success))
+    assert any(c.startswith("Token trees:") for c in texts(at.caption))
+    steps = at.session_state["live:result"].speculative.steps
+    assert any(s.tree is not None and s.num_accepted > 0 for s in steps), "trees drafted under the grammar, accepted"
