@@ -10,7 +10,8 @@ speculation uses it, the three places public engines got wrong:
    the grammar forbids;
 2. verifying under the grammar: the target's logits are masked at every
    verified position, the correction and bonus positions included, each mask
-   taken from the matcher advanced over the drafted tokens before it;
+   taken from the matcher advanced over the drafted tokens before it (for a
+   token tree, over the node's own root path: ``tree_bitmask``);
 3. rolling back: the matcher returns to the committed prefix before the accepted
    tokens and the target's own token are accepted for good.
 
