@@ -177,3 +177,32 @@ def test_naive_grammar_mode_refuses_trees(models, constraints, smol_tokenizer):
     config = DecodeConfig(k=3, max_new_tokens=4, engine_mode="eager", tree_budget=4, grammar_mode="naive")
     with pytest.raises(ValueError, match="naive grammar mode .* drafts chains only"):
         run(target, [5, 6, 7], _drafter("prompt-lookup", None, models), config, constraint=constraints["json"])
+
+
+def test_constrained_tree_sampling_follows_the_masked_target(models, constraints, smol_tokenizer):
+    """SpecInfer's rule on the masked, renormalised rows: the first emitted token is distributed as the target's
+    masked distribution, and a node the grammar refuses is never accepted."""
+    from lab.tree import DraftTree, verify_tree_sampling
+
+    target, _ = models
+    constraint = constraints["date"]
+    digit = [smol_tokenizer.convert_tokens_to_ids(str(d)) for d in range(4)]
+    dash = smol_tokenizer.convert_tokens_to_ids("-")
+    vocab = target.model.config.vocab_size
+    logits = torch.full((4, vocab), -30.0)
+    logits[:, digit] = torch.tensor([1.0, 0.5, 0.0, -0.5])
+    logits[:, dash] = 2.0  # the target's favourite, refused by the grammar at the start of a date
+    tokens, parents = [dash, digit[0], digit[1]], [-1, -1, 1]
+    probs = torch.softmax(constraint.new_state().mask_tree_positions(logits, tokens, parents), -1)
+    expected = torch.softmax(logits[0, digit], -1)
+    assert probs[0, dash] == 0 and torch.allclose(probs[0, digit], expected)
+    tree = DraftTree(torch.tensor(tokens), torch.tensor(parents))
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4)
+    n = 1000  # seeded: deterministic
+    for _ in range(n):
+        verdict = verify_tree_sampling(probs, tree, generator)
+        assert 0 not in verdict.path
+        first = tokens[verdict.path[0]] if verdict.path else verdict.next_token
+        counts[digit.index(first)] += 1
+    assert torch.allclose(counts / n, expected, atol=0.05), (counts / n, expected)
