@@ -56,12 +56,15 @@ class Runtime:
         "fp32", "fp16", "int8", "nf4", "fp4"); pages that load every model alike use it.
     draft_dtype: the draft model's precision; None: the same as the target's.
     engine: how passes run (``lab.kv``): "eager", "static" or "compiled" ("auto" resolved for the device).
+    engine_choice: the sidebar's choice as made ("auto" kept), for a decode config: the loop resolves
+        "auto" per run, e.g. to eager for a token tree, which no captured pass can take.
     """
 
     device: str
     dtype: str
     draft_dtype: str | None = None
     engine: str = "eager"
+    engine_choice: str = "auto"
 
     @property
     def target_precision(self) -> str:
@@ -88,8 +91,10 @@ def runtime(session: MutableMapping[str, Any]) -> Runtime:
     device = resolve_device(session.get(widget_key("device"), "auto"))
     target = resolve_precision(session.get(widget_key("dtype"), "auto"), device)
     draft = session.get(widget_key("draft_dtype"), SAME_AS_TARGET)
-    engine = resolve_engine_mode(session.get(widget_key("engine"), "auto"), device)
-    return Runtime(str(device), target, None if draft == SAME_AS_TARGET else resolve_precision(draft, device), engine)
+    choice = session.get(widget_key("engine"), "auto")
+    engine = resolve_engine_mode(choice, device)
+    return Runtime(str(device), target, None if draft == SAME_AS_TARGET else resolve_precision(draft, device), engine,
+                   choice)
 
 
 @dataclass

@@ -265,9 +265,13 @@ def loop_engine_mode(config: DecodeConfig, device: torch.device | str, drafter: 
 
     "auto" is compiled on CUDA and eager elsewhere; the compiled mode with a
     drafter that hooks the target's passes (EAGLE) falls back to static under
-    "auto", and raises ValueError when asked for by name.
+    "auto", and raises ValueError when asked for by name. A token tree (a tree
+    budget and a drafter that drafts trees) runs eager under "auto": its mask
+    and width change every step, which no static or captured pass takes.
     """
     device = torch.device(device)
+    if config.engine_mode == "auto" and config.tree_budget and getattr(drafter, "drafts_trees", False):
+        return "eager"
     mode = resolve_engine_mode(config.engine_mode, device)
     if mode == "compiled" and getattr(drafter, "reads_target_passes", False):
         # The drafter records the target's passes through forward hooks, which a captured pass does not run.

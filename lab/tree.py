@@ -327,7 +327,8 @@ def refuse_tree_decode(budget: int, batch_size: int, mode: str, drafter, constra
             "maintainers advise against trees at batch > 1): decode one prompt, or set the tree budget to 0")
     if mode != "eager":
         raise ValueError(f"token trees require the eager engine; got {mode!r}: a tree's mask and width change "
-                         "every step, which a static or captured pass does not allow (set --engine-mode eager)")
+                         "every step, which a static or captured pass does not allow: pick the eager engine (--engine eager, or "
+                         "Engine: eager or auto in the app's sidebar)")
     if constraint is not None and naive:
         raise ValueError("the naive grammar mode (a teaching demo of a chain's mistakes) drafts chains only: "
                          "set the tree budget to 0, or use the exact grammar mode for a tree")

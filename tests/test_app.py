@@ -424,7 +424,8 @@ def test_live_says_why_speculation_lost_in_the_drafters_terms():
     from app.app_pages.live import loss_hint
 
     def result(drafter: str, speedup: float | None, baseline: object = object()):
-        return SimpleNamespace(baseline=baseline, speedup=speedup, settings={"drafter": widgets.DRAFTER_LABELS[drafter]})
+        label = widgets.DRAFTER_LABELS[drafter] + ", K=4"  # as Live names the run
+        return SimpleNamespace(baseline=baseline, speedup=speedup, settings={"drafter": label})
 
     hint = loss_hint(result("layer-skip", 0.62))
     assert hint.startswith("Speculation lost here (0.62×).") and "Layer skip" in hint

@@ -234,3 +234,16 @@ def test_a_step_through_run_with_a_tree_is_kept_and_reopens_drawing_the_same_tre
             assert torch.equal(new.tree.draft_probs, old.tree.draft_probs) if old.tree.draft_probs is not None \
                 else new.tree.draft_probs is None
     assert [_tree_spec(at, i) for i in tree_steps] == drawn
+
+
+def test_a_live_run_with_a_token_tree_is_kept_with_its_result_and_reopens(tiny_models, store):
+    # a trial found tree runs kept without their result ("no page to draw it again"): the trees did not serialise
+    at = click(live_app(prompt=TINY_PROMPT, raw=True, max_new_tokens=10, k=3, tree_budget=8), "Run")
+    assert not at.exception and not at.error
+    (run,) = store.list_runs()
+    record = store.get_run(run.id)
+    assert record.payload is not None and "tree budget 8" in record.settings["drafter"]
+    assert saved.can_reopen(record)
+    at = click(history(), "Open on its page")
+    assert not at.exception, at.exception
+    assert any(c.value.startswith("Token trees:") for c in at.caption)

@@ -36,6 +36,7 @@ def test_live_reports_the_tree_size(tiny_models):
     at.run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert any(c.value.startswith("Token trees:") and "nodes per verify pass" in c.value for c in at.caption)
+    assert any(c.value.startswith("Last run:") and "K=3, tree budget 8" in c.value for c in at.caption)
 
 
 def test_theory_shows_chain_against_tree(tiny_models):

@@ -354,3 +354,14 @@ def test_calibration_picks_the_tree_budget_by_measured_v(tree_ms, expected):
     assert calibration.tree_budget == expected
     assert f"N = {expected}" in calibration.explain()
     assert Calibration.from_dict(calibration.as_dict()).timings[0].tree_verify_ms == tree_ms
+
+
+def test_auto_engine_runs_a_tree_eager_even_where_it_would_capture_chains():
+    # On CUDA "auto" means compiled; a tree cannot be captured, so "auto" takes it eager instead of refusing it.
+    from lab.decode import loop_engine_mode
+
+    drafter = make_drafter("prompt-lookup", None)
+    tree = DecodeConfig(k=3, tree_budget=8)  # engine_mode "auto"
+    assert loop_engine_mode(tree, "cuda", drafter) == "eager"
+    assert loop_engine_mode(DecodeConfig(k=3), "cuda", drafter) == "compiled"  # a chain is still captured
+    assert loop_engine_mode(DecodeConfig(k=3, tree_budget=8, engine_mode="static"), "cuda", drafter) == "static"

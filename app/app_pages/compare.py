@@ -532,7 +532,7 @@ if run_clicked:
         runtime = state.runtime(s)
         config = DecodeConfig(max_new_tokens=int(s[key("compare.max_new_tokens")]),
                               temperature=float(s[key("compare.temperature")]), seed=int(s[key("compare.seed")]),
-                              engine_mode=runtime.engine)
+                              engine_mode=runtime.engine_choice)
         plan = prepare_comparison(prompts, chosen_specs(draft_choice), sorted(int(k) for k in s[key("compare.ks")]),
                                   config, runtime, slots["progress"])
         plan.settings["categories"] = {str(i): item.category for i, item in enumerate(items)}

@@ -158,7 +158,8 @@ def loss_hint(result: state.LiveResult) -> str | None:
     """Why speculation lost on this run, in the drafter's terms; None when it did not lose (or no baseline ran)."""
     if result.baseline is None or result.speedup is None or result.speedup >= 1.0:
         return None
-    name = next((n for n, label in widgets.DRAFTER_LABELS.items() if label == result.settings.get("drafter")), None)
+    drafter = str(result.settings.get("drafter", ""))  # the run's label: "layer-skip (early exit), K=4, ..."
+    name = next((n for n, label in widgets.DRAFTER_LABELS.items() if drafter.startswith(label)), None)
     hint = LOSS_HINTS.get(name)
     return None if hint is None else f"Speculation lost here ({render.format_number(result.speedup, 2, '×')}). {hint}"
 
@@ -251,7 +252,7 @@ def prepare_live(view: LiveView, runtime: state.Runtime, target_name: str, draft
     drafter_name = s[key("live.drafter")]
     config = DecodeConfig(k=int(s[key("live.k")]), max_new_tokens=int(s[key("live.max_new_tokens")]),
                           temperature=float(s[key("live.temperature")]), top_p=float(s[key("live.top_p")]),
-                          seed=int(s[key("live.seed")]), engine_mode=runtime.engine,
+                          seed=int(s[key("live.seed")]), engine_mode=runtime.engine_choice,
                           tree_budget=int(s[key("live.tree_budget")]) if drafter_name != "none" else 0)
     prompt = s[key("live.prompt")]
     if not prompt.strip():
@@ -280,7 +281,8 @@ def prepare_live(view: LiveView, runtime: state.Runtime, target_name: str, draft
     # a trimmed draft vocabulary is part of what drafts: said in the run's name
     label = (widgets.DRAFTER_LABELS[drafter_name] + (f", top {trimmed:,} tokens" if trimmed else "")
              + {"text": ", text bridge", "ids": ", ids trap"}.get(bridge, "")
-             + (f", K={config.k}" if drafter is not None else ""))
+             + (f", K={config.k}" if drafter is not None else "")
+             + (f", tree budget {config.tree_budget}" if config.tree_budget and drafter is not None else ""))
     settings = {"target": target_name, "drafter": label, "temperature": config.temperature,
                 "max new tokens": config.max_new_tokens, "device": runtime.device, "engine": runtime.engine}
     settings |= precision.settings(runtime, drafter_name)

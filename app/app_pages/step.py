@@ -149,7 +149,7 @@ def start(runtime: state.Runtime, slot, draft_name: str | None) -> StepSession:
         raise ValueError("The prompt is empty: type a question or some text for the model to continue.")
     config = DecodeConfig(k=int(s[key("step.k")]), max_new_tokens=int(s[key("step.max_new_tokens")]),
                           temperature=float(s[key("step.temperature")]), top_p=float(s[key("step.top_p")]),
-                          seed=int(s[key("step.seed")]), record_details=True, engine_mode=runtime.engine,
+                          seed=int(s[key("step.seed")]), record_details=True, engine_mode=runtime.engine_choice,
                           tree_budget=int(s[key("step.tree_budget")]))
     target_name, drafter_name = s[key("step.target")], s[key("step.drafter")]
     bridge = widgets.vocab_bridge("step") if drafter_name == "draft-model" else "none"
