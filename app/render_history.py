@@ -64,7 +64,7 @@ def settings_summary(settings: dict[str, Any]) -> str:
         value = settings[name]
         if value is None or isinstance(value, (dict,)) or name in ("target", "prompts", "machine"):
             continue
-        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value).removeprefix("torch.")
         if len(text) > 40:
             continue
         parts.append(f"{name} {text}")

@@ -247,3 +247,9 @@ def test_a_live_run_with_a_token_tree_is_kept_with_its_result_and_reopens(tiny_m
     at = click(history(), "Open on its page")
     assert not at.exception, at.exception
     assert any(c.value.startswith("Token trees:") for c in at.caption)
+
+
+def test_settings_summary_names_a_dtype_without_its_module():
+    from app.render_history import settings_summary
+
+    assert settings_summary({"k": 4, "dtype": "torch.bfloat16"}) == "k 4 · dtype bfloat16"

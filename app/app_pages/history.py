@@ -83,6 +83,8 @@ download_cols[1].download_button("Download JSON", export_runs(with_payloads, "js
                                       "full result each page draws again).")
 
 st.subheader("Open a run")
+if st.session_state.get("history:open") not in labels:
+    st.session_state["history:open"] = labels[0]
 chosen = by_label[st.selectbox("Run", labels, key="history:open")]
 record = store.get_run(chosen.id)
 open_col, delete_col = st.columns(2)
@@ -121,8 +123,11 @@ if len(runs) < 2:
     st.caption("Two runs are needed.")
 else:
     left, right = st.columns(2)
-    a = by_label[left.selectbox("First run", labels, index=0, key="history:a")]
-    b = by_label[right.selectbox("Second run", labels, index=1, key="history:b")]
+    for choice, default in (("history:a", 0), ("history:b", 1)):  # a default, or what a tick put there: never both
+        if st.session_state.get(choice) not in labels:
+            st.session_state[choice] = labels[default]
+    a = by_label[left.selectbox("First run", labels, key="history:a")]
+    b = by_label[right.selectbox("Second run", labels, key="history:b")]
     frame = render_history.side_by_side(a, b)
     st.caption(f"{int(frame['differs'].sum())} of {len(frame)} values differ (shaded).")
     st.dataframe(render_history.highlight_differences(frame), hide_index=True, width="stretch")

@@ -445,9 +445,9 @@ with st.container(border=True):
     seed_col.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key=key("live.seed"), disabled=greedy)
     st.text_area("Prompt", key=key("live.prompt"), height=140)
     constrained.section()
-    run_col, cancel_col, _ = st.columns([1, 1.3, 6])
-    run_clicked = run_col.button("Run", type="primary", icon=":material/play_arrow:")
-    cancel_slot = cancel_col.empty()
+    buttons = st.container(horizontal=True, gap="small")  # fixed columns cut "Run" to its icon at 900 px
+    run_clicked = buttons.button("Run", type="primary", icon=":material/play_arrow:")
+    cancel_slot = buttons.empty()
 
 error_slot = st.empty()
 notice_slot = st.empty()
