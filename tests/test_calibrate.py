@@ -161,3 +161,22 @@ def test_time_passes_in_the_static_modes_at_a_batch(mode):
     assert sorted(ms) == [1, 4] and all(v > 0 for v in ms.values())
     with pytest.raises(ValueError, match="mode 'eager', 'static' or 'compiled'"):
         time_passes(model, [1], mode="graphs")
+
+
+def test_a_cached_calibration_from_before_token_trees_is_used_not_timed_again(tiny_folders, monkeypatch):
+    # A page render reads the cache; a calibration without the tree passes once made it re-time the pair silently.
+    cal = calibrate(tiny_folders["target"], device="cpu", precisions=("fp32",), ks=(1, 2), context_tokens=8,
+                    repeats=1)
+    path = calibration_path(tiny_folders["target"], None, "prompt-lookup", machine_info("cpu"))
+    old = json.loads(path.read_text())
+    for timing in old["timings"]:
+        timing.pop("tree_verify_ms", None)
+    path.write_text(json.dumps(old))
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr("lab.studies.calibrate.measure_precision", no_timing)
+    again = calibrate(tiny_folders["target"], device="cpu", precisions=("fp32",), ks=(1, 2))
+    assert again.measured_at == cal.measured_at  # read back, not timed
+    assert again.timings[0].tree_verify_ms == {} and again.tree_budget == 0
