@@ -772,6 +772,7 @@ def test_compare_with_a_tree_budget_counts_runs_its_trees_and_shows_them(tiny_mo
     assert list(table.columns)[:4] == ["drafter", "K", "tree budget", "mean tree size"]
     assert set(table[table["drafter"].str.contains("tree")]["tree budget"]) == {"8"}
     assert set(table[~table["drafter"].str.contains("tree")]["mean tree size"]) == {"—"}
+    assert any(c.value.startswith("Tree budget: a tree arm drafts") for c in at.caption)
     runs = render_compare.runs_table(at.session_state["compare:comparison"])
     assert "K" in runs.columns and "k" not in runs.columns
     assert set(runs[runs["drafter"] == BASELINE]["K"]) == {"—"}  # the target alone has no K: not "None"

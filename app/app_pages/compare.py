@@ -336,6 +336,10 @@ def show_summary(comparison: compare.Comparison, summary) -> None:
         "acceptance rate. Speedup: tokens/s over the target alone on the same prompts, prefill "
         "included. ★: each drafter's best K by speedup, where it beats the target alone. One run each on a shared machine: timings are noisy."
     )
+    if render_compare.column(summary, "tree_budget").fillna(0).gt(0).any():
+        st.caption("Tree budget: a tree arm drafts up to that many nodes per verify pass, K deep. Mean tree size: the "
+                   "nodes it drafted per verify pass; a tree no larger than K branched nowhere (each n-gram had one "
+                   "continuation, say), so it verified what its chain did.")
     with st.expander("All columns"):
         st.dataframe(render_compare.summary_table(summary), hide_index=True, width="stretch",
                      column_config=SUMMARY_COLUMNS)
