@@ -215,17 +215,26 @@ RUN_FORMATS = {
     "acceptance rate": "{:.1%}", "mean acceptance length": "{:.2f}", "tokens/s": "{:.1f}", "speedup": "{:.2f}×",
     "decode speedup": "{:.2f}×", "c": "{:.3f}", "wall time (s)": "{:.2f}",
 }
-"""How ``runs_table``'s numbers read; a missing value (the target alone's speedup, acceptance...) reads "—"."""
+"""How ``runs_display`` writes ``runs_table``'s numbers; a missing value (the target alone's speedup...) reads "—"."""
 
 
-def runs_styled(table: pd.DataFrame):
-    """``runs_table`` for ``st.dataframe``: numbers kept (a column sorts by value), shown by ``RUN_FORMATS``, and
-    the target alone's empty cells as "—" rather than "None"."""
+def runs_display(table: pd.DataFrame) -> pd.DataFrame:
+    """``runs_table`` as ``st.dataframe`` shows it: numbers formatted by ``RUN_FORMATS`` and the target alone's empty
+    cells as "—" (Streamlit draws a missing number as "None" whatever a Styler's na_rep says).
+
+    The cells are text, right-justified with spaces to one width per column, so that a click on a header still
+    sorts by value (a space sorts before a digit; "—" after every number).
+    """
     shown = table.copy()
     if "identical to target" in shown:
         shown["identical to target"] = [
             "—" if v is None or v != v else ("yes" if v else "no") for v in shown["identical to target"]]
-    return shown.style.format({name: f for name, f in RUN_FORMATS.items() if name in shown}, na_rep="—")
+    for name, spec in RUN_FORMATS.items():
+        if name in shown:
+            cells = ["—" if v is None or v != v else spec.format(v) for v in shown[name]]
+            width = max((len(c) for c in cells if c != "—"), default=0)
+            shown[name] = [c if c == "—" else c.rjust(width) for c in cells]
+    return shown
 
 
 def run_label(comparison: Comparison, index: int) -> str:

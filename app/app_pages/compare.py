@@ -391,8 +391,7 @@ def show_runs(comparison: compare.Comparison) -> None:
     st.subheader(f"Per prompt: {len(comparison.prompts)} prompts, {len(comparison.runs)} runs")
     st.caption("The evidence behind the table above: one row per run, with its prompt's category and start. Click a "
                "column's header to sort by it (speedup, acceptance, category, ...).")
-    # formats in the Styler: a column_config format would win over its "—" for the target alone's empty cells
-    st.dataframe(render_compare.runs_styled(render_compare.runs_table(comparison)), hide_index=True, width="stretch")
+    st.dataframe(render_compare.runs_display(render_compare.runs_table(comparison)), hide_index=True, width="stretch")
     with st.expander("The prompts in full"):
         for i, prompt in enumerate(comparison.prompts):
             st.markdown(f"**Prompt {i + 1}.** {render_compare.preview(prompt, 300)}")
