@@ -111,6 +111,8 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
             "speedup": summary["speedup"].astype(float),
             "acceptance rate": summary["acceptance_rate"].astype(float),
             "mean acceptance length": summary["mean_acceptance_length"].astype(float),
+            "tree budget": [tree_text(b) for b in _tree_budgets(summary)],
+            "mean tree size": [tree_size_text(b, n) for b, n in zip(_tree_budgets(summary), column(summary, "mean_tree_size"))],
             "tokens/s": summary["tokens_per_s"].astype(float),
             "target tokens/s": summary["target_tokens_per_s"].astype(float),
             "decode speedup": summary["decode_speedup"].astype(float),
@@ -132,16 +134,41 @@ COMPACT_COLUMNS = ("drafter", "K", "acceptance rate", "mean acceptance length", 
                    "identical to target")
 
 
+TREE_COLUMNS = ("tree budget", "mean tree size")
+"""Shown in the compact table after K when a row drafts token trees (``DrafterSpec.tree_budget`` > 0)."""
+
+
+def _tree_budgets(summary: pd.DataFrame) -> list[int]:
+    """Each row's tree budget N (0: a chain); 0 for a summary written before trees."""
+    if "tree_budget" not in summary:
+        return [0] * len(summary)
+    return [int(b) if b == b else 0 for b in summary["tree_budget"]]
+
+
+def tree_text(budget: int) -> str:
+    """A tree budget for a table cell: "8", or "—" for a chain."""
+    return str(budget) if budget else "—"
+
+
+def tree_size_text(budget: int, size: float) -> str:
+    """The mean tree size (draft nodes per verify pass) for a cell: "5.3", "—" for a chain or no tree drafted."""
+    return "—" if not budget or math.isnan(size) else f"{size:.1f}"
+
+
 def compact_summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     """The summary's headline columns (``COMPACT_COLUMNS``), narrow enough to read without scrolling.
 
     K becomes text so that each drafter's best K carries its star ("4 ★");
-    every other column is as in ``summary_table``.
+    with a tree arm, "tree budget" and "mean tree size" (draft nodes per
+    verify pass) follow K; every other column is as in ``summary_table``.
     """
     table = summary_table(summary)
     if table.empty:
         return table
-    compact = table[list(COMPACT_COLUMNS)].copy()
+    names = list(COMPACT_COLUMNS)
+    if any(_tree_budgets(summary)):  # tree arms: what the tree did beside its chain
+        names[2:2] = TREE_COLUMNS
+    compact = table[names].copy()
     compact["K"] = [f"{k} ★" if star else str(k) for k, star in zip(table["K"], table["best K"])]
     return compact
 
@@ -161,7 +188,7 @@ def best_k_by_drafter(summary: pd.DataFrame, column: str = "speedup", at_least: 
 
 
 RUN_COLUMN_NAMES = {
-    "output_tokens": "output tokens", "acceptance_rate": "acceptance rate",
+    "k": "K", "output_tokens": "output tokens", "acceptance_rate": "acceptance rate",
     "mean_acceptance_length": "mean acceptance length", "tokens_per_s": "tokens/s", "decode_speedup": "decode speedup",
     "cost_ratio": "c", "identical_to_target": "identical to target", "wall_s": "wall time (s)",
 }
@@ -177,9 +204,37 @@ def runs_table(comparison: Comparison) -> pd.DataFrame:
     categories = comparison.settings.get("categories") or {}
     frame.insert(1, "category", [categories.get(str(i), "") for i in frame["prompt"]])  # results from before: ""
     frame["prompt"] = frame["prompt"] + 1
+    frame["k"] = ["—" if d == BASELINE or k is None or k != k else str(int(k))  # the target alone has no K
+                  for d, k in zip(frame["drafter"], frame["k"])]
     frame["cancelled"] = [r.cancelled for r in comparison.runs]
     frame["prompt text"] = texts  # the numbers first (they fit without a sideways scroll), the prompt's start last
     return frame.rename(columns=RUN_COLUMN_NAMES)
+
+
+RUN_FORMATS = {
+    "acceptance rate": "{:.1%}", "mean acceptance length": "{:.2f}", "tokens/s": "{:.1f}", "speedup": "{:.2f}×",
+    "decode speedup": "{:.2f}×", "c": "{:.3f}", "wall time (s)": "{:.2f}",
+}
+"""How ``runs_display`` writes ``runs_table``'s numbers; a missing value (the target alone's speedup...) reads "—"."""
+
+
+def runs_display(table: pd.DataFrame) -> pd.DataFrame:
+    """``runs_table`` as ``st.dataframe`` shows it: numbers formatted by ``RUN_FORMATS`` and the target alone's empty
+    cells as "—" (Streamlit draws a missing number as "None" whatever a Styler's na_rep says).
+
+    The cells are text, right-justified with spaces to one width per column, so that a click on a header still
+    sorts by value (a space sorts before a digit; "—" after every number).
+    """
+    shown = table.copy()
+    if "identical to target" in shown:
+        shown["identical to target"] = [
+            "—" if v is None or v != v else ("yes" if v else "no") for v in shown["identical to target"]]
+    for name, spec in RUN_FORMATS.items():
+        if name in shown:
+            cells = ["—" if v is None or v != v else spec.format(v) for v in shown[name]]
+            width = max((len(c) for c in cells if c != "—"), default=0)
+            shown[name] = [c if c == "—" else c.rjust(width) for c in cells]
+    return shown
 
 
 def run_label(comparison: Comparison, index: int) -> str:

@@ -217,7 +217,7 @@ def test_comparison_figures_and_tables(tiny_comparison):
     assert len(table) == 4 and set(table["identical to target"]) == {"yes (2/2)"}  # fp32 greedy: exact
     runs = render_compare.runs_table(tiny_comparison)
     assert len(runs) == 10 and sorted(set(runs["prompt"])) == [1, 2] and not runs["cancelled"].any()
-    assert list(runs.columns)[:4] == ["prompt", "category", "drafter", "k"] and list(runs.columns)[-1] == "prompt text"
+    assert list(runs.columns)[:4] == ["prompt", "category", "drafter", "K"] and list(runs.columns)[-1] == "prompt text"
     assert set(runs["category"]) == {""}  # a comparison made outside the page records no categories
     assert "acceptance rate" in runs.columns and "acceptance_rate" not in runs.columns
     assert render_compare.run_label(tiny_comparison, 0) == f"prompt 1 · {BASELINE}"
@@ -752,3 +752,33 @@ def test_a_comparison_started_before_a_reload_can_be_followed_from_the_new_sessi
         assert not [i for i in at.info if "session zzzz" in i.value]  # done: no longer offered
     finally:
         release.set()
+
+
+TREE_PROMPTS = "t3 t4 t5 t3 t4 t6 t3 t4 t7 t8 t3 t4\n---\nt7 t8 t9 t7 t8 t5 t7 t8 t6 t7 t8"  # "t3 t4": three continuations
+
+
+def test_compare_with_a_tree_budget_counts_runs_its_trees_and_shows_them(tiny_models):
+    # the count under the form left out the tree arms (6 decodes; 10 ran), and the summary hid what the tree did
+    at = compare_app(drafters=["prompt-lookup"], ks=[2, 4], tree_budget=8, pasted=TREE_PROMPTS)
+    assert any("1 + 2 drafters" not in c.value and "10 decodes" in c.value for c in at.caption), [c.value for c in at.caption]
+    at = click(at, "Run comparison")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any(s.value.startswith("Complete: 10 runs on 2 prompts") for s in at.success)
+    summary = at.session_state["compare:comparison"].summary()
+    trees = summary[summary["tree_budget"] == 8]
+    assert len(trees) == 2 and (trees["mean_tree_size"] > trees["k"]).all()  # branched: more nodes than a chain of K
+    assert (summary[summary["tree_budget"] == 0]["mean_tree_size"].isna()).all()
+    table = at.dataframe[0].value
+    assert list(table.columns)[:4] == ["drafter", "K", "tree budget", "mean tree size"]
+    assert set(table[table["drafter"].str.contains("tree")]["tree budget"]) == {"8"}
+    assert set(table[~table["drafter"].str.contains("tree")]["mean tree size"]) == {"—"}
+    assert any(c.value.startswith("Tree budget: a tree arm drafts") for c in at.caption)
+    runs = render_compare.runs_table(at.session_state["compare:comparison"])
+    assert "K" in runs.columns and "k" not in runs.columns
+    assert set(runs[runs["drafter"] == BASELINE]["K"]) == {"—"}  # the target alone has no K: not "None"
+    shown = render_compare.runs_display(runs)
+    base = shown[shown["drafter"] == BASELINE]
+    assert set(base["speedup"]) == set(base["acceptance rate"]) == set(base["identical to target"]) == {"—"}
+    assert not shown.isna().any().any()  # st.dataframe draws a missing cell as "None"
+    rates = [float(c.strip().rstrip("%")) for c in sorted(shown["acceptance rate"]) if c != "—"]
+    assert rates == sorted(rates)  # text that still sorts by value

@@ -45,3 +45,34 @@ def test_theory_shows_chain_against_tree(tiny_models):
     assert any(h.value == "Chain or tree?" for h in at.subheader)
     at.slider(key=key("theory.v_slope")).set_value(0.0).run()
     assert not at.exception
+
+
+def test_tree_figure_spreads_a_14_node_tree_so_labels_do_not_overlap():
+    # labels sat above their markers in 34 px rows (stacked on each other), the top ones cut off, and the
+    # legend under the plot covered the depth ticks 0 and 1
+    import torch
+
+    from app.render_tree import ROW_PX, tree_figure
+    from conftest import tiny_tokenizer
+    from lab.trace import Step
+    from lab.tree import DraftTree
+
+    parents = [-1, -1, -1, 0, 0, 1, 1, 2, 3, 3, 5, 7, 8, 10]
+    tree = DraftTree(torch.arange(5, 19), torch.tensor(parents), draft_probs=torch.full((14,), 0.5))
+    step = Step(index=2, drafted=(5, 8, 13), num_accepted=3, emitted=(5, 8, 13, 20), final_kind="corrected",
+                draft_ms=1.0, verify_ms=2.0, target_cache_len=30, tree=tree, tree_path=(0, 3, 8))
+    figure = tree_figure(step, tiny_tokenizer(), [3, 4, 4])
+    nodes = [t for t in figure.data if t.mode == "markers+text"]
+    points = [(x, y) for t in nodes for x, y in zip(t.x, t.y)]
+    assert len(points) == 16 and len(set(points)) == 16  # root, 14 nodes, the corrected token: no two on one spot
+    assert {t.textposition for t in nodes} == {"middle right"}  # beside the marker, not on the row above
+    assert [t.text[0].strip() for t in nodes if t.name == "root"] == ["t4"]
+    for depth in range(5):  # at one depth, nodes are a whole row (ROW_PX) apart at least
+        rows = sorted(y for x, y in points if x == depth)
+        assert all(b - a >= 1 for a, b in zip(rows, rows[1:])), (depth, rows)
+    leaves = 8
+    assert figure.layout.height >= ROW_PX * leaves + figure.layout.margin.t + figure.layout.margin.b
+    low, high = figure.layout.yaxis.range  # reversed: row 0 at the top, half a row spare at both ends
+    assert low > max(y for _, y in points) and high < min(y for _, y in points)
+    assert figure.layout.xaxis.range[1] >= 4.5  # room right of the deepest node for its label
+    assert figure.layout.legend.orientation == "h" and figure.layout.legend.y >= 1  # above the plot, off the ticks

@@ -65,7 +65,6 @@ DEFAULTS = {
 key = state.widget_key
 PROMPT_SETS_HELP = ("Shipped in assets/prompts/: chosen to show high acceptance (code editing, JSON extraction, "
                     "summarization copy from the prompt) and low (creative writing, open QA).")
-PERCENT = st.column_config.NumberColumn(format="percent")
 SUMMARY_COLUMNS = {
     "acceptance rate": st.column_config.NumberColumn(format="percent", help=render.ACCEPTANCE_RATE_HELP),
     "mean acceptance length": st.column_config.NumberColumn(format="%.2f", help=render.MEAN_LENGTH_HELP),
@@ -97,15 +96,6 @@ VERIFY_COST_LEGEND = """
 """
 COMPACT_COLUMNS = SUMMARY_COLUMNS | {
     "K": st.column_config.TextColumn(help="Draft tokens per step; ★: the drafter's best K by speedup, where it beats the target alone."),
-}
-RUN_COLUMNS = {
-    "acceptance rate": PERCENT,
-    "mean acceptance length": SUMMARY_COLUMNS["mean acceptance length"],
-    "tokens/s": SUMMARY_COLUMNS["tokens/s"],
-    "speedup": st.column_config.NumberColumn(format="%.2f×"),
-    "decode speedup": st.column_config.NumberColumn(format="%.2f×"),
-    "c": st.column_config.NumberColumn(format="%.3f"),
-    "wall time (s)": st.column_config.NumberColumn(format="%.2f"),
 }
 
 
@@ -346,6 +336,10 @@ def show_summary(comparison: compare.Comparison, summary) -> None:
         "acceptance rate. Speedup: tokens/s over the target alone on the same prompts, prefill "
         "included. ★: each drafter's best K by speedup, where it beats the target alone. One run each on a shared machine: timings are noisy."
     )
+    if render_compare.column(summary, "tree_budget").fillna(0).gt(0).any():
+        st.caption("Tree budget: a tree arm drafts up to that many nodes per verify pass, K deep. Mean tree size: the "
+                   "nodes it drafted per verify pass; a tree no larger than K branched nowhere (each n-gram had one "
+                   "continuation, say), so it verified what its chain did.")
     with st.expander("All columns"):
         st.dataframe(render_compare.summary_table(summary), hide_index=True, width="stretch",
                      column_config=SUMMARY_COLUMNS)
@@ -397,7 +391,7 @@ def show_runs(comparison: compare.Comparison) -> None:
     st.subheader(f"Per prompt: {len(comparison.prompts)} prompts, {len(comparison.runs)} runs")
     st.caption("The evidence behind the table above: one row per run, with its prompt's category and start. Click a "
                "column's header to sort by it (speedup, acceptance, category, ...).")
-    st.dataframe(render_compare.runs_table(comparison), hide_index=True, width="stretch", column_config=RUN_COLUMNS)
+    st.dataframe(render_compare.runs_display(render_compare.runs_table(comparison)), hide_index=True, width="stretch")
     with st.expander("The prompts in full"):
         for i, prompt in enumerate(comparison.prompts):
             st.markdown(f"**Prompt {i + 1}.** {render_compare.preview(prompt, 300)}")
@@ -506,7 +500,9 @@ with st.container(border=True):
     # the trimmed vocabulary runs a second variant of the draft model and the head
     trims = sum(name in ("draft-model", "eagle") for name in chosen) if st.session_state.get(key("compare.draft_vocab")) else 0
     bridged = int("draft-model" in chosen and widgets.vocab_bridge("compare") != "none")  # the bridged draft races too
-    n_drafters, n_ks = len(chosen) + trims + bridged, len(st.session_state[key("compare.ks")])
+    # each drafter that drafts trees also runs as a tree beside its chain (chosen_specs: not trimmed, not bridged)
+    trees = sum(name in TREE_DRAFTERS for name in chosen) if int(st.session_state.get(key("compare.tree_budget")) or 0) else 0
+    n_drafters, n_ks = len(chosen) + trims + bridged + trees, len(st.session_state[key("compare.ks")])
     if prompt_error:
         st.error(prompt_error, icon=":material/error:")
     else:
