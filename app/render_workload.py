@@ -27,7 +27,7 @@ def _axis(data: dict) -> str:
     return "concurrent requests" if data["load_kind"] == "concurrency" else "arrival rate (requests/s)"
 
 
-LEGEND = {"orientation": "h", "yanchor": "top", "y": -0.22, "xanchor": "left", "x": 0}
+LEGEND = {"orientation": "h", "yanchor": "top", "y": -0.3, "xanchor": "left", "x": 0}
 """Legends go below the plot, horizontal, so they never cover the lines at a narrow width."""
 MARGIN = {"t": 50, "b": 110}
 
@@ -58,7 +58,7 @@ def _mark_break_even(figure: go.Figure, data: dict) -> None:
 
 def _style(figure: go.Figure, data: dict, title: str, y_title: str) -> None:
     """Title, legend below, and on a concurrency sweep a log axis ticked at exactly the simulated loads."""
-    figure.update_layout(title=title, xaxis_title=_axis(data), yaxis_title=y_title, height=420, margin=MARGIN,
+    figure.update_layout(title=title, xaxis_title=_axis(data), yaxis_title=y_title, height=460, margin=MARGIN,
                          legend=LEGEND)
     if data["load_kind"] == "concurrency":
         loads = _loads(data)
