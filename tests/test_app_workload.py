@@ -39,7 +39,8 @@ def test_figures_keep_legends_below_and_tick_the_simulated_loads():
     data = small_map()
     for figure in (render_workload.latency_figure(data, "p99"), render_workload.throughput_figure(data)):
         assert figure.layout.legend.orientation == "h" and figure.layout.legend.y < 0
-        assert list(figure.layout.xaxis.tickvals) == [1, 4, 16] and list(figure.layout.xaxis.ticktext) == ["1", "4", "16"]
+        axis = figure.layout.xaxis
+        assert list(axis.tickvals) == [1, 4, 16] and list(axis.ticktext) == ["1", "4", "16"]
         (label,) = [a for a in figure.layout.annotations if "break-even" in (a.text or "")]
         left_half = math.log10(data["break_even_load"]) < math.log10(16) / 2
         assert label.xanchor == ("left" if left_half else "right") and label.yanchor == "top"

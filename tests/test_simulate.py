@@ -269,7 +269,8 @@ def test_the_decision_counts_requests_and_cites_no_gain_as_a_gain():
     assert "1 concurrent requests" not in text and " 0 % lower" not in text
     assert re.search(r"stops paying from about \d+ concurrent requests\.", text), text
     assert f"stops paying from about {round(result.break_even_load)} concurrent" in text
-    if result.levels[-1].run(result.recommended).summary.latency_p50_s >= 0.995 * result.levels[-1].off.summary.latency_p50_s:
+    last = result.levels[-1]
+    if last.run(result.recommended).summary.latency_p50_s >= 0.995 * last.off.summary.latency_p50_s:
         assert "gains nothing" in text
 
 

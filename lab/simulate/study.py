@@ -293,7 +293,8 @@ def _decision(levels, recommended: str, kind: str, static_label: str, break_even
             text += f", {_change(gains[-1])} at {_load_text(high.load, load_kind)}"
         elif tail > 0:
             where = _load_text(levels[tail].load, load_kind)
-            text += f"; at {where} it gains nothing" if tail == len(levels) - 1 else f"; from {where} on it gains nothing"
+            last = tail == len(levels) - 1
+            text += f"; at {where} it gains nothing" if last else f"; from {where} on it gains nothing"
             if gains[-1] <= -0.5:
                 text += f" ({_change(gains[-1])} at {_load_text(high.load, load_kind)})"
         worst = max(level.run(recommended).summary.latency_p50_s / level.best.summary.latency_p50_s for level in levels)
