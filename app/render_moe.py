@@ -17,6 +17,15 @@ from lab.routing import uniform_experts_touched
 
 MEASURED_FILE = Path(__file__).resolve().parent.parent / "assets" / "moe" / "moe_cost.json"
 """The lab's own measurement (``python -m lab moe-cost``, see docs/README.md), shown until a file is loaded."""
+V_MIN = 1.0
+"""The floor on v(K) for the break-even, as the Theory page's sliders (``V_MIN`` there): a pass over K+1 tokens does at
+least one step's work, so a measured v below 1 is timing noise (the dense v(2) of the shipped file is 0.93)."""
+LEGEND = {"orientation": "h", "yanchor": "top", "y": -0.25, "xanchor": "left", "x": 0}
+"""Legends go below the plot, horizontal, so the plot keeps the full width (a side legend squeezed it to ~90 px)."""
+MARGIN = {**FIGURE_MARGIN, "b": 100}
+HEIGHT = 380
+UNIFORM_FORMULA = "E(1 − (1 − k/E)^(B(K+1)))"
+"""Distinct experts per layer expected under uniform routing: E experts, top k, B rows, K+1 tokens per row."""
 COLOURS = {"moe": "#d0473f", "dense": "#3a78c9", "active_dense": "#8a8f98", "uniform": "#8e5bb5"}
 
 
@@ -49,12 +58,14 @@ def experts_figure(data: dict[str, Any]) -> go.Figure:
                        line=dict(color=COLOURS["moe"]))
     figure.add_scatter(x=smooth, y=[uniform_experts_touched(moe["num_experts"], moe["top_k"], batch * (k + 1))
                                     for k in smooth],
-                       mode="lines", name="uniform routing E(1−(1−k/E)^(B(K+1)))",
-                       line=dict(color=COLOURS["uniform"], dash="dash"))
+                       mode="lines", name="uniform routing (prediction)",
+                       line=dict(color=COLOURS["uniform"], dash="dash"),
+                       hovertemplate="K=%{x}: %{y:.2f} experts<extra>uniform routing " + UNIFORM_FORMULA + "</extra>")
     figure.add_hline(y=moe["num_experts"], line=dict(color="#999", dash="dot"), annotation_text="all experts")
     figure.update_layout(title=f"Experts each layer reads per verify pass (E={moe['num_experts']}, k={moe['top_k']}, "
                                f"batch {batch})", xaxis_title="K (draft tokens verified)",
-                         yaxis_title="distinct experts per layer", margin=FIGURE_MARGIN, yaxis_rangemode="tozero")
+                         yaxis_title="distinct experts per layer", margin=MARGIN, yaxis_rangemode="tozero",
+                         legend=LEGEND, height=HEIGHT)
     return figure
 
 
@@ -67,19 +78,24 @@ def verify_cost_figure(data: dict[str, Any]) -> go.Figure:
             figure.add_scatter(x=model["ks"], y=model["v"], mode="lines+markers", name=f"{label}: {model['name']}",
                                line=dict(color=COLOURS[key]))
     figure.update_layout(title="Verify cost v(K) in one-token steps", xaxis_title="K", yaxis_title="v(K)",
-                         margin=FIGURE_MARGIN, yaxis_rangemode="tozero")
+                         margin=MARGIN, yaxis_rangemode="tozero", legend=LEGEND, height=HEIGHT)
     return figure
 
 
 def break_even_figure(data: dict[str, Any], cost_ratio: float) -> go.Figure:
-    """Leviathan's break-even a at each K ≥ 1 with the measured v(K), MoE against dense, for draft cost c."""
+    """Leviathan's break-even a at each K ≥ 1 with the measured v(K) floored at ``V_MIN``, MoE against dense, for
+    draft cost c. The hover shows the measured v next to the v used."""
     figure = go.Figure()
     for key, label in (("moe", "MoE"), ("dense", "dense source")):
         model = data[key]
-        points = [(k, break_even_acceptance(k, cost_ratio, v)) for k, v in zip(model["ks"], model["v"]) if k >= 1]
-        figure.add_scatter(x=[k for k, _ in points], y=[1.0 if a is None else a for _, a in points],
+        points = [(k, v, break_even_acceptance(k, cost_ratio, max(v, V_MIN)))
+                  for k, v in zip(model["ks"], model["v"]) if k >= 1]
+        figure.add_scatter(x=[k for k, _, _ in points], y=[1.0 if a is None else a for _, _, a in points],
+                           customdata=[[v, max(v, V_MIN)] for _, v, _ in points],
                            mode="lines+markers", name=label, line=dict(color=COLOURS[key]),
-                           hovertemplate="K=%{x}: break-even a=%{y:.2f}<extra>" + label + "</extra>")
+                           hovertemplate="K=%{x}: break-even a=%{y:.2f} (measured v=%{customdata[0]:.2f}, used "
+                                         "%{customdata[1]:.2f})<extra>" + label + "</extra>")
     figure.update_layout(title=f"Break-even acceptance a (c = {cost_ratio:.2f}); 1.0 = never pays",
-                         xaxis_title="K", yaxis_title="break-even a", yaxis_range=[0, 1.02], margin=FIGURE_MARGIN)
+                         xaxis_title="K", yaxis_title="break-even a", yaxis_range=[0, 1.02], margin=MARGIN,
+                         legend=LEGEND, height=HEIGHT)
     return figure

@@ -27,17 +27,45 @@ def _axis(data: dict) -> str:
     return "concurrent requests" if data["load_kind"] == "concurrency" else "arrival rate (requests/s)"
 
 
+LEGEND = {"orientation": "h", "yanchor": "top", "y": -0.3, "xanchor": "left", "x": 0}
+"""Legends go below the plot, horizontal, so they never cover the lines at a narrow width."""
+MARGIN = {"t": 50, "b": 110}
+
+
+def _loads(data: dict) -> list[float]:
+    return [level[data["load_kind"]] for level in data["levels"]]
+
+
 def _mark_break_even(figure: go.Figure, data: dict) -> None:
-    """A dashed line at the break-even load, labelled. On the log axis of a concurrency sweep a plotly annotation
-    takes log10(x) while a shape takes x (one call giving both put the label, and the axis's range, near 10^x)."""
+    """A dashed line at the break-even load, labelled inside the plot (left of the line in the right half of the
+    axis, right of it in the left half, so no edge clips it). On the log axis of a concurrency sweep a plotly
+    annotation takes log10(x) while a shape takes x (one call giving both put the label, and the axis's range,
+    near 10^x)."""
     load = data.get("break_even_load")
     if load is None:
         return
     figure.add_vline(x=load, line_dash="dash", line_color="#c0392b")
     log_axis = data["load_kind"] == "concurrency" and load > 0
-    figure.add_annotation(x=math.log10(load) if log_axis else load, y=1, yref="paper", yanchor="bottom",
-                          xanchor="right", showarrow=False, text=f"break-even ({data['break_even_policy']})",
-                          font={"color": "#c0392b"})
+    scale = (lambda x: math.log10(x)) if log_axis else (lambda x: x)
+    loads = [x for x in _loads(data) if not log_axis or x > 0]
+    low, high = scale(min(loads)), scale(max(loads))
+    left_half = high <= low or (scale(load) - low) / (high - low) < 0.5
+    figure.add_annotation(x=scale(load), y=1, yref="paper", yanchor="top", xanchor="left" if left_half else "right",
+                          xshift=4 if left_half else -4, showarrow=False,
+                          text=f"break-even ({data['break_even_policy']})", font={"color": "#c0392b"},
+                          bgcolor="rgba(255,255,255,0.7)")
+
+
+def _style(figure: go.Figure, data: dict, title: str, y_title: str) -> None:
+    """Title, legend below, and on a concurrency sweep a log axis ticked at exactly the simulated loads."""
+    figure.update_layout(title=title, xaxis_title=_axis(data), yaxis_title=y_title, height=460, margin=MARGIN,
+                         legend=LEGEND)
+    if data["load_kind"] == "concurrency":
+        loads = _loads(data)
+        figure.update_xaxes(type="log", tickmode="array", tickvals=loads, ticktext=[f"{x:g}" for x in loads],
+                            minor={"showgrid": False, "ticks": ""})
+    else:
+        figure.update_xaxes(tickmode="array", tickvals=_loads(data))
 
 
 def latency_figure(data: dict, percentile: str = "p50") -> go.Figure:
@@ -47,10 +75,7 @@ def latency_figure(data: dict, percentile: str = "p50") -> go.Figure:
         figure.add_scatter(x=[x for x, _ in points], y=[r[f"latency_{percentile}_s"] for _, r in points],
                            mode="lines+markers", name=label, line=OFF_STYLE if label == "off" else None)
     _mark_break_even(figure, data)
-    figure.update_layout(title=f"Latency {percentile} per request", xaxis_title=_axis(data), yaxis_title="seconds",
-                         height=380, margin={"t": 50, "b": 40})
-    if data["load_kind"] == "concurrency":
-        figure.update_xaxes(type="log")
+    _style(figure, data, f"Latency {percentile} per request", "seconds")
     return figure
 
 
@@ -61,10 +86,7 @@ def throughput_figure(data: dict) -> go.Figure:
         figure.add_scatter(x=[x for x, _ in points], y=[r["tokens_per_s"] for _, r in points], mode="lines+markers",
                            name=label, line=OFF_STYLE if label == "off" else None)
     _mark_break_even(figure, data)
-    figure.update_layout(title="Throughput", xaxis_title=_axis(data), yaxis_title="output tokens/s", height=380,
-                         margin={"t": 50, "b": 40})
-    if data["load_kind"] == "concurrency":
-        figure.update_xaxes(type="log")
+    _style(figure, data, "Throughput", "output tokens/s")
     return figure
 
 
@@ -75,3 +97,12 @@ def level_rows(data: dict) -> list[dict]:
              "off tokens/s": level["off"]["tokens_per_s"], "best policy": level["best"]["policy"],
              "best p50 (s)": level["best"]["latency_p50_s"], "best p99 (s)": level["best"]["latency_p99_s"],
              "best tokens/s": level["best"]["tokens_per_s"]} for level in data["levels"]]
+
+
+def table_columns(data: dict) -> dict:
+    """st.column_config-style formats for level_rows: latency to 3 significant digits, tokens/s to 1 decimal.
+    Plain dicts (no streamlit here); the page wraps them in st.column_config.NumberColumn."""
+    columns = {name: {"format": "%.3g"} for name in ("off p50 (s)", "off p99 (s)", "best p50 (s)", "best p99 (s)")}
+    columns.update({name: {"format": "%.1f"} for name in ("off tokens/s", "best tokens/s")})
+    columns[data["load_kind"]] = {"format": "%d" if data["load_kind"] == "concurrency" else "%g"}
+    return columns

@@ -384,9 +384,10 @@ def load_results_file(upload_key: str, error_key: str, result_key: str, parse: C
 
 
 def results_file_section(label: str, upload_key: str, error_key: str, result_key: str,
-                         parse: Callable[[str, str], Any]) -> None:
-    """A "Load a results file" expander: a JSON uploader and, after a refusal, why."""
-    with st.expander("Load a results file"):
+                         parse: Callable[[str, str], Any], title: str = "Load a results file") -> None:
+    """A "Load a results file" expander (``title`` names it where a page has several): a JSON uploader and, after a
+    refusal, why."""
+    with st.expander(title):
         # one file: no type filter, which kept a refused file's chip beside the next upload, so the widget looked
         # like it held several; load_results_file refuses what is not .json, with a message
         st.file_uploader(label, key=upload_key, accept_multiple_files=False, on_change=load_results_file,

@@ -36,3 +36,31 @@ def test_a_file_that_is_not_a_moe_cost_result_is_refused():
     with pytest.raises(ValueError, match="not a moe-cost result"):
         render_moe.parse_moe_cost(json.dumps({"moe": {"v": [1]}}), "x.json")
     assert render_moe.parse_moe_cost(json.dumps(RESULT))["moe"]["top_k"] == 4
+
+
+def test_figures_name_the_prediction_and_keep_legends_below():
+    """A readable legend name (the formula in hover and caption), horizontal legends under each plot."""
+    figures = (render_moe.experts_figure(RESULT), render_moe.verify_cost_figure(RESULT),
+               render_moe.break_even_figure(RESULT, 0.0))
+    uniform = figures[0].data[1]
+    assert uniform.name == "uniform routing (prediction)" and render_moe.UNIFORM_FORMULA in uniform.hovertemplate
+    assert all(f.layout.legend.orientation == "h" and f.layout.legend.y < 0 for f in figures)
+
+
+def test_break_even_floors_a_noisy_v_below_1():
+    """A dense v(2) = 0.93 (timing noise) would give break-even a = 0; floored at 1 it is c's own break-even."""
+    noisy = {**RESULT, "dense": {"name": "d", "ks": [0, 1, 2], "v": [1.0, 1.05, 0.93]}}
+    dense = render_moe.break_even_figure(noisy, 0.2).data[1]
+    from app.render_theory import break_even_acceptance
+    assert dense.y[1] == pytest.approx(break_even_acceptance(2, 0.2, 1.0)) and dense.y[1] > 0.1
+    assert list(dense.customdata[1]) == pytest.approx([0.93, 1.0])
+
+
+def test_the_two_loaders_on_the_theory_page_have_distinct_labels():
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.run()
+    at.toggle(key=state.widget_key("theory.moe")).set_value(True).run()
+    labels = [e.label for e in at.expander]
+    assert "Load a moe-cost result (JSON)" in labels and "Load a Compare results file (JSON)" in labels
+    assert "Load a results file" not in labels
+    assert labels.index("Load a moe-cost result (JSON)") < labels.index("Load a Compare results file (JSON)")

@@ -33,6 +33,22 @@ def test_figures_draw_every_policy_and_mark_the_break_even():
     assert len(render_workload.throughput_figure(data).data) == len(figure.data)
 
 
+def test_figures_keep_legends_below_and_tick_the_simulated_loads():
+    """Legends horizontal under the plot (they covered it at 900 px); the log axis ticked at exactly 1, 4, 16
+    (it showed a stray 9, crowded minor ticks and no 16); the label inside the plot on the line's open side."""
+    data = small_map()
+    for figure in (render_workload.latency_figure(data, "p99"), render_workload.throughput_figure(data)):
+        assert figure.layout.legend.orientation == "h" and figure.layout.legend.y < 0
+        axis = figure.layout.xaxis
+        assert list(axis.tickvals) == [1, 4, 16] and list(axis.ticktext) == ["1", "4", "16"]
+        (label,) = [a for a in figure.layout.annotations if "break-even" in (a.text or "")]
+        left_half = math.log10(data["break_even_load"]) < math.log10(16) / 2
+        assert label.xanchor == ("left" if left_half else "right") and label.yanchor == "top"
+    columns = render_workload.table_columns(data)
+    assert columns["off p50 (s)"] == {"format": "%.3g"} and columns["best tokens/s"] == {"format": "%.1f"}
+    assert set(columns) == set(render_workload.level_rows(data)[0]) - {"best policy"}
+
+
 def test_the_page_simulates_and_shows_the_decision_and_the_configuration():
     at = app_on("workload", loads="1,4,16", requests=40, output_tokens=16)
     assert not at.exception, at.exception

@@ -176,6 +176,12 @@ def test_help_exits_0(capsys):
     assert "--compare-baseline" in capsys.readouterr().out
 
 
+def test_moe_cost_help_says_what_it_does(capsys):
+    assert main(["moe-cost", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Mixture-of-Experts" in out.split("options:")[0] and "--active-dense" in out
+
+
 @pytest.mark.parametrize("command", ["train-head", "token-freq"])
 def test_commands_without_a_draft_model_do_not_offer_draft_quant(command, capsys):
     assert main([command, "--help"]) == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 
 import pytest
 
@@ -255,3 +256,27 @@ def test_per_position_rates_extend_by_the_last_conditional_rate():
     assert a.accepted_cdf(2) == pytest.approx((0.2, 0.6, 1.0))
     assert a.expected_tokens(2) == pytest.approx(2.2)
     assert not math.isnan(a.scaled(0.5).expected_tokens(4))
+
+
+def test_the_decision_counts_requests_and_cites_no_gain_as_a_gain():
+    """1 concurrent request (singular), a whole-request break-even, and no "0 % lower" in a recommendation."""
+    target = {(1, 1): 20.0, (1, 5): 22.0, (16, 1): 40.0, (16, 5): 160.0}
+    costs = StepCosts(target, {1: 0.2, 16: 0.4}, prefill_ms_per_token=0.05)
+    result = map_workload(Traffic("closed", num_requests=120, output_tokens=32), [1, 4, 16],
+                          AcceptanceProfile.uniform(0.6), costs, drafter="prompt-lookup")
+    text = result.decision
+    assert "at 1 concurrent request;" in text or "at 1 concurrent request," in text
+    assert "1 concurrent requests" not in text and " 0 % lower" not in text
+    assert re.search(r"stops paying from about \d+ concurrent requests\.", text), text
+    assert f"stops paying from about {round(result.break_even_load)} concurrent" in text
+    last = result.levels[-1]
+    if last.run(result.recommended).summary.latency_p50_s >= 0.995 * last.off.summary.latency_p50_s:
+        assert "gains nothing" in text
+
+
+def test_load_text_keeps_a_decimal_only_for_a_rate():
+    from lab.simulate.study import _load_text
+    assert _load_text(1, "concurrency") == "1 concurrent request"
+    assert _load_text(6.86, "concurrency", estimate=True) == "7 concurrent requests"
+    assert _load_text(6.86, "rate", estimate=True) == "6.9 requests/s"
+    assert _load_text(2.0, "rate") == "2 requests/s"

@@ -232,6 +232,6 @@ calibration.section()
 moe_section.section()
 
 widgets.results_file_section("A JSON file saved on the Compare page", UPLOAD_KEY, LOAD_ERROR_KEY, RESULT_KEY,
-                             widgets.parse_comparison)
+                             widgets.parse_comparison, title="Load a Compare results file (JSON)")
 st.caption("Leviathan, Kalman, Matias, \"Fast Inference from Transformers via Speculative Decoding\", ICML 2023 "
            "(Eq. 1 and Theorem 3.8); the verify cost v is the lab's addition (`lab.theory.expected_speedup`).")

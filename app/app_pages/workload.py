@@ -130,11 +130,12 @@ def show(data: dict, flip: str | None) -> None:
     st.success(data["decision"])
     if flip:
         st.markdown(f"**What would flip it:** {flip}")
-    left, right = st.columns(2)
-    left.plotly_chart(render_workload.latency_figure(data, "p50"), key="workload:p50")
-    right.plotly_chart(render_workload.latency_figure(data, "p99"), key="workload:p99")
+    # stacked, not side by side: at 900 px half the width left the legends a column that squeezed the plots
+    st.plotly_chart(render_workload.latency_figure(data, "p50"), key="workload:p50")
+    st.plotly_chart(render_workload.latency_figure(data, "p99"), key="workload:p99")
     st.plotly_chart(render_workload.throughput_figure(data), key="workload:throughput")
-    st.dataframe(render_workload.level_rows(data), hide_index=True)
+    st.dataframe(render_workload.level_rows(data), hide_index=True, column_config={
+        name: st.column_config.NumberColumn(**spec) for name, spec in render_workload.table_columns(data).items()})
     st.subheader("Configuration")
     st.caption(data["configs"].get("note") or f"Realises: {data['recommended']}.")
     for engine in ("vllm", "sglang", "llama.cpp"):

@@ -11,7 +11,11 @@ from lab.cli.common import EXIT_OK, ProgressLine, UsageError
 
 def add_moe_cost(commands) -> None:
     """Register ``python -m lab moe-cost``."""
-    cost = commands.add_parser("moe-cost", help="v(K) of a MoE target against its dense source, and experts touched")
+    cost = commands.add_parser(
+        "moe-cost", help="v(K) of a MoE target against its dense source, and experts touched",
+        description="Time the verify cost v(K) (a pass over K+1 tokens, in one-token steps) of a Mixture-of-Experts "
+                    "target against its dense source, and count the distinct experts each layer reads per pass: "
+                    "the MoE trap, where speculation that pays on a dense target loses on its MoE twin at batch 1.")
     cost.add_argument("--target", default="qwen2.5-coder-1.5b-moe",
                       help="a MoE preset or a local transformers MoE folder (default qwen2.5-coder-1.5b-moe)")
     cost.add_argument("--dense", default=None,

@@ -261,25 +261,52 @@ def _recommend(levels: list[LoadLevel]) -> str:
     return min(near, key=lambda r: (SIMPLICITY.index(r.kind) if r.kind in SIMPLICITY else 99, regret[r.label])).label
 
 
+def _load_text(load: float, load_kind: str, *, estimate: bool = False) -> str:
+    """A load as a reader counts it: whole concurrent requests (singular for 1), a rate in requests/s with one
+    decimal when it is an interpolated estimate."""
+    if load_kind == "concurrency":
+        n = max(1, round(load))
+        return f"{n} concurrent request" + ("" if n == 1 else "s")
+    return f"{load:.1f} requests/s" if estimate else f"{load:g} requests/s"
+
+
+def _gain_percent(level: LoadLevel, label: str) -> float:
+    """How much lower (positive) or higher (negative) the p50 latency of ``label`` is than off's, in percent."""
+    return (1 - level.run(label).summary.latency_p50_s / level.off.summary.latency_p50_s) * 100
+
+
+def _change(percent: float) -> str:
+    return f"{percent:.0f} % lower p50 latency" if percent >= 0 else f"{-percent:.0f} % higher p50 latency"
+
+
 def _decision(levels, recommended: str, kind: str, static_label: str, break_even: float | None, load_kind: str) -> str:
-    unit = "concurrent requests" if load_kind == "concurrency" else "requests/s"
+    """The recommendation in one sentence. A gain is cited only where it rounds to at least 1 %; where the
+    recommended policy stops gaining, the sentence says from which load instead."""
     low, high = levels[0], levels[-1]
-    def change(level: LoadLevel) -> str:
-        ratio = level.run(recommended).summary.latency_p50_s / level.off.summary.latency_p50_s
-        return f"{(1 - ratio) * 100:.0f} % lower p50 latency" if ratio <= 1 else f"{(ratio - 1) * 100:.0f} % higher p50 latency"
     if kind == "off":
         text = "Leave speculation off: no policy shortens the p50 latency enough at these loads"
     else:
+        gains = [_gain_percent(level, recommended) for level in levels]
+        tail = next((i for i in range(len(levels)) if all(g < 0.5 for g in gains[i:])), None)
+        text = f"Turn speculation on with {recommended}: {_change(gains[0])} at {_load_text(low.load, load_kind)}"
+        if tail is None:
+            text += f", {_change(gains[-1])} at {_load_text(high.load, load_kind)}"
+        elif tail > 0:
+            where = _load_text(levels[tail].load, load_kind)
+            last = tail == len(levels) - 1
+            text += f"; at {where} it gains nothing" if last else f"; from {where} on it gains nothing"
+            if gains[-1] <= -0.5:
+                text += f" ({_change(gains[-1])} at {_load_text(high.load, load_kind)})"
         worst = max(level.run(recommended).summary.latency_p50_s / level.best.summary.latency_p50_s for level in levels)
-        text = (f"Turn speculation on with {recommended}: {change(low)} "
-                f"at {low.load:g} {unit}, {change(high)} at {high.load:g}. It is the one policy never far from the "
-                f"best at any load (at worst {(worst - 1) * 100:.0f} % slower p50 than that load's best, shown per "
-                f"load in the table), preferring the simplest when several are that close")
+        text += (f". It is the one policy never far from the best at any load (at worst {(worst - 1) * 100:.0f} % "
+                 "slower p50 than that load's best, shown per load in the table), preferring the simplest when "
+                 "several are that close")
     if static_label:
         if break_even is None:
-            text += f"; {static_label} still pays at {high.load:g} {unit}"
+            text += f"; {static_label} still pays at {_load_text(high.load, load_kind)}"
         else:
-            text += f"; {static_label} stops paying from about {break_even:.3g} {unit}"
+            text += (f"; {static_label} stops paying from about "
+                     f"{_load_text(break_even, load_kind, estimate=True)}")
     return text + "."
 
 
