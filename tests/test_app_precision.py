@@ -203,7 +203,8 @@ def test_quantised_draft_model_counts_its_own_memory(folders):
     (table,) = [d.value for d in at.dataframe if "KV cache" in d.value.columns]
     assert list(table["precision"])[:2] == ["fp32", "int8"]
     assert table["weights"].iloc[1] != "shared with the target"
-    assert not at.info  # the target is not quantised: nothing to warn about
+    # the target is not quantised: nothing to warn about (a loss hint depends on timing: not counted)
+    assert not [i.value for i in at.info if not i.value.startswith("Speculation lost here")]
 
 
 def test_missing_bitsandbytes_is_a_message_not_a_crash(folders, monkeypatch):
