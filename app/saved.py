@@ -181,16 +181,19 @@ def reopen(record: RunRecord, kept: ResultsStore) -> str:
     elif record.kind == "compare":
         from lab.studies.compare import Comparison
 
-        s[session_key] = Comparison.from_json(json.dumps(payload))
+        s[session_key] = comparison = Comparison.from_json(json.dumps(payload))
+        comparison.settings["loaded_from"] = _source(record)
     elif record.kind in ("batch", "bench"):
         from app.render_batch import load_sweep
 
-        s[session_key] = load_sweep(json.dumps(payload))
+        s[session_key] = sweep = load_sweep(json.dumps(payload))
+        sweep.setdefault("settings", {})["loaded_from"] = _source(record)
         s.pop("batch:notice", None)
     elif record.kind == "serve":
         from app.render_serve import load_bench
 
-        s[session_key] = load_bench(json.dumps(payload))
+        s[session_key] = bench = load_bench(json.dumps(payload))
+        bench.setdefault("settings", {})["loaded_from"] = _source(record)
         s.pop("serve:notice", None)
     elif record.kind == "calibrate":
         from app import calibration
@@ -198,6 +201,11 @@ def reopen(record: RunRecord, kept: ResultsStore) -> str:
 
         calibration.use_on_sliders(Calibration.from_dict(payload))
     return page
+
+
+def _source(record: RunRecord) -> str:
+    """Where a reopened result came from, as its page names a loaded file (the form above it is the user's own)."""
+    return f"History run #{record.id} ({record.created_at[:16].replace('T', ' ')} UTC; the form above keeps your settings)"
 
 
 def _from_parts(record: RunRecord, kept: ResultsStore) -> Any:

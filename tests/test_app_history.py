@@ -121,7 +121,10 @@ def test_a_kept_comparison_reopens_on_the_compare_page(tiny_target, store):
     run_id = store.save_run("compare", target="tiny", machine=MACHINE, payload=json.loads(comparison.to_json()))
     at = click(history(), "Open on its page")
     assert not at.exception, at.exception
-    assert at.session_state["compare:comparison"].to_json() == comparison.to_json()
+    reopened = at.session_state["compare:comparison"]
+    assert reopened.settings.pop("loaded_from").startswith(f"History run #{run_id} (")  # said on the page
+    assert reopened.to_json() == comparison.to_json()
+    assert any(f"Loaded from **History run #{run_id}" in i.value for i in at.info)
     assert store.get_run(run_id).kind == "compare"
 
 
@@ -139,7 +142,10 @@ def test_theory_places_the_latest_kept_comparison_from_a_new_session(tiny_target
     assert f"#{run_id}" in button.label
     at = button.click().run()
     assert not at.exception, at.exception
-    assert at.session_state["compare:comparison"].to_json() == comparison.to_json()
+    placed = at.session_state["compare:comparison"]
+    kept_at = store.get_run(run_id).created_at[:16].replace("T", " ")
+    assert placed.settings.pop("loaded_from") == f"History run #{run_id} ({kept_at} UTC; the form above keeps your settings)"
+    assert placed.to_json() == comparison.to_json()
     assert not [b for b in at.button if b.label.startswith("Place the latest")]  # placed: the offer is gone
 
 

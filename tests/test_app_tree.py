@@ -27,6 +27,18 @@ def test_step_through_draws_the_tree(tiny_models):
     specs = [c.proto.spec for c in at.get("plotly_chart")]  # the tree, and the timeline in its expander
     assert any("a tree of" in spec and "accepted" in spec for spec in specs)
     assert any("accepted path" in c.value for c in at.caption)
+    branched = len(set(trees[0].tree.parents.tolist())) < len(trees[0].tree.parents)
+    assert branched != any("never branched" in i.value for i in at.info)
+
+
+def test_step_through_says_when_a_tree_never_branched(tiny_models):
+    # "t3 t4" has one continuation in this prompt: the trie is a chain, and the page says so
+    at = app_on("step", prompt="t3 t4 t5 t6 t3 t4 t5 t6 t3 t4", raw=True, max_new_tokens=10, tree_budget=8)
+    at = click(click(at, "Start"), "Next cycle")
+    assert not at.exception and not at.error
+    (step,) = at.session_state["step:session"].steps
+    assert step.tree is not None and step.tree.parents.tolist() == list(range(-1, len(step.tree.parents) - 1))
+    assert any("never branched" in i.value for i in at.info)
 
 
 def test_live_reports_the_tree_size(tiny_models):

@@ -506,8 +506,10 @@ with st.container(border=True):
     if prompt_error:
         st.error(prompt_error, icon=":material/error:")
     else:
-        st.caption(f"{render.count(len(prompts), 'prompt')} × (target alone + "
-                   f"{render.count(n_drafters, 'drafter')} × {n_ks} K) = "
+        arms = render.count(n_drafters - trees, "drafter")
+        if trees:  # said apart: a tree arm is a drafter's tree run beside its chain, not another drafter
+            arms = f"({arms} + {render.count(trees, 'tree arm')})"
+        st.caption(f"{render.count(len(prompts), 'prompt')} × (target alone + {arms} × {n_ks} K) = "
                    f"**{len(prompts) * (1 + n_drafters * n_ks)} decodes** of up to "
                    f"{st.session_state[key('compare.max_new_tokens')]} tokens.")
         if prompts:

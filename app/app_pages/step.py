@@ -222,6 +222,11 @@ def show_session(session: StepSession) -> None:
         st.caption("Each node is a drafted token; the target read them all in one pass, each seeing only its own "
                    "ancestors. Green: the accepted path (the longest the target agreed with); red: nodes it refused "
                    "or never reached; the last node is the target's own token. Hover for the draft probability.")
+        parents = step.tree.parents.tolist()
+        if len(set(parents)) == len(parents):  # no node has two children: a chain
+            st.info("This tree never branched: the drafter had one candidate at every depth (for prompt lookup, "
+                    "the matched n-gram has a single continuation in the text), so it checked what a chain of the "
+                    "same length would.", icon=":material/linear_scale:")
     else:
         st.html(render_step.step_cards_html(step, session.tokenizer, session.committed[max(0, start_len - 8):start_len],
                                                session.greedy, session.eos_token_ids))
