@@ -44,7 +44,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from lab.kv import crop_cache
 from lab.drafters.base import Draft, DraftContext, common_prefix_length, draft_token
-from lab.drafters.eagle_tree import draft_tree_row, fold_tree_features
+from lab.drafters.eagle_tree import catch_up, draft_tree_row, fold_tree_features
 from lab.tree import DraftTree
 from lab.vocab import TrimmedLMHead
 
@@ -474,6 +474,8 @@ class EagleDrafter:
         return [row.cache.get_seq_length() for row in self.rows]
 
 
+
+
 @torch.inference_mode()
 def draft_row(drafter: EagleDrafter, row: int, ctx: DraftContext) -> Draft:
     """Draft up to ctx.k tokens for one row (the single-row and batched drafters share this).
@@ -485,21 +487,11 @@ def draft_row(drafter: EagleDrafter, row: int, ctx: DraftContext) -> Draft:
     F real entries. Returns an empty draft when no feature is known yet (a
     one-token prompt) or ctx.k == 0.
     """
-    state = drafter.rows[row]
-    token_ids = ctx.token_ids  # [T]
-    drafter.features.follow_thread()
-    num_feats = drafter.features.keep_prefix(row, token_ids[:-1])
-    if num_feats == 0 or ctx.k <= 0:
+    caught_up = catch_up(drafter, row, ctx)
+    if caught_up is None:
         return Draft.empty()
-    head, features = drafter.head, drafter.features.feats[row]  # [F, H]
-    device = features.device
-    # At least the last real entry is fed again: its output is the first draft's feature.
-    crop_cache(state.cache, min(state.num_real, num_feats - 1))
-    start = state.cache.get_seq_length()
-    next_ids = token_ids[start + 1 : num_feats + 1].to(device)  # x_{t+1} for t in [start, F)
-    real = head.project(features[None, start:num_feats])  # [1, F - start, H]
-    predicted = head(real, drafter.embed(next_ids)[None], state.cache)[0, -1]  # [H]
-    state.num_real = num_feats
+    state, predicted = caught_up
+    head, device = drafter.head, predicted.device
     tokens, probs = [], []
     for i in range(ctx.k):
         logits = drafter.lm_head(predicted.to(drafter.lm_head.weight.dtype))  # [V]

@@ -40,23 +40,37 @@ def fold_tree_features(features, row: int, token_ids: torch.Tensor, tree: DraftT
     features.feats[row] = features.feats[row][index.to(features.feats[row].device)]
 
 
-@torch.inference_mode()
-def draft_tree_row(drafter, row: int, ctx: DraftContext, topk: int, shape: str) -> Draft:
-    """One row's token tree from the EAGLE head: at most ctx.tree_budget nodes, ctx.k deep (deterministic)."""
+
+def catch_up(drafter, row: int, ctx: DraftContext):
+    """Feed the head the row's real features it has not read yet; (row state, the first draft's feature [H]).
+
+    None when no feature is known yet (a one-token prompt) or ctx.k == 0. At least the last real entry is fed
+    again: its output is the first draft's feature. Shared by the chain (``lab.drafters.eagle``) and the tree.
+    """
     state = drafter.rows[row]
-    token_ids = ctx.token_ids
+    token_ids = ctx.token_ids  # [T]
     drafter.features.follow_thread()
     num_feats = drafter.features.keep_prefix(row, token_ids[:-1])
     if num_feats == 0 or ctx.k <= 0:
-        return Draft.empty()
+        return None
     head, features = drafter.head, drafter.features.feats[row]  # [F, H]
-    device = features.device
     crop_cache(state.cache, min(state.num_real, num_feats - 1))
     start = state.cache.get_seq_length()
-    next_ids = token_ids[start + 1 : num_feats + 1].to(device)
+    next_ids = token_ids[start + 1 : num_feats + 1].to(features.device)  # x_{t+1} for t in [start, F)
     real = head.project(features[None, start:num_feats])  # [1, F - start, H]
-    root = head(real, drafter.embed(next_ids)[None], state.cache)[0, -1]  # [H]
+    predicted = head(real, drafter.embed(next_ids)[None], state.cache)[0, -1]  # [H]
     state.num_real = num_feats
+    return state, predicted
+
+
+@torch.inference_mode()
+def draft_tree_row(drafter, row: int, ctx: DraftContext, topk: int, shape: str) -> Draft:
+    """One row's token tree from the EAGLE head: at most ctx.tree_budget nodes, ctx.k deep (deterministic)."""
+    caught_up = catch_up(drafter, row, ctx)
+    if caught_up is None:
+        return Draft.empty()
+    state, root = caught_up
+    head, device = drafter.head, root.device
     predicted: dict[int, torch.Tensor] = {-1: root}  # candidate -> the feature its children are drawn from
     slot_of: dict[int, int] = {}
 
@@ -65,7 +79,7 @@ def draft_tree_row(drafter, row: int, ctx: DraftContext, topk: int, shape: str) 
 
     def expand(frontier, cands) -> torch.Tensor:
         cached = state.cache.get_seq_length()
-        mask, positions = frontier_mask(frontier, cands, slot_of, num_feats, cached, torch.float32)
+        mask, positions = frontier_mask(frontier, cands, slot_of, state.num_real, cached, torch.float32)
         inputs = torch.stack([predicted[cands.parents[n]] for n in frontier])[None]  # [1, F', H]
         tokens = torch.tensor([cands.tokens[n] for n in frontier], device=device)
         out = head(inputs, drafter.embed(tokens)[None], state.cache, position_ids=positions.to(device),
