@@ -6,7 +6,8 @@
 1. Start two llama-servers on 127.0.0.1 (target drafted by the draft at K: "on";
    the target alone: "off"), as ``python -m lab serve-bench --llama-target`` does.
 2. Profile: a serve-bench pass over the lab's own prompt sets (not the prompts
-   checked) at every concurrency level, one request per worker. Step costs come
+   checked) at every concurrency level, two requests per worker (slots join and
+   leave, as in the check). Step costs come
    from llama-server's own per-request timings (``timings.predicted_ms`` per
    step at each concurrency, ``prompt_ms`` per prompt token:
    ``lab.simulate.costs_from_serve_bench``), acceptance from its draft counters
@@ -22,9 +23,13 @@
    in the run is predicted as cached (one token of prefill): llama-server's
    prompt cache, which its own ``prompt_ms`` shows.
 
-``--replay FILE`` predicts again from a saved ``--out`` file;
-``--acceptance-from check`` takes acceptance from the checked run's own
-counters at the first level instead of the profiling prompts'.
+Acceptance (``--acceptance-from``): by default a probe, before anything else,
+sends each checked prompt once to a third server of the same configuration
+and reads its draft counters (what measuring your own prompts gives; the
+probe's timings are not used, and the checked servers' prompt caches stay
+cold); "profile" takes the profiling prompts' counters (a forecast for prompts
+never measured); "check" the checked run's own at its first level.
+``--replay FILE`` predicts again from a saved ``--out`` file.
 
 The goal: within 15 % on p50 latency and 25 % on p99. llama-server's threads
 and the client share this machine's cores with whatever else runs.
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,9 +72,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per worker per level in the checked run")
     parser.add_argument("--threads", type=int, default=1, help="llama-server threads (1: see serving-engines.md)")
     parser.add_argument("--api", choices=("completions", "chat"), default="chat")
-    parser.add_argument("--acceptance-from", choices=("profile", "check"), default="profile",
-                        help="profile: the profiling prompts' draft counters (a forecast); check: the checked run's "
-                        "own counters at concurrency 1 (what a Compare on your own prompts would give)")
+    parser.add_argument("--acceptance-from", choices=("probe", "profile", "check"), default="probe",
+                        help="probe: the checked prompts sent once each, beforehand, to a third server of the same "
+                        "configuration (what measuring your own prompts gives; its timings are not used); profile: "
+                        "the profiling prompts' draft counters (a forecast for prompts never measured); check: the "
+                        "checked run's own counters at concurrency 1")
+    parser.add_argument("--profile-rounds", type=int, default=2,
+                        help="requests per worker per level in the profile (2: slots join and leave, as in the check)")
     parser.add_argument("--replay", type=Path, help="predict again from a saved --out file (no server is started)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -76,11 +86,16 @@ def main() -> None:
     if args.replay:
         saved = json.loads(args.replay.read_text())
         profile_data, check_data, k = saved["profile"], saved["check"], saved["settings"]["k"]
+        probe_data = saved.get("probe")
     else:
-        profile_data, check_data = _run(args)
+        profile_data, check_data, probe_data = _run(args)
         k = args.k
     costs = {mode: costs_from_serve_bench(profile_data, prefill_label=mode) for mode in ("on", "off")}
-    if args.acceptance_from == "profile":
+    if args.acceptance_from == "probe":
+        if probe_data is None:
+            raise SystemExit("the saved run has no acceptance probe: replay with --acceptance-from profile or check")
+        acceptance = acceptance_from_serve_bench(probe_data)
+    elif args.acceptance_from == "profile":
         acceptance = acceptance_from_serve_bench(profile_data)
     else:
         first = min(lv["max_concurrency"] for lv in check_data["levels"])
@@ -95,22 +110,33 @@ def main() -> None:
     within = sum(abs(r["errors_pct"]["latency_p50_s"]) <= 15 for r in rows)
     tails = sum(abs(r["errors_pct"]["latency_p99_s"]) <= 25 for r in rows)
     print(f"p50 latency within 15 %: {within}/{len(rows)}; p99 within 25 %: {tails}/{len(rows)}; "
-          f"{time.perf_counter() - started:.0f} s in all (shared, noisy machine)")
+          f"{time.perf_counter() - started:.0f} s in all; load average {os.getloadavg()[0]:.1f} at the end")
     if args.out:
         args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out), "replay": str(args.replay)},
                                         "rows": rows, "costs": {mode: c.as_dict() for mode, c in costs.items()},
                                         "acceptance": acceptance.as_dict(),
-                                        "profile": profile_data, "check": check_data}, indent=1, default=str))
+                                        "profile": profile_data, "check": check_data, "probe": probe_data},
+                                       indent=1, default=str))
 
 
-def _run(args) -> tuple[dict, dict]:
-    """Start the two servers, profile on the profiling prompts, then run the checked load: (profile, check) dicts."""
+def _run(args) -> tuple[dict, dict, dict | None]:
+    """Measure acceptance on a third server (``--acceptance-from probe``), start the two servers, profile on the
+    profiling prompts, then run the checked load: (profile, check, probe or None) dicts."""
     levels = [int(c) for c in args.concurrency.split(",")]
     settings = RequestSettings(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True, timeout_s=300.0)
     llama = {"target": args.target, "draft": args.draft, "k": args.k, "parallel": max(levels), "threads": args.threads}
-    print(f"llama-server {args.target} drafted by {args.draft}, K={args.k}, {args.max_tokens} tokens, levels {levels}; "
-          "NOTE: a machine shared with other engineers' runs, so timings are noisy", flush=True)
+    print(f"llama-server {args.target} drafted by {args.draft}, K={args.k}, {args.max_tokens} tokens, levels {levels}",
+          flush=True)
     log = lambda fraction, message: print(f"  {message}", flush=True)  # noqa: E731
+    probe = None
+    if args.acceptance_from == "probe":  # its own server: the checked servers' prompt caches stay cold
+        print("0. acceptance: each checked prompt once, at concurrency 1, on a third server", flush=True)
+        with LlamaServer(gguf_path(args.target), gguf_path(args.draft), draft_max=args.k, parallel=1,
+                         threads=args.threads, alias=args.target) as server:
+            probe = run_serve_bench([Endpoint(server.url, args.target, args.api, "on")],
+                                    load_prompt_sets(args.prompts), [1], settings, rounds=1, progress=log)
+        probe.settings["llama_server"] = llama
+        probe = probe.as_dict()
     with contextlib.ExitStack() as servers:
         urls = []
         for draft in (gguf_path(args.draft), None):
@@ -120,13 +146,13 @@ def _run(args) -> tuple[dict, dict]:
             urls.append(server.url)
         endpoints = [Endpoint(urls[0], args.target, args.api, "on"), Endpoint(urls[1], args.target, args.api, "off")]
         print("1. profiling on the lab's own prompt sets", flush=True)
-        profile = run_serve_bench(endpoints, load_prompt_sets(args.profile_prompts), levels, settings, rounds=1,
-                                  progress=log)
+        profile = run_serve_bench(endpoints, load_prompt_sets(args.profile_prompts), levels, settings,
+                                  rounds=args.profile_rounds, progress=log)
         print("2. the checked run", flush=True)
         check = run_serve_bench(endpoints, load_prompt_sets(args.prompts), levels, settings, rounds=args.rounds,
                                 progress=log)
     profile.settings["llama_server"] = check.settings["llama_server"] = llama
-    return profile.as_dict(), check.as_dict()
+    return profile.as_dict(), check.as_dict(), probe
 
 
 def predict(check_data: dict, costs: dict, acceptance, k: int) -> list[dict]:
@@ -135,7 +161,8 @@ def predict(check_data: dict, costs: dict, acceptance, k: int) -> list[dict]:
     llama-server keeps each slot's last prompt in its KV cache (``cache_prompt``) and
     gives a request the slot holding the most of its prompt: a prompt this endpoint
     served before in the run costs one token of prefill, as its ``timings.prompt_ms``
-    shows (tens of ms for 658 tokens where the first sending took 12.9 s).
+    shows (tens of ms for 658 tokens where the first sending took 12.9 s); its
+    tokens are still in the context every step reads (``Request.cached_tokens``).
     """
     rows, seen = [], {"on": set(), "off": set()}
     print(f"{'C':>3} {'mode':>4} {'p50 s pred/meas':>17} {'err':>6} {'p99 s pred/meas':>17} {'err':>6} "
@@ -150,7 +177,8 @@ def predict(check_data: dict, costs: dict, acceptance, k: int) -> list[dict]:
             hit = r["prompt_id"] in seen[mode]
             cached += hit
             seen[mode].add(r["prompt_id"])
-            requests.append(Request(0.0, 1 if hit else max(1, r["input_tokens"] or 1), max(1, r["output_tokens"] or 1)))
+            prompt = max(1, r["input_tokens"] or 1)
+            requests.append(Request(0.0, prompt, max(1, r["output_tokens"] or 1), cached_tokens=prompt - 1 if hit else 0))
         traffic = Traffic("closed", concurrency=c, requests=tuple(requests), num_requests=len(requests))
         policy = StaticK(k) if mode == "on" else Off()
         p = simulate(traffic, acceptance, costs[mode], policy, "continuous", seed=0).summary()

@@ -82,14 +82,17 @@ def test_m_d_1_queue_matches_pollaczek_khinchine(rho):
 
 @pytest.mark.parametrize("k", [1, 4])
 def test_acceptance_zero_loses_by_the_drafts_cost(k):
-    """Nothing accepted: one token per step, as off, but each step pays K drafted tokens: TPOT x (1 + K c)."""
+    """Nothing accepted: one token per step, as off, but each step pays its drafted tokens: TPOT x (1 + K c),
+    K capped at the tokens still to come less one (a request's last steps draft less)."""
     draft_ms = 3.0
     costs = flat_costs(v=1.0, draft_ms=draft_ms)
     traffic = Traffic("closed", concurrency=1, num_requests=20, output_tokens=33)
     acceptance = AcceptanceProfile.uniform(0.0)
     off = simulate(traffic, acceptance, costs, Off()).summary()
     on = simulate(traffic, acceptance, costs, StaticK(k)).summary()
-    assert on.tpot_p50_s / off.tpot_p50_s == pytest.approx(1 + k * draft_ms / STEP_MS)
+    drafts = sum(min(k, remaining - 1) for remaining in range(1, 33))  # 32 steps after the prefill's token
+    assert on.tpot_p50_s / off.tpot_p50_s == pytest.approx(1 + drafts / 32 * draft_ms / STEP_MS)
+    assert drafts == 32 * k - k * (k + 1) // 2
     assert on.tokens_per_s < off.tokens_per_s
 
 

@@ -77,7 +77,7 @@ def test_merged_costs_take_the_later_timings_where_both_have_one():
 
 def test_the_first_steps_wall_time_starts_after_the_prefill():
     run = fake_run([(2, 1, 30.0, 0.0), (2, 1, 31.0, 0.0)], prefill_ms=100.0)
-    assert [round(w, 6) for _, _, w, _ in step_walls_ms(run)] == [30.0, 31.0]
+    assert [round(w, 6) for _, _, w, _, _ in step_walls_ms(run)] == [30.0, 31.0]
     assert prefill_per_token_ms([run], [50]) == pytest.approx(2.0)
 
 
@@ -134,18 +134,25 @@ def test_serve_bench_costs_read_the_launched_servers_settings():
         costs.check_model("smollm2-135m")
 
 
-def test_cached_costs_without_the_loop_profile_count_as_none(tmp_path, monkeypatch):
-    """An older cached file (bare passes only) is timed again: it predicted a batch of 8 21-30 % too fast."""
+def test_cached_costs_without_the_loop_profile_or_the_context_tables_count_as_none(tmp_path, monkeypatch):
+    """An older cached file is timed again: bare passes alone predicted a batch of 8 21-30 % too fast, and one
+    context slope missed a padded batch of long prompts."""
     import json
 
     from lab.simulate import measure
+    from lab.simulate.costs import ContextCosts
 
     path = tmp_path / "costs.json"
     monkeypatch.setattr(measure, "costs_path", lambda *args, **kwargs: path)
     path.write_text(json.dumps(BARE.as_dict()))
     assert measure.cached_costs("m", "prompt-lookup") is None
-    path.write_text(json.dumps(dataclasses.replace(BARE, overhead_ms={1: 2.0}).as_dict()))
-    assert measure.cached_costs("m", "prompt-lookup").overhead_ms == {1: 2.0}
+    looped = dataclasses.replace(BARE, overhead_ms={1: 2.0}, context_ms_per_token=0.01)
+    path.write_text(json.dumps(looped.as_dict()))
+    assert measure.cached_costs("m", "prompt-lookup") is None
+    tables = ContextCosts({1: {64: 10.0, 512: 12.0}}, {1: {64: 30.0, 512: 200.0}}, {1: 100})
+    path.write_text(json.dumps(dataclasses.replace(looped, by_context=tables).as_dict()))
+    cached = measure.cached_costs("m", "prompt-lookup")
+    assert cached.overhead_ms == {1: 2.0} and cached.by_context == tables
 
 
 def test_the_prefill_yields_the_first_token_as_the_simulator_counts_it():
@@ -184,7 +191,21 @@ def test_loop_overheads_leave_the_context_term_to_the_context():
     assert overhead == {8: pytest.approx(30.0 - 20.0 - 8.0)}
 
 
-def test_the_context_slope_of_a_tiny_model_is_not_negative(tiny_target):
-    from lab.simulate.profile import context_ms_per_token
-
-    assert context_ms_per_token(tiny_target.model, 2, short=8, long=32, repeats=1) >= 0.0
+def test_serve_bench_costs_fit_a_context_slope_per_endpoint():
+    """Two requests alone on the "on" endpoint, 10 steps each: 400 ms a step at 50 tokens of context, 500 at 550
+    (0.2 ms a token); at concurrency 2 a step of 1,000 ms over two slots of 300 tokens is 880 ms bare."""
+    def record(prompt, step_ms):
+        return {"ok": True, "server_predicted_ms": 10 * step_ms, "output_tokens": 16, "input_tokens": prompt,
+                "server_prompt_ms": 1.0 * prompt, "draft_tokens": 40, "accepted_tokens": 5, "spec_steps": 10}
+    bench = {"settings": {"endpoints": [{"label": "on"}, {"label": "off"}], "llama_server": {"k": 4}},
+             "engines": {}, "levels": [
+                 {"label": "on", "max_concurrency": 1, "requests": [record(42, 400.0), record(542, 500.0)]},
+                 {"label": "on", "max_concurrency": 2, "requests": [record(292, 1000.0), record(292, 1000.0)]},
+                 {"label": "off", "max_concurrency": 1, "requests": [record(42, 50.0) | {"draft_tokens": 0}]}]}
+    costs = costs_from_serve_bench(bench, prefill_label="on")
+    assert costs.context_ms_per_token == pytest.approx(0.2)
+    assert costs.target_ms[(1, 5)] == pytest.approx(450.0 - 0.2 * 300)  # the median step less its mean context
+    assert costs.target_ms[(2, 5)] == pytest.approx(1000.0 - 0.2 * 2 * 300)
+    assert costs.step_ms(1, 4, 5, 550) == pytest.approx(500.0)  # the simulator gets the long request back
+    assert costs.target_ms[(1, 1)] == pytest.approx(10 * 50.0 / 15)  # the other endpoint's: charged no slope
+    assert costs_from_serve_bench(bench).context_ms_per_token == 0.0  # both endpoints pooled: no slope

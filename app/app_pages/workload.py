@@ -113,7 +113,7 @@ def cost_source(loads: list[float], closed: bool) -> StepCosts | None:
     target, drafter = st.session_state[key("workload.target")], st.session_state[key("workload.drafter")]
     costs = cached_costs(target, drafter)
     if costs is None:
-        st.info("No timing of this pair here yet: time it once (a minute or two on a CPU).")
+        st.info("No timing of this pair here yet: time it once (a few minutes on a CPU; kept for next time).")
         if not st.button("Time this machine"):
             return None
         top = int(max(loads)) if closed else 16
@@ -121,7 +121,11 @@ def cost_source(loads: list[float], closed: bool) -> StepCosts | None:
         costs = machine_costs(target, drafter, batch_sizes=sorted({1, 2, 4, 8, top} & set(range(1, top + 1)) | {top}),
                               k_max=st.session_state[key("workload.k_max")],
                               progress=lambda f, m: bar.progress(min(1.0, f), m))
-    st.caption(f"Costs: {costs.source}, batch sizes {costs.batch_sizes}.")
+    by_context = ""
+    if costs.by_context is not None:
+        lengths = sorted({n for row in costs.by_context.target_pass_ms.values() for n in row})
+        by_context = f"; context charged from passes and prefills timed at {lengths[0]}-{lengths[-1]} tokens a row"
+    st.caption(f"Costs: {costs.source}, batch sizes {costs.batch_sizes}{by_context}.")
     return costs
 
 

@@ -23,6 +23,21 @@ Prefill of n prompt tokens costs prefill_fixed_ms + prefill_ms_per_token x n
 (n: the joiners' prompts, padded to the longest in a padded engine), and yields
 the first token.
 
+With ``by_context`` (:class:`ContextCosts`, the lab's own engine timed by
+``lab.simulate.profile.time_context``), context is charged from tables instead
+of one slope: a step of B rows holding L tokens each costs the table's
+one-token pass pass(B, L), plus what its width adds (target(B, w) - target(B, 1),
+timed side by side), plus each drafted token's draft(B) + dpass(B, L) -
+dpass(B, L_ref) (a separate draft model's table; L_ref the context its draft
+timings were taken at), plus the loop's work; and a prefill of B rows x L
+tokens costs the table's prefill(B, L), plus the draft model's when
+speculating, plus the first step (the loop's first token comes from a step).
+Batch sizes between measured ones interpolate linearly, without the running
+maximum over B of the slope model (a noisy small batch would lift them all). On
+this CPU a one-token pass of SmolLM2 at B = 8 costs 65 ms after 64 tokens and
+212 ms after 768: no single slope fits both ends
+(docs/2026-12-07-epyc-avx512bf16-workload.md).
+
 Sources: the Batch sweep's ``CostModel`` (``lab.studies.auto_k``, measured
 over real prompts by batch size), a batch-1 calibration
 (``lab.studies.calibrate``), a GPU profile of ``scripts/device_costs.py``
@@ -33,12 +48,89 @@ llama.cpp's own timings, or the simulator's costs JSON (:meth:`StepCosts.as_dict
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+
+Table = dict[int, dict[int, float]]  # {batch size: {tokens per row: ms}}
+
+
+@dataclass(frozen=True)
+class ContextCosts:
+    """Costs by context, per batch size, in ms: what one slope cannot say (see the module docstring).
+
+    target_pass_ms: {B: {L: ms of a one-token pass of B rows after L cached tokens each}}.
+    target_prefill_ms: {B: {L: ms of one prefill of B rows x L tokens}}.
+    draft_pass_ms, draft_prefill_ms: the same for a separate draft model ({}: the drafter has none).
+    reference_tokens: {B: tokens per row cached when ``StepCosts.target_ms`` and its draft timings were taken}.
+    Between measured points linear, beyond them linear from the last two (in L) or proportional to B
+    (one batch size measured). Raises ValueError for an empty pass table or a negative time.
+    """
+
+    target_pass_ms: Table
+    target_prefill_ms: Table
+    reference_tokens: dict[int, int]
+    draft_pass_ms: Table = field(default_factory=dict)
+    draft_prefill_ms: Table = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.target_pass_ms or not self.target_prefill_ms:
+            raise ValueError("context costs require one-token pass and prefill timings {B: {L: ms}}; got none")
+        tables = (self.target_pass_ms, self.target_prefill_ms, self.draft_pass_ms, self.draft_prefill_ms)
+        if any(not (ms >= 0) for t in tables for row in t.values() for ms in row.values()):
+            raise ValueError("context costs require times >= 0 ms")
+
+    @functools.cached_property
+    def _sorted(self) -> dict[str, list[tuple[int, list[tuple[int, float]]]]]:
+        """Each table as sorted points, once (the simulator asks at every step)."""
+        return {name: [(b, sorted(row.items())) for b, row in sorted(getattr(self, name).items())]
+                for name in ("target_pass_ms", "target_prefill_ms", "draft_pass_ms", "draft_prefill_ms")}
+
+    def pass_ms(self, batch_size: float, tokens: float) -> float:
+        """ms of the target's one-token pass of batch_size rows after ``tokens`` cached tokens each."""
+        at = [(b, _signed(points, tokens)) for b, points in self._sorted["target_pass_ms"]]
+        return max(0.0, _signed(at, batch_size, proportional=True))
+
+    def pass_extra(self, batch_size: float, tokens: float, draft: bool = False) -> float:
+        """ms a one-token pass of batch_size rows after ``tokens`` each costs over one at the reference context
+        (negative below it; 0 without a draft table when ``draft``)."""
+        table = self._sorted["draft_pass_ms" if draft else "target_pass_ms"]
+        extra = [(b, _signed(points, tokens) - _signed(points, self.reference(b))) for b, points in table]
+        return _signed(extra, batch_size, proportional=True)
+
+    def prefill(self, batch_size: float, tokens: float, draft: bool = False) -> float:
+        """ms of one prefill of batch_size rows x ``tokens`` each (0 without a draft table when ``draft``)."""
+        table = self._sorted["draft_prefill_ms" if draft else "target_prefill_ms"]
+        at = [(b, max(0.0, _signed(points, tokens))) for b, points in table]
+        return max(0.0, _signed(at, batch_size, proportional=True))
+
+    def reference(self, batch_size: float) -> float:
+        """Tokens per row cached when the bare passes and draft timings were taken at this batch size (interpolated)."""
+        if batch_size in self.reference_tokens:
+            return self.reference_tokens[batch_size]
+        return _signed(sorted(self.reference_tokens.items()), batch_size) if self.reference_tokens else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        table = lambda t: {str(b): {str(n): ms for n, ms in sorted(row.items())} for b, row in sorted(t.items())}  # noqa: E731
+        return {"target_pass_ms": table(self.target_pass_ms), "target_prefill_ms": table(self.target_prefill_ms),
+                "draft_pass_ms": table(self.draft_pass_ms), "draft_prefill_ms": table(self.draft_prefill_ms),
+                "reference_tokens": {str(b): n for b, n in sorted(self.reference_tokens.items())}}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "ContextCosts":
+        """Raises ValueError on a malformed table."""
+        try:
+            table = lambda t: {int(b): {int(n): float(ms) for n, ms in row.items()} for b, row in (t or {}).items()}  # noqa: E731
+            return ContextCosts(table(data["target_pass_ms"]), table(data["target_prefill_ms"]),
+                                {int(b): int(n) for b, n in data["reference_tokens"].items()},
+                                table(data.get("draft_pass_ms")), table(data.get("draft_prefill_ms")))
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise ValueError(f"a costs file's 'by_context' requires the tables {{'B': {{'L': ms}}}} ({error})") from None
 
 
 @dataclass(frozen=True)
@@ -52,6 +144,13 @@ class StepCosts:
     token over the batch, per step (0: the calibration's context only).
     overhead_ms: {batch size: ms of the loop's own work per step} (every step);
     spec_overhead_ms: {batch size: ms} more on a step that drafts (K > 0).
+    by_context: costs by context (:class:`ContextCosts`): when given, they replace
+    context_ms_per_token and the prefill's per-token and fixed parts.
+    context_rule: what a step's attention reads in a padded engine: "longest" (B x the longest
+    row's tokens) or "sum" (each row's own: the lab's eager cache, whose padded slots cost
+    nothing measurable here: a batch of 8 rows padded to 686 tokens, 1,549 of them real,
+    stepped in 79 ms, as 8 rows of 194 tokens do, against 144 ms for 8 rows of 686).
+    A flattened engine (width_rule "mean") always reads the sum.
     width_rule: "max" (padded) or "mean" (flattened). model: the target's name
     ("" unknown); drafter: the drafter's label; source: for a person.
 
@@ -69,6 +168,8 @@ class StepCosts:
     source: str = "by hand"
     overhead_ms: dict[int, float] = field(default_factory=dict)
     spec_overhead_ms: dict[int, float] = field(default_factory=dict)
+    by_context: ContextCosts | None = None
+    context_rule: Literal["longest", "sum"] = "longest"
     _memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +189,8 @@ class StepCosts:
             raise ValueError(f"step costs require times >= 0 ms; got {values}")
         if self.width_rule not in ("max", "mean"):
             raise ValueError(f"width_rule requires 'max' or 'mean'; got {self.width_rule!r}")
+        if self.context_rule not in ("longest", "sum"):
+            raise ValueError(f"context_rule requires 'longest' or 'sum'; got {self.context_rule!r}")
 
     def target(self, batch_size: int, width: float) -> float:
         """ms of one verify pass of batch_size rows x width tokens."""
@@ -122,13 +225,52 @@ class StepCosts:
         return self._memo[key]
 
     def step_ms(self, batch_size: int, k: int, width: float | None = None, context_tokens: int = 0) -> float:
-        """ms of one decode step: verify at ``width`` (default K+1), drafting K, the loop's work, the context term."""
-        return (self.target(batch_size, k + 1 if width is None else width) + self.draft(batch_size, k)
-                + self.overhead(batch_size, k) + self.context_ms_per_token * context_tokens)
+        """ms of one decode step: verify at ``width`` (default K+1), drafting K, the loop's work, the context term.
 
-    def prefill_ms(self, prompt_tokens: int) -> float:
-        """ms of one prefill pass over prompt_tokens tokens (all rows joining together)."""
-        return self.prefill_fixed_ms + self.prefill_ms_per_token * prompt_tokens
+        context_tokens: tokens cached over the batch as attention reads them (B x the longest row's in a
+        padded engine); 0 charges no context (with ``by_context``: the reference context).
+        """
+        ms = (self.target(batch_size, k + 1 if width is None else width) + self.draft(batch_size, k)
+              + self.overhead(batch_size, k))
+        if self.by_context is None:
+            return ms + self.context_ms_per_token * context_tokens
+        width = k + 1 if width is None else width
+        per_row = context_tokens / batch_size if context_tokens else self.by_context.reference(batch_size)
+        ms = (self.by_context.pass_ms(batch_size, per_row) + self._width_extra(batch_size, width)
+              + self.draft(batch_size, k) + self.overhead(batch_size, k))
+        if k > 0 and self.draft_ms_per_token:
+            ms += k * self.by_context.pass_extra(batch_size, per_row, draft=True)
+        return max(0.0, ms)
+
+    def _width_extra(self, batch_size: int, width: float) -> float:
+        """ms a verify pass of ``width`` tokens per row costs over a one-token pass (each batch size's own timings,
+        side by side; linear over batch size between them)."""
+        key = ("width", batch_size, width)
+        if key not in self._memo:
+            by_batch: dict[int, list[tuple[float, float]]] = {}
+            for (b, w), ms in self.target_ms.items():
+                by_batch.setdefault(b, []).append((w, ms))
+            extra = []
+            for b, points in sorted(by_batch.items()):
+                points = _monotone(sorted(points))
+                extra.append((b, _interpolate(points, width, proportional=False)
+                              - _interpolate(points, 1, proportional=False)))
+            self._memo[key] = max(0.0, _signed(extra, batch_size, proportional=True))
+        return self._memo[key]
+
+    def prefill_ms(self, prompt_tokens: int, rows: int = 1, speculating: bool = False) -> float:
+        """ms of one prefill pass over prompt_tokens tokens (all ``rows`` joining together, padded or summed).
+
+        With ``by_context``: the table's prefill of ``rows`` x prompt_tokens / rows tokens, the draft
+        model's too when ``speculating``, and the first step (a one-token pass at that context).
+        """
+        if self.by_context is None:
+            return self.prefill_fixed_ms + self.prefill_ms_per_token * prompt_tokens
+        per_row = prompt_tokens / max(1, rows)
+        ms = self.by_context.prefill(rows, per_row) + self.step_ms(rows, 0, 1, prompt_tokens)
+        if speculating and self.draft_ms_per_token:
+            ms += self.by_context.prefill(rows, per_row, draft=True)
+        return ms
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -146,7 +288,8 @@ class StepCosts:
             later, target_ms=self.target_ms | later.target_ms,
             draft_ms_per_token=self.draft_ms_per_token | later.draft_ms_per_token,
             overhead_ms=self.overhead_ms | later.overhead_ms,
-            spec_overhead_ms=self.spec_overhead_ms | later.spec_overhead_ms)
+            spec_overhead_ms=self.spec_overhead_ms | later.spec_overhead_ms,
+            by_context=_merged_context(self.by_context, later.by_context))
 
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "drafter": self.drafter, "source": self.source,
@@ -154,8 +297,10 @@ class StepCosts:
                 "draft_ms_per_token": {str(b): ms for b, ms in sorted(self.draft_ms_per_token.items())},
                 "prefill_ms_per_token": self.prefill_ms_per_token, "prefill_fixed_ms": self.prefill_fixed_ms,
                 "context_ms_per_token": self.context_ms_per_token, "width_rule": self.width_rule,
+                "context_rule": self.context_rule,
                 "overhead_ms": {str(b): ms for b, ms in sorted(self.overhead_ms.items())},
-                "spec_overhead_ms": {str(b): ms for b, ms in sorted(self.spec_overhead_ms.items())}}
+                "spec_overhead_ms": {str(b): ms for b, ms in sorted(self.spec_overhead_ms.items())}} | (
+                    {"by_context": self.by_context.as_dict()} if self.by_context is not None else {})
 
 
 def costs_from_dict(data: dict[str, Any], source: str = "file") -> StepCosts:
@@ -187,10 +332,12 @@ def costs_from_dict(data: dict[str, Any], source: str = "file") -> StepCosts:
     except (TypeError, ValueError, AttributeError):
         raise ValueError("a costs file requires 'target_ms' as {'BxW': ms} and 'draft_ms_per_token' as {'B': ms}; "
                          f"got {str(data.get('target_ms'))[:80]}") from None
+    by_context = ContextCosts.from_dict(data["by_context"]) if data.get("by_context") else None
     return StepCosts(target, draft, float(data.get("prefill_ms_per_token", 0.0)),
                      float(data.get("prefill_fixed_ms", 0.0)), float(data.get("context_ms_per_token", 0.0)),
                      data.get("width_rule", "max"), data.get("model", "") or "", data.get("drafter", "") or "",
-                     data.get("source", source), overhead, spec_overhead)
+                     data.get("source", source), overhead, spec_overhead, by_context,
+                     data.get("context_rule", "longest"))
 
 
 def read_costs(path: str | Path) -> StepCosts:
@@ -233,12 +380,22 @@ def costs_from_serve_bench(data: dict[str, Any], prefill_label: str | None = Non
     speculative step at width K+1, the draft's time folded in (draft 0).
     Prefill: prompt_ms / input tokens at concurrency 1, over both endpoints or
     only ``prefill_label`` 's ("on": the draft's prefill folded in; "off": the
-    target's alone). Raises ValueError when the records carry no server timings.
+    target's alone).
+
+    Context: with ``prefill_label``, that endpoint's steps at concurrency 1 fit
+    ms = a + slope x the request's context (its prompt plus half its output:
+    the mean over its steps), least squares over the requests, slope >= 0
+    (llama-server, Qwen2.5-Coder 1.5B drafted by 0.5B on one thread: 434 ms a
+    speculative step at 64 prompt tokens, 548 at 658; the target's own step
+    barely moves). That slope is ``context_ms_per_token`` (tokens summed over
+    slots: a flattened batch reads each slot's own), and each level's step is
+    the median of step - slope x concurrency x its requests' mean context.
+    Raises ValueError when the records carry no server timings.
     """
     endpoints = [e["label"] for e in data["settings"]["endpoints"]]
     llama = data["settings"].get("llama_server") or {}  # what serve-bench --llama-target records
     k = int(llama.get("k") or data["settings"].get("llama_k") or data["settings"].get("k") or 4)
-    target: dict[tuple[int, int], float] = {}
+    levels = []  # (label, concurrency, on, [(ms per step, context)], records)
     prefill = []
     for level in data.get("levels", []):
         records = [r for r in level.get("requests", []) if r.get("ok") and r.get("server_predicted_ms")
@@ -254,19 +411,37 @@ def costs_from_serve_bench(data: dict[str, Any], prefill_label: str | None = Non
             elif on and r.get("draft_tokens"):
                 steps = max(1.0, (r["output_tokens"] - 1) / (1.0 + (r.get("accepted_tokens") or 0)
                                                            / max(1, r["draft_tokens"] / k)))
-            per_step.append(r["server_predicted_ms"] / steps)
-        target[(concurrency, k + 1 if on else 1)] = statistics.median(per_step)
+            per_step.append((r["server_predicted_ms"] / steps, (r.get("input_tokens") or 0) + r["output_tokens"] / 2))
+        levels.append((level["label"], concurrency, on, per_step))
         if concurrency == 1 and prefill_label in (None, level["label"]):
             prefill += [r["server_prompt_ms"] / r["input_tokens"] for r in records
                         if r.get("server_prompt_ms") and r.get("input_tokens")]
-    if not target:
+    if not levels:
         raise ValueError("the serve-bench result holds no per-request server timings (llama.cpp's 'timings'): "
                          "profile costs from llama-server, or give a costs file")
+    slope = 0.0
+    if prefill_label is not None:
+        alone = [point for label, c, _, points in levels if label == prefill_label and c == 1 for point in points]
+        slope = _slope([x for _, x in alone], [ms for ms, _ in alone])
+    target: dict[tuple[int, int], float] = {}
+    for label, concurrency, on, points in levels:
+        mean_context = statistics.mean(x for _, x in points)
+        charge = slope * concurrency * mean_context if label == prefill_label else 0.0
+        target[(concurrency, k + 1 if on else 1)] = max(0.0, statistics.median(ms for ms, _ in points) - charge)
     settings = data["settings"]
-    return StepCosts(target, {}, statistics.median(prefill) if prefill else 0.0, width_rule="mean",
+    return StepCosts(target, {}, statistics.median(prefill) if prefill else 0.0, context_ms_per_token=slope,
+                     width_rule="mean",
                      model=str(llama.get("target") or settings.get("llama_target") or settings.get("model") or ""),
                      drafter=str(llama.get("draft") or settings.get("llama_draft") or endpoints[0]),
                      source="serve-bench (server timings)")
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys on xs, floored at 0 (0 for fewer than two distinct xs)."""
+    if len(set(xs)) < 2:
+        return 0.0
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    return max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs))
 
 
 def _bxw(key: str) -> tuple[int, int]:
@@ -288,6 +463,28 @@ def _interpolate(points: list[tuple[float, float]], x: float, proportional: bool
     i = next((i for i in range(len(points) - 1) if x <= points[i + 1][0]), len(points) - 2)
     (x0, y0), (x1, y1) = points[i], points[i + 1]
     return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+def _signed(points: list[tuple[float, float]], x: float, proportional: bool = False) -> float:
+    """Piecewise-linear through sorted (x, y), linear beyond the ends (negative allowed). One point: y
+    (flat), or y x/x0 when ``proportional``; none: 0."""
+    if not points:
+        return 0.0
+    if len(points) == 1:
+        return points[0][1] * x / points[0][0] if proportional and points[0][0] else points[0][1]
+    i = next((i for i in range(len(points) - 1) if x <= points[i + 1][0]), len(points) - 2)
+    (x0, y0), (x1, y1) = points[i], points[i + 1]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def _merged_context(earlier: ContextCosts | None, later: ContextCosts | None) -> ContextCosts | None:
+    """Both tables' batch sizes (``later`` wins where both have one)."""
+    if earlier is None or later is None:
+        return later or earlier
+    return ContextCosts(earlier.target_pass_ms | later.target_pass_ms,
+                        earlier.target_prefill_ms | later.target_prefill_ms,
+                        earlier.reference_tokens | later.reference_tokens,
+                        earlier.draft_pass_ms | later.draft_pass_ms, earlier.draft_prefill_ms | later.draft_prefill_ms)
 
 
 def _monotone(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

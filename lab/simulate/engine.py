@@ -7,7 +7,10 @@ Time advances by whole engine steps (Vidur's granularity). At each step:
    ``max_batch`` rows) and are prefilled in this step, which yields their first
    token; static batching: a new batch of up to ``max_batch`` queued requests
    starts only when the last one has finished, with one prefill;
-3. the policy picks K for the running rows (``lab.simulate.policies``);
+3. the policy picks K for the running rows (``lab.simulate.policies``); a
+   row with r tokens still to come drafts at most r - 1 (the lab's loop and
+   llama.cpp's server cap a draft at the budget: near its end a request
+   drafts less, and a short request's steps cost less than K drafts);
 4. the step costs prefill + T(rows, width, context) (``lab.simulate.costs``);
 5. each drafting row draws how many of its K tokens are accepted from its
    category's per-position rates (``lab.simulate.acceptance``) and gains them
@@ -157,7 +160,8 @@ def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, 
     if closed:
         waiting.extend(range(issued))
     next_arrival = 0  # open loop: the next request not yet queued
-    use_context = costs.context_ms_per_token > 0
+    use_context = costs.context_ms_per_token > 0 or costs.by_context is not None
+    speculating = policy.k_max > 0  # a separate draft model prefills the prompts too
     finished_now: list[int] = []
     batch_members = 0  # static batching: requests in the batch now running
 
@@ -166,13 +170,15 @@ def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, 
         b = len(running)
         chosen = policy.choose(running, context)
         ks = [chosen] * b if isinstance(chosen, int) else chosen
-        widths, gains = [], []
+        widths, gains, drafted = [], [], 0
         for row, k in zip(running, ks):
             k_steps[k] = k_steps.get(k, 0) + 1
-            if k == 0 or (draft_rate[row.category] < 1.0 and rng.random() >= draft_rate[row.category]):
+            k = min(k, row.remaining - 1)  # no row drafts past its budget: its last token is the target's own
+            drafted = max(drafted, k)
+            if k <= 0 or (draft_rate[row.category] < 1.0 and rng.random() >= draft_rate[row.category]):
                 widths.append(1)
                 gains.append(1)
-                row.off_steps += k == 0
+                row.off_steps += k <= 0
                 continue
             row.off_steps = 0
             cdf = cdfs.get((row.category, k))
@@ -185,10 +191,11 @@ def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, 
             gains.append(accepted + 1)
         width = max(widths) if costs.width_rule == "max" else sum(widths) / b
         cached = 0
-        if use_context:  # the tokens attention reads: a padded engine's rows are all as long as the longest
+        if use_context:  # the tokens attention reads (``StepCosts.context_rule``)
             contexts = [row.context for row in running]
-            cached = b * max(contexts) if costs.width_rule == "max" else sum(contexts)
-        ms = costs.step_ms(b, max(ks), width, cached)
+            padded = costs.width_rule == "max" and costs.context_rule == "longest"
+            cached = b * max(contexts) if padded else sum(contexts)
+        ms = costs.step_ms(b, drafted, width, cached)
         keep = []
         for row, gain in zip(running, gains):
             gain = min(gain, row.remaining)
@@ -218,8 +225,10 @@ def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, 
             if batching == "static" and joiners:
                 batch_members = len(joiners)
         if joiners:  # one prefill pass: a padded engine pads the joiners to the longest prompt
-            lengths = [requests[i].prompt_tokens for i in joiners]
-            step_ms += costs.prefill_ms(len(lengths) * max(lengths) if costs.width_rule == "max" else sum(lengths))
+            lengths = [max(1, requests[i].prompt_tokens - requests[i].cached_tokens)  # a cached prefix is not fed
+                       for i in joiners]
+            tokens = len(lengths) * max(lengths) if costs.width_rule == "max" else sum(lengths)
+            step_ms += costs.prefill_ms(tokens, len(lengths), speculating)
         if running:
             step_ms += decode_step()
         t += step_ms / 1e3

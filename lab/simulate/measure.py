@@ -2,26 +2,24 @@
 
 ``machine_costs`` times, over real prompts, target verify passes of B rows x w
 tokens (w = 1..k_max+1) and drafting per token for every B asked
-(``lab.studies.auto_k.time_batch_passes``, the lab's one pass timer), and a
-prefill of the prompts at batch 1; then runs the real decode loop at each B
-on the same prompts, off and at K = min(4, k_max), for the loop's own work per
-step beyond the bare passes and the batch's prefill (``lab.simulate.profile``),
-and the cost of context: the slope of a one-token pass between 64 and 512
-cached tokens at the largest B (``context_ms_per_token``), the part of every
-pass timing it explains taken out of it.
+(``lab.studies.auto_k.time_batch_passes``, the lab's one pass timer); then, at
+each B, one-token passes and prefills at 64, 256, 512 and 768 tokens per row,
+the target's and a separate draft model's (``lab.simulate.profile.time_context``:
+the costs' ``by_context`` tables); then runs the real decode loop at each B on
+the same prompts, off and at K = min(4, k_max), for the loop's own work per
+step beyond the bare passes (``lab.simulate.profile``).
 The prompts are the lab's own sets, not Spec-Bench's: a check against a run on
 Spec-Bench prompts predicts prompts the costs never saw. The result is
 cached per machine, target and drafter as the simulator's costs JSON under
 ``lab.models.cache_dir() / "calibration"`` (beside ``lab.studies.calibrate``'s),
 and reused when it covers the batch sizes and K asked for and holds the loop
-profile (an older file without it is timed again).
+profile and the context tables (an older file without them is timed again).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,12 +40,13 @@ def costs_path(target: str, drafter: str, draft: str | None, device: str = "auto
 
 def cached_costs(target: str, drafter: str, draft: str | None = None, device: str = "auto") -> StepCosts | None:
     """The cached machine costs of this target and drafter, or None (nothing is timed; a file from before the
-    decode-loop profile counts as none: its bare passes predicted a batch of 8 21-30 % too fast)."""
+    decode-loop profile or the context tables counts as none: the first predicted a batch of 8 21-30 % too
+    fast, the second charged context by one slope)."""
     try:
         costs = costs_from_dict(json.loads(costs_path(target, drafter, draft, device).read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return costs if costs.overhead_ms else None
+    return costs if costs.overhead_ms and costs.by_context is not None else None
 
 
 def machine_costs(target: str, drafter: str, draft: str | None = None, batch_sizes: Sequence[int] = (1, 2, 4, 8),
@@ -68,7 +67,7 @@ def machine_costs(target: str, drafter: str, draft: str | None = None, batch_siz
     cached = None if refresh else cached_costs(target, drafter, draft, device)
     if cached is not None and set(batch_sizes) <= set(cached.batch_sizes) and \
             all((b, k_max + 1) in cached.target_ms for b in batch_sizes) and \
-            set(batch_sizes) <= set(cached.overhead_ms):
+            set(batch_sizes) <= set(cached.overhead_ms) and set(batch_sizes) <= set(cached.by_context.target_pass_ms):
         report(1.0, f"reusing the cached costs at {costs_path(target, drafter, draft, device)}")
         return cached
     from lab.drafters import make_drafter
@@ -82,7 +81,7 @@ def machine_costs(target: str, drafter: str, draft: str | None = None, batch_siz
     batch_drafter = make_drafter(drafter, loaded, draft_model)
     prompt_ids = [encode_prompt(loaded, p.text) for p in load_prompt_sets(list(prompts))]
     costs = time_costs(loaded, batch_drafter, prompt_ids, batch_sizes, k_max, str(target), str(draft or drafter),
-                       repeats, loop_tokens, report)
+                       repeats, loop_tokens, report, None if draft_model is None else draft_model.model)
     path = costs_path(target, drafter, draft, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(costs.as_dict() | {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -93,35 +92,44 @@ def machine_costs(target: str, drafter: str, draft: str | None = None, batch_siz
 
 def time_costs(loaded, batch_drafter, prompt_ids: Sequence[Sequence[int]], batch_sizes: Sequence[int], k_max: int,
                model: str, drafter: str, repeats: int = 3, loop_tokens: int = 24,
-               progress: Progress | None = None) -> StepCosts:
+               progress: Progress | None = None, draft_model=None) -> StepCosts:
     """Time loaded models here (see the module docstring): bare passes, a prefill, the decode loop; nothing cached.
 
     loaded: a ``lab.models`` target; batch_drafter: its drafter (``lab.drafters.make_drafter``);
     prompt_ids: the profiling prompts' token ids; model, drafter: names the costs carry.
+    draft_model: the drafter's separate draft model (a ``lab.models`` model), if it has one: its
+    passes and prefill by context are timed too.
     """
-    from lab.simulate.costs import costs_from_cost_model
-    from lab.simulate.profile import context_ms_per_token, profile_loop, with_loop_profile
+    from lab.simulate.costs import ContextCosts, costs_from_cost_model
+    from lab.simulate.profile import profile_loop, time_context, with_loop_profile
     from lab.studies.auto_k import time_batch_passes
-    from lab.studies.passes import time_passes
 
     report = progress or (lambda fraction, message: None)
-    time_batch_passes(loaded, batch_drafter, prompt_ids, [1], k_max, repeats=1)  # untimed: a cold first pass is slow
+    # untimed: a process's first seconds of passes run slow here (one-token passes at B = 1 timed 63-86 ms in
+    # the first round, 52-69 ms after), and every new shape's first pass too
+    report(0.02, "warming up")
+    time_batch_passes(loaded, batch_drafter, prompt_ids, [1], k_max, repeats=1)
+    time_context(loaded.model, 1, repeats=1)
+    if draft_model is not None:
+        time_context(draft_model, 1, repeats=1)
     cost = None
     for i, b in enumerate(sorted(set(batch_sizes))):
         report(0.1 + 0.4 * i / len(batch_sizes), f"timing passes at batch size {b}")
         cost = time_batch_passes(loaded, batch_drafter, prompt_ids, [b], k_max, repeats=repeats, cost=cost)
-    length = int(statistics.median(len(p) for p in prompt_ids))
-    report(0.5, f"timing a prefill of {length} tokens")
-    prefill_ms = time_passes(loaded.model, [length], context_tokens=1, repeats=repeats)[length]
-    costs = costs_from_cost_model(cost, prefill_ms_per_token=prefill_ms / length, model=model, drafter=drafter)
-    # the context term: its slope, timed at the largest batch; the passes above ran at the prompts' own contexts
-    # (rows cycled over the prompts, padded to the longest), which the term now charges, so they lose that part
-    top = max(batch_sizes)
-    report(0.52, f"timing the context's cost at batch size {top}")
-    slope = context_ms_per_token(loaded.model, top, repeats=repeats)
-    slots = {b: b * max(len(prompt_ids[i % len(prompt_ids)]) for i in range(b)) for b in costs.batch_sizes}
-    bare = {(b, w): max(0.0, ms - slope * slots[b]) for (b, w), ms in costs.target_ms.items()}
-    costs = dataclasses.replace(costs, context_ms_per_token=slope, target_ms=bare)
+    costs = costs_from_cost_model(cost, model=model, drafter=drafter)
+    # the context term: one-token passes and prefills by context at each batch size (the target's, and a
+    # separate draft model's); the bare passes above ran at the prompts' own contexts (rows cycled over the
+    # prompts), which under the "sum" rule read their mean length
+    reference = {b: round(sum(len(prompt_ids[i % len(prompt_ids)]) for i in range(b)) / b) for b in costs.batch_sizes}
+    tables: dict[str, dict] = {"pass": {}, "prefill": {}, "draft_pass": {}, "draft_prefill": {}}
+    for i, b in enumerate(sorted(set(batch_sizes))):
+        report(0.5 + 0.05 * i / len(batch_sizes), f"timing passes and prefills by context at batch size {b}")
+        tables["pass"][b], tables["prefill"][b] = time_context(loaded.model, b, repeats=max(7, repeats))
+        if draft_model is not None:
+            tables["draft_pass"][b], tables["draft_prefill"][b] = time_context(draft_model, b, repeats=max(7, repeats))
+    costs = dataclasses.replace(costs, by_context=ContextCosts(tables["pass"], tables["prefill"], reference,
+                                                               tables["draft_pass"], tables["draft_prefill"]),
+                                context_rule="sum")  # the eager cache's padded slots cost nothing measurable
     k = min(4, k_max)
     loop = profile_loop(loaded, batch_drafter, prompt_ids, batch_sizes, k, loop_tokens,
                         progress=lambda f, message: report(0.55 + 0.4 * f, message))

@@ -30,12 +30,16 @@ TRACE_FIELDS = ("arrival_s", "prompt_tokens", "output_tokens", "category")
 @dataclass(frozen=True, slots=True)
 class Request:
     """One request. arrival_s: seconds from the start (ignored by a closed loop, which sets it);
-    prompt_tokens, output_tokens: tokens (output >= 1); category: its acceptance profile's key."""
+    prompt_tokens, output_tokens: tokens (output >= 1); category: its acceptance profile's key;
+    cached_tokens: the prompt's tokens already in the engine's KV cache (a prefix or prompt cache:
+    llama-server keeps each slot's last prompt), which the prefill skips and attention still reads
+    (at most prompt_tokens - 1: the last one is always fed)."""
 
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
     category: str = "all"
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
