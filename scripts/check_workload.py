@@ -45,16 +45,15 @@ import lab  # noqa: F401,E402  (first: OpenMP's wait policy)
 from lab.config import DecodeConfig  # noqa: E402
 from lab.decode import run_batch  # noqa: E402
 from lab.drafters import make_drafter  # noqa: E402
-from lab.metrics import SpecDecodingStats  # noqa: E402
 from lab.models import encode_prompt, load_model  # noqa: E402
 from lab.prompts import load_prompt_sets  # noqa: E402
 from lab.simulate import (  # noqa: E402
     AcceptanceProfile,
-    CategoryAcceptance,
     Off,
     Request,
     StaticK,
     Traffic,
+    acceptance_from_runs,
     simulate,
 )
 from lab.simulate.measure import DEFAULT_PROMPTS, time_costs  # noqa: E402
@@ -91,15 +90,9 @@ def main() -> None:
     alone = [run_batch(target, [p], None, config) for p in prompt_ids]
     spec = [run_batch(target, [p], drafter, config) for p in prompt_ids]
     categories = [p.category or "all" for p in prompts]
-    by_category = {}
-    for category in dict.fromkeys(categories):  # per category, as a Compare on your own prompts measures it
-        stats = SpecDecodingStats()
-        for r, c in zip(spec, categories):
-            if c == category:
-                stats.merge(r.pooled_stats())
-        rates = tuple(n / stats.num_drafts for n in stats.accepted_per_position) if stats.num_drafts else (0.0,)
-        draft_rate = stats.num_drafts / stats.target_forward_passes if stats.target_forward_passes else 1.0
-        by_category[category] = CategoryAcceptance(rates, min(1.0, draft_rate))
+    # per category, as a Compare on your own prompts measures it, without the steps the budget capped
+    by_category = {category: acceptance_from_runs([r for r, c in zip(spec, categories) if c == category], args.k,
+                                                  args.max_new_tokens) for category in dict.fromkeys(categories)}
     acceptance = AcceptanceProfile(by_category, model=args.target)
     lengths = [len(r.rows[0].token_ids) for r in alone]
     print("traffic: per-position acceptance by category "

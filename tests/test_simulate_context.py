@@ -178,3 +178,24 @@ def test_the_spec_overhead_leaves_the_drafts_prefill_to_the_prefill():
     assert loop_overheads([off], [short], BARE, k=4)[1] == {1: pytest.approx(2.0)}
     no_draft_table = dataclasses.replace(BARE, by_context=dataclasses.replace(TABLES, draft_prefill_ms={}))
     assert loop_overheads([off], [short], no_draft_table, k=4)[1] == {1: pytest.approx(451.0)}  # kept: the median
+
+
+def test_acceptance_from_runs_leaves_out_the_steps_the_budget_capped():
+    """12 tokens at K = 4: steps with 12, 7 and 2 tokens to come; the first two could draft 4, the third only 1
+    (then 0): only the first two count. A capped step's missing positions are the budget's, not the draft's."""
+    from types import SimpleNamespace
+
+    from lab.simulate import acceptance_from_runs
+
+    def run(steps):  # (drafted, accepted, emitted) per step
+        return SimpleNamespace(steps=[SimpleNamespace(steps=(SimpleNamespace(
+            drafted=tuple(range(d)), num_accepted=a, emitted=tuple(range(e)), tree=None),)) for d, a, e in steps])
+
+    full = run([(4, 4, 5), (4, 2, 3), (1, 1, 2), (0, 0, 1), (0, 0, 1)])  # 5 + 3 + 2 + 1 + 1 = 12 tokens
+    missed = run([(0, 0, 1)] + [(4, 1, 2)] * 5 + [(1, 0, 1)])  # an n-gram miss first, then 1 accepted a step
+    a = acceptance_from_runs([full, missed], k=4, max_new_tokens=12)
+    # uncapped steps: full's first two; missed's first five (made 0, 1, 3, 5, 7: room for 4 while 12 - made >= 5)
+    assert a.draft_rate == pytest.approx(6 / 7)
+    assert a.per_position == pytest.approx((6 / 6, 2 / 6, 1 / 6, 1 / 6))
+    with pytest.raises(ValueError, match="did not cap"):
+        acceptance_from_runs([full], k=4, max_new_tokens=4)

@@ -214,6 +214,39 @@ def acceptance_from_sweep(data: dict[str, Any]) -> AcceptanceProfile:
                              f"{data.get('drafter', '')} K={data.get('k')}", "Batch sweep result")
 
 
+def acceptance_from_runs(runs, k: int, max_new_tokens: int) -> CategoryAcceptance:
+    """Per-position rates and draft rate from the lab's own batch-1 runs at K, leaving out budget-capped steps.
+
+    runs: ``lab.decode.BatchResult`` s of one request each, decoded at K with a
+    budget of ``max_new_tokens``. A step whose request had r tokens still to come
+    could draft at most min(K, r - 1) (the loop's cap, which the simulator applies
+    itself); such a capped step is left out, as its missing positions are the
+    budget's, not the draft's. The engine's own counters keep them (a 12-token
+    request of the Qwen pair drafts 4, 4, then 1 and 0: its counted draft rate
+    was 0.75 where every uncapped step drafted). r_i: steps whose draft's first i
+    tokens were accepted / steps that drafted; draft rate: steps that drafted /
+    uncapped steps. Raises ValueError for K < 1 or no uncapped step.
+    """
+    if k < 1:
+        raise ValueError(f"acceptance from runs requires K >= 1; got {k}")
+    accepted, drafts, steps = [0] * k, 0, 0
+    for run in runs:
+        made = 0
+        for batch_step in run.steps:
+            step = batch_step.steps[0]
+            if max_new_tokens - made - 1 >= k:  # uncapped: the budget left room for K drafted tokens
+                steps += 1
+                if step.drafted and step.tree is None:
+                    drafts += 1
+                    for i in range(min(step.num_accepted, k)):
+                        accepted[i] += 1
+            made += len(step.emitted)
+    if not steps:
+        raise ValueError("acceptance from runs requires at least one step the token budget did not cap: "
+                         "decode more tokens than K + 1")
+    return CategoryAcceptance(tuple(n / drafts for n in accepted) if drafts else (0.0,), drafts / steps)
+
+
 def read_acceptance(path: str | Path) -> AcceptanceProfile:
     """An acceptance profile from any file the lab writes: a Compare result, a serve-bench or Batch sweep JSON,
     or the simulator's own acceptance JSON. Raises ValueError for anything else."""
