@@ -6,8 +6,9 @@
 1. Start two llama-servers on 127.0.0.1 (target drafted by the draft at K: "on";
    the target alone: "off"), as ``python -m lab serve-bench --llama-target`` does.
 2. Profile: a serve-bench pass over the lab's own prompt sets (not the prompts
-   checked) at every concurrency level, two requests per worker (slots join and
-   leave, as in the check). Step costs come
+   checked) at every concurrency level, one request per worker: the slots start
+   together, so a request's steps do not carry another's prompt processing,
+   which the simulator charges apart. Step costs come
    from llama-server's own per-request timings (``timings.predicted_ms`` per
    step at each concurrency, ``prompt_ms`` per prompt token:
    ``lab.simulate.costs_from_serve_bench``), acceptance from its draft counters
@@ -17,7 +18,9 @@
 3. Check: serve-bench over the checked prompts at the same levels.
 4. Predict each level with ``lab.simulate``: a closed loop of C clients,
    continuous batching (llama-server's slots), the same requests (their prompt
-   and output token counts) in the order they were sent; then print predicted
+   and output token counts) in the order they were sent, each next request
+   joining after the step in flight (``late_joins``: the server steps back to
+   back while a response and the next request cross HTTP); then print predicted
    against measured p50 / p99 end-to-end latency, p50 TTFT and output
    throughput, with the error in percent. A prompt the endpoint served before
    in the run is predicted as cached (one token of prefill): llama-server's
@@ -77,8 +80,9 @@ def main() -> None:
                         "configuration (what measuring your own prompts gives; its timings are not used); profile: "
                         "the profiling prompts' draft counters (a forecast for prompts never measured); check: the "
                         "checked run's own counters at concurrency 1")
-    parser.add_argument("--profile-rounds", type=int, default=2,
-                        help="requests per worker per level in the profile (2: slots join and leave, as in the check)")
+    parser.add_argument("--profile-rounds", type=int, default=1,
+                        help="requests per worker per level in the profile (1: the slots start together, so no "
+                        "request's steps carry another's prompt processing; 2 charged it twice: C=2 off +35 %%)")
     parser.add_argument("--replay", type=Path, help="predict again from a saved --out file (no server is started)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -181,7 +185,7 @@ def predict(check_data: dict, costs: dict, acceptance, k: int) -> list[dict]:
             requests.append(Request(0.0, prompt, max(1, r["output_tokens"] or 1), cached_tokens=prompt - 1 if hit else 0))
         traffic = Traffic("closed", concurrency=c, requests=tuple(requests), num_requests=len(requests))
         policy = StaticK(k) if mode == "on" else Off()
-        p = simulate(traffic, acceptance, costs[mode], policy, "continuous", seed=0).summary()
+        p = simulate(traffic, acceptance, costs[mode], policy, "continuous", seed=0, late_joins=True).summary()
         measured = {"latency_p50_s": level["median_e2el_ms"] / 1e3, "latency_p99_s": level["p99_e2el_ms"] / 1e3,
                     "ttft_p50_s": level["median_ttft_ms"] / 1e3, "tokens_per_s": level["output_throughput"]}
         row = {"concurrency": c, "mode": mode, "requests": len(records), "cached_prompts": cached} | {

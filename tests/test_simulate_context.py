@@ -199,3 +199,17 @@ def test_acceptance_from_runs_leaves_out_the_steps_the_budget_capped():
     assert a.per_position == pytest.approx((6 / 6, 2 / 6, 1 / 6, 1 / 6))
     with pytest.raises(ValueError, match="did not cap"):
         acceptance_from_runs([full], k=4, max_new_tokens=4)
+
+
+def test_a_late_join_waits_for_the_step_in_flight():
+    """Concurrency 2, one long and then short requests, steps of 10 ms: a short request's successor, sent as it
+    ends, joins the next step at once (the lab's loop) or, reaching a busy server mid-step, the one after."""
+    costs = StepCosts({(1, 1): 10.0, (2, 1): 10.0}, model="m")
+    traffic = Traffic("closed", concurrency=2, requests=(Request(0.0, 4, 20), Request(0.0, 4, 3), Request(0.0, 4, 3)),
+                      num_requests=3)
+    acceptance = AcceptanceProfile.uniform(0.5, model="m")
+    prompt = simulate(traffic, acceptance, costs, Off(), "continuous")
+    late = simulate(traffic, acceptance, costs, Off(), "continuous", late_joins=True)
+    assert prompt.ttft_s[2] == pytest.approx(0.010)  # its prefill rides the next step: one step
+    assert late.ttft_s[2] == pytest.approx(0.020)  # the step in flight, then its own
+    assert late.ttft_s[:2] == prompt.ttft_s[:2]  # an idle engine takes the first ones at once

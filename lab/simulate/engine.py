@@ -126,10 +126,13 @@ class SimResult:
 
 def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, policy: Policy,
              batching: Batching = "continuous", max_batch: int | None = None, seed: int = 0,
-             context: Context | None = None) -> SimResult:
+             context: Context | None = None, late_joins: bool = False) -> SimResult:
     """Run the traffic through the engine under a policy (see the module docstring).
 
     max_batch: rows at most (default: the concurrency of a closed loop, else DEFAULT_MAX_BATCH, vLLM's max_num_seqs).
+    late_joins: a closed loop's next request reaches a busy engine after its next step has begun, and joins
+    the step after (an asynchronous server, such as llama-server, steps back to back while the response
+    and the next request cross the network); False: it joins the very next step (the lab's own loop).
     context: a ``Context`` to share between runs of the same costs and acceptance (its memo speeds them up).
     Raises ValueError for a category the acceptance does not know, costs of another model, or a bad batching.
     """
@@ -153,6 +156,7 @@ def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, 
     draft_rate = {c: a.draft_rate for c, a in acceptance.categories.items()}
     k_steps: dict[int, int] = {}
     waiting: deque[int] = deque()
+    late: list[int] = []  # sent, but the engine's step had begun (``late_joins``)
     running: list[_Row] = []
     t = busy = 0.0
     steps = done = 0
@@ -219,6 +223,9 @@ def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, 
                 continue
         step_ms = 0.0
         joiners: list[int] = []
+        if late and not running:  # an idle engine waits for them
+            waiting.extend(late)
+            late.clear()
         if batching == "continuous" or not running:
             while waiting and len(running) + len(joiners) < cap:
                 joiners.append(waiting.popleft())
@@ -234,6 +241,8 @@ def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, 
         t += step_ms / 1e3
         busy += step_ms / 1e3
         steps += 1
+        waiting.extend(late)  # they arrived during this step
+        late.clear()
         for i in joiners:
             first[i] = t
             made[i] = 1
@@ -251,7 +260,7 @@ def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, 
                 released = batch_members if not running else 0
             for _ in range(min(released, n - issued)):
                 arrival[issued] = t
-                waiting.append(issued)
+                (late if late_joins else waiting).append(issued)
                 issued += 1
         finished_now.clear()
     return SimResult(policy.label, batching, traffic.load, tuple(arrival), tuple(first), tuple(finish), tuple(made),
