@@ -114,7 +114,7 @@ def time_costs(loaded, batch_drafter, prompt_ids: Sequence[Sequence[int]], batch
         time_context(draft_model, 1, repeats=1)
     cost = None
     for i, b in enumerate(sorted(set(batch_sizes))):
-        report(0.1 + 0.4 * i / len(batch_sizes), f"timing passes at batch size {b}")
+        report(0.05 + 0.2 * i / len(batch_sizes), f"timing passes at batch size {b}")
         cost = time_batch_passes(loaded, batch_drafter, prompt_ids, [b], k_max, repeats=repeats, cost=cost)
     costs = costs_from_cost_model(cost, model=model, drafter=drafter)
     # the context term: one-token passes and prefills by context at each batch size (the target's, and a
@@ -122,8 +122,10 @@ def time_costs(loaded, batch_drafter, prompt_ids: Sequence[Sequence[int]], batch
     # prompts), which under the "sum" rule read their mean length
     reference = {b: round(sum(len(prompt_ids[i % len(prompt_ids)]) for i in range(b)) / b) for b in costs.batch_sizes}
     tables: dict[str, dict] = {"pass": {}, "prefill": {}, "draft_pass": {}, "draft_prefill": {}}
-    for i, b in enumerate(sorted(set(batch_sizes))):
-        report(0.5 + 0.05 * i / len(batch_sizes), f"timing passes and prefills by context at batch size {b}")
+    done, total = 0, sum(set(batch_sizes))  # the tables' cost grows with B (the prefills): the bar follows it
+    for b in sorted(set(batch_sizes)):
+        report(0.25 + 0.45 * done / total, f"timing passes and prefills by context at batch size {b}")
+        done += b
         tables["pass"][b], tables["prefill"][b] = time_context(loaded.model, b, repeats=max(7, repeats))
         if draft_model is not None:
             tables["draft_pass"][b], tables["draft_prefill"][b] = time_context(draft_model, b, repeats=max(7, repeats))
@@ -132,5 +134,5 @@ def time_costs(loaded, batch_drafter, prompt_ids: Sequence[Sequence[int]], batch
                                 context_rule="sum")  # the eager cache's padded slots cost nothing measurable
     k = min(4, k_max)
     loop = profile_loop(loaded, batch_drafter, prompt_ids, batch_sizes, k, loop_tokens,
-                        progress=lambda f, message: report(0.55 + 0.4 * f, message))
+                        progress=lambda f, message: report(0.7 + 0.28 * f, message))
     return with_loop_profile(costs, *loop, k)
