@@ -3,11 +3,11 @@ and its figures on a hand-made map."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import pytest
-
-import json
 
 from app import render_workload
 from app_util import app_on, click
@@ -66,3 +66,31 @@ def test_bad_loads_are_said_in_words():
     at = app_on("workload", loads="1,-4")
     assert not at.exception
     assert any("loads require values > 0" in e.value for e in at.error)
+
+
+def test_costs_timed_on_a_busy_machine_say_so_and_offer_a_new_timing(tmp_path, monkeypatch):
+    """Cached machine costs timed beside other work stay slow until re-timed: the page says so, with a button,
+    and still simulates on them; the CLI's helper reads the same line."""
+    from app.app_pages.workload import COSTS as SOURCES
+    from lab.simulate import measure
+    from lab.simulate.costs import ContextCosts
+
+    tables = ContextCosts({1: {64: 20.0, 768: 30.0}, 16: {64: 40.0, 768: 90.0}},
+                          {1: {64: 50.0, 768: 600.0}, 16: {64: 800.0, 768: 9000.0}}, {1: 100, 16: 100})
+    costs = dataclasses.replace(COSTS, model="smollm2-135m", overhead_ms={1: 1.0, 16: 2.0}, by_context=tables,
+                                context_rule="sum")
+    path = tmp_path / "workload.json"
+    busy = "Measured while the machine was busy: other processes kept 1.20 of 2 cores busy; rerun for a clean figure."
+    path.write_text(json.dumps(costs.as_dict() | {"load_warning": busy}))
+    monkeypatch.setattr(measure, "costs_path", lambda *args, **kwargs: path)
+    assert measure.timing_warning("smollm2-135m", "prompt-lookup") == busy
+    at = app_on("workload", costs=SOURCES[0], loads="1,4,16", requests=40, output_tokens=16)
+    assert not at.exception, at.exception
+    assert any(busy in w.value and "time the machine again" in w.value for w in at.warning)
+    assert [b.label for b in at.button if b.label == "Time this machine again"]
+    assert any("timed at 64-768 tokens a row" in c.value for c in at.caption)
+    at = click(at, "Simulate")
+    assert not at.exception, at.exception
+    assert [s.value for s in at.success]
+    path.write_text(json.dumps(costs.as_dict() | {"load_warning": None}))
+    assert measure.timing_warning("smollm2-135m", "prompt-lookup") is None

@@ -105,22 +105,30 @@ def cost_source(loads: list[float], closed: bool) -> StepCosts | None:
             return None
         data = json.loads(upload.getvalue())
         return costs_from_serve_bench(data) if "engines" in data else costs_from_dict(data, upload.name)
-    from lab.simulate.measure import cached_costs, machine_costs
+    from lab.simulate.measure import cached_costs, machine_costs, timing_warning
 
     left, right = st.columns(2)
     left.selectbox("Target", list(PRESETS), key=key("workload.target"))
     right.selectbox("Drafter", ("prompt-lookup", "layer-skip"), key=key("workload.drafter"))
     target, drafter = st.session_state[key("workload.target")], st.session_state[key("workload.drafter")]
     costs = cached_costs(target, drafter)
-    if costs is None:
-        st.info("No timing of this pair here yet: time it once (a few minutes on a CPU; kept for next time).")
-        if not st.button("Time this machine"):
-            return None
+    warning = timing_warning(target, drafter) if costs is not None else None
+    retime = False
+    if warning:  # costs timed beside other work are slow by it, and stay cached until re-timed
+        st.warning(f"{warning} These step costs are kept until you time the machine again, when it is quiet.")
+        retime = st.button("Time this machine again")
+    if costs is None or retime:
+        if costs is None:
+            st.info("No timing of this pair here yet: time it once (a few minutes on a CPU; kept for next time).")
+            if not st.button("Time this machine"):
+                return None
         top = int(max(loads)) if closed else 16
         bar = st.progress(0.0, "timing")
         costs = machine_costs(target, drafter, batch_sizes=sorted({1, 2, 4, 8, top} & set(range(1, top + 1)) | {top}),
-                              k_max=st.session_state[key("workload.k_max")],
+                              k_max=st.session_state[key("workload.k_max")], refresh=retime,
                               progress=lambda f, m: bar.progress(min(1.0, f), m))
+        if timing_warning(target, drafter):
+            st.warning(timing_warning(target, drafter))
     by_context = ""
     if costs.by_context is not None:
         lengths = sorted({n for row in costs.by_context.target_pass_ms.values() for n in row})

@@ -89,12 +89,15 @@ def _cmd_workload(args: argparse.Namespace) -> int:
         costs = read_costs(args.costs)
         costs.check_model(str(args.target))
     else:
-        from lab.simulate.measure import machine_costs
+        from lab.simulate.measure import machine_costs, timing_warning
 
         top = int(max(loads)) if traffic.kind == "closed" else (args.max_batch or 16)
         batch_sizes = sorted({1, 2, 4, 8, top} & set(range(1, top + 1)) | {top})
         costs = machine_costs(args.target, args.drafter, args.draft, batch_sizes, args.k_max, refresh=args.refresh,
                               progress=progress)
+        warning = timing_warning(args.target, args.drafter, args.draft)
+        if warning:
+            print(f"warning: {warning} (the costs stay cached: --refresh times them again)", file=sys.stderr)
     result = map_workload(traffic, loads, acceptance, costs, batching=args.batching, k_max=args.k_max, seed=args.seed,
                           max_batch=args.max_batch, drafter=args.drafter, draft=args.draft, progress=progress)
     progress.done()

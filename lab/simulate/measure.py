@@ -49,6 +49,15 @@ def cached_costs(target: str, drafter: str, draft: str | None = None, device: st
     return costs if costs.overhead_ms and costs.by_context is not None else None
 
 
+def timing_warning(target: str, drafter: str, draft: str | None = None, device: str = "auto") -> str | None:
+    """The line to show beside cached machine costs timed while other work kept the cores busy (else None):
+    such costs are slow by whatever ran beside them, and stay cached until re-timed (``refresh``)."""
+    try:
+        return json.loads(costs_path(target, drafter, draft, device).read_text()).get("load_warning")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def machine_costs(target: str, drafter: str, draft: str | None = None, batch_sizes: Sequence[int] = (1, 2, 4, 8),
                   k_max: int = 8, prompts: Sequence[str] = DEFAULT_PROMPTS, device: str = "auto",
                   refresh: bool = False, repeats: int = 3, progress: Progress | None = None,
@@ -70,7 +79,10 @@ def machine_costs(target: str, drafter: str, draft: str | None = None, batch_siz
             set(batch_sizes) <= set(cached.overhead_ms) and set(batch_sizes) <= set(cached.by_context.target_pass_ms):
         report(1.0, f"reusing the cached costs at {costs_path(target, drafter, draft, device)}")
         return cached
+    from lab import device_queue
     from lab.drafters import make_drafter
+    from lab.hardware import resolve_device
+    from lab.load import measure_load
     from lab.models import encode_prompt, load_model
     from lab.prompts import load_prompt_sets
 
@@ -80,12 +92,18 @@ def machine_costs(target: str, drafter: str, draft: str | None = None, batch_siz
     draft_model = load_model(draft, device=None if device == "auto" else device) if draft else None
     batch_drafter = make_drafter(drafter, loaded, draft_model)
     prompt_ids = [encode_prompt(loaded, p.text) for p in load_prompt_sets(list(prompts))]
-    costs = time_costs(loaded, batch_drafter, prompt_ids, batch_sizes, k_max, str(target), str(draft or drafter),
-                       repeats, loop_tokens, report, None if draft_model is None else draft_model.model)
+    # held like the lab's other timed runs (another page's decode waits), and watched for outside load
+    with device_queue.hold(resolve_device(device), "workload costs"), measure_load() as meter:
+        costs = time_costs(loaded, batch_drafter, prompt_ids, batch_sizes, k_max, str(target), str(draft or drafter),
+                           repeats, loop_tokens, report, None if draft_model is None else draft_model.model)
     path = costs_path(target, drafter, draft, device)
     path.parent.mkdir(parents=True, exist_ok=True)
+    load = meter.report
     path.write_text(json.dumps(costs.as_dict() | {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                  "wall_s": time.perf_counter() - start}, indent=1))
+                                                  "wall_s": time.perf_counter() - start,
+                                                  "load": None if load is None else load.as_dict(),
+                                                  "load_warning": None if load is None else load.warning()},
+                               indent=1))
     report(1.0, f"timed in {time.perf_counter() - start:.0f} s")
     return costs
 
