@@ -94,3 +94,21 @@ def test_costs_timed_on_a_busy_machine_say_so_and_offer_a_new_timing(tmp_path, m
     assert [s.value for s in at.success]
     path.write_text(json.dumps(costs.as_dict() | {"load_warning": None}))
     assert measure.timing_warning("smollm2-135m", "prompt-lookup") is None
+
+
+def test_the_table_shows_the_recommended_policy_beside_off_and_the_best():
+    """A minimax recommendation can trail at one load (a trial's was 10 % slower than off there): the table
+    shows its own figures at every load, in the page and on the command line."""
+    from lab.cli.workload import format_workload
+
+    data = small_map()
+    for level, row in zip(data["levels"], render_workload.level_rows(data)):
+        mine = next(r for r in level["runs"] if r["policy"] == data["recommended"])
+        assert row["recommended p50 (s)"] == mine["latency_p50_s"]
+        assert row["recommended tokens/s"] == mine["tokens_per_s"]
+    text = format_workload(data | {"target": "t", "drafter": "prompt-lookup", "acceptance_source": "sliders",
+                                   "costs_source": "example"})
+    assert f"recommended: {data['recommended']}" in text
+    first = data["levels"][0]
+    mine = next(r for r in first["runs"] if r["policy"] == data["recommended"])
+    assert f"{mine['latency_p50_s']:.3f}/{mine['latency_p99_s']:.3f}" in text

@@ -102,7 +102,13 @@ def kernel_manager(tmp_path):
     specs = KernelSpecManager(kernel_dirs=[str(kernels)])
     spec = specs.get_kernel_spec("python3")
     assert spec.argv[0] == sys.executable, spec.argv
-    return AsyncKernelManager(kernel_name="python3", kernel_spec_manager=specs)
+    manager = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=specs)
+    yield manager
+    # nbclient shuts down only the kernels it made; left alive, each kept its models (0.3-2 GB) to the end
+    if manager.has_kernel:
+        from jupyter_core.utils import run_sync
+
+        run_sync(manager.shutdown_kernel)(now=True)
 
 
 @pytest.mark.real_model

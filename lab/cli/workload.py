@@ -111,15 +111,18 @@ def _cmd_workload(args: argparse.Namespace) -> int:
 
 
 def format_workload(data: dict) -> str:
-    """The map as a plain-text table, one line per load: off against the best policy."""
+    """The map as a plain-text table, one line per load: off, the recommended policy and the best one there."""
     kind = data["load_kind"]
     lines = [f"{data['target']} with {data['drafter']}, {data['batching']} batching; acceptance {data['acceptance_source']}; "
-             f"costs: {data['costs_source']}",
-             f"{kind:>11} {'off p50/p99 s':>15} {'tok/s':>7}   {'best policy':<28} {'p50/p99 s':>13} {'tok/s':>7}"]
+             f"costs: {data['costs_source']}", f"recommended: {data['recommended']}",
+             f"{kind:>11} {'off p50/p99 s':>15} {'tok/s':>7}   {'recommended':>13} {'tok/s':>7}   "
+             f"{'best policy':<28} {'p50/p99 s':>13} {'tok/s':>7}"]
     for level in data["levels"]:
         off, best = level["off"], level["best"]
+        mine = next(r for r in level["runs"] if r["policy"] == data["recommended"])
         lines.append(f"{level[kind]:>11g} {off['latency_p50_s']:>7.3f}/{off['latency_p99_s']:<7.3f} "
-                     f"{off['tokens_per_s']:>7.1f}   {best['policy']:<28} "
+                     f"{off['tokens_per_s']:>7.1f}   {mine['latency_p50_s']:>6.3f}/{mine['latency_p99_s']:<6.3f} "
+                     f"{mine['tokens_per_s']:>7.1f}   {best['policy']:<28} "
                      f"{best['latency_p50_s']:>6.3f}/{best['latency_p99_s']:<6.3f} {best['tokens_per_s']:>7.1f}")
     lines.append(data["decision"])
     for engine in ("vllm", "sglang", "llama.cpp"):
