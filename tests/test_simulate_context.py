@@ -213,3 +213,17 @@ def test_a_late_join_waits_for_the_step_in_flight():
     assert prompt.ttft_s[2] == pytest.approx(0.010)  # its prefill rides the next step: one step
     assert late.ttft_s[2] == pytest.approx(0.020)  # the step in flight, then its own
     assert late.ttft_s[:2] == prompt.ttft_s[:2]  # an idle engine takes the first ones at once
+
+
+def test_one_acceptance_serves_every_category_of_a_request_log():
+    """The Workload page's sliders against a log with categories: each category gets the sliders' acceptance."""
+    from lab.simulate.acceptance import CategoryAcceptance
+
+    sliders = AcceptanceProfile.uniform(0.6, model="m")
+    spread = sliders.for_every({"code", "qa"})
+    assert set(spread.categories) == {"code", "qa"} and spread.model == "m"
+    assert spread["qa"] == sliders.categories["all"]
+    spread.check_categories({"code", "qa"})
+    two = AcceptanceProfile({"a": CategoryAcceptance((0.5,)), "b": CategoryAcceptance((0.9,))})
+    with pytest.raises(ValueError, match="one category"):
+        two.for_every({"code"})

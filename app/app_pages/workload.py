@@ -38,7 +38,7 @@ DEFAULTS = {"workload.traffic": TRAFFIC[0], "workload.loads": "1,2,4,8,16", "wor
             "workload.prompt_tokens": 128, "workload.requests": 200, "workload.batching": "continuous",
             "workload.acceptance": ACCEPTANCE[0], "workload.a": 0.6, "workload.draft_rate": 1.0,
             "workload.costs": COSTS[2], "workload.k_max": 8, "workload.target": "smollm2-135m",
-            "workload.drafter": "prompt-lookup"}
+            "workload.drafter": "prompt-lookup", "workload.trace_rates": ""}
 EXAMPLE_COSTS = StepCosts({(1, 1): 40.0, (1, 5): 48.0, (1, 9): 60.0, (4, 1): 55.0, (4, 5): 110.0, (4, 9): 180.0,
                            (16, 1): 110.0, (16, 5): 380.0, (16, 9): 680.0}, {1: 0.3, 16: 0.8},
                           prefill_ms_per_token=0.4, source="illustrative example")
@@ -51,12 +51,13 @@ def traffic_form() -> tuple[Traffic | None, list[float]]:
     if kind == TRAFFIC[2]:
         upload = st.file_uploader("Request log", type=["csv", "jsonl"], key="workload:log",
                                   help="arrival_s, prompt_tokens, output_tokens, category (optional) per request")
-        columns[0].text_input("Rates to rescale it to (requests/s, empty: as logged)", key=key("workload.loads"))
+        columns[0].text_input("Rates to rescale it to (requests/s, empty: as logged)", key=key("workload.trace_rates"),
+                              help="its own field: the closed loop's concurrencies are not rates")
         if upload is None:
             st.info("Upload a request log to simulate it.")
             return None, []
         traffic = trace_traffic(io.StringIO(upload.getvalue().decode()), upload.name)
-        text = st.session_state[key("workload.loads")].strip()
+        text = st.session_state[key("workload.trace_rates")].strip()
         return traffic, _numbers(text) if text else [traffic.load]
     columns[0].text_input("Loads (comma-separated)", key=key("workload.loads"),
                           help="concurrent clients, or requests/s for Poisson arrivals")
@@ -114,14 +115,18 @@ def cost_source(loads: list[float], closed: bool) -> StepCosts | None:
     costs = cached_costs(target, drafter)
     warning = timing_warning(target, drafter) if costs is not None else None
     retime = False
+    offer = st.empty()  # the offer goes once its button is pressed (it stayed above the finished timing)
     if warning:  # costs timed beside other work are slow by it, and stay cached until re-timed
-        st.warning(f"{warning} These step costs are kept until you time the machine again, when it is quiet.")
-        retime = st.button("Time this machine again")
+        with offer.container():
+            st.warning(f"{warning} These step costs are kept until you time the machine again, when it is quiet.")
+            retime = st.button("Time this machine again")
     if costs is None or retime:
         if costs is None:
-            st.info("No timing of this pair here yet: time it once (a few minutes on a CPU; kept for next time).")
-            if not st.button("Time this machine"):
-                return None
+            with offer.container():
+                st.info("No timing of this pair here yet: time it once (a few minutes on a CPU; kept for next time).")
+                if not st.button("Time this machine"):
+                    return None
+        offer.empty()
         top = int(max(loads)) if closed else 16
         bar = st.progress(0.0, "timing")
         costs = machine_costs(target, drafter, batch_sizes=sorted({1, 2, 4, 8, top} & set(range(1, top + 1)) | {top}),
@@ -179,6 +184,8 @@ def page() -> None:
         if len(acceptance.categories) == 1 and traffic.kind != "trace":
             traffic = Traffic(traffic.kind, traffic.rate_per_s, traffic.concurrency, traffic.num_requests,
                               traffic.prompt_tokens, traffic.output_tokens, 0.0, {next(iter(acceptance.categories)): 1})
+        elif st.session_state[key("workload.acceptance")] == ACCEPTANCE[0] and traffic.kind == "trace":
+            acceptance = acceptance.for_every(traffic.categories)  # the sliders: one acceptance for every request
         bar = st.progress(0.0, "simulating")
         s = st.session_state
         try:

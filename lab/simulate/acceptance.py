@@ -91,6 +91,15 @@ class AcceptanceProfile:
             raise ValueError(f"acceptance is known for the categories {sorted(self.categories)}; got a request of "
                              f"category {category!r}") from None
 
+    def for_every(self, categories: set[str]) -> "AcceptanceProfile":
+        """A one-category profile (sliders, a single rate) applied to each of ``categories`` (a request log's).
+        Raises ValueError for a profile of several categories: which one a category gets is the user's call."""
+        if len(self.categories) != 1:
+            raise ValueError(f"one acceptance for every category requires a profile of one category; got "
+                             f"{sorted(self.categories)}")
+        (only,) = self.categories.values()
+        return replace(self, categories={c: only for c in sorted(categories)})
+
     def check_categories(self, needed: set[str]) -> None:
         """Raise ValueError naming the categories the traffic has and the profile lacks."""
         unknown = sorted(needed - set(self.categories))
