@@ -227,3 +227,14 @@ def test_one_acceptance_serves_every_category_of_a_request_log():
     two = AcceptanceProfile({"a": CategoryAcceptance((0.5,)), "b": CategoryAcceptance((0.9,))})
     with pytest.raises(ValueError, match="one category"):
         two.for_every({"code"})
+
+
+def test_a_k_by_batch_configuration_says_which_engines_follow_the_table():
+    """SGLang and llama.cpp take one K: their lines are a static policy, and the note says so (a trial read
+    'Realises: K by batch' over static flags)."""
+    from lab.simulate import engine_configs
+
+    configs = engine_configs("k-by-batch", 4, {1: 4, 2: 3, 8: 0}, "prompt-lookup")
+    assert "num_speculative_tokens_per_batch_size" in configs["vllm"]
+    assert "--spec-draft-n-max 4" in configs["llama.cpp"]
+    assert "only vLLM takes a K per batch size" in configs["note"] and "(4)" in configs["note"]

@@ -85,7 +85,7 @@ def acceptance_source() -> AcceptanceProfile | None:
     if upload is None:
         st.info("Upload a Compare, serve-bench or Batch sweep result (JSON) to read its per-position acceptance.")
         return None
-    profile = acceptance_from_data(json.loads(upload.getvalue()), upload.name)
+    profile = acceptance_from_data(_json(upload), upload.name)
     st.caption(f"{profile.source}: " + "; ".join(
         f"{c}: per-position {', '.join(f'{r:.2f}' for r in a.per_position[:6])}, draft rate {a.draft_rate:.2f}"
         for c, a in profile.categories.items()))
@@ -104,7 +104,7 @@ def cost_source(loads: list[float], closed: bool) -> StepCosts | None:
         if upload is None:
             st.info("Upload a costs file.")
             return None
-        data = json.loads(upload.getvalue())
+        data = _json(upload)
         return costs_from_serve_bench(data) if "engines" in data else costs_from_dict(data, upload.name)
     from lab.simulate.measure import cached_costs, machine_costs, timing_warning
 
@@ -217,3 +217,12 @@ def _numbers(text: str) -> list[float]:
 
 
 page()
+
+
+def _json(upload):
+    """An uploaded file's JSON, or ValueError naming the file (json's own message gave neither file nor cure)."""
+    try:
+        return json.loads(upload.getvalue())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{upload.name} is not readable JSON ({error}): upload the file the lab or serve-bench "
+                         "wrote") from None

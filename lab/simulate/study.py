@@ -214,6 +214,9 @@ def engine_configs(kind: str, k: int, table: dict[int, int], drafter: str, draft
         if kind in ("goodput", "cascade"):
             note = (f"{kind} is not an option of these engines: the K-by-batch-size table fitted on the same costs "
                     "approximates it (vLLM); SGLang and llama.cpp take one K, the table's largest")
+        else:
+            note = (f"only vLLM takes a K per batch size; SGLang and llama.cpp take one K: their lines use the "
+                    f"table's largest ({top}), a static policy")
     if ngram:
         sglang = f"--speculative-algorithm NGRAM --speculative-num-draft-tokens {top + 1}"
         llama = f"--spec-type ngram-simple --spec-draft-n-max {top} --spec-draft-n-min 0"
