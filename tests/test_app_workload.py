@@ -24,7 +24,10 @@ def small_map() -> dict:
 def test_figures_draw_every_policy_and_mark_the_break_even():
     data = small_map()
     figure = render_workload.latency_figure(data)
-    assert {trace.name for trace in figure.data} == {run["policy"] for run in data["levels"][0]["runs"]}
+    names = {run["policy"] for run in data["levels"][0]["runs"]}
+    assert {trace.name for trace in figure.data} == names - {data["recommended"]} | {f"{data['recommended']} (recommended)"}
+    # the recommended policy is drawn last (on top) and thick: a trial found its light line hidden
+    assert figure.data[-1].name == f"{data['recommended']} (recommended)" and figure.data[-1].line.width == 4
     assert data["break_even_load"] is not None
     (label,) = [a for a in figure.layout.annotations if "break-even" in (a.text or "")]
     # a concurrency sweep's axis is log: the label sits at log10 of the load, inside the loads' range (1..16)
