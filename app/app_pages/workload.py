@@ -132,8 +132,9 @@ def cost_source(loads: list[float], closed: bool) -> StepCosts | None:
         costs = machine_costs(target, drafter, batch_sizes=sorted({1, 2, 4, 8, top} & set(range(1, top + 1)) | {top}),
                               k_max=st.session_state[key("workload.k_max")], refresh=retime,
                               progress=lambda f, m: bar.progress(min(1.0, f), m))
-        if timing_warning(target, drafter):
-            st.warning(timing_warning(target, drafter))
+        warning = timing_warning(target, drafter)
+        if warning:
+            st.warning(warning)
     by_context = ""
     if costs.by_context is not None:
         lengths = sorted({n for row in costs.by_context.target_pass_ms.values() for n in row})

@@ -456,13 +456,7 @@ def _short(name: str) -> str:
 def _interpolate(points: list[tuple[float, float]], x: float, proportional: bool = True) -> float:
     """Piecewise-linear through sorted (x, y), linear beyond the ends, never below 0. One point: y x/x0
     (``proportional``, for batch size) or flat (for width: nothing known about how it grows)."""
-    if not points:
-        return math.nan
-    if len(points) == 1:
-        return points[0][1] * x / points[0][0] if proportional else points[0][1]
-    i = next((i for i in range(len(points) - 1) if x <= points[i + 1][0]), len(points) - 2)
-    (x0, y0), (x1, y1) = points[i], points[i + 1]
-    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+    return max(0.0, _signed(points, x, proportional)) if points else math.nan
 
 
 def _signed(points: list[tuple[float, float]], x: float, proportional: bool = False) -> float:

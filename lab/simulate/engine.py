@@ -80,8 +80,8 @@ class SimResult:
     """One simulated run. Times in seconds from the start; per request in arrival (issue) order.
 
     steps: decode or prefill steps run; events: arrivals + steps + completions
-    (a fixed count for a given input and seed). k_steps: {K: row-steps run at that
-    K}. busy_s: time the engine was stepping.
+    (a fixed count for a given input and seed). k_steps: {K: row-steps the policy chose that K for,
+    before the budget cap}. busy_s: time the engine was stepping.
     """
 
     policy: str
