@@ -163,9 +163,10 @@ def test_chunk_text(chunk, text):
 def test_read_spec_fields_from_each_engine():
     llama = RequestRecord("p")
     read_spec_fields({"usage": {"prompt_tokens": 7, "completion_tokens": 16},
-                      "timings": {"draft_n": 20, "draft_n_accepted": 15, "prompt_ms": 3.5, "predicted_ms": 90.0}}, llama)
+                      "timings": {"draft_n": 20, "draft_n_accepted": 15, "prompt_ms": 3.5, "predicted_ms": 90.0,
+                                  "cache_n": 12}}, llama)
     assert (llama.input_tokens, llama.output_tokens, llama.draft_tokens, llama.accepted_tokens) == (7, 16, 20, 15)
-    assert (llama.server_prompt_ms, llama.server_predicted_ms) == (3.5, 90.0)
+    assert (llama.server_prompt_ms, llama.server_predicted_ms, llama.server_cached_tokens) == (3.5, 90.0, 12)
 
     vllm = RequestRecord("p")
     read_spec_fields({"metrics": {"speculative_decoding": {"num_spec_steps": 43, "num_draft_tokens": 129,

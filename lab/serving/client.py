@@ -131,6 +131,7 @@ class RequestRecord:
     accepted_per_position: list[int] | None = None
     server_prompt_ms: float | None = None
     server_predicted_ms: float | None = None
+    server_cached_tokens: int | None = None
 
     @property
     def tpot_ms(self) -> float | None:
@@ -210,6 +211,7 @@ def read_spec_fields(chunk: Mapping[str, Any], record: RequestRecord) -> None:
     if isinstance(timings, Mapping):
         record.server_prompt_ms = _float_or(timings.get("prompt_ms"), record.server_prompt_ms)
         record.server_predicted_ms = _float_or(timings.get("predicted_ms"), record.server_predicted_ms)
+        record.server_cached_tokens = _int_or(timings.get("cache_n"), record.server_cached_tokens)
         if "draft_n" in timings:
             record.draft_tokens = _int_or(timings.get("draft_n"), record.draft_tokens)
             record.accepted_tokens = _int_or(timings.get("draft_n_accepted"), record.accepted_tokens)

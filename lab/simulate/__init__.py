@@ -18,6 +18,7 @@ on, with which K, and what happens to p99?"
 from lab.simulate.acceptance import (
     AcceptanceProfile,
     CategoryAcceptance,
+    acceptance_by_prompt,
     acceptance_from_comparison,
     acceptance_from_data,
     acceptance_from_dict,
@@ -40,7 +41,7 @@ from lab.simulate.study import LoadLevel, PolicyRun, WorkloadMap, engine_configs
 from lab.simulate.traffic import Request, Traffic, read_trace, trace_traffic
 
 __all__ = [
-    "AcceptanceProfile", "CategoryAcceptance", "Cascade", "Context", "Goodput", "KByBatch", "LoadLevel", "Off",
+    "AcceptanceProfile", "CategoryAcceptance", "acceptance_by_prompt", "Cascade", "Context", "Goodput", "KByBatch", "LoadLevel", "Off",
     "PolicyRun", "Request", "SimResult", "StaticK", "StepCosts", "Summary", "Traffic", "WorkloadMap",
     "acceptance_from_comparison", "acceptance_from_data", "acceptance_from_dict", "acceptance_from_runs", "acceptance_from_serve_bench",
     "acceptance_from_sweep", "costs_from_calibration", "costs_from_cost_model", "costs_from_dict",

@@ -21,7 +21,10 @@ bookkeeping, rollback, the cut, the stop checks, Python), measured by batch size
 by :mod:`lab.simulate.profile` and interpolated the same way (0 when unmeasured).
 Prefill of n prompt tokens costs prefill_fixed_ms + prefill_ms_per_token x n
 (n: the joiners' prompts, padded to the longest in a padded engine), and yields
-the first token.
+the first token; with ``prefill_at_least_a_pass``, never less than a one-token
+pass over the joining rows (a prompt served from a prompt cache still costs
+that pass: llama-server took 310 ms to start four cached prompts whose
+per-token rate says 60).
 
 With ``by_context`` (:class:`ContextCosts`, the lab's own engine timed by
 ``lab.simulate.profile.time_context``), context is charged from tables instead
@@ -56,8 +59,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lab.simulate.server_steps import server_steps
 
 Table = dict[int, dict[int, float]]  # {batch size: {tokens per row: ms}}
+LLAMA_KV_PAD = 256  # llama.cpp pads a KV stream's read to this many cells (llama_kv_cache::get_n_kv)
 
 
 @dataclass(frozen=True)
@@ -150,8 +155,13 @@ class StepCosts:
     row's tokens) or "sum" (each row's own: the lab's eager cache, whose padded slots cost
     nothing measurable here: a batch of 8 rows padded to 686 tokens, 1,549 of them real,
     stepped in 79 ms, as 8 rows of 194 tokens do, against 144 ms for 8 rows of 686).
-    A flattened engine (width_rule "mean") always reads the sum.
-    width_rule: "max" (padded) or "mean" (flattened). model: the target's name
+    A flattened engine (width_rule "mean") reads the sum, unless ``context_pad`` is set.
+    context_pad: 0, or the cells a KV stream's read is padded to: every row of a step
+    then reads B x the longest row's tokens rounded up to it (llama.cpp's server with
+    a KV stream per slot: n_kv is the longest stream's used cells padded to 256, for
+    every stream in the batch; ``llama_kv_cache::get_n_kv``).
+    width_rule: "max" (padded) or "mean" (flattened). prefill_at_least_a_pass: a
+    prefill costs at least target(rows, 1) (serve-bench costs). model: the target's name
     ("" unknown); drafter: the drafter's label; source: for a person.
 
     Raises ValueError on no target timings, a missing one-token width, or a negative time.
@@ -170,6 +180,8 @@ class StepCosts:
     spec_overhead_ms: dict[int, float] = field(default_factory=dict)
     by_context: ContextCosts | None = None
     context_rule: Literal["longest", "sum"] = "longest"
+    prefill_at_least_a_pass: bool = False
+    context_pad: int = 0
     _memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -189,8 +201,14 @@ class StepCosts:
             raise ValueError(f"step costs require times >= 0 ms; got {values}")
         if self.width_rule not in ("max", "mean"):
             raise ValueError(f"width_rule requires 'max' or 'mean'; got {self.width_rule!r}")
+        if self.context_pad < 0:
+            raise ValueError(f"context_pad requires an integer >= 0; got {self.context_pad}")
         if self.context_rule not in ("longest", "sum"):
             raise ValueError(f"context_rule requires 'longest' or 'sum'; got {self.context_rule!r}")
+
+    def padded(self, tokens: float) -> float:
+        """tokens rounded up to ``context_pad`` (unchanged without one)."""
+        return math.ceil(tokens / self.context_pad) * self.context_pad if self.context_pad > 1 else tokens
 
     def target(self, batch_size: int, width: float) -> float:
         """ms of one verify pass of batch_size rows x width tokens."""
@@ -199,8 +217,12 @@ class StepCosts:
             by_batch: dict[int, list[tuple[float, float]]] = {}
             for (b, w), ms in self.target_ms.items():
                 by_batch.setdefault(b, []).append((w, ms))
+            # a batch size timed at one other width says nothing of this one (llama-server's steps: 7 rows were
+            # seen only speculating, and their 2.6 s verify stood in for a 7-row one-token step)
+            known = {b: points for b, points in by_batch.items()
+                     if len(points) > 1 or points[0][0] == width} or by_batch
             at = [(b, _interpolate(_monotone(sorted(points)), width, proportional=False))
-                  for b, points in sorted(by_batch.items())]
+                  for b, points in sorted(known.items())]
             self._memo[key] = _interpolate(_monotone(at), batch_size)
         return self._memo[key]
 
@@ -265,7 +287,8 @@ class StepCosts:
         model's too when ``speculating``, and the first step (a one-token pass at that context).
         """
         if self.by_context is None:
-            return self.prefill_fixed_ms + self.prefill_ms_per_token * prompt_tokens
+            ms = self.prefill_fixed_ms + self.prefill_ms_per_token * prompt_tokens
+            return max(ms, self.target(rows, 1)) if self.prefill_at_least_a_pass else ms
         per_row = prompt_tokens / max(1, rows)
         ms = self.by_context.prefill(rows, per_row) + self.step_ms(rows, 0, 1, prompt_tokens)
         if speculating and self.draft_ms_per_token:
@@ -297,7 +320,8 @@ class StepCosts:
                 "draft_ms_per_token": {str(b): ms for b, ms in sorted(self.draft_ms_per_token.items())},
                 "prefill_ms_per_token": self.prefill_ms_per_token, "prefill_fixed_ms": self.prefill_fixed_ms,
                 "context_ms_per_token": self.context_ms_per_token, "width_rule": self.width_rule,
-                "context_rule": self.context_rule,
+                "context_rule": self.context_rule, "prefill_at_least_a_pass": self.prefill_at_least_a_pass,
+                "context_pad": self.context_pad,
                 "overhead_ms": {str(b): ms for b, ms in sorted(self.overhead_ms.items())},
                 "spec_overhead_ms": {str(b): ms for b, ms in sorted(self.spec_overhead_ms.items())}} | (
                     {"by_context": self.by_context.as_dict()} if self.by_context is not None else {})
@@ -337,7 +361,8 @@ def costs_from_dict(data: dict[str, Any], source: str = "file") -> StepCosts:
                      float(data.get("prefill_fixed_ms", 0.0)), float(data.get("context_ms_per_token", 0.0)),
                      data.get("width_rule", "max"), data.get("model", "") or "", data.get("drafter", "") or "",
                      data.get("source", source), overhead, spec_overhead, by_context,
-                     data.get("context_rule", "longest"))
+                     data.get("context_rule", "longest"), bool(data.get("prefill_at_least_a_pass", False)),
+                     int(data.get("context_pad", 0)))
 
 
 def read_costs(path: str | Path) -> StepCosts:
@@ -372,68 +397,90 @@ def costs_from_calibration(calibration, precision: str | None = None) -> StepCos
 
 
 def costs_from_serve_bench(data: dict[str, Any], prefill_label: str | None = None) -> StepCosts:
-    """Per-concurrency step costs of a serving engine from its own per-request timings (llama.cpp's ``timings``).
+    """Per-batch step costs of a serving engine from its own runs (llama.cpp's ``timings``, streamed token times).
 
-    The "off" endpoint (the second): a request's predicted_ms / output tokens
-    is one step at batch = concurrency, width 1. The "on" endpoint (the first):
-    predicted_ms / its steps (output tokens / (1 + accepted / drafts)) is one
-    speculative step at width K+1, the draft's time folded in (draft 0).
-    Prefill: prompt_ms / input tokens at concurrency 1, over both endpoints or
-    only ``prefill_label`` 's ("on": the draft's prefill folded in; "off": the
-    target's alone).
+    Steps (streamed records, :func:`lab.simulate.server_steps.server_steps`): each
+    decode step the engine took, read from when its tokens arrived, with the rows
+    it had. The "off" endpoint (the second) gives target(B, 1) as the median step
+    of B rows; the "on" endpoint (the first) target(B, K+1) over the steps in which
+    every row drafted K, the draft's time folded in (draft 0). Without streamed
+    times (or no such step): a request's predicted_ms / its steps is one step at
+    batch = concurrency (speculating: output tokens / (1 + accepted / drafts)).
+    Prefill: prompt_ms against the prompt tokens processed (input less
+    ``timings.cache_n``) at concurrency 1, fitted through the origin
+    (``_prefill_fit``), over both endpoints or only ``prefill_label`` 's ("on":
+    the draft's prefill folded in; "off": the target's alone), and at least a
+    one-token pass over the joining rows.
 
-    Context: with ``prefill_label``, that endpoint's steps at concurrency 1 fit
-    ms = a + slope x the request's context (its prompt plus half its output:
-    the mean over its steps), least squares over the requests, slope >= 0
-    (llama-server, Qwen2.5-Coder 1.5B drafted by 0.5B on one thread: 434 ms a
-    speculative step at 64 prompt tokens, 548 at 658; the target's own step
-    barely moves). That slope is ``context_ms_per_token`` (tokens summed over
-    slots: a flattened batch reads each slot's own), and each level's step is
-    the median of step - slope x concurrency x its requests' mean context.
+    Context: llama-server keeps a KV stream per slot and a step reads every stream
+    in it to the longest one's used cells, padded to 256 (``LLAMA_KV_PAD``). With
+    ``prefill_label``, that endpoint's one-row steps fit ms = a + slope x the
+    row's padded context, least squares, slope >= 0 (Qwen2.5-Coder 1.5B drafted by
+    0.5B on one thread: 434 ms a speculative step at 64 prompt tokens, 548 at 658;
+    the target's own step barely moves); the costs then charge slope x B x the
+    longest row's padded context (``context_pad``), and each batch's step is the
+    median of ms - that charge.
     Raises ValueError when the records carry no server timings.
     """
     endpoints = [e["label"] for e in data["settings"]["endpoints"]]
     llama = data["settings"].get("llama_server") or {}  # what serve-bench --llama-target records
     k = int(llama.get("k") or data["settings"].get("llama_k") or data["settings"].get("k") or 4)
-    levels = []  # (label, concurrency, on, [(ms per step, context)], records)
-    prefill = []
+    points: dict[tuple[str, int, bool], list[tuple[float, float]]] = {}  # (label, B, on): [(ms, context read)]
+    prefill, streamed = [], True
     for level in data.get("levels", []):
-        records = [r for r in level.get("requests", []) if r.get("ok") and r.get("server_predicted_ms")
+        requests = level.get("requests", [])
+        records = [r for r in requests if r.get("ok") and r.get("server_predicted_ms")
                    and (r.get("output_tokens") or 0) > 1]
         if not records:
             continue
         concurrency, on = int(level["max_concurrency"]), level["label"] == endpoints[0] and len(endpoints) > 1
-        per_step = []
-        for r in records:
-            steps = r["output_tokens"] - 1
-            if on and r.get("draft_tokens") and r.get("spec_steps"):
-                steps = r["spec_steps"]
-            elif on and r.get("draft_tokens"):
-                steps = max(1.0, (r["output_tokens"] - 1) / (1.0 + (r.get("accepted_tokens") or 0)
-                                                           / max(1, r["draft_tokens"] / k)))
-            per_step.append((r["server_predicted_ms"] / steps, (r.get("input_tokens") or 0) + r["output_tokens"] / 2))
-        levels.append((level["label"], concurrency, on, per_step))
-        if concurrency == 1 and prefill_label in (None, level["label"]):
-            prefill += [r["server_prompt_ms"] / r["input_tokens"] for r in records
-                        if r.get("server_prompt_ms") and r.get("input_tokens")]
-    if not levels:
+        width = k + 1 if on else 1
+        steps = [s for s in server_steps(requests, k if on else 0) if s.decode and set(s.widths) == {width}]
+        for s in steps:  # what the step's attention read: every row to the longest's padded cells
+            read = s.rows * math.ceil(max(s.contexts) / LLAMA_KV_PAD) * LLAMA_KV_PAD
+            points.setdefault((level["label"], s.rows, on), []).append((s.ms, read))
+        if not steps:  # no streamed times: per request, charged to the level's concurrency
+            streamed = False
+            for r in records:
+                n = r["output_tokens"] - 1
+                if on and r.get("draft_tokens") and r.get("spec_steps"):
+                    n = r["spec_steps"]
+                elif on and r.get("draft_tokens"):
+                    n = max(1.0, n / (1.0 + (r.get("accepted_tokens") or 0) / max(1, r["draft_tokens"] / k)))
+                context = concurrency * ((r.get("input_tokens") or 0) + r["output_tokens"] / 2)
+                points.setdefault((level["label"], concurrency, on), []).append((r["server_predicted_ms"] / n, context))
+        if concurrency == 1 and prefill_label in (None, level["label"]):  # (tokens processed, ms)
+            prefill += [(r["input_tokens"] - (r.get("server_cached_tokens") or 0), r["server_prompt_ms"])
+                        for r in records if r.get("server_prompt_ms") and r.get("input_tokens")]
+    if not points:
         raise ValueError("the serve-bench result holds no per-request server timings (llama.cpp's 'timings'): "
                          "profile costs from llama-server, or give a costs file")
     slope = 0.0
     if prefill_label is not None:
-        alone = [point for label, c, _, points in levels if label == prefill_label and c == 1 for point in points]
+        alone = [p for (label, b, _), pts in points.items() if label == prefill_label and b == 1 for p in pts]
         slope = _slope([x for _, x in alone], [ms for ms, _ in alone])
     target: dict[tuple[int, int], float] = {}
-    for label, concurrency, on, points in levels:
-        mean_context = statistics.mean(x for _, x in points)
-        charge = slope * concurrency * mean_context if label == prefill_label else 0.0
-        target[(concurrency, k + 1 if on else 1)] = max(0.0, statistics.median(ms for ms, _ in points) - charge)
+    for (label, b, on), pts in sorted(points.items()):
+        charge = slope if label == prefill_label else 0.0
+        target[(b, k + 1 if on else 1)] = max(0.0, statistics.median(ms - charge * x for ms, x in pts))
     settings = data["settings"]
-    return StepCosts(target, {}, statistics.median(prefill) if prefill else 0.0, context_ms_per_token=slope,
+    return StepCosts(target, {}, _prefill_fit(prefill), context_ms_per_token=slope,
                      width_rule="mean",
                      model=str(llama.get("target") or settings.get("llama_target") or settings.get("model") or ""),
                      drafter=str(llama.get("draft") or settings.get("llama_draft") or endpoints[0]),
-                     source="serve-bench (server timings)")
+                     source="serve-bench (server timings)", prefill_at_least_a_pass=True,
+                     context_pad=LLAMA_KV_PAD if slope and streamed else 0)
+
+
+def _prefill_fit(points: list[tuple[int, float]]) -> float:
+    """ms per prompt token from (tokens processed, ms) at concurrency 1: least squares through the origin over the
+    prompts of 16 tokens or more (shorter ones, mostly served from the cache, cost about one pass, which
+    ``prefill_at_least_a_pass`` charges), so long prompts weigh most. The median ms per prompt token predicted a
+    658-token prompt 20 % fast: a cached prefix (the chat template's system prompt, 24 tokens) lowered every
+    prompt's figure, and attention makes a long prompt's tokens dearer (llama-server, Qwen2.5-Coder 1.5B, one
+    thread: 25.5 ms a token at 176 tokens, 27.4 at 647)."""
+    kept = [(n, ms) for n, ms in points if n >= 16] or [(n, ms) for n, ms in points if n > 0]
+    return sum(n * ms for n, ms in kept) / sum(n * n for n, _ in kept) if kept else 0.0
 
 
 def _slope(xs: list[float], ys: list[float]) -> float:

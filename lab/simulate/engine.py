@@ -81,7 +81,7 @@ class SimResult:
 
     steps: decode or prefill steps run; events: arrivals + steps + completions
     (a fixed count for a given input and seed). k_steps: {K: row-steps the policy chose that K for,
-    before the budget cap}. busy_s: time the engine was stepping.
+    before the budget cap}. busy_s: time the engine was stepping. peak_batch: the most rows any step held.
     """
 
     policy: str
@@ -95,6 +95,7 @@ class SimResult:
     events: int
     k_steps: dict[int, int]
     busy_s: float
+    peak_batch: int = 0
 
     @property
     def latency_s(self) -> list[float]:
@@ -159,7 +160,7 @@ def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, 
     late: list[int] = []  # sent, but the engine's step had begun (``late_joins``)
     running: list[_Row] = []
     t = busy = 0.0
-    steps = done = 0
+    steps = done = peak = 0
     issued = min(traffic.concurrency, n) if closed else 0
     if closed:
         waiting.extend(range(issued))
@@ -197,8 +198,11 @@ def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, 
         cached = 0
         if use_context:  # the tokens attention reads (``StepCosts.context_rule``)
             contexts = [row.context for row in running]
-            padded = costs.width_rule == "max" and costs.context_rule == "longest"
-            cached = b * max(contexts) if padded else sum(contexts)
+            if costs.context_pad:  # per-row KV streams read to the longest's used cells, padded (llama.cpp)
+                cached = b * costs.padded(max(contexts))
+            else:
+                padded = costs.width_rule == "max" and costs.context_rule == "longest"
+                cached = b * max(contexts) if padded else sum(contexts)
         ms = costs.step_ms(b, drafted, width, cached)
         keep = []
         for row, gain in zip(running, gains):
@@ -236,6 +240,7 @@ def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, 
                        for i in joiners]
             tokens = len(lengths) * max(lengths) if costs.width_rule == "max" else sum(lengths)
             step_ms += costs.prefill_ms(tokens, len(lengths), speculating)
+        peak = max(peak, len(running) + len(joiners))
         if running:
             step_ms += decode_step()
         t += step_ms / 1e3
@@ -264,5 +269,5 @@ def simulate(traffic: Traffic, acceptance: AcceptanceProfile, costs: StepCosts, 
                 issued += 1
         finished_now.clear()
     return SimResult(policy.label, batching, traffic.load, tuple(arrival), tuple(first), tuple(finish), tuple(made),
-                     steps, n + steps + n, k_steps, busy)
+                     steps, n + steps + n, k_steps, busy, peak)
 
