@@ -283,3 +283,25 @@ def test_load_text_keeps_a_decimal_only_for_a_rate():
     assert _load_text(6.86, "concurrency", estimate=True) == "7 concurrent requests"
     assert _load_text(6.86, "rate", estimate=True) == "6.9 requests/s"
     assert _load_text(2.0, "rate") == "2 requests/s"
+
+
+def test_the_map_flags_an_overloaded_rate_and_costs_extrapolated_past_the_timed_batches():
+    """A trial found a Poisson load past capacity shown as ordinary latencies. One step of 16 rows costs 40 ms
+    here, so 64 requests of 32 tokens at 1 request/s keep up; at 200 requests/s nothing does. Batch sizes past 16
+    are extrapolated, and the map says so."""
+    costs = StepCosts({(1, 1): 20.0, (1, 5): 22.0, (16, 1): 40.0, (16, 5): 160.0}, {1: 0.2, 16: 0.4})
+    traffic = Traffic("poisson", rate_per_s=1.0, num_requests=64, output_tokens=32)
+    calm = map_workload(traffic, [1.0], AcceptanceProfile.uniform(0.6), costs, k_max=4)
+    assert calm.caveats == ()
+    assert all(r.peak_batch <= 16 and abs(r.queue_growth) < 0.05 for r in calm.levels[0].runs)
+    busy = map_workload(traffic, [1.0, 200.0], AcceptanceProfile.uniform(0.6), costs, k_max=4, max_batch=8)
+    (overload,) = busy.caveats
+    assert overload.startswith("At 200 requests/s requests arrive faster than every policy can serve them")
+    assert busy.as_dict()["caveats"] == [overload]
+    wide = map_workload(traffic, [1.0, 200.0], AcceptanceProfile.uniform(0.6), costs, k_max=4)
+    assert wide.caveats[1].startswith("Batches reached 64 rows, but the step costs were timed up to 16")
+    closed = map_workload(Traffic("closed", num_requests=40, output_tokens=16), [1, 32],
+                          AcceptanceProfile.uniform(0.6), costs, k_max=4)
+    assert closed.caveats == ("Batches reached 32 rows, but the step costs were timed up to 16: past that they are "
+                              "extrapolated linearly. Time larger batches (or give a costs file that has them) "
+                              "before trusting the loads that reach them.",)

@@ -71,7 +71,7 @@ def _cmd_workload(args: argparse.Namespace) -> int:
         traffic = Traffic("closed", concurrency=int(loads[0]), num_requests=args.requests,
                           prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
                           length_spread=args.length_spread)
-    progress = ProgressLine(sys.stderr)
+    progress = ProgressLine(sys.stderr, always=True)  # timing takes minutes: say so in a log too
     if args.acceptance:
         acceptance, acceptance_note = read_acceptance(args.acceptance), f"from {args.acceptance}"
     else:
@@ -125,6 +125,7 @@ def format_workload(data: dict) -> str:
                      f"{mine['tokens_per_s']:>7.1f}   {best['policy']:<28} "
                      f"{best['latency_p50_s']:>6.3f}/{best['latency_p99_s']:<6.3f} {best['tokens_per_s']:>7.1f}")
     lines.append(data["decision"])
+    lines += [f"caveat: {caveat}" for caveat in data.get("caveats", [])]
     for engine in ("vllm", "sglang", "llama.cpp"):
         lines.append(f"{engine}: {data['configs'][engine]}")
     if data["configs"].get("note"):

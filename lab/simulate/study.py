@@ -6,8 +6,9 @@ seed). Per load it keeps each policy's :class:`~lab.simulate.engine.Summary`
 and names the best: the least p50 latency (ties: more tokens/s).
 
 - break-even load: where the best static K at the lowest load stops
-  shortening the p50 latency against speculation off (linear between the two
-  loads around the crossing; None when it pays at every load, the lowest load
+  shortening the p50 latency against speculation off (found by bisection on
+  simulated loads between the two listed loads around the crossing: whole
+  clients for a closed loop; None when it pays at every load, the lowest load
   when it never pays). Static K is what a team ships by default, so it is the
   one whose limit matters.
 - recommended policy: the one whose p50 latency is, at its worst load, the
@@ -33,6 +34,7 @@ from lab.simulate.policies import Context, KByBatch, Off, StaticK, default_polic
 from lab.simulate.traffic import Traffic
 
 TIE = 0.02  # p50 latencies within 2 % count as equal: the simulator is not more exact than that
+QUEUE_GROWTH = 0.05  # latency growing by more than 50 ms per second of arrivals
 SIMPLICITY = ("off", "static", "k-by-batch", "goodput", "cascade")
 
 Progress = Callable[[float, str], None]
@@ -41,16 +43,21 @@ Progress = Callable[[float, str], None]
 @dataclass(frozen=True)
 class PolicyRun:
     """One policy at one load: its label, kind (``Policy.name``), K (a static K, or the largest it may pick),
-    mean K over row-steps, and the figures (seconds, tokens/s)."""
+    mean K over row-steps, and the figures (seconds, tokens/s); peak_batch: the most rows a step held;
+    queue_growth: the least-squares slope of end-to-end latency over arrival time (s per s: about 0 when the
+    engine keeps up, positive when its queue or its batch grows along the run)."""
 
     label: str
     kind: str
     k: int
     mean_k: float
     summary: Summary
+    peak_batch: int = 0
+    queue_growth: float = 0.0
 
     def as_dict(self) -> dict:
-        return {"policy": self.label, "kind": self.kind, "k": self.k, "mean_k": self.mean_k} | asdict(self.summary)
+        return {"policy": self.label, "kind": self.kind, "k": self.k, "mean_k": self.mean_k,
+                "peak_batch": self.peak_batch, "queue_growth": self.queue_growth} | asdict(self.summary)
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,8 @@ class WorkloadMap:
 
     load_kind: "concurrency" or "rate" (requests/s). static_label: the static K the
     break-even is measured for. table: the K-by-batch table fitted on the costs.
+    caveats: what limits the map, in words (an overloaded queue, costs extrapolated past the batch
+    sizes timed); empty when nothing does.
     """
 
     load_kind: str
@@ -90,6 +99,7 @@ class WorkloadMap:
     configs: dict[str, str]
     decision: str
     batching: str
+    caveats: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
         """The CLI's JSON: per level, off and the best (policy, k, p50, p99, tokens/s), and every run."""
@@ -107,7 +117,7 @@ class WorkloadMap:
         return {"load_kind": self.load_kind, "batching": self.batching, "levels": levels,
                 "break_even_load": self.break_even_load, "break_even_policy": self.static_label,
                 "recommended": self.recommended, "k_by_batch_size": {str(b): k for b, k in self.table.items()},
-                "configs": self.configs, "decision": self.decision}
+                "configs": self.configs, "decision": self.decision, "caveats": list(self.caveats)}
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=1)
@@ -142,13 +152,19 @@ def map_workload(traffic: Traffic, loads: Sequence[float], acceptance: Acceptanc
         runs = []
         for policy in policies:
             result = simulate(at, acceptance, costs, policy, batching, max_batch, seed, context)
-            runs.append(PolicyRun(policy.label, policy.name, policy.k_max, result.mean_k, result.summary()))
+            runs.append(PolicyRun(policy.label, policy.name, policy.k_max, result.mean_k, result.summary(),
+                                  result.peak_batch, _slope(result.arrival_s, result.latency_s)))
             done += 1
             report(done / total, f"load {load:g}: {policy.label}")
         levels.append(LoadLevel(float(load), tuple(runs)))
     table = next((p.table for p in policies if isinstance(p, KByBatch)),
                  KByBatch.fit(context, traffic.mix, batch_sizes, k_max).table)
     static_label, break_even = _break_even(levels)
+    if break_even is not None and break_even > levels[0].load:  # between two listed loads: find it by simulating
+        static = next(p for p in policies if p.label == static_label)
+        break_even = _refine_break_even(levels, break_even, lambda load, policy: simulate(
+            traffic.at_load(load), acceptance, costs, policy, batching, max_batch, seed, context).summary(),
+            static, traffic.kind == "closed")
     recommended = _recommend(levels)
     kind = next(r.kind for r in levels[0].runs if r.label == recommended)
     k = next(r.k for r in levels[0].runs if r.label == recommended)
@@ -156,7 +172,7 @@ def map_workload(traffic: Traffic, loads: Sequence[float], acceptance: Acceptanc
     load_kind = "concurrency" if traffic.kind == "closed" else "rate"
     decision = _decision(levels, recommended, kind, static_label, break_even, load_kind)
     return WorkloadMap(load_kind, tuple(levels), break_even, static_label, recommended, kind, table, configs,
-                       decision, batching)
+                       decision, batching, _caveats(levels, load_kind, costs))
 
 
 def sensitivity(traffic: Traffic, load: float, acceptance: AcceptanceProfile, costs: StepCosts,
@@ -166,7 +182,7 @@ def sensitivity(traffic: Traffic, load: float, acceptance: AcceptanceProfile, co
     """Which input would flip the on/off decision at ``load``: acceptance scaled, then the load scaled.
 
     For each factor, whether the best static K (1..k_max) beats speculation off
-    on p50 latency. Returns {"acceptance": [(factor, pays, speedup)], "load":
+    on p50 latency by more than ``TIE`` (the recommendation's own tie, so the two never disagree at a near-tie). Returns {"acceptance": [(factor, pays, speedup)], "load":
     [(load, pays, speedup)], "flip": a sentence}; speedup = off p50 / best static p50.
     """
     def pays(acc: AcceptanceProfile, at: float) -> tuple[bool, float]:
@@ -175,7 +191,7 @@ def sensitivity(traffic: Traffic, load: float, acceptance: AcceptanceProfile, co
         off = simulate(t, acc, costs, Off(), batching, None, seed, ctx).summary().latency_p50_s
         best = min(simulate(t, acc, costs, StaticK(k), batching, None, seed, ctx).summary().latency_p50_s
                    for k in sorted({1, 2, 4, min(8, k_max)}) if k <= k_max)
-        return best < off, off / best
+        return best < off * (1 - TIE), off / best  # the decision's own tie: a near-equal does not pay
     by_acceptance = [(f, *pays(acceptance.scaled(f), load)) for f in factors]
     by_load = [(load * f, *pays(acceptance, load * f)) for f in load_factors]
     now = dict((f, p) for f, p, _ in by_acceptance).get(1.0, pays(acceptance, load)[0])
@@ -255,6 +271,29 @@ def _break_even(levels: list[LoadLevel]) -> tuple[str, float | None]:
     return chosen, None
 
 
+def _refine_break_even(levels: list[LoadLevel], estimate: float, run: Callable, static, whole: bool) -> float:
+    """The break-even between the two listed loads around ``estimate``, by bisection on simulated loads
+    (whole clients for a closed loop: the first concurrency where the static K stops paying); a trial found the
+    interpolated figure moved with the loads listed."""
+    loads = [lv.load for lv in levels]
+    high = next(x for x in loads if x >= estimate)
+    low = max(x for x in loads if x < high)
+
+    def pays(load: float) -> bool:
+        return run(load, static).latency_p50_s < run(load, Off()).latency_p50_s
+
+    if whole:
+        low, high = int(low), int(high)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if pays(middle) else (low, middle)
+        return float(high)
+    for _ in range(8):  # 1/256 of the bracket
+        middle = (low + high) / 2
+        low, high = (middle, high) if pays(middle) else (low, middle)
+    return (low + high) / 2
+
+
 def _recommend(levels: list[LoadLevel]) -> str:
     labels = [r.label for r in levels[0].runs]
     regret = {label: max(lv.run(label).summary.latency_p50_s / lv.best.summary.latency_p50_s for lv in levels)
@@ -311,6 +350,46 @@ def _decision(levels, recommended: str, kind: str, static_label: str, break_even
             text += (f"; {static_label} stops paying from about "
                      f"{_load_text(break_even, load_kind, estimate=True)}")
     return text + "."
+
+
+def _caveats(levels: list[LoadLevel], load_kind: str, costs: StepCosts) -> tuple[str, ...]:
+    """What limits the map: arrivals faster than a policy serves them (its queue grows with every request
+    simulated, so its latencies there say only that it cannot keep up), and batches past the largest timed one."""
+    notes = []
+    if load_kind == "rate":
+        for level in levels:
+            behind = [r for r in level.runs if _overloaded(r, level.load)]
+            if not behind:
+                continue
+            served = max(r.summary.requests_per_s for r in level.runs)
+            who = ("every policy" if len(behind) == len(level.runs)
+                   else ", ".join(r.label for r in behind))
+            notes.append(f"At {_load_text(level.load, load_kind)} requests arrive faster than {who} can serve them "
+                         f"(at most {served:.1f} requests/s served): the queue grows with every request simulated, "
+                         "so the latencies there only say it cannot keep up. Lower the rate or add capacity.")
+            break  # higher loads are overloaded too
+    peak = max(r.peak_batch for level in levels for r in level.runs)
+    top = max(costs.batch_sizes)
+    if peak > top:
+        notes.append(f"Batches reached {peak} rows, but the step costs were timed up to {top}: past that they are "
+                     "extrapolated linearly. Time larger batches (or give a costs file that has them) before "
+                     "trusting the loads that reach them.")
+    return tuple(notes)
+
+
+def _overloaded(run: PolicyRun, rate: float) -> bool:
+    """Requests arrive faster than the policy serves them: it serves under half the arrival rate, or under 90 %
+    with latencies that grow along the run (a short run ends in its drain, which alone lowers the served rate)."""
+    served = run.summary.requests_per_s
+    return served < 0.5 * rate or (served < 0.9 * rate and run.queue_growth > QUEUE_GROWTH)
+
+
+def _slope(xs, ys) -> float:
+    """Least-squares slope of ys on xs (0 for fewer than two distinct xs)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var > 0 else 0.0
 
 
 def _clean(value):
