@@ -1,7 +1,7 @@
 """What the pages keep in the results store (``lab.store``), and how a kept run opens again on its page.
 
 Each page calls one function here at the point its run finishes (``keep_live``,
-``keep_step``, ``keep_calibration``, ``keep_serve``), or, for a long run, asks
+``keep_step``, ``keep_calibration``, ``keep_serve``, ``keep_workload``), or, for a long run, asks
 for a saver first and hands the study its per-part callback (``sweep_part``,
 ``compare_part``) so each finished batch size or prompt is kept the moment it
 finishes. A store that cannot be used shows a warning and the page goes on.
@@ -43,6 +43,7 @@ PAGES = {
     "bench": ("app_pages/batch.py", "batch:sweep"),
     "serve": ("app_pages/serve.py", "serve:bench"),
     "calibrate": ("app_pages/theory.py", None),
+    "workload": ("app_pages/workload.py", "workload:result"),
 }
 
 
@@ -128,6 +129,13 @@ def keep_serve(bench: dict) -> int | None:
         headline.from_serve_bench(bench), payload=bench, status="partial" if bench.get("stopped") else "complete")
 
 
+def keep_workload(data: dict, flip: str | None, settings: dict) -> int | None:
+    """Keep a Workload map (``WorkloadMap.as_dict()``) with its sensitivity sentence; settings: the page's form."""
+    target = settings.get("workload.target") if settings.get("workload.costs", "").startswith("This machine") else None
+    return saver("workload", target, None, "cpu", settings).finish(headline.from_workload(data),
+                                                                    payload={"map": data, "flip": flip})
+
+
 def sweep_part(run: RunSaver):
     """``run_sweep``'s on_part: keep each finished batch size under the sweep."""
     return lambda part: run.part("batch-size", headline.from_batch_size(part), payload=part)
@@ -195,6 +203,8 @@ def reopen(record: RunRecord, kept: ResultsStore) -> str:
         s[session_key] = bench = load_bench(json.dumps(payload))
         bench.setdefault("settings", {})["loaded_from"] = _source(record)
         s.pop("serve:notice", None)
+    elif record.kind == "workload":
+        s[session_key] = (payload["map"], payload.get("flip"))
     elif record.kind == "calibrate":
         from app import calibration
         from lab.studies.calibrate import Calibration

@@ -108,6 +108,14 @@ def from_serve_bench(bench: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def from_workload(data: dict[str, Any]) -> dict[str, Any]:
+    """From ``WorkloadMap.as_dict()``: the recommended policy, the break-even load and the loads simulated."""
+    kind = data.get("load_kind", "concurrency")
+    return {"recommended": data.get("recommended"), "break_even_load": _number(data.get("break_even_load")),
+            "load_kind": kind, "loads": ",".join(f"{level.get(kind):g}" for level in data.get("levels", [])
+                                                 if isinstance(level.get(kind), (int, float)))}
+
+
 def with_speedup(figures: dict[str, Any], tokens_per_s: float | None, baseline_tokens_per_s: float | None) -> dict:
     """``figures`` plus speedup = tokens_per_s / baseline_tokens_per_s (None when either is missing)."""
     a, b = _number(tokens_per_s), _number(baseline_tokens_per_s)

@@ -49,7 +49,7 @@ SCHEMA_VERSION = 1
 DB_FILE = "results.sqlite3"
 ENV_VAR = "LAB_RESULTS_DB"
 KINDS = ("live", "compare", "compare-prompt", "step", "batch", "batch-size", "calibrate", "serve", "serve-level",
-         "generate", "bench", "peer", "engine-bench")
+         "generate", "bench", "peer", "engine-bench", "workload")
 """The kinds the lab saves; another lowercase name (letters, digits, '-') is accepted too."""
 STATUSES = ("complete", "partial", "cancelled")
 Status = Literal["complete", "partial", "cancelled"]

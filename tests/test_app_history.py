@@ -259,3 +259,19 @@ def test_settings_summary_names_a_dtype_without_its_module():
     from app.render_history import settings_summary
 
     assert settings_summary({"k": 4, "dtype": "torch.bfloat16"}) == "k 4 · dtype bfloat16"
+
+
+def test_a_workload_map_is_kept_and_reopens_on_its_page(store):
+    """A trial found Workload runs missing from History."""
+    from app_util import app_on
+
+    at = click(app_on("workload", loads="1,4", requests=30, output_tokens=12), "Simulate")
+    assert not at.exception, at.exception
+    decision = at.success[0].value
+    (run,) = store.list_runs(payload=True)
+    assert run.kind == "workload" and run.figures["recommended"] == run.payload["map"]["recommended"]
+    assert run.figures["loads"] == "1,4" and run.settings["workload.loads"] == "1,4"
+    at = click(history(), "Open on its page")
+    assert not at.exception, at.exception
+    assert at.success[0].value == decision  # the map drawn again, with its sentence
+    assert len(at.get("plotly_chart")) == 3

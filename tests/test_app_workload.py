@@ -65,10 +65,24 @@ def test_the_page_simulates_and_shows_the_decision_and_the_configuration():
     assert len(at.get("plotly_chart")) == 3
 
 
-def test_bad_loads_are_said_in_words():
+def test_bad_loads_are_said_in_words_and_the_rest_of_the_form_stays():
+    """A trial found an invalid load hid the acceptance and costs sections below it, and a fractional concurrency
+    cut to an integer."""
     at = app_on("workload", loads="1,-4")
     assert not at.exception
     assert any("loads require values > 0" in e.value for e in at.error)
+    assert [r.label for r in at.radio][:3] == ["Traffic", "Acceptance", "Step costs"]  # still on screen
+    assert next(b for b in at.button if b.label == "Simulate").disabled
+    at = app_on("workload", loads="1,2.5")
+    assert any("whole numbers of clients" in e.value and "'1,2.5'" in e.value for e in at.error)
+
+
+def test_an_overloaded_rate_is_flagged_under_the_decision():
+    at = app_on("workload", traffic="Poisson arrivals (requests/s)", loads="1,64", requests=60, output_tokens=32)
+    at = click(at, "Simulate")
+    assert not at.exception, at.exception
+    assert any("arrive faster than every policy can serve them" in w.value and "64 requests/s" in w.value
+               for w in at.warning)
 
 
 def test_costs_timed_on_a_busy_machine_say_so_and_offer_a_new_timing(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import json
 
 import streamlit as st
 
-from app import render_workload, state
+from app import render_workload, saved, state
 from lab.models import PRESETS
 from lab.simulate import (
     AcceptanceProfile,
@@ -69,6 +69,9 @@ def traffic_form() -> tuple[Traffic | None, list[float]]:
     common = {"num_requests": s[key("workload.requests")], "prompt_tokens": s[key("workload.prompt_tokens")],
               "output_tokens": s[key("workload.output_tokens")]}
     if kind == TRAFFIC[0]:
+        if any(x != int(x) for x in loads):
+            raise ValueError(f"a closed loop's loads are whole numbers of clients, e.g. 1,2,4; got "
+                             f"{s[key('workload.loads')]!r} (for a rate in requests/s, choose Poisson arrivals)")
         return Traffic("closed", concurrency=int(loads[0]), **common), [int(x) for x in loads]
     return Traffic("poisson", rate_per_s=loads[0], **common), loads
 
@@ -146,6 +149,8 @@ def cost_source(loads: list[float], closed: bool) -> StepCosts | None:
 def show(data: dict, flip: str | None) -> None:
     st.subheader("Decision")
     st.success(data["decision"])
+    for caveat in data.get("caveats", []):
+        st.warning(caveat)
     if flip:
         st.markdown(f"**What would flip it:** {flip}")
     # stacked, not side by side: at 900 px half the width left the legends a column that squeezed the plots
@@ -168,13 +173,9 @@ def page() -> None:
                 "load (off, static K, K by batch size, goodput per step, per-request gating): which to ship, and "
                 "what happens to p99.")
     state.set_defaults(st.session_state, DEFAULTS)
-    try:
-        traffic, loads = traffic_form()
-        acceptance = acceptance_source()
-        costs = cost_source(loads, traffic is not None and traffic.kind == "closed") if traffic else None
-    except ValueError as error:
-        st.error(str(error))
-        return
+    traffic, loads = _shown(traffic_form, (None, []))  # a bad field is named where it is; the rest stays on screen
+    acceptance = _shown(acceptance_source, None)
+    costs = _shown(lambda: cost_source(loads or [1], traffic is None or traffic.kind == "closed"), None)
     left, right = st.columns(2)
     left.radio("Batching", ("continuous", "static"), key=key("workload.batching"), horizontal=True,
                help="continuous: requests join at step boundaries (vLLM, SGLang, llama.cpp); static: whole batches "
@@ -203,6 +204,9 @@ def page() -> None:
             return
         bar.progress(1.0, "done")
         st.session_state[RESULT_KEY] = (result.as_dict(), flip)
+        form = {name: s[key(name)] for name in DEFAULTS if key(name) in s}
+        saved.keep_workload(result.as_dict(), flip, form | {"loads_simulated": loads,
+                                                            "costs_source": costs.source})
     if RESULT_KEY in st.session_state:
         show(*st.session_state[RESULT_KEY])
 
@@ -217,7 +221,14 @@ def _numbers(text: str) -> list[float]:
     return values
 
 
-page()
+
+def _shown(part, fallback):
+    """The form part's value, or ``fallback`` after showing its ValueError where the part is."""
+    try:
+        return part()
+    except ValueError as error:
+        st.error(str(error))
+        return fallback
 
 
 def _json(upload):
@@ -227,3 +238,6 @@ def _json(upload):
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{upload.name} is not readable JSON ({error}): upload the file the lab or serve-bench "
                          "wrote") from None
+
+
+page()
