@@ -432,8 +432,9 @@ def acceptance_vs_k_figure(summary: pd.DataFrame) -> go.Figure:
     figure.update_xaxes(title="K (draft tokens per step)", tickmode="linear", dtick=1, row=2, col=1)
     # a short title, the star's meaning below it: in a third of the page the long title was cut at "speedup"
     figure.update_layout(title=dict(text="Against K<br><sup>acceptance, speedup; ★ best K if it beats the target</sup>"),
-                         height=420, margin=FIGURE_MARGIN | dict(t=60),
+                         height=420, margin=FIGURE_MARGIN | dict(t=60, l=64),  # l: a trial saw the y titles cut
                          legend=dict(orientation="h", yanchor="top", y=-0.2))
+    figure.update_yaxes(automargin=True)
     if summary.empty:
         figure_note(figure, "no finished run")
     return figure
