@@ -139,12 +139,16 @@ class KByBatch:
 
     @staticmethod
     def fit(context: Context, mix: dict[str, float], batch_sizes: Sequence[int], k_max: int) -> "KByBatch":
-        """At each batch size, the K in 0..k_max of most expected tokens per ms for rows drawn from ``mix``."""
+        """At each batch size, the K in 0..k_max of most expected tokens per ms for rows drawn from ``mix``, never
+        above the K of a smaller batch: drafting pays less as batches grow (the verify pass grows with rows and
+        width, a row's expected tokens do not), so a K that rises again comes from timing noise between the batch
+        sizes timed, or from costs extrapolated past them (a trial got 1:4, 2:1, 4:3, 8:0, 64:2)."""
         total = sum(mix.values())
         expected = [sum(w * context.expected[c][k] for c, w in mix.items()) / total for k in range(k_max + 1)]
-        table = {}
-        for b in batch_sizes:
-            table[b] = max(range(k_max + 1), key=lambda k: b * expected[k] / context.costs.step_ms(b, k))
+        table, ceiling = {}, k_max
+        for b in sorted(batch_sizes):
+            table[b] = ceiling = min(ceiling, max(range(k_max + 1),
+                                                  key=lambda k: b * expected[k] / context.costs.step_ms(b, k)))
         return KByBatch(_compact(table))
 
 

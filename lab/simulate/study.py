@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
@@ -34,7 +35,7 @@ from lab.simulate.policies import Context, KByBatch, Off, StaticK, default_polic
 from lab.simulate.traffic import Traffic
 
 TIE = 0.02  # p50 latencies within 2 % count as equal: the simulator is not more exact than that
-QUEUE_GROWTH = 0.05  # latency growing by more than 50 ms per second of arrivals
+BACKLOG_GROWTH = 0.1  # requests in the system growing by over a tenth of the arrival rate: it cannot keep up
 SIMPLICITY = ("off", "static", "k-by-batch", "goodput", "cascade")
 
 Progress = Callable[[float, str], None]
@@ -44,8 +45,9 @@ Progress = Callable[[float, str], None]
 class PolicyRun:
     """One policy at one load: its label, kind (``Policy.name``), K (a static K, or the largest it may pick),
     mean K over row-steps, and the figures (seconds, tokens/s); peak_batch: the most rows a step held;
-    queue_growth: the least-squares slope of end-to-end latency over arrival time (s per s: about 0 when the
-    engine keeps up, positive when its queue or its batch grows along the run)."""
+    backlog_growth: how fast the requests in the system (arrived, not finished) grew from the middle arrival
+    to the last (requests/s): about 0 when the engine keeps up, about the arrival rate less the served rate
+    when it does not (its queue, or with continuous batching its batch, grows with every request)."""
 
     label: str
     kind: str
@@ -53,11 +55,11 @@ class PolicyRun:
     mean_k: float
     summary: Summary
     peak_batch: int = 0
-    queue_growth: float = 0.0
+    backlog_growth: float = 0.0
 
     def as_dict(self) -> dict:
         return {"policy": self.label, "kind": self.kind, "k": self.k, "mean_k": self.mean_k,
-                "peak_batch": self.peak_batch, "queue_growth": self.queue_growth} | asdict(self.summary)
+                "peak_batch": self.peak_batch, "backlog_growth": self.backlog_growth} | asdict(self.summary)
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def map_workload(traffic: Traffic, loads: Sequence[float], acceptance: Acceptanc
         for policy in policies:
             result = simulate(at, acceptance, costs, policy, batching, max_batch, seed, context)
             runs.append(PolicyRun(policy.label, policy.name, policy.k_max, result.mean_k, result.summary(),
-                                  result.peak_batch, _slope(result.arrival_s, result.latency_s)))
+                                  result.peak_batch, _backlog_growth(result.arrival_s, result.finish_s)))
             done += 1
             report(done / total, f"load {load:g}: {policy.label}")
         levels.append(LoadLevel(float(load), tuple(runs)))
@@ -309,7 +311,8 @@ def _load_text(load: float, load_kind: str, *, estimate: bool = False) -> str:
     if load_kind == "concurrency":
         n = max(1, round(load))
         return f"{n} concurrent request" + ("" if n == 1 else "s")
-    return f"{load:.1f} requests/s" if estimate else f"{load:g} requests/s"
+    text = f"{load:.1f}" if estimate else f"{load:g}"
+    return f"{text} request{'' if text == '1' else 's'}/s"
 
 
 def _gain_percent(level: LoadLevel, label: str) -> float:
@@ -353,21 +356,26 @@ def _decision(levels, recommended: str, kind: str, static_label: str, break_even
 
 
 def _caveats(levels: list[LoadLevel], load_kind: str, costs: StepCosts) -> tuple[str, ...]:
-    """What limits the map: arrivals faster than a policy serves them (its queue grows with every request
+    """What limits the map: arrivals faster than a policy serves them (its backlog grows with every request
     simulated, so its latencies there say only that it cannot keep up), and batches past the largest timed one."""
     notes = []
     if load_kind == "rate":
+        everyone = next((lv for lv in levels if all(_overloaded(r, lv.load) for r in lv.runs)), None)
         for level in levels:
-            behind = [r for r in level.runs if _overloaded(r, level.load)]
-            if not behind:
-                continue
-            served = max(r.summary.requests_per_s for r in level.runs)
-            who = ("every policy" if len(behind) == len(level.runs)
-                   else ", ".join(r.label for r in behind))
-            notes.append(f"At {_load_text(level.load, load_kind)} requests arrive faster than {who} can serve them "
-                         f"(at most {served:.1f} requests/s served): the queue grows with every request simulated, "
-                         "so the latencies there only say it cannot keep up. Lower the rate or add capacity.")
-            break  # higher loads are overloaded too
+            if level is everyone:
+                served = max(r.summary.requests_per_s for r in level.runs)
+                later = "" if level is levels[-1] else " and above"
+                notes.append(f"At {_load_text(level.load, load_kind)}{later}, requests arrive faster than any policy "
+                             f"can serve them (at most {served:.1f} requests/s served there): the backlog grows with "
+                             "every request simulated, so those latencies only say it cannot keep up. Lower the "
+                             "rate or add capacity.")
+                break
+            behind = [r.label for r in level.runs if _overloaded(r, level.load)]
+            if behind:
+                names = ", ".join(behind[:3]) + (f" and {len(behind) - 3} more" if len(behind) > 3 else "")
+                notes.append(f"At {_load_text(level.load, load_kind)}, {names} could not keep up: their backlog "
+                             "grew along the run (at or past what they can serve), so their latencies there grow "
+                             "with the number of requests simulated.")
     peak = max(r.peak_batch for level in levels for r in level.runs)
     top = max(costs.batch_sizes)
     if peak > top:
@@ -378,18 +386,22 @@ def _caveats(levels: list[LoadLevel], load_kind: str, costs: StepCosts) -> tuple
 
 
 def _overloaded(run: PolicyRun, rate: float) -> bool:
-    """Requests arrive faster than the policy serves them: it serves under half the arrival rate, or under 90 %
-    with latencies that grow along the run (a short run ends in its drain, which alone lowers the served rate)."""
-    served = run.summary.requests_per_s
-    return served < 0.5 * rate or (served < 0.9 * rate and run.queue_growth > QUEUE_GROWTH)
+    """The backlog grows by over a tenth of the arrival rate (and by more than two requests in all)."""
+    return run.backlog_growth > BACKLOG_GROWTH * rate
 
 
-def _slope(xs, ys) -> float:
-    """Least-squares slope of ys on xs (0 for fewer than two distinct xs)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    var = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var > 0 else 0.0
+def _backlog_growth(arrival_s, finish_s) -> float:
+    """Requests in the system (arrived, not finished) at the last arrival less at the middle one, per second
+    between them, less two requests of slack (0 for fewer than four requests or arrivals all at once)."""
+    arrivals = sorted(arrival_s)
+    if len(arrivals) < 4:
+        return 0.0
+    finishes = sorted(finish_s)
+    middle, last = arrivals[len(arrivals) // 2], arrivals[-1]
+    if last <= middle:
+        return 0.0
+    in_system = lambda t: bisect_right(arrivals, t) - bisect_right(finishes, t)  # noqa: E731
+    return max(0.0, in_system(last) - in_system(middle) - 2) / (last - middle)
 
 
 def _clean(value):
