@@ -126,9 +126,10 @@ def level_rows(data: dict) -> list[dict]:
 
 
 def table_columns(data: dict) -> dict:
-    """st.column_config-style formats for level_rows: latency to 3 significant digits, tokens/s to 1 decimal.
+    """st.column_config-style formats for level_rows: latency in seconds to 2 decimals (3 significant digits
+    printed 36 beside 36.1), tokens/s to 1 decimal.
     Plain dicts (no streamlit here); the page wraps them in st.column_config.NumberColumn."""
-    columns = {f"{who} {p} (s)": {"format": "%.3g"} for who in ("off", "recommended", "best") for p in ("p50", "p99")}
+    columns = {f"{who} {p} (s)": {"format": "%.2f"} for who in ("off", "recommended", "best") for p in ("p50", "p99")}
     columns.update({f"{who} tokens/s": {"format": "%.1f"} for who in ("off", "recommended", "best")})
     columns[data["load_kind"]] = {"format": "%d" if data["load_kind"] == "concurrency" else "%g"}
     return columns

@@ -204,7 +204,7 @@ def reopen(record: RunRecord, kept: ResultsStore) -> str:
         bench.setdefault("settings", {})["loaded_from"] = _source(record)
         s.pop("serve:notice", None)
     elif record.kind == "workload":
-        s[session_key] = (payload["map"], payload.get("flip"))
+        s[session_key] = (payload["map"] | {"loaded_from": _source(record)}, payload.get("flip"))
     elif record.kind == "calibrate":
         from app import calibration
         from lab.studies.calibrate import Calibration

@@ -273,5 +273,6 @@ def test_a_workload_map_is_kept_and_reopens_on_its_page(store):
     assert run.figures["loads"] == "1,4" and run.settings["workload.loads"] == "1,4"
     at = click(history(), "Open on its page")
     assert not at.exception, at.exception
-    assert at.success[0].value == decision  # the map drawn again, with its sentence
+    assert at.success[0].value == decision  # the map drawn again, with its sentence, and where it came from
+    assert any(f"Loaded from **History run #{run.id}" in i.value for i in at.info)
     assert len(at.get("plotly_chart")) == 3

@@ -147,6 +147,8 @@ def cost_source(loads: list[float], closed: bool) -> StepCosts | None:
 
 
 def show(data: dict, flip: str | None) -> None:
+    if data.get("loaded_from"):
+        st.info(f"Loaded from **{data['loaded_from']}**.")
     st.subheader("Decision")
     st.success(data["decision"])
     for caveat in data.get("caveats", []):
@@ -158,12 +160,13 @@ def show(data: dict, flip: str | None) -> None:
     st.plotly_chart(render_workload.latency_figure(data, "p99"), key="workload:p99")
     st.plotly_chart(render_workload.throughput_figure(data), key="workload:throughput")
     st.dataframe(render_workload.level_rows(data), hide_index=True, column_config={
-        name: st.column_config.NumberColumn(**spec) for name, spec in render_workload.table_columns(data).items()})
+        name: st.column_config.NumberColumn(**spec) for name, spec in render_workload.table_columns(data).items()}
+        | {"best policy": st.column_config.TextColumn(width="large")})  # a trial saw "K by batch 1:4, ..." cut
     st.subheader("Configuration")
     st.caption(data["configs"].get("note") or f"Realises: {data['recommended']}.")
     for engine in ("vllm", "sglang", "llama.cpp"):
         st.markdown(f"**{engine}**")
-        st.code(data["configs"][engine], language="bash")
+        st.code(data["configs"][engine], language="bash", wrap_lines=True)  # vLLM's JSON ran off the edge
     st.download_button("Download the map (JSON)", json.dumps(data, indent=1), "workload.json", "application/json")
 
 
