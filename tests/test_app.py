@@ -412,6 +412,13 @@ def test_live_page_with_smollm2_and_prompt_lookup():
         html = html_of(at)
         assert "tok tok-" in html
         assert {m.label for m in at.metric} >= {"Acceptance rate", "Tokens/s", "Speedup vs target alone"}
+        # the card shows the tokens/s the speedup divides (a trial saw a single run's 11.9 beside 1.02x of 12.7)
+        from app import render
+
+        result = at.session_state["live:result"]
+        (card,) = [m.value for m in at.metric if m.label == "Tokens/s"]
+        assert card == render.format_number(result.speculative_tokens_per_s, 1)
+        assert result.speedup == pytest.approx(result.speculative_tokens_per_s / result.baseline_tokens_per_s)
         # the exactness check says identical, or explains where bf16 rounding made it differ
         assert at.success or any("rounding near-tie, not a flaw" in i.value for i in at.info)
     finally:
