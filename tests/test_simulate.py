@@ -299,6 +299,9 @@ def test_the_map_flags_an_overloaded_rate_and_costs_extrapolated_past_the_timed_
     assert overload.startswith("At 100 requests/s and above, requests arrive faster than any policy can serve them")
     assert all(r.backlog_growth > 10 for lv in busy.levels[1:] for r in lv.runs)  # requests/s, of 100-200 arriving
     assert busy.as_dict()["caveats"] == [overload]
+    assert busy.decision.endswith("; at 100 requests/s and above no policy keeps up with the arrivals (see the "
+                                  "caveats).")
+    assert "keeps up" not in calm.decision
     wide = map_workload(traffic, [1.0, 200.0], AcceptanceProfile.uniform(0.6), costs, k_max=4)
     assert wide.caveats[0].startswith("At 200 requests/s, requests arrive faster than any policy")
     assert wide.caveats[1].startswith("Batches reached 64 rows, but the step costs were timed up to 16")

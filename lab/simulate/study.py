@@ -173,6 +173,12 @@ def map_workload(traffic: Traffic, loads: Sequence[float], acceptance: Acceptanc
     configs = engine_configs(kind, k, table, drafter or acceptance.drafter, draft)
     load_kind = "concurrency" if traffic.kind == "closed" else "rate"
     decision = _decision(levels, recommended, kind, static_label, break_even, load_kind)
+    saturated = next((lv.load for lv in levels if all(_overloaded(r, lv.load) for r in lv.runs)), None) \
+        if load_kind == "rate" else None
+    if saturated is not None:  # the sentence compares queue-bound figures there: say so in it
+        decision = decision[:-1] + (f"; at {_load_text(saturated, load_kind)}"
+                                    f"{'' if saturated == levels[-1].load else ' and above'} no policy keeps up "
+                                    "with the arrivals (see the caveats).")
     return WorkloadMap(load_kind, tuple(levels), break_even, static_label, recommended, kind, table, configs,
                        decision, batching, _caveats(levels, load_kind, costs))
 
