@@ -112,7 +112,7 @@ def judge(wall_s: float, own_cpu_s: float, others_cpu_s: float, cores: int,
     load = ("" if load1_before is None else
             f"; 1-minute load {load1_before:.2f} before, {load1_after:.2f} after")
     figures = (f"other processes kept {others_cores:.2f} of {cores} cores busy while this run used "
-               f"{own_cores:.2f}, over {wall_s:.2f} s{load}")
+               f"{own_cores:.2f}, over the {wall_s:.2f} s of the timed run{load}")
     if wall_s < MIN_WALL_S:
         loaded, reason = False, f"too short to judge ({1e3 * wall_s:.0f} ms)"
     elif others_cores < OTHERS_MIN_CORES:

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from app import render_workload
-from app_util import app_on, click
+from app_util import app_on, click, key
 from lab.simulate import AcceptanceProfile, StepCosts, Traffic, map_workload
 
 COSTS = StepCosts({(1, 1): 20.0, (1, 5): 22.0, (16, 1): 40.0, (16, 5): 160.0}, {1: 0.2, 16: 0.4})
@@ -75,6 +75,13 @@ def test_bad_loads_are_said_in_words_and_the_rest_of_the_form_stays():
     assert next(b for b in at.button if b.label == "Simulate").disabled
     at = app_on("workload", loads="1,2.5")
     assert any("whole numbers of clients" in e.value and "'1,2.5'" in e.value for e in at.error)
+    # a map simulated before stays, said to be the last one, not an answer to the form as it stands
+    at.session_state[key("workload.loads")] = "1,4"
+    at = click(at.run(), "Simulate")
+    assert not any("from the last Simulate" in c.value for c in at.caption)
+    at.session_state[key("workload.loads")] = "1,-4"
+    at = at.run()
+    assert at.success and any("from the last Simulate" in c.value for c in at.caption)
 
 
 def test_an_overloaded_rate_is_flagged_under_the_decision():

@@ -211,6 +211,8 @@ def page() -> None:
         saved.keep_workload(result.as_dict(), flip, form | {"loads_simulated": loads,
                                                             "costs_source": costs.source})
     if RESULT_KEY in st.session_state:
+        if not ready:  # a trial saw the last map under an error, as if it answered the form now shown
+            st.caption("The map below is from the last Simulate, not from the form as it stands now.")
         show(*st.session_state[RESULT_KEY])
 
 

@@ -44,7 +44,9 @@ def add_workload(commands) -> None:
                       "or 256 for arrivals)")
     work.add_argument("--k-max", type=int, default=8, help="the largest K any policy may pick (default 8)")
     work.add_argument("--acceptance", type=Path, help="acceptance: a Compare / serve-bench / Batch sweep result or JSON")
-    work.add_argument("--costs", type=Path, help="step costs: a costs JSON, Batch sweep, GPU profile or serve-bench result")
+    work.add_argument("--costs", type=Path, help="step costs: a costs JSON, Batch sweep, GPU profile or serve-bench "
+                      "result (default: this machine's, timed once per target and drafter, a few minutes on 2 cores, "
+                      "then cached under ~/.cache/speculative-decoding-lab/calibration)")
     work.add_argument("--refresh", action="store_true", help="time this machine again even when costs are cached")
     work.add_argument("--seed", type=int, default=0, help="simulation seed (default 0)")
     work.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
