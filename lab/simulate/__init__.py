@@ -41,9 +41,10 @@ from lab.simulate.study import LoadLevel, PolicyRun, WorkloadMap, engine_configs
 from lab.simulate.traffic import Request, Traffic, read_trace, trace_traffic
 
 __all__ = [
-    "AcceptanceProfile", "CategoryAcceptance", "acceptance_by_prompt", "Cascade", "Context", "Goodput", "KByBatch", "LoadLevel", "Off",
+    "AcceptanceProfile", "CategoryAcceptance", "Cascade", "Context", "Goodput", "KByBatch", "LoadLevel", "Off",
     "PolicyRun", "Request", "SimResult", "StaticK", "StepCosts", "Summary", "Traffic", "WorkloadMap",
-    "acceptance_from_comparison", "acceptance_from_data", "acceptance_from_dict", "acceptance_from_runs", "acceptance_from_serve_bench",
+    "acceptance_by_prompt", "acceptance_from_comparison", "acceptance_from_data", "acceptance_from_dict",
+    "acceptance_from_runs", "acceptance_from_serve_bench",
     "acceptance_from_sweep", "costs_from_calibration", "costs_from_cost_model", "costs_from_dict",
     "costs_from_serve_bench", "default_policies", "engine_configs", "map_workload", "percentile", "read_acceptance",
     "read_costs", "read_trace", "sensitivity", "simulate", "trace_traffic",

@@ -208,7 +208,7 @@ class StepCosts:
 
     def padded(self, tokens: float) -> float:
         """tokens rounded up to ``context_pad`` (unchanged without one)."""
-        return math.ceil(tokens / self.context_pad) * self.context_pad if self.context_pad > 1 else tokens
+        return _round_up(tokens, self.context_pad)
 
     def target(self, batch_size: int, width: float) -> float:
         """ms of one verify pass of batch_size rows x width tokens."""
@@ -437,7 +437,7 @@ def costs_from_serve_bench(data: dict[str, Any], prefill_label: str | None = Non
         width = k + 1 if on else 1
         steps = [s for s in server_steps(requests, k if on else 0) if s.decode and set(s.widths) == {width}]
         for s in steps:  # what the step's attention read: every row to the longest's padded cells
-            read = s.rows * math.ceil(max(s.contexts) / LLAMA_KV_PAD) * LLAMA_KV_PAD
+            read = s.rows * _round_up(max(s.contexts), LLAMA_KV_PAD)
             points.setdefault((level["label"], s.rows, on), []).append((s.ms, read))
         if not steps:  # no streamed times: per request, charged to the level's concurrency
             streamed = False
@@ -481,6 +481,11 @@ def _prefill_fit(points: list[tuple[int, float]]) -> float:
     thread: 25.5 ms a token at 176 tokens, 27.4 at 647)."""
     kept = [(n, ms) for n, ms in points if n >= 16] or [(n, ms) for n, ms in points if n > 0]
     return sum(n * ms for n, ms in kept) / sum(n * n for n, _ in kept) if kept else 0.0
+
+
+def _round_up(tokens: float, pad: int) -> float:
+    """tokens rounded up to a multiple of pad (unchanged for pad <= 1)."""
+    return math.ceil(tokens / pad) * pad if pad > 1 else tokens
 
 
 def _slope(xs: list[float], ys: list[float]) -> float:

@@ -173,11 +173,10 @@ def map_workload(traffic: Traffic, loads: Sequence[float], acceptance: Acceptanc
     configs = engine_configs(kind, k, table, drafter or acceptance.drafter, draft)
     load_kind = "concurrency" if traffic.kind == "closed" else "rate"
     decision = _decision(levels, recommended, kind, static_label, break_even, load_kind)
-    saturated = next((lv.load for lv in levels if all(_overloaded(r, lv.load) for r in lv.runs)), None) \
-        if load_kind == "rate" else None
+    saturated = _saturated(levels, load_kind)
     if saturated is not None:  # the sentence compares queue-bound figures there: say so in it
-        decision = decision[:-1] + (f"; at {_load_text(saturated, load_kind)}"
-                                    f"{'' if saturated == levels[-1].load else ' and above'} no policy keeps up "
+        decision = decision[:-1] + (f"; at {_load_text(saturated.load, load_kind)}"
+                                    f"{'' if saturated is levels[-1] else ' and above'} no policy keeps up "
                                     "with the arrivals (see the caveats).")
     return WorkloadMap(load_kind, tuple(levels), break_even, static_label, recommended, kind, table, configs,
                        decision, batching, _caveats(levels, load_kind, costs))
@@ -190,7 +189,8 @@ def sensitivity(traffic: Traffic, load: float, acceptance: AcceptanceProfile, co
     """Which input would flip the on/off decision at ``load``: acceptance scaled, then the load scaled.
 
     For each factor, whether the best static K (1..k_max) beats speculation off
-    on p50 latency by more than ``TIE`` (the recommendation's own tie, so the two never disagree at a near-tie). Returns {"acceptance": [(factor, pays, speedup)], "load":
+    on p50 latency by more than ``TIE`` (the recommendation's own tie, so the two never disagree at a
+    near-tie). Returns {"acceptance": [(factor, pays, speedup)], "load":
     [(load, pays, speedup)], "flip": a sentence}; speedup = off p50 / best static p50.
     """
     def pays(acc: AcceptanceProfile, at: float) -> tuple[bool, float]:
@@ -366,7 +366,7 @@ def _caveats(levels: list[LoadLevel], load_kind: str, costs: StepCosts) -> tuple
     simulated, so its latencies there say only that it cannot keep up), and batches past the largest timed one."""
     notes = []
     if load_kind == "rate":
-        everyone = next((lv for lv in levels if all(_overloaded(r, lv.load) for r in lv.runs)), None)
+        everyone = _saturated(levels, load_kind)
         for level in levels:
             if level is everyone:
                 served = max(r.summary.requests_per_s for r in level.runs)
@@ -389,6 +389,13 @@ def _caveats(levels: list[LoadLevel], load_kind: str, costs: StepCosts) -> tuple
                      "extrapolated linearly. Time larger batches (or give a costs file that has them) before "
                      "trusting the loads that reach them.")
     return tuple(notes)
+
+
+def _saturated(levels: list[LoadLevel], load_kind: str) -> LoadLevel | None:
+    """The lowest rate at which every policy is overloaded (None for a closed loop, or when there is none)."""
+    if load_kind != "rate":
+        return None
+    return next((lv for lv in levels if all(_overloaded(r, lv.load) for r in lv.runs)), None)
 
 
 def _overloaded(run: PolicyRun, rate: float) -> bool:
